@@ -1,0 +1,154 @@
+//! An HTTP client for the admin API, used by `kbsctl` and by the tests.
+
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+use super::token::{AdminKeyPair, AdminTokenRequest};
+
+/// Errors talking to the admin API.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The KBS answered with an error body.
+    #[error("{status}: {name}: {detail}")]
+    Api {
+        /// HTTP status.
+        status: StatusCode,
+        /// Error name from the `type` URL.
+        name: String,
+        /// Detail.
+        detail: String,
+    },
+    /// Transport failure.
+    #[error("request failed: {0}")]
+    Http(#[from] reqwest::Error),
+    /// Key or file trouble.
+    #[error("{0}")]
+    Local(String),
+}
+
+/// Admin API client: signs a short-lived admin token per request.
+pub struct AdminClient {
+    http: reqwest::Client,
+    base: String,
+    key: AdminKeyPair,
+    subject: String,
+    role: String,
+}
+
+impl AdminClient {
+    /// Build for `base_url` with an admin private key, optional CA file for TLS.
+    pub fn new(base_url: &str, key: AdminKeyPair, ca_file: Option<&Path>) -> Result<Self, ClientError> {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(60))
+            .use_rustls_tls();
+        if let Some(ca) = ca_file {
+            let pem = std::fs::read(ca).map_err(|e| ClientError::Local(format!("CA file {}: {e}", ca.display())))?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| ClientError::Local(format!("CA file {}: {e}", ca.display())))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        Ok(Self {
+            http: builder.build()?,
+            base: base_url.trim_end_matches('/').to_string(),
+            key,
+            subject: "kbsctl".into(),
+            role: "admin".into(),
+        })
+    }
+
+    /// Set the token subject and role.
+    pub fn with_identity(mut self, subject: &str, role: &str) -> Self {
+        self.subject = subject.to_string();
+        self.role = role.to_string();
+        self
+    }
+
+    /// Base URL.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// A fresh admin token (60 s).
+    pub fn token(&self) -> Result<String, ClientError> {
+        self.key
+            .sign(&AdminTokenRequest::new(&self.subject, &self.role, Duration::from_secs(60)))
+            .map_err(|e| ClientError::Local(e.to_string()))
+    }
+
+    /// Send a request and return the JSON answer (or the API error).
+    pub async fn send(&self, method: Method, path: &str, body: Option<RequestBody>) -> Result<Value, ClientError> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(self.token()?);
+        req = match body {
+            Some(RequestBody::Json(v)) => req.json(&v),
+            Some(RequestBody::Bytes(b)) => req.header("content-type", "application/octet-stream").body(b),
+            None => req,
+        };
+        let resp = req.send().await?;
+        let status = resp.status();
+        let bytes = resp.bytes().await?;
+        if status.is_success() {
+            if bytes.is_empty() {
+                return Ok(Value::Null);
+            }
+            return serde_json::from_slice(&bytes)
+                .map_err(|e| ClientError::Local(format!("KBS answered {status} with non-JSON body: {e}")));
+        }
+        let (name, detail) = match serde_json::from_slice::<Value>(&bytes) {
+            Ok(v) => (
+                v["type"].as_str().unwrap_or("").rsplit('/').next().unwrap_or("").to_string(),
+                v["detail"].as_str().unwrap_or("").to_string(),
+            ),
+            Err(_) => (String::new(), String::from_utf8_lossy(&bytes).into_owned()),
+        };
+        Err(ClientError::Api { status, name, detail })
+    }
+
+    /// Upload a new version of a resource.
+    pub async fn put_resource(&self, path: &str, data: Vec<u8>) -> Result<Value, ClientError> {
+        self.send(Method::POST, &format!("/kbs/v0/resource/{path}"), Some(RequestBody::Bytes(data))).await
+    }
+
+    /// Versions of a resource.
+    pub async fn resource_versions(&self, path: &str) -> Result<Value, ClientError> {
+        self.send(Method::GET, &format!("/kbs/v0/admin/resources/{path}/versions"), None).await
+    }
+
+    /// Delete a resource.
+    pub async fn delete_resource(&self, path: &str) -> Result<Value, ClientError> {
+        self.send(Method::DELETE, &format!("/kbs/v0/resource/{path}"), None).await
+    }
+
+    /// Install a resource policy (Rego text).
+    pub async fn set_policy(&self, rego: &str) -> Result<Value, ClientError> {
+        let body = serde_json::json!({"policy": URL_SAFE_NO_PAD.encode(rego.as_bytes())});
+        self.send(Method::POST, "/kbs/v0/resource-policy", Some(RequestBody::Json(body))).await
+    }
+
+    /// The current resource policy text and version.
+    pub async fn get_policy(&self) -> Result<(String, u64), ClientError> {
+        let v = self.send(Method::GET, "/kbs/v0/resource-policy", None).await?;
+        let text = URL_SAFE_NO_PAD
+            .decode(v["policy"].as_str().unwrap_or(""))
+            .map_err(|e| ClientError::Local(format!("policy is not base64url: {e}")))?;
+        Ok((String::from_utf8_lossy(&text).into_owned(), v["version"].as_u64().unwrap_or(0)))
+    }
+}
+
+/// A request body.
+pub enum RequestBody {
+    /// JSON.
+    Json(Value),
+    /// Raw bytes.
+    Bytes(Vec<u8>),
+}

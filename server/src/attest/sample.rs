@@ -1,0 +1,168 @@
+//! The sample TEE verifier (development and tests only: nothing is signed).
+//!
+//! Evidence is what guest-components' sample attester produces:
+//! `{"svn": "1", "report_data": <standard base64>, ...}`.
+
+use std::borrow::Cow;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use base64::alphabet;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use kbs_types::Tee;
+use serde_json::{Map, Value};
+
+use super::verifier::{Verifier, VerifyError};
+
+/// Report data fields are at most this long on real TEEs (TDX, SNP); attesters
+/// may zero-pad the digest to it.
+const PADDED_REPORT_DATA_LEN: usize = 64;
+
+const B64_STD_LENIENT: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// Verifies sample evidence: checks only the report-data binding.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SampleVerifier;
+
+#[async_trait]
+impl Verifier for SampleVerifier {
+    fn tee(&self) -> Tee {
+        Tee::Sample
+    }
+
+    async fn verify(
+        &self,
+        evidence: &Value,
+        report_data: &[u8],
+        _init_data_digest: Option<&[u8]>,
+    ) -> Result<Value, VerifyError> {
+        // The sample evidence carries no init-data digest: for this TEE the
+        // init-data is taken as sent (see PROTOCOL.md).
+        verify_sample(evidence, report_data)
+    }
+}
+
+fn verify_sample(evidence: &Value, expected: &[u8]) -> Result<Value, VerifyError> {
+    // Older clients sent the evidence as a JSON string rather than an object.
+    let evidence: Cow<'_, Value> = match evidence {
+        Value::String(text) => Cow::Owned(
+            serde_json::from_str(text)
+                .map_err(|_| VerifyError::Malformed("sample evidence string is not JSON".into()))?,
+        ),
+        other => Cow::Borrowed(other),
+    };
+    let fields = evidence
+        .as_object()
+        .ok_or_else(|| VerifyError::Malformed("sample evidence is not a JSON object".into()))?;
+    if !fields.get("svn").is_some_and(Value::is_string) {
+        return Err(VerifyError::Malformed("sample evidence has no string \"svn\"".into()));
+    }
+    let encoded = fields
+        .get("report_data")
+        .and_then(Value::as_str)
+        .ok_or_else(|| VerifyError::Malformed("sample evidence has no \"report_data\"".into()))?;
+    let actual = B64_STD_LENIENT
+        .decode(encoded)
+        .map_err(|_| VerifyError::Malformed("sample report_data is not base64".into()))?;
+    if !report_data_matches(&actual, expected) {
+        return Err(VerifyError::ReportDataMismatch);
+    }
+
+    let mut claims = Map::with_capacity(fields.len());
+    for (key, value) in fields {
+        // The event log is unverified and can be large; it stays out of tokens.
+        if key != "report_data" && key != "cc_eventlog" {
+            claims.insert(key.clone(), value.clone());
+        }
+    }
+    claims.insert("report_data".into(), Value::String(hex::encode(&actual)));
+    Ok(Value::Object(claims))
+}
+
+/// The exact digest, or the digest zero-padded to 64 bytes.
+fn report_data_matches(actual: &[u8], expected: &[u8]) -> bool {
+    if actual == expected {
+        return true;
+    }
+    actual.len() == PADDED_REPORT_DATA_LEN
+        && expected.len() < PADDED_REPORT_DATA_LEN
+        && actual.starts_with(expected)
+        && actual[expected.len()..].iter().all(|b| *b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::engine::general_purpose::STANDARD;
+    use serde_json::json;
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn accepts_exact_and_padded_digest() {
+        let digest = [7u8; 48];
+        let exact = json!({"svn": "1", "report_data": STANDARD.encode(digest)});
+        let claims = block_on(SampleVerifier.verify(&exact, &digest, None)).unwrap();
+        assert_eq!(claims["svn"], "1");
+        assert_eq!(claims["report_data"], hex::encode(digest));
+
+        let mut padded = digest.to_vec();
+        padded.resize(64, 0);
+        let ev = json!({"svn": "1", "report_data": STANDARD.encode(&padded), "measure_register": "00"});
+        let claims = block_on(SampleVerifier.verify(&ev, &digest, None)).unwrap();
+        assert_eq!(claims["measure_register"], "00");
+    }
+
+    #[test]
+    fn accepts_evidence_sent_as_a_string() {
+        let digest = [1u8; 32];
+        let ev = Value::String(
+            json!({"svn": "1", "report_data": STANDARD.encode(digest)}).to_string(),
+        );
+        assert!(block_on(SampleVerifier.verify(&ev, &digest, None)).is_ok());
+    }
+
+    #[test]
+    fn mismatch_is_reported() {
+        let digest = [7u8; 48];
+        let mut other = digest;
+        other[0] = 8;
+        let ev = json!({"svn": "1", "report_data": STANDARD.encode(other)});
+        let err = block_on(SampleVerifier.verify(&ev, &digest, None)).unwrap_err();
+        assert!(matches!(err, VerifyError::ReportDataMismatch));
+
+        // Padding must be zeros.
+        let mut padded = digest.to_vec();
+        padded.resize(64, 1);
+        let ev = json!({"svn": "1", "report_data": STANDARD.encode(&padded)});
+        assert!(block_on(SampleVerifier.verify(&ev, &digest, None)).is_err());
+
+        // A truncated digest is not a match.
+        let ev = json!({"svn": "1", "report_data": STANDARD.encode(&digest[..32])});
+        assert!(block_on(SampleVerifier.verify(&ev, &digest, None)).is_err());
+    }
+
+    #[test]
+    fn malformed_evidence_is_rejected() {
+        for ev in [
+            json!(null),
+            json!("not json"),
+            json!([1, 2]),
+            json!({"report_data": "AAAA"}),
+            json!({"svn": 1, "report_data": "AAAA"}),
+            json!({"svn": "1"}),
+            json!({"svn": "1", "report_data": "***"}),
+        ] {
+            let err = block_on(SampleVerifier.verify(&ev, &[0u8; 48], None)).unwrap_err();
+            assert!(matches!(err, VerifyError::Malformed(_)), "{ev}: {err}");
+        }
+    }
+}

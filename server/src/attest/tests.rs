@@ -1,0 +1,455 @@
+//! RCAR service tests: a simulated upstream client against the sample verifier.
+
+use super::*;
+use async_trait::async_trait;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use kbs_types::{CompositeEvidence, HashAlgorithm, InitData, RuntimeData, TeePubKey};
+use p256::elliptic_curve::sec1::ToEncodedPoint;
+use std::sync::Mutex;
+
+fn service(config: RcarConfig) -> RcarService {
+    RcarService::new(
+        config,
+        Arc::new(TokenSigner::ephemeral().unwrap()),
+        vec![Arc::new(SampleVerifier)],
+    )
+}
+
+fn ec_key() -> TeePubKey {
+    let secret = p256::SecretKey::random(&mut rand::thread_rng());
+    let point = secret.public_key().to_encoded_point(false);
+    TeePubKey::EC {
+        crv: "P-256".into(),
+        alg: "ECDH-ES+A256KW".into(),
+        x: URL_SAFE_NO_PAD.encode(point.x().unwrap()),
+        y: URL_SAFE_NO_PAD.encode(point.y().unwrap()),
+    }
+}
+
+fn request(tee: Tee, extra: Value) -> Request {
+    Request {
+        version: "0.4.0".into(),
+        tee,
+        extra_params: extra,
+    }
+}
+
+fn upstream_request() -> Request {
+    request(
+        Tee::Sample,
+        json!({"supported-hash-algorithms": ["sha256", "sha384", "sha512", "sm3"]}),
+    )
+}
+
+/// Builds the Attestation the way guest-components' rcar_client + sample attester do.
+fn client_attestation(challenge: &Challenge, key: &TeePubKey, init: Option<&str>) -> Attestation {
+    let alg = match challenge.extra_params.get("selected-hash-algorithm") {
+        Some(Value::String(name)) => name.parse::<HashAlgorithm>().unwrap(),
+        _ => HashAlgorithm::Sha384,
+    };
+    let runtime = json!({
+        "tee-pubkey": key,
+        "nonce": challenge.nonce,
+        "additional-evidence": "",
+    });
+    let digest = alg.digest(&serde_json_canonicalizer::to_vec(&runtime).unwrap());
+    Attestation {
+        init_data: init.map(|body| InitData {
+            format: "toml".into(),
+            body: body.into(),
+        }),
+        runtime_data: RuntimeData {
+            nonce: challenge.nonce.clone(),
+            tee_pubkey: key.clone(),
+        },
+        tee_evidence: CompositeEvidence {
+            primary_evidence: json!({"svn": "1", "report_data": STANDARD.encode(digest)}),
+            additional_evidence: String::new(),
+        },
+    }
+}
+
+#[tokio::test]
+async fn full_handshake_with_sample_tee() {
+    let rcar = service(RcarConfig::default());
+    let reply = rcar.auth(upstream_request()).unwrap();
+    assert_eq!(
+        reply.challenge.extra_params,
+        json!({"selected-hash-algorithm": "sha384"})
+    );
+    assert_eq!(STANDARD.decode(&reply.challenge.nonce).unwrap().len(), 32);
+    assert!(Uuid::parse_str(&reply.session_id).unwrap().get_version_num() == 4);
+    assert!(reply.expires > SystemTime::now() + Duration::from_secs(290));
+    assert!(matches!(
+        rcar.session_token(&reply.session_id),
+        Err(RcarError::NotAttested)
+    ));
+
+    let key = ec_key();
+    let att = client_attestation(&reply.challenge, &key, None);
+    let attested = rcar.attest(&reply.session_id, att).await.unwrap();
+
+    let verified = rcar.signer().verify(&attested.token).unwrap();
+    assert_eq!(verified.tee, "sample");
+    assert_eq!(verified.identity.guest_id, derived_guest_id(&key).unwrap());
+    assert!(verified.identity.labels.is_empty());
+    let ev = &verified.claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"];
+    assert_eq!(ev["sample"]["svn"], "1");
+    assert_eq!(ev["runtime_data_claims"]["nonce"], reply.challenge.nonce.as_str());
+    assert_eq!(ev["runtime_data_claims"]["tee-pubkey"], json!(key));
+    assert!(ev.get("init_data").is_none());
+    assert_eq!(attested.verified.claims, verified.claims);
+
+    // Background-check mode: the cookie now stands for the token.
+    let by_cookie = rcar.session_token(&reply.session_id).unwrap();
+    assert_eq!(by_cookie.claims, verified.claims);
+
+    // The token's key is one resources can be sealed to.
+    assert!(crate::jwe::seal(&verified.tee_pubkey, b"secret").is_ok());
+}
+
+#[tokio::test]
+async fn nonce_is_single_use() {
+    let rcar = service(RcarConfig::default());
+    let reply = rcar.auth(upstream_request()).unwrap();
+    let key = ec_key();
+    let att = client_attestation(&reply.challenge, &key, None);
+    rcar.attest(&reply.session_id, att.clone()).await.unwrap();
+    let err = rcar.attest(&reply.session_id, att).await.unwrap_err();
+    assert!(matches!(err, RcarError::NonceReused));
+    assert_eq!((err.status(), err.name()), (401, "NonceReused"));
+}
+
+#[tokio::test]
+async fn failed_verification_spends_the_nonce() {
+    let rcar = service(RcarConfig::default());
+    let reply = rcar.auth(upstream_request()).unwrap();
+    let key = ec_key();
+    let mut att = client_attestation(&reply.challenge, &key, None);
+    att.tee_evidence.primary_evidence["report_data"] = json!(STANDARD.encode([0u8; 48]));
+    let err = rcar.attest(&reply.session_id, att).await.unwrap_err();
+    assert_eq!((err.status(), err.name()), (401, "EvidenceVerificationFailed"));
+    assert!(err.to_string().contains("report data"), "{err}");
+
+    let good = client_attestation(&reply.challenge, &key, None);
+    let err = rcar.attest(&reply.session_id, good).await.unwrap_err();
+    assert!(matches!(err, RcarError::NonceReused));
+}
+
+#[tokio::test]
+async fn report_data_binds_key_and_additional_evidence() {
+    let rcar = service(RcarConfig::default());
+    // Evidence computed for one key, presented with another.
+    let reply = rcar.auth(upstream_request()).unwrap();
+    let mut att = client_attestation(&reply.challenge, &ec_key(), None);
+    att.runtime_data.tee_pubkey = ec_key();
+    let err = rcar.attest(&reply.session_id, att).await.unwrap_err();
+    assert!(matches!(
+        err,
+        RcarError::EvidenceVerificationFailed(VerifyError::ReportDataMismatch)
+    ));
+
+    let reply = rcar.auth(upstream_request()).unwrap();
+    let mut att = client_attestation(&reply.challenge, &ec_key(), None);
+    att.tee_evidence.additional_evidence = "{}".into();
+    assert!(rcar.attest(&reply.session_id, att).await.is_err());
+}
+
+#[tokio::test]
+async fn nonce_mismatch_leaves_session_usable() {
+    let rcar = service(RcarConfig::default());
+    let reply = rcar.auth(upstream_request()).unwrap();
+    let key = ec_key();
+    let mut wrong = reply.challenge.clone();
+    wrong.nonce = STANDARD.encode([9u8; 32]);
+    let err = rcar
+        .attest(&reply.session_id, client_attestation(&wrong, &key, None))
+        .await
+        .unwrap_err();
+    assert_eq!((err.status(), err.name()), (401, "NonceMismatch"));
+    let ok = client_attestation(&reply.challenge, &key, None);
+    assert!(rcar.attest(&reply.session_id, ok).await.is_ok());
+}
+
+#[tokio::test]
+async fn hash_negotiation_is_honoured() {
+    let rcar = service(RcarConfig::default());
+    for (offered, selected) in [
+        (json!({"supported-hash-algorithms": ["sha256"]}), "sha256"),
+        (json!({"supported-hash-algorithms": ["sha512", "sm3"]}), "sha512"),
+        (json!(""), "sha384"),
+    ] {
+        let reply = rcar.auth(request(Tee::Sample, offered)).unwrap();
+        assert_eq!(reply.challenge.extra_params["selected-hash-algorithm"], selected);
+        let att = client_attestation(&reply.challenge, &ec_key(), None);
+        rcar.attest(&reply.session_id, att).await.unwrap();
+    }
+    let err = rcar
+        .auth(request(Tee::Sample, json!({"supported-hash-algorithms": ["sm3"]})))
+        .unwrap_err();
+    assert_eq!((err.status(), err.name()), (400, "UnsupportedHashAlgorithm"));
+    let err = rcar.auth(request(Tee::Sample, json!(7))).unwrap_err();
+    assert_eq!(err.status(), 400);
+}
+
+#[test]
+fn version_and_tee_are_checked() {
+    let rcar = service(RcarConfig::default());
+    for good in ["0.4.0", "0.4.7"] {
+        let mut req = upstream_request();
+        req.version = good.into();
+        assert!(rcar.auth(req).is_ok(), "{good}");
+    }
+    for bad in ["0.3.0", "1.4.0", "0.5.0", "0.4.0-rc1", "0.4", "", "garbage"] {
+        let mut req = upstream_request();
+        req.version = bad.into();
+        let err = rcar.auth(req).unwrap_err();
+        assert_eq!((err.status(), err.name()), (400, "InvalidRequestVersion"), "{bad}");
+    }
+    let err = rcar.auth(request(Tee::Tdx, json!(""))).unwrap_err();
+    assert_eq!((err.status(), err.name()), (400, "UnknownTee"));
+    assert!(err.to_string().contains("tdx"));
+}
+
+#[test]
+fn session_table_is_bounded() {
+    let rcar = service(RcarConfig {
+        max_sessions: 3,
+        session_ttl: Duration::from_millis(30),
+        ..RcarConfig::default()
+    });
+    for _ in 0..3 {
+        rcar.auth(upstream_request()).unwrap();
+    }
+    let err = rcar.auth(upstream_request()).unwrap_err();
+    assert_eq!((err.status(), err.name()), (429, "TooManySessions"));
+    assert_eq!(rcar.session_count(), 3);
+    std::thread::sleep(Duration::from_millis(40));
+    // Full, but all expired: auth purges and succeeds.
+    rcar.auth(upstream_request()).unwrap();
+    assert_eq!(rcar.session_count(), 1);
+    std::thread::sleep(Duration::from_millis(40));
+    assert_eq!(rcar.purge_expired(), 1);
+    assert_eq!(rcar.session_count(), 0);
+}
+
+#[tokio::test]
+async fn expired_and_unknown_sessions() {
+    let rcar = service(RcarConfig {
+        session_ttl: Duration::from_millis(20),
+        ..RcarConfig::default()
+    });
+    let reply = rcar.auth(upstream_request()).unwrap();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let att = client_attestation(&reply.challenge, &ec_key(), None);
+    let err = rcar.attest(&reply.session_id, att.clone()).await.unwrap_err();
+    assert_eq!((err.status(), err.name()), (401, "SessionExpired"));
+
+    for id in [Uuid::new_v4().to_string(), "not-a-uuid".into(), String::new()] {
+        let err = rcar.attest(&id, att.clone()).await.unwrap_err();
+        assert_eq!((err.status(), err.name()), (401, "SessionNotFound"));
+        assert!(matches!(rcar.session_token(&id), Err(RcarError::SessionNotFound)));
+    }
+}
+
+#[tokio::test]
+async fn attested_session_expires_with_the_token() {
+    let rcar = service(RcarConfig {
+        token_ttl: Duration::from_millis(20),
+        ..RcarConfig::default()
+    });
+    let reply = rcar.auth(upstream_request()).unwrap();
+    let att = client_attestation(&reply.challenge, &ec_key(), None);
+    rcar.attest(&reply.session_id, att).await.unwrap();
+    assert!(rcar.session_token(&reply.session_id).is_ok());
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let err = rcar.session_token(&reply.session_id).unwrap_err();
+    assert_eq!((err.status(), err.name()), (401, "SessionExpired"));
+}
+
+const INIT_DATA: &str = r#"algorithm = "sha256"
+version = "0.1.0"
+
+[data]
+"cdh.toml" = "socket = 'unix:///run/cdh.sock'"
+
+[tether]
+guest_id = "db-primary"
+
+[tether.labels]
+role = "db"
+"#;
+
+#[tokio::test]
+async fn init_data_sets_identity_and_claims() {
+    let rcar = service(RcarConfig::default());
+    let reply = rcar.auth(upstream_request()).unwrap();
+    let att = client_attestation(&reply.challenge, &ec_key(), Some(INIT_DATA));
+    let attested = rcar.attest(&reply.session_id, att).await.unwrap();
+    let v = &attested.verified;
+    assert_eq!(v.identity.guest_id, "db-primary");
+    assert_eq!(v.identity.labels["role"], "db");
+    let ev = &v.claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"];
+    assert_eq!(
+        ev["init_data"],
+        hex::encode(HashAlgorithm::Sha256.digest(INIT_DATA.as_bytes()))
+    );
+    assert_eq!(ev["init_data_claims"]["tether"]["guest_id"], "db-primary");
+    assert_eq!(v.claims["tether"]["guest_id"], "db-primary");
+}
+
+#[tokio::test]
+async fn bad_init_data_and_keys_are_refused_before_spending_the_nonce() {
+    let rcar = service(RcarConfig {
+        max_init_data_bytes: 512,
+        ..RcarConfig::default()
+    });
+    let reply = rcar.auth(upstream_request()).unwrap();
+    let key = ec_key();
+
+    let att = client_attestation(&reply.challenge, &key, Some("[tether]\nguest_id = \"a b\"\n"));
+    let err = rcar.attest(&reply.session_id, att).await.unwrap_err();
+    assert_eq!((err.status(), err.name()), (400, "InvalidInitData"));
+    assert!(err.to_string().contains("guest_id"));
+
+    let big = format!("x = \"{}\"\n", "a".repeat(600));
+    let att = client_attestation(&reply.challenge, &key, Some(&big));
+    let err = rcar.attest(&reply.session_id, att).await.unwrap_err();
+    assert_eq!((err.status(), err.name()), (413, "InitDataTooLarge"));
+
+    let mut att = client_attestation(&reply.challenge, &key, Some("a = 1"));
+    att.init_data.as_mut().unwrap().format = "json".into();
+    let err = rcar.attest(&reply.session_id, att).await.unwrap_err();
+    assert_eq!((err.status(), err.name()), (400, "InvalidInitData"));
+
+    let TeePubKey::EC { x, y, .. } = key.clone() else {
+        unreachable!()
+    };
+    let p521 = TeePubKey::EC {
+        crv: "P-521".into(),
+        alg: "ECDH-ES+A256KW".into(),
+        x,
+        y,
+    };
+    let att = client_attestation(&reply.challenge, &p521, None);
+    let err = rcar.attest(&reply.session_id, att).await.unwrap_err();
+    assert_eq!((err.status(), err.name()), (400, "UnsupportedTeePubKey"));
+    assert!(err.to_string().contains("P-521"));
+
+    // None of the above spent the nonce.
+    let att = client_attestation(&reply.challenge, &key, None);
+    assert!(rcar.attest(&reply.session_id, att).await.is_ok());
+}
+
+#[tokio::test]
+async fn rsa_tee_key_is_accepted() {
+    use rsa::traits::PublicKeyParts;
+    let private = rsa::RsaPrivateKey::new(&mut rand::thread_rng(), 2048).unwrap();
+    let key = TeePubKey::RSA {
+        alg: "RSA-OAEP-256".into(),
+        k_mod: URL_SAFE_NO_PAD.encode(private.n().to_bytes_be()),
+        k_exp: URL_SAFE_NO_PAD.encode(private.e().to_bytes_be()),
+    };
+    let rcar = service(RcarConfig::default());
+    let reply = rcar.auth(upstream_request()).unwrap();
+    let att = client_attestation(&reply.challenge, &key, None);
+    let attested = rcar.attest(&reply.session_id, att).await.unwrap();
+    assert!(matches!(attested.verified.tee_pubkey, TeePubKey::RSA { .. }));
+}
+
+/// A verifier for another TEE that records what it was given and can stall.
+struct RecordingVerifier {
+    delay: Duration,
+    seen: Mutex<Vec<(Vec<u8>, Option<Vec<u8>>)>>,
+}
+
+#[async_trait]
+impl Verifier for RecordingVerifier {
+    fn tee(&self) -> Tee {
+        Tee::Tdx
+    }
+
+    async fn verify(
+        &self,
+        _evidence: &Value,
+        report_data: &[u8],
+        init_data_digest: Option<&[u8]>,
+    ) -> Result<Value, VerifyError> {
+        self.seen
+            .lock()
+            .unwrap()
+            .push((report_data.to_vec(), init_data_digest.map(<[u8]>::to_vec)));
+        tokio::time::sleep(self.delay).await;
+        Ok(json!({"tcb": "up-to-date"}))
+    }
+}
+
+fn tdx_service(delay: Duration) -> (RcarService, Arc<RecordingVerifier>) {
+    let verifier = Arc::new(RecordingVerifier {
+        delay,
+        seen: Mutex::new(Vec::new()),
+    });
+    let rcar = RcarService::new(
+        RcarConfig::default(),
+        Arc::new(TokenSigner::ephemeral().unwrap()),
+        vec![Arc::new(SampleVerifier), verifier.clone()],
+    );
+    (rcar, verifier)
+}
+
+#[tokio::test]
+async fn pluggable_verifier_gets_report_and_init_data_digests() {
+    let (rcar, verifier) = tdx_service(Duration::ZERO);
+    let reply = rcar.auth(request(Tee::Tdx, json!(""))).unwrap();
+    let key = ec_key();
+    let att = client_attestation(&reply.challenge, &key, Some(INIT_DATA));
+    let attested = rcar.attest(&reply.session_id, att).await.unwrap();
+    let seen = verifier.seen.lock().unwrap().clone();
+    let expected_rd =
+        binding::expected_report_data(HashAlgorithm::Sha384, &key, &reply.challenge.nonce, "")
+            .unwrap();
+    assert_eq!(seen, vec![(
+        expected_rd,
+        Some(HashAlgorithm::Sha256.digest(INIT_DATA.as_bytes()))
+    )]);
+    assert_eq!(attested.verified.tee, "tdx");
+    assert_eq!(
+        attested.verified.claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"]["tdx"]
+            ["tcb"],
+        "up-to-date"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_attests_on_one_session_yield_one_token() {
+    let (rcar, _) = tdx_service(Duration::from_millis(50));
+    let rcar = Arc::new(rcar);
+    let reply = rcar.auth(request(Tee::Tdx, json!(""))).unwrap();
+    let att = client_attestation(&reply.challenge, &ec_key(), None);
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let rcar = rcar.clone();
+            let id = reply.session_id.clone();
+            let att = att.clone();
+            tokio::spawn(async move { rcar.attest(&id, att).await })
+        })
+        .collect();
+    let mut ok = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(err) => assert!(matches!(err, RcarError::NonceReused), "{err}"),
+        }
+    }
+    assert_eq!(ok, 1);
+}
+
+#[tokio::test]
+async fn slow_verifier_times_out() {
+    let (rcar, _) = tdx_service(Duration::from_secs(5));
+    let rcar = rcar.with_verify_timeout(Duration::from_millis(20));
+    let reply = rcar.auth(request(Tee::Tdx, json!(""))).unwrap();
+    let att = client_attestation(&reply.challenge, &ec_key(), None);
+    let err = rcar.attest(&reply.session_id, att).await.unwrap_err();
+    assert_eq!((err.status(), err.name()), (500, "VerifierUnavailable"));
+}

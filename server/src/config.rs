@@ -1,0 +1,502 @@
+//! KBS configuration: a TOML file, `KBS_*` environment overrides and command-line flags,
+//! validated once at start with messages that name the offending key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Errors found while loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// File path.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or did not match the schema (unknown key, wrong type).
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    /// A value is out of range or inconsistent; the string names the key.
+    #[error("invalid configuration key `{key}`: {reason}")]
+    Invalid {
+        /// Dotted key path.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// The whole KBS configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// HTTP listener settings.
+    pub http: HttpConfig,
+    /// Storage settings.
+    pub storage: StorageConfig,
+    /// RCAR and token settings.
+    pub attestation: AttestationConfig,
+    /// Admin authentication and roles.
+    pub admin: AdminConfig,
+    /// Resource policy settings.
+    pub policy: PolicyConfig,
+    /// Reverse tunnel settings.
+    pub tunnel: TunnelConfig,
+    /// Logging settings.
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            http: HttpConfig::default(),
+            storage: StorageConfig::default(),
+            attestation: AttestationConfig::default(),
+            admin: AdminConfig::default(),
+            policy: PolicyConfig::default(),
+            tunnel: TunnelConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// HTTP listener settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Largest accepted request body, bytes.
+    pub max_body_bytes: usize,
+    /// TLS; plain HTTP when absent.
+    pub tls: Option<TlsConfig>,
+    /// Time allowed for in-flight requests to finish on shutdown.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 1024 * 1024,
+            tls: None,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// TLS settings: either certificate and key files, or a generated self-signed pair (dev only).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// Generate (once) a self-signed pair under the data dir; for development.
+    pub self_signed: bool,
+    /// Extra DNS names / IPs for the self-signed certificate (localhost and 127.0.0.1 are always in).
+    pub self_signed_names: Vec<String>,
+}
+
+/// Storage settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Directory for the database and generated keys.
+    pub data_dir: PathBuf,
+    /// Database URL; default `sqlite://<data_dir>/tether.db`.
+    pub database_url: Option<String>,
+    /// File holding the 32-byte key-encryption key (hex); generated when missing.
+    pub kek_file: Option<PathBuf>,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            database_url: None,
+            kek_file: None,
+        }
+    }
+}
+
+impl StorageConfig {
+    /// The database URL in force.
+    pub fn database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!("sqlite://{}", self.data_dir.join("tether.db").display())
+        })
+    }
+
+    /// Path of the key-encryption key file.
+    pub fn kek_path(&self) -> PathBuf {
+        self.kek_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("kek.key"))
+    }
+}
+
+/// RCAR and attestation token settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttestationConfig {
+    /// Lifetime of an RCAR session (auth -> attest -> resource with cookie).
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+    /// Most concurrent sessions kept.
+    pub max_sessions: usize,
+    /// Lifetime of an attestation token (`exp`).
+    #[serde(with = "humantime_serde")]
+    pub token_ttl: Duration,
+    /// Largest init-data body accepted, bytes.
+    pub max_init_data_bytes: usize,
+    /// Enabled verifiers by TEE name.
+    pub verifiers: Vec<String>,
+    /// Token signing key (PKCS#8 PEM, P-256); generated when missing. Default `<data_dir>/token.key`.
+    pub signing_key_file: Option<PathBuf>,
+}
+
+impl Default for AttestationConfig {
+    fn default() -> Self {
+        Self {
+            session_ttl: Duration::from_secs(300),
+            max_sessions: 100_000,
+            token_ttl: Duration::from_secs(300),
+            max_init_data_bytes: 64 * 1024,
+            verifiers: vec!["sample".to_string()],
+            signing_key_file: None,
+        }
+    }
+}
+
+/// Admin authentication: trusted Ed25519 public keys and roles.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Trusted admin token signers.
+    pub keys: Vec<AdminKeyConfig>,
+    /// Role name -> rules `"<METHODS> <path regex>"`, METHODS `*` or a comma list (`GET,POST`).
+    pub roles: BTreeMap<String, Vec<String>>,
+    /// Generate a development admin key under the data dir and trust it (no keys configured).
+    pub dev_key: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            keys: Vec::new(),
+            roles: BTreeMap::from([("admin".to_string(), vec!["* ^/kbs/.+$".to_string()])]),
+            dev_key: true,
+        }
+    }
+}
+
+/// One trusted admin token signer.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminKeyConfig {
+    /// Name used in logs and audit.
+    pub name: String,
+    /// Ed25519 public key, PEM (SPKI), as `openssl pkey -pubout` writes it.
+    pub public_key_file: PathBuf,
+    /// Required `iss`; any issuer when absent.
+    pub issuer: Option<String>,
+    /// Required `aud` member.
+    #[serde(default = "default_audience")]
+    pub audience: String,
+}
+
+fn default_audience() -> String {
+    "KBS".to_string()
+}
+
+/// Resource policy settings.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Rego file installed at first start when storage holds no policy yet.
+    pub initial_policy_file: Option<PathBuf>,
+}
+
+/// Reverse tunnel settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TunnelConfig {
+    /// Heartbeat (WebSocket ping) interval.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Largest tunnel frame, bytes.
+    pub max_frame_bytes: usize,
+    /// Most RPC calls in flight per tunnel.
+    pub max_in_flight: usize,
+    /// Default deadline of one RPC call.
+    #[serde(with = "humantime_serde")]
+    pub call_deadline: Duration,
+    /// Most frames queued for writing to one guest.
+    pub write_queue: usize,
+}
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(20),
+            max_frame_bytes: 1024 * 1024,
+            max_in_flight: 64,
+            call_deadline: Duration::from_secs(10),
+            write_queue: 128,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable.
+    #[default]
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Output format.
+    pub format: LogFormat,
+    /// Filter directive (overridden by `RUST_LOG`).
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            level: "info".to_string(),
+        }
+    }
+}
+
+/// Prefix of environment variables that override config keys:
+/// `KBS_HTTP__LISTEN=0.0.0.0:8080` sets `http.listen`.
+pub const ENV_PREFIX: &str = "KBS_";
+
+/// Environment variables read by the binaries themselves, not config keys.
+const ENV_NOT_CONFIG: &[&str] = &["KBS_URL", "KBS_ADMIN_KEY", "KBS_CONFIG"];
+
+impl Config {
+    /// Load from an optional TOML file, then apply `KBS_*` environment overrides.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse(format!("{}: {e}", path.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            if ENV_NOT_CONFIG.contains(&name.as_str()) || rest.is_empty() {
+                continue;
+            }
+            let keys: Vec<String> = rest.split("__").map(|k| k.to_ascii_lowercase()).collect();
+            set_path(&mut table, &keys, parse_env_value(&value))
+                .map_err(|reason| invalid(&format!("{name} ({})", keys.join(".")), reason))?;
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.message().to_string()))?;
+        Ok(config)
+    }
+
+    /// Check values that serde cannot: ranges, file presence, regexes.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.http.max_body_bytes < 1024 {
+            return Err(invalid("http.max_body_bytes", "must be at least 1024"));
+        }
+        if let Some(tls) = &self.http.tls {
+            match (&tls.cert_file, &tls.key_file, tls.self_signed) {
+                (Some(_), Some(_), false) | (None, None, true) => {}
+                (_, _, true) => {
+                    return Err(invalid(
+                        "http.tls.self_signed",
+                        "cannot be combined with cert_file/key_file",
+                    ));
+                }
+                _ => {
+                    return Err(invalid(
+                        "http.tls",
+                        "set both cert_file and key_file, or self_signed = true",
+                    ));
+                }
+            }
+            for (key, file) in [("http.tls.cert_file", &tls.cert_file), ("http.tls.key_file", &tls.key_file)] {
+                if let Some(file) = file
+                    && !file.is_file()
+                {
+                    return Err(invalid(key, format!("{} is not a readable file", file.display())));
+                }
+            }
+        }
+        let a = &self.attestation;
+        if a.session_ttl < Duration::from_secs(1) {
+            return Err(invalid("attestation.session_ttl", "must be at least 1s"));
+        }
+        if a.token_ttl < Duration::from_secs(10) {
+            return Err(invalid("attestation.token_ttl", "must be at least 10s"));
+        }
+        if a.max_sessions == 0 {
+            return Err(invalid("attestation.max_sessions", "must be positive"));
+        }
+        for (i, v) in a.verifiers.iter().enumerate() {
+            if !crate::verifiers::KNOWN.contains(&v.as_str()) {
+                return Err(invalid(
+                    &format!("attestation.verifiers[{i}]"),
+                    format!("unknown verifier `{v}` (known: {})", crate::verifiers::KNOWN.join(", ")),
+                ));
+            }
+        }
+        if self.admin.keys.is_empty() && !self.admin.dev_key {
+            return Err(invalid(
+                "admin.keys",
+                "no admin key configured and admin.dev_key = false: nobody could administer this KBS",
+            ));
+        }
+        for (i, key) in self.admin.keys.iter().enumerate() {
+            if !key.public_key_file.is_file() {
+                return Err(invalid(
+                    &format!("admin.keys[{i}].public_key_file"),
+                    format!("{} is not a readable file", key.public_key_file.display()),
+                ));
+            }
+        }
+        for (role, rules) in &self.admin.roles {
+            for (i, rule) in rules.iter().enumerate() {
+                crate::admin::auth::RoleRule::parse(rule)
+                    .map_err(|reason| invalid(&format!("admin.roles.{role}[{i}]"), reason))?;
+            }
+        }
+        let t = &self.tunnel;
+        if t.heartbeat < Duration::from_secs(1) {
+            return Err(invalid("tunnel.heartbeat", "must be at least 1s"));
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&t.max_frame_bytes) {
+            return Err(invalid("tunnel.max_frame_bytes", "must be within 1 KiB..64 MiB"));
+        }
+        if t.max_in_flight == 0 || t.write_queue == 0 {
+            return Err(invalid("tunnel.max_in_flight", "limits must be positive"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// Environment values are TOML scalars when they parse as such (numbers, booleans,
+/// arrays), strings otherwise.
+fn parse_env_value(raw: &str) -> toml::Value {
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+fn set_path(table: &mut toml::Table, keys: &[String], value: toml::Value) -> Result<(), String> {
+    let Some((last, parents)) = keys.split_last() else {
+        return Err("empty key".to_string());
+    };
+    let mut cur = table;
+    for k in parents {
+        let entry = cur
+            .entry(k.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{k}` is not a table"))?;
+    }
+    cur.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kbs.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(
+            Some(&path),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn empty_config_is_the_dev_default() {
+        let c = Config::load(None, Vec::new()).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.http.listen.to_string(), "127.0.0.1:8080");
+        assert!(c.admin.dev_key);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = load("[http]\nlisten = \"127.0.0.1:1\"\nlisn = 3\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("lisn"), "{err}");
+    }
+
+    #[test]
+    fn env_overrides_file_and_parses_scalars() {
+        let c = load(
+            "[http]\nmax_body_bytes = 5000\n",
+            &[("KBS_HTTP__MAX_BODY_BYTES", "9000"), ("KBS_ATTESTATION__TOKEN_TTL", "2m"), ("KBS_URL", "x")],
+        )
+        .unwrap();
+        assert_eq!(c.http.max_body_bytes, 9000);
+        assert_eq!(c.attestation.token_ttl, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn unknown_env_key_is_named() {
+        let err = load("", &[("KBS_HTTP__NOPE", "1")]).unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let c = load("[tunnel]\nheartbeat = \"0s\"\n", &[]).unwrap();
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("tunnel.heartbeat"), "{err}");
+        let c = load("[admin.roles]\nops = [\"GET ([\"]\n", &[]).unwrap();
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("admin.roles.ops[0]"), "{err}");
+        let c = load("[attestation]\nverifiers = [\"sgx-magic\"]\n", &[]).unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("attestation.verifiers[0]"));
+    }
+}

@@ -1,0 +1,615 @@
+//! JWE sealing of a payload to a TEE public key, in the JSON form upstream
+//! `kbs_protocol` clients open (`TeeKeyPair::decrypt_response`).
+//!
+//! EC P-256 keys get `ECDH-ES+A256KW` (Concat KDF exactly as guest-components'
+//! `ec.rs::unwrap_key` derives it); RSA keys get `RSA-OAEP-256` or the legacy
+//! `RSA1_5`, whichever the key's `alg` names. Content is always `A256GCM`.
+
+use aes_gcm::aead::{AeadInPlace, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce};
+use aes_kw::KekAes256;
+use base64::Engine as _;
+use base64::alphabet;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use kbs_types::{ProtectedHeader, Response, TeePubKey};
+use p256::elliptic_curve::sec1::{FromEncodedPoint, ToEncodedPoint};
+use p256::{EncodedPoint, FieldBytes, PublicKey};
+use rand::RngCore;
+use rsa::{BigUint, Oaep, Pkcs1v15Encrypt, RsaPublicKey};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+/// Key-management algorithm for EC P-256 TEE keys.
+pub const ALG_ECDH_ES_A256KW: &str = "ECDH-ES+A256KW";
+/// Key-management algorithm for RSA TEE keys (OAEP with SHA-256).
+pub const ALG_RSA_OAEP_256: &str = "RSA-OAEP-256";
+/// Legacy key-management algorithm for RSA TEE keys (PKCS#1 v1.5).
+pub const ALG_RSA1_5: &str = "RSA1_5";
+/// Content-encryption algorithm used for every sealed payload.
+pub const ENC_A256GCM: &str = "A256GCM";
+/// The only EC curve accepted.
+pub const CRV_P256: &str = "P-256";
+
+const MIN_RSA_BITS: usize = 2048;
+const MAX_RSA_BITS: usize = 4096;
+const CEK_LEN: usize = 32;
+const IV_LEN: usize = 12;
+
+/// Base64 decoders that accept padded and unpadded input (older clients pad).
+const B64_URL_LENIENT: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::URL_SAFE,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+const B64_STD_LENIENT: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// Why a payload could not be sealed.
+#[derive(Debug, thiserror::Error)]
+pub enum JweError {
+    /// The key type, curve or algorithm is not one Tether can seal to.
+    #[error("unsupported TEE public key: {0}")]
+    UnsupportedKey(String),
+    /// The key is of a supported kind but malformed (bad encoding, not on the curve...).
+    #[error("invalid TEE public key: {0}")]
+    InvalidKey(String),
+    /// A cryptographic primitive failed unexpectedly.
+    #[error("sealing failed: {0}")]
+    Seal(&'static str),
+}
+
+impl JweError {
+    /// HTTP status this error maps to.
+    pub fn status(&self) -> u16 {
+        match self {
+            JweError::UnsupportedKey(_) | JweError::InvalidKey(_) => 400,
+            JweError::Seal(_) => 500,
+        }
+    }
+
+    /// CamelCase error name for the JSON error type URL.
+    pub fn name(&self) -> &'static str {
+        match self {
+            JweError::UnsupportedKey(_) => "UnsupportedTeePubKey",
+            JweError::InvalidKey(_) => "InvalidTeePubKey",
+            JweError::Seal(_) => "SealFailed",
+        }
+    }
+}
+
+/// A TEE public key parsed and checked, ready to seal to.
+enum SealKey {
+    Ec(PublicKey),
+    Rsa(RsaPublicKey, RsaPadding),
+}
+
+#[derive(Clone, Copy)]
+enum RsaPadding {
+    Oaep256,
+    Pkcs1v15,
+}
+
+/// Check that `tee_pubkey` is a key [`seal`] can serve, without sealing anything.
+pub fn validate_tee_pubkey(tee_pubkey: &TeePubKey) -> Result<(), JweError> {
+    parse_key(tee_pubkey).map(|_| ())
+}
+
+/// Seal `plaintext` to `tee_pubkey` as a JWE in upstream KBS `Response` form.
+pub fn seal(tee_pubkey: &TeePubKey, plaintext: &[u8]) -> Result<Response, JweError> {
+    let key = parse_key(tee_pubkey)?;
+    let mut rng = rand::thread_rng();
+
+    let mut cek = Zeroizing::new([0u8; CEK_LEN]);
+    rng.fill_bytes(cek.as_mut());
+
+    let (protected, encrypted_key) = match key {
+        SealKey::Ec(peer) => {
+            let ephemeral = p256::ecdh::EphemeralSecret::random(&mut rng);
+            let shared = ephemeral.diffie_hellman(&peer);
+            let kek = ecdh_es_kek(shared.raw_secret_bytes());
+            let mut wrapped = vec![0u8; CEK_LEN + 8];
+            KekAes256::from(*kek)
+                .wrap(cek.as_ref(), &mut wrapped)
+                .map_err(|_| JweError::Seal("AES key wrap"))?;
+            let epk = ephemeral.public_key().to_encoded_point(false);
+            let (Some(x), Some(y)) = (epk.x(), epk.y()) else {
+                return Err(JweError::Seal("ephemeral key has no affine coordinates"));
+            };
+            (ec_header(x, y), wrapped)
+        }
+        SealKey::Rsa(public, padding) => {
+            let (alg, wrapped) = match padding {
+                RsaPadding::Oaep256 => (
+                    ALG_RSA_OAEP_256,
+                    public.encrypt(&mut rng, Oaep::new::<Sha256>(), cek.as_ref()),
+                ),
+                RsaPadding::Pkcs1v15 => (
+                    ALG_RSA1_5,
+                    public.encrypt(&mut rng, Pkcs1v15Encrypt, cek.as_ref()),
+                ),
+            };
+            let wrapped = wrapped.map_err(|_| JweError::Seal("RSA key encryption"))?;
+            let header = ProtectedHeader {
+                alg: alg.to_owned(),
+                enc: ENC_A256GCM.to_owned(),
+                other_fields: Map::new(),
+            };
+            (header, wrapped)
+        }
+    };
+
+    // The client recomputes the AAD by re-serialising the header it parsed, so
+    // the AAD must be derived the same way (kbs-types' generate_aad).
+    let aad = protected
+        .generate_aad()
+        .map_err(|_| JweError::Seal("protected header serialisation"))?;
+
+    let mut iv = [0u8; IV_LEN];
+    rng.fill_bytes(&mut iv);
+
+    let cipher = Aes256Gcm::new_from_slice(cek.as_ref()).map_err(|_| JweError::Seal("AES-GCM key"))?;
+    let mut ciphertext = plaintext.to_vec();
+    let tag = cipher
+        .encrypt_in_place_detached(&Nonce::from(iv), &aad, &mut ciphertext)
+        .map_err(|_| JweError::Seal("AES-GCM encryption"))?;
+
+    Ok(Response {
+        protected,
+        encrypted_key,
+        aad: None,
+        iv: iv.to_vec(),
+        ciphertext,
+        tag: tag.to_vec(),
+    })
+}
+
+fn parse_key(tee_pubkey: &TeePubKey) -> Result<SealKey, JweError> {
+    match tee_pubkey {
+        TeePubKey::EC { crv, alg, x, y } => {
+            if alg != ALG_ECDH_ES_A256KW {
+                return Err(JweError::UnsupportedKey(format!(
+                    "EC key algorithm {alg:?} (only {ALG_ECDH_ES_A256KW} is supported)"
+                )));
+            }
+            if crv != CRV_P256 {
+                return Err(JweError::UnsupportedKey(format!(
+                    "EC curve {crv:?} (only {CRV_P256} is supported)"
+                )));
+            }
+            let x = decode_coordinate("x", x)?;
+            let y = decode_coordinate("y", y)?;
+            let point = EncodedPoint::from_affine_coordinates(&x, &y, false);
+            Option::<PublicKey>::from(PublicKey::from_encoded_point(&point))
+                .map(SealKey::Ec)
+                .ok_or_else(|| JweError::InvalidKey("EC point is not on the P-256 curve".into()))
+        }
+        TeePubKey::RSA { alg, k_mod, k_exp } => {
+            let padding = match alg.as_str() {
+                ALG_RSA_OAEP_256 => RsaPadding::Oaep256,
+                ALG_RSA1_5 => RsaPadding::Pkcs1v15,
+                other => {
+                    return Err(JweError::UnsupportedKey(format!(
+                        "RSA key algorithm {other:?} (supported: {ALG_RSA_OAEP_256}, {ALG_RSA1_5})"
+                    )));
+                }
+            };
+            let n = BigUint::from_bytes_be(&decode_lenient("n", k_mod)?);
+            let e = BigUint::from_bytes_be(&decode_lenient("e", k_exp)?);
+            let bits = n.bits();
+            if !(MIN_RSA_BITS..=MAX_RSA_BITS).contains(&bits) {
+                return Err(JweError::UnsupportedKey(format!(
+                    "RSA modulus of {bits} bits (accepted: {MIN_RSA_BITS}..={MAX_RSA_BITS})"
+                )));
+            }
+            let public = RsaPublicKey::new(n, e)
+                .map_err(|err| JweError::InvalidKey(format!("RSA key rejected: {err}")))?;
+            Ok(SealKey::Rsa(public, padding))
+        }
+        TeePubKey::AKP { alg, .. } => Err(JweError::UnsupportedKey(format!(
+            "key type AKP (algorithm {alg:?}) is not supported"
+        ))),
+    }
+}
+
+fn decode_lenient(field: &str, value: &str) -> Result<Vec<u8>, JweError> {
+    B64_URL_LENIENT
+        .decode(value)
+        .or_else(|_| B64_STD_LENIENT.decode(value))
+        .map_err(|_| JweError::InvalidKey(format!("field {field:?} is not base64")))
+}
+
+fn decode_coordinate(field: &str, value: &str) -> Result<FieldBytes, JweError> {
+    let bytes = decode_lenient(field, value)?;
+    let array: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+        JweError::InvalidKey(format!(
+            "EC coordinate {field:?} is {} bytes, expected 32",
+            bytes.len()
+        ))
+    })?;
+    Ok(FieldBytes::from(array))
+}
+
+/// Concat KDF (NIST SP 800-56A, SHA-256) for ECDH-ES+A256KW, with the OtherInfo
+/// guest-components uses: alg id, empty apu, empty apv, keydatalen 256.
+/// One SHA-256 round yields the whole 256-bit key-wrap key.
+fn ecdh_es_kek(z: &FieldBytes) -> Zeroizing<[u8; 32]> {
+    let alg = ALG_ECDH_ES_A256KW.as_bytes();
+    let mut hasher = Sha256::new();
+    hasher.update(1u32.to_be_bytes());
+    hasher.update(z);
+    hasher.update((alg.len() as u32).to_be_bytes());
+    hasher.update(alg);
+    hasher.update(0u32.to_be_bytes());
+    hasher.update(0u32.to_be_bytes());
+    hasher.update(256u32.to_be_bytes());
+    Zeroizing::new(hasher.finalize().into())
+}
+
+fn ec_header(x: &FieldBytes, y: &FieldBytes) -> ProtectedHeader {
+    // Keys inserted in sorted order so the header re-serialises byte-identically
+    // on the client whether or not serde_json's preserve_order is enabled.
+    let mut epk = Map::new();
+    epk.insert("crv".into(), Value::String(CRV_P256.into()));
+    epk.insert("kty".into(), Value::String("EC".into()));
+    epk.insert("x".into(), Value::String(URL_SAFE_NO_PAD.encode(x)));
+    epk.insert("y".into(), Value::String(URL_SAFE_NO_PAD.encode(y)));
+    let mut other_fields = Map::new();
+    other_fields.insert("epk".into(), Value::Object(epk));
+    ProtectedHeader {
+        alg: ALG_ECDH_ES_A256KW.to_owned(),
+        enc: ENC_A256GCM.to_owned(),
+        other_fields,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::engine::general_purpose::STANDARD;
+    use rsa::RsaPrivateKey;
+    use rsa::traits::PublicKeyParts;
+    use std::sync::OnceLock;
+
+    /// A client-side key, opened the way guest-components' TeeKeyPair does.
+    enum TestKey {
+        Ec(p256::SecretKey),
+        Rsa(RsaPrivateKey),
+    }
+
+    fn rsa_key() -> &'static RsaPrivateKey {
+        static KEY: OnceLock<RsaPrivateKey> = OnceLock::new();
+        KEY.get_or_init(|| RsaPrivateKey::new(&mut rand::thread_rng(), 2048).unwrap())
+    }
+
+    fn ec_pair() -> (p256::SecretKey, TeePubKey) {
+        let secret = p256::SecretKey::random(&mut rand::thread_rng());
+        let point = secret.public_key().to_encoded_point(false);
+        let public = TeePubKey::EC {
+            crv: CRV_P256.into(),
+            alg: ALG_ECDH_ES_A256KW.into(),
+            x: URL_SAFE_NO_PAD.encode(point.x().unwrap()),
+            y: URL_SAFE_NO_PAD.encode(point.y().unwrap()),
+        };
+        (secret, public)
+    }
+
+    fn rsa_public(alg: &str) -> TeePubKey {
+        let public = rsa_key().to_public_key();
+        TeePubKey::RSA {
+            alg: alg.into(),
+            k_mod: URL_SAFE_NO_PAD.encode(public.n().to_bytes_be()),
+            k_exp: URL_SAFE_NO_PAD.encode(public.e().to_bytes_be()),
+        }
+    }
+
+    /// Client-side opener: mirrors keypair.rs `decrypt_response` + ec.rs `unwrap_key`.
+    fn open(key: &TestKey, response: &Response) -> Result<Vec<u8>, String> {
+        let header = &response.protected;
+        let cek: Vec<u8> = match (key, header.alg.as_str()) {
+            (TestKey::Ec(secret), ALG_ECDH_ES_A256KW) => {
+                let epk = header.other_fields.get("epk").ok_or("no epk")?;
+                if epk["crv"] != CRV_P256 {
+                    return Err("curve".into());
+                }
+                let x = URL_SAFE_NO_PAD
+                    .decode(epk["x"].as_str().ok_or("x")?)
+                    .map_err(|e| e.to_string())?;
+                let y = URL_SAFE_NO_PAD
+                    .decode(epk["y"].as_str().ok_or("y")?)
+                    .map_err(|e| e.to_string())?;
+                let x: [u8; 32] = x.as_slice().try_into().map_err(|_| "x length")?;
+                let y: [u8; 32] = y.as_slice().try_into().map_err(|_| "y length")?;
+                let point = EncodedPoint::from_affine_coordinates(&x.into(), &y.into(), false);
+                let epk = Option::<PublicKey>::from(PublicKey::from_encoded_point(&point))
+                    .ok_or("epk not on curve")?;
+                let z = p256::ecdh::diffie_hellman(secret.to_nonzero_scalar(), epk.as_affine());
+                // Independent Concat KDF, byte layout as in guest-components ec.rs.
+                let mut other = Vec::new();
+                other.extend_from_slice(&(ALG_ECDH_ES_A256KW.len() as u32).to_be_bytes());
+                other.extend_from_slice(ALG_ECDH_ES_A256KW.as_bytes());
+                other.extend_from_slice(&0u32.to_be_bytes());
+                other.extend_from_slice(&0u32.to_be_bytes());
+                other.extend_from_slice(&256u32.to_be_bytes());
+                let mut round = Vec::new();
+                round.extend_from_slice(&1u32.to_be_bytes());
+                round.extend_from_slice(z.raw_secret_bytes());
+                round.extend_from_slice(&other);
+                let kek: [u8; 32] = Sha256::digest(&round).into();
+                let wrapped = &response.encrypted_key;
+                if wrapped.len() < 16 {
+                    return Err("wrapped key too short".into());
+                }
+                let mut out = vec![0u8; wrapped.len() - 8];
+                KekAes256::from(kek)
+                    .unwrap(wrapped, &mut out)
+                    .map_err(|e| format!("unwrap: {e:?}"))?;
+                out
+            }
+            (TestKey::Rsa(private), ALG_RSA_OAEP_256) => private
+                .decrypt(Oaep::new::<Sha256>(), &response.encrypted_key)
+                .map_err(|e| e.to_string())?,
+            (TestKey::Rsa(private), ALG_RSA1_5) => private
+                .decrypt(Pkcs1v15Encrypt, &response.encrypted_key)
+                .map_err(|e| e.to_string())?,
+            _ => return Err(format!("unexpected alg {}", header.alg)),
+        };
+        if header.enc != ENC_A256GCM {
+            return Err("enc".into());
+        }
+        let aad = header.generate_aad().map_err(|e| e.to_string())?;
+        let cipher = Aes256Gcm::new_from_slice(&cek).map_err(|e| e.to_string())?;
+        let iv: [u8; IV_LEN] = response.iv.as_slice().try_into().map_err(|_| "iv length")?;
+        let tag: [u8; 16] = response.tag.as_slice().try_into().map_err(|_| "tag length")?;
+        let mut buf = response.ciphertext.clone();
+        cipher
+            .decrypt_in_place_detached(
+                &Nonce::from(iv),
+                &aad,
+                &mut buf,
+                &aes_gcm::Tag::from(tag),
+            )
+            .map_err(|_| "AEAD open failed".to_string())?;
+        Ok(buf)
+    }
+
+    /// Serialise to the wire JSON and parse back, as an upstream client would.
+    fn over_the_wire(response: &Response) -> Response {
+        let json = serde_json::to_string(response).unwrap();
+        serde_json::from_str(&json).unwrap()
+    }
+
+    #[test]
+    fn ec_round_trip() {
+        let (secret, public) = ec_pair();
+        let sealed = over_the_wire(&seal(&public, b"top secret").unwrap());
+        assert_eq!(open(&TestKey::Ec(secret), &sealed).unwrap(), b"top secret");
+    }
+
+    #[test]
+    fn ec_empty_and_large_payloads() {
+        let (secret, public) = ec_pair();
+        let key = TestKey::Ec(secret);
+        for len in [0usize, 1, 4096, 1 << 20] {
+            let payload = vec![0xa5u8; len];
+            let sealed = over_the_wire(&seal(&public, &payload).unwrap());
+            assert_eq!(open(&key, &sealed).unwrap(), payload);
+        }
+    }
+
+    #[test]
+    fn ec_protected_header_wire_form() {
+        let (_, public) = ec_pair();
+        let sealed = serde_json::to_value(seal(&public, b"x").unwrap()).unwrap();
+        let protected = URL_SAFE_NO_PAD
+            .decode(sealed["protected"].as_str().unwrap())
+            .unwrap();
+        let text = String::from_utf8(protected).unwrap();
+        assert!(
+            text.starts_with(r#"{"alg":"ECDH-ES+A256KW","enc":"A256GCM","epk":{"crv":"P-256","kty":"EC","x":""#),
+            "{text}"
+        );
+        assert!(sealed.get("aad").is_none());
+        // Every binary field is base64url without padding.
+        for field in ["encrypted_key", "iv", "ciphertext", "tag"] {
+            let s = sealed[field].as_str().unwrap();
+            assert!(!s.contains('=') && !s.contains('+') && !s.contains('/'));
+        }
+    }
+
+    #[test]
+    fn rsa_oaep_round_trip() {
+        let sealed = over_the_wire(&seal(&rsa_public(ALG_RSA_OAEP_256), b"rsa secret").unwrap());
+        assert_eq!(sealed.protected.alg, ALG_RSA_OAEP_256);
+        let key = TestKey::Rsa(rsa_key().clone());
+        assert_eq!(open(&key, &sealed).unwrap(), b"rsa secret");
+    }
+
+    #[test]
+    fn rsa1_5_round_trip() {
+        let sealed = over_the_wire(&seal(&rsa_public(ALG_RSA1_5), b"legacy").unwrap());
+        assert_eq!(sealed.protected.alg, ALG_RSA1_5);
+        let key = TestKey::Rsa(rsa_key().clone());
+        assert_eq!(open(&key, &sealed).unwrap(), b"legacy");
+    }
+
+    #[test]
+    fn rsa_accepts_padded_standard_base64() {
+        let public = rsa_key().to_public_key();
+        let key = TeePubKey::RSA {
+            alg: ALG_RSA_OAEP_256.into(),
+            k_mod: STANDARD.encode(public.n().to_bytes_be()),
+            k_exp: STANDARD.encode(public.e().to_bytes_be()),
+        };
+        let sealed = over_the_wire(&seal(&key, b"old client").unwrap());
+        let opener = TestKey::Rsa(rsa_key().clone());
+        assert_eq!(open(&opener, &sealed).unwrap(), b"old client");
+    }
+
+    #[test]
+    fn tampering_is_detected() {
+        let (secret, public) = ec_pair();
+        let key = TestKey::Ec(secret);
+        let sealed = over_the_wire(&seal(&public, b"integrity").unwrap());
+        assert!(open(&key, &sealed).is_ok());
+
+        let mut bad = sealed.clone();
+        bad.tag[0] ^= 1;
+        assert!(open(&key, &bad).is_err(), "flipped tag");
+
+        let mut bad = sealed.clone();
+        bad.ciphertext[3] ^= 0x80;
+        assert!(open(&key, &bad).is_err(), "flipped ciphertext");
+
+        let mut bad = sealed.clone();
+        bad.iv[0] ^= 1;
+        assert!(open(&key, &bad).is_err(), "flipped iv");
+
+        let mut bad = sealed.clone();
+        bad.encrypted_key[5] ^= 1;
+        assert!(open(&key, &bad).is_err(), "flipped wrapped key");
+
+        let mut bad = sealed.clone();
+        bad.protected
+            .other_fields
+            .insert("kid".into(), Value::String("x".into()));
+        assert!(open(&key, &bad).is_err(), "extra header field");
+
+        let mut bad = sealed.clone();
+        bad.protected.enc = "A128GCM".into();
+        assert!(open(&key, &bad).is_err(), "changed enc");
+
+        // A different (valid) ephemeral key changes Z and so the KEK.
+        let (_, other) = ec_pair();
+        let TeePubKey::EC { x, y, .. } = other else {
+            unreachable!()
+        };
+        let mut bad = sealed.clone();
+        let epk = bad.protected.other_fields["epk"].as_object_mut().unwrap();
+        epk.insert("x".into(), Value::String(x));
+        epk.insert("y".into(), Value::String(y));
+        assert!(open(&key, &bad).is_err(), "swapped epk");
+    }
+
+    #[test]
+    fn rsa_tampering_is_detected() {
+        let key = TestKey::Rsa(rsa_key().clone());
+        let sealed = over_the_wire(&seal(&rsa_public(ALG_RSA_OAEP_256), b"abc").unwrap());
+        let mut bad = sealed.clone();
+        bad.tag[15] ^= 1;
+        assert!(open(&key, &bad).is_err());
+        let mut bad = sealed;
+        bad.protected.alg = ALG_RSA1_5.into();
+        assert!(open(&key, &bad).is_err());
+    }
+
+    #[test]
+    fn each_seal_is_fresh() {
+        let (_, public) = ec_pair();
+        let a = seal(&public, b"same").unwrap();
+        let b = seal(&public, b"same").unwrap();
+        assert_ne!(a.iv, b.iv);
+        assert_ne!(a.ciphertext, b.ciphertext);
+        assert_ne!(a.protected.other_fields, b.protected.other_fields);
+    }
+
+    #[test]
+    fn unsupported_keys_are_named() {
+        let (_, good) = ec_pair();
+        let TeePubKey::EC { x, y, .. } = good else {
+            unreachable!()
+        };
+        let cases = [
+            (
+                TeePubKey::EC {
+                    crv: "P-521".into(),
+                    alg: ALG_ECDH_ES_A256KW.into(),
+                    x: x.clone(),
+                    y: y.clone(),
+                },
+                "P-521",
+            ),
+            (
+                TeePubKey::EC {
+                    crv: CRV_P256.into(),
+                    alg: "ECDH-ES".into(),
+                    x: x.clone(),
+                    y: y.clone(),
+                },
+                "ECDH-ES",
+            ),
+            (
+                TeePubKey::AKP {
+                    alg: "ML-KEM-768+A192KW".into(),
+                    public_key: "AAAA".into(),
+                },
+                "AKP",
+            ),
+            (rsa_public("RSA-OAEP"), "RSA-OAEP"),
+        ];
+        for (key, needle) in cases {
+            let err = seal(&key, b"x").err().unwrap();
+            assert!(matches!(err, JweError::UnsupportedKey(_)), "{err}");
+            assert!(err.to_string().contains(needle), "{err}");
+            assert_eq!(err.status(), 400);
+            assert!(validate_tee_pubkey(&key).is_err());
+        }
+    }
+
+    #[test]
+    fn rsa_size_limits() {
+        let small = RsaPrivateKey::new(&mut rand::thread_rng(), 1024).unwrap();
+        let key = TeePubKey::RSA {
+            alg: ALG_RSA_OAEP_256.into(),
+            k_mod: URL_SAFE_NO_PAD.encode(small.n().to_bytes_be()),
+            k_exp: URL_SAFE_NO_PAD.encode(small.e().to_bytes_be()),
+        };
+        let err = seal(&key, b"x").err().unwrap();
+        assert!(err.to_string().contains("1024 bits"), "{err}");
+
+        let huge = TeePubKey::RSA {
+            alg: ALG_RSA_OAEP_256.into(),
+            k_mod: URL_SAFE_NO_PAD.encode([0xffu8; 513]),
+            k_exp: "AQAB".into(),
+        };
+        assert!(matches!(seal(&huge, b"x"), Err(JweError::UnsupportedKey(_))));
+    }
+
+    #[test]
+    fn malformed_keys_never_panic() {
+        let (_, good) = ec_pair();
+        let TeePubKey::EC { x, .. } = good else {
+            unreachable!()
+        };
+        let ec = |x: &str, y: &str| TeePubKey::EC {
+            crv: CRV_P256.into(),
+            alg: ALG_ECDH_ES_A256KW.into(),
+            x: x.into(),
+            y: y.into(),
+        };
+        let rsa = |n: &str, e: &str| TeePubKey::RSA {
+            alg: ALG_RSA_OAEP_256.into(),
+            k_mod: n.into(),
+            k_exp: e.into(),
+        };
+        let n_ok = URL_SAFE_NO_PAD.encode(rsa_key().n().to_bytes_be());
+        let cases = vec![
+            ec("", ""),
+            ec("!!!", "###"),
+            ec(&x, &x), // not on the curve (almost surely)
+            ec(&URL_SAFE_NO_PAD.encode([0u8; 32]), &URL_SAFE_NO_PAD.encode([0u8; 32])),
+            ec(&URL_SAFE_NO_PAD.encode([1u8; 31]), &URL_SAFE_NO_PAD.encode([1u8; 33])),
+            rsa("", ""),
+            rsa("not base64 ***", "AQAB"),
+            rsa(&n_ok, ""),
+            rsa(&n_ok, "AQ"), // e = 1
+            rsa(&URL_SAFE_NO_PAD.encode([0u8; 256]), "AQAB"),
+        ];
+        for key in cases {
+            let err = seal(&key, b"x").err().unwrap();
+            assert_eq!(err.status(), 400, "{err}");
+        }
+    }
+}
