@@ -1,0 +1,133 @@
+//! The post-rotation hook: a shell command run after a new resource version is
+//! committed, so a workload can reload (`systemctl reload`, `kill -HUP`, ...).
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+/// Default time a hook may run before it is killed.
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Status reported when the hook ran out of time and was killed (as timeout(1)).
+pub const HOOK_TIMED_OUT: i32 = 124;
+/// Status reported when `sh` could not be started at all.
+pub const HOOK_NOT_STARTED: i32 = -1;
+/// How long to wait for a killed hook to be reaped.
+const REAP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A command run as `sh -c <command>` with `TETHER_RESOURCE`, `TETHER_VERSION`
+/// and `TETHER_FILE` in its environment.
+#[derive(Debug, Clone)]
+pub struct PostApplyHook {
+    command: String,
+    timeout: Duration,
+}
+
+impl PostApplyHook {
+    /// A hook running `command` with the default 30 s timeout.
+    pub fn new(command: impl Into<String>) -> Self {
+        Self {
+            command: command.into(),
+            timeout: DEFAULT_HOOK_TIMEOUT,
+        }
+    }
+
+    /// The same hook with another timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The shell command.
+    pub fn command(&self) -> &str {
+        &self.command
+    }
+
+    /// Run the hook for `version` of `resource` (stable path `file`) and return
+    /// its exit status: the exit code, 128 + signal number if a signal ended
+    /// it, [`HOOK_TIMED_OUT`] or [`HOOK_NOT_STARTED`].
+    ///
+    /// The hook's stdout and stderr go to the daemon's. Only `sh` itself is
+    /// killed on timeout; a background grandchild it left may outlive it.
+    pub async fn run(&self, resource: &str, version: u64, file: &Path) -> i32 {
+        let spawned = Command::new("sh")
+            .arg("-c")
+            .arg(&self.command)
+            .env("TETHER_RESOURCE", resource)
+            .env("TETHER_VERSION", version.to_string())
+            .env("TETHER_FILE", file)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn();
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                tracing::error!(resource, version, error = %e, "cannot start hook");
+                return HOOK_NOT_STARTED;
+            }
+        };
+        match tokio::time::timeout(self.timeout, child.wait()).await {
+            Ok(Ok(status)) => exit_code(status),
+            Ok(Err(e)) => {
+                tracing::error!(resource, version, error = %e, "cannot wait for hook");
+                HOOK_NOT_STARTED
+            }
+            Err(_) => {
+                tracing::warn!(resource, version, timeout = ?self.timeout, "hook timed out; killing it");
+                if let Err(e) = child.start_kill() {
+                    tracing::warn!(error = %e, "cannot kill hook");
+                }
+                let _ = tokio::time::timeout(REAP_TIMEOUT, child.wait()).await;
+                HOOK_TIMED_OUT
+            }
+        }
+    }
+}
+
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(HOOK_NOT_STARTED)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reports_exit_status_and_sees_its_environment() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("env");
+        let hook = PostApplyHook::new(format!(
+            "echo \"$TETHER_RESOURCE $TETHER_VERSION $TETHER_FILE\" > '{}'; exit 3",
+            out.display()
+        ));
+        let status = hook.run("r/t/x", 7, Path::new("/state/r/t/x")).await;
+        assert_eq!(status, 3);
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            "r/t/x 7 /state/r/t/x\n"
+        );
+        assert_eq!(
+            PostApplyHook::new("true").run("a", 1, Path::new("f")).await,
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slow_hook_is_killed() {
+        let hook = PostApplyHook::new("sleep 30").with_timeout(Duration::from_millis(200));
+        let started = std::time::Instant::now();
+        assert_eq!(hook.run("a", 1, Path::new("f")).await, HOOK_TIMED_OUT);
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn a_signal_is_reported_as_128_plus_its_number() {
+        let hook = PostApplyHook::new("kill -TERM $$");
+        assert_eq!(hook.run("a", 1, Path::new("f")).await, 128 + 15);
+    }
+}

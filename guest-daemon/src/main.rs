@@ -1,0 +1,165 @@
+//! `guest-daemon`: attest to a Tether (or Trustee) KBS and fetch resources.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use guest_daemon::evidence::SampleAttester;
+use guest_daemon::rcar::{KbsClient, KbsClientBuilder};
+use guest_daemon::resource_path::ResourcePath;
+use guest_daemon::tee_key::{KeyAlgorithm, TeeKeyPair};
+
+/// Largest init-data file read.
+const MAX_INIT_DATA_BYTES: u64 = 1024 * 1024;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Tether guest daemon")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the RCAR handshake and print the attestation token.
+    Attest(AttestArgs),
+    /// Fetch a resource and write its plaintext bytes to stdout.
+    GetResource(GetResourceArgs),
+}
+
+/// How to reach and attest to the KBS.
+#[derive(Debug, Args)]
+struct KbsArgs {
+    /// KBS base URL, e.g. https://kbs.example:8080
+    #[arg(long, env = "TETHER_KBS_URL")]
+    kbs_url: String,
+    /// Init-data TOML file sent with the attestation.
+    #[arg(long, value_name = "FILE")]
+    init_data: Option<PathBuf>,
+    /// PEM file of extra root certificates trusted for an https KBS.
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// TEE key algorithm.
+    #[arg(long, value_enum, default_value_t = KeyAlg::Ec)]
+    key_alg: KeyAlg,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum KeyAlg {
+    /// EC P-256 (ECDH-ES+A256KW).
+    Ec,
+    /// RSA 2048 (RSA-OAEP-256).
+    Rsa,
+}
+
+impl From<KeyAlg> for KeyAlgorithm {
+    fn from(k: KeyAlg) -> Self {
+        match k {
+            KeyAlg::Ec => KeyAlgorithm::EcP256,
+            KeyAlg::Rsa => KeyAlgorithm::Rsa2048,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct AttestArgs {
+    #[command(flatten)]
+    kbs: KbsArgs,
+}
+
+#[derive(Debug, Args)]
+struct GetResourceArgs {
+    /// Resource path: repository/type/tag
+    path: ResourcePath,
+    #[command(flatten)]
+    kbs: KbsArgs,
+    /// Passport mode: attest, then present the token as a bearer credential (no cookie).
+    #[arg(long)]
+    passport: bool,
+}
+
+fn read_init_data(path: &Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("read init-data {}", path.display()))?;
+    let mut text = String::new();
+    file.take(MAX_INIT_DATA_BYTES + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("read init-data {} (must be UTF-8 TOML)", path.display()))?;
+    if text.len() as u64 > MAX_INIT_DATA_BYTES {
+        bail!(
+            "init-data {} is larger than {MAX_INIT_DATA_BYTES} bytes",
+            path.display()
+        );
+    }
+    Ok(text)
+}
+
+fn client(args: &KbsArgs) -> anyhow::Result<KbsClient> {
+    // Only the sample TEE is wired in so far; hardware providers plug in here.
+    let mut builder = KbsClientBuilder::new(&args.kbs_url, Box::new(SampleAttester))
+        .key(TeeKeyPair::generate(args.key_alg.into())?);
+    if let Some(path) = &args.init_data {
+        builder = builder.init_data(read_init_data(path)?);
+    }
+    if let Some(path) = &args.ca_file {
+        builder = builder.ca_file(path);
+    }
+    Ok(builder.build()?)
+}
+
+async fn attest(args: AttestArgs) -> anyhow::Result<()> {
+    let token = client(&args.kbs)?.attest().await?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{token}")?;
+    out.flush()?;
+    Ok(())
+}
+
+async fn get_resource(args: GetResourceArgs) -> anyhow::Result<()> {
+    let mut client = client(&args.kbs)?;
+    let plain = if args.passport {
+        let token = client.attest().await?;
+        client.get_resource_with_token(&token, &args.path).await?
+    } else {
+        client.get_resource(&args.path).await?
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(&plain).context("write resource to stdout")?;
+    out.flush().context("write resource to stdout")?;
+    Ok(())
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Attest(args) => attest(args).await,
+        Command::GetResource(args) => get_resource(args).await,
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")
+        .and_then(|rt| rt.block_on(run(cli.command)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,590 @@
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use futures::StreamExt;
+use rpc_defs::{CredentialFile, GuestServiceClient};
+use tarpc::server::Channel;
+
+use super::*;
+use crate::hook::HOOK_TIMED_OUT;
+use crate::tee_key::seal::seal;
+
+struct Guest {
+    dir: tempfile::TempDir,
+    key: TeeKeyPair,
+    svc: GuestDaemonService,
+}
+
+fn guest(hook: Option<PostApplyHook>) -> Guest {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(StateStore::open(dir.path().join("state")).unwrap());
+    let key = store.load_or_create_tee_key(TeeKeyPair::new_ec).unwrap();
+    let svc = GuestDaemonService::new(store, key.clone(), hook);
+    Guest { dir, key, svc }
+}
+
+fn sealed_to(key: &TeeKeyPair, plain: &[u8]) -> Vec<u8> {
+    serde_json::to_vec(&seal(&key.export_pubkey(), plain)).unwrap()
+}
+
+fn resource(key: &TeeKeyPair, uri: &str, version: u64, plain: &[u8]) -> SealedResource {
+    SealedResource {
+        uri: uri.into(),
+        version,
+        jwe: sealed_to(key, plain),
+        sha256: hex::encode(Sha256::digest(plain)),
+    }
+}
+
+fn bundle(key: &TeeKeyPair, version: u64, files: &[(&str, u32, &[u8])]) -> CredentialBundle {
+    let map: BTreeMap<String, ByteBuf> = files
+        .iter()
+        .map(|(n, _, b)| (n.to_string(), ByteBuf::from(b.to_vec())))
+        .collect();
+    let mut cbor = Vec::new();
+    ciborium::into_writer(&map, &mut cbor).unwrap();
+    CredentialBundle {
+        id: "splitapi".into(),
+        version,
+        files: files
+            .iter()
+            .map(|(n, m, _)| CredentialFile {
+                name: n.to_string(),
+                mode: *m,
+            })
+            .collect(),
+        jwe: sealed_to(key, &cbor),
+        not_after: unix_now() + 3600,
+    }
+}
+
+fn tls_files(tag: &'static [u8]) -> Vec<(&'static str, u32, &'static [u8])> {
+    vec![
+        ("ca.crt", 0o644, b"ca"),
+        ("server.crt", 0o644, b"crt"),
+        ("server.key", 0o600, tag),
+    ]
+}
+
+#[tokio::test]
+async fn apply_then_replay_is_idempotent() {
+    let g = guest(None);
+    let res = resource(&g.key, "default/key/1", 1, b"hello");
+    let first = g.svc.apply(res.clone()).await.unwrap();
+    assert_eq!(
+        first,
+        Applied {
+            uri: "default/key/1".into(),
+            version: 1,
+            sha256: res.sha256.clone(),
+            already_held: false,
+            hook_status: None,
+        }
+    );
+    let again = g.svc.apply(res.clone()).await.unwrap();
+    assert!(again.already_held);
+    assert_eq!(again.sha256, res.sha256);
+    let file = g.dir.path().join("state/resources/default/key/1");
+    assert_eq!(std::fs::read(&file).unwrap(), b"hello");
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}
+
+#[tokio::test]
+async fn downgrade_is_refused() {
+    let g = guest(None);
+    g.svc
+        .apply(resource(&g.key, "r/t/x", 2, b"two"))
+        .await
+        .unwrap();
+    let err = g
+        .svc
+        .apply(resource(&g.key, "r/t/x", 1, b"one"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        GuestError::Downgrade {
+            held: 2,
+            offered: 1
+        }
+    );
+}
+
+#[tokio::test]
+async fn same_version_other_contents_is_refused() {
+    let g = guest(None);
+    g.svc
+        .apply(resource(&g.key, "r/t/x", 2, b"two"))
+        .await
+        .unwrap();
+    let err = g
+        .svc
+        .apply(resource(&g.key, "r/t/x", 2, b"TWO"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, GuestError::Invalid(m) if m.contains("version 2")),
+        "{err}"
+    );
+    let held = g
+        .svc
+        .store()
+        .get_resource(&"r/t/x".parse().unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(&held.1[..], b"two");
+}
+
+#[tokio::test]
+async fn digest_mismatch_is_refused_and_nothing_is_stored() {
+    let g = guest(None);
+    let mut res = resource(&g.key, "r/t/x", 1, b"one");
+    res.sha256 = hex::encode(Sha256::digest(b"something else"));
+    let err = g.svc.apply(res.clone()).await.unwrap_err();
+    assert_eq!(
+        err,
+        GuestError::DigestMismatch {
+            announced: res.sha256.clone(),
+            actual: hex::encode(Sha256::digest(b"one")),
+        }
+    );
+    res.sha256 = "not hex".into();
+    assert!(matches!(
+        g.svc.apply(res).await,
+        Err(GuestError::Invalid(_))
+    ));
+    assert!(g.svc.store().held().is_empty());
+}
+
+#[tokio::test]
+async fn upper_case_digest_is_accepted() {
+    let g = guest(None);
+    let mut res = resource(&g.key, "r/t/x", 1, b"one");
+    res.sha256 = res.sha256.to_ascii_uppercase();
+    let applied = g.svc.apply(res).await.unwrap();
+    assert_eq!(applied.sha256, hex::encode(Sha256::digest(b"one")));
+}
+
+#[tokio::test]
+async fn jwe_for_another_key_is_an_unseal_error() {
+    let g = guest(None);
+    let other = TeeKeyPair::new_ec();
+    let err = g
+        .svc
+        .apply(resource(&other, "r/t/x", 1, b"one"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, GuestError::Unseal(_)), "{err}");
+    let mut res = resource(&g.key, "r/t/x", 1, b"one");
+    res.jwe = b"{not json".to_vec();
+    assert!(matches!(g.svc.apply(res).await, Err(GuestError::Unseal(_))));
+}
+
+#[tokio::test]
+async fn bad_uris_and_versions_are_invalid() {
+    let g = guest(None);
+    for uri in [
+        "../x",
+        "a/b",
+        "a/b/../c",
+        "../../etc/passwd",
+        "a/b/c/d",
+        "",
+        "a/b/c~",
+    ] {
+        let err = g
+            .svc
+            .apply(resource(&g.key, uri, 1, b"x"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, GuestError::Invalid(_)), "{uri:?}: {err}");
+    }
+    let err = g
+        .svc
+        .apply(resource(&g.key, "r/t/x", 0, b"x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, GuestError::Invalid(_)));
+    assert!(g.svc.store().held().is_empty());
+}
+
+#[tokio::test]
+async fn read_only_state_dir_is_a_storage_error() {
+    let g = guest(None);
+    let root = g.dir.path().join("state");
+    g.svc
+        .apply(resource(&g.key, "r/t/held", 1, b"x"))
+        .await
+        .unwrap();
+    if !crate::store::tests::make_read_only(&root) {
+        eprintln!("running as root: a 0500 directory is still writable; skipping");
+        crate::store::tests::make_writable(&root);
+        return;
+    }
+    let err = g
+        .svc
+        .apply(resource(&g.key, "r/t/new", 1, b"x"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, GuestError::Storage(m) if m.contains(&root.display().to_string())),
+        "{err}"
+    );
+    let health = g
+        .svc
+        .report(ProbeKind::Health)
+        .await
+        .unwrap()
+        .health
+        .unwrap();
+    assert!(!health.healthy);
+    assert!(!health.problems.is_empty());
+    crate::store::tests::make_writable(&root);
+    let health = g
+        .svc
+        .report(ProbeKind::Health)
+        .await
+        .unwrap()
+        .health
+        .unwrap();
+    assert!(health.healthy, "{:?}", health.problems);
+}
+
+#[tokio::test]
+async fn restart_reports_the_same_held_versions() {
+    let g = guest(None);
+    g.svc
+        .apply(resource(&g.key, "a/b/c", 3, b"abc"))
+        .await
+        .unwrap();
+    g.svc
+        .install(bundle(&g.key, 4, &tls_files(b"k")))
+        .await
+        .unwrap();
+    let before = g
+        .svc
+        .report(ProbeKind::Resources)
+        .await
+        .unwrap()
+        .resources
+        .unwrap();
+    assert_eq!(before.len(), 2);
+
+    // A new daemon on the same state dir: same key, same held versions.
+    let store = Arc::new(StateStore::open(g.dir.path().join("state")).unwrap());
+    let key = store
+        .load_or_create_tee_key(|| panic!("the key must be loaded"))
+        .unwrap();
+    let svc = GuestDaemonService::new(store, key, None);
+    let after = svc
+        .report(ProbeKind::Resources)
+        .await
+        .unwrap()
+        .resources
+        .unwrap();
+    assert_eq!(after, before);
+    // A push sealed to the first instance's key still opens, and is a replay.
+    let again = svc
+        .apply(resource(&g.key, "a/b/c", 3, b"abc"))
+        .await
+        .unwrap();
+    assert!(again.already_held);
+    assert_eq!(
+        *svc.subscribe_credentials().borrow(),
+        BTreeMap::from([("splitapi".into(), 4)])
+    );
+}
+
+#[tokio::test]
+async fn credentials_install_replay_downgrade_and_notify() {
+    let g = guest(None);
+    let mut changes = g.svc.subscribe_credentials();
+    assert!(changes.borrow_and_update().is_empty());
+
+    let installed = g
+        .svc
+        .install(bundle(&g.key, 1, &tls_files(b"k1")))
+        .await
+        .unwrap();
+    assert_eq!(
+        installed,
+        Installed {
+            id: "splitapi".into(),
+            version: 1,
+            already_held: false
+        }
+    );
+    assert!(changes.has_changed().unwrap());
+    assert_eq!(changes.borrow_and_update().get("splitapi"), Some(&1));
+    let dir = g.svc.store().bundle_dir("splitapi");
+    assert_eq!(std::fs::read(dir.join("server.key")).unwrap(), b"k1");
+    let mode = |n: &str| std::fs::metadata(dir.join(n)).unwrap().permissions().mode() & 0o777;
+    assert_eq!((mode("server.key"), mode("server.crt")), (0o600, 0o644));
+
+    let replay = g
+        .svc
+        .install(bundle(&g.key, 1, &tls_files(b"k1")))
+        .await
+        .unwrap();
+    assert!(replay.already_held);
+    assert!(!changes.has_changed().unwrap(), "a replay does not notify");
+
+    g.svc
+        .install(bundle(&g.key, 2, &tls_files(b"k2")))
+        .await
+        .unwrap();
+    assert_eq!(changes.borrow_and_update().get("splitapi"), Some(&2));
+    assert_eq!(std::fs::read(dir.join("server.key")).unwrap(), b"k2");
+
+    let err = g
+        .svc
+        .install(bundle(&g.key, 1, &tls_files(b"k1")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        GuestError::Downgrade {
+            held: 2,
+            offered: 1
+        }
+    );
+    let held = g.svc.store().held();
+    assert!(
+        held.iter()
+            .any(|h| h.uri == "credentials/splitapi" && h.version == 2)
+    );
+}
+
+#[tokio::test]
+async fn credentials_must_match_their_listing() {
+    let g = guest(None);
+    // Listed but not sealed.
+    let mut b = bundle(&g.key, 1, &tls_files(b"k"));
+    b.files.push(CredentialFile {
+        name: "extra.pem".into(),
+        mode: 0o600,
+    });
+    let err = g.svc.install(b).await.unwrap_err();
+    assert!(
+        matches!(&err, GuestError::Invalid(m) if m.contains("extra.pem")),
+        "{err}"
+    );
+    // Sealed but not listed.
+    let mut b = bundle(&g.key, 1, &tls_files(b"k"));
+    b.files.pop();
+    let err = g.svc.install(b).await.unwrap_err();
+    assert!(
+        matches!(&err, GuestError::Invalid(m) if m.contains("server.key")),
+        "{err}"
+    );
+    // Bad names, modes, ids, duplicates, non-CBOR plaintext.
+    for name in ["../x", "a/b", "..", ""] {
+        let err = g
+            .svc
+            .install(bundle(&g.key, 1, &[(name, 0o600, b"x")]))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, GuestError::Invalid(_)), "{name:?}: {err}");
+    }
+    let err = g
+        .svc
+        .install(bundle(&g.key, 1, &[("k", 0o666, b"x")]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, GuestError::Invalid(_)), "{err}");
+    let mut b = bundle(&g.key, 1, &tls_files(b"k"));
+    b.id = "../etc".into();
+    assert!(matches!(
+        g.svc.install(b).await,
+        Err(GuestError::Invalid(_))
+    ));
+    let mut b = bundle(&g.key, 1, &tls_files(b"k"));
+    b.files.push(b.files[0].clone());
+    assert!(matches!(
+        g.svc.install(b).await,
+        Err(GuestError::Invalid(_))
+    ));
+    let mut b = bundle(&g.key, 1, &tls_files(b"k"));
+    b.jwe = sealed_to(&g.key, b"plain text, not CBOR");
+    assert!(matches!(
+        g.svc.install(b).await,
+        Err(GuestError::Invalid(_))
+    ));
+    assert!(g.svc.store().held().is_empty());
+    assert!(!g.dir.path().join("etc").exists());
+}
+
+#[tokio::test]
+async fn hook_runs_for_new_versions_only_and_reports_its_status() {
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("hook.log");
+    let hook = PostApplyHook::new(format!(
+        "echo \"$TETHER_RESOURCE $TETHER_VERSION $(cat \"$TETHER_FILE\")\" >> '{}'; exit 7",
+        log.display()
+    ));
+    let g = guest(Some(hook));
+    let applied = g
+        .svc
+        .apply(resource(&g.key, "r/t/x", 1, b"one"))
+        .await
+        .unwrap();
+    assert_eq!(applied.hook_status, Some(7));
+    let replay = g
+        .svc
+        .apply(resource(&g.key, "r/t/x", 1, b"one"))
+        .await
+        .unwrap();
+    assert_eq!(
+        replay.hook_status, None,
+        "no hook for an already-held replay"
+    );
+    g.svc
+        .apply(resource(&g.key, "r/t/x", 2, b"two"))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "r/t/x 1 one\nr/t/x 2 two\n"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_hook_times_out() {
+    let g = guest(Some(
+        PostApplyHook::new("sleep 30").with_timeout(Duration::from_millis(200)),
+    ));
+    let applied = g
+        .svc
+        .apply(resource(&g.key, "r/t/x", 1, b"one"))
+        .await
+        .unwrap();
+    assert_eq!(applied.hook_status, Some(HOOK_TIMED_OUT));
+    assert!(!applied.already_held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_applies_end_with_the_newest_version() {
+    let g = guest(None);
+    let pushes: Vec<_> = (1..=20u64)
+        .map(|v| resource(&g.key, "r/t/x", v, format!("v{v}").as_bytes()))
+        .collect();
+    let tasks: Vec<_> = pushes
+        .into_iter()
+        .map(|res| {
+            let svc = g.svc.clone();
+            tokio::spawn(async move { svc.apply(res).await })
+        })
+        .collect();
+    for (i, task) in tasks.into_iter().enumerate() {
+        match task.await.unwrap() {
+            Ok(applied) => assert_eq!(applied.version, i as u64 + 1),
+            Err(GuestError::Downgrade { held, offered }) => assert!(held > offered),
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    let (version, data) = g
+        .svc
+        .store()
+        .get_resource(&"r/t/x".parse().unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!((version, &data[..]), (20, &b"v20"[..]));
+    let file = g.svc.store().resource_file(&"r/t/x".parse().unwrap());
+    assert_eq!(std::fs::read(file).unwrap(), b"v20");
+    let names = std::fs::read_dir(g.dir.path().join("state/resources/r/t"))
+        .unwrap()
+        .count();
+    assert_eq!(names, 3, "only the link, v20 and its metadata remain");
+    assert!(g.svc.inner.locks.map.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn probe_reports_what_was_asked() {
+    let g = guest(None);
+    g.svc
+        .apply(resource(&g.key, "r/t/x", 1, b"one"))
+        .await
+        .unwrap();
+    g.svc.open_tunnels().store(1, Ordering::Relaxed);
+
+    let health = g.svc.report(ProbeKind::Health).await.unwrap();
+    assert_eq!(
+        health.health,
+        Some(HealthReport {
+            healthy: true,
+            problems: vec![]
+        })
+    );
+    assert!(health.resources.is_none() && health.runtime.is_none());
+
+    let resources = g
+        .svc
+        .report(ProbeKind::Resources)
+        .await
+        .unwrap()
+        .resources
+        .unwrap();
+    assert_eq!(resources.len(), 1);
+    assert_eq!(resources[0].uri, "r/t/x");
+    assert_eq!(resources[0].sha256, hex::encode(Sha256::digest(b"one")));
+    assert!(resources[0].applied_at > 0);
+
+    let runtime = g
+        .svc
+        .report(ProbeKind::Runtime)
+        .await
+        .unwrap()
+        .runtime
+        .unwrap();
+    assert_eq!(runtime.open_tunnels, 1);
+    assert_eq!(runtime.daemon_version, env!("CARGO_PKG_VERSION"));
+    assert!(runtime.rss_bytes > 0);
+
+    let all = g.svc.report(ProbeKind::All).await.unwrap();
+    assert!(all.health.is_some() && all.resources.is_some() && all.runtime.is_some());
+}
+
+#[tokio::test]
+async fn serves_over_a_tarpc_channel() {
+    let g = guest(None);
+    let (client_side, server_side) = tarpc::transport::channel::unbounded();
+    let server = tarpc::server::BaseChannel::with_defaults(server_side);
+    tokio::spawn(
+        server
+            .execute(g.svc.clone().serve())
+            .for_each(|call| async move {
+                tokio::spawn(call);
+            }),
+    );
+    let client = GuestServiceClient::new(tarpc::client::Config::default(), client_side).spawn();
+    let ctx = tarpc::context::current;
+
+    let echo = client
+        .ping(ctx(), ByteBuf::from(b"hi".to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(echo.as_ref(), b"hi");
+    let applied = client
+        .apply_resource(ctx(), resource(&g.key, "r/t/x", 1, b"one"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(applied.version, 1);
+    let err = client
+        .apply_resource(ctx(), resource(&g.key, "r/t/x", 0, b"one"))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, GuestError::Invalid(_)));
+    let installed = client
+        .install_credentials(ctx(), bundle(&g.key, 1, &tls_files(b"k")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!installed.already_held);
+    let report = client.probe(ctx(), ProbeKind::All).await.unwrap().unwrap();
+    assert_eq!(report.resources.unwrap().len(), 2);
+}

@@ -1,0 +1,855 @@
+//! The TEE key pair: the asymmetric key a guest binds into its attestation
+//! evidence, and with which it opens the JWEs the KBS seals to it.
+//!
+//! Wire behaviour follows upstream guest-components (`kbs_protocol::keypair`
+//! and `crypto::rust::{ec, rsa}`) and the sealing side in trustee's
+//! `kbs/src/jwe`: the public key goes out as a JWK (`kbs_types::TeePubKey`),
+//! the KBS answers with a flattened JWE JSON (`kbs_types::Response`) whose
+//! content is A256GCM with AAD = base64url(protected header JSON).
+
+use std::fmt;
+
+use aes_gcm::aead::AeadInPlace;
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce, Tag};
+use aes_kw::KekAes256;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use kbs_types::{ProtectedHeader, Response, TeePubKey};
+use p256::elliptic_curve::sec1::{FromEncodedPoint, ToEncodedPoint};
+use rand::RngCore;
+use rand::rngs::OsRng;
+use rsa::traits::PublicKeyParts;
+use rsa::{Oaep, Pkcs1v15Encrypt, RsaPrivateKey};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+/// JWA name of ECDH-ES with Concat KDF and an A256KW-wrapped CEK.
+pub const ECDH_ES_A256KW: &str = "ECDH-ES+A256KW";
+/// JWA name of RSAES-OAEP with SHA-256 and MGF1-SHA-256.
+pub const RSA_OAEP_256: &str = "RSA-OAEP-256";
+/// JWA name of RSAES-PKCS1-v1_5 (deprecated; accepted for old servers).
+pub const RSA1_5: &str = "RSA1_5";
+/// JWA name of the only content encryption the KBS uses.
+pub const A256GCM: &str = "A256GCM";
+/// JWK curve name of P-256.
+pub const P256_CURVE: &str = "P-256";
+
+/// RSA modulus size for fresh keys, as upstream (`RSA_PUBKEY_LENGTH`).
+const RSA_BITS: usize = 2048;
+/// Largest RSA modulus accepted from a PEM file.
+const RSA_MAX_BITS: usize = 4096;
+/// AES-256 key length in bytes (CEK and key-wrapping key).
+const AES256_KEY_LEN: usize = 32;
+/// AES-GCM nonce length in bytes.
+const GCM_IV_LEN: usize = 12;
+/// AES-GCM tag length in bytes.
+const GCM_TAG_LEN: usize = 16;
+/// AES-KW adds one 8-byte semiblock to the wrapped key.
+const KW_OVERHEAD: usize = 8;
+
+/// Which kind of TEE key to create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyAlgorithm {
+    /// EC P-256, sealed to with ECDH-ES+A256KW (upstream's default).
+    #[default]
+    EcP256,
+    /// RSA 2048, sealed to with RSA-OAEP-256.
+    Rsa2048,
+}
+
+/// Errors creating, loading or saving a TEE key.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// RSA key generation failed.
+    #[error("generate RSA key: {0}")]
+    Generate(#[source] rsa::Error),
+    /// The PEM is none of the supported private key encodings.
+    #[error("private key PEM is not a P-256 or RSA key (tried PKCS#8, PKCS#1 and SEC1 encodings)")]
+    UnrecognisedPem,
+    /// The RSA key in the PEM has an unsupported modulus size.
+    #[error("RSA key has {bits} bits; supported sizes are 2048 to 4096")]
+    RsaSize {
+        /// Modulus size of the rejected key.
+        bits: usize,
+    },
+    /// Encoding the key to PKCS#8 PEM failed.
+    #[error("encode private key as PKCS#8 PEM: {0}")]
+    Encode(String),
+}
+
+/// Errors opening a JWE sealed to this key. Messages never contain key material.
+#[derive(Debug, thiserror::Error)]
+pub enum UnsealError {
+    /// The JWE bytes are not a flattened JWE JSON object.
+    #[error("JWE is not valid JSON of the expected shape: {0}")]
+    Json(#[source] serde_json::Error),
+    /// The key management algorithm is not one this client supports.
+    #[error("unsupported JWE key management algorithm {0:?}")]
+    UnsupportedAlgorithm(String),
+    /// The content encryption algorithm is not A256GCM.
+    #[error("unsupported JWE content encryption {0:?} (only A256GCM is supported)")]
+    UnsupportedEncryption(String),
+    /// The JWE was sealed for another kind of key.
+    #[error("JWE algorithm {alg} needs an {needs} key, but this TEE key is {have}")]
+    KeyMismatch {
+        /// The `alg` of the protected header.
+        alg: String,
+        /// Key kind the algorithm needs.
+        needs: &'static str,
+        /// Key kind of this TEE key.
+        have: &'static str,
+    },
+    /// A protected header field is missing or is not a string.
+    #[error("JWE protected header: `{0}` is missing or not a string")]
+    HeaderField(&'static str),
+    /// The ephemeral key names a curve other than P-256.
+    #[error("JWE ephemeral key: unsupported curve {0:?}")]
+    Curve(String),
+    /// A base64url field failed to decode.
+    #[error("JWE field `{0}` is not valid base64url")]
+    Base64(&'static str),
+    /// A field has the wrong length.
+    #[error("JWE field `{field}` has {got} bytes, expected {expected}")]
+    Length {
+        /// Name of the field.
+        field: &'static str,
+        /// Length it should have.
+        expected: usize,
+        /// Length it has.
+        got: usize,
+    },
+    /// The ephemeral public key is not a valid P-256 point.
+    #[error("JWE ephemeral key is not a valid P-256 point")]
+    EphemeralKey,
+    /// AES key unwrap failed (wrong key or tampered `encrypted_key`).
+    #[error("AES key unwrap of `encrypted_key` failed (wrong key or tampered JWE)")]
+    KeyUnwrap,
+    /// RSA decryption of the CEK failed.
+    #[error("RSA decryption of `encrypted_key` failed (wrong key or tampered JWE)")]
+    RsaDecrypt,
+    /// The protected header could not be re-serialised into the AAD.
+    #[error("JWE protected header cannot be serialised for the AAD")]
+    Aad,
+    /// AES-GCM authentication failed.
+    #[error("JWE content failed authentication (wrong key or tampered JWE)")]
+    Decrypt,
+}
+
+#[derive(Clone)]
+enum Key {
+    Ec(p256::SecretKey),
+    Rsa(Box<RsaPrivateKey>),
+}
+
+/// The guest's TEE key pair (EC P-256 or RSA). `Debug` never prints the private key.
+#[derive(Clone)]
+pub struct TeeKeyPair {
+    key: Key,
+}
+
+impl fmt::Debug for TeeKeyPair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TeeKeyPair")
+            .field("kind", &self.kind())
+            .field("private", &"[redacted]")
+            .finish()
+    }
+}
+
+impl TeeKeyPair {
+    /// A fresh key of the given algorithm.
+    pub fn generate(alg: KeyAlgorithm) -> Result<Self, KeyError> {
+        match alg {
+            KeyAlgorithm::EcP256 => Ok(Self::new_ec()),
+            KeyAlgorithm::Rsa2048 => Self::new_rsa(),
+        }
+    }
+
+    /// A fresh EC P-256 key (the default, as upstream).
+    pub fn new_ec() -> Self {
+        Self {
+            key: Key::Ec(p256::SecretKey::random(&mut OsRng)),
+        }
+    }
+
+    /// A fresh 2048-bit RSA key, advertised as RSA-OAEP-256.
+    pub fn new_rsa() -> Result<Self, KeyError> {
+        let key = RsaPrivateKey::new(&mut OsRng, RSA_BITS).map_err(KeyError::Generate)?;
+        Ok(Self {
+            key: Key::Rsa(Box::new(key)),
+        })
+    }
+
+    /// The algorithm of this key.
+    pub fn algorithm(&self) -> KeyAlgorithm {
+        match self.key {
+            Key::Ec(_) => KeyAlgorithm::EcP256,
+            Key::Rsa(_) => KeyAlgorithm::Rsa2048,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.key {
+            Key::Ec(_) => "EC P-256",
+            Key::Rsa(_) => "RSA",
+        }
+    }
+
+    /// The public key as the JWK sent in `runtime-data.tee-pubkey`.
+    pub fn export_pubkey(&self) -> TeePubKey {
+        match &self.key {
+            Key::Ec(secret) => {
+                let point = secret.public_key().to_encoded_point(false);
+                // An uncompressed point of a valid public key always has both
+                // coordinates; empty strings would only make the KBS reject it.
+                let coord = |c: Option<&p256::FieldBytes>| {
+                    c.map(|b| URL_SAFE_NO_PAD.encode(b)).unwrap_or_default()
+                };
+                TeePubKey::EC {
+                    crv: P256_CURVE.to_owned(),
+                    alg: ECDH_ES_A256KW.to_owned(),
+                    x: coord(point.x()),
+                    y: coord(point.y()),
+                }
+            }
+            Key::Rsa(key) => TeePubKey::RSA {
+                alg: RSA_OAEP_256.to_owned(),
+                k_mod: URL_SAFE_NO_PAD.encode(key.n().to_bytes_be()),
+                k_exp: URL_SAFE_NO_PAD.encode(key.e().to_bytes_be()),
+            },
+        }
+    }
+
+    /// The private key as PKCS#8 PEM ("PRIVATE KEY"), for the daemon's state dir.
+    pub fn to_pkcs8_pem(&self) -> Result<Zeroizing<String>, KeyError> {
+        use p256::pkcs8::{EncodePrivateKey as _, LineEnding};
+        match &self.key {
+            Key::Ec(secret) => secret
+                .to_pkcs8_pem(LineEnding::LF)
+                .map_err(|e| KeyError::Encode(e.to_string())),
+            Key::Rsa(key) => {
+                rsa::pkcs8::EncodePrivateKey::to_pkcs8_pem(key.as_ref(), LineEnding::LF)
+                    .map_err(|e| KeyError::Encode(e.to_string()))
+            }
+        }
+    }
+
+    /// Load a private key from PEM: PKCS#8 (EC or RSA), PKCS#1 RSA (upstream's
+    /// format for RSA keys) or SEC1 EC.
+    pub fn from_pem(pem: &str) -> Result<Self, KeyError> {
+        use p256::pkcs8::DecodePrivateKey as _;
+        use rsa::pkcs1::DecodeRsaPrivateKey as _;
+
+        if let Ok(secret) = p256::SecretKey::from_pkcs8_pem(pem) {
+            return Ok(Self {
+                key: Key::Ec(secret),
+            });
+        }
+        if let Ok(secret) = p256::SecretKey::from_sec1_pem(pem) {
+            return Ok(Self {
+                key: Key::Ec(secret),
+            });
+        }
+        let rsa_key = RsaPrivateKey::from_pkcs8_pem(pem)
+            .or_else(|_| RsaPrivateKey::from_pkcs1_pem(pem))
+            .map_err(|_| KeyError::UnrecognisedPem)?;
+        let bits = rsa_key.size() * 8;
+        if !(RSA_BITS..=RSA_MAX_BITS).contains(&bits) {
+            return Err(KeyError::RsaSize { bits });
+        }
+        Ok(Self {
+            key: Key::Rsa(Box::new(rsa_key)),
+        })
+    }
+
+    /// Parse a flattened JWE JSON from bytes and open it.
+    pub fn open_json(&self, jwe: &[u8]) -> Result<Zeroizing<Vec<u8>>, UnsealError> {
+        let response: Response = serde_json::from_slice(jwe).map_err(UnsealError::Json)?;
+        self.open(&response)
+    }
+
+    /// Open a JWE sealed to this key and return the plaintext.
+    pub fn open(&self, response: &Response) -> Result<Zeroizing<Vec<u8>>, UnsealError> {
+        let header = &response.protected;
+        if header.enc != A256GCM {
+            return Err(UnsealError::UnsupportedEncryption(header.enc.clone()));
+        }
+        // Check the cheap shape constraints before any private-key operation.
+        let iv: [u8; GCM_IV_LEN] = fixed("iv", &response.iv)?;
+        let tag: [u8; GCM_TAG_LEN] = fixed("tag", &response.tag)?;
+
+        let cek = self.unwrap_cek(header, &response.encrypted_key)?;
+        let aad = header.generate_aad().map_err(|_| UnsealError::Aad)?;
+
+        let cipher = Aes256Gcm::new_from_slice(&cek).map_err(|_| UnsealError::Length {
+            field: "cek",
+            expected: AES256_KEY_LEN,
+            got: cek.len(),
+        })?;
+        let mut plaintext = Zeroizing::new(response.ciphertext.clone());
+        cipher
+            .decrypt_in_place_detached(
+                &Nonce::from(iv),
+                &aad,
+                plaintext.as_mut_slice(),
+                &Tag::from(tag),
+            )
+            .map_err(|_| UnsealError::Decrypt)?;
+        Ok(plaintext)
+    }
+
+    /// Recover the content encryption key from `encrypted_key`.
+    fn unwrap_cek(
+        &self,
+        header: &ProtectedHeader,
+        encrypted_key: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, UnsealError> {
+        match (header.alg.as_str(), &self.key) {
+            (ECDH_ES_A256KW, Key::Ec(secret)) => ecdh_es_unwrap(secret, header, encrypted_key),
+            (RSA_OAEP_256, Key::Rsa(key)) => {
+                let cek = key
+                    .decrypt(Oaep::new::<Sha256>(), encrypted_key)
+                    .map_err(|_| UnsealError::RsaDecrypt)?;
+                let cek = Zeroizing::new(cek);
+                check_len("cek", &cek, AES256_KEY_LEN)?;
+                Ok(cek)
+            }
+            (RSA1_5, Key::Rsa(key)) => {
+                tracing::warn!("KBS sealed with deprecated RSA1_5 key transport");
+                // RFC 7516 section 11.5: on a padding failure carry on with a
+                // random CEK, so a bad padding and a bad tag look the same and
+                // the error is no padding oracle.
+                let mut cek = Zeroizing::new(vec![0u8; AES256_KEY_LEN]);
+                OsRng.fill_bytes(&mut cek);
+                if let Ok(plain) = key.decrypt(Pkcs1v15Encrypt, encrypted_key) {
+                    let plain = Zeroizing::new(plain);
+                    if plain.len() == AES256_KEY_LEN {
+                        cek.copy_from_slice(&plain);
+                    }
+                }
+                Ok(cek)
+            }
+            (ECDH_ES_A256KW, Key::Rsa(_)) => Err(self.mismatch(&header.alg, "EC")),
+            (RSA_OAEP_256 | RSA1_5, Key::Ec(_)) => Err(self.mismatch(&header.alg, "RSA")),
+            (other, _) => Err(UnsealError::UnsupportedAlgorithm(other.to_owned())),
+        }
+    }
+
+    fn mismatch(&self, alg: &str, needs: &'static str) -> UnsealError {
+        UnsealError::KeyMismatch {
+            alg: alg.to_owned(),
+            needs,
+            have: self.kind(),
+        }
+    }
+}
+
+/// `bytes` as an array of exactly `N` bytes.
+fn fixed<const N: usize>(field: &'static str, bytes: &[u8]) -> Result<[u8; N], UnsealError> {
+    bytes.try_into().map_err(|_| UnsealError::Length {
+        field,
+        expected: N,
+        got: bytes.len(),
+    })
+}
+
+fn check_len(field: &'static str, bytes: &[u8], expected: usize) -> Result<(), UnsealError> {
+    if bytes.len() == expected {
+        Ok(())
+    } else {
+        Err(UnsealError::Length {
+            field,
+            expected,
+            got: bytes.len(),
+        })
+    }
+}
+
+/// ECDH-ES+A256KW: agree with the header's `epk`, derive the key-wrapping key
+/// with Concat KDF, then AES-KW unwrap the CEK.
+fn ecdh_es_unwrap(
+    secret: &p256::SecretKey,
+    header: &ProtectedHeader,
+    encrypted_key: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, UnsealError> {
+    let epk = header
+        .other_fields
+        .get("epk")
+        .ok_or(UnsealError::HeaderField("epk"))?;
+    let field = |name: &'static str| -> Result<&str, UnsealError> {
+        epk.get(name)
+            .and_then(|v| v.as_str())
+            .ok_or(UnsealError::HeaderField(name))
+    };
+    let crv = field("crv")?;
+    if crv != P256_CURVE {
+        return Err(UnsealError::Curve(crv.to_owned()));
+    }
+    if epk.get("kty").is_some_and(|kty| kty.as_str() != Some("EC")) {
+        return Err(UnsealError::HeaderField("kty"));
+    }
+    let x = decode_coordinate("epk.x", field("x")?)?;
+    let y = decode_coordinate("epk.y", field("y")?)?;
+
+    let point = p256::EncodedPoint::from_affine_coordinates(&x, &y, false);
+    let epk: p256::PublicKey = Option::from(p256::PublicKey::from_encoded_point(&point))
+        .ok_or(UnsealError::EphemeralKey)?;
+    let shared = p256::ecdh::diffie_hellman(secret.to_nonzero_scalar(), epk.as_affine());
+
+    let kek = concat_kdf_a256kw(shared.raw_secret_bytes());
+
+    // AES-KW needs at least two semiblocks of output; a 32-byte CEK is 40 bytes wrapped.
+    let expected = AES256_KEY_LEN + KW_OVERHEAD;
+    check_len("encrypted_key", encrypted_key, expected)?;
+    let mut cek = Zeroizing::new(vec![0u8; AES256_KEY_LEN]);
+    KekAes256::from(*kek)
+        .unwrap(encrypted_key, &mut cek)
+        .map_err(|_| UnsealError::KeyUnwrap)?;
+    Ok(cek)
+}
+
+fn decode_coordinate(field: &'static str, b64: &str) -> Result<p256::FieldBytes, UnsealError> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(b64)
+        .map_err(|_| UnsealError::Base64(field))?;
+    Ok(p256::FieldBytes::from(fixed::<32>(field, &bytes)?))
+}
+
+/// Concat KDF (NIST SP 800-56A, RFC 7518 section 4.6.2) with SHA-256 for a
+/// 256-bit ECDH-ES+A256KW key: one round, otherinfo =
+/// u32be(len(alg)) || alg || u32be(0) (apu) || u32be(0) (apv) || u32be(256).
+fn concat_kdf_a256kw(z: &[u8]) -> Zeroizing<[u8; 32]> {
+    let alg = ECDH_ES_A256KW.as_bytes();
+    let mut hasher = Sha256::new();
+    hasher.update(1u32.to_be_bytes());
+    hasher.update(z);
+    hasher.update((alg.len() as u32).to_be_bytes());
+    hasher.update(alg);
+    hasher.update(0u32.to_be_bytes());
+    hasher.update(0u32.to_be_bytes());
+    hasher.update(((AES256_KEY_LEN * 8) as u32).to_be_bytes());
+    Zeroizing::new(hasher.finalize().into())
+}
+
+/// The sealing side, written after trustee's `kbs/src/jwe`, so tests here and
+/// in the client tests can build JWEs the way the KBS does.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod seal {
+    use super::*;
+    use rsa::{BigUint, RsaPublicKey};
+    use serde_json::{Map, json};
+
+    fn content(
+        protected: ProtectedHeader,
+        encrypted_key: Vec<u8>,
+        cek: &[u8],
+        plain: &[u8],
+    ) -> Response {
+        let cipher = Aes256Gcm::new_from_slice(cek).unwrap();
+        let mut iv = [0u8; GCM_IV_LEN];
+        OsRng.fill_bytes(&mut iv);
+        let aad = protected.generate_aad().unwrap();
+        let mut ciphertext = plain.to_vec();
+        let tag = cipher
+            .encrypt_in_place_detached(&Nonce::from(iv), &aad, &mut ciphertext)
+            .unwrap();
+        Response {
+            protected,
+            encrypted_key,
+            aad: None,
+            iv: iv.to_vec(),
+            ciphertext,
+            tag: tag.to_vec(),
+        }
+    }
+
+    fn random_cek() -> [u8; 32] {
+        let mut cek = [0u8; 32];
+        OsRng.fill_bytes(&mut cek);
+        cek
+    }
+
+    /// Seal `plain` to `pubkey`, choosing the algorithm the key asks for.
+    pub(crate) fn seal(pubkey: &TeePubKey, plain: &[u8]) -> Response {
+        match pubkey {
+            TeePubKey::EC { crv, alg, x, y } => {
+                assert_eq!((crv.as_str(), alg.as_str()), (P256_CURVE, ECDH_ES_A256KW));
+                let x: [u8; 32] = URL_SAFE_NO_PAD.decode(x).unwrap().try_into().unwrap();
+                let y: [u8; 32] = URL_SAFE_NO_PAD.decode(y).unwrap().try_into().unwrap();
+                let point =
+                    p256::EncodedPoint::from_affine_coordinates(&x.into(), &y.into(), false);
+                let tee_pk = p256::PublicKey::from_encoded_point(&point).unwrap();
+                let eph = p256::ecdh::EphemeralSecret::random(&mut OsRng);
+                let z = eph.diffie_hellman(&tee_pk);
+                let kek = concat_kdf_a256kw(z.raw_secret_bytes());
+                let cek = random_cek();
+                let mut wrapped = vec![0u8; 40];
+                KekAes256::from(*kek).wrap(&cek, &mut wrapped).unwrap();
+                let epk = eph.public_key().to_encoded_point(false);
+                let protected = ProtectedHeader {
+                    alg: ECDH_ES_A256KW.into(),
+                    enc: A256GCM.into(),
+                    other_fields: json!({"epk": {
+                        "crv": P256_CURVE,
+                        "kty": "EC",
+                        "x": URL_SAFE_NO_PAD.encode(epk.x().unwrap()),
+                        "y": URL_SAFE_NO_PAD.encode(epk.y().unwrap()),
+                    }})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+                };
+                content(protected, wrapped, &cek, plain)
+            }
+            TeePubKey::RSA { alg, k_mod, k_exp } => seal_rsa(alg, k_mod, k_exp, plain),
+            TeePubKey::AKP { .. } => panic!("AKP keys are not used here"),
+        }
+    }
+
+    /// Seal with an explicit RSA padding (`RSA-OAEP-256` or `RSA1_5`).
+    pub(crate) fn seal_rsa(alg: &str, k_mod: &str, k_exp: &str, plain: &[u8]) -> Response {
+        let n = BigUint::from_bytes_be(&URL_SAFE_NO_PAD.decode(k_mod).unwrap());
+        let e = BigUint::from_bytes_be(&URL_SAFE_NO_PAD.decode(k_exp).unwrap());
+        let pk = RsaPublicKey::new(n, e).unwrap();
+        let cek = random_cek();
+        let wrapped = match alg {
+            RSA_OAEP_256 => pk.encrypt(&mut OsRng, Oaep::new::<Sha256>(), &cek).unwrap(),
+            RSA1_5 => pk.encrypt(&mut OsRng, Pkcs1v15Encrypt, &cek).unwrap(),
+            other => panic!("unexpected alg {other}"),
+        };
+        let protected = ProtectedHeader {
+            alg: alg.into(),
+            enc: A256GCM.into(),
+            other_fields: Map::new(),
+        };
+        content(protected, wrapped, &cek, plain)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::seal::{seal, seal_rsa};
+    use super::*;
+    use std::sync::OnceLock;
+
+    const SECRET: &[u8] = b"the resource plaintext \x00\xff";
+
+    /// RSA key generation is slow in debug builds: share one key.
+    fn rsa_key() -> &'static TeeKeyPair {
+        static KEY: OnceLock<TeeKeyPair> = OnceLock::new();
+        KEY.get_or_init(|| TeeKeyPair::new_rsa().unwrap())
+    }
+
+    fn rsa_parts(key: &TeeKeyPair) -> (String, String) {
+        match key.export_pubkey() {
+            TeePubKey::RSA { k_mod, k_exp, .. } => (k_mod, k_exp),
+            other => panic!("not RSA: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn ec_pubkey_is_p256_jwk() {
+        let key = TeeKeyPair::new_ec();
+        let TeePubKey::EC { crv, alg, x, y } = key.export_pubkey() else {
+            panic!("not EC");
+        };
+        assert_eq!(crv, "P-256");
+        assert_eq!(alg, "ECDH-ES+A256KW");
+        assert_eq!(URL_SAFE_NO_PAD.decode(&x).unwrap().len(), 32);
+        assert_eq!(URL_SAFE_NO_PAD.decode(&y).unwrap().len(), 32);
+        let json = serde_json::to_value(key.export_pubkey()).unwrap();
+        assert_eq!(json["kty"], "EC");
+    }
+
+    #[test]
+    fn rsa_pubkey_is_oaep_jwk() {
+        let TeePubKey::RSA { alg, k_mod, k_exp } = rsa_key().export_pubkey() else {
+            panic!("not RSA");
+        };
+        assert_eq!(alg, "RSA-OAEP-256");
+        assert_eq!(URL_SAFE_NO_PAD.decode(&k_mod).unwrap().len(), 256);
+        assert_eq!(URL_SAFE_NO_PAD.decode(&k_exp).unwrap(), vec![1, 0, 1]);
+        assert!(!k_mod.contains('='));
+    }
+
+    #[test]
+    fn ec_round_trip() {
+        let key = TeeKeyPair::new_ec();
+        let jwe = seal(&key.export_pubkey(), SECRET);
+        assert_eq!(key.open(&jwe).unwrap().as_slice(), SECRET);
+    }
+
+    #[test]
+    fn ec_round_trip_through_json() {
+        let key = TeeKeyPair::new_ec();
+        let json = serde_json::to_vec(&seal(&key.export_pubkey(), SECRET)).unwrap();
+        assert_eq!(key.open_json(&json).unwrap().as_slice(), SECRET);
+    }
+
+    #[test]
+    fn empty_plaintext_round_trip() {
+        let key = TeeKeyPair::new_ec();
+        let jwe = seal(&key.export_pubkey(), b"");
+        assert!(key.open(&jwe).unwrap().is_empty());
+    }
+
+    #[test]
+    fn rsa_oaep_round_trip() {
+        let key = rsa_key();
+        let jwe = seal(&key.export_pubkey(), SECRET);
+        assert_eq!(jwe.protected.alg, RSA_OAEP_256);
+        assert_eq!(key.open(&jwe).unwrap().as_slice(), SECRET);
+    }
+
+    #[test]
+    fn rsa1_5_round_trip() {
+        let key = rsa_key();
+        let (n, e) = rsa_parts(key);
+        let jwe = seal_rsa(RSA1_5, &n, &e, SECRET);
+        assert_eq!(key.open(&jwe).unwrap().as_slice(), SECRET);
+    }
+
+    #[test]
+    fn rsa1_5_bad_padding_is_an_authentication_failure() {
+        let key = rsa_key();
+        let (n, e) = rsa_parts(key);
+        let mut jwe = seal_rsa(RSA1_5, &n, &e, SECRET);
+        jwe.encrypted_key[10] ^= 0x40;
+        assert!(matches!(key.open(&jwe), Err(UnsealError::Decrypt)));
+    }
+
+    #[test]
+    fn tampered_ciphertext_tag_iv_header_are_rejected() {
+        let key = TeeKeyPair::new_ec();
+        let good = seal(&key.export_pubkey(), SECRET);
+
+        let mut jwe = good.clone();
+        jwe.ciphertext[0] ^= 1;
+        assert!(matches!(key.open(&jwe), Err(UnsealError::Decrypt)));
+
+        let mut jwe = good.clone();
+        jwe.tag[15] ^= 1;
+        assert!(matches!(key.open(&jwe), Err(UnsealError::Decrypt)));
+
+        let mut jwe = good.clone();
+        jwe.iv[0] ^= 1;
+        assert!(matches!(key.open(&jwe), Err(UnsealError::Decrypt)));
+
+        // The AAD covers the protected header: an added field breaks the tag.
+        let mut jwe = good.clone();
+        jwe.protected
+            .other_fields
+            .insert("kid".into(), serde_json::json!("x"));
+        assert!(matches!(key.open(&jwe), Err(UnsealError::Decrypt)));
+
+        let mut jwe = good.clone();
+        jwe.encrypted_key[0] ^= 1;
+        assert!(matches!(key.open(&jwe), Err(UnsealError::KeyUnwrap)));
+    }
+
+    #[test]
+    fn tampered_rsa_oaep_key_is_rejected() {
+        let key = rsa_key();
+        let mut jwe = seal(&key.export_pubkey(), SECRET);
+        jwe.encrypted_key[3] ^= 1;
+        assert!(matches!(key.open(&jwe), Err(UnsealError::RsaDecrypt)));
+    }
+
+    #[test]
+    fn other_keys_cannot_open() {
+        let key = TeeKeyPair::new_ec();
+        let other = TeeKeyPair::new_ec();
+        let jwe = seal(&key.export_pubkey(), SECRET);
+        assert!(matches!(other.open(&jwe), Err(UnsealError::KeyUnwrap)));
+        assert!(matches!(
+            rsa_key().open(&jwe),
+            Err(UnsealError::KeyMismatch { needs: "EC", .. })
+        ));
+        let jwe = seal(&rsa_key().export_pubkey(), SECRET);
+        assert!(matches!(
+            key.open(&jwe),
+            Err(UnsealError::KeyMismatch { needs: "RSA", .. })
+        ));
+    }
+
+    #[test]
+    fn hostile_shapes_are_errors_not_panics() {
+        let key = TeeKeyPair::new_ec();
+        let good = seal(&key.export_pubkey(), SECRET);
+
+        let mut jwe = good.clone();
+        jwe.iv.push(0);
+        assert!(matches!(
+            key.open(&jwe),
+            Err(UnsealError::Length { field: "iv", .. })
+        ));
+
+        let mut jwe = good.clone();
+        jwe.tag.truncate(3);
+        assert!(matches!(
+            key.open(&jwe),
+            Err(UnsealError::Length { field: "tag", .. })
+        ));
+
+        for len in [0, 7, 8, 16, 39, 41, 48] {
+            let mut jwe = good.clone();
+            jwe.encrypted_key.resize(len, 0);
+            assert!(key.open(&jwe).is_err(), "encrypted_key of {len} bytes");
+        }
+
+        let mut jwe = good.clone();
+        jwe.protected.enc = "A128CBC-HS256".into();
+        assert!(matches!(
+            key.open(&jwe),
+            Err(UnsealError::UnsupportedEncryption(_))
+        ));
+
+        let mut jwe = good.clone();
+        jwe.protected.alg = "dir".into();
+        assert!(matches!(
+            key.open(&jwe),
+            Err(UnsealError::UnsupportedAlgorithm(_))
+        ));
+
+        fn epk(jwe: &mut Response) -> &mut serde_json::Map<String, serde_json::Value> {
+            jwe.protected
+                .other_fields
+                .get_mut("epk")
+                .unwrap()
+                .as_object_mut()
+                .unwrap()
+        }
+
+        let mut jwe = good.clone();
+        jwe.protected.other_fields.remove("epk");
+        assert!(matches!(
+            key.open(&jwe),
+            Err(UnsealError::HeaderField("epk"))
+        ));
+
+        let mut jwe = good.clone();
+        epk(&mut jwe).insert("crv".into(), "P-521".into());
+        assert!(matches!(key.open(&jwe), Err(UnsealError::Curve(_))));
+
+        let mut jwe = good.clone();
+        epk(&mut jwe).insert("x".into(), "!!not base64!!".into());
+        assert!(matches!(key.open(&jwe), Err(UnsealError::Base64("epk.x"))));
+
+        let mut jwe = good.clone();
+        epk(&mut jwe).insert("y".into(), serde_json::json!(42));
+        assert!(matches!(key.open(&jwe), Err(UnsealError::HeaderField("y"))));
+
+        let mut jwe = good.clone();
+        epk(&mut jwe).insert("x".into(), URL_SAFE_NO_PAD.encode([7u8; 31]).into());
+        assert!(matches!(
+            key.open(&jwe),
+            Err(UnsealError::Length { field: "epk.x", .. })
+        ));
+
+        // A point that is not on the curve.
+        let mut jwe = good.clone();
+        epk(&mut jwe).insert("y".into(), URL_SAFE_NO_PAD.encode([1u8; 32]).into());
+        assert!(matches!(key.open(&jwe), Err(UnsealError::EphemeralKey)));
+
+        // Coordinates of the field modulus are out of range.
+        let p = [0xffu8; 32];
+        let mut jwe = good.clone();
+        epk(&mut jwe).insert("x".into(), URL_SAFE_NO_PAD.encode(p).into());
+        assert!(matches!(key.open(&jwe), Err(UnsealError::EphemeralKey)));
+
+        let rsa = rsa_key();
+        for len in [0, 1, 255, 257, 1024] {
+            let mut jwe = seal(&rsa.export_pubkey(), SECRET);
+            jwe.encrypted_key.resize(len, 0);
+            assert!(rsa.open(&jwe).is_err(), "RSA encrypted_key of {len} bytes");
+        }
+    }
+
+    #[test]
+    fn open_json_rejects_malformed_input() {
+        let key = TeeKeyPair::new_ec();
+        for bad in [
+            &b""[..],
+            b"{}",
+            b"[1,2]",
+            b"\xff\xfe",
+            br#"{"protected":"!!","encrypted_key":"","iv":"","ciphertext":"","tag":""}"#,
+            br#"{"protected":"e30","encrypted_key":"","iv":"","ciphertext":"","tag":""}"#,
+        ] {
+            assert!(key.open_json(bad).is_err());
+        }
+    }
+
+    #[test]
+    fn pem_round_trip_ec() {
+        let key = TeeKeyPair::new_ec();
+        let pem = key.to_pkcs8_pem().unwrap();
+        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"));
+        let back = TeeKeyPair::from_pem(&pem).unwrap();
+        assert_eq!(
+            serde_json::to_value(back.export_pubkey()).unwrap(),
+            serde_json::to_value(key.export_pubkey()).unwrap()
+        );
+        let jwe = seal(&key.export_pubkey(), SECRET);
+        assert_eq!(back.open(&jwe).unwrap().as_slice(), SECRET);
+    }
+
+    #[test]
+    fn pem_round_trip_rsa_and_pkcs1() {
+        use rsa::pkcs1::EncodeRsaPrivateKey;
+        let key = rsa_key();
+        let pem = key.to_pkcs8_pem().unwrap();
+        let back = TeeKeyPair::from_pem(&pem).unwrap();
+        assert_eq!(back.algorithm(), KeyAlgorithm::Rsa2048);
+        let jwe = seal(&key.export_pubkey(), SECRET);
+        assert_eq!(back.open(&jwe).unwrap().as_slice(), SECRET);
+
+        // Upstream stores RSA keys as PKCS#1.
+        let Key::Rsa(inner) = &key.key else { panic!() };
+        let pkcs1 = inner.to_pkcs1_pem(rsa::pkcs8::LineEnding::LF).unwrap();
+        let back = TeeKeyPair::from_pem(&pkcs1).unwrap();
+        assert_eq!(back.open(&jwe).unwrap().as_slice(), SECRET);
+    }
+
+    #[test]
+    fn pem_rejects_garbage_and_small_rsa() {
+        assert!(matches!(
+            TeeKeyPair::from_pem("not a pem"),
+            Err(KeyError::UnrecognisedPem)
+        ));
+        let small = RsaPrivateKey::new(&mut OsRng, 1024).unwrap();
+        let pem =
+            rsa::pkcs8::EncodePrivateKey::to_pkcs8_pem(&small, rsa::pkcs8::LineEnding::LF).unwrap();
+        assert!(matches!(
+            TeeKeyPair::from_pem(&pem),
+            Err(KeyError::RsaSize { bits: 1024 })
+        ));
+    }
+
+    #[test]
+    fn debug_redacts_private_key() {
+        let key = TeeKeyPair::new_ec();
+        let dbg = format!("{key:?}");
+        assert!(dbg.contains("[redacted]"));
+        let pem = key.to_pkcs8_pem().unwrap();
+        let body: String = pem.lines().nth(1).unwrap().chars().take(20).collect();
+        assert!(!dbg.contains(&body));
+    }
+
+    #[test]
+    fn concat_kdf_matches_rfc7518_appendix_c_shape() {
+        // RFC 7518 appendix C uses ECDH-ES with A128GCM, so its vector does not
+        // apply verbatim; check our otherinfo layout against a hand-built one.
+        let z = [0x42u8; 32];
+        let mut manual = Vec::new();
+        manual.extend_from_slice(&[0, 0, 0, 1]);
+        manual.extend_from_slice(&z);
+        manual.extend_from_slice(&[0, 0, 0, 14]);
+        manual.extend_from_slice(b"ECDH-ES+A256KW");
+        manual.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+        let expected: [u8; 32] = Sha256::digest(&manual).into();
+        assert_eq!(*concat_kdf_a256kw(&z), expected);
+    }
+}
