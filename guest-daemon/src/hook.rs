@@ -94,6 +94,7 @@ fn exit_code(status: std::process::ExitStatus) -> i32 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -1,10 +1,10 @@
 //! Tether guest daemon library: RCAR client, TEE key, evidence providers.
 
 pub mod evidence;
+pub mod hook;
 pub mod rcar;
 pub mod resource_path;
-pub mod tee_key;
-pub mod tls;
-pub mod hook;
 pub mod service;
 pub mod store;
+pub mod tee_key;
+pub mod tls;

@@ -21,7 +21,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::evidence::{EvidenceError, EvidenceProvider};
 use crate::resource_path::ResourcePath;
-use crate::tee_key::{KeyError, TeeKeyPair, UnsealError};
+use crate::tee_key::{TeeKeyPair, UnsealError};
 use crate::tls::{CaBundle, TlsError};
 
 #[cfg(test)]
@@ -127,9 +127,6 @@ pub enum RcarError {
     /// The init-data is not valid TOML.
     #[error("init-data is not valid TOML: {0}")]
     InitData(String),
-    /// The TEE key could not be created.
-    #[error(transparent)]
-    Key(#[from] KeyError),
     /// The HTTP client could not be built.
     #[error("build HTTP client: {0}")]
     Client(String),
@@ -184,7 +181,7 @@ pub enum RcarError {
     HashAlgorithm(String),
     /// The runtime data could not be canonicalised.
     #[error("canonicalise runtime data: {0}")]
-    Canonical(#[source] serde_json::Error),
+    Canonical(serde_json::Error),
     /// The evidence provider failed.
     #[error(transparent)]
     Evidence(#[from] EvidenceError),
@@ -192,12 +189,12 @@ pub enum RcarError {
     #[error("collecting TEE evidence timed out after {0:?}")]
     EvidenceTimeout(Duration),
     /// The resource could not be opened with the TEE key.
-    #[error("open resource {path}: {source}")]
+    #[error("open resource {path}: {error}")]
     Unseal {
         /// The resource.
         path: ResourcePath,
         /// Why it did not open.
-        source: UnsealError,
+        error: UnsealError,
     },
 }
 
@@ -399,7 +396,7 @@ impl KbsClientBuilder {
         let base = normalise_base_url(&self.kbs_url)?;
         if let Some(init_data) = &self.init_data {
             toml::from_str::<toml::Table>(init_data)
-                .map_err(|e| RcarError::InitData(one_line(&e.to_string())))?;
+                .map_err(|e| RcarError::InitData(toml_error(init_data, &e)))?;
         }
         let ca = self
             .ca_file
@@ -431,6 +428,17 @@ impl KbsClientBuilder {
             token: None,
         })
     }
+}
+
+/// A TOML error on one line: "line L, column C: message".
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let Some(at) = e.span().map(|span| span.start.min(text.len())) else {
+        return one_line(e.message());
+    };
+    let before = text.get(..at).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!("line {line}, column {column}: {}", one_line(e.message()))
 }
 
 fn normalise_base_url(url: &str) -> Result<String, RcarError> {
@@ -677,9 +685,9 @@ impl KbsClient {
                     .map_err(|reason| bad_response(step, reason))?;
                 let jwe: Response = serde_json::from_slice(&body)
                     .map_err(|e| bad_response(step, format!("not a JWE: {e}")))?;
-                self.key.open(&jwe).map_err(|source| RcarError::Unseal {
+                self.key.open(&jwe).map_err(|error| RcarError::Unseal {
                     path: path.clone(),
-                    source,
+                    error,
                 })
             }
             StatusCode::NOT_FOUND => Err(RcarError::NotFound {
@@ -860,7 +868,15 @@ mod tests {
             .init_data("not = [valid")
             .build()
             .unwrap_err();
-        assert!(matches!(err, RcarError::InitData(_)), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "init-data is not valid TOML: line 1, column 13: unclosed array, expected `]`"
+        );
+        let err = KbsClientBuilder::new("http://kbs", Box::new(SampleAttester))
+            .init_data("a = 1\nb = \"x\"\nc = = 2\n")
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("line 3, column"), "{err}");
         let err = KbsClientBuilder::new("https://kbs", Box::new(SampleAttester))
             .ca_file("/nonexistent/ca.pem")
             .build()

@@ -62,7 +62,7 @@ pub enum KeyAlgorithm {
 pub enum KeyError {
     /// RSA key generation failed.
     #[error("generate RSA key: {0}")]
-    Generate(#[source] rsa::Error),
+    Generate(rsa::Error),
     /// The PEM is none of the supported private key encodings.
     #[error("private key PEM is not a P-256 or RSA key (tried PKCS#8, PKCS#1 and SEC1 encodings)")]
     UnrecognisedPem,
@@ -82,7 +82,7 @@ pub enum KeyError {
 pub enum UnsealError {
     /// The JWE bytes are not a flattened JWE JSON object.
     #[error("JWE is not valid JSON of the expected shape: {0}")]
-    Json(#[source] serde_json::Error),
+    Json(serde_json::Error),
     /// The key management algorithm is not one this client supports.
     #[error("unsupported JWE key management algorithm {0:?}")]
     UnsupportedAlgorithm(String),

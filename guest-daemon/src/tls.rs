@@ -16,12 +16,12 @@ const MAX_CA_FILE_BYTES: u64 = 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// The file could not be read.
-    #[error("read CA file {path}: {source}")]
+    #[error("read CA file {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file is larger than the limit.
     #[error("CA file {path} is larger than {MAX_CA_FILE_BYTES} bytes")]
@@ -65,9 +65,9 @@ pub struct CaBundle {
 impl CaBundle {
     /// Read every `CERTIFICATE` block of a PEM file, and check each parses as a trust anchor.
     pub fn from_pem_file(path: &Path) -> Result<Self, TlsError> {
-        let read_err = |source| TlsError::Read {
+        let read_err = |error| TlsError::Read {
             path: path.to_owned(),
-            source,
+            error,
         };
         let file = std::fs::File::open(path).map_err(read_err)?;
         let mut pem = Vec::new();

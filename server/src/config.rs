@@ -40,7 +40,7 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
 }
 
 /// The whole KBS configuration.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// HTTP listener settings.
@@ -57,20 +57,6 @@ pub struct Config {
     pub tunnel: TunnelConfig,
     /// Logging settings.
     pub log: LogConfig,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            http: HttpConfig::default(),
-            storage: StorageConfig::default(),
-            attestation: AttestationConfig::default(),
-            admin: AdminConfig::default(),
-            policy: PolicyConfig::default(),
-            tunnel: TunnelConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
 }
 
 /// HTTP listener settings.

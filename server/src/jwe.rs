@@ -150,7 +150,8 @@ pub fn seal(tee_pubkey: &TeePubKey, plaintext: &[u8]) -> Result<Response, JweErr
     let mut iv = [0u8; IV_LEN];
     rng.fill_bytes(&mut iv);
 
-    let cipher = Aes256Gcm::new_from_slice(cek.as_ref()).map_err(|_| JweError::Seal("AES-GCM key"))?;
+    let cipher =
+        Aes256Gcm::new_from_slice(cek.as_ref()).map_err(|_| JweError::Seal("AES-GCM key"))?;
     let mut ciphertext = plaintext.to_vec();
     let tag = cipher
         .encrypt_in_place_detached(&Nonce::from(iv), &aad, &mut ciphertext)
@@ -266,6 +267,7 @@ fn ec_header(x: &FieldBytes, y: &FieldBytes) -> ProtectedHeader {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use base64::engine::general_purpose::STANDARD;
@@ -276,7 +278,7 @@ mod tests {
     /// A client-side key, opened the way guest-components' TeeKeyPair does.
     enum TestKey {
         Ec(p256::SecretKey),
-        Rsa(RsaPrivateKey),
+        Rsa(Box<RsaPrivateKey>),
     }
 
     fn rsa_key() -> &'static RsaPrivateKey {
@@ -362,15 +364,14 @@ mod tests {
         let aad = header.generate_aad().map_err(|e| e.to_string())?;
         let cipher = Aes256Gcm::new_from_slice(&cek).map_err(|e| e.to_string())?;
         let iv: [u8; IV_LEN] = response.iv.as_slice().try_into().map_err(|_| "iv length")?;
-        let tag: [u8; 16] = response.tag.as_slice().try_into().map_err(|_| "tag length")?;
+        let tag: [u8; 16] = response
+            .tag
+            .as_slice()
+            .try_into()
+            .map_err(|_| "tag length")?;
         let mut buf = response.ciphertext.clone();
         cipher
-            .decrypt_in_place_detached(
-                &Nonce::from(iv),
-                &aad,
-                &mut buf,
-                &aes_gcm::Tag::from(tag),
-            )
+            .decrypt_in_place_detached(&Nonce::from(iv), &aad, &mut buf, &aes_gcm::Tag::from(tag))
             .map_err(|_| "AEAD open failed".to_string())?;
         Ok(buf)
     }
@@ -408,7 +409,9 @@ mod tests {
             .unwrap();
         let text = String::from_utf8(protected).unwrap();
         assert!(
-            text.starts_with(r#"{"alg":"ECDH-ES+A256KW","enc":"A256GCM","epk":{"crv":"P-256","kty":"EC","x":""#),
+            text.starts_with(
+                r#"{"alg":"ECDH-ES+A256KW","enc":"A256GCM","epk":{"crv":"P-256","kty":"EC","x":""#
+            ),
             "{text}"
         );
         assert!(sealed.get("aad").is_none());
@@ -423,7 +426,7 @@ mod tests {
     fn rsa_oaep_round_trip() {
         let sealed = over_the_wire(&seal(&rsa_public(ALG_RSA_OAEP_256), b"rsa secret").unwrap());
         assert_eq!(sealed.protected.alg, ALG_RSA_OAEP_256);
-        let key = TestKey::Rsa(rsa_key().clone());
+        let key = TestKey::Rsa(Box::new(rsa_key().clone()));
         assert_eq!(open(&key, &sealed).unwrap(), b"rsa secret");
     }
 
@@ -431,7 +434,7 @@ mod tests {
     fn rsa1_5_round_trip() {
         let sealed = over_the_wire(&seal(&rsa_public(ALG_RSA1_5), b"legacy").unwrap());
         assert_eq!(sealed.protected.alg, ALG_RSA1_5);
-        let key = TestKey::Rsa(rsa_key().clone());
+        let key = TestKey::Rsa(Box::new(rsa_key().clone()));
         assert_eq!(open(&key, &sealed).unwrap(), b"legacy");
     }
 
@@ -444,7 +447,7 @@ mod tests {
             k_exp: STANDARD.encode(public.e().to_bytes_be()),
         };
         let sealed = over_the_wire(&seal(&key, b"old client").unwrap());
-        let opener = TestKey::Rsa(rsa_key().clone());
+        let opener = TestKey::Rsa(Box::new(rsa_key().clone()));
         assert_eq!(open(&opener, &sealed).unwrap(), b"old client");
     }
 
@@ -495,7 +498,7 @@ mod tests {
 
     #[test]
     fn rsa_tampering_is_detected() {
-        let key = TestKey::Rsa(rsa_key().clone());
+        let key = TestKey::Rsa(Box::new(rsa_key().clone()));
         let sealed = over_the_wire(&seal(&rsa_public(ALG_RSA_OAEP_256), b"abc").unwrap());
         let mut bad = sealed.clone();
         bad.tag[15] ^= 1;
@@ -574,7 +577,10 @@ mod tests {
             k_mod: URL_SAFE_NO_PAD.encode([0xffu8; 513]),
             k_exp: "AQAB".into(),
         };
-        assert!(matches!(seal(&huge, b"x"), Err(JweError::UnsupportedKey(_))));
+        assert!(matches!(
+            seal(&huge, b"x"),
+            Err(JweError::UnsupportedKey(_))
+        ));
     }
 
     #[test]
@@ -599,8 +605,14 @@ mod tests {
             ec("", ""),
             ec("!!!", "###"),
             ec(&x, &x), // not on the curve (almost surely)
-            ec(&URL_SAFE_NO_PAD.encode([0u8; 32]), &URL_SAFE_NO_PAD.encode([0u8; 32])),
-            ec(&URL_SAFE_NO_PAD.encode([1u8; 31]), &URL_SAFE_NO_PAD.encode([1u8; 33])),
+            ec(
+                &URL_SAFE_NO_PAD.encode([0u8; 32]),
+                &URL_SAFE_NO_PAD.encode([0u8; 32]),
+            ),
+            ec(
+                &URL_SAFE_NO_PAD.encode([1u8; 31]),
+                &URL_SAFE_NO_PAD.encode([1u8; 33]),
+            ),
             rsa("", ""),
             rsa("not base64 ***", "AQAB"),
             rsa(&n_ok, ""),

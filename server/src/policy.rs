@@ -212,6 +212,7 @@ fn compile_as(rego: &str, v0: bool) -> Result<regorus::Engine, PolicyError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use serde_json::json;
@@ -238,8 +239,16 @@ mod tests {
     fn default_policy_refuses_sample_and_allows_tdx() {
         let policy = PolicyEngine::new(DEFAULT_POLICY).unwrap();
         let data = resource(["repo", "key", "tag"]);
-        assert!(!policy.evaluate(&claims("sample", json!({"svn": "1"})), &data).unwrap());
-        assert!(policy.evaluate(&claims("tdx", json!({"tcb_svn": "03"})), &data).unwrap());
+        assert!(
+            !policy
+                .evaluate(&claims("sample", json!({"svn": "1"})), &data)
+                .unwrap()
+        );
+        assert!(
+            policy
+                .evaluate(&claims("tdx", json!({"tcb_svn": "03"})), &data)
+                .unwrap()
+        );
         // Other plugins are not released by default.
         let other = json!({"plugin": "other", "resource-path": [], "query": {}});
         assert!(!policy.evaluate(&claims("tdx", json!({})), &other).unwrap());
@@ -266,10 +275,22 @@ allow if {
             .unwrap();
         assert_eq!(version, 2);
         let sample = claims("sample", json!({"svn": "1"}));
-        assert!(policy.evaluate(&sample, &resource(["web", "key", "a"])).unwrap());
-        assert!(!policy.evaluate(&sample, &resource(["db", "key", "a"])).unwrap());
+        assert!(
+            policy
+                .evaluate(&sample, &resource(["web", "key", "a"]))
+                .unwrap()
+        );
+        assert!(
+            !policy
+                .evaluate(&sample, &resource(["db", "key", "a"]))
+                .unwrap()
+        );
         let old_svn = claims("sample", json!({"svn": "0"}));
-        assert!(!policy.evaluate(&old_svn, &resource(["web", "key", "a"])).unwrap());
+        assert!(
+            !policy
+                .evaluate(&old_svn, &resource(["web", "key", "a"]))
+                .unwrap()
+        );
     }
 
     #[test]
@@ -285,7 +306,11 @@ allow if {
             "package policy\nimport rego.v1\nallow if { x == 1 }\n",
         ] {
             let err = policy.set(bad).unwrap_err();
-            assert_eq!((err.status(), err.name()), (400, "PolicyCompile"), "{bad}: {err}");
+            assert_eq!(
+                (err.status(), err.name()),
+                (400, "PolicyCompile"),
+                "{bad}: {err}"
+            );
             assert!(policy.evaluate(&tdx, &data).unwrap());
             assert_eq!(policy.version(), 1);
         }
@@ -314,7 +339,11 @@ any_not_affirming if {
 "#;
         let policy = PolicyEngine::new(affirming).unwrap();
         let data = resource(["r", "t", "g"]);
-        assert!(policy.evaluate(&claims("sample", json!({})), &data).unwrap());
+        assert!(
+            policy
+                .evaluate(&claims("sample", json!({})), &data)
+                .unwrap()
+        );
         let mut warning = claims("tdx", json!({}));
         warning["submods"]["cpu0"]["ear.status"] = json!("warning");
         assert!(!policy.evaluate(&warning, &data).unwrap());
@@ -332,7 +361,11 @@ allow if {
 }
 "#;
         let policy = PolicyEngine::new(upstream_default).unwrap();
-        assert!(!policy.evaluate(&claims("sample", json!({})), &data).unwrap());
+        assert!(
+            !policy
+                .evaluate(&claims("sample", json!({})), &data)
+                .unwrap()
+        );
         assert!(policy.evaluate(&claims("snp", json!({})), &data).unwrap());
 
         // Old v0 syntax from trustee's test data; `resource-path` was a string then,
@@ -351,7 +384,8 @@ allow {
         let policy = PolicyEngine::new(v0).unwrap();
         let input = claims("sample", json!({"productId": "Alice"}));
         assert!(!policy.evaluate(&input, &data).unwrap());
-        let string_path = json!({"plugin": "resource", "resource-path": "my_repo/Alice/key", "query": {}});
+        let string_path =
+            json!({"plugin": "resource", "resource-path": "my_repo/Alice/key", "query": {}});
         assert!(policy.evaluate(&input, &string_path).unwrap());
 
         // allow_all / deny_all.
@@ -363,18 +397,41 @@ allow {
 
     #[test]
     fn undefined_is_deny_and_non_boolean_is_an_error() {
-        let undefined = PolicyEngine::new(
-            "package policy\nimport rego.v1\nallow if { input.never == true }\n",
-        )
-        .unwrap();
-        assert!(!undefined.evaluate(&json!({}), &resource(["a", "b", "c"])).unwrap());
+        let undefined =
+            PolicyEngine::new("package policy\nimport rego.v1\nallow if { input.never == true }\n")
+                .unwrap();
+        assert!(
+            !undefined
+                .evaluate(&json!({}), &resource(["a", "b", "c"]))
+                .unwrap()
+        );
 
         let stringly = PolicyEngine::new("package policy\nallow := \"yes\"\n").unwrap();
-        let err = stringly.evaluate(&json!({}), &resource(["a", "b", "c"])).unwrap_err();
+        let err = stringly
+            .evaluate(&json!({}), &resource(["a", "b", "c"]))
+            .unwrap_err();
         assert_eq!((err.status(), err.name()), (500, "PolicyEvaluation"));
 
         let policy = PolicyEngine::new(DEFAULT_POLICY).unwrap();
-        assert!(policy.evaluate(&json!({}), &json!(["not", "an", "object"])).is_err());
+        assert!(
+            policy
+                .evaluate(&json!({}), &json!(["not", "an", "object"]))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn runaway_policy_is_cut_off() {
+        let policy = PolicyEngine::new(
+            "package policy\nimport rego.v1\nallow if {\n  count([1 | some i in numbers.range(1, 20000); some j in numbers.range(1, 20000)]) > 0\n}\n",
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let err = policy
+            .evaluate(&json!({}), &resource(["a", "b", "c"]))
+            .unwrap_err();
+        assert_eq!(err.name(), "PolicyEvaluation");
+        assert!(started.elapsed() < Duration::from_secs(5), "{err}");
     }
 
     #[test]
@@ -410,7 +467,9 @@ allow {
             })
             .collect();
         for _ in 0..5 {
-            policy.set("package policy\ndefault allow = false\n").unwrap();
+            policy
+                .set("package policy\ndefault allow = false\n")
+                .unwrap();
             policy.set(DEFAULT_POLICY).unwrap();
         }
         for t in threads {

@@ -242,11 +242,10 @@ impl TokenSigner {
                 {
                     tracing::warn!(path = %path.display(), "token signing key is readable by group or others");
                 }
-                let secret = p256::SecretKey::from_pkcs8_pem(&pem).map_err(|_| {
-                    TokenError::KeyInvalid {
+                let secret =
+                    p256::SecretKey::from_pkcs8_pem(&pem).map_err(|_| TokenError::KeyInvalid {
                         path: path.to_owned(),
-                    }
-                })?;
+                    })?;
                 Self::from_secret(&secret)
             }
             Err(err) if err.kind() == io::ErrorKind::NotFound => {
@@ -274,7 +273,9 @@ impl TokenSigner {
         let encoding = EncodingKey::from_ec_der(der.as_bytes());
         let point = secret.public_key().to_encoded_point(false);
         let (Some(x), Some(y)) = (point.x(), point.y()) else {
-            return Err(TokenError::Sign("public key has no affine coordinates".into()));
+            return Err(TokenError::Sign(
+                "public key has no affine coordinates".into(),
+            ));
         };
         let (x, y) = (URL_SAFE_NO_PAD.encode(x), URL_SAFE_NO_PAD.encode(y));
         let decoding = DecodingKey::from_ec_components(&x, &y)
@@ -342,8 +343,8 @@ impl TokenSigner {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::Invalid("token too large"));
         }
-        let data = jsonwebtoken::decode::<Value>(token, &self.decoding, &self.validation)
-            .map_err(|e| match e.kind() {
+        let data = jsonwebtoken::decode::<Value>(token, &self.decoding, &self.validation).map_err(
+            |e| match e.kind() {
                 ErrorKind::ExpiredSignature => TokenError::Expired,
                 ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
                     TokenError::Invalid("algorithm is not ES256")
@@ -353,7 +354,8 @@ impl TokenSigner {
                 }
                 ErrorKind::MissingRequiredClaim(_) => TokenError::Invalid("missing exp claim"),
                 _ => TokenError::Invalid("malformed token"),
-            })?;
+            },
+        )?;
         VerifiedToken::from_claims(data.claims)
     }
 }
@@ -373,6 +375,7 @@ fn stamp(mut claims: Map<String, Value>, ttl: Duration) -> Map<String, Value> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use jsonwebtoken::EncodingKey;
@@ -407,7 +410,9 @@ mod tests {
     #[test]
     fn issue_then_verify() {
         let signer = TokenSigner::ephemeral().unwrap();
-        let token = signer.issue(sample_claims(), Duration::from_secs(300)).unwrap();
+        let token = signer
+            .issue(sample_claims(), Duration::from_secs(300))
+            .unwrap();
         let verified = signer.verify(&token).unwrap();
         assert_eq!(verified.tee, "sample");
         assert_eq!(verified.identity, identity());
@@ -421,8 +426,7 @@ mod tests {
             "1"
         );
         assert_eq!(
-            c["submods"]["cpu0"]["ear.veraison.annotated-evidence"]["runtime_data_claims"]
-                ["nonce"],
+            c["submods"]["cpu0"]["ear.veraison.annotated-evidence"]["runtime_data_claims"]["nonce"],
             "bm9uY2U="
         );
         assert!(c["jti"].as_str().unwrap().len() == 36);
@@ -443,7 +447,9 @@ mod tests {
     #[test]
     fn header_carries_public_jwk() {
         let signer = TokenSigner::ephemeral().unwrap();
-        let token = signer.issue(sample_claims(), Duration::from_secs(60)).unwrap();
+        let token = signer
+            .issue(sample_claims(), Duration::from_secs(60))
+            .unwrap();
         let header = jsonwebtoken::decode_header(&token).unwrap();
         assert_eq!(header.alg, Algorithm::ES256);
         let jwk = serde_json::to_value(header.jwk.unwrap()).unwrap();
@@ -460,7 +466,14 @@ mod tests {
             claims: json!({"algorithm": "sha384", "data": {}}),
             identity: None,
         };
-        let claims = build_claims("tdx", json!({}), &ec_tee_key(), "n", Some(&init), &identity());
+        let claims = build_claims(
+            "tdx",
+            json!({}),
+            &ec_tee_key(),
+            "n",
+            Some(&init),
+            &identity(),
+        );
         let ev = &claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"];
         assert_eq!(ev["init_data"], "ab".repeat(48));
         assert_eq!(ev["init_data_claims"]["algorithm"], "sha384");
@@ -477,7 +490,10 @@ mod tests {
         assert!(matches!(signer.verify(&token), Err(TokenError::Expired)));
 
         // Within the 5 s leeway still verifies.
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         let mut claims = sample_claims();
         claims.insert("iat".into(), json!(now - 60));
         claims.insert("exp".into(), json!(now - 2));
@@ -489,7 +505,9 @@ mod tests {
     fn other_signers_and_algorithms_are_rejected() {
         let signer = TokenSigner::ephemeral().unwrap();
         let other = TokenSigner::ephemeral().unwrap();
-        let token = other.issue(sample_claims(), Duration::from_secs(60)).unwrap();
+        let token = other
+            .issue(sample_claims(), Duration::from_secs(60))
+            .unwrap();
         let err = signer.verify(&token).err().unwrap();
         assert!(matches!(err, TokenError::Invalid(_)), "{err}");
         assert_eq!(err.status(), 401);
@@ -508,24 +526,41 @@ mod tests {
         let none_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
         let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
         let unsigned = format!("{none_header}.{body}.");
-        assert!(matches!(signer.verify(&unsigned), Err(TokenError::Invalid(_))));
+        assert!(matches!(
+            signer.verify(&unsigned),
+            Err(TokenError::Invalid(_))
+        ));
 
         // A valid signature by another key whose JWK sits in the header.
         let mut forged_header = Header::new(Algorithm::ES256);
         forged_header.jwk = other.header.jwk.clone();
         let forged = jsonwebtoken::encode(&forged_header, &claims, &other.encoding).unwrap();
-        assert!(matches!(signer.verify(&forged), Err(TokenError::Invalid(_))));
+        assert!(matches!(
+            signer.verify(&forged),
+            Err(TokenError::Invalid(_))
+        ));
 
         // Tampered payload.
-        let good = signer.issue(sample_claims(), Duration::from_secs(60)).unwrap();
+        let good = signer
+            .issue(sample_claims(), Duration::from_secs(60))
+            .unwrap();
         let mut parts: Vec<&str> = good.split('.').collect();
         let mut evil = claims.clone();
-        evil.insert("tether".into(), json!({"tee": "tdx", "guest_id": "admin", "labels": {}}));
+        evil.insert(
+            "tether".into(),
+            json!({"tee": "tdx", "guest_id": "admin", "labels": {}}),
+        );
         let evil_body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&evil).unwrap());
         parts[1] = &evil_body;
         assert!(signer.verify(&parts.join(".")).is_err());
 
-        for junk in ["", ".", "a.b.c", "not a token", &"x".repeat(MAX_TOKEN_BYTES + 1)] {
+        for junk in [
+            "",
+            ".",
+            "a.b.c",
+            "not a token",
+            &"x".repeat(MAX_TOKEN_BYTES + 1),
+        ] {
             assert!(matches!(signer.verify(junk), Err(TokenError::Invalid(_))));
         }
     }
@@ -555,7 +590,9 @@ mod tests {
 
         let second = TokenSigner::load_or_generate(&path).unwrap();
         assert_eq!(first.public_jwk(), second.public_jwk());
-        let token = first.issue(sample_claims(), Duration::from_secs(60)).unwrap();
+        let token = first
+            .issue(sample_claims(), Duration::from_secs(60))
+            .unwrap();
         assert!(second.verify(&token).is_ok());
     }
 
@@ -563,8 +600,11 @@ mod tests {
     fn bad_key_file_is_reported_without_contents() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token.key");
-        fs::write(&path, "-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n")
-            .unwrap();
+        fs::write(
+            &path,
+            "-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
         let err = TokenSigner::load_or_generate(&path).err().unwrap();
         assert!(matches!(err, TokenError::KeyInvalid { .. }));
         assert!(!err.to_string().contains("c2VjcmV0"));

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)]
 //! The Trustee-compatible API over real HTTP and HTTPS on loopback: the happy path with the
 //! guest client, and every kind of bad input, each with its status, JSON error body, metric
 //! and no state change.

@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
@@ -135,7 +137,7 @@ async fn same_version_other_contents_is_refused() {
         .get_resource(&"r/t/x".parse().unwrap())
         .unwrap()
         .unwrap();
-    assert_eq!(&held.1[..], b"two");
+    assert_eq!(&held.plaintext[..], b"two");
 }
 
 #[tokio::test]
@@ -485,13 +487,13 @@ async fn concurrent_applies_end_with_the_newest_version() {
             Err(e) => panic!("unexpected {e}"),
         }
     }
-    let (version, data) = g
+    let held = g
         .svc
         .store()
         .get_resource(&"r/t/x".parse().unwrap())
         .unwrap()
         .unwrap();
-    assert_eq!((version, &data[..]), (20, &b"v20"[..]));
+    assert_eq!((held.version, &held.plaintext[..]), (20, &b"v20"[..]));
     let file = g.svc.store().resource_file(&"r/t/x".parse().unwrap());
     assert_eq!(std::fs::read(file).unwrap(), b"v20");
     let names = std::fs::read_dir(g.dir.path().join("state/resources/r/t"))

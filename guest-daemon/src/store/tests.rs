@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used)]
+
 use std::os::unix::fs::PermissionsExt;
 
 use super::*;
@@ -76,8 +78,12 @@ fn apply_writes_stable_path_with_private_modes() {
     for dir in ["resources", "resources/default", "resources/default/key"] {
         assert_eq!(mode(&root.join(dir)), 0o700, "{dir}");
     }
-    let (version, data) = store.get_resource(&path).unwrap().unwrap();
-    assert_eq!((version, &data[..]), (1, &b"secret one"[..]));
+    let held = store.get_resource(&path).unwrap().unwrap();
+    assert_eq!((held.version, &held.plaintext[..]), (1, &b"secret one"[..]));
+    assert!(
+        !format!("{held:?}").contains("secret"),
+        "Debug redacts the plaintext"
+    );
     assert!(store.get_resource(&rp("default/key/2")).unwrap().is_none());
 }
 
@@ -145,7 +151,7 @@ fn restart_reports_the_same_held_versions() {
     let store = StateStore::open(tmp.path()).unwrap();
     assert_eq!(store.held(), before);
     assert_eq!(
-        &store.get_resource(&rp("x/y/z")).unwrap().unwrap().1[..],
+        &store.get_resource(&rp("x/y/z")).unwrap().unwrap().plaintext[..],
         b"xyz"
     );
     assert!(

@@ -38,20 +38,32 @@ pub fn select_hash(extra_params: &Value) -> Result<HashAlgorithm, NegotiationErr
         Value::Object(map) => match map.get(SUPPORTED_HASH_ALGORITHMS) {
             None => return Ok(HashAlgorithm::Sha384),
             Some(Value::Array(list)) => list,
-            Some(_) => return Err(NegotiationError::Malformed("supported-hash-algorithms must be a list")),
+            Some(_) => {
+                return Err(NegotiationError::Malformed(
+                    "supported-hash-algorithms must be a list",
+                ));
+            }
         },
-        _ => return Err(NegotiationError::Malformed("extra-params must be a string or an object")),
+        _ => {
+            return Err(NegotiationError::Malformed(
+                "extra-params must be a string or an object",
+            ));
+        }
     };
     let mut offered = Vec::with_capacity(list.len());
     for item in list {
-        let name = item
-            .as_str()
-            .ok_or(NegotiationError::Malformed("supported-hash-algorithms entries must be strings"))?;
+        let name = item.as_str().ok_or(NegotiationError::Malformed(
+            "supported-hash-algorithms entries must be strings",
+        ))?;
         offered.push(name);
     }
     PREFERENCE
         .into_iter()
-        .find(|alg| offered.iter().any(|name| name.eq_ignore_ascii_case(hash_name(*alg))))
+        .find(|alg| {
+            offered
+                .iter()
+                .any(|name| name.eq_ignore_ascii_case(hash_name(*alg)))
+        })
         .ok_or_else(|| {
             let mut names = offered.join(", ");
             names.truncate(200);
@@ -106,6 +118,7 @@ pub fn derived_guest_id(tee_pubkey: &TeePubKey) -> Result<String, serde_json::Er
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use serde_json::json;
@@ -160,8 +173,13 @@ mod tests {
         });
         let canonical = serde_json_canonicalizer::to_vec(&client_json).unwrap();
         let text = String::from_utf8(canonical.clone()).unwrap();
-        assert!(text.starts_with(r#"{"additional-evidence":"","nonce":"#), "{text}");
-        assert!(text.contains(r#""tee-pubkey":{"alg":"ECDH-ES+A256KW","crv":"P-256","kty":"EC","x":"#));
+        assert!(
+            text.starts_with(r#"{"additional-evidence":"","nonce":"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#""tee-pubkey":{"alg":"ECDH-ES+A256KW","crv":"P-256","kty":"EC","x":"#)
+        );
         let expected = Sha384::digest(&canonical).to_vec();
         assert_eq!(
             expected_report_data(HashAlgorithm::Sha384, &key, nonce, "").unwrap(),

@@ -31,6 +31,24 @@ pub enum InitDataError {
     Invalid(String),
 }
 
+impl InitDataError {
+    /// HTTP status this error maps to.
+    pub fn status(&self) -> u16 {
+        match self {
+            InitDataError::TooLarge { .. } => 413,
+            InitDataError::Invalid(_) => 400,
+        }
+    }
+
+    /// CamelCase error name for the JSON error type URL.
+    pub fn name(&self) -> &'static str {
+        match self {
+            InitDataError::TooLarge { .. } => "InitDataTooLarge",
+            InitDataError::Invalid(_) => "InvalidInitData",
+        }
+    }
+}
+
 /// Init-data parsed and digested, ready for the verifier and the token.
 #[derive(Clone, Debug)]
 pub struct InitDataClaims {
@@ -99,9 +117,9 @@ fn parse_tether(tether: &toml::Table) -> Result<GuestIdentity, InitDataError> {
     for (key, value) in tether {
         match key.as_str() {
             "guest_id" => {
-                let id = value
-                    .as_str()
-                    .ok_or_else(|| InitDataError::Invalid("tether.guest_id must be a string".into()))?;
+                let id = value.as_str().ok_or_else(|| {
+                    InitDataError::Invalid("tether.guest_id must be a string".into())
+                })?;
                 if id.is_empty() || id.len() > MAX_GUEST_ID_LEN || !id.bytes().all(is_name_byte) {
                     return Err(InitDataError::Invalid(format!(
                         "tether.guest_id {:?} must be 1..={MAX_GUEST_ID_LEN} characters of [A-Za-z0-9._-]",
@@ -111,9 +129,9 @@ fn parse_tether(tether: &toml::Table) -> Result<GuestIdentity, InitDataError> {
                 guest_id = id.to_owned();
             }
             "labels" => {
-                let table = value
-                    .as_table()
-                    .ok_or_else(|| InitDataError::Invalid("tether.labels must be a table".into()))?;
+                let table = value.as_table().ok_or_else(|| {
+                    InitDataError::Invalid("tether.labels must be a table".into())
+                })?;
                 if table.len() > MAX_LABELS {
                     return Err(InitDataError::Invalid(format!(
                         "tether.labels has {} entries, at most {MAX_LABELS} are allowed",
@@ -189,6 +207,7 @@ fn toml_to_json(value: &toml::Value) -> Value {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use sha2::{Digest, Sha256, Sha384, Sha512};
@@ -224,9 +243,17 @@ empty = ""
     fn parses_upstream_document_with_identity() {
         let parsed = parse(&init(UPSTREAM_STYLE), 65536).unwrap();
         assert_eq!(parsed.algorithm, HashAlgorithm::Sha256);
-        assert_eq!(parsed.digest, Sha256::digest(UPSTREAM_STYLE.as_bytes()).to_vec());
+        assert_eq!(
+            parsed.digest,
+            Sha256::digest(UPSTREAM_STYLE.as_bytes()).to_vec()
+        );
         assert_eq!(parsed.claims["version"], "0.1.0");
-        assert!(parsed.claims["data"]["aa.toml"].as_str().unwrap().contains("kbs:8080"));
+        assert!(
+            parsed.claims["data"]["aa.toml"]
+                .as_str()
+                .unwrap()
+                .contains("kbs:8080")
+        );
         let identity = parsed.identity.unwrap();
         assert_eq!(identity.guest_id, "web-01.prod");
         assert_eq!(identity.labels["tier/zone"], "eu-1");
@@ -268,7 +295,10 @@ empty = ""
         assert!(matches!(parse(&json, 1024), Err(InitDataError::Invalid(m)) if m.contains("json")));
         assert!(matches!(
             parse(&init(&"#".repeat(2000)), 1000),
-            Err(InitDataError::TooLarge { size: 2000, limit: 1000 })
+            Err(InitDataError::TooLarge {
+                size: 2000,
+                limit: 1000
+            })
         ));
         assert!(parse(&init("not = [valid"), 1024).is_err());
     }
@@ -279,15 +309,24 @@ empty = ""
             ("[tether]\nguest_id = \"\"\n", "guest_id"),
             ("[tether]\nguest_id = \"has space\"\n", "guest_id"),
             ("[tether]\nguest_id = 5\n", "guest_id"),
-            (&format!("[tether]\nguest_id = \"{}\"\n", "a".repeat(129)), "guest_id"),
+            (
+                &format!("[tether]\nguest_id = \"{}\"\n", "a".repeat(129)),
+                "guest_id",
+            ),
             ("[tether]\nguestid = \"x\"\n", "tether.guestid"),
             ("tether = 1\n", "tether"),
             ("[tether]\nlabels = 1\n", "labels"),
             ("[tether.labels]\n\"bad key!\" = \"x\"\n", "bad key!"),
-            (&format!("[tether.labels]\n{} = \"x\"\n", "k".repeat(64)), "labels key"),
+            (
+                &format!("[tether.labels]\n{} = \"x\"\n", "k".repeat(64)),
+                "labels key",
+            ),
             ("[tether.labels]\napp = \"a/b\"\n", "tether.labels.app"),
             ("[tether.labels]\napp = 1\n", "tether.labels.app"),
-            (&format!("[tether.labels]\napp = \"{}\"\n", "v".repeat(64)), "tether.labels.app"),
+            (
+                &format!("[tether.labels]\napp = \"{}\"\n", "v".repeat(64)),
+                "tether.labels.app",
+            ),
         ];
         for (body, needle) in cases {
             let err = parse(&init(body), 65536).unwrap_err();

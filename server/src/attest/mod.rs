@@ -21,7 +21,9 @@ use rand::RngCore;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-pub use binding::{SELECTED_HASH_ALGORITHM, SUPPORTED_HASH_ALGORITHMS, derived_guest_id, hash_name};
+pub use binding::{
+    SELECTED_HASH_ALGORITHM, SUPPORTED_HASH_ALGORITHMS, derived_guest_id, hash_name,
+};
 pub use init_data::{INIT_DATA_FORMAT, InitDataClaims, InitDataError};
 pub use sample::SampleVerifier;
 pub use verifier::{Verifier, VerifyError};
@@ -70,7 +72,9 @@ pub enum RcarError {
     #[error("TEE {0:?} is not supported by this KBS")]
     UnknownTee(String),
     /// The client offered no hash algorithm Tether uses.
-    #[error("no supported hash algorithm offered (offered: {0}; supported: sha384, sha256, sha512)")]
+    #[error(
+        "no supported hash algorithm offered (offered: {0}; supported: sha384, sha256, sha512)"
+    )]
     UnsupportedHashAlgorithm(String),
     /// The request is malformed in a way the JSON parser could not catch.
     #[error("invalid request: {0}")]
@@ -271,7 +275,9 @@ impl RcarService {
         }
         let hash = binding::select_hash(&req.extra_params).map_err(|e| match e {
             NegotiationError::Malformed(reason) => RcarError::InvalidRequest(reason),
-            NegotiationError::NoCommonAlgorithm(names) => RcarError::UnsupportedHashAlgorithm(names),
+            NegotiationError::NoCommonAlgorithm(names) => {
+                RcarError::UnsupportedHashAlgorithm(names)
+            }
         })?;
 
         let mut raw = [0u8; NONCE_BYTES];
@@ -328,7 +334,10 @@ impl RcarService {
         if !att.tee_evidence.additional_evidence.is_empty() {
             // No device verifiers yet: the string is bound by the digest but
             // contributes no claims.
-            tracing::debug!(session_id, "additional evidence ignored (no device verifiers)");
+            tracing::debug!(
+                session_id,
+                "additional evidence ignored (no device verifiers)"
+            );
         }
 
         self.sessions.begin_verification(&id, Instant::now())?;
@@ -422,8 +431,8 @@ impl RcarService {
 
 fn check_version(version: &str) -> Result<(), RcarError> {
     let truncated = || version.chars().take(32).collect::<String>();
-    let parsed =
-        semver::Version::parse(version).map_err(|_| RcarError::InvalidRequestVersion(truncated()))?;
+    let parsed = semver::Version::parse(version)
+        .map_err(|_| RcarError::InvalidRequestVersion(truncated()))?;
     if parsed.major == 0 && parsed.minor == 4 && parsed.pre.is_empty() {
         Ok(())
     } else {
@@ -436,4 +445,5 @@ fn parse_session_id(session_id: &str) -> Result<Uuid, RcarError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests;

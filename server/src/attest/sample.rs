@@ -58,7 +58,9 @@ fn verify_sample(evidence: &Value, expected: &[u8]) -> Result<Value, VerifyError
         .as_object()
         .ok_or_else(|| VerifyError::Malformed("sample evidence is not a JSON object".into()))?;
     if !fields.get("svn").is_some_and(Value::is_string) {
-        return Err(VerifyError::Malformed("sample evidence has no string \"svn\"".into()));
+        return Err(VerifyError::Malformed(
+            "sample evidence has no string \"svn\"".into(),
+        ));
     }
     let encoded = fields
         .get("report_data")
@@ -94,6 +96,7 @@ fn report_data_matches(actual: &[u8], expected: &[u8]) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use base64::engine::general_purpose::STANDARD;
@@ -116,7 +119,8 @@ mod tests {
 
         let mut padded = digest.to_vec();
         padded.resize(64, 0);
-        let ev = json!({"svn": "1", "report_data": STANDARD.encode(&padded), "measure_register": "00"});
+        let ev =
+            json!({"svn": "1", "report_data": STANDARD.encode(&padded), "measure_register": "00"});
         let claims = block_on(SampleVerifier.verify(&ev, &digest, None)).unwrap();
         assert_eq!(claims["measure_register"], "00");
     }
@@ -124,9 +128,8 @@ mod tests {
     #[test]
     fn accepts_evidence_sent_as_a_string() {
         let digest = [1u8; 32];
-        let ev = Value::String(
-            json!({"svn": "1", "report_data": STANDARD.encode(digest)}).to_string(),
-        );
+        let ev =
+            Value::String(json!({"svn": "1", "report_data": STANDARD.encode(digest)}).to_string());
         assert!(block_on(SampleVerifier.verify(&ev, &digest, None)).is_ok());
     }
 

@@ -187,6 +187,7 @@ impl SessionTable {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::time::Duration;
@@ -212,7 +213,10 @@ mod tests {
         // Full, but one is expired: it makes room.
         table.insert(Uuid::new_v4(), session(later), now).unwrap();
         assert_eq!(table.len(), 2);
-        assert_eq!(table.insert(Uuid::new_v4(), session(later), now), Err(Lookup::Full));
+        assert_eq!(
+            table.insert(Uuid::new_v4(), session(later), now),
+            Err(Lookup::Full)
+        );
     }
 
     #[test]
@@ -220,7 +224,9 @@ mod tests {
         let table = SessionTable::new(10);
         let now = Instant::now();
         let id = Uuid::new_v4();
-        table.insert(id, session(now + Duration::from_secs(5)), now).unwrap();
+        table
+            .insert(id, session(now + Duration::from_secs(5)), now)
+            .unwrap();
         assert!(table.challenge(&id, now).is_ok());
         table.begin_verification(&id, now).unwrap();
         assert_eq!(table.begin_verification(&id, now), Err(Lookup::Spent));
@@ -235,7 +241,9 @@ mod tests {
         let table = SessionTable::new(10);
         let now = Instant::now();
         let id = Uuid::new_v4();
-        table.insert(id, session(now + Duration::from_millis(1)), now).unwrap();
+        table
+            .insert(id, session(now + Duration::from_millis(1)), now)
+            .unwrap();
         let later = now + Duration::from_secs(1);
         assert!(matches!(table.challenge(&id, later), Err(Lookup::Expired)));
         assert!(matches!(table.challenge(&id, later), Err(Lookup::NotFound)));

@@ -78,7 +78,12 @@ async fn full_handshake_with_sample_tee() {
         json!({"selected-hash-algorithm": "sha384"})
     );
     assert_eq!(STANDARD.decode(&reply.challenge.nonce).unwrap().len(), 32);
-    assert!(Uuid::parse_str(&reply.session_id).unwrap().get_version_num() == 4);
+    assert!(
+        Uuid::parse_str(&reply.session_id)
+            .unwrap()
+            .get_version_num()
+            == 4
+    );
     assert!(reply.expires > SystemTime::now() + Duration::from_secs(290));
     assert!(matches!(
         rcar.session_token(&reply.session_id),
@@ -95,7 +100,10 @@ async fn full_handshake_with_sample_tee() {
     assert!(verified.identity.labels.is_empty());
     let ev = &verified.claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"];
     assert_eq!(ev["sample"]["svn"], "1");
-    assert_eq!(ev["runtime_data_claims"]["nonce"], reply.challenge.nonce.as_str());
+    assert_eq!(
+        ev["runtime_data_claims"]["nonce"],
+        reply.challenge.nonce.as_str()
+    );
     assert_eq!(ev["runtime_data_claims"]["tee-pubkey"], json!(key));
     assert!(ev.get("init_data").is_none());
     assert_eq!(attested.verified.claims, verified.claims);
@@ -128,7 +136,10 @@ async fn failed_verification_spends_the_nonce() {
     let mut att = client_attestation(&reply.challenge, &key, None);
     att.tee_evidence.primary_evidence["report_data"] = json!(STANDARD.encode([0u8; 48]));
     let err = rcar.attest(&reply.session_id, att).await.unwrap_err();
-    assert_eq!((err.status(), err.name()), (401, "EvidenceVerificationFailed"));
+    assert_eq!(
+        (err.status(), err.name()),
+        (401, "EvidenceVerificationFailed")
+    );
     assert!(err.to_string().contains("report data"), "{err}");
 
     let good = client_attestation(&reply.challenge, &key, None);
@@ -176,18 +187,30 @@ async fn hash_negotiation_is_honoured() {
     let rcar = service(RcarConfig::default());
     for (offered, selected) in [
         (json!({"supported-hash-algorithms": ["sha256"]}), "sha256"),
-        (json!({"supported-hash-algorithms": ["sha512", "sm3"]}), "sha512"),
+        (
+            json!({"supported-hash-algorithms": ["sha512", "sm3"]}),
+            "sha512",
+        ),
         (json!(""), "sha384"),
     ] {
         let reply = rcar.auth(request(Tee::Sample, offered)).unwrap();
-        assert_eq!(reply.challenge.extra_params["selected-hash-algorithm"], selected);
+        assert_eq!(
+            reply.challenge.extra_params["selected-hash-algorithm"],
+            selected
+        );
         let att = client_attestation(&reply.challenge, &ec_key(), None);
         rcar.attest(&reply.session_id, att).await.unwrap();
     }
     let err = rcar
-        .auth(request(Tee::Sample, json!({"supported-hash-algorithms": ["sm3"]})))
+        .auth(request(
+            Tee::Sample,
+            json!({"supported-hash-algorithms": ["sm3"]}),
+        ))
         .unwrap_err();
-    assert_eq!((err.status(), err.name()), (400, "UnsupportedHashAlgorithm"));
+    assert_eq!(
+        (err.status(), err.name()),
+        (400, "UnsupportedHashAlgorithm")
+    );
     let err = rcar.auth(request(Tee::Sample, json!(7))).unwrap_err();
     assert_eq!(err.status(), 400);
 }
@@ -204,7 +227,11 @@ fn version_and_tee_are_checked() {
         let mut req = upstream_request();
         req.version = bad.into();
         let err = rcar.auth(req).unwrap_err();
-        assert_eq!((err.status(), err.name()), (400, "InvalidRequestVersion"), "{bad}");
+        assert_eq!(
+            (err.status(), err.name()),
+            (400, "InvalidRequestVersion"),
+            "{bad}"
+        );
     }
     let err = rcar.auth(request(Tee::Tdx, json!(""))).unwrap_err();
     assert_eq!((err.status(), err.name()), (400, "UnknownTee"));
@@ -242,13 +269,23 @@ async fn expired_and_unknown_sessions() {
     let reply = rcar.auth(upstream_request()).unwrap();
     tokio::time::sleep(Duration::from_millis(30)).await;
     let att = client_attestation(&reply.challenge, &ec_key(), None);
-    let err = rcar.attest(&reply.session_id, att.clone()).await.unwrap_err();
+    let err = rcar
+        .attest(&reply.session_id, att.clone())
+        .await
+        .unwrap_err();
     assert_eq!((err.status(), err.name()), (401, "SessionExpired"));
 
-    for id in [Uuid::new_v4().to_string(), "not-a-uuid".into(), String::new()] {
+    for id in [
+        Uuid::new_v4().to_string(),
+        "not-a-uuid".into(),
+        String::new(),
+    ] {
         let err = rcar.attest(&id, att.clone()).await.unwrap_err();
         assert_eq!((err.status(), err.name()), (401, "SessionNotFound"));
-        assert!(matches!(rcar.session_token(&id), Err(RcarError::SessionNotFound)));
+        assert!(matches!(
+            rcar.session_token(&id),
+            Err(RcarError::SessionNotFound)
+        ));
     }
 }
 
@@ -307,7 +344,11 @@ async fn bad_init_data_and_keys_are_refused_before_spending_the_nonce() {
     let reply = rcar.auth(upstream_request()).unwrap();
     let key = ec_key();
 
-    let att = client_attestation(&reply.challenge, &key, Some("[tether]\nguest_id = \"a b\"\n"));
+    let att = client_attestation(
+        &reply.challenge,
+        &key,
+        Some("[tether]\nguest_id = \"a b\"\n"),
+    );
     let err = rcar.attest(&reply.session_id, att).await.unwrap_err();
     assert_eq!((err.status(), err.name()), (400, "InvalidInitData"));
     assert!(err.to_string().contains("guest_id"));
@@ -354,13 +395,19 @@ async fn rsa_tee_key_is_accepted() {
     let reply = rcar.auth(upstream_request()).unwrap();
     let att = client_attestation(&reply.challenge, &key, None);
     let attested = rcar.attest(&reply.session_id, att).await.unwrap();
-    assert!(matches!(attested.verified.tee_pubkey, TeePubKey::RSA { .. }));
+    assert!(matches!(
+        attested.verified.tee_pubkey,
+        TeePubKey::RSA { .. }
+    ));
 }
+
+/// Report data and init-data digest one verification was given.
+type Seen = (Vec<u8>, Option<Vec<u8>>);
 
 /// A verifier for another TEE that records what it was given and can stall.
 struct RecordingVerifier {
     delay: Duration,
-    seen: Mutex<Vec<(Vec<u8>, Option<Vec<u8>>)>>,
+    seen: Mutex<Vec<Seen>>,
 }
 
 #[async_trait]
@@ -408,14 +455,16 @@ async fn pluggable_verifier_gets_report_and_init_data_digests() {
     let expected_rd =
         binding::expected_report_data(HashAlgorithm::Sha384, &key, &reply.challenge.nonce, "")
             .unwrap();
-    assert_eq!(seen, vec![(
-        expected_rd,
-        Some(HashAlgorithm::Sha256.digest(INIT_DATA.as_bytes()))
-    )]);
+    assert_eq!(
+        seen,
+        vec![(
+            expected_rd,
+            Some(HashAlgorithm::Sha256.digest(INIT_DATA.as_bytes()))
+        )]
+    );
     assert_eq!(attested.verified.tee, "tdx");
     assert_eq!(
-        attested.verified.claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"]["tdx"]
-            ["tcb"],
+        attested.verified.claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"]["tdx"]["tcb"],
         "up-to-date"
     );
 }
