@@ -1,0 +1,511 @@
+//! Sans-IO tunnel handshake: proof of possession of the TEE key bound in the token.
+//!
+//! server -> guest `Hello { challenge }`, guest -> server `Proof { nonce }`,
+//! server -> guest `Welcome` or `Reject` (a close with the same code follows).
+//! The challenge is a JWE of 32 random bytes sealed to the token's TEE key: the server
+//! crate seals it and hands the JWE and the expected bytes in, the guest passes an unseal
+//! callback, so this module holds no cryptography beyond a constant-time compare.
+
+use rpc_defs::{CloseCode, Frame, GuestInfo, PROTOCOL_VERSION};
+use subtle::ConstantTimeEq;
+use zeroize::{Zeroize, Zeroizing};
+
+/// Length of the challenge nonce in bytes.
+pub const NONCE_LEN: usize = 32;
+
+/// Smallest `max_frame` a guest accepts from a Hello (anything smaller cannot carry an RPC).
+pub const MIN_MAX_FRAME: u32 = 4096;
+
+/// What the server announces and grants in its Hello and Welcome.
+#[derive(Clone, Debug)]
+pub struct ServerHandshakeParams {
+    /// Attested guest id (from the token claims, never from the guest).
+    pub guest_id: String,
+    /// Server-chosen session id.
+    pub session_id: String,
+    /// Heartbeat interval announced to the guest, seconds.
+    pub heartbeat_s: u32,
+    /// Largest frame either side may send, bytes.
+    pub max_frame: u32,
+    /// Unix time (seconds) by which the guest must re-attest in band.
+    pub reauth_before: u64,
+}
+
+/// Server side of the handshake.
+pub struct ServerHandshake {
+    challenge: Vec<u8>,
+    expected_nonce: Zeroizing<[u8; NONCE_LEN]>,
+    params: ServerHandshakeParams,
+    state: ServerState,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ServerState {
+    Start,
+    AwaitProof,
+    Done,
+}
+
+/// Result of feeding the guest's answer to [`ServerHandshake::receive`].
+#[derive(Debug)]
+pub enum ServerOutcome {
+    /// The proof is good: send `reply` (a Welcome) and start serving.
+    Accepted {
+        /// The Welcome frame to send.
+        reply: Frame,
+        /// What the guest said about itself (informational only).
+        info: GuestInfo,
+    },
+    /// The handshake failed: send `reply` (a Reject), then close with `code`.
+    Rejected {
+        /// The Reject frame to send.
+        reply: Frame,
+        /// Close code that follows.
+        code: CloseCode,
+        /// Why, for logs and the Reject frame.
+        reason: String,
+        /// Short label for metrics: `bad_proof` or `protocol_error`.
+        outcome: &'static str,
+    },
+}
+
+impl std::fmt::Debug for ServerHandshake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerHandshake")
+            .field("params", &self.params)
+            .field("state", &self.state)
+            .field("expected_nonce", &"[redacted]")
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerHandshake {
+    /// A handshake for one connection; `challenge_jwe` seals `expected_nonce` to the token's TEE key.
+    pub fn new(
+        challenge_jwe: Vec<u8>,
+        mut expected_nonce: [u8; NONCE_LEN],
+        params: ServerHandshakeParams,
+    ) -> Self {
+        let nonce = Zeroizing::new(expected_nonce);
+        expected_nonce.zeroize();
+        Self {
+            challenge: challenge_jwe,
+            expected_nonce: nonce,
+            params,
+            state: ServerState::Start,
+        }
+    }
+
+    /// The Hello frame to send first (callable once; later calls return `None`).
+    pub fn hello(&mut self) -> Option<Frame> {
+        if self.state != ServerState::Start {
+            return None;
+        }
+        self.state = ServerState::AwaitProof;
+        Some(Frame::Hello {
+            version: PROTOCOL_VERSION,
+            challenge: std::mem::take(&mut self.challenge),
+            heartbeat_s: self.params.heartbeat_s,
+            max_frame: self.params.max_frame,
+        })
+    }
+
+    /// Feeds the guest's first frame; anything but a Proof after Hello is a protocol error.
+    pub fn receive(&mut self, frame: Frame) -> ServerOutcome {
+        let state = std::mem::replace(&mut self.state, ServerState::Done);
+        match (state, frame) {
+            (ServerState::AwaitProof, Frame::Proof { nonce, info }) => {
+                let nonce = Zeroizing::new(nonce);
+                let good = nonce.len() == NONCE_LEN
+                    && bool::from(nonce.as_slice().ct_eq(self.expected_nonce.as_slice()));
+                if good {
+                    ServerOutcome::Accepted {
+                        reply: Frame::Welcome {
+                            session_id: self.params.session_id.clone(),
+                            guest_id: self.params.guest_id.clone(),
+                            reauth_before: self.params.reauth_before,
+                        },
+                        info,
+                    }
+                } else {
+                    rejected(CloseCode::Auth, "proof of possession failed", "bad_proof")
+                }
+            }
+            (ServerState::AwaitProof, other) => rejected(
+                CloseCode::Protocol,
+                &format!("expected Proof, got {}", frame_name(&other)),
+                "protocol_error",
+            ),
+            (_, other) => rejected(
+                CloseCode::Protocol,
+                &format!("unexpected {} during handshake", frame_name(&other)),
+                "protocol_error",
+            ),
+        }
+    }
+}
+
+fn rejected(code: CloseCode, reason: &str, outcome: &'static str) -> ServerOutcome {
+    ServerOutcome::Rejected {
+        reply: Frame::Reject {
+            code: code.code(),
+            reason: reason.to_owned(),
+        },
+        code,
+        reason: reason.to_owned(),
+        outcome,
+    }
+}
+
+/// Short name of a frame's kind, for errors and logs (never its contents).
+pub fn frame_name(frame: &Frame) -> &'static str {
+    match frame {
+        Frame::Hello { .. } => "Hello",
+        Frame::Proof { .. } => "Proof",
+        Frame::Welcome { .. } => "Welcome",
+        Frame::Reject { .. } => "Reject",
+        Frame::Rpc(_) => "Rpc",
+        Frame::Reauth { .. } => "Reauth",
+        Frame::ReauthOk { .. } => "ReauthOk",
+        Frame::GoAway { .. } => "GoAway",
+    }
+}
+
+/// Why the guest side of a handshake failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    /// The server sent a frame that does not belong here (the guest closes with 4400).
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The server speaks another protocol version.
+    #[error("unsupported protocol version {0}")]
+    Version(u32),
+    /// The challenge could not be opened with the TEE key.
+    #[error("cannot unseal the challenge: {0}")]
+    Unseal(String),
+    /// The server refused the proof.
+    #[error("rejected by the server ({code}): {reason}")]
+    Rejected {
+        /// Close code the server announced.
+        code: u16,
+        /// The server's reason.
+        reason: String,
+    },
+}
+
+impl HandshakeError {
+    /// True when re-attesting (a fresh token) may help: the server refused our proof or token.
+    pub fn needs_reattest(&self) -> bool {
+        matches!(self, Self::Rejected { code, .. } if *code == CloseCode::Auth.code())
+    }
+}
+
+/// What the server granted in its Welcome, plus the limits from its Hello.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Welcome {
+    /// Server-chosen session id.
+    pub session_id: String,
+    /// Attested guest id.
+    pub guest_id: String,
+    /// Unix time (seconds) by which the guest must send `Reauth`.
+    pub reauth_before: u64,
+    /// Server heartbeat interval, seconds (at least 1).
+    pub heartbeat_s: u32,
+    /// Largest frame either side may send, bytes.
+    pub max_frame: u32,
+}
+
+/// One step of the guest side.
+#[derive(Debug)]
+pub enum GuestStep {
+    /// Send this frame (the Proof) and wait for the next one.
+    Send(Frame),
+    /// The tunnel is up.
+    Established(Welcome),
+}
+
+/// Guest side of the handshake.
+pub struct GuestHandshake<U> {
+    info: Option<GuestInfo>,
+    unseal: Option<U>,
+    hello: Option<(u32, u32)>,
+}
+
+impl<U> std::fmt::Debug for GuestHandshake<U> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestHandshake")
+            .field("info", &self.info)
+            .field("hello", &self.hello)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<U> GuestHandshake<U>
+where
+    U: FnOnce(&[u8]) -> Result<Vec<u8>, String>,
+{
+    /// A handshake that will answer the challenge with `unseal(challenge_jwe)`.
+    pub fn new(info: GuestInfo, unseal: U) -> Self {
+        Self {
+            info: Some(info),
+            unseal: Some(unseal),
+            hello: None,
+        }
+    }
+
+    /// Feeds the next server frame: Hello yields the Proof to send, Welcome ends the handshake.
+    pub fn receive(&mut self, frame: Frame) -> Result<GuestStep, HandshakeError> {
+        match frame {
+            Frame::Hello {
+                version,
+                challenge,
+                heartbeat_s,
+                max_frame,
+            } if self.hello.is_none() => {
+                if version != PROTOCOL_VERSION {
+                    return Err(HandshakeError::Version(version));
+                }
+                if max_frame < MIN_MAX_FRAME {
+                    return Err(HandshakeError::Protocol(format!(
+                        "max_frame {max_frame} is below {MIN_MAX_FRAME}"
+                    )));
+                }
+                let (Some(unseal), Some(info)) = (self.unseal.take(), self.info.take()) else {
+                    return Err(HandshakeError::Protocol("second Hello".into()));
+                };
+                let nonce = Zeroizing::new(unseal(&challenge).map_err(HandshakeError::Unseal)?);
+                if nonce.len() != NONCE_LEN {
+                    return Err(HandshakeError::Unseal(format!(
+                        "challenge holds {} bytes, expected {NONCE_LEN}",
+                        nonce.len()
+                    )));
+                }
+                self.hello = Some((heartbeat_s.max(1), max_frame));
+                Ok(GuestStep::Send(Frame::Proof {
+                    nonce: nonce.to_vec(),
+                    info,
+                }))
+            }
+            Frame::Welcome {
+                session_id,
+                guest_id,
+                reauth_before,
+            } => match self.hello.take() {
+                Some((heartbeat_s, max_frame)) => Ok(GuestStep::Established(Welcome {
+                    session_id,
+                    guest_id,
+                    reauth_before,
+                    heartbeat_s,
+                    max_frame,
+                })),
+                None => Err(HandshakeError::Protocol("Welcome before Hello".into())),
+            },
+            Frame::Reject { code, reason } => Err(HandshakeError::Rejected { code, reason }),
+            other => Err(HandshakeError::Protocol(format!(
+                "unexpected {} during handshake",
+                frame_name(&other)
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NONCE: [u8; 32] = [7; 32];
+
+    fn info() -> GuestInfo {
+        GuestInfo {
+            instance_id: "i-1".into(),
+            daemon_version: "0.1.0".into(),
+            services: vec!["resources".into()],
+        }
+    }
+
+    fn new_server() -> ServerHandshake {
+        ServerHandshake::new(
+            b"sealed".to_vec(),
+            NONCE,
+            ServerHandshakeParams {
+                guest_id: "g1".into(),
+                session_id: "s1".into(),
+                heartbeat_s: 20,
+                max_frame: 1 << 20,
+                reauth_before: 1000,
+            },
+        )
+    }
+
+    /// A fake unseal: the "JWE" is accepted only if it reads `sealed`.
+    fn unseal(jwe: &[u8]) -> Result<Vec<u8>, String> {
+        if jwe == b"sealed" {
+            Ok(NONCE.to_vec())
+        } else {
+            Err("wrong key".into())
+        }
+    }
+
+    #[test]
+    fn good_proof_is_welcomed() {
+        let mut server = new_server();
+        let mut guest = GuestHandshake::new(info(), unseal);
+        let hello = server.hello().expect("hello");
+        assert!(server.hello().is_none(), "hello twice");
+        let GuestStep::Send(proof) = guest.receive(hello).expect("proof") else {
+            panic!("expected a proof");
+        };
+        let ServerOutcome::Accepted { reply, info: got } = server.receive(proof) else {
+            panic!("proof refused");
+        };
+        assert_eq!(got, info());
+        let GuestStep::Established(welcome) = guest.receive(reply).expect("welcome") else {
+            panic!("expected welcome");
+        };
+        assert_eq!(
+            welcome,
+            Welcome {
+                session_id: "s1".into(),
+                guest_id: "g1".into(),
+                reauth_before: 1000,
+                heartbeat_s: 20,
+                max_frame: 1 << 20,
+            }
+        );
+    }
+
+    #[test]
+    fn wrong_nonce_is_rejected_with_4401() {
+        for nonce in [vec![8_u8; 32], vec![7_u8; 31], vec![7_u8; 33], vec![]] {
+            let mut server = new_server();
+            server.hello();
+            let outcome = server.receive(Frame::Proof {
+                nonce,
+                info: info(),
+            });
+            let ServerOutcome::Rejected {
+                reply,
+                code,
+                outcome,
+                ..
+            } = outcome
+            else {
+                panic!("bad proof accepted");
+            };
+            assert_eq!(code, CloseCode::Auth);
+            assert_eq!(outcome, "bad_proof");
+            assert!(matches!(reply, Frame::Reject { code: 4401, .. }));
+        }
+    }
+
+    #[test]
+    fn unexpected_frames_are_rejected_with_4400() {
+        let mut server = new_server();
+        server.hello();
+        let ServerOutcome::Rejected { code, .. } = server.receive(Frame::Rpc(vec![1])) else {
+            panic!("Rpc accepted as proof");
+        };
+        assert_eq!(code, CloseCode::Protocol);
+
+        // A proof before the Hello was sent is out of order too.
+        let mut early = new_server();
+        let ServerOutcome::Rejected { code, .. } = early.receive(Frame::Proof {
+            nonce: NONCE.to_vec(),
+            info: info(),
+        }) else {
+            panic!("proof before hello accepted");
+        };
+        assert_eq!(code, CloseCode::Protocol);
+
+        // After the first answer the handshake is over: a second proof is refused.
+        let mut twice = new_server();
+        twice.hello();
+        let proof = Frame::Proof {
+            nonce: NONCE.to_vec(),
+            info: info(),
+        };
+        assert!(matches!(
+            twice.receive(proof.clone()),
+            ServerOutcome::Accepted { .. }
+        ));
+        assert!(matches!(
+            twice.receive(proof),
+            ServerOutcome::Rejected {
+                code: CloseCode::Protocol,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn guest_reports_unseal_failure_and_bad_hello() {
+        let mut guest = GuestHandshake::new(info(), unseal);
+        let err = guest
+            .receive(Frame::Hello {
+                version: PROTOCOL_VERSION,
+                challenge: b"other".to_vec(),
+                heartbeat_s: 20,
+                max_frame: 1 << 20,
+            })
+            .expect_err("unsealed a foreign challenge");
+        assert!(matches!(err, HandshakeError::Unseal(_)));
+
+        let mut guest = GuestHandshake::new(info(), unseal);
+        let err = guest
+            .receive(Frame::Hello {
+                version: 2,
+                challenge: b"sealed".to_vec(),
+                heartbeat_s: 20,
+                max_frame: 1 << 20,
+            })
+            .expect_err("accepted version 2");
+        assert_eq!(err, HandshakeError::Version(2));
+
+        let mut guest = GuestHandshake::new(info(), unseal);
+        assert!(matches!(
+            guest.receive(Frame::Welcome {
+                session_id: "s".into(),
+                guest_id: "g".into(),
+                reauth_before: 1
+            }),
+            Err(HandshakeError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn guest_sees_reject_and_knows_to_reattest() {
+        let mut guest = GuestHandshake::new(info(), unseal);
+        let err = guest
+            .receive(Frame::Reject {
+                code: 4401,
+                reason: "proof of possession failed".into(),
+            })
+            .expect_err("reject is an error");
+        assert!(err.needs_reattest());
+        assert!(!HandshakeError::Protocol("x".into()).needs_reattest());
+    }
+
+    #[test]
+    fn zero_heartbeat_is_raised_to_one_second() {
+        let mut guest = GuestHandshake::new(info(), unseal);
+        guest
+            .receive(Frame::Hello {
+                version: PROTOCOL_VERSION,
+                challenge: b"sealed".to_vec(),
+                heartbeat_s: 0,
+                max_frame: 1 << 20,
+            })
+            .expect("proof");
+        let GuestStep::Established(w) = guest
+            .receive(Frame::Welcome {
+                session_id: "s".into(),
+                guest_id: "g".into(),
+                reauth_before: 1,
+            })
+            .expect("welcome")
+        else {
+            panic!("not established");
+        };
+        assert_eq!(w.heartbeat_s, 1);
+    }
+}

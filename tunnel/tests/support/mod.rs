@@ -1,0 +1,415 @@
+//! Loopback test rig: a tiny axum KBS with the tunnel route, a test `GuestService`, raw
+//! WebSocket clients, and a recording observer. The "crypto" is a fake: the challenge is
+//! the nonce XOR 0x5a, and `unseal` undoes it.
+
+#![allow(dead_code)]
+
+use std::{
+    collections::BTreeMap,
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use axum::{
+    Router,
+    extract::{State, WebSocketUpgrade},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::any,
+};
+use futures::{SinkExt, StreamExt, future::BoxFuture};
+use rpc_defs::{
+    Applied, CredentialBundle, Frame, GuestError, GuestInfo, GuestService, Installed, ProbeKind,
+    ProbeReport, SUBPROTOCOL, SealedResource,
+};
+use serde_bytes::ByteBuf;
+use tarpc::context::Context;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream,
+    tungstenite::{Message, client::IntoClientRequest, http::HeaderValue},
+};
+use tokio_util::sync::CancellationToken;
+use tunnel::{
+    AcceptParams, GuestTunnelConfig, Hub, ReauthFn, TunnelLimits, TunnelObserver,
+    configure_upgrade, serve_guest_tunnel,
+};
+
+pub const XOR: u8 = 0x5a;
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Everything an observer was told.
+#[derive(Default)]
+pub struct Recorder {
+    pub handshakes: Mutex<Vec<&'static str>>,
+    pub connected: Mutex<Vec<String>>,
+    pub disconnected: Mutex<Vec<(String, u16, String)>>,
+    pub rpcs: Mutex<Vec<(&'static str, &'static str)>>,
+}
+
+impl TunnelObserver for Recorder {
+    fn handshake(&self, outcome: &'static str) {
+        self.handshakes.lock().expect("lock").push(outcome);
+    }
+    fn connected(&self, guest_id: &str) {
+        self.connected
+            .lock()
+            .expect("lock")
+            .push(guest_id.to_owned());
+    }
+    fn disconnected(&self, guest_id: &str, close_code: u16, reason: &str) {
+        self.disconnected.lock().expect("lock").push((
+            guest_id.to_owned(),
+            close_code,
+            reason.to_owned(),
+        ));
+    }
+    fn rpc(&self, method: &'static str, outcome: &'static str, _elapsed: Duration) {
+        self.rpcs.lock().expect("lock").push((method, outcome));
+    }
+}
+
+impl Recorder {
+    pub fn disconnect_codes(&self) -> Vec<u16> {
+        self.disconnected
+            .lock()
+            .expect("lock")
+            .iter()
+            .map(|d| d.1)
+            .collect()
+    }
+    pub fn handshake_outcomes(&self) -> Vec<&'static str> {
+        self.handshakes.lock().expect("lock").clone()
+    }
+    pub fn rpc_outcomes(&self) -> Vec<(&'static str, &'static str)> {
+        self.rpcs.lock().expect("lock").clone()
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    hub: Hub,
+    observer: Arc<Recorder>,
+    drain: CancellationToken,
+    limits: TunnelLimits,
+    reauth_before: Arc<dyn Fn() -> u64 + Send + Sync>,
+    reauth: ReauthFn,
+}
+
+/// A KBS on loopback serving only the tunnel route.
+pub struct TestKbs {
+    pub addr: SocketAddr,
+    pub hub: Hub,
+    pub observer: Arc<Recorder>,
+    pub drain: CancellationToken,
+    pub reauth_calls: Arc<AtomicUsize>,
+}
+
+/// Knobs for [`TestKbs::start`].
+pub struct KbsOptions {
+    pub limits: TunnelLimits,
+    /// `reauth_before` handed to each new tunnel.
+    pub reauth_before: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// What a reauth with a token starting with `good` extends the deadline to.
+    pub reauth_extends_to: Arc<dyn Fn() -> u64 + Send + Sync>,
+}
+
+impl Default for KbsOptions {
+    fn default() -> Self {
+        Self {
+            limits: TunnelLimits::default(),
+            reauth_before: Arc::new(|| unix_now() + 3600),
+            reauth_extends_to: Arc::new(|| unix_now() + 7200),
+        }
+    }
+}
+
+impl TestKbs {
+    pub async fn start(options: KbsOptions) -> Self {
+        let hub = Hub::new();
+        let observer = Arc::new(Recorder::default());
+        let drain = CancellationToken::new();
+        let reauth_calls = Arc::new(AtomicUsize::new(0));
+        let calls = reauth_calls.clone();
+        let extends_to = options.reauth_extends_to.clone();
+        let reauth: ReauthFn = Arc::new(move |token: String| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let extends_to = extends_to.clone();
+            Box::pin(async move {
+                if token.starts_with("good") {
+                    Ok(extends_to())
+                } else {
+                    Err("token refused".to_owned())
+                }
+            }) as BoxFuture<'static, Result<u64, String>>
+        });
+        let state = AppState {
+            hub: hub.clone(),
+            observer: observer.clone(),
+            drain: drain.clone(),
+            limits: options.limits,
+            reauth_before: options.reauth_before,
+            reauth,
+        };
+        let app = Router::new()
+            .route("/kbs/v0/tunnel", any(tunnel_route))
+            .with_state(state);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self {
+            addr,
+            hub,
+            observer,
+            drain,
+            reauth_calls,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/kbs/v0/tunnel", self.addr)
+    }
+
+    pub fn guest_config(&self) -> GuestTunnelConfig {
+        GuestTunnelConfig::new(self.url())
+    }
+
+    /// Waits until the hub holds `n` tunnels.
+    pub async fn wait_for_tunnels(&self, n: usize) {
+        wait_until(|| self.hub.len() == n).await;
+    }
+}
+
+/// Test token format: `good:<guest_id>`; anything else is refused with 401.
+async fn tunnel_route(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let Some(guest_id) = token.strip_prefix("good:") else {
+        return StatusCode::UNAUTHORIZED.into_response();
+    };
+    let nonce: [u8; 32] = rand::random();
+    let accept = AcceptParams {
+        guest_id: guest_id.to_owned(),
+        labels: BTreeMap::from([("app".to_owned(), "test".to_owned())]),
+        challenge_jwe: nonce.iter().map(|b| b ^ XOR).collect(),
+        expected_nonce: nonce,
+        reauth_before: (state.reauth_before)(),
+        reauth: state.reauth.clone(),
+        limits: state.limits.clone(),
+    };
+    let (hub, observer, drain) = (
+        state.hub.clone(),
+        state.observer.clone(),
+        state.drain.clone(),
+    );
+    configure_upgrade(ws, &state.limits)
+        .on_upgrade(move |socket| serve_guest_tunnel(socket, accept, hub, observer, drain))
+}
+
+/// The guest's side of the fake crypto.
+pub fn unseal(jwe: &[u8]) -> Result<Vec<u8>, String> {
+    Ok(jwe.iter().map(|b| b ^ XOR).collect())
+}
+
+pub fn info(instance: &str) -> GuestInfo {
+    GuestInfo {
+        instance_id: instance.to_owned(),
+        daemon_version: "test".to_owned(),
+        services: vec!["resources".to_owned()],
+    }
+}
+
+/// A `GuestService` for tests: `ping(b"hang")` never answers, `ping(b"slow")` answers after
+/// 300 ms, anything else is echoed. `active` counts handlers running right now.
+#[derive(Clone, Default)]
+pub struct TestService {
+    pub active: Arc<AtomicUsize>,
+    pub started: Arc<AtomicUsize>,
+}
+
+struct ActiveGuard(Arc<AtomicUsize>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl TestService {
+    fn enter(&self) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        self.started.fetch_add(1, Ordering::SeqCst);
+        ActiveGuard(self.active.clone())
+    }
+}
+
+impl GuestService for TestService {
+    async fn ping(self, _: Context, payload: ByteBuf) -> ByteBuf {
+        let _guard = self.enter();
+        match payload.as_slice() {
+            b"hang" => std::future::pending().await,
+            b"slow" => {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                payload
+            }
+            _ => payload,
+        }
+    }
+
+    async fn install_credentials(
+        self,
+        _: Context,
+        bundle: CredentialBundle,
+    ) -> Result<Installed, GuestError> {
+        let _guard = self.enter();
+        Ok(Installed {
+            id: bundle.id,
+            version: bundle.version,
+            already_held: false,
+        })
+    }
+
+    async fn apply_resource(
+        self,
+        _: Context,
+        resource: SealedResource,
+    ) -> Result<Applied, GuestError> {
+        let _guard = self.enter();
+        if resource.version == 0 {
+            return Err(GuestError::Invalid("version 0".into()));
+        }
+        Ok(Applied {
+            uri: resource.uri,
+            version: resource.version,
+            sha256: resource.sha256,
+            already_held: false,
+            hook_status: None,
+        })
+    }
+
+    async fn probe(self, _: Context, kind: ProbeKind) -> Result<ProbeReport, GuestError> {
+        let _guard = self.enter();
+        let mut report = ProbeReport::default();
+        if matches!(kind, ProbeKind::Health | ProbeKind::All) {
+            report.health = Some(rpc_defs::HealthReport {
+                healthy: true,
+                problems: vec![],
+            });
+        }
+        Ok(report)
+    }
+}
+
+/// Polls `cond` every 10 ms for up to 10 s.
+pub async fn wait_until(mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Fails the test if `fut` takes more than 20 s.
+pub async fn within<T>(fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(20), fut)
+        .await
+        .expect("test step took more than 20 s")
+}
+
+pub type RawWs = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A bare WebSocket client with the right headers and no tunnel logic.
+pub async fn raw_connect(url: &str, token: &str) -> RawWs {
+    raw_connect_with(url, token, None).await
+}
+
+/// [`raw_connect`] with a WebSocket configuration (buffer sizes).
+pub async fn raw_connect_with(
+    url: &str,
+    token: &str,
+    config: Option<tokio_tungstenite::tungstenite::protocol::WebSocketConfig>,
+) -> RawWs {
+    let mut request = url.into_client_request().expect("request");
+    request.headers_mut().insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {token}")).expect("header"),
+    );
+    request.headers_mut().insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(SUBPROTOCOL),
+    );
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(request, config, true)
+        .await
+        .expect("raw connect");
+    ws
+}
+
+pub fn encode(frame: &Frame) -> Message {
+    Message::Binary(tunnel::frame::encode(frame).expect("encode").into())
+}
+
+/// Reads the next tunnel frame, skipping pings and pongs.
+pub async fn read_frame(ws: &mut RawWs) -> Frame {
+    loop {
+        match ws.next().await.expect("stream ended").expect("read") {
+            Message::Binary(b) => return tunnel::frame::decode(&b, usize::MAX).expect("frame"),
+            Message::Ping(_) | Message::Pong(_) => {}
+            other => panic!("unexpected message {other:?}"),
+        }
+    }
+}
+
+/// Runs the guest's half of the handshake by hand; returns the Welcome (or Reject) frame.
+pub async fn raw_handshake(ws: &mut RawWs, good_proof: bool) -> Frame {
+    let Frame::Hello { challenge, .. } = read_frame(ws).await else {
+        panic!("expected Hello");
+    };
+    let nonce = if good_proof {
+        unseal(&challenge).expect("unseal")
+    } else {
+        vec![0; 32]
+    };
+    ws.send(encode(&Frame::Proof {
+        nonce,
+        info: info("raw"),
+    }))
+    .await
+    .expect("send proof");
+    read_frame(ws).await
+}
+
+/// Reads until the server's close frame and returns its code (None if the stream ended
+/// without one).
+pub async fn read_close_code(ws: &mut RawWs) -> Option<u16> {
+    while let Some(msg) = ws.next().await {
+        match msg {
+            Ok(Message::Close(frame)) => return frame.map(|f| u16::from(f.code)),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+    None
+}
