@@ -56,6 +56,8 @@ pub struct AppState {
     pub admin: Arc<AdminAuth>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Live guest tunnels, one per guest id.
+    pub hub: tunnel::Hub,
     /// Cancelled when the KBS begins to shut down.
     pub shutdown: CancellationToken,
 }
@@ -144,6 +146,8 @@ impl Kbs {
                 .map_err(|e| other("admin")(e.to_string()))?,
         );
 
+        http::tunnel::limits(&config.tunnel).validate().map_err(other("tunnel"))?;
+
         let tls = match &config.http.tls {
             Some(t) => Some(crate::tls::server_config(t, &data_dir).map_err(other("http.tls"))?),
             None => None,
@@ -157,6 +161,7 @@ impl Kbs {
             policy_write: Arc::new(tokio::sync::Mutex::new(())),
             admin,
             metrics: Arc::new(Metrics::new()),
+            hub: tunnel::Hub::new(),
             shutdown: CancellationToken::new(),
         };
         Ok(Self {
@@ -182,7 +187,10 @@ impl Kbs {
         let state = self.state.clone();
         let sweeper = tokio::spawn(sweep_sessions(state.clone()));
         let grace = state.config.http.shutdown_grace;
-        let result = crate::serve::serve(listener, self.router(), self.tls, state.shutdown.clone(), grace).await;
+        let serving = crate::serve::serve(listener, self.router(), self.tls, state.shutdown.clone(), grace);
+        // Tunnels watch the same token: each sends GoAway, closes with 4503 and leaves the hub,
+        // within the same grace period as HTTP requests (upgraded connections are not tracked there).
+        let (result, ()) = tokio::join!(serving, http::tunnel::drain(&state.hub, &state.shutdown, grace));
         sweeper.abort();
         result
     }
@@ -214,6 +222,10 @@ pub fn router(state: AppState) -> Router {
         .route("/kbs/v0/admin/resources/{repo}/{kind}/{tag}/versions", get(http::resource::versions))
         .route("/kbs/v0/resource-policy", post(http::admin::set_policy).get(http::admin::get_policy))
         .route("/kbs/v0/admin/audit", get(http::admin::audit))
+        .route("/kbs/v0/tunnel", get(http::tunnel::upgrade))
+        .route("/kbs/v0/admin/guests", get(http::guests::list))
+        .route("/kbs/v0/admin/guests/{guest_id}/ping", post(http::guests::ping))
+        .route("/kbs/v0/admin/guests/{guest_id}/probe", post(http::guests::probe))
         .route("/healthz", get(http::health::healthz))
         .route("/readyz", get(http::health::readyz))
         .fallback(not_found)

@@ -391,8 +391,8 @@ impl Config {
         if t.heartbeat < Duration::from_secs(1) {
             return Err(invalid("tunnel.heartbeat", "must be at least 1s"));
         }
-        if !(1024..=64 * 1024 * 1024).contains(&t.max_frame_bytes) {
-            return Err(invalid("tunnel.max_frame_bytes", "must be within 1 KiB..64 MiB"));
+        if !(4096..=64 * 1024 * 1024).contains(&t.max_frame_bytes) {
+            return Err(invalid("tunnel.max_frame_bytes", "must be within 4 KiB..64 MiB"));
         }
         if t.max_in_flight == 0 || t.write_queue == 0 {
             return Err(invalid("tunnel.max_in_flight", "limits must be positive"));

@@ -15,4 +15,5 @@ pub mod serve;
 pub mod storage;
 pub mod tls;
 pub mod token;
+pub mod tunnel_observer;
 pub mod verifiers;

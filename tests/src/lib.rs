@@ -170,3 +170,34 @@ pub fn metric_value(exposition: &str, metric: &str, labels: &[(&str, &str)]) -> 
         })
         .sum()
 }
+
+impl TestKbs {
+    /// The tunnel endpoint: `ws://127.0.0.1:port/kbs/v0/tunnel` or `wss://localhost:port/...`.
+    pub fn tunnel_url(&self) -> String {
+        let rest = self.url.strip_prefix("http").unwrap_or(&self.url);
+        format!("ws{rest}/kbs/v0/tunnel")
+    }
+
+    /// How a guest reaches this KBS's tunnel, trusting its CA (ring provider) over TLS.
+    pub fn tunnel_config(&self) -> tunnel::GuestTunnelConfig {
+        let config = tunnel::GuestTunnelConfig::new(self.tunnel_url());
+        match &self.ca_file {
+            Some(ca) => config.with_tls(tls_client_config(ca)),
+            None => config,
+        }
+    }
+}
+
+/// A rustls client configuration (ring provider) trusting only the certificates in `ca_file`.
+pub fn tls_client_config(ca_file: &Path) -> std::sync::Arc<rustls::ClientConfig> {
+    let bundle = guest_daemon::tls::CaBundle::from_pem_file(ca_file).expect("CA file");
+    let mut roots = rustls::RootCertStore::empty();
+    bundle.add_to_root_store(&mut roots).expect("CA certificates");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    std::sync::Arc::new(config)
+}

@@ -9,6 +9,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
 use super::token::{AdminKeyPair, AdminTokenRequest};
+use crate::http::guests::{GuestList, GuestSummary, PingReply, ProbeRequest, ProbeSelector};
 
 /// Errors talking to the admin API.
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +144,42 @@ impl AdminClient {
             .map_err(|e| ClientError::Local(format!("policy is not base64url: {e}")))?;
         Ok((String::from_utf8_lossy(&text).into_owned(), v["version"].as_u64().unwrap_or(0)))
     }
+
+    /// Guests with a live tunnel to this KBS, sorted by id.
+    pub async fn list_guests(&self) -> Result<Vec<GuestSummary>, ClientError> {
+        let v = self.send(Method::GET, "/kbs/v0/admin/guests", None).await?;
+        Ok(parse::<GuestList>("guest list", v)?.guests)
+    }
+
+    /// Echo 256 bytes through a guest's tunnel; the round-trip time in microseconds.
+    pub async fn ping_guest(&self, guest_id: &str) -> Result<u64, ClientError> {
+        let path = format!("/kbs/v0/admin/guests/{}/ping", path_segment(guest_id));
+        let v = self.send(Method::POST, &path, None).await?;
+        Ok(parse::<PingReply>("ping reply", v)?.rtt_us)
+    }
+
+    /// Ask a guest for health, held resources and/or runtime figures through its tunnel.
+    pub async fn probe_guest(&self, guest_id: &str, kind: ProbeSelector) -> Result<rpc_defs::ProbeReport, ClientError> {
+        let path = format!("/kbs/v0/admin/guests/{}/probe", path_segment(guest_id));
+        let body = serde_json::to_value(ProbeRequest { kind })
+            .map_err(|e| ClientError::Local(format!("probe request: {e}")))?;
+        let v = self.send(Method::POST, &path, Some(RequestBody::Json(body))).await?;
+        parse("probe report", v)
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(what: &str, v: Value) -> Result<T, ClientError> {
+    serde_json::from_value(v).map_err(|e| ClientError::Local(format!("unexpected {what} from the KBS: {e}")))
+}
+
+/// Percent-encode one path segment (guest ids are plain already; this keeps odd ones intact).
+fn path_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// A request body.

@@ -10,8 +10,9 @@ use reqwest::Method;
 use serde_json::Value;
 use server::admin::client::AdminClient;
 use server::admin::token::AdminKeyPair;
+use server::http::guests::ProbeSelector;
 
-/// Operate a Tether KBS: resources, policy, audit.
+/// Operate a Tether KBS: resources, policy, audit, connected guests.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Cli {
@@ -51,6 +52,9 @@ enum Command {
     /// The resource policy.
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Guests connected over the tunnel: list, ping, probe.
+    #[command(subcommand)]
+    Guests(GuestsCmd),
     /// Read the audit log (newest first).
     Audit {
         /// Only this action (`resource.*` for a prefix).
@@ -78,6 +82,21 @@ enum PolicyCmd {
     Set { file: PathBuf },
     /// Print the current resource policy.
     Get,
+}
+
+#[derive(Subcommand, Debug)]
+enum GuestsCmd {
+    /// List the guests with a live tunnel.
+    List,
+    /// Echo 256 bytes through a guest's tunnel and print the round-trip time.
+    Ping { guest_id: String },
+    /// Ask a guest for health, held resources and runtime figures (pretty JSON).
+    Probe {
+        guest_id: String,
+        /// What to probe.
+        #[arg(long, value_enum, default_value = "all")]
+        kind: ProbeSelector,
+    },
 }
 
 #[tokio::main]
@@ -138,6 +157,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     println!();
                 }
             }
+        }
+        Command::Guests(GuestsCmd::List) => {
+            let guests = client.list_guests().await?;
+            if cli.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({"guests": guests}))?);
+            } else {
+                let mut t = table(&["GUEST", "LABELS", "INSTANCE", "VERSION", "CONNECTED", "LAST SEEN"]);
+                for g in &guests {
+                    let labels: Vec<String> = g.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    t.add_row(vec![
+                        g.guest_id.clone(),
+                        labels.join(","),
+                        g.instance.clone(),
+                        g.daemon_version.clone(),
+                        fmt_ms(&Value::from(g.connected_since)),
+                        fmt_ms(&Value::from(g.last_seen)),
+                    ]);
+                }
+                println!("{t}");
+            }
+        }
+        Command::Guests(GuestsCmd::Ping { guest_id }) => {
+            let rtt = client.ping_guest(&guest_id).await?;
+            let v = serde_json::json!({"guest_id": guest_id, "rtt_us": rtt});
+            print_value(cli.output, &v, |_| format!("pong from {guest_id}: {rtt} us"));
+        }
+        Command::Guests(GuestsCmd::Probe { guest_id, kind }) => {
+            let report = client.probe_guest(&guest_id, kind).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::Audit { action, limit } => {
             let mut q = format!("/kbs/v0/admin/audit?limit={limit}");

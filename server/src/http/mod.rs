@@ -2,9 +2,11 @@
 //! map errors to [`ApiError`].
 
 pub mod admin;
+pub mod guests;
 pub mod health;
 pub mod rcar;
 pub mod resource;
+pub mod tunnel;
 
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;

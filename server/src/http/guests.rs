@@ -1,0 +1,332 @@
+//! Admin view of the guests connected over the tunnel: list them, and ping or probe one
+//! through its tunnel (`/kbs/v0/admin/guests...`).
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use rand::RngCore;
+use rpc_defs::{ProbeKind, ProbeReport};
+use serde::{Deserialize, Serialize};
+use tunnel::{CallError, TunnelHandle};
+
+use super::{AdminCaller, ApiBytes};
+use crate::admin::auth::AdminIdentity;
+use crate::app::AppState;
+use crate::error::ApiError;
+
+/// Bytes echoed by `POST /kbs/v0/admin/guests/{guest_id}/ping`.
+pub const PING_PAYLOAD_BYTES: usize = 256;
+
+/// One connected guest, as `GET /kbs/v0/admin/guests` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestSummary {
+    /// Attested guest id.
+    pub guest_id: String,
+    /// Attested labels.
+    pub labels: BTreeMap<String, String>,
+    /// Daemon instance id (the guest's own words).
+    pub instance: String,
+    /// Daemon version (the guest's own words).
+    pub daemon_version: String,
+    /// Services the daemon offers (the guest's own words).
+    pub services: Vec<String>,
+    /// Tunnel session id.
+    pub session_id: String,
+    /// When the tunnel came up, Unix milliseconds.
+    pub connected_since: u64,
+    /// The KBS replica holding the tunnel (its host name, or `local`).
+    pub replica: String,
+    /// When the guest was last heard from, Unix milliseconds.
+    pub last_seen: u64,
+}
+
+impl GuestSummary {
+    fn of(handle: &TunnelHandle) -> Self {
+        Self {
+            guest_id: handle.guest_id.clone(),
+            labels: handle.labels.clone(),
+            instance: handle.instance_id.clone(),
+            daemon_version: handle.daemon_version.clone(),
+            services: handle.services.clone(),
+            session_id: handle.session_id.clone(),
+            connected_since: unix_ms(handle.connected_at),
+            replica: replica_name().to_string(),
+            last_seen: handle.last_seen_unix_ms(),
+        }
+    }
+}
+
+/// Body of `GET /kbs/v0/admin/guests`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestList {
+    /// Connected guests, sorted by id.
+    pub guests: Vec<GuestSummary>,
+}
+
+/// Body of a successful ping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingReply {
+    /// Round trip through the tunnel, microseconds.
+    pub rtt_us: u64,
+}
+
+/// What to probe, as the admin API spells it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeSelector {
+    /// Liveness and basic health.
+    Health,
+    /// Held resources with versions and digests.
+    Resources,
+    /// Uptime, memory, daemon version.
+    Runtime,
+    /// All of the above.
+    #[default]
+    All,
+}
+
+impl From<ProbeSelector> for ProbeKind {
+    fn from(s: ProbeSelector) -> Self {
+        match s {
+            ProbeSelector::Health => ProbeKind::Health,
+            ProbeSelector::Resources => ProbeKind::Resources,
+            ProbeSelector::Runtime => ProbeKind::Runtime,
+            ProbeSelector::All => ProbeKind::All,
+        }
+    }
+}
+
+/// Optional body of `POST /kbs/v0/admin/guests/{guest_id}/probe`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeRequest {
+    /// What to probe (`all` when absent).
+    #[serde(default)]
+    pub kind: ProbeSelector,
+}
+
+/// This replica's name in listings: the host name, or `local` when there is none.
+pub fn replica_name() -> &'static str {
+    static NAME: OnceLock<String> = OnceLock::new();
+    NAME.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "local".to_string())
+    })
+}
+
+fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Maps a failed call into a guest to the API error an operator sees.
+pub fn call_error(guest_id: &str, e: CallError) -> ApiError {
+    match e {
+        CallError::DeadlineExceeded => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "GuestTimeout",
+            format!("guest {guest_id} did not answer before the deadline"),
+        ),
+        CallError::Disconnected => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "GuestDisconnected",
+            format!("guest {guest_id} disconnected during the call"),
+        ),
+        CallError::TooManyInFlight => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "GuestBusy",
+            format!("too many calls in flight to guest {guest_id}; retry later"),
+        ),
+        CallError::Guest(e) => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "GuestError",
+            format!("guest {guest_id}: {e}"),
+        ),
+        CallError::Transport(e) => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "GuestTransportError",
+            format!("guest {guest_id}: {e}"),
+        ),
+    }
+}
+
+fn not_connected(guest_id: &str) -> ApiError {
+    ApiError::not_found(
+        "GuestNotConnected",
+        format!("no tunnel from guest {guest_id:?} on this replica"),
+    )
+}
+
+/// `GET /kbs/v0/admin/guests`: every guest with a live tunnel, sorted by id.
+pub async fn list(
+    State(state): State<AppState>,
+    AdminCaller(_admin): AdminCaller,
+) -> Json<GuestList> {
+    let mut guests: Vec<GuestSummary> = state
+        .hub
+        .list()
+        .iter()
+        .map(|h| GuestSummary::of(h))
+        .collect();
+    guests.sort_by(|a, b| a.guest_id.cmp(&b.guest_id));
+    Json(GuestList { guests })
+}
+
+/// `POST /kbs/v0/admin/guests/{guest_id}/ping`: echoes 256 random bytes through the tunnel.
+pub async fn ping(
+    State(state): State<AppState>,
+    AdminCaller(admin): AdminCaller,
+    Path(guest_id): Path<String>,
+) -> Result<Json<PingReply>, ApiError> {
+    let result = ping_guest(&state, &guest_id).await;
+    let detail = match &result {
+        Ok(r) => format!("rtt {} us", r.rtt_us),
+        Err(e) => e.detail.clone(),
+    };
+    audit(&state, &admin, "guest.ping", &guest_id, &result, detail).await;
+    result.map(Json)
+}
+
+async fn ping_guest(state: &AppState, guest_id: &str) -> Result<PingReply, ApiError> {
+    let handle = state
+        .hub
+        .get(guest_id)
+        .ok_or_else(|| not_connected(guest_id))?;
+    let mut payload = vec![0u8; PING_PAYLOAD_BYTES];
+    rand::thread_rng().fill_bytes(&mut payload);
+    let start = std::time::Instant::now();
+    let echo = handle
+        .ping(payload.clone(), None)
+        .await
+        .map_err(|e| call_error(guest_id, e))?;
+    let rtt = start.elapsed();
+    if echo != payload {
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "GuestError",
+            format!(
+                "guest {guest_id} echoed {} bytes that differ from the {PING_PAYLOAD_BYTES} sent",
+                echo.len()
+            ),
+        ));
+    }
+    Ok(PingReply {
+        rtt_us: u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX),
+    })
+}
+
+/// `POST /kbs/v0/admin/guests/{guest_id}/probe` with optional `{"kind": "health" |
+/// "resources" | "runtime" | "all"}` (default `all`): the guest's `ProbeReport`.
+pub async fn probe(
+    State(state): State<AppState>,
+    AdminCaller(admin): AdminCaller,
+    Path(guest_id): Path<String>,
+    ApiBytes(body): ApiBytes,
+) -> Result<Json<ProbeReport>, ApiError> {
+    let request = if body.iter().all(u8::is_ascii_whitespace) {
+        ProbeRequest::default()
+    } else {
+        serde_json::from_slice::<ProbeRequest>(&body).map_err(|e| {
+            ApiError::bad_request("MalformedRequest", format!("invalid probe request: {e}"))
+        })?
+    };
+    let kind = ProbeKind::from(request.kind);
+    let result = match state.hub.get(&guest_id) {
+        Some(handle) => handle
+            .probe(kind, None)
+            .await
+            .map_err(|e| call_error(&guest_id, e)),
+        None => Err(not_connected(&guest_id)),
+    };
+    let detail = match &result {
+        Ok(_) => format!("kind {kind:?}"),
+        Err(e) => format!("kind {kind:?}: {}", e.detail),
+    };
+    audit(&state, &admin, "guest.probe", &guest_id, &result, detail).await;
+    result.map(Json)
+}
+
+async fn audit<T>(
+    state: &AppState,
+    admin: &AdminIdentity,
+    action: &str,
+    guest_id: &str,
+    result: &Result<T, ApiError>,
+    detail: String,
+) {
+    let outcome = match result {
+        Ok(_) => "ok",
+        Err(e) => e.name,
+    };
+    state.audit(admin, action, guest_id, outcome, detail).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_requests_parse_with_a_default() {
+        let parse = |s: &str| serde_json::from_str::<ProbeRequest>(s);
+        assert_eq!(parse("{}").unwrap().kind, ProbeSelector::All);
+        assert_eq!(
+            parse(r#"{"kind":"health"}"#).unwrap().kind,
+            ProbeSelector::Health
+        );
+        assert_eq!(
+            parse(r#"{"kind":"resources"}"#).unwrap().kind,
+            ProbeSelector::Resources
+        );
+        assert!(parse(r#"{"kind":"Health"}"#).is_err());
+        assert!(parse(r#"{"kind":"all","extra":1}"#).is_err());
+        assert_eq!(ProbeKind::from(ProbeSelector::Runtime), ProbeKind::Runtime);
+    }
+
+    #[test]
+    fn call_errors_map_to_statuses() {
+        let cases = [
+            (CallError::DeadlineExceeded, 504, "GuestTimeout"),
+            (CallError::Disconnected, 502, "GuestDisconnected"),
+            (CallError::TooManyInFlight, 429, "GuestBusy"),
+            (
+                CallError::Guest(rpc_defs::GuestError::Unsupported("runtime".into())),
+                502,
+                "GuestError",
+            ),
+            (
+                CallError::Transport("too big".into()),
+                502,
+                "GuestTransportError",
+            ),
+        ];
+        for (e, status, name) in cases {
+            let api = call_error("g1", e);
+            assert_eq!((api.status.as_u16(), api.name), (status, name));
+            assert!(api.detail.contains("g1"), "{}", api.detail);
+        }
+        let guest = call_error(
+            "g1",
+            CallError::Guest(rpc_defs::GuestError::Unsupported("runtime".into())),
+        );
+        assert!(
+            guest.detail.contains("unsupported: runtime"),
+            "{}",
+            guest.detail
+        );
+    }
+
+    #[test]
+    fn replica_name_is_never_empty() {
+        assert!(!replica_name().is_empty());
+        assert_eq!(unix_ms(UNIX_EPOCH), 0);
+    }
+}

@@ -1,0 +1,283 @@
+//! `GET /kbs/v0/tunnel`: a guest dials in with its attestation token as Bearer. The token is
+//! verified before the upgrade; the tunnel crate then proves possession of the token's TEE
+//! key (a challenge sealed to it), registers the guest in the hub and serves it until it
+//! leaves, is superseded, or the KBS drains (PROTOCOL.md section 4).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use rand::RngCore;
+use rpc_defs::SUBPROTOCOL;
+use tokio::sync::broadcast::error::RecvError;
+use tokio_util::sync::CancellationToken;
+use tunnel::{
+    AcceptParams, Hub, ReauthFn, TunnelLimits, configure_upgrade, offers_subprotocol,
+    serve_guest_tunnel,
+};
+
+use crate::app::AppState;
+use crate::config::TunnelConfig;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::token::{TokenSigner, VerifiedToken};
+use crate::tunnel_observer::TunnelMetrics;
+
+/// The tunnel limits for a configuration: the configured values over the protocol defaults.
+pub fn limits(config: &TunnelConfig) -> TunnelLimits {
+    TunnelLimits {
+        heartbeat: config.heartbeat,
+        max_frame: config.max_frame_bytes,
+        max_in_flight: config.max_in_flight,
+        call_deadline: config.call_deadline,
+        write_queue: config.write_queue,
+        ..TunnelLimits::default()
+    }
+}
+
+/// `GET /kbs/v0/tunnel`: 401 without a valid attestation token, 400 without the `tether.v1`
+/// subprotocol, 503 while draining; otherwise the WebSocket upgrade.
+pub async fn upgrade(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    if state.shutdown.is_cancelled() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ShuttingDown",
+            "the KBS is shutting down; reconnect to another replica or retry later",
+        ));
+    }
+    let token = verify_bearer(&state, &headers).inspect_err(|_| {
+        Metrics::inc(
+            &state.metrics.tunnel_handshakes,
+            &[("outcome", "unauthorized")],
+        );
+    })?;
+    let ws =
+        ws.map_err(|rej| ApiError::new(rej.status(), "WebSocketUpgradeRequired", rej.body_text()))?;
+    if !offers_subprotocol(&ws) {
+        return Err(ApiError::bad_request(
+            "SubprotocolRequired",
+            format!("offer the `{SUBPROTOCOL}` WebSocket subprotocol (Sec-WebSocket-Protocol)"),
+        ));
+    }
+    let accept = accept_params(&state, &token)?;
+    let hub = state.hub.clone();
+    let observer = Arc::new(TunnelMetrics::new(state.metrics.clone()));
+    let drain = state.shutdown.clone();
+    Ok(configure_upgrade(ws, &accept.limits)
+        .on_failed_upgrade(|e| tracing::debug!(error = %e, "tunnel upgrade failed"))
+        .on_upgrade(move |socket| serve_guest_tunnel(socket, accept, hub, observer, drain)))
+}
+
+/// The Bearer attestation token, verified under this KBS's key (passport mode only: a
+/// session cookie does not open a tunnel).
+fn verify_bearer(state: &AppState, headers: &HeaderMap) -> Result<VerifiedToken, ApiError> {
+    let token = crate::admin::auth::bearer(headers).ok_or_else(|| {
+        ApiError::unauthorized(
+            "Unauthenticated",
+            "the tunnel needs `Authorization: Bearer <attestation token>`",
+        )
+    })?;
+    Ok(state.rcar.signer().verify(token)?)
+}
+
+/// Identity and labels from the token only; a fresh challenge sealed to its TEE key.
+fn accept_params(state: &AppState, token: &VerifiedToken) -> Result<AcceptParams, ApiError> {
+    let mut nonce = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut nonce);
+    let sealed = crate::jwe::seal(&token.tee_pubkey, &nonce)?;
+    let challenge_jwe = serde_json::to_vec(&sealed)
+        .map_err(|e| ApiError::internal("serialising the tunnel challenge", e))?;
+    let binding = TunnelBinding::of(token)
+        .map_err(|e| ApiError::internal("binding the tunnel to its TEE key", e))?;
+    Ok(AcceptParams {
+        guest_id: token.identity.guest_id.clone(),
+        labels: token.identity.labels.clone(),
+        challenge_jwe,
+        expected_nonce: nonce,
+        reauth_before: token.exp,
+        reauth: binding.reauth_fn(state.rcar.signer().clone()),
+        limits: limits(&state.config.tunnel),
+    })
+}
+
+/// What a fresh token must match for in-band re-attestation: the tunnel's guest and TEE key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TunnelBinding {
+    guest_id: String,
+    /// Canonical JSON (RFC 8785) of the TEE public key.
+    tee_pubkey: Vec<u8>,
+}
+
+impl TunnelBinding {
+    /// The binding of the token a tunnel was opened with.
+    pub fn of(token: &VerifiedToken) -> Result<Self, serde_json::Error> {
+        Ok(Self {
+            guest_id: token.identity.guest_id.clone(),
+            tee_pubkey: serde_json_canonicalizer::to_vec(&token.tee_pubkey)?,
+        })
+    }
+
+    /// Verifies `fresh` with `signer` and checks it names the same TEE key and guest; returns
+    /// its expiry (the new `reauth_before`) or why it is refused.
+    pub fn check(&self, signer: &TokenSigner, fresh: &str) -> Result<u64, String> {
+        let token = signer.verify(fresh).map_err(|e| e.to_string())?;
+        let key = serde_json_canonicalizer::to_vec(&token.tee_pubkey)
+            .map_err(|e| format!("tee-pubkey: {e}"))?;
+        if key != self.tee_pubkey {
+            return Err("the token is bound to another TEE key".into());
+        }
+        if token.identity.guest_id != self.guest_id {
+            return Err(format!(
+                "the token names guest {:?}, this tunnel is {:?}",
+                token.identity.guest_id, self.guest_id
+            ));
+        }
+        Ok(token.exp)
+    }
+
+    /// The callback the tunnel runs on `Frame::Reauth` (a refusal closes it with 4401).
+    pub fn reauth_fn(self, signer: Arc<TokenSigner>) -> ReauthFn {
+        Arc::new(move |fresh: String| {
+            let result = self.check(&signer, &fresh);
+            Box::pin(std::future::ready(result))
+        })
+    }
+}
+
+/// Once `shutdown` is cancelled, waits up to `grace` for every tunnel to leave `hub` (each
+/// sends GoAway and closes with 4503 when it sees the same token).
+pub async fn drain(hub: &Hub, shutdown: &CancellationToken, grace: Duration) {
+    shutdown.cancelled().await;
+    let live = hub.len();
+    if live == 0 {
+        return;
+    }
+    tracing::info!(tunnels = live, "draining guest tunnels");
+    if tokio::time::timeout(grace, until_empty(hub)).await.is_err() {
+        tracing::warn!(
+            tunnels = hub.len(),
+            "shutdown grace elapsed with guest tunnels still open"
+        );
+    }
+}
+
+/// Resolves once no tunnel is registered in `hub`.
+pub async fn until_empty(hub: &Hub) {
+    // Subscribe before looking, so a tunnel leaving in between is not missed.
+    let mut events = hub.subscribe();
+    while !hub.is_empty() {
+        match events.recv().await {
+            Ok(_) | Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use kbs_types::TeePubKey;
+    use serde_json::json;
+
+    use super::*;
+    use crate::token::{GuestIdentity, build_claims};
+
+    fn ec_key(x: &str) -> TeePubKey {
+        TeePubKey::EC {
+            crv: "P-256".into(),
+            alg: "ECDH-ES+A256KW".into(),
+            x: x.into(),
+            y: "y77t-RvAHRKTsSGdIYUfweuOvwrvDD-Q3Hv5J0fSKbE".into(),
+        }
+    }
+
+    fn token(signer: &TokenSigner, key: &TeePubKey, guest_id: &str) -> (String, VerifiedToken) {
+        let identity = GuestIdentity {
+            guest_id: guest_id.into(),
+            labels: BTreeMap::from([("app".into(), "db".into())]),
+        };
+        let claims = build_claims("sample", json!({}), key, "bm9uY2U=", None, &identity);
+        signer
+            .issue_verified(claims, Duration::from_secs(300))
+            .unwrap()
+    }
+
+    #[test]
+    fn reauth_needs_the_same_key_and_guest_under_our_signature() {
+        let signer = TokenSigner::ephemeral().unwrap();
+        let key = ec_key("WKn-ZIGevcwGIyyrzFoZNBdaq9_TsqzGl96oc0CWuis");
+        let (_, first) = token(&signer, &key, "g1");
+        let binding = TunnelBinding::of(&first).unwrap();
+
+        let (fresh, verified) = token(&signer, &key, "g1");
+        assert_eq!(binding.check(&signer, &fresh), Ok(verified.exp));
+
+        let (other_key, _) = token(
+            &signer,
+            &ec_key("AAn-ZIGevcwGIyyrzFoZNBdaq9_TsqzGl96oc0CWuis"),
+            "g1",
+        );
+        let err = binding.check(&signer, &other_key).unwrap_err();
+        assert!(err.contains("another TEE key"), "{err}");
+
+        let (other_guest, _) = token(&signer, &key, "g2");
+        let err = binding.check(&signer, &other_guest).unwrap_err();
+        assert!(err.contains("g2"), "{err}");
+
+        let stranger = TokenSigner::ephemeral().unwrap();
+        let (forged, _) = token(&stranger, &key, "g1");
+        assert!(binding.check(&signer, &forged).is_err());
+        assert!(binding.check(&signer, "not a token").is_err());
+    }
+
+    #[tokio::test]
+    async fn reauth_fn_answers_with_the_new_expiry() {
+        let signer = Arc::new(TokenSigner::ephemeral().unwrap());
+        let key = ec_key("WKn-ZIGevcwGIyyrzFoZNBdaq9_TsqzGl96oc0CWuis");
+        let (_, first) = token(&signer, &key, "g1");
+        let reauth = TunnelBinding::of(&first).unwrap().reauth_fn(signer.clone());
+        let (fresh, verified) = token(&signer, &key, "g1");
+        assert_eq!(reauth(fresh).await, Ok(verified.exp));
+        assert!(reauth("garbage".into()).await.is_err());
+    }
+
+    #[test]
+    fn limits_follow_the_config() {
+        let config = TunnelConfig {
+            heartbeat: Duration::from_secs(5),
+            max_frame_bytes: 64 * 1024,
+            max_in_flight: 8,
+            call_deadline: Duration::from_secs(3),
+            write_queue: 16,
+        };
+        let l = limits(&config);
+        assert_eq!(l.heartbeat, Duration::from_secs(5));
+        assert_eq!(l.max_frame, 64 * 1024);
+        assert_eq!(l.max_in_flight, 8);
+        assert_eq!(l.call_deadline, Duration::from_secs(3));
+        assert_eq!(l.write_queue, 16);
+        assert_eq!(l.validate(), Ok(()));
+        assert_eq!(limits(&TunnelConfig::default()).validate(), Ok(()));
+    }
+
+    #[tokio::test]
+    async fn drain_returns_at_once_with_no_tunnels() {
+        let hub = Hub::new();
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            drain(&hub, &shutdown, Duration::from_secs(30)),
+        )
+        .await
+        .expect("nothing to wait for");
+    }
+}
