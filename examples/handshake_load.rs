@@ -38,16 +38,30 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_rss = kbs.rss_kib();
 
-    let admin = AdminClient::new(&kbs.url, AdminKeyPair::load(&kbs.data_dir.join("admin.key"))?, None)?;
-    admin.put_resource("default/key/bench", vec![7u8; 32]).await?;
+    let admin = AdminClient::new(
+        &kbs.url,
+        AdminKeyPair::load(&kbs.data_dir.join("admin.key"))?,
+        None,
+    )?;
+    admin
+        .put_resource("default/key/bench", vec![7u8; 32])
+        .await?;
     admin
         .set_policy(include_str!("policies/allow-sample.rego"))
         .await?;
     let path: ResourcePath = "default/key/bench".parse().map_err(anyhow::Error::msg)?;
 
-    println!("Tether handshake load: auth + attest + 1 resource GET per handshake (sample TEE, EC P-256 key)");
-    println!("server idle RSS: {:.1} MiB (target < 20 MiB)", idle_rss as f64 / 1024.0);
-    println!("{:>11} {:>13} {:>9} {:>9} {:>16} {:>10}", "concurrency", "handshakes/s", "p50", "p99", "server CPU/hs", "vs upstream");
+    println!(
+        "Tether handshake load: auth + attest + 1 resource GET per handshake (sample TEE, EC P-256 key)"
+    );
+    println!(
+        "server idle RSS: {:.1} MiB (target < 20 MiB)",
+        idle_rss as f64 / 1024.0
+    );
+    println!(
+        "{:>11} {:>13} {:>9} {:>9} {:>16} {:>10}",
+        "concurrency", "handshakes/s", "p50", "p99", "server CPU/hs", "vs upstream"
+    );
     for &c in &args.levels {
         let deadline = Instant::now() + Duration::from_secs(args.seconds);
         let cpu0 = kbs.cpu_time();
@@ -88,7 +102,12 @@ async fn main() -> anyhow::Result<()> {
             rate / UPSTREAM_HANDSHAKES_PER_S
         );
     }
-    println!("server RSS after load: {:.1} MiB", kbs.rss_kib() as f64 / 1024.0);
-    println!("baseline: upstream Trustee KBS, same machine, ~{UPSTREAM_HANDSHAKES_PER_S}/s with two streams (PERFORMANCE.md); target >= 2000/s");
+    println!(
+        "server RSS after load: {:.1} MiB",
+        kbs.rss_kib() as f64 / 1024.0
+    );
+    println!(
+        "baseline: upstream Trustee KBS, same machine, ~{UPSTREAM_HANDSHAKES_PER_S}/s with two streams (PERFORMANCE.md); target >= 2000/s"
+    );
     Ok(())
 }

@@ -21,7 +21,9 @@ impl KbsProcess {
     pub async fn start(bin: &Path, extra_args: &[&str]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let data_dir = dir.path().join("data");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let child = Command::new(bin)
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
@@ -32,9 +34,19 @@ impl KbsProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .with_context(|| format!("starting {} (build it with `cargo build --release --bin kbs`)", bin.display()))?;
+            .with_context(|| {
+                format!(
+                    "starting {} (build it with `cargo build --release --bin kbs`)",
+                    bin.display()
+                )
+            })?;
         let url = format!("http://127.0.0.1:{port}");
-        let me = Self { child, url, data_dir, _dir: dir };
+        let me = Self {
+            child,
+            url,
+            data_dir,
+            _dir: dir,
+        };
         let http = reqwest::Client::new();
         let start = Instant::now();
         loop {

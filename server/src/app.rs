@@ -65,8 +65,18 @@ pub struct AppState {
 impl AppState {
     /// Write an audit record and count the admin action; a failed write is logged loudly
     /// (the action itself already happened).
-    pub async fn audit(&self, admin: &AdminIdentity, action: &str, target: &str, outcome: &str, detail: String) {
-        Metrics::inc(&self.metrics.admin_actions, &[("action", action), ("outcome", outcome)]);
+    pub async fn audit(
+        &self,
+        admin: &AdminIdentity,
+        action: &str,
+        target: &str,
+        outcome: &str,
+        detail: String,
+    ) {
+        Metrics::inc(
+            &self.metrics.admin_actions,
+            &[("action", action), ("outcome", outcome)],
+        );
         tracing::info!(actor = %admin.actor(), role = %admin.role, action, target, outcome, "admin action");
         let entry = AuditEntry {
             actor: admin.actor(),
@@ -98,11 +108,15 @@ impl Kbs {
     pub async fn build(config: Config) -> Result<Self, StartError> {
         config.validate()?;
         let data_dir = config.storage.data_dir.clone();
-        std::fs::create_dir_all(&data_dir)
-            .map_err(|e| StartError::Other(format!("storage.data_dir {}: {e}", data_dir.display())))?;
+        std::fs::create_dir_all(&data_dir).map_err(|e| {
+            StartError::Other(format!("storage.data_dir {}: {e}", data_dir.display()))
+        })?;
 
-        let kek = Arc::new(KeyEncryptionKey::load_or_generate(&config.storage.kek_path())?);
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.storage.database_url(), kek).await?);
+        let kek = Arc::new(KeyEncryptionKey::load_or_generate(
+            &config.storage.kek_path(),
+        )?);
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&config.storage.database_url(), kek).await?);
 
         let signing_path = config
             .attestation
@@ -110,7 +124,8 @@ impl Kbs {
             .clone()
             .unwrap_or_else(|| data_dir.join("token.key"));
         let signer = Arc::new(
-            TokenSigner::load_or_generate(&signing_path).map_err(|e| other("attestation.signing_key_file")(e.to_string()))?,
+            TokenSigner::load_or_generate(&signing_path)
+                .map_err(|e| other("attestation.signing_key_file")(e.to_string()))?,
         );
         let verifiers = crate::verifiers::build(&config.attestation.verifiers);
         let rcar = Arc::new(RcarService::new(
@@ -127,26 +142,36 @@ impl Kbs {
         let policy_text = match store.get_policy(http::admin::RESOURCE_POLICY).await? {
             Some(p) => p.body,
             None => match &config.policy.initial_policy_file {
-                Some(f) => std::fs::read_to_string(f)
-                    .map_err(|e| StartError::Other(format!("policy.initial_policy_file {}: {e}", f.display())))?,
+                Some(f) => std::fs::read_to_string(f).map_err(|e| {
+                    StartError::Other(format!("policy.initial_policy_file {}: {e}", f.display()))
+                })?,
                 None => crate::policy::DEFAULT_POLICY.to_string(),
             },
         };
-        let policy = Arc::new(PolicyEngine::new(&policy_text).map_err(|e| other("resource policy")(e.to_string()))?);
-
-        let (dev_pub, dev_admin_key, dev_admin_key_created) = if config.admin.dev_key && config.admin.keys.is_empty() {
-            let path = data_dir.join("admin.key");
-            let (kp, created) = AdminKeyPair::load_or_generate(&path).map_err(|e| other("development admin key")(e.to_string()))?;
-            (Some(kp.public_pem()), Some(path), created)
-        } else {
-            (None, None, false)
-        };
-        let admin = Arc::new(
-            AdminAuth::new(&config.admin, dev_pub.as_deref().map(|p| ("dev", p.as_bytes())))
-                .map_err(|e| other("admin")(e.to_string()))?,
+        let policy = Arc::new(
+            PolicyEngine::new(&policy_text).map_err(|e| other("resource policy")(e.to_string()))?,
         );
 
-        http::tunnel::limits(&config.tunnel).validate().map_err(other("tunnel"))?;
+        let (dev_pub, dev_admin_key, dev_admin_key_created) =
+            if config.admin.dev_key && config.admin.keys.is_empty() {
+                let path = data_dir.join("admin.key");
+                let (kp, created) = AdminKeyPair::load_or_generate(&path)
+                    .map_err(|e| other("development admin key")(e.to_string()))?;
+                (Some(kp.public_pem()), Some(path), created)
+            } else {
+                (None, None, false)
+            };
+        let admin = Arc::new(
+            AdminAuth::new(
+                &config.admin,
+                dev_pub.as_deref().map(|p| ("dev", p.as_bytes())),
+            )
+            .map_err(|e| other("admin")(e.to_string()))?,
+        );
+
+        http::tunnel::limits(&config.tunnel)
+            .validate()
+            .map_err(other("tunnel"))?;
 
         let tls = match &config.http.tls {
             Some(t) => Some(crate::tls::server_config(t, &data_dir).map_err(other("http.tls"))?),
@@ -187,10 +212,19 @@ impl Kbs {
         let state = self.state.clone();
         let sweeper = tokio::spawn(sweep_sessions(state.clone()));
         let grace = state.config.http.shutdown_grace;
-        let serving = crate::serve::serve(listener, self.router(), self.tls, state.shutdown.clone(), grace);
+        let serving = crate::serve::serve(
+            listener,
+            self.router(),
+            self.tls,
+            state.shutdown.clone(),
+            grace,
+        );
         // Tunnels watch the same token: each sends GoAway, closes with 4503 and leaves the hub,
         // within the same grace period as HTTP requests (upgraded connections are not tracked there).
-        let (result, ()) = tokio::join!(serving, http::tunnel::drain(&state.hub, &state.shutdown, grace));
+        let (result, ()) = tokio::join!(
+            serving,
+            http::tunnel::drain(&state.hub, &state.shutdown, grace)
+        );
         sweeper.abort();
         result
     }
@@ -204,7 +238,10 @@ async fn sweep_sessions(state: AppState) {
         if purged > 0 {
             tracing::debug!(purged, "expired RCAR sessions purged");
         }
-        state.metrics.rcar_sessions.set(state.rcar.session_count() as i64);
+        state
+            .metrics
+            .rcar_sessions
+            .set(state.rcar.session_count() as i64);
     }
 }
 
@@ -217,15 +254,29 @@ pub fn router(state: AppState) -> Router {
         .route("/kbs/v0/attest", post(http::rcar::attest))
         .route(
             "/kbs/v0/resource/{repo}/{kind}/{tag}",
-            get(http::resource::get).post(http::resource::put).delete(http::resource::delete),
+            get(http::resource::get)
+                .post(http::resource::put)
+                .delete(http::resource::delete),
         )
-        .route("/kbs/v0/admin/resources/{repo}/{kind}/{tag}/versions", get(http::resource::versions))
-        .route("/kbs/v0/resource-policy", post(http::admin::set_policy).get(http::admin::get_policy))
+        .route(
+            "/kbs/v0/admin/resources/{repo}/{kind}/{tag}/versions",
+            get(http::resource::versions),
+        )
+        .route(
+            "/kbs/v0/resource-policy",
+            post(http::admin::set_policy).get(http::admin::get_policy),
+        )
         .route("/kbs/v0/admin/audit", get(http::admin::audit))
         .route("/kbs/v0/tunnel", get(http::tunnel::upgrade))
         .route("/kbs/v0/admin/guests", get(http::guests::list))
-        .route("/kbs/v0/admin/guests/{guest_id}/ping", post(http::guests::ping))
-        .route("/kbs/v0/admin/guests/{guest_id}/probe", post(http::guests::probe))
+        .route(
+            "/kbs/v0/admin/guests/{guest_id}/ping",
+            post(http::guests::ping),
+        )
+        .route(
+            "/kbs/v0/admin/guests/{guest_id}/probe",
+            post(http::guests::probe),
+        )
         .route("/healthz", get(http::health::healthz))
         .route("/readyz", get(http::health::readyz))
         .fallback(not_found)
@@ -233,7 +284,10 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
         .route("/metrics", get(metrics::expose).with_state(metrics.clone()))
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(axum::middleware::from_fn_with_state(metrics, metrics::track))
+        .layer(axum::middleware::from_fn_with_state(
+            metrics,
+            metrics::track,
+        ))
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {

@@ -124,9 +124,9 @@ impl Default for StorageConfig {
 impl StorageConfig {
     /// The database URL in force.
     pub fn database_url(&self) -> String {
-        self.database_url.clone().unwrap_or_else(|| {
-            format!("sqlite://{}", self.data_dir.join("tether.db").display())
-        })
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("tether.db").display()))
     }
 
     /// Path of the key-encryption key file.
@@ -341,11 +341,17 @@ impl Config {
                     ));
                 }
             }
-            for (key, file) in [("http.tls.cert_file", &tls.cert_file), ("http.tls.key_file", &tls.key_file)] {
+            for (key, file) in [
+                ("http.tls.cert_file", &tls.cert_file),
+                ("http.tls.key_file", &tls.key_file),
+            ] {
                 if let Some(file) = file
                     && !file.is_file()
                 {
-                    return Err(invalid(key, format!("{} is not a readable file", file.display())));
+                    return Err(invalid(
+                        key,
+                        format!("{} is not a readable file", file.display()),
+                    ));
                 }
             }
         }
@@ -363,7 +369,10 @@ impl Config {
             if !crate::verifiers::KNOWN.contains(&v.as_str()) {
                 return Err(invalid(
                     &format!("attestation.verifiers[{i}]"),
-                    format!("unknown verifier `{v}` (known: {})", crate::verifiers::KNOWN.join(", ")),
+                    format!(
+                        "unknown verifier `{v}` (known: {})",
+                        crate::verifiers::KNOWN.join(", ")
+                    ),
                 ));
             }
         }
@@ -392,7 +401,10 @@ impl Config {
             return Err(invalid("tunnel.heartbeat", "must be at least 1s"));
         }
         if !(4096..=64 * 1024 * 1024).contains(&t.max_frame_bytes) {
-            return Err(invalid("tunnel.max_frame_bytes", "must be within 4 KiB..64 MiB"));
+            return Err(invalid(
+                "tunnel.max_frame_bytes",
+                "must be within 4 KiB..64 MiB",
+            ));
         }
         if t.max_in_flight == 0 || t.write_queue == 0 {
             return Err(invalid("tunnel.max_in_flight", "limits must be positive"));
@@ -407,7 +419,9 @@ impl Config {
 /// arrays), strings otherwise.
 fn parse_env_value(raw: &str) -> toml::Value {
     match format!("v = {raw}").parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_string())),
         Err(_) => toml::Value::String(raw.to_string()),
     }
 }
@@ -461,7 +475,11 @@ mod tests {
     fn env_overrides_file_and_parses_scalars() {
         let c = load(
             "[http]\nmax_body_bytes = 5000\n",
-            &[("KBS_HTTP__MAX_BODY_BYTES", "9000"), ("KBS_ATTESTATION__TOKEN_TTL", "2m"), ("KBS_URL", "x")],
+            &[
+                ("KBS_HTTP__MAX_BODY_BYTES", "9000"),
+                ("KBS_ATTESTATION__TOKEN_TTL", "2m"),
+                ("KBS_URL", "x"),
+            ],
         )
         .unwrap();
         assert_eq!(c.http.max_body_bytes, 9000);
@@ -483,6 +501,11 @@ mod tests {
         let err = c.validate().unwrap_err();
         assert!(err.to_string().contains("admin.roles.ops[0]"), "{err}");
         let c = load("[attestation]\nverifiers = [\"sgx-magic\"]\n", &[]).unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("attestation.verifiers[0]"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("attestation.verifiers[0]")
+        );
     }
 }

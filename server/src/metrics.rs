@@ -64,29 +64,73 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("kbs");
         let http_requests = Family::<Labels, Counter>::default();
-        registry.register("http_requests", "HTTP requests by route, method and status", http_requests.clone());
-        let http_duration = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
-        registry.register("http_request_duration_seconds", "HTTP request latency by route and outcome", http_duration.clone());
+        registry.register(
+            "http_requests",
+            "HTTP requests by route, method and status",
+            http_requests.clone(),
+        );
+        let http_duration = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by route and outcome",
+            http_duration.clone(),
+        );
         let errors = Family::<Labels, Counter>::default();
         registry.register("api_errors", "API errors by error name", errors.clone());
         let attestations = Family::<Labels, Counter>::default();
-        registry.register("attestations", "RCAR attestations by TEE and outcome", attestations.clone());
+        registry.register(
+            "attestations",
+            "RCAR attestations by TEE and outcome",
+            attestations.clone(),
+        );
         let policy_decisions = Family::<Labels, Counter>::default();
-        registry.register("policy_decisions", "Resource policy decisions by plugin and decision", policy_decisions.clone());
+        registry.register(
+            "policy_decisions",
+            "Resource policy decisions by plugin and decision",
+            policy_decisions.clone(),
+        );
         let admin_actions = Family::<Labels, Counter>::default();
-        registry.register("admin_actions", "Admin actions by action and outcome", admin_actions.clone());
+        registry.register(
+            "admin_actions",
+            "Admin actions by action and outcome",
+            admin_actions.clone(),
+        );
         let rcar_sessions = Gauge::default();
         registry.register("rcar_sessions", "Live RCAR sessions", rcar_sessions.clone());
         let tunnels_connected = Gauge::default();
-        registry.register("tunnels_connected", "Guest tunnels currently connected", tunnels_connected.clone());
+        registry.register(
+            "tunnels_connected",
+            "Guest tunnels currently connected",
+            tunnels_connected.clone(),
+        );
         let tunnel_handshakes = Family::<Labels, Counter>::default();
-        registry.register("tunnel_handshakes", "Tunnel handshakes by outcome", tunnel_handshakes.clone());
+        registry.register(
+            "tunnel_handshakes",
+            "Tunnel handshakes by outcome",
+            tunnel_handshakes.clone(),
+        );
         let tunnel_disconnects = Family::<Labels, Counter>::default();
-        registry.register("tunnel_disconnects", "Tunnel disconnects by close code", tunnel_disconnects.clone());
+        registry.register(
+            "tunnel_disconnects",
+            "Tunnel disconnects by close code",
+            tunnel_disconnects.clone(),
+        );
         let rpc_calls = Family::<Labels, Counter>::default();
-        registry.register("rpc_calls", "Server-to-guest RPC calls by method and outcome", rpc_calls.clone());
-        let rpc_duration = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(latency_histogram as fn() -> Histogram);
-        registry.register("rpc_duration_seconds", "Server-to-guest RPC latency by method", rpc_duration.clone());
+        registry.register(
+            "rpc_calls",
+            "Server-to-guest RPC calls by method and outcome",
+            rpc_calls.clone(),
+        );
+        let rpc_duration = Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "rpc_duration_seconds",
+            "Server-to-guest RPC latency by method",
+            rpc_duration.clone(),
+        );
         Self {
             registry,
             http_requests,
@@ -141,14 +185,21 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next
     };
     metrics
         .http_requests
-        .get_or_create(&vec![("route", route.clone()), ("method", method), ("status", status.as_u16().to_string())])
+        .get_or_create(&vec![
+            ("route", route.clone()),
+            ("method", method),
+            ("status", status.as_u16().to_string()),
+        ])
         .inc();
     metrics
         .http_duration
         .get_or_create(&vec![("route", route), ("outcome", outcome.to_string())])
         .observe(start.elapsed().as_secs_f64());
     if let Some(ErrorName(name)) = resp.extensions().get::<ErrorName>() {
-        metrics.errors.get_or_create(&vec![("name", name.to_string())]).inc();
+        metrics
+            .errors
+            .get_or_create(&vec![("name", name.to_string())])
+            .inc();
     }
     resp
 }
@@ -156,7 +207,10 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next
 /// `GET /metrics`.
 pub async fn expose(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
     (
-        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         metrics.render(),
     )
 }

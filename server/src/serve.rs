@@ -52,19 +52,26 @@ pub async fn serve(
                 .timer(TokioTimer::new())
                 .header_read_timeout(HANDSHAKE_TIMEOUT)
                 .keep_alive(true);
-            builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(256);
             let result = match acceptor {
-                Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => drive(&builder, TokioIo::new(stream), service, &shutdown).await,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
+                Some(acceptor) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            drive(&builder, TokioIo::new(stream), service, &shutdown).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
                     }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                },
+                }
                 None => drive(&builder, TokioIo::new(tcp), service, &shutdown).await,
             };
             if let Err(e) = result {
@@ -74,7 +81,10 @@ pub async fn serve(
     }
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(open = tracker.len(), "shutdown grace elapsed with connections still open");
+        tracing::warn!(
+            open = tracker.len(),
+            "shutdown grace elapsed with connections still open"
+        );
     }
     Ok(())
 }

@@ -10,7 +10,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use crate::config::TlsConfig;
 
 /// Build the rustls server config (ring provider; TLS 1.2 and 1.3; ALPN h2 + http/1.1).
-pub fn server_config(tls: &TlsConfig, data_dir: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
+pub fn server_config(
+    tls: &TlsConfig,
+    data_dir: &Path,
+) -> Result<Arc<rustls::ServerConfig>, String> {
     let (cert_path, key_path) = if tls.self_signed {
         ensure_self_signed(data_dir, &tls.self_signed_names)?
     } else {
@@ -24,15 +27,21 @@ pub fn server_config(tls: &TlsConfig, data_dir: &Path) -> Result<Arc<rustls::Ser
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("cert_file {}: {e}", cert_path.display()))?;
     if certs.is_empty() {
-        return Err(format!("cert_file {}: no certificate found", cert_path.display()));
+        return Err(format!(
+            "cert_file {}: no certificate found",
+            cert_path.display()
+        ));
     }
-    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| format!("key_file {}: {e}", key_path.display()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("certificate and key do not match or are unsupported: {e}"))?;
+    let key = PrivateKeyDer::from_pem_file(&key_path)
+        .map_err(|e| format!("key_file {}: {e}", key_path.display()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| format!("certificate and key do not match or are unsupported: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -48,11 +57,18 @@ pub fn ensure_self_signed(
     if cert_path.is_file() && key_path.is_file() {
         return Ok((cert_path, key_path));
     }
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
     names.extend(extra.iter().cloned());
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
+    let key =
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
     let mut params = rcgen::CertificateParams::new(names).map_err(|e| e.to_string())?;
-    params.distinguished_name.push(rcgen::DnType::CommonName, "Tether KBS (development)");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Tether KBS (development)");
     let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     crate::fsutil::write_private_atomic(&key_path, key.serialize_pem().as_bytes())

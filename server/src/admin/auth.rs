@@ -165,10 +165,16 @@ impl AdminAuth {
         path: &str,
     ) -> Result<AdminIdentity, ApiError> {
         let token = bearer(headers).ok_or_else(|| {
-            ApiError::unauthorized("AdminAuthRequired", "admin endpoint: missing `Authorization: Bearer <admin JWT>`")
+            ApiError::unauthorized(
+                "AdminAuthRequired",
+                "admin endpoint: missing `Authorization: Bearer <admin JWT>`",
+            )
         })?;
         let header = jsonwebtoken::decode_header(token).map_err(|e| {
-            ApiError::unauthorized("AdminTokenInvalid", format!("admin token is not a JWT: {e}"))
+            ApiError::unauthorized(
+                "AdminTokenInvalid",
+                format!("admin token is not a JWT: {e}"),
+            )
         })?;
         if header.alg != Algorithm::EdDSA {
             return Err(ApiError::unauthorized(
@@ -176,7 +182,10 @@ impl AdminAuth {
                 format!("admin token must be signed EdDSA, not {:?}", header.alg),
             ));
         }
-        let mut last = ApiError::unauthorized("AdminTokenInvalid", "admin token is not signed by a trusted admin key");
+        let mut last = ApiError::unauthorized(
+            "AdminTokenInvalid",
+            "admin token is not signed by a trusted admin key",
+        );
         for k in self
             .keys
             .iter()
@@ -220,9 +229,10 @@ impl AdminAuth {
                             "AdminTokenInvalid",
                             format!("admin token audience does not include `{}`", k.audience),
                         ),
-                        ErrorKind::InvalidIssuer => {
-                            ApiError::unauthorized("AdminTokenInvalid", "admin token issuer is not trusted")
-                        }
+                        ErrorKind::InvalidIssuer => ApiError::unauthorized(
+                            "AdminTokenInvalid",
+                            "admin token issuer is not trusted",
+                        ),
                         ErrorKind::MissingRequiredClaim(c) => ApiError::unauthorized(
                             "AdminTokenInvalid",
                             format!("admin token lacks the `{c}` claim"),
@@ -238,9 +248,15 @@ impl AdminAuth {
 
 /// The token of an `Authorization: Bearer` header, if any.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let v = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let (scheme, token) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
 }
 
 #[cfg(test)]
@@ -261,7 +277,10 @@ mod tests {
             dev_key: true,
         };
         let pem = kp.public_pem();
-        (AdminAuth::new(&cfg, Some(("dev", pem.as_bytes()))).unwrap(), kp)
+        (
+            AdminAuth::new(&cfg, Some(("dev", pem.as_bytes()))).unwrap(),
+            kp,
+        )
     }
 
     fn headers(token: &str) -> HeaderMap {
@@ -272,29 +291,77 @@ mod tests {
 
     #[test]
     fn roles_gate_method_and_path() {
-        let (auth, kp) = auth_with(&[("admin", &["* ^/kbs/.+$"]), ("reader", &["GET ^/kbs/v0/resource-policy$"])]);
-        let admin = kp.sign(&AdminTokenRequest::new("alice", "admin", Duration::from_secs(60))).unwrap();
-        let id = auth.authorize(&headers(&admin), &Method::POST, "/kbs/v0/resource/a/b/c").unwrap();
+        let (auth, kp) = auth_with(&[
+            ("admin", &["* ^/kbs/.+$"]),
+            ("reader", &["GET ^/kbs/v0/resource-policy$"]),
+        ]);
+        let admin = kp
+            .sign(&AdminTokenRequest::new(
+                "alice",
+                "admin",
+                Duration::from_secs(60),
+            ))
+            .unwrap();
+        let id = auth
+            .authorize(&headers(&admin), &Method::POST, "/kbs/v0/resource/a/b/c")
+            .unwrap();
         assert_eq!(id.actor(), "alice@dev");
-        let reader = kp.sign(&AdminTokenRequest::new("bob", "reader", Duration::from_secs(60))).unwrap();
-        assert!(auth.authorize(&headers(&reader), &Method::GET, "/kbs/v0/resource-policy").is_ok());
-        let e = auth.authorize(&headers(&reader), &Method::POST, "/kbs/v0/resource-policy").unwrap_err();
+        let reader = kp
+            .sign(&AdminTokenRequest::new(
+                "bob",
+                "reader",
+                Duration::from_secs(60),
+            ))
+            .unwrap();
+        assert!(
+            auth.authorize(&headers(&reader), &Method::GET, "/kbs/v0/resource-policy")
+                .is_ok()
+        );
+        let e = auth
+            .authorize(&headers(&reader), &Method::POST, "/kbs/v0/resource-policy")
+            .unwrap_err();
         assert_eq!(e.status.as_u16(), 403);
-        let ghost = kp.sign(&AdminTokenRequest::new("eve", "ghost", Duration::from_secs(60))).unwrap();
-        assert_eq!(auth.authorize(&headers(&ghost), &Method::GET, "/kbs/v0/x").unwrap_err().status.as_u16(), 403);
+        let ghost = kp
+            .sign(&AdminTokenRequest::new(
+                "eve",
+                "ghost",
+                Duration::from_secs(60),
+            ))
+            .unwrap();
+        assert_eq!(
+            auth.authorize(&headers(&ghost), &Method::GET, "/kbs/v0/x")
+                .unwrap_err()
+                .status
+                .as_u16(),
+            403
+        );
     }
 
     #[test]
     fn refuses_unknown_key_expired_alg_none_and_missing() {
         let (auth, _kp) = auth_with(&[("admin", &["* ^/kbs/.+$"])]);
         let stranger = AdminKeyPair::generate();
-        let t = stranger.sign(&AdminTokenRequest::new("x", "admin", Duration::from_secs(60))).unwrap();
-        assert_eq!(auth.authorize(&headers(&t), &Method::GET, "/kbs/x").unwrap_err().status.as_u16(), 401);
+        let t = stranger
+            .sign(&AdminTokenRequest::new(
+                "x",
+                "admin",
+                Duration::from_secs(60),
+            ))
+            .unwrap();
+        assert_eq!(
+            auth.authorize(&headers(&t), &Method::GET, "/kbs/x")
+                .unwrap_err()
+                .status
+                .as_u16(),
+            401
+        );
         let (auth, kp) = auth_with(&[("admin", &["* ^/kbs/.+$"])]);
         let mut req = AdminTokenRequest::new("x", "admin", Duration::from_secs(60));
         req.expires_at = Some(1_000);
         let t = kp.sign(&req).unwrap();
-        let e = auth.authorize(&headers(&t), &Method::GET, "/kbs/x").unwrap_err();
+        let e = auth
+            .authorize(&headers(&t), &Method::GET, "/kbs/x")
+            .unwrap_err();
         assert_eq!(e.name, "AdminTokenExpired");
         // alg none: header {"alg":"none"} with the same claims and no signature.
         use base64::Engine;
@@ -304,8 +371,19 @@ mod tests {
             b64.encode(br#"{"alg":"none","typ":"JWT"}"#),
             b64.encode(br#"{"sub":"x","role":"admin","aud":["KBS"],"exp":9999999999}"#)
         );
-        assert_eq!(auth.authorize(&headers(&none), &Method::GET, "/kbs/x").unwrap_err().status.as_u16(), 401);
-        assert_eq!(auth.authorize(&HeaderMap::new(), &Method::GET, "/kbs/x").unwrap_err().name, "AdminAuthRequired");
+        assert_eq!(
+            auth.authorize(&headers(&none), &Method::GET, "/kbs/x")
+                .unwrap_err()
+                .status
+                .as_u16(),
+            401
+        );
+        assert_eq!(
+            auth.authorize(&HeaderMap::new(), &Method::GET, "/kbs/x")
+                .unwrap_err()
+                .name,
+            "AdminAuthRequired"
+        );
     }
 
     #[test]

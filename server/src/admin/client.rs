@@ -43,13 +43,18 @@ pub struct AdminClient {
 
 impl AdminClient {
     /// Build for `base_url` with an admin private key, optional CA file for TLS.
-    pub fn new(base_url: &str, key: AdminKeyPair, ca_file: Option<&Path>) -> Result<Self, ClientError> {
+    pub fn new(
+        base_url: &str,
+        key: AdminKeyPair,
+        ca_file: Option<&Path>,
+    ) -> Result<Self, ClientError> {
         let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(60))
             .use_rustls_tls();
         if let Some(ca) = ca_file {
-            let pem = std::fs::read(ca).map_err(|e| ClientError::Local(format!("CA file {}: {e}", ca.display())))?;
+            let pem = std::fs::read(ca)
+                .map_err(|e| ClientError::Local(format!("CA file {}: {e}", ca.display())))?;
             for cert in reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| ClientError::Local(format!("CA file {}: {e}", ca.display())))?
             {
@@ -80,19 +85,30 @@ impl AdminClient {
     /// A fresh admin token (60 s).
     pub fn token(&self) -> Result<String, ClientError> {
         self.key
-            .sign(&AdminTokenRequest::new(&self.subject, &self.role, Duration::from_secs(60)))
+            .sign(&AdminTokenRequest::new(
+                &self.subject,
+                &self.role,
+                Duration::from_secs(60),
+            ))
             .map_err(|e| ClientError::Local(e.to_string()))
     }
 
     /// Send a request and return the JSON answer (or the API error).
-    pub async fn send(&self, method: Method, path: &str, body: Option<RequestBody>) -> Result<Value, ClientError> {
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<RequestBody>,
+    ) -> Result<Value, ClientError> {
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.base))
             .bearer_auth(self.token()?);
         req = match body {
             Some(RequestBody::Json(v)) => req.json(&v),
-            Some(RequestBody::Bytes(b)) => req.header("content-type", "application/octet-stream").body(b),
+            Some(RequestBody::Bytes(b)) => req
+                .header("content-type", "application/octet-stream")
+                .body(b),
             None => req,
         };
         let resp = req.send().await?;
@@ -102,47 +118,79 @@ impl AdminClient {
             if bytes.is_empty() {
                 return Ok(Value::Null);
             }
-            return serde_json::from_slice(&bytes)
-                .map_err(|e| ClientError::Local(format!("KBS answered {status} with non-JSON body: {e}")));
+            return serde_json::from_slice(&bytes).map_err(|e| {
+                ClientError::Local(format!("KBS answered {status} with non-JSON body: {e}"))
+            });
         }
         let (name, detail) = match serde_json::from_slice::<Value>(&bytes) {
             Ok(v) => (
-                v["type"].as_str().unwrap_or("").rsplit('/').next().unwrap_or("").to_string(),
+                v["type"]
+                    .as_str()
+                    .unwrap_or("")
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or("")
+                    .to_string(),
                 v["detail"].as_str().unwrap_or("").to_string(),
             ),
             Err(_) => (String::new(), String::from_utf8_lossy(&bytes).into_owned()),
         };
-        Err(ClientError::Api { status, name, detail })
+        Err(ClientError::Api {
+            status,
+            name,
+            detail,
+        })
     }
 
     /// Upload a new version of a resource.
     pub async fn put_resource(&self, path: &str, data: Vec<u8>) -> Result<Value, ClientError> {
-        self.send(Method::POST, &format!("/kbs/v0/resource/{path}"), Some(RequestBody::Bytes(data))).await
+        self.send(
+            Method::POST,
+            &format!("/kbs/v0/resource/{path}"),
+            Some(RequestBody::Bytes(data)),
+        )
+        .await
     }
 
     /// Versions of a resource.
     pub async fn resource_versions(&self, path: &str) -> Result<Value, ClientError> {
-        self.send(Method::GET, &format!("/kbs/v0/admin/resources/{path}/versions"), None).await
+        self.send(
+            Method::GET,
+            &format!("/kbs/v0/admin/resources/{path}/versions"),
+            None,
+        )
+        .await
     }
 
     /// Delete a resource.
     pub async fn delete_resource(&self, path: &str) -> Result<Value, ClientError> {
-        self.send(Method::DELETE, &format!("/kbs/v0/resource/{path}"), None).await
+        self.send(Method::DELETE, &format!("/kbs/v0/resource/{path}"), None)
+            .await
     }
 
     /// Install a resource policy (Rego text).
     pub async fn set_policy(&self, rego: &str) -> Result<Value, ClientError> {
         let body = serde_json::json!({"policy": URL_SAFE_NO_PAD.encode(rego.as_bytes())});
-        self.send(Method::POST, "/kbs/v0/resource-policy", Some(RequestBody::Json(body))).await
+        self.send(
+            Method::POST,
+            "/kbs/v0/resource-policy",
+            Some(RequestBody::Json(body)),
+        )
+        .await
     }
 
     /// The current resource policy text and version.
     pub async fn get_policy(&self) -> Result<(String, u64), ClientError> {
-        let v = self.send(Method::GET, "/kbs/v0/resource-policy", None).await?;
+        let v = self
+            .send(Method::GET, "/kbs/v0/resource-policy", None)
+            .await?;
         let text = URL_SAFE_NO_PAD
             .decode(v["policy"].as_str().unwrap_or(""))
             .map_err(|e| ClientError::Local(format!("policy is not base64url: {e}")))?;
-        Ok((String::from_utf8_lossy(&text).into_owned(), v["version"].as_u64().unwrap_or(0)))
+        Ok((
+            String::from_utf8_lossy(&text).into_owned(),
+            v["version"].as_u64().unwrap_or(0),
+        ))
     }
 
     /// Guests with a live tunnel to this KBS, sorted by id.
@@ -159,24 +207,33 @@ impl AdminClient {
     }
 
     /// Ask a guest for health, held resources and/or runtime figures through its tunnel.
-    pub async fn probe_guest(&self, guest_id: &str, kind: ProbeSelector) -> Result<rpc_defs::ProbeReport, ClientError> {
+    pub async fn probe_guest(
+        &self,
+        guest_id: &str,
+        kind: ProbeSelector,
+    ) -> Result<rpc_defs::ProbeReport, ClientError> {
         let path = format!("/kbs/v0/admin/guests/{}/probe", path_segment(guest_id));
         let body = serde_json::to_value(ProbeRequest { kind })
             .map_err(|e| ClientError::Local(format!("probe request: {e}")))?;
-        let v = self.send(Method::POST, &path, Some(RequestBody::Json(body))).await?;
+        let v = self
+            .send(Method::POST, &path, Some(RequestBody::Json(body)))
+            .await?;
         parse("probe report", v)
     }
 }
 
 fn parse<T: serde::de::DeserializeOwned>(what: &str, v: Value) -> Result<T, ClientError> {
-    serde_json::from_value(v).map_err(|e| ClientError::Local(format!("unexpected {what} from the KBS: {e}")))
+    serde_json::from_value(v)
+        .map_err(|e| ClientError::Local(format!("unexpected {what} from the KBS: {e}")))
 }
 
 /// Percent-encode one path segment (guest ids are plain already; this keeps odd ones intact).
 fn path_segment(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()

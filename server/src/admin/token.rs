@@ -83,17 +83,20 @@ impl AdminKeyPair {
 
     /// Load a PKCS#8 PEM private key.
     pub fn from_pem(pem: &str, origin: &str) -> Result<Self, AdminKeyError> {
-        let signing =
-            SigningKey::from_pkcs8_pem(pem).map_err(|_| AdminKeyError::Format(origin.to_string()))?;
+        let signing = SigningKey::from_pkcs8_pem(pem)
+            .map_err(|_| AdminKeyError::Format(origin.to_string()))?;
         Ok(Self { signing })
     }
 
     /// Load from a file.
     pub fn load(path: &Path) -> Result<Self, AdminKeyError> {
-        let pem = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| AdminKeyError::Io {
-            path: path.display().to_string(),
-            source,
-        })?);
+        let pem =
+            Zeroizing::new(
+                std::fs::read_to_string(path).map_err(|source| AdminKeyError::Io {
+                    path: path.display().to_string(),
+                    source,
+                })?,
+            );
         Self::from_pem(&pem, &path.display().to_string())
     }
 

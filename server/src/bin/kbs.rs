@@ -39,7 +39,9 @@ struct Args {
 fn init_tracing(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Pretty => builder.init(),
@@ -60,9 +62,16 @@ async fn main() -> anyhow::Result<()> {
         config.log.format = format;
     }
     if args.tls_self_signed {
-        config.http.tls = Some(TlsConfig { self_signed: true, ..Default::default() });
+        config.http.tls = Some(TlsConfig {
+            self_signed: true,
+            ..Default::default()
+        });
     } else if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
-        config.http.tls = Some(TlsConfig { cert_file: Some(cert), key_file: Some(key), ..Default::default() });
+        config.http.tls = Some(TlsConfig {
+            cert_file: Some(cert),
+            key_file: Some(key),
+            ..Default::default()
+        });
     }
     init_tracing(&config);
 
@@ -90,9 +99,16 @@ async fn main() -> anyhow::Result<()> {
 
 fn print_next_steps(scheme: &str, addr: SocketAddr, kbs: &Kbs, data_dir: &std::path::Path) {
     let url = format!("{scheme}://{addr}");
-    println!("Tether KBS listening on {url} (data in {})", data_dir.display());
+    println!(
+        "Tether KBS listening on {url} (data in {})",
+        data_dir.display()
+    );
     if let Some(key) = &kbs.dev_admin_key {
-        let state = if kbs.dev_admin_key_created { "generated" } else { "reused" };
+        let state = if kbs.dev_admin_key_created {
+            "generated"
+        } else {
+            "reused"
+        };
         let ca = if scheme == "https" {
             format!(" KBS_CA_FILE={}", data_dir.join("tls/cert.pem").display())
         } else {
@@ -109,7 +125,9 @@ fn print_next_steps(scheme: &str, addr: SocketAddr, kbs: &Kbs, data_dir: &std::p
         println!("  printf 'my first secret' > secret.txt");
         println!("  cargo run -q --bin kbsctl -- resource put default/key/demo secret.txt");
         println!("  cargo run -q --bin kbsctl -- policy set examples/policies/allow-sample.rego");
-        println!("  cargo run -q --bin guest-daemon -- get-resource default/key/demo --kbs-url {url}{ca_flag}");
+        println!(
+            "  cargo run -q --bin guest-daemon -- get-resource default/key/demo --kbs-url {url}{ca_flag}"
+        );
     }
 }
 
@@ -117,13 +135,14 @@ async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},

@@ -17,10 +17,20 @@ use server::http::guests::ProbeSelector;
 #[command(version, about)]
 struct Cli {
     /// KBS base URL.
-    #[arg(long, env = "KBS_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(
+        long,
+        env = "KBS_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     url: String,
     /// Admin private key (Ed25519 PKCS#8 PEM).
-    #[arg(long, env = "KBS_ADMIN_KEY", default_value = "./data/admin.key", global = true)]
+    #[arg(
+        long,
+        env = "KBS_ADMIN_KEY",
+        default_value = "./data/admin.key",
+        global = true
+    )]
     admin_key: PathBuf,
     /// CA certificate (PEM) to trust for an https KBS.
     #[arg(long, env = "KBS_CA_FILE", global = true)]
@@ -109,14 +119,21 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let key = AdminKeyPair::load(&cli.admin_key).with_context(|| "set --admin-key or KBS_ADMIN_KEY".to_string())?;
-    let client = AdminClient::new(&cli.url, key, cli.ca_file.as_deref())?.with_identity(&cli.subject, &cli.role);
+    let key = AdminKeyPair::load(&cli.admin_key)
+        .with_context(|| "set --admin-key or KBS_ADMIN_KEY".to_string())?;
+    let client = AdminClient::new(&cli.url, key, cli.ca_file.as_deref())?
+        .with_identity(&cli.subject, &cli.role);
     match cli.command {
         Command::Resource(ResourceCmd::Put { path, file }) => {
             let data = read_input(&file)?;
             let v = client.put_resource(&path, data).await?;
             print_value(cli.output, &v, |v| {
-                format!("stored {} version {} (sha256 {})", s(&v["path"]), v["version"], s(&v["sha256"]))
+                format!(
+                    "stored {} version {} (sha256 {})",
+                    s(&v["path"]),
+                    v["version"],
+                    s(&v["sha256"])
+                )
             });
         }
         Command::Resource(ResourceCmd::Versions { path }) => {
@@ -132,7 +149,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         r["size"].to_string(),
                         fmt_ms(&r["created_at"]),
                         s(&r["created_by"]),
-                        if r["deleted"].as_bool() == Some(true) { "deleted".into() } else { "live".into() },
+                        if r["deleted"].as_bool() == Some(true) {
+                            "deleted".into()
+                        } else {
+                            "live".into()
+                        },
                     ]);
                 }
                 println!("{t}");
@@ -143,14 +164,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_value(cli.output, &v, |_| format!("deleted {path}"));
         }
         Command::Policy(PolicyCmd::Set { file }) => {
-            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
             let v = client.set_policy(&text).await?;
-            print_value(cli.output, &v, |v| format!("policy installed (version {})", v["version"]));
+            print_value(cli.output, &v, |v| {
+                format!("policy installed (version {})", v["version"])
+            });
         }
         Command::Policy(PolicyCmd::Get) => {
             let (text, version) = client.get_policy().await?;
             if cli.output == Output::Json {
-                println!("{}", serde_json::json!({"version": version, "policy": text}));
+                println!(
+                    "{}",
+                    serde_json::json!({"version": version, "policy": text})
+                );
             } else {
                 print!("{text}");
                 if !text.ends_with('\n') {
@@ -161,11 +188,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Guests(GuestsCmd::List) => {
             let guests = client.list_guests().await?;
             if cli.output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({"guests": guests}))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({"guests": guests}))?
+                );
             } else {
-                let mut t = table(&["GUEST", "LABELS", "INSTANCE", "VERSION", "CONNECTED", "LAST SEEN"]);
+                let mut t = table(&[
+                    "GUEST",
+                    "LABELS",
+                    "INSTANCE",
+                    "VERSION",
+                    "CONNECTED",
+                    "LAST SEEN",
+                ]);
                 for g in &guests {
-                    let labels: Vec<String> = g.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    let labels: Vec<String> =
+                        g.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                     t.add_row(vec![
                         g.guest_id.clone(),
                         labels.join(","),
@@ -181,7 +219,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Guests(GuestsCmd::Ping { guest_id }) => {
             let rtt = client.ping_guest(&guest_id).await?;
             let v = serde_json::json!({"guest_id": guest_id, "rtt_us": rtt});
-            print_value(cli.output, &v, |_| format!("pong from {guest_id}: {rtt} us"));
+            print_value(cli.output, &v, |_| {
+                format!("pong from {guest_id}: {rtt} us")
+            });
         }
         Command::Guests(GuestsCmd::Probe { guest_id, kind }) => {
             let report = client.probe_guest(&guest_id, kind).await?;
@@ -196,7 +236,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if cli.output == Output::Json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                let mut t = table(&["ID", "AT", "ACTOR", "ROLE", "ACTION", "TARGET", "OUTCOME", "DETAIL"]);
+                let mut t = table(&[
+                    "ID", "AT", "ACTOR", "ROLE", "ACTION", "TARGET", "OUTCOME", "DETAIL",
+                ]);
                 for r in v["records"].as_array().into_iter().flatten() {
                     t.add_row(vec![
                         r["id"].to_string(),
@@ -233,7 +275,13 @@ fn table(headers: &[&str]) -> Table {
 }
 
 fn s(v: &Value) -> String {
-    v.as_str().map(str::to_string).unwrap_or_else(|| if v.is_null() { String::new() } else { v.to_string() })
+    v.as_str().map(str::to_string).unwrap_or_else(|| {
+        if v.is_null() {
+            String::new()
+        } else {
+            v.to_string()
+        }
+    })
 }
 
 fn fmt_ms(v: &Value) -> String {
@@ -244,7 +292,9 @@ fn fmt_ms(v: &Value) -> String {
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'*' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'*' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()

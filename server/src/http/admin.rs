@@ -33,7 +33,12 @@ pub async fn set_policy(
     let raw = URL_SAFE_NO_PAD
         .decode(req.policy.trim())
         .or_else(|_| URL_SAFE.decode(req.policy.trim()))
-        .map_err(|e| ApiError::bad_request("MalformedRequest", format!("`policy` is not base64url: {e}")))?;
+        .map_err(|e| {
+            ApiError::bad_request(
+                "MalformedRequest",
+                format!("`policy` is not base64url: {e}"),
+            )
+        })?;
     let text = String::from_utf8(raw)
         .map_err(|_| ApiError::bad_request("MalformedRequest", "`policy` is not UTF-8 text"))?;
     // Compile first (a failure leaves everything as it was), then persist, then swap; the
@@ -42,9 +47,20 @@ pub async fn set_policy(
     crate::policy::PolicyEngine::new(&text).inspect_err(|e| {
         tracing::warn!(admin = %admin.actor(), error = %e, "policy rejected");
     })?;
-    let version = state.store.set_policy(RESOURCE_POLICY, &text, &admin.actor()).await?;
+    let version = state
+        .store
+        .set_policy(RESOURCE_POLICY, &text, &admin.actor())
+        .await?;
     state.policy.set(&text)?;
-    state.audit(&admin, "policy.set", RESOURCE_POLICY, "ok", format!("version {version}")).await;
+    state
+        .audit(
+            &admin,
+            "policy.set",
+            RESOURCE_POLICY,
+            "ok",
+            format!("version {version}"),
+        )
+        .await;
     Ok(Json(json!({"version": version})))
 }
 
@@ -58,7 +74,9 @@ pub async fn get_policy(
         Some(p) => (p.version, p.body),
         None => (0, state.policy.source().1),
     };
-    Ok(Json(json!({"policy": URL_SAFE_NO_PAD.encode(text.as_bytes()), "version": version})))
+    Ok(Json(
+        json!({"policy": URL_SAFE_NO_PAD.encode(text.as_bytes()), "version": version}),
+    ))
 }
 
 /// Query of `GET /kbs/v0/admin/audit`.
@@ -84,6 +102,9 @@ pub async fn audit(
         limit: p.limit.unwrap_or(100).clamp(1, 1000),
     };
     let records = state.store.list_audit(&q).await?;
-    let next = records.last().map(|r| r.id).filter(|_| records.len() as u32 == q.limit);
+    let next = records
+        .last()
+        .map(|r| r.id)
+        .filter(|_| records.len() as u32 == q.limit);
     Ok(Json(json!({"records": records, "next_before": next})))
 }

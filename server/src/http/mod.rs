@@ -49,9 +49,9 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let ApiBytes(body) = ApiBytes::from_request(req, state).await?;
-        serde_json::from_slice(&body)
-            .map(Self)
-            .map_err(|e| ApiError::bad_request("MalformedRequest", format!("invalid JSON body: {e}")))
+        serde_json::from_slice(&body).map(Self).map_err(|e| {
+            ApiError::bad_request("MalformedRequest", format!("invalid JSON body: {e}"))
+        })
     }
 }
 
@@ -61,10 +61,18 @@ pub struct AdminCaller(pub AdminIdentity);
 impl FromRequestParts<AppState> for AdminCaller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let result = state.admin.authorize(&parts.headers, &parts.method, parts.uri.path());
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let result = state
+            .admin
+            .authorize(&parts.headers, &parts.method, parts.uri.path());
         if let Err(e) = &result {
-            crate::metrics::Metrics::inc(&state.metrics.admin_actions, &[("action", "auth"), ("outcome", e.name)]);
+            crate::metrics::Metrics::inc(
+                &state.metrics.admin_actions,
+                &[("action", "auth"), ("outcome", e.name)],
+            );
         }
         result.map(Self)
     }
@@ -77,7 +85,10 @@ pub struct Attested(pub VerifiedToken);
 impl FromRequestParts<AppState> for Attested {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         if let Some(token) = crate::admin::auth::bearer(&parts.headers) {
             return Ok(Self(state.rcar.signer().verify(token)?));
         }

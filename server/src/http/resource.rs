@@ -33,13 +33,19 @@ pub fn check_policy(
     let allowed = state.policy.evaluate(claims, &data)?;
     Metrics::inc(
         &state.metrics.policy_decisions,
-        &[("plugin", plugin), ("decision", if allowed { "allow" } else { "deny" })],
+        &[
+            ("plugin", plugin),
+            ("decision", if allowed { "allow" } else { "deny" }),
+        ],
     );
     if allowed {
         Ok(())
     } else {
         let what = path.map(|p| p.to_string()).unwrap_or_default();
-        Err(ApiError::forbidden("PolicyDeny", format!("the resource policy denies {plugin} {what} to this guest")))
+        Err(ApiError::forbidden(
+            "PolicyDeny",
+            format!("the resource policy denies {plugin} {what} to this guest"),
+        ))
     }
 }
 
@@ -70,12 +76,23 @@ pub async fn put(
     ApiBytes(body): ApiBytes,
 ) -> Result<Json<Value>, ApiError> {
     let path = parse_path(&repo, &kind, &tag)?;
-    let version = state.store.put_resource(&path, &body, &admin.actor()).await?;
+    let version = state
+        .store
+        .put_resource(&path, &body, &admin.actor())
+        .await?;
     let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&body));
     state
-        .audit(&admin, "resource.put", &path.to_string(), "ok", format!("version {version}, {} bytes", body.len()))
+        .audit(
+            &admin,
+            "resource.put",
+            &path.to_string(),
+            "ok",
+            format!("version {version}, {} bytes", body.len()),
+        )
         .await;
-    Ok(Json(json!({"path": path.to_string(), "version": version, "sha256": sha})))
+    Ok(Json(
+        json!({"path": path.to_string(), "version": version, "sha256": sha}),
+    ))
 }
 
 /// Admin DELETE: erase the resource; later GETs answer 404.
@@ -86,9 +103,20 @@ pub async fn delete(
 ) -> Result<Json<Value>, ApiError> {
     let path = parse_path(&repo, &kind, &tag)?;
     if !state.store.delete_resource(&path, &admin.actor()).await? {
-        return Err(ApiError::not_found("ResourceNotFound", format!("no resource at {path}")));
+        return Err(ApiError::not_found(
+            "ResourceNotFound",
+            format!("no resource at {path}"),
+        ));
     }
-    state.audit(&admin, "resource.delete", &path.to_string(), "ok", String::new()).await;
+    state
+        .audit(
+            &admin,
+            "resource.delete",
+            &path.to_string(),
+            "ok",
+            String::new(),
+        )
+        .await;
     Ok(Json(json!({"path": path.to_string(), "deleted": true})))
 }
 
@@ -101,7 +129,12 @@ pub async fn versions(
     let path = parse_path(&repo, &kind, &tag)?;
     let versions = state.store.list_versions(&path).await?;
     if versions.is_empty() {
-        return Err(ApiError::not_found("ResourceNotFound", format!("no resource at {path}")));
+        return Err(ApiError::not_found(
+            "ResourceNotFound",
+            format!("no resource at {path}"),
+        ));
     }
-    Ok(Json(json!({"path": path.to_string(), "versions": versions})))
+    Ok(Json(
+        json!({"path": path.to_string(), "versions": versions}),
+    ))
 }

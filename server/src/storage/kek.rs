@@ -32,10 +32,10 @@ impl KeyEncryptionKey {
     pub fn load_or_generate(path: &Path) -> Result<Self, StoreError> {
         match std::fs::read_to_string(path) {
             Ok(text) => {
-                let raw = Zeroizing::new(
-                    hex::decode(text.trim())
-                        .map_err(|_| StoreError::Crypto(format!("{} is not hex", path.display())))?,
-                );
+                let raw =
+                    Zeroizing::new(hex::decode(text.trim()).map_err(|_| {
+                        StoreError::Crypto(format!("{} is not hex", path.display()))
+                    })?);
                 if raw.len() != 32 {
                     return Err(StoreError::Crypto(format!(
                         "{} must hold 32 bytes (64 hex chars)",
@@ -63,24 +63,41 @@ impl KeyEncryptionKey {
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         let ct = self
             .cipher
-            
-            .encrypt(&Nonce::from(nonce), Payload { msg: plaintext, aad: context })
+            .encrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: plaintext,
+                    aad: context,
+                },
+            )
             .map_err(|_| StoreError::Crypto("seal failed".into()))?;
         Ok((nonce.to_vec(), ct))
     }
 
     /// Open what [`seal`](Self::seal) produced with the same context.
-    pub fn open(&self, context: &[u8], nonce: &[u8], ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+    pub fn open(
+        &self,
+        context: &[u8],
+        nonce: &[u8],
+        ciphertext: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
         let nonce: [u8; 12] = nonce
             .try_into()
             .map_err(|_| StoreError::Crypto("bad nonce length".into()))?;
         self.cipher
-            .decrypt(&Nonce::from(nonce), Payload { msg: ciphertext, aad: context })
+            .decrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad: context,
+                },
+            )
             .map(Zeroizing::new)
-            .map_err(|_| StoreError::Crypto("cannot open: wrong key-encryption key or corrupt row".into()))
+            .map_err(|_| {
+                StoreError::Crypto("cannot open: wrong key-encryption key or corrupt row".into())
+            })
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -204,7 +204,15 @@ impl Store for SqliteStore {
 
     async fn list_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
         let (action_exact, action_prefix) = match q.action.as_deref() {
-            Some(a) if a.ends_with('*') => (None, Some(format!("{}%", a.trim_end_matches('*').replace('%', "\\%").replace('_', "\\_")))),
+            Some(a) if a.ends_with('*') => (
+                None,
+                Some(format!(
+                    "{}%",
+                    a.trim_end_matches('*')
+                        .replace('%', "\\%")
+                        .replace('_', "\\_")
+                )),
+            ),
             Some(a) => (Some(a.to_string()), None),
             None => (None, None),
         };
@@ -309,7 +317,12 @@ impl Store for SqliteStore {
     }
 }
 
-fn open_kv(kek: &KeyEncryptionKey, namespace: &str, key: &str, sealed: &[u8]) -> Result<Vec<u8>, StoreError> {
+fn open_kv(
+    kek: &KeyEncryptionKey,
+    namespace: &str,
+    key: &str,
+    sealed: &[u8],
+) -> Result<Vec<u8>, StoreError> {
     if sealed.len() < 12 {
         return Err(StoreError::Crypto("truncated plugin value".into()));
     }
@@ -356,7 +369,11 @@ mod tests {
         for i in 0..20 {
             let s = s.clone();
             let p = p.clone();
-            tasks.push(tokio::spawn(async move { s.put_resource(&p, format!("{i}").as_bytes(), "t").await.unwrap() }));
+            tasks.push(tokio::spawn(async move {
+                s.put_resource(&p, format!("{i}").as_bytes(), "t")
+                    .await
+                    .unwrap()
+            }));
         }
         let mut got = Vec::new();
         for t in tasks {
@@ -385,16 +402,30 @@ mod tests {
             .await
             .unwrap();
         }
-        let all = s.list_audit(&AuditQuery { limit: 10, ..Default::default() }).await.unwrap();
+        let all = s
+            .list_audit(&AuditQuery {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
         assert_eq!(all.len(), 3);
         assert_eq!(all[0].action, "resource.delete");
         let res = s
-            .list_audit(&AuditQuery { action: Some("resource.*".into()), limit: 10, ..Default::default() })
+            .list_audit(&AuditQuery {
+                action: Some("resource.*".into()),
+                limit: 10,
+                ..Default::default()
+            })
             .await
             .unwrap();
         assert_eq!(res.len(), 2);
         let page = s
-            .list_audit(&AuditQuery { before: Some(all[0].id), limit: 1, ..Default::default() })
+            .list_audit(&AuditQuery {
+                before: Some(all[0].id),
+                limit: 1,
+                ..Default::default()
+            })
             .await
             .unwrap();
         assert_eq!(page[0].action, "policy.set");
