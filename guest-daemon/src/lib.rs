@@ -1,9 +1,11 @@
-//! Tether guest daemon library: RCAR client, TEE key, evidence providers.
+//! Tether guest daemon library: RCAR client, TEE key, evidence providers, the
+//! `GuestService` implementation and its state store, and the `run` supervisor loop.
 
 pub mod evidence;
 pub mod hook;
 pub mod rcar;
 pub mod resource_path;
+pub mod run;
 pub mod service;
 pub mod store;
 pub mod tee_key;

@@ -1,4 +1,5 @@
-//! `guest-daemon`: attest to a Tether (or Trustee) KBS and fetch resources.
+//! `guest-daemon`: attest to a Tether (or Trustee) KBS and fetch resources, or run as the
+//! guest's daemon holding a tunnel to the KBS (`run`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -6,9 +7,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use guest_daemon::evidence::SampleAttester;
+use guest_daemon::hook::PostApplyHook;
 use guest_daemon::rcar::{KbsClient, KbsClientBuilder};
 use guest_daemon::resource_path::ResourcePath;
+use guest_daemon::run::{DEFAULT_STATE_DIR, RunConfig};
 use guest_daemon::tee_key::{KeyAlgorithm, TeeKeyPair};
+use tokio_util::sync::CancellationToken;
 
 /// Largest init-data file read.
 const MAX_INIT_DATA_BYTES: u64 = 1024 * 1024;
@@ -26,6 +30,9 @@ enum Command {
     Attest(AttestArgs),
     /// Fetch a resource and write its plaintext bytes to stdout.
     GetResource(GetResourceArgs),
+    /// Run as the guest daemon: keep a tunnel to the KBS open and serve its calls
+    /// (resource rotation, credentials, probes) until SIGINT or SIGTERM.
+    Run(RunArgs),
 }
 
 /// How to reach and attest to the KBS.
@@ -77,6 +84,21 @@ struct GetResourceArgs {
     /// Passport mode: attest, then present the token as a bearer credential (no cookie).
     #[arg(long)]
     passport: bool,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    kbs: KbsArgs,
+    /// State directory (created 0700): the TEE key, kept across restarts, and the resources
+    /// and credentials the KBS pushed. The default is on tmpfs, so nothing reaches the disk
+    /// and a reboot starts afresh.
+    #[arg(long, env = "TETHER_STATE_DIR", value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Shell command run after each newly applied resource version, with TETHER_RESOURCE,
+    /// TETHER_VERSION and TETHER_FILE in its environment (e.g. `systemctl reload app`).
+    #[arg(long, value_name = "CMD")]
+    hook: Option<String>,
 }
 
 fn read_init_data(path: &Path) -> anyhow::Result<String> {
@@ -131,16 +153,49 @@ async fn get_resource(args: GetResourceArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
+    let mut config = RunConfig::new(args.kbs.kbs_url, args.state_dir);
+    config.key_alg = args.kbs.key_alg.into();
+    config.ca_file = args.kbs.ca_file;
+    config.hook = args.hook.map(PostApplyHook::new);
+    if let Some(path) = &args.kbs.init_data {
+        config.init_data = Some(read_init_data(path)?);
+    }
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone())?;
+    guest_daemon::run::run(config, shutdown).await?;
+    Ok(())
+}
+
+/// Cancel `shutdown` on the first SIGINT or SIGTERM.
+fn cancel_on_signal(shutdown: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
+    let mut terminate = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = interrupt.recv() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        };
+        tracing::info!(signal = name, "shutting down");
+        shutdown.cancel();
+    });
+    Ok(())
+}
+
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Attest(args) => attest(args).await,
         Command::GetResource(args) => get_resource(args).await,
+        Command::Run(args) => run_daemon(args).await,
     }
 }
 
-fn init_logging() {
+/// Log to stderr; `RUST_LOG` overrides the default level (`info` for the daemon, whose
+/// state changes are its log, `warn` for the one-shot commands).
+fn init_logging(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -149,7 +204,10 @@ fn init_logging() {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    init_logging(match cli.command {
+        Command::Run(_) => "info",
+        _ => "warn",
+    });
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -73,7 +73,9 @@ impl TestKbs {
     async fn launch(config: Config, dir: Option<tempfile::TempDir>) -> Self {
         let data_dir = config.storage.data_dir.clone();
         let kbs = Kbs::build(config.clone()).await.expect("KBS builds");
-        let listener = tokio::net::TcpListener::bind(config.http.listen).await.expect("bind");
+        let listener = tokio::net::TcpListener::bind(config.http.listen)
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let tls = kbs.is_tls();
         let url = if tls {
@@ -117,7 +119,8 @@ impl TestKbs {
 
     /// An admin client with role `admin`.
     pub fn admin(&self) -> AdminClient {
-        AdminClient::new(&self.url, self.admin_key(), self.ca_file.as_deref()).expect("admin client")
+        AdminClient::new(&self.url, self.admin_key(), self.ca_file.as_deref())
+            .expect("admin client")
     }
 
     /// A raw HTTP client trusting this KBS's certificate, with a cookie store.
@@ -165,7 +168,9 @@ pub fn metric_value(exposition: &str, metric: &str, labels: &[(&str, &str)]) -> 
             if name != metric {
                 return None;
             }
-            let all = labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+            let all = labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
             all.then(|| value.parse::<f64>().ok()).flatten()
         })
         .sum()
@@ -192,7 +197,9 @@ impl TestKbs {
 pub fn tls_client_config(ca_file: &Path) -> std::sync::Arc<rustls::ClientConfig> {
     let bundle = guest_daemon::tls::CaBundle::from_pem_file(ca_file).expect("CA file");
     let mut roots = rustls::RootCertStore::empty();
-    bundle.add_to_root_store(&mut roots).expect("CA certificates");
+    bundle
+        .add_to_root_store(&mut roots)
+        .expect("CA certificates");
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -1,0 +1,545 @@
+//! Tunnel benchmark on loopback, in one process, plain WebSocket: RPC `ping` latency against
+//! a raw WebSocket echo over the same stack, pipelined throughput on one tunnel, and total
+//! throughput across many tunnels. The machine drifts, so the baselines are measured in the
+//! same run and the figures are printed as ratios too (see PERFORMANCE.md).
+//!
+//! The handshake uses a fake challenge (the nonce XOR 0x5a): no crypto is measured.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use axum::{
+    Router,
+    extract::{
+        State, WebSocketUpgrade,
+        ws::{Message as AxumMessage, WebSocket},
+    },
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::any,
+};
+use clap::Parser;
+use futures::{SinkExt, StreamExt, future::BoxFuture};
+use rpc_defs::{
+    Applied, CredentialBundle, GuestError, GuestInfo, GuestService, Installed, ProbeKind,
+    ProbeReport, SealedResource,
+};
+use serde_bytes::ByteBuf;
+use tarpc::context::Context;
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_tungstenite::tungstenite::{Message, protocol::WebSocketConfig};
+use tokio_util::sync::CancellationToken;
+use tunnel::{
+    AcceptParams, GuestTunnelConfig, Hub, NoopObserver, ReauthFn, TunnelHandle, TunnelLimits,
+    TunnelObserver, configure_upgrade, serve_guest_tunnel,
+};
+
+const XOR: u8 = 0x5a;
+
+/// Tunnel benchmark (loopback, plain WebSocket).
+#[derive(Parser, Debug)]
+struct Args {
+    /// Payload size, bytes.
+    #[arg(long, default_value_t = 256)]
+    payload: usize,
+    /// Sequential calls measured for latency (after as many warm-up calls / 5).
+    #[arg(long, default_value_t = 5000)]
+    calls: usize,
+    /// Calls in flight on the single-tunnel throughput run.
+    #[arg(long, default_value_t = 64)]
+    in_flight: usize,
+    /// Tunnels in the many-tunnel throughput run.
+    #[arg(long, default_value_t = 1000)]
+    tunnels: usize,
+    /// Calls in flight per tunnel in the many-tunnel run.
+    #[arg(long, default_value_t = 4)]
+    per_tunnel: usize,
+    /// Seconds each throughput run lasts.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+}
+
+/// A trivial guest: `ping` echoes.
+#[derive(Clone)]
+struct EchoGuest;
+
+impl GuestService for EchoGuest {
+    async fn ping(self, _: Context, payload: ByteBuf) -> ByteBuf {
+        payload
+    }
+
+    async fn install_credentials(
+        self,
+        _: Context,
+        bundle: CredentialBundle,
+    ) -> Result<Installed, GuestError> {
+        Ok(Installed {
+            id: bundle.id,
+            version: bundle.version,
+            already_held: false,
+        })
+    }
+
+    async fn apply_resource(self, _: Context, _: SealedResource) -> Result<Applied, GuestError> {
+        Err(GuestError::Invalid(
+            "not supported by the bench guest".into(),
+        ))
+    }
+
+    async fn probe(self, _: Context, _: ProbeKind) -> Result<ProbeReport, GuestError> {
+        Ok(ProbeReport::default())
+    }
+}
+
+#[derive(Clone)]
+struct KbsState {
+    hub: Hub,
+    observer: Arc<dyn TunnelObserver>,
+    drain: CancellationToken,
+    limits: TunnelLimits,
+    reauth: ReauthFn,
+}
+
+/// Tunnel route: token `bench:<guest_id>`, fake challenge.
+async fn tunnel_route(
+    State(state): State<KbsState>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let guest_id = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer bench:"))
+        .map(str::to_owned);
+    let Some(guest_id) = guest_id else {
+        return StatusCode::UNAUTHORIZED.into_response();
+    };
+    let nonce: [u8; 32] = rand::random();
+    let accept = AcceptParams {
+        guest_id,
+        labels: BTreeMap::new(),
+        challenge_jwe: nonce.iter().map(|b| b ^ XOR).collect(),
+        expected_nonce: nonce,
+        reauth_before: u64::MAX / 2,
+        reauth: state.reauth.clone(),
+        limits: state.limits.clone(),
+    };
+    let KbsState {
+        hub,
+        observer,
+        drain,
+        limits,
+        ..
+    } = state;
+    configure_upgrade(ws, &limits)
+        .on_upgrade(move |socket| serve_guest_tunnel(socket, accept, hub, observer, drain))
+}
+
+/// Raw echo route: same buffer sizes as the tunnel route, echoes binary frames.
+async fn echo_route(State(state): State<KbsState>, ws: WebSocketUpgrade) -> Response {
+    ws.read_buffer_size(state.limits.read_buffer_size)
+        .write_buffer_size(state.limits.write_buffer_size)
+        .on_upgrade(echo)
+}
+
+async fn echo(mut socket: WebSocket) {
+    while let Some(Ok(msg)) = socket.next().await {
+        let reply = match msg {
+            AxumMessage::Binary(b) => AxumMessage::Binary(b),
+            AxumMessage::Close(_) => return,
+            _ => continue,
+        };
+        if socket.send(reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+struct Kbs {
+    addr: SocketAddr,
+    hub: Hub,
+    limits: TunnelLimits,
+}
+
+async fn start_kbs() -> anyhow::Result<Kbs> {
+    let hub = Hub::new();
+    let limits = TunnelLimits::default();
+    let reauth: ReauthFn = Arc::new(|_token: String| {
+        Box::pin(async { Err("no reauth in the bench".to_owned()) })
+            as BoxFuture<'static, Result<u64, String>>
+    });
+    let state = KbsState {
+        hub: hub.clone(),
+        observer: Arc::new(NoopObserver),
+        drain: CancellationToken::new(),
+        limits: limits.clone(),
+        reauth,
+    };
+    let app = Router::new()
+        .route("/kbs/v0/tunnel", any(tunnel_route))
+        .route("/echo", any(echo_route))
+        .with_state(state);
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            eprintln!("server: {e}");
+        }
+    });
+    Ok(Kbs { addr, hub, limits })
+}
+
+fn guest_info(id: &str) -> GuestInfo {
+    GuestInfo {
+        instance_id: id.to_owned(),
+        daemon_version: "bench".to_owned(),
+        services: vec![],
+    }
+}
+
+/// Opens a tunnel as guest `id`, serves `EchoGuest` on a task, and returns the KBS handle.
+async fn open_tunnel(kbs: &Kbs, id: &str) -> anyhow::Result<Arc<TunnelHandle>> {
+    let config = GuestTunnelConfig::new(format!("ws://{}/kbs/v0/tunnel", kbs.addr));
+    let (_session, serving) = tunnel::connect_and_serve(
+        &config,
+        &format!("bench:{id}"),
+        guest_info(id),
+        |jwe: &[u8]| Ok(jwe.iter().map(|b| b ^ XOR).collect()),
+        EchoGuest,
+    )
+    .await
+    .with_context(|| format!("connect {id}"))?;
+    tokio::spawn(serving);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(handle) = kbs.hub.get(id) {
+            return Ok(handle);
+        }
+        if Instant::now() > deadline {
+            bail!("tunnel {id} never registered");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+struct Latency {
+    p50: Duration,
+    p99: Duration,
+}
+
+fn percentiles(mut samples: Vec<Duration>) -> Latency {
+    samples.sort_unstable();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 * q) as usize).min(samples.len().saturating_sub(1));
+        samples.get(i).copied().unwrap_or_default()
+    };
+    Latency {
+        p50: at(0.50),
+        p99: at(0.99),
+    }
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+async fn rpc_latency(
+    handle: &TunnelHandle,
+    payload: &[u8],
+    calls: usize,
+) -> anyhow::Result<Latency> {
+    for _ in 0..calls / 5 {
+        handle.ping(payload.to_vec(), None).await?;
+    }
+    let mut samples = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let body = payload.to_vec();
+        let start = Instant::now();
+        let back = handle.ping(body, None).await?;
+        samples.push(start.elapsed());
+        if back.len() != payload.len() {
+            bail!("ping echoed {} bytes, sent {}", back.len(), payload.len());
+        }
+    }
+    Ok(percentiles(samples))
+}
+
+fn client_ws_config() -> WebSocketConfig {
+    // The guest's defaults (GuestTunnelConfig::new): 4 KiB read, 8 KiB write buffer.
+    let guest = GuestTunnelConfig::new("ws://unused");
+    WebSocketConfig::default()
+        .read_buffer_size(guest.read_buffer_size)
+        .write_buffer_size(guest.write_buffer_size)
+}
+
+type RawWs =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn raw_echo_connect(kbs: &Kbs) -> anyhow::Result<RawWs> {
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(
+        format!("ws://{}/echo", kbs.addr),
+        Some(client_ws_config()),
+        true,
+    )
+    .await?;
+    Ok(ws)
+}
+
+async fn next_binary(ws: &mut RawWs) -> anyhow::Result<usize> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) => return Ok(b.len()),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            Some(Ok(other)) => bail!("unexpected echo message {other:?}"),
+            Some(Err(e)) => return Err(e.into()),
+            None => bail!("echo stream ended"),
+        }
+    }
+}
+
+async fn raw_echo_latency(kbs: &Kbs, payload: &[u8], calls: usize) -> anyhow::Result<Latency> {
+    let mut ws = raw_echo_connect(kbs).await?;
+    let payload = bytes_of(payload);
+    for _ in 0..calls / 5 {
+        ws.send(Message::Binary(payload.clone())).await?;
+        next_binary(&mut ws).await?;
+    }
+    let mut samples = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        let start = Instant::now();
+        ws.send(Message::Binary(payload.clone())).await?;
+        next_binary(&mut ws).await?;
+        samples.push(start.elapsed());
+    }
+    let _ = ws.close(None).await;
+    Ok(percentiles(samples))
+}
+
+fn bytes_of(payload: &[u8]) -> tokio_tungstenite::tungstenite::Bytes {
+    tokio_tungstenite::tungstenite::Bytes::copy_from_slice(payload)
+}
+
+/// Raw echo, `in_flight` messages outstanding, for `seconds`: messages per second.
+async fn raw_echo_throughput(
+    kbs: &Kbs,
+    payload: &[u8],
+    in_flight: usize,
+    seconds: f64,
+) -> anyhow::Result<f64> {
+    let ws = raw_echo_connect(kbs).await?;
+    let (mut tx, mut rx) = ws.split();
+    let window = Arc::new(Semaphore::new(in_flight));
+    let stop = Arc::new(AtomicBool::new(false));
+    let payload = bytes_of(payload);
+    let writer = {
+        let (window, stop) = (window.clone(), stop.clone());
+        tokio::spawn(async move {
+            // Send as many as the window allows, then flush once (batched writes).
+            'outer: while !stop.load(Ordering::Relaxed) {
+                let Ok(permit) = window.acquire().await else {
+                    break;
+                };
+                permit.forget();
+                let mut batch = 1;
+                while let Ok(permit) = window.try_acquire() {
+                    permit.forget();
+                    batch += 1;
+                }
+                for _ in 0..batch {
+                    if tx.feed(Message::Binary(payload.clone())).await.is_err() {
+                        break 'outer;
+                    }
+                }
+                if tx.flush().await.is_err() {
+                    break;
+                }
+            }
+            let _ = tx.flush().await;
+            tx
+        })
+    };
+    let duration = Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let mut received = 0u64;
+    while start.elapsed() < duration {
+        match tokio::time::timeout(Duration::from_secs(5), next_binary_half(&mut rx)).await {
+            Ok(Ok(())) => {
+                received += 1;
+                window.add_permits(1);
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => bail!("raw echo stalled"),
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    window.close();
+    let _ = writer.await;
+    Ok(received as f64 / elapsed)
+}
+
+async fn next_binary_half(rx: &mut futures::stream::SplitStream<RawWs>) -> anyhow::Result<()> {
+    loop {
+        match rx.next().await {
+            Some(Ok(Message::Binary(_))) => return Ok(()),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            Some(Ok(other)) => bail!("unexpected echo message {other:?}"),
+            Some(Err(e)) => return Err(e.into()),
+            None => bail!("echo stream ended"),
+        }
+    }
+}
+
+/// `workers` tasks per handle, each calling `ping` back to back for `seconds`.
+/// Returns (calls per second, errors).
+async fn rpc_throughput(
+    handles: &[Arc<TunnelHandle>],
+    workers: usize,
+    payload: &[u8],
+    seconds: f64,
+) -> (f64, u64) {
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::with_capacity(handles.len() * workers);
+    for handle in handles {
+        for _ in 0..workers {
+            let (handle, done, errors, stop) =
+                (handle.clone(), done.clone(), errors.clone(), stop.clone());
+            let payload = payload.to_vec();
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match handle.ping(payload.clone(), None).await {
+                        Ok(_) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            }));
+        }
+    }
+    // Let the pipeline fill, then count over the window.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (start, before) = (Instant::now(), done.load(Ordering::Relaxed));
+    tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+    let (elapsed, after) = (start.elapsed().as_secs_f64(), done.load(Ordering::Relaxed));
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        let _ = task.await;
+    }
+    (
+        (after - before) as f64 / elapsed,
+        errors.load(Ordering::Relaxed),
+    )
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let kbs = start_kbs().await?;
+    let payload = vec![0xa5u8; args.payload];
+    let workers = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "tunnel_bench: loopback, plain WebSocket, {} B payload, {workers} runtime workers, \
+         KBS buffers {} KiB read / {} KiB write, guest buffers {} KiB read / {} KiB write",
+        args.payload,
+        kbs.limits.read_buffer_size / 1024,
+        kbs.limits.write_buffer_size / 1024,
+        client_ws_config().read_buffer_size / 1024,
+        client_ws_config().write_buffer_size / 1024,
+    );
+
+    // 1. Latency.
+    let handle = open_tunnel(&kbs, "bench-0").await?;
+    let echo = raw_echo_latency(&kbs, &payload, args.calls).await?;
+    let rpc = rpc_latency(&handle, &payload, args.calls).await?;
+    // Raw echo again after the RPC run, to show the drift within this run.
+    let echo2 = raw_echo_latency(&kbs, &payload, args.calls).await?;
+    println!();
+    println!("1. latency, {} sequential calls after warm-up", args.calls);
+    println!(
+        "   raw WebSocket echo     p50 {:7.1} us  p99 {:7.1} us   (PERFORMANCE.md: 38 / 74 us)",
+        us(echo.p50),
+        us(echo.p99)
+    );
+    println!(
+        "   tunnel RPC ping        p50 {:7.1} us  p99 {:7.1} us",
+        us(rpc.p50),
+        us(rpc.p99)
+    );
+    println!(
+        "   raw echo, again        p50 {:7.1} us  p99 {:7.1} us",
+        us(echo2.p50),
+        us(echo2.p99)
+    );
+    let base_p50 = (us(echo.p50) + us(echo2.p50)) / 2.0;
+    let base_p99 = (us(echo.p99) + us(echo2.p99)) / 2.0;
+    let ratio50 = us(rpc.p50) / base_p50;
+    println!(
+        "   ratio RPC / raw echo   p50 {ratio50:.2}x  p99 {:.2}x   (target p50 <= 1.5x: {})",
+        us(rpc.p99) / base_p99,
+        if ratio50 <= 1.5 { "met" } else { "NOT met" }
+    );
+
+    // 2. Throughput.
+    let raw_tp = raw_echo_throughput(&kbs, &payload, args.in_flight, args.seconds).await?;
+    let (one_tp, one_err) = rpc_throughput(
+        std::slice::from_ref(&handle),
+        args.in_flight,
+        &payload,
+        args.seconds,
+    )
+    .await;
+    println!();
+    println!(
+        "2. throughput, {} in flight, {:.1} s",
+        args.in_flight, args.seconds
+    );
+    println!("   raw WebSocket echo     {raw_tp:10.0} msg/s     (PERFORMANCE.md: ~890k msg/s)");
+    println!(
+        "   tunnel RPC, 1 tunnel   {one_tp:10.0} calls/s   errors {one_err}   (target >= 50,000/s: {})",
+        if one_tp >= 50_000.0 { "met" } else { "NOT met" }
+    );
+    println!("   ratio RPC / raw echo   {:.3}", one_tp / raw_tp.max(1.0));
+
+    let open_start = Instant::now();
+    let mut handles = futures::stream::iter(0..args.tunnels)
+        .map(|i| {
+            let kbs = &kbs;
+            async move { open_tunnel(kbs, &format!("fleet-{i}")).await }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let open_secs = open_start.elapsed().as_secs_f64();
+    handles.sort_by(|a, b| a.guest_id.cmp(&b.guest_id));
+    let (many_tp, many_err) =
+        rpc_throughput(&handles, args.per_tunnel, &payload, args.seconds).await;
+    println!(
+        "   {} tunnels opened in {open_secs:.2} s ({:.0}/s, fake challenge, 64 at a time)",
+        handles.len(),
+        handles.len() as f64 / open_secs
+    );
+    println!(
+        "   tunnel RPC, {} tunnels x {} in flight: {many_tp:10.0} calls/s total   errors {many_err}   ({:.2}x the 1-tunnel figure)",
+        handles.len(),
+        args.per_tunnel,
+        many_tp / one_tp.max(1.0)
+    );
+    Ok(())
+}
