@@ -65,7 +65,7 @@ use crate::{
     handshake::{GuestHandshake, GuestStep, HandshakeError, Welcome, frame_name},
     link::{ABNORMAL, CloseInfo, IoEvent, Link, NO_STATUS, NORMAL},
     liveness::{Beat, Heartbeat},
-    rpc::{self, GuestEncoder, ResponseTracker},
+    rpc::{self, GuestEncoder},
     ws::{TungsteniteWs, WsMsg, WsReadError},
 };
 
@@ -101,6 +101,9 @@ pub struct GuestTunnelConfig {
     pub read_buffer_size: usize,
     /// WebSocket write buffer, bytes (8 KiB).
     pub write_buffer_size: usize,
+    /// Local address to dial from (`None`: the system's choice). Simulators spread thousands
+    /// of guests over several loopback addresses with it.
+    pub local_addr: Option<std::net::IpAddr>,
 }
 
 impl std::fmt::Debug for GuestTunnelConfig {
@@ -131,6 +134,7 @@ impl GuestTunnelConfig {
             missed_heartbeats: 3,
             read_buffer_size: 4 * 1024,
             write_buffer_size: 8 * 1024,
+            local_addr: None,
         }
     }
 
@@ -371,12 +375,31 @@ where
         HeaderValue::from_static(SUBPROTOCOL),
     );
     let connector = config.tls.clone().map(Connector::Rustls);
-    let dial = tokio_tungstenite::connect_async_tls_with_config(
-        request,
-        Some(config.websocket_config()),
-        true,
-        connector,
-    );
+    let dial = async {
+        match config.local_addr {
+            None => {
+                tokio_tungstenite::connect_async_tls_with_config(
+                    request,
+                    Some(config.websocket_config()),
+                    true,
+                    connector,
+                )
+                .await
+            }
+            Some(local) => {
+                let stream = dial_from(local, request.uri())
+                    .await
+                    .map_err(tungstenite::Error::Io)?;
+                tokio_tungstenite::client_async_tls_with_config(
+                    request,
+                    stream,
+                    Some(config.websocket_config()),
+                    connector,
+                )
+                .await
+            }
+        }
+    };
     let (ws, response) = match timeout(config.connect_timeout, dial).await {
         Err(_) => return Err(ConnectError::ConnectTimeout),
         Ok(Err(tungstenite::Error::Http(resp))) => {
@@ -444,6 +467,44 @@ where
         control_rx,
         closed_tx,
     })
+}
+
+/// A TCP connection to the URL's host from the local address `local`, Nagle off.
+async fn dial_from(
+    local: std::net::IpAddr,
+    uri: &tungstenite::http::Uri,
+) -> std::io::Result<TcpStream> {
+    let invalid =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_owned());
+    let host = uri.host().ok_or_else(|| invalid("URL without a host"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("wss") {
+            443
+        } else {
+            80
+        });
+    let mut last = invalid("host resolves to no address of the local address's family");
+    for remote in tokio::net::lookup_host((host, port)).await? {
+        if remote.is_ipv4() != local.is_ipv4() {
+            continue;
+        }
+        let socket = if local.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.bind(std::net::SocketAddr::new(local, 0))?;
+        match socket.connect(remote).await {
+            Ok(stream) => {
+                stream.set_nodelay(true)?;
+                return Ok(stream);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// Reads Hello, sends Proof, reads Welcome. On failure: the error and, when this end should
@@ -626,7 +687,6 @@ impl GuestTunnel {
         .execute(service.serve());
         tokio::pin!(requests);
         let mut handlers = FuturesUnordered::new();
-        let mut tracker = ResponseTracker::default();
         let mut heartbeat = Heartbeat::new(
             Instant::now(),
             Duration::from_secs(u64::from(shared.welcome.heartbeat_s)),
@@ -637,17 +697,24 @@ impl GuestTunnel {
         let mut control_open = true;
         let mut go_away: Option<Duration> = None;
         tracing::info!("tunnel up");
+        // One timer and one close listener for the tunnel's life, not one per loop turn.
+        let timer = sleep_until(heartbeat.next_wake());
+        let closing = shared.close.cancelled();
+        tokio::pin!(timer, closing);
 
         let (close, send_close) = loop {
             let mut wake = heartbeat.next_wake();
             if let Some(stall) = link.stall_deadline(config.write_stall_timeout) {
                 wake = wake.min(stall);
             }
+            if timer.deadline() != wake {
+                timer.as_mut().reset(wake);
+            }
             tokio::select! {
-                _ = shared.close.cancelled() => {
+                () = &mut closing => {
                     break (CloseInfo::local_code(NORMAL, "guest closing"), true);
                 }
-                ev = poll_fn(|cx| link.poll_io(cx, Some(&mut pipes), &mut tracker)) => {
+                ev = poll_fn(|cx| link.poll_io(cx, &mut pipes)) => {
                     let msg = match ev {
                         IoEvent::Msg(msg) => msg,
                         IoEvent::ReadError(WsReadError::TooLarge) => {
@@ -710,7 +777,7 @@ impl GuestTunnel {
                     }
                     None => control_open = false,
                 },
-                _ = sleep_until(wake) => {
+                () = &mut timer => {
                     let now = Instant::now();
                     if link.stall_deadline(config.write_stall_timeout).is_some_and(|at| now >= at) {
                         break (CloseInfo::local(CloseCode::Heartbeat, "server stopped reading"), false);

@@ -2,24 +2,31 @@
 
 use std::{
     collections::BTreeMap,
-    future::Future,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant as StdInstant, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use rpc_defs::{
-    Applied, CloseCode, CredentialBundle, GuestError, GuestServiceClient, Installed, ProbeKind,
-    ProbeReport, SealedResource,
+    Applied, CloseCode, CredentialBundle, GuestError, GuestServiceRequest, GuestServiceResponse,
+    Installed, ProbeKind, ProbeReport, SealedResource,
 };
-use tarpc::client::RpcError;
-use tokio::sync::{Semaphore, TryAcquireError};
+use serde_bytes::ByteBuf;
+use tarpc::ServerError;
+use tokio::sync::{Semaphore, TryAcquireError, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::{link::CloseInfo, liveness::unix_now_ms, observer::TunnelObserver, rpc::Method};
+use crate::{
+    calls::{CallQueue, CallResult, Command},
+    frame::DEFAULT_MAX_FRAME,
+    link::CloseInfo,
+    liveness::unix_now_ms,
+    observer::TunnelObserver,
+    rpc::{self, Method},
+};
 
 /// Why a call into a guest failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -54,16 +61,13 @@ impl CallError {
     }
 }
 
-impl From<RpcError> for CallError {
-    fn from(e: RpcError) -> Self {
-        match e {
-            RpcError::Shutdown | RpcError::Channel(_) => Self::Disconnected,
-            RpcError::DeadlineExceeded => Self::DeadlineExceeded,
-            RpcError::Send(e) => Self::Transport(e.to_string()),
-            RpcError::Server(e) if e.kind == std::io::ErrorKind::WouldBlock => {
-                Self::TooManyInFlight
-            }
-            RpcError::Server(e) => Self::Transport(format!("guest aborted the call: {}", e.detail)),
+impl From<ServerError> for CallError {
+    /// The error tarpc's server in the guest answered with instead of a result.
+    fn from(e: ServerError) -> Self {
+        if e.kind == std::io::ErrorKind::WouldBlock {
+            Self::TooManyInFlight
+        } else {
+            Self::Transport(format!("guest aborted the call: {}", e.detail))
         }
     }
 }
@@ -122,11 +126,12 @@ pub struct TunnelHandle {
     /// When the tunnel came up.
     pub connected_at: SystemTime,
     last_seen_ms: AtomicU64,
-    client: GuestServiceClient,
+    calls: CallQueue,
     shutdown: CancellationToken,
     close_request: Mutex<Option<CloseInfo>>,
     in_flight: Semaphore,
-    max_in_flight: usize,
+    max_in_flight: u32,
+    max_frame: u32,
     default_deadline: Duration,
     observer: Arc<dyn TunnelObserver>,
 }
@@ -147,16 +152,16 @@ impl std::fmt::Debug for TunnelHandle {
 }
 
 impl TunnelHandle {
-    /// A handle over `client` with a fresh epoch; `serve_guest_tunnel` builds these, tests and
-    /// custom transports may too.
+    /// A handle with a fresh epoch and an empty call queue. `serve_guest_tunnel` builds these
+    /// and runs the task that serves the queue; a handle nobody serves (tests) fails its calls
+    /// with `DeadlineExceeded`, or `Disconnected` once closed.
     pub fn new(
         info: TunnelInfo,
-        client: GuestServiceClient,
         max_in_flight: usize,
         default_deadline: Duration,
         observer: Arc<dyn TunnelObserver>,
     ) -> Self {
-        let max_in_flight = max_in_flight.clamp(1, Semaphore::MAX_PERMITS);
+        let max_in_flight = max_in_flight.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
         Self {
             guest_id: info.guest_id,
             epoch: next_epoch(),
@@ -167,14 +172,21 @@ impl TunnelHandle {
             services: info.services,
             connected_at: SystemTime::now(),
             last_seen_ms: AtomicU64::new(unix_now_ms()),
-            client,
+            calls: CallQueue::default(),
             shutdown: CancellationToken::new(),
             close_request: Mutex::new(None),
             in_flight: Semaphore::new(max_in_flight),
-            max_in_flight,
+            max_in_flight: u32::try_from(max_in_flight).unwrap_or(u32::MAX),
+            max_frame: u32::try_from(DEFAULT_MAX_FRAME).unwrap_or(u32::MAX),
             default_deadline,
             observer,
         }
+    }
+
+    /// Sets the largest request frame (the tunnel's limit) before the handle is shared.
+    pub(crate) fn with_max_frame(mut self, max_frame: usize) -> Self {
+        self.max_frame = u32::try_from(max_frame).unwrap_or(u32::MAX);
+        self
     }
 
     /// When the guest was last heard from (any frame, pong included), Unix milliseconds.
@@ -213,16 +225,20 @@ impl TunnelHandle {
         self.close_request.lock().ok().and_then(|slot| slot.clone())
     }
 
-    /// The raw tarpc client: no in-flight limit, default deadline or metrics. Prefer the
-    /// typed calls below.
-    pub fn client(&self) -> &GuestServiceClient {
-        &self.client
+    /// The queue the tunnel task serves.
+    pub(crate) fn call_queue(&self) -> &CallQueue {
+        &self.calls
+    }
+
+    /// Ends the tunnel for callers: queued and future calls fail with `Disconnected`.
+    pub(crate) fn shut(&self) {
+        self.shutdown.cancel();
+        self.calls.close();
     }
 
     /// Calls currently in flight through the typed calls.
     pub fn in_flight(&self) -> usize {
-        self.max_in_flight
-            .saturating_sub(self.in_flight.available_permits())
+        (self.max_in_flight as usize).saturating_sub(self.in_flight.available_permits())
     }
 
     /// Echoes `payload` through the guest (liveness, round-trip time).
@@ -231,9 +247,12 @@ impl TunnelHandle {
         payload: Vec<u8>,
         deadline: Option<Duration>,
     ) -> Result<Vec<u8>, CallError> {
-        let payload = serde_bytes::ByteBuf::from(payload);
-        self.call(Method::Ping, deadline, move |c, ctx| async move {
-            c.ping(ctx, payload).await.map(|b| Ok(b.into_vec()))
+        let request = GuestServiceRequest::Ping {
+            payload: ByteBuf::from(payload),
+        };
+        self.call(Method::Ping, deadline, request, |resp| match resp {
+            GuestServiceResponse::Ping(b) => Some(Ok(b.into_vec())),
+            _ => None,
         })
         .await
     }
@@ -244,10 +263,15 @@ impl TunnelHandle {
         bundle: CredentialBundle,
         deadline: Option<Duration>,
     ) -> Result<Installed, CallError> {
+        let request = GuestServiceRequest::InstallCredentials { bundle };
         self.call(
             Method::InstallCredentials,
             deadline,
-            move |c, ctx| async move { c.install_credentials(ctx, bundle).await },
+            request,
+            |resp| match resp {
+                GuestServiceResponse::InstallCredentials(r) => Some(r),
+                _ => None,
+            },
         )
         .await
     }
@@ -258,9 +282,16 @@ impl TunnelHandle {
         resource: SealedResource,
         deadline: Option<Duration>,
     ) -> Result<Applied, CallError> {
-        self.call(Method::ApplyResource, deadline, move |c, ctx| async move {
-            c.apply_resource(ctx, resource).await
-        })
+        let request = GuestServiceRequest::ApplyResource { resource };
+        self.call(
+            Method::ApplyResource,
+            deadline,
+            request,
+            |resp| match resp {
+                GuestServiceResponse::ApplyResource(r) => Some(r),
+                _ => None,
+            },
+        )
         .await
     }
 
@@ -270,23 +301,22 @@ impl TunnelHandle {
         kind: ProbeKind,
         deadline: Option<Duration>,
     ) -> Result<ProbeReport, CallError> {
-        self.call(Method::Probe, deadline, move |c, ctx| async move {
-            c.probe(ctx, kind).await
+        let request = GuestServiceRequest::Probe { kind };
+        self.call(Method::Probe, deadline, request, |resp| match resp {
+            GuestServiceResponse::Probe(r) => Some(r),
+            _ => None,
         })
         .await
     }
 
     /// Runs one call: in-flight limit, deadline, span, metrics and error mapping.
-    async fn call<T, F, Fut>(
+    async fn call<T>(
         &self,
         method: Method,
         deadline: Option<Duration>,
-        f: F,
-    ) -> Result<T, CallError>
-    where
-        F: FnOnce(GuestServiceClient, tarpc::context::Context) -> Fut,
-        Fut: Future<Output = Result<Result<T, GuestError>, RpcError>>,
-    {
+        request: GuestServiceRequest,
+        unpack: fn(GuestServiceResponse) -> Option<Result<T, GuestError>>,
+    ) -> Result<T, CallError> {
         let mut record = Record {
             observer: &*self.observer,
             method: method.as_str(),
@@ -310,29 +340,76 @@ impl TunnelHandle {
             guest_id = %self.guest_id,
             session_id = %self.session_id,
         );
-        let result = async {
-            let mut ctx = tarpc::context::current();
-            ctx.deadline = StdInstant::now() + deadline;
-            // tarpc enforces the deadline itself; the outer timeout only guards against a
-            // dispatch that is no longer polled.
-            match tokio::time::timeout(
-                deadline + Duration::from_secs(1),
-                f(self.client.clone(), ctx),
-            )
+        let result = self
+            .exchange(method, deadline, &request)
+            .instrument(span)
             .await
-            {
-                Ok(Ok(Ok(value))) => Ok(value),
-                Ok(Ok(Err(guest))) => Err(CallError::Guest(guest)),
-                Ok(Err(rpc)) => Err(CallError::from(rpc)),
-                Err(_) => Err(CallError::DeadlineExceeded),
-            }
-        }
-        .instrument(span)
-        .await;
+            .and_then(|resp| match unpack(resp) {
+                Some(Ok(value)) => Ok(value),
+                Some(Err(guest)) => Err(CallError::Guest(guest)),
+                // The tunnel task checks the method of every answer; this is a bug guard.
+                None => Err(CallError::Transport("answer of another method".into())),
+            });
         if let Err(e) = &result {
             tracing::debug!(guest_id = %self.guest_id, rpc = method.as_str(), error = %e, "call failed");
         }
         record.finish(result)
+    }
+
+    /// Encodes `request`, queues it for the tunnel task and waits for the answer until
+    /// `deadline`; on timeout or when dropped, tells the task to cancel it in the guest.
+    async fn exchange(
+        &self,
+        method: Method,
+        deadline: Duration,
+        request: &GuestServiceRequest,
+    ) -> Result<GuestServiceResponse, CallError> {
+        let id = self.calls.next_id();
+        let bytes = rpc::encode_request(id, deadline, request, self.max_frame as usize)
+            .map_err(|e| CallError::Transport(e.to_string()))?;
+        let (reply, answer) = oneshot::channel::<CallResult>();
+        let cmd = Command::Call {
+            id,
+            method,
+            bytes,
+            reply,
+        };
+        if self.calls.push(cmd).is_err() {
+            return Err(CallError::Disconnected);
+        }
+        let mut guard = CancelOnDrop {
+            calls: &self.calls,
+            id,
+            armed: true,
+        };
+        match tokio::time::timeout(deadline, answer).await {
+            Ok(Ok(result)) => {
+                guard.armed = false;
+                result.map_err(CallError::from)
+            }
+            Ok(Err(_)) => {
+                // The tunnel ended with the call unanswered.
+                guard.armed = false;
+                Err(CallError::Disconnected)
+            }
+            Err(_) => Err(CallError::DeadlineExceeded),
+        }
+    }
+}
+
+/// Tells the tunnel task to cancel a call its caller no longer waits for.
+struct CancelOnDrop<'a> {
+    calls: &'a CallQueue,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            // Refused only once the tunnel ended, when there is nothing left to cancel.
+            let _ = self.calls.push(Command::Cancel { id: self.id });
+        }
     }
 }
 
@@ -378,25 +455,89 @@ mod tests {
     }
 
     #[test]
-    fn rpc_errors_map_to_call_errors() {
-        assert_eq!(CallError::from(RpcError::Shutdown), CallError::Disconnected);
+    fn server_errors_map_to_call_errors() {
         assert_eq!(
-            CallError::from(RpcError::DeadlineExceeded),
-            CallError::DeadlineExceeded
-        );
-        assert_eq!(
-            CallError::from(RpcError::Server(tarpc::ServerError::new(
+            CallError::from(ServerError::new(
                 std::io::ErrorKind::WouldBlock,
                 "server throttled the request.".into()
-            ))),
+            )),
             CallError::TooManyInFlight
         );
         assert!(matches!(
-            CallError::from(RpcError::Server(tarpc::ServerError::new(
+            CallError::from(ServerError::new(
                 std::io::ErrorKind::InvalidData,
                 "too big".into()
-            ))),
+            )),
             CallError::Transport(_)
         ));
+    }
+
+    fn detached() -> TunnelHandle {
+        TunnelHandle::new(
+            TunnelInfo {
+                guest_id: "g".into(),
+                ..TunnelInfo::default()
+            },
+            2,
+            Duration::from_secs(5),
+            Arc::new(crate::observer::NoopObserver),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_call_times_out_cancels_and_frees_its_slot() {
+        let handle = detached();
+        let err = handle
+            .ping(vec![1], Some(Duration::from_secs(3)))
+            .await
+            .expect_err("nobody answers");
+        assert_eq!(err, CallError::DeadlineExceeded);
+        assert_eq!(handle.in_flight(), 0);
+        // The call, then its cancel, wait for the task.
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        assert!(matches!(
+            handle.calls.poll_pop(&mut cx),
+            std::task::Poll::Ready(Command::Call { .. })
+        ));
+        assert!(matches!(
+            handle.calls.poll_pop(&mut cx),
+            std::task::Poll::Ready(Command::Cancel { .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_in_flight_limit_refuses_extra_calls_at_once() {
+        let handle = Arc::new(detached());
+        let mut waiting = Vec::new();
+        for _ in 0..2 {
+            let h = handle.clone();
+            waiting.push(tokio::spawn(async move { h.ping(vec![], None).await }));
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(handle.in_flight(), 2);
+        assert_eq!(
+            handle.ping(vec![], None).await,
+            Err(CallError::TooManyInFlight)
+        );
+        // Shutting the tunnel fails the waiting calls with Disconnected, not a timeout.
+        handle.shut();
+        for w in waiting {
+            assert_eq!(w.await.expect("join"), Err(CallError::Disconnected));
+        }
+        assert_eq!(
+            handle.ping(vec![], None).await,
+            Err(CallError::Disconnected)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversize_argument_fails_alone() {
+        let handle = detached().with_max_frame(4096);
+        assert!(matches!(
+            handle.ping(vec![0; 10_000], None).await,
+            Err(CallError::Transport(_))
+        ));
+        assert_eq!(handle.in_flight(), 0);
     }
 }

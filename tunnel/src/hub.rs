@@ -141,16 +141,13 @@ mod tests {
     use crate::{handle::TunnelInfo, observer::NoopObserver};
     use std::time::Duration;
 
-    /// A handle whose client goes nowhere (its dispatch is never run).
+    /// A handle no task serves.
     fn handle(guest_id: &str) -> Arc<TunnelHandle> {
-        let (tx, _rx) = tarpc::transport::channel::unbounded();
-        let client = rpc_defs::GuestServiceClient::new(tarpc::client::Config::default(), tx).client;
         Arc::new(TunnelHandle::new(
             TunnelInfo {
                 guest_id: guest_id.into(),
                 ..TunnelInfo::default()
             },
-            client,
             4,
             Duration::from_secs(1),
             Arc::new(NoopObserver),

@@ -11,6 +11,7 @@
 //! buffers and bounded queues, so one process can hold thousands.
 
 pub mod backoff;
+mod calls;
 pub mod frame;
 pub mod guest;
 mod handle;

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::{
     frame,
-    rpc::{ResponseTracker, RpcPipes},
+    rpc::RpcPipes,
     ws::{WsIo, WsMsg, WsReadError, WsWriteError},
 };
 
@@ -39,6 +39,47 @@ pub(crate) enum IoEvent {
     WriteBlocked,
     /// tarpc's side of the queues is gone.
     RpcClosed,
+}
+
+/// The RPC layer as the socket task sees it: frames to write, and room for frames read.
+pub(crate) trait RpcSide {
+    /// The next encoded frame to write; `Ready(None)` once the RPC side closed for good.
+    fn poll_out(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>>;
+    /// Ready when one more message read from the peer can be taken; `Err` when the RPC side
+    /// is gone.
+    fn poll_in_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ()>>;
+}
+
+/// No RPC traffic (handshake and closing phases).
+pub(crate) struct NoRpc;
+
+impl RpcSide for NoRpc {
+    fn poll_out(&mut self, _: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        Poll::Pending
+    }
+
+    fn poll_in_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<In> RpcSide for RpcPipes<In> {
+    fn poll_out(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        if self.out_closed {
+            return Poll::Pending;
+        }
+        match self.out_rx.poll_next_unpin(cx) {
+            Poll::Ready(None) => {
+                self.out_closed = true;
+                Poll::Ready(None)
+            }
+            other => other,
+        }
+    }
+
+    fn poll_in_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
+        self.in_tx.poll_ready(cx).map_err(|_| ())
+    }
 }
 
 /// How a tunnel ended, as both ends report it.
@@ -96,7 +137,12 @@ pub(crate) struct Link<W> {
     needs_flush: bool,
     blocked_since: Option<Instant>,
     read_done: bool,
+    /// Messages read since the last flush while written frames wait for it.
+    reads_since_flush: u32,
 }
+
+/// Most messages read while written frames wait for their flush.
+const FLUSH_EVERY: u32 = 32;
 
 impl<W: WsIo> Link<W> {
     pub fn new(ws: W) -> Self {
@@ -107,6 +153,7 @@ impl<W: WsIo> Link<W> {
             needs_flush: false,
             blocked_since: None,
             read_done: false,
+            reads_since_flush: 0,
         }
     }
 
@@ -130,33 +177,26 @@ impl<W: WsIo> Link<W> {
     }
 
     /// Drives writes and reads; returns when something needs the caller's attention.
-    pub fn poll_io<In>(
-        &mut self,
-        cx: &mut Context<'_>,
-        mut rpc: Option<&mut RpcPipes<In>>,
-        tracker: &mut ResponseTracker,
-    ) -> Poll<IoEvent> {
+    pub fn poll_io<R: RpcSide>(&mut self, cx: &mut Context<'_>, rpc: &mut R) -> Poll<IoEvent> {
         // Write side.
         let mut blocked = false;
         loop {
             if self.pending.is_none() {
                 if let Some(msg) = self.control.pop_front() {
                     self.pending = Some(msg);
-                } else if let Some(pipes) = rpc.as_deref_mut().filter(|p| !p.out_closed) {
-                    match pipes.out_rx.poll_next_unpin(cx) {
-                        Poll::Ready(Some(out)) => {
-                            tracker.on_outgoing(&out.track);
-                            self.pending = Some(WsMsg::Binary(out.bytes));
-                        }
-                        Poll::Ready(None) => {
-                            pipes.out_closed = true;
-                            return Poll::Ready(IoEvent::RpcClosed);
-                        }
+                } else {
+                    match rpc.poll_out(cx) {
+                        Poll::Ready(Some(bytes)) => self.pending = Some(WsMsg::Binary(bytes)),
+                        Poll::Ready(None) => return Poll::Ready(IoEvent::RpcClosed),
                         Poll::Pending => {}
                     }
                 }
             }
             let Some(msg) = self.pending.take() else {
+                if self.control.capacity() > 0 && self.control.is_empty() {
+                    // An idle tunnel keeps no buffer from its handshake or last heartbeat.
+                    self.control = VecDeque::new();
+                }
                 break;
             };
             match Pin::new(&mut self.ws).poll_ready(cx) {
@@ -175,12 +215,11 @@ impl<W: WsIo> Link<W> {
                 }
             }
         }
-        if self.needs_flush && !blocked {
+        // A flush is one system call: it waits while messages are still coming in, so the
+        // frames a burst of them causes leave together (at most FLUSH_EVERY reads late).
+        if self.needs_flush && !blocked && self.reads_since_flush >= FLUSH_EVERY {
             match Pin::new(&mut self.ws).poll_flush(cx) {
-                Poll::Ready(Ok(())) => {
-                    self.needs_flush = false;
-                    self.blocked_since = None;
-                }
+                Poll::Ready(Ok(())) => self.flushed(),
                 Poll::Ready(Err(e)) => return Poll::Ready(IoEvent::WriteError(e)),
                 Poll::Pending => blocked = true,
             }
@@ -190,41 +229,70 @@ impl<W: WsIo> Link<W> {
                 self.blocked_since = Some(Instant::now());
                 return Poll::Ready(IoEvent::WriteBlocked);
             }
-        } else {
+        } else if !self.needs_flush {
             self.blocked_since = None;
         }
 
-        // Read side: only while tarpc can take one more message.
-        if self.read_done {
-            return Poll::Pending;
+        // Read side (also while the write side is blocked: a peer waiting for us to read
+        // before it reads must not deadlock us both).
+        if let Some(event) = self.poll_read(cx, rpc) {
+            if self.needs_flush {
+                self.reads_since_flush += 1;
+            }
+            return Poll::Ready(event);
         }
-        if let Some(pipes) = rpc {
-            match pipes.in_tx.poll_ready(cx) {
-                Poll::Ready(Ok(())) => {}
-                // tarpc's receiving end is gone.
-                Poll::Ready(Err(_)) => return Poll::Ready(IoEvent::RpcClosed),
-                Poll::Pending => return Poll::Pending,
+
+        // Nothing more to read for now: flush what was written.
+        if self.needs_flush && !blocked {
+            match Pin::new(&mut self.ws).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.flushed(),
+                Poll::Ready(Err(e)) => return Poll::Ready(IoEvent::WriteError(e)),
+                Poll::Pending => {
+                    if self.blocked_since.is_none() {
+                        self.blocked_since = Some(Instant::now());
+                        return Poll::Ready(IoEvent::WriteBlocked);
+                    }
+                }
             }
         }
+        Poll::Pending
+    }
+
+    fn flushed(&mut self) {
+        self.needs_flush = false;
+        self.reads_since_flush = 0;
+        self.blocked_since = None;
+    }
+
+    /// One message from the peer, if one is ready and the RPC side can take it.
+    fn poll_read<R: RpcSide>(&mut self, cx: &mut Context<'_>, rpc: &mut R) -> Option<IoEvent> {
+        if self.read_done {
+            return None;
+        }
+        match rpc.poll_in_ready(cx) {
+            Poll::Ready(Ok(())) => {}
+            // The receiving end is gone.
+            Poll::Ready(Err(())) => return Some(IoEvent::RpcClosed),
+            Poll::Pending => return None,
+        }
         match self.ws.poll_next_unpin(cx) {
-            Poll::Ready(Some(Ok(msg))) => Poll::Ready(IoEvent::Msg(msg)),
+            Poll::Ready(Some(Ok(msg))) => Some(IoEvent::Msg(msg)),
             Poll::Ready(Some(Err(e))) => {
                 self.read_done = true;
-                Poll::Ready(IoEvent::ReadError(e))
+                Some(IoEvent::ReadError(e))
             }
             Poll::Ready(None) => {
                 self.read_done = true;
-                Poll::Ready(IoEvent::ReadEnd)
+                Some(IoEvent::ReadEnd)
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => None,
         }
     }
 
     /// Waits for the next event without any tarpc traffic (handshake phase).
     pub async fn next_event(&mut self) -> IoEvent {
-        let mut tracker = ResponseTracker::default();
         loop {
-            let ev = poll_fn(|cx| self.poll_io::<()>(cx, None, &mut tracker)).await;
+            let ev = poll_fn(|cx| self.poll_io(cx, &mut NoRpc)).await;
             if !matches!(ev, IoEvent::WriteBlocked) {
                 return ev;
             }
@@ -265,9 +333,8 @@ impl<W: WsIo> Link<W> {
                 return;
             }
             if !self.read_done {
-                let mut tracker = ResponseTracker::default();
                 loop {
-                    match poll_fn(|cx| self.poll_io::<()>(cx, None, &mut tracker)).await {
+                    match poll_fn(|cx| self.poll_io(cx, &mut NoRpc)).await {
                         IoEvent::Msg(WsMsg::Close(_))
                         | IoEvent::ReadEnd
                         | IoEvent::ReadError(_)

@@ -18,7 +18,7 @@ use futures::{
     channel::mpsc::{self, Receiver, Sender},
 };
 use rpc_defs::{GuestServiceRequest, GuestServiceResponse};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tarpc::{ClientMessage, Request, Response, ServerError};
 
 use crate::frame::{self, CodecError};
@@ -47,16 +47,7 @@ impl Method {
         }
     }
 
-    fn of_request(req: &GuestServiceRequest) -> Self {
-        match req {
-            GuestServiceRequest::Ping { .. } => Self::Ping,
-            GuestServiceRequest::InstallCredentials { .. } => Self::InstallCredentials,
-            GuestServiceRequest::ApplyResource { .. } => Self::ApplyResource,
-            GuestServiceRequest::Probe { .. } => Self::Probe,
-        }
-    }
-
-    fn of_response(resp: &GuestServiceResponse) -> Self {
+    pub(crate) fn of_response(resp: &GuestServiceResponse) -> Self {
         match resp {
             GuestServiceResponse::Ping(_) => Self::Ping,
             GuestServiceResponse::InstallCredentials(_) => Self::InstallCredentials,
@@ -94,53 +85,60 @@ impl From<CodecError> for TransportError {
     }
 }
 
-/// An encoded frame on its way to the socket, with what the socket task must remember.
-#[derive(Debug)]
-pub(crate) struct Outgoing {
-    pub bytes: Bytes,
-    pub track: Track,
+/// Turns a tarpc message into an encoded frame.
+pub(crate) trait Encode<T> {
+    fn encode(&self, item: T) -> Result<Bytes, TransportError>;
 }
 
-/// What the socket task records when a frame leaves.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Track {
-    /// Nothing to remember.
-    None,
-    /// A request that may be answered until its deadline (plus a grace period).
-    Request {
-        id: u64,
-        method: Method,
-        deadline: StdInstant,
+/// KBS side: encodes a request in tarpc's wire shape (`ClientMessage::Request`) without
+/// building tarpc's client context; the deadline travels relative, as tarpc sends it.
+pub(crate) fn encode_request(
+    id: u64,
+    deadline: Duration,
+    message: &GuestServiceRequest,
+    max_frame: usize,
+) -> Result<Bytes, TransportError> {
+    let wire = WireOut::Request(WireRequest {
+        context: WireContext {
+            deadline,
+            trace_context: tarpc::trace::Context::default(),
+        },
+        id,
+        message,
+    });
+    Ok(Bytes::from(frame::encode_rpc(&wire, max_frame)?))
+}
+
+/// KBS side: tarpc's `ClientMessage::Cancel` for request `id`.
+pub(crate) fn encode_cancel(id: u64, max_frame: usize) -> Result<Bytes, TransportError> {
+    let wire: WireOut<'_> = WireOut::Cancel {
+        trace_context: tarpc::trace::Context::default(),
+        request_id: id,
+    };
+    Ok(Bytes::from(frame::encode_rpc(&wire, max_frame)?))
+}
+
+/// `tarpc::ClientMessage<GuestServiceRequest>` as it is serialized, borrowing the message.
+#[derive(Serialize)]
+enum WireOut<'a> {
+    Request(WireRequest<'a>),
+    Cancel {
+        trace_context: tarpc::trace::Context,
+        request_id: u64,
     },
 }
 
-/// Turns a tarpc message into an [`Outgoing`] frame.
-pub(crate) trait Encode<T> {
-    fn encode(&self, item: T) -> Result<Outgoing, TransportError>;
+#[derive(Serialize)]
+struct WireRequest<'a> {
+    context: WireContext,
+    id: u64,
+    message: &'a GuestServiceRequest,
 }
 
-/// KBS side: requests and cancellations to the guest.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct KbsEncoder {
-    pub max_frame: usize,
-}
-
-impl Encode<ClientMessage<GuestServiceRequest>> for KbsEncoder {
-    fn encode(&self, item: ClientMessage<GuestServiceRequest>) -> Result<Outgoing, TransportError> {
-        let track = match &item {
-            ClientMessage::Request(req) => Track::Request {
-                id: req.id,
-                method: Method::of_request(&req.message),
-                deadline: req.context.deadline,
-            },
-            _ => Track::None,
-        };
-        let bytes = frame::encode_rpc(&item, self.max_frame)?;
-        Ok(Outgoing {
-            bytes: Bytes::from(bytes),
-            track,
-        })
-    }
+#[derive(Serialize)]
+struct WireContext {
+    deadline: Duration,
+    trace_context: tarpc::trace::Context,
 }
 
 /// Guest side: responses to the KBS. A response too large for a frame is replaced by an
@@ -151,7 +149,7 @@ pub(crate) struct GuestEncoder {
 }
 
 impl Encode<Response<GuestServiceResponse>> for GuestEncoder {
-    fn encode(&self, item: Response<GuestServiceResponse>) -> Result<Outgoing, TransportError> {
+    fn encode(&self, item: Response<GuestServiceResponse>) -> Result<Bytes, TransportError> {
         let request_id = item.request_id;
         let bytes = match frame::encode_rpc(&item, self.max_frame) {
             Ok(bytes) => bytes,
@@ -167,17 +165,14 @@ impl Encode<Response<GuestServiceResponse>> for GuestEncoder {
             }
             Err(e) => return Err(e.into()),
         };
-        Ok(Outgoing {
-            bytes: Bytes::from(bytes),
-            track: Track::None,
-        })
+        Ok(Bytes::from(bytes))
     }
 }
 
 /// The transport tarpc runs on: bounded queues to and from the socket task.
 pub(crate) struct RpcTransport<In, Out, E> {
     rx: Receiver<In>,
-    tx: Sender<Outgoing>,
+    tx: Sender<Bytes>,
     encoder: E,
     _out: PhantomData<fn(Out)>,
 }
@@ -185,7 +180,7 @@ pub(crate) struct RpcTransport<In, Out, E> {
 /// The socket task's ends of the queues.
 pub(crate) struct RpcPipes<In> {
     /// Encoded frames from tarpc.
-    pub out_rx: Receiver<Outgoing>,
+    pub out_rx: Receiver<Bytes>,
     /// Decoded messages for tarpc.
     pub in_tx: Sender<In>,
     /// Set once tarpc dropped its sending end.
@@ -259,84 +254,6 @@ where
     }
 }
 
-/// How long past its deadline a request may still be answered (a response already on the
-/// wire when the deadline passed).
-const LATE_ANSWER_GRACE: Duration = Duration::from_secs(5);
-
-/// KBS side: the requests a guest may answer. A response to anything else (never asked,
-/// already answered, long expired) or of the wrong method is a protocol error; the check
-/// also keeps tarpc's generated client from reaching its `unreachable!()` on a mismatch.
-#[derive(Debug, Default)]
-pub(crate) struct ResponseTracker {
-    open: Vec<OpenRequest>,
-}
-
-#[derive(Debug)]
-struct OpenRequest {
-    id: u64,
-    method: Method,
-    expires: StdInstant,
-}
-
-impl ResponseTracker {
-    /// Records a frame leaving the socket.
-    pub fn on_outgoing(&mut self, track: &Track) {
-        if let Track::Request {
-            id,
-            method,
-            deadline,
-        } = *track
-        {
-            let expires = deadline.checked_add(LATE_ANSWER_GRACE).unwrap_or(deadline);
-            self.open.push(OpenRequest {
-                id,
-                method,
-                expires,
-            });
-        }
-    }
-
-    /// Checks a response from the guest against what was asked, and forgets the request.
-    pub fn on_response(&mut self, resp: &Response<GuestServiceResponse>) -> Result<(), String> {
-        let Some(at) = self.open.iter().position(|o| o.id == resp.request_id) else {
-            return Err(format!("answer to unknown request {}", resp.request_id));
-        };
-        let open = self.open.swap_remove(at);
-        if let Ok(message) = &resp.message {
-            let got = Method::of_response(message);
-            if got != open.method {
-                return Err(format!(
-                    "request {} was {} but the answer is {}",
-                    open.id,
-                    open.method.as_str(),
-                    got.as_str()
-                ));
-            }
-        }
-        self.release_if_empty();
-        Ok(())
-    }
-
-    /// Forgets requests whose answer can no longer be expected.
-    pub fn prune(&mut self, now: StdInstant) {
-        self.open.retain(|o| o.expires > now);
-        self.release_if_empty();
-    }
-
-    /// Number of requests that may still be answered.
-    #[cfg(test)]
-    pub fn len(&self) -> usize {
-        self.open.len()
-    }
-
-    fn release_if_empty(&mut self) {
-        // An idle tunnel keeps no buffer from its busiest moment.
-        if self.open.is_empty() && self.open.capacity() > 0 {
-            self.open = Vec::new();
-        }
-    }
-}
-
 /// Longest deadline a guest honours for one request; longer ones are cut to this.
 pub(crate) const MAX_REQUEST_DEADLINE: Duration = Duration::from_secs(3600);
 
@@ -402,20 +319,6 @@ mod tests {
     use rpc_defs::ProbeKind;
     use serde_bytes::ByteBuf;
 
-    fn request(
-        id: u64,
-        message: GuestServiceRequest,
-        deadline: Duration,
-    ) -> ClientMessage<GuestServiceRequest> {
-        let mut ctx = tarpc::context::current();
-        ctx.deadline = StdInstant::now() + deadline;
-        ClientMessage::Request(Request {
-            context: ctx,
-            id,
-            message,
-        })
-    }
-
     fn payload_of(bytes: &[u8]) -> Vec<u8> {
         match frame::decode(bytes, usize::MAX) {
             Ok(rpc_defs::Frame::Rpc(p)) => p,
@@ -424,25 +327,12 @@ mod tests {
     }
 
     #[test]
-    fn guest_decodes_what_tarpc_encodes() {
-        let enc = KbsEncoder { max_frame: 1 << 20 };
-        let msg = request(
-            3,
-            GuestServiceRequest::Ping {
-                payload: ByteBuf::from(vec![1, 2, 3]),
-            },
-            Duration::from_secs(7),
-        );
-        let out = enc.encode(msg).expect("encode");
-        assert!(matches!(
-            out.track,
-            Track::Request {
-                id: 3,
-                method: Method::Ping,
-                ..
-            }
-        ));
-        let back = decode_client_message(&payload_of(&out.bytes)).expect("decode");
+    fn guest_decodes_what_the_kbs_encodes() {
+        let ping = GuestServiceRequest::Ping {
+            payload: ByteBuf::from(vec![1, 2, 3]),
+        };
+        let bytes = encode_request(3, Duration::from_secs(7), &ping, 1 << 20).expect("encode");
+        let back = decode_client_message(&payload_of(&bytes)).expect("decode");
         let ClientMessage::Request(req) = back else {
             panic!("not a request");
         };
@@ -456,15 +346,36 @@ mod tests {
             matches!(req.message, GuestServiceRequest::Ping { ref payload } if payload.as_ref() == [1, 2, 3])
         );
 
-        let cancel: ClientMessage<GuestServiceRequest> = ClientMessage::Cancel {
-            trace_context: tarpc::trace::Context::default(),
-            request_id: 9,
-        };
-        let out = enc.encode(cancel).expect("encode");
+        let bytes = encode_cancel(9, 1 << 20).expect("encode");
         assert!(matches!(
-            decode_client_message(&payload_of(&out.bytes)),
+            decode_client_message(&payload_of(&bytes)),
             Ok(ClientMessage::Cancel { request_id: 9, .. })
         ));
+    }
+
+    #[test]
+    fn tarpc_itself_decodes_what_the_kbs_encodes() {
+        // Wire compatibility with tarpc's own types, not only with our guest decoder.
+        let probe = GuestServiceRequest::Probe {
+            kind: ProbeKind::Health,
+        };
+        let bytes = encode_request(11, Duration::from_secs(3), &probe, 1 << 20).expect("encode");
+        let msg: ClientMessage<GuestServiceRequest> =
+            frame::decode_payload(&payload_of(&bytes)).expect("tarpc decodes it");
+        let ClientMessage::Request(req) = msg else {
+            panic!("not a request");
+        };
+        assert_eq!(req.id, 11);
+        assert!(matches!(
+            req.message,
+            GuestServiceRequest::Probe {
+                kind: ProbeKind::Health
+            }
+        ));
+        let bytes = encode_cancel(12, 1 << 20).expect("encode");
+        let msg: ClientMessage<GuestServiceRequest> =
+            frame::decode_payload(&payload_of(&bytes)).expect("tarpc decodes it");
+        assert!(matches!(msg, ClientMessage::Cancel { request_id: 12, .. }));
     }
 
     #[test]
@@ -510,78 +421,19 @@ mod tests {
         };
         let out = enc.encode(big).expect("substituted");
         let resp: Response<GuestServiceResponse> =
-            frame::decode_payload(&payload_of(&out.bytes)).expect("decode");
+            frame::decode_payload(&payload_of(&out)).expect("decode");
         assert_eq!(resp.request_id, 5);
         assert!(matches!(resp.message, Err(ref e) if e.kind == std::io::ErrorKind::InvalidData));
     }
 
     #[test]
     fn oversize_kbs_request_fails_alone() {
-        let enc = KbsEncoder { max_frame: 4096 };
-        let msg = request(
-            1,
-            GuestServiceRequest::Ping {
-                payload: ByteBuf::from(vec![0; 10_000]),
-            },
-            Duration::from_secs(1),
-        );
+        let ping = GuestServiceRequest::Ping {
+            payload: ByteBuf::from(vec![0; 10_000]),
+        };
         assert!(matches!(
-            enc.encode(msg),
+            encode_request(1, Duration::from_secs(1), &ping, 4096),
             Err(TransportError::TooLarge { .. })
         ));
-    }
-
-    #[test]
-    fn tracker_accepts_only_answers_to_open_requests() {
-        let mut t = ResponseTracker::default();
-        let deadline = StdInstant::now() + Duration::from_secs(10);
-        t.on_outgoing(&Track::Request {
-            id: 1,
-            method: Method::Ping,
-            deadline,
-        });
-        t.on_outgoing(&Track::Request {
-            id: 2,
-            method: Method::Probe,
-            deadline,
-        });
-        let ping = |id| Response {
-            request_id: id,
-            message: Ok(GuestServiceResponse::Ping(ByteBuf::new())),
-        };
-        assert!(t.on_response(&ping(1)).is_ok());
-        assert!(t.on_response(&ping(1)).is_err(), "answered twice");
-        assert!(t.on_response(&ping(7)).is_err(), "never asked");
-        assert!(t.on_response(&ping(2)).is_err(), "wrong method");
-
-        t.on_outgoing(&Track::Request {
-            id: 3,
-            method: Method::Probe,
-            deadline,
-        });
-        let throttled: Response<GuestServiceResponse> = Response {
-            request_id: 3,
-            message: Err(ServerError::new(
-                std::io::ErrorKind::WouldBlock,
-                "busy".into(),
-            )),
-        };
-        assert!(t.on_response(&throttled).is_ok(), "errors fit any method");
-        assert_eq!(t.len(), 0);
-    }
-
-    #[test]
-    fn tracker_forgets_long_expired_requests() {
-        let mut t = ResponseTracker::default();
-        let now = StdInstant::now();
-        t.on_outgoing(&Track::Request {
-            id: 1,
-            method: Method::Ping,
-            deadline: now,
-        });
-        t.prune(now + Duration::from_secs(1));
-        assert_eq!(t.len(), 1, "still within the grace period");
-        t.prune(now + LATE_ANSWER_GRACE + Duration::from_secs(1));
-        assert_eq!(t.len(), 0);
     }
 }

@@ -20,29 +20,30 @@ use std::{
     fmt,
     future::{Future, poll_fn},
     sync::Arc,
-    time::{Duration, Instant as StdInstant},
+    task::{Context, Poll},
+    time::Duration,
 };
 
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use rand::Rng;
-use rpc_defs::{
-    CloseCode, Frame, GuestServiceClient, GuestServiceRequest, GuestServiceResponse, SUBPROTOCOL,
-};
-use tarpc::{ClientMessage, Response, client::NewClient};
+use rpc_defs::{CloseCode, Frame, GuestServiceResponse, SUBPROTOCOL};
+use tarpc::Response;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
+    calls::{CallQueue, CallTable, Outgoing},
     frame::{self, DEFAULT_MAX_FRAME},
     handle::{TunnelHandle, TunnelInfo},
     handshake::{ServerHandshake, ServerHandshakeParams, ServerOutcome, frame_name},
     hub::Hub,
-    link::{ABNORMAL, CloseInfo, IoEvent, Link, NO_STATUS, NORMAL},
+    link::{ABNORMAL, CloseInfo, IoEvent, Link, NO_STATUS, NORMAL, RpcSide},
     liveness::{Beat, Heartbeat, instant_at_unix},
     observer::TunnelObserver,
-    rpc::{self, KbsEncoder, ResponseTracker, RpcPipes},
+    rpc,
     ws::{AxumWs, WsIo, WsMsg, WsReadError},
 };
 
@@ -65,7 +66,8 @@ pub struct TunnelLimits {
     pub missed_heartbeats: u32,
     /// Time allowed from upgrade to Welcome (10 s).
     pub handshake_timeout: Duration,
-    /// Frames queued between tarpc and the socket, each way (64).
+    /// Kept for configuration compatibility: the KBS end queues no frames beyond its calls,
+    /// so its write queue is bounded by `max_in_flight` (plus one cancel per call).
     pub write_queue: usize,
     /// A write side with data waiting and no progress for this long means the guest stopped
     /// reading: the tunnel is dropped (10 s).
@@ -77,7 +79,7 @@ pub struct TunnelLimits {
     /// Base delay announced in GoAway when draining; each tunnel gets it plus a random share
     /// of it again, so guests do not all come back at once (1 s).
     pub drain_reconnect_after: Duration,
-    /// WebSocket read buffer, bytes (PERFORMANCE.md: 4-8 KiB keeps idle tunnels small; 8 KiB).
+    /// WebSocket read buffer, bytes (PERFORMANCE.md: 4 KiB keeps idle tunnels small; 4 KiB).
     pub read_buffer_size: usize,
     /// WebSocket write buffer, bytes (8 KiB).
     pub write_buffer_size: usize,
@@ -97,7 +99,7 @@ impl Default for TunnelLimits {
             close_timeout: Duration::from_secs(2),
             reauth_timeout: Duration::from_secs(10),
             drain_reconnect_after: Duration::from_secs(1),
-            read_buffer_size: 8 * 1024,
+            read_buffer_size: 4 * 1024,
             write_buffer_size: 8 * 1024,
         }
     }
@@ -188,20 +190,64 @@ pub fn offers_subprotocol<F>(ws: &WebSocketUpgrade<F>) -> bool {
 /// Runs one guest tunnel to its end: handshake (within `limits.handshake_timeout`),
 /// registration in `hub` (closing a superseded tunnel with 4409), serving, unregistration
 /// by epoch. Outcomes go to `observer`; cancelling `drain` sends GoAway then closes 4503.
-pub async fn serve_guest_tunnel(
+pub fn serve_guest_tunnel(
     socket: WebSocket,
     accept: AcceptParams,
     hub: Hub,
     observer: Arc<dyn TunnelObserver>,
     drain: CancellationToken,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
     let session_id = new_session_id();
     let span = tracing::info_span!("tunnel", guest_id = %accept.guest_id, session_id = %session_id);
-    serve(socket, accept, session_id, hub, observer, drain)
-        .instrument(span)
-        .await;
+    // Two phases in one task. The handshake phase is boxed and freed when it ends; `then`
+    // keeps either it or the serving phase, never both, so an idle tunnel's task holds only
+    // the serving state (the upgrade's arguments are not kept alongside it).
+    let handshake = Box::pin(serve(socket, accept, session_id, hub, observer, drain));
+    futures::FutureExt::then(handshake, |established| match established {
+        Some(established) => futures::future::Either::Left(established.run()),
+        None => futures::future::Either::Right(std::future::ready(())),
+    })
+    .instrument(span)
 }
 
+/// A tunnel past its handshake: everything its serving phase needs, held once.
+struct Established {
+    link: Link<AxumWs>,
+    handle: Arc<TunnelHandle>,
+    guest_id: String,
+    reauth: ReauthFn,
+    reauth_before: u64,
+    limits: TunnelLimits,
+    hub: Hub,
+    observer: Arc<dyn TunnelObserver>,
+    drain: CancellationToken,
+}
+
+impl Established {
+    async fn run(mut self) {
+        let serving = Serving {
+            link: &mut self.link,
+            table: CallTable::default(),
+            handle: &self.handle,
+            reauth: self.reauth.clone(),
+            reauth_before: self.reauth_before,
+            limits: &self.limits,
+            drain: &self.drain,
+        };
+        let close = serving.run().await;
+        // Calls made through clones of the handle fail fast from now on, queued ones
+        // included; calls waiting for an answer failed as the call table was dropped.
+        self.handle.shut();
+        self.hub
+            .unregister(&self.guest_id, self.handle.epoch, close.code);
+        self.observer
+            .disconnected(&self.guest_id, close.code, &close.reason);
+        tracing::info!(code = close.code, reason = %close.reason, by_peer = close.by_peer, "tunnel closed");
+    }
+}
+
+/// The handshake phase: subprotocol check, proof of possession, registration. Returns the
+/// serving phase's state, or `None` when the tunnel ended here.
 async fn serve(
     socket: WebSocket,
     accept: AcceptParams,
@@ -209,7 +255,7 @@ async fn serve(
     hub: Hub,
     observer: Arc<dyn TunnelObserver>,
     drain: CancellationToken,
-) {
+) -> Option<Established> {
     let AcceptParams {
         guest_id,
         labels,
@@ -227,9 +273,8 @@ async fn serve(
         observer.handshake("protocol_error");
         tracing::info!("tunnel refused: subprotocol {SUBPROTOCOL} not negotiated");
         let reason = format!("subprotocol {SUBPROTOCOL} required");
-        link.close(CloseCode::Protocol.code(), &reason, limits.close_timeout)
-            .await;
-        return;
+        Box::pin(link.close(CloseCode::Protocol.code(), &reason, limits.close_timeout)).await;
+        return None;
     }
 
     let mut handshake = ServerHandshake::new(
@@ -243,7 +288,9 @@ async fn serve(
             reauth_before,
         },
     );
-    let info = match run_handshake(&mut link, &mut handshake, &limits).await {
+    // Boxed: the handshake's state is freed once it is over instead of widening this
+    // future, which lives as long as the tunnel.
+    let info = match Box::pin(run_handshake(&mut link, &mut handshake, &limits)).await {
         Ok(info) => {
             observer.handshake("ok");
             info
@@ -252,38 +299,31 @@ async fn serve(
             observer.handshake(outcome);
             tracing::info!(outcome, code = close.code, reason = %close.reason, "handshake failed");
             if !close.by_peer {
-                link.close(close.code, &close.reason, limits.close_timeout)
-                    .await;
+                Box::pin(link.close(close.code, &close.reason, limits.close_timeout)).await;
             }
-            return;
+            return None;
         }
     };
+    // The challenge and its copies are not needed while serving: free them now rather than
+    // keeping them in this future's state for the tunnel's lifetime.
+    drop(handshake);
 
-    let (transport, pipes) =
-        rpc::pipes::<Response<GuestServiceResponse>, ClientMessage<GuestServiceRequest>, _>(
-            limits.write_queue,
-            KbsEncoder {
-                max_frame: limits.max_frame,
+    let handle = Arc::new(
+        TunnelHandle::new(
+            TunnelInfo {
+                guest_id: guest_id.clone(),
+                session_id,
+                labels,
+                instance_id: info.instance_id,
+                daemon_version: info.daemon_version,
+                services: info.services,
             },
-        );
-    let mut config = tarpc::client::Config::default();
-    config.max_in_flight_requests = limits.max_in_flight;
-    config.pending_request_buffer = limits.max_in_flight;
-    let NewClient { client, dispatch } = GuestServiceClient::new(config, transport);
-    let handle = Arc::new(TunnelHandle::new(
-        TunnelInfo {
-            guest_id: guest_id.clone(),
-            session_id,
-            labels,
-            instance_id: info.instance_id,
-            daemon_version: info.daemon_version,
-            services: info.services,
-        },
-        client,
-        limits.max_in_flight,
-        limits.call_deadline,
-        observer.clone(),
-    ));
+            limits.max_in_flight,
+            limits.call_deadline,
+            observer.clone(),
+        )
+        .with_max_frame(limits.max_frame),
+    );
     if let Some(loser) = hub.register(handle.clone()) {
         tracing::info!(epoch = loser.epoch, "tunnel superseded");
         loser.close(CloseCode::Superseded, "superseded by a newer tunnel");
@@ -291,21 +331,17 @@ async fn serve(
     observer.connected(&guest_id);
     tracing::info!(epoch = handle.epoch, "tunnel up");
 
-    let serving = Serving {
-        link: &mut link,
-        pipes,
-        handle: &handle,
+    Some(Established {
+        link,
+        handle,
+        guest_id,
         reauth,
         reauth_before,
-        limits: &limits,
-        drain: &drain,
-    };
-    let close = serving.run(dispatch).await;
-    // Calls made through clones of the handle fail fast from now on.
-    handle.shutdown_token().cancel();
-    hub.unregister(&guest_id, handle.epoch, close.code);
-    observer.disconnected(&guest_id, close.code, &close.reason);
-    tracing::info!(code = close.code, reason = %close.reason, by_peer = close.by_peer, "tunnel closed");
+        limits,
+        hub,
+        observer,
+        drain,
+    })
 }
 
 /// Reads the guest's Proof and answers it; on failure returns the metrics label and how to
@@ -395,7 +431,7 @@ async fn run_handshake<W: WsIo>(
 /// A tunnel past its handshake.
 struct Serving<'a, W> {
     link: &'a mut Link<W>,
-    pipes: RpcPipes<Response<GuestServiceResponse>>,
+    table: CallTable,
     handle: &'a TunnelHandle,
     reauth: ReauthFn,
     reauth_before: u64,
@@ -412,15 +448,36 @@ enum Step {
     Gone(CloseInfo),
 }
 
+/// The KBS's RPC side as the socket sees it: the handle's call queue feeds the writes, the
+/// call table remembers what awaits an answer; answers never wait for room.
+struct KbsSide<'a> {
+    queue: &'a CallQueue,
+    table: &'a mut CallTable,
+    max_frame: usize,
+}
+
+impl RpcSide for KbsSide<'_> {
+    fn poll_out(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        loop {
+            let cmd = std::task::ready!(self.queue.poll_pop(cx));
+            let max_frame = self.max_frame;
+            let encode_cancel = |id| rpc::encode_cancel(id, max_frame).ok();
+            match self.table.on_command(cmd, Instant::now(), encode_cancel) {
+                Outgoing::Write(bytes) => return Poll::Ready(Some(bytes)),
+                Outgoing::Skip => {}
+            }
+        }
+    }
+
+    fn poll_in_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+type ReauthCall = BoxFuture<'static, Result<Result<u64, String>, tokio::time::error::Elapsed>>;
+
 impl<W: WsIo> Serving<'_, W> {
-    async fn run<D, E>(mut self, dispatch: D) -> CloseInfo
-    where
-        D: Future<Output = Result<(), E>>,
-        E: fmt::Display,
-    {
-        tokio::pin!(dispatch);
-        let mut dispatch_done = false;
-        let mut tracker = ResponseTracker::default();
+    async fn run(mut self) -> CloseInfo {
         let mut heartbeat = Heartbeat::new(
             Instant::now(),
             self.limits.heartbeat,
@@ -428,10 +485,13 @@ impl<W: WsIo> Serving<'_, W> {
             true,
         );
         let mut reauth_at = instant_at_unix(self.reauth_before);
-        let mut reauth_call: Option<
-            BoxFuture<'static, Result<Result<u64, String>, tokio::time::error::Elapsed>>,
-        > = None;
-        let shutdown = self.handle.shutdown_token().clone();
+        let mut reauth_call: Option<ReauthCall> = None;
+        let handle = self.handle;
+        let drain = self.drain;
+        let shutdown = handle.shutdown_token().cancelled();
+        let draining = drain.cancelled();
+        let timer = sleep_until(heartbeat.next_wake());
+        tokio::pin!(shutdown, draining, timer);
 
         let step = loop {
             let mut wake = heartbeat.next_wake();
@@ -441,33 +501,31 @@ impl<W: WsIo> Serving<'_, W> {
             if let Some(stall) = self.link.stall_deadline(self.limits.write_stall_timeout) {
                 wake = wake.min(stall);
             }
+            if timer.deadline() != wake {
+                timer.as_mut().reset(wake);
+            }
             let step = tokio::select! {
-                _ = shutdown.cancelled() => Step::Close(
-                    self.handle
+                ev = poll_fn(|cx| {
+                    let mut side = KbsSide {
+                        queue: handle.call_queue(),
+                        table: &mut self.table,
+                        max_frame: self.limits.max_frame,
+                    };
+                    self.link.poll_io(cx, &mut side)
+                }) => {
+                    self.on_io(ev, &mut heartbeat, &mut reauth_call)
+                }
+                _ = &mut shutdown => Step::Close(
+                    handle
                         .requested_close()
                         .unwrap_or_else(|| CloseInfo::local_code(NORMAL, "closed by the server")),
                 ),
-                _ = self.drain.cancelled() => {
+                _ = &mut draining => {
                     let base = self.limits.drain_reconnect_after;
                     let jitter = rand::thread_rng().gen_range(Duration::ZERO..=base);
                     let after = u64::try_from((base + jitter).as_millis()).unwrap_or(u64::MAX);
                     self.link.queue_frame(&Frame::GoAway { reconnect_after_ms: after });
                     Step::Close(CloseInfo::local(CloseCode::GoingAway, "server draining"))
-                }
-                ev = poll_fn(|cx| self.link.poll_io(cx, Some(&mut self.pipes), &mut tracker)) => {
-                    self.on_io(ev, &mut heartbeat, &mut tracker, &mut reauth_call)
-                }
-                res = &mut dispatch, if !dispatch_done => {
-                    dispatch_done = true;
-                    match res {
-                        Ok(()) => tracing::debug!("rpc dispatch ended"),
-                        Err(e) => tracing::warn!(error = %e, "rpc dispatch failed"),
-                    }
-                    Step::Close(CloseInfo {
-                        code: 1011,
-                        reason: "rpc client stopped".into(),
-                        by_peer: false,
-                    })
                 }
                 res = poll_option(&mut reauth_call) => {
                     reauth_call = None;
@@ -488,18 +546,24 @@ impl<W: WsIo> Serving<'_, W> {
                         )),
                     }
                 }
-                _ = sleep_until(wake) => self.on_timer(&mut heartbeat, &mut tracker, reauth_at, reauth_call.is_some()),
+                () = &mut timer => self.on_timer(&mut heartbeat, reauth_at, reauth_call.is_some()),
             };
             match step {
                 Step::Continue => {}
                 other => break other,
             }
         };
+        // Callers learn at once, not after the closing handshake: queued calls and calls
+        // waiting for an answer fail with `Disconnected`.
+        handle.shut();
+        self.table = CallTable::default();
         match step {
             Step::Close(close) => {
-                self.link
-                    .close(close.code, &close.reason, self.limits.close_timeout)
-                    .await;
+                // Boxed, like the handshake: only the serving loop's state stays inline.
+                let closing = self
+                    .link
+                    .close(close.code, &close.reason, self.limits.close_timeout);
+                Box::pin(closing).await;
                 close
             }
             Step::Gone(close) => close,
@@ -511,10 +575,7 @@ impl<W: WsIo> Serving<'_, W> {
         &mut self,
         ev: IoEvent,
         heartbeat: &mut Heartbeat,
-        tracker: &mut ResponseTracker,
-        reauth_call: &mut Option<
-            BoxFuture<'static, Result<Result<u64, String>, tokio::time::error::Elapsed>>,
-        >,
+        reauth_call: &mut Option<ReauthCall>,
     ) -> Step {
         let msg = match ev {
             IoEvent::Msg(msg) => msg,
@@ -544,12 +605,8 @@ impl<W: WsIo> Serving<'_, W> {
             WsMsg::Binary(bytes) => match frame::decode(&bytes, self.limits.max_frame) {
                 Ok(Frame::Rpc(payload)) => {
                     match frame::decode_payload::<Response<GuestServiceResponse>>(&payload) {
-                        Ok(resp) => match tracker.on_response(&resp) {
-                            Ok(()) => {
-                                // Capacity was reserved before reading (poll_io).
-                                let _ = self.pipes.in_tx.start_send(resp);
-                                Step::Continue
-                            }
+                        Ok(resp) => match self.table.on_response(resp) {
+                            Ok(()) => Step::Continue,
                             Err(why) => Step::Close(CloseInfo::local(CloseCode::Protocol, why)),
                         },
                         Err(e) => Step::Close(CloseInfo::local(
@@ -590,7 +647,6 @@ impl<W: WsIo> Serving<'_, W> {
     fn on_timer(
         &mut self,
         heartbeat: &mut Heartbeat,
-        tracker: &mut ResponseTracker,
         reauth_at: Instant,
         reauth_pending: bool,
     ) -> Step {
@@ -612,7 +668,8 @@ impl<W: WsIo> Serving<'_, W> {
                 "token expired without re-attestation",
             ));
         }
-        tracker.prune(StdInstant::now());
+        self.table.prune(now);
+        self.handle.call_queue().shrink();
         match heartbeat.poll(now) {
             Beat::Ping => {
                 self.link.queue(WsMsg::Ping(bytes::Bytes::new()));

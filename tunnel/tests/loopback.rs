@@ -419,6 +419,48 @@ async fn wrong_proof_is_rejected_with_4401_and_bad_token_with_401() {
 }
 
 #[tokio::test]
+async fn a_replayed_proof_is_rejected_with_4401() {
+    within(async {
+        let kbs = TestKbs::start(KbsOptions::default()).await;
+        // A first session answers its challenge; the proof is captured.
+        let mut first = raw_connect(&kbs.url(), "good:replay").await;
+        let Frame::Hello { challenge, .. } = read_frame(&mut first).await else {
+            panic!("expected Hello");
+        };
+        let proof = Frame::Proof {
+            nonce: unseal(&challenge).expect("unseal"),
+            info: info("replay"),
+        };
+        first.send(encode(&proof)).await.expect("send proof");
+        assert!(matches!(
+            read_frame(&mut first).await,
+            Frame::Welcome { .. }
+        ));
+
+        // A second session with the same token replays it: another challenge, refused.
+        let mut second = raw_connect(&kbs.url(), "good:replay").await;
+        let Frame::Hello {
+            challenge: fresh, ..
+        } = read_frame(&mut second).await
+        else {
+            panic!("expected Hello");
+        };
+        assert_ne!(fresh, challenge, "every session gets a fresh challenge");
+        second.send(encode(&proof)).await.expect("send proof");
+        let reject = read_frame(&mut second).await;
+        assert!(
+            matches!(reject, Frame::Reject { code: 4401, .. }),
+            "{reject:?}"
+        );
+        assert_eq!(read_close_code(&mut second).await, Some(4401));
+        assert_eq!(kbs.observer.handshake_outcomes(), ["ok", "bad_proof"]);
+        // The first tunnel is untouched.
+        assert_eq!(kbs.hub.len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_second_tunnel_supersedes_the_first_with_4409() {
     within(async {
         let kbs = TestKbs::start(KbsOptions::default()).await;

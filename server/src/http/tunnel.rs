@@ -67,12 +67,17 @@ pub async fn upgrade(
         ));
     }
     let accept = accept_params(&state, &token)?;
+    state.guest_directory.record(&token);
     let hub = state.hub.clone();
     let observer = Arc::new(TunnelMetrics::new(state.metrics.clone()));
     let drain = state.shutdown.clone();
-    Ok(configure_upgrade(ws, &accept.limits)
+    let upgrade = configure_upgrade(ws, &accept.limits);
+    // Boxed: the upgrade task keeps its callback for the tunnel's lifetime, so the callback
+    // holds a pointer rather than the parameters themselves.
+    let accept = Box::new(accept);
+    Ok(upgrade
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "tunnel upgrade failed"))
-        .on_upgrade(move |socket| serve_guest_tunnel(socket, accept, hub, observer, drain)))
+        .on_upgrade(move |socket| serve_guest_tunnel(socket, *accept, hub, observer, drain)))
 }
 
 /// The Bearer attestation token, verified under this KBS's key (passport mode only: a
@@ -102,8 +107,29 @@ fn accept_params(state: &AppState, token: &VerifiedToken) -> Result<AcceptParams
         challenge_jwe,
         expected_nonce: nonce,
         reauth_before: token.exp,
-        reauth: binding.reauth_fn(state.rcar.signer().clone()),
+        reauth: record_on_reauth(
+            binding.reauth_fn(state.rcar.signer().clone()),
+            state.clone(),
+        ),
         limits: limits(&state.config.tunnel),
+    })
+}
+
+/// Wraps `inner` so a fresh token it accepts also updates the guest directory (the claims
+/// the resource policy sees for pushes into this guest).
+fn record_on_reauth(inner: ReauthFn, state: AppState) -> ReauthFn {
+    Arc::new(move |fresh: String| {
+        let checked = inner(fresh.clone());
+        let state = state.clone();
+        Box::pin(async move {
+            let result = checked.await;
+            if result.is_ok()
+                && let Ok(token) = state.rcar.signer().verify(&fresh)
+            {
+                state.guest_directory.record(&token);
+            }
+            result
+        })
     })
 }
 
@@ -203,6 +229,7 @@ mod tests {
         let identity = GuestIdentity {
             guest_id: guest_id.into(),
             labels: BTreeMap::from([("app".into(), "db".into())]),
+            ..Default::default()
         };
         let claims = build_claims("sample", json!({}), key, "bm9uY2U=", None, &identity);
         signer
