@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use examples::{KbsProcess, default_kbs_bin, percentile};
+use examples::{KbsProcess, default_kbs_bin, percentile, proc_cpu_time};
 use guest_daemon::evidence::SampleAttester;
 use guest_daemon::rcar::KbsClientBuilder;
 use guest_daemon::resource_path::ResourcePath;
@@ -59,12 +59,19 @@ async fn main() -> anyhow::Result<()> {
         idle_rss as f64 / 1024.0
     );
     println!(
-        "{:>11} {:>13} {:>9} {:>9} {:>16} {:>10}",
-        "concurrency", "handshakes/s", "p50", "p99", "server CPU/hs", "vs upstream"
+        "{:>11} {:>13} {:>9} {:>9} {:>14} {:>14} {:>10}",
+        "concurrency",
+        "handshakes/s",
+        "p50",
+        "p99",
+        "server CPU/hs",
+        "client CPU/hs",
+        "vs upstream"
     );
     for &c in &args.levels {
         let deadline = Instant::now() + Duration::from_secs(args.seconds);
         let cpu0 = kbs.cpu_time();
+        let client_cpu0 = proc_cpu_time(std::process::id());
         let started = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..c {
@@ -89,16 +96,18 @@ async fn main() -> anyhow::Result<()> {
         }
         let elapsed = started.elapsed();
         let cpu = kbs.cpu_time().saturating_sub(cpu0);
+        let client_cpu = proc_cpu_time(std::process::id()).saturating_sub(client_cpu0);
         lat.sort();
         let n = lat.len().max(1) as f64;
         let rate = lat.len() as f64 / elapsed.as_secs_f64();
         println!(
-            "{:>11} {:>13.0} {:>7.2}ms {:>7.2}ms {:>14.0}us {:>9.1}x",
+            "{:>11} {:>13.0} {:>7.2}ms {:>7.2}ms {:>12.0}us {:>12.0}us {:>9.1}x",
             c,
             rate,
             percentile(&lat, 50.0).as_secs_f64() * 1e3,
             percentile(&lat, 99.0).as_secs_f64() * 1e3,
             cpu.as_secs_f64() * 1e6 / n,
+            client_cpu.as_secs_f64() * 1e6 / n,
             rate / UPSTREAM_HANDSHAKES_PER_S
         );
     }

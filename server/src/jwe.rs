@@ -4,6 +4,12 @@
 //! EC P-256 keys get `ECDH-ES+A256KW` (Concat KDF exactly as guest-components'
 //! `ec.rs::unwrap_key` derives it); RSA keys get `RSA-OAEP-256` or the legacy
 //! `RSA1_5`, whichever the key's `alg` names. Content is always `A256GCM`.
+//!
+//! The ephemeral key and the key agreement use `ring` (its P-256 is several times
+//! faster than RustCrypto's: one seal took ~290 us with `p256`, ~100 us with ring on
+//! this machine under load; this is on every resource GET). The peer key is still
+//! checked with `p256` when the guest attests ([`validate_tee_pubkey`]), and ring
+//! checks it again on agreement.
 
 use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
@@ -13,9 +19,10 @@ use base64::alphabet;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use kbs_types::{ProtectedHeader, Response, TeePubKey};
-use p256::elliptic_curve::sec1::{FromEncodedPoint, ToEncodedPoint};
+use p256::elliptic_curve::sec1::FromEncodedPoint;
 use p256::{EncodedPoint, FieldBytes, PublicKey};
 use rand::RngCore;
+use ring::agreement::{ECDH_P256, EphemeralPrivateKey, UnparsedPublicKey, agree_ephemeral};
 use rsa::{BigUint, Oaep, Pkcs1v15Encrypt, RsaPublicKey};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -36,6 +43,8 @@ const MIN_RSA_BITS: usize = 2048;
 const MAX_RSA_BITS: usize = 4096;
 const CEK_LEN: usize = 32;
 const IV_LEN: usize = 12;
+/// An uncompressed P-256 point: 0x04 || x || y.
+const EC_POINT_LEN: usize = 65;
 
 /// Base64 decoders that accept padded and unpadded input (older clients pad).
 const B64_URL_LENIENT: GeneralPurpose = GeneralPurpose::new(
@@ -82,7 +91,8 @@ impl JweError {
 
 /// A TEE public key parsed and checked, ready to seal to.
 enum SealKey {
-    Ec(PublicKey),
+    /// The uncompressed point, checked to be on the curve.
+    Ec([u8; EC_POINT_LEN]),
     Rsa(RsaPublicKey, RsaPadding),
 }
 
@@ -107,18 +117,25 @@ pub fn seal(tee_pubkey: &TeePubKey, plaintext: &[u8]) -> Result<Response, JweErr
 
     let (protected, encrypted_key) = match key {
         SealKey::Ec(peer) => {
-            let ephemeral = p256::ecdh::EphemeralSecret::random(&mut rng);
-            let shared = ephemeral.diffie_hellman(&peer);
-            let kek = ecdh_es_kek(shared.raw_secret_bytes());
+            let system_rng = ring::rand::SystemRandom::new();
+            let ephemeral = EphemeralPrivateKey::generate(&ECDH_P256, &system_rng)
+                .map_err(|_| JweError::Seal("ephemeral key generation"))?;
+            let epk = ephemeral
+                .compute_public_key()
+                .map_err(|_| JweError::Seal("ephemeral public key"))?;
+            let epk = epk.as_ref();
+            if epk.len() != EC_POINT_LEN {
+                return Err(JweError::Seal("ephemeral public key encoding"));
+            }
+            let kek = agree_ephemeral(ephemeral, &UnparsedPublicKey::new(&ECDH_P256, peer), |z| {
+                ecdh_es_kek(z)
+            })
+            .map_err(|_| JweError::InvalidKey("EC point is not on the P-256 curve".into()))?;
             let mut wrapped = vec![0u8; CEK_LEN + 8];
             KekAes256::from(*kek)
                 .wrap(cek.as_ref(), &mut wrapped)
                 .map_err(|_| JweError::Seal("AES key wrap"))?;
-            let epk = ephemeral.public_key().to_encoded_point(false);
-            let (Some(x), Some(y)) = (epk.x(), epk.y()) else {
-                return Err(JweError::Seal("ephemeral key has no affine coordinates"));
-            };
-            (ec_header(x, y), wrapped)
+            (ec_header(&epk[1..33], &epk[33..]), wrapped)
         }
         SealKey::Rsa(public, padding) => {
             let (alg, wrapped) = match padding {
@@ -183,9 +200,16 @@ fn parse_key(tee_pubkey: &TeePubKey) -> Result<SealKey, JweError> {
             let x = decode_coordinate("x", x)?;
             let y = decode_coordinate("y", y)?;
             let point = EncodedPoint::from_affine_coordinates(&x, &y, false);
-            Option::<PublicKey>::from(PublicKey::from_encoded_point(&point))
-                .map(SealKey::Ec)
-                .ok_or_else(|| JweError::InvalidKey("EC point is not on the P-256 curve".into()))
+            if Option::<PublicKey>::from(PublicKey::from_encoded_point(&point)).is_none() {
+                return Err(JweError::InvalidKey(
+                    "EC point is not on the P-256 curve".into(),
+                ));
+            }
+            let mut uncompressed = [0u8; EC_POINT_LEN];
+            uncompressed[0] = 0x04;
+            uncompressed[1..33].copy_from_slice(&x);
+            uncompressed[33..].copy_from_slice(&y);
+            Ok(SealKey::Ec(uncompressed))
         }
         TeePubKey::RSA { alg, k_mod, k_exp } => {
             let padding = match alg.as_str() {
@@ -236,7 +260,7 @@ fn decode_coordinate(field: &str, value: &str) -> Result<FieldBytes, JweError> {
 /// Concat KDF (NIST SP 800-56A, SHA-256) for ECDH-ES+A256KW, with the OtherInfo
 /// guest-components uses: alg id, empty apu, empty apv, keydatalen 256.
 /// One SHA-256 round yields the whole 256-bit key-wrap key.
-fn ecdh_es_kek(z: &FieldBytes) -> Zeroizing<[u8; 32]> {
+fn ecdh_es_kek(z: &[u8]) -> Zeroizing<[u8; 32]> {
     let alg = ALG_ECDH_ES_A256KW.as_bytes();
     let mut hasher = Sha256::new();
     hasher.update(1u32.to_be_bytes());
@@ -249,7 +273,7 @@ fn ecdh_es_kek(z: &FieldBytes) -> Zeroizing<[u8; 32]> {
     Zeroizing::new(hasher.finalize().into())
 }
 
-fn ec_header(x: &FieldBytes, y: &FieldBytes) -> ProtectedHeader {
+fn ec_header(x: &[u8], y: &[u8]) -> ProtectedHeader {
     // Keys inserted in sorted order so the header re-serialises byte-identically
     // on the client whether or not serde_json's preserve_order is enabled.
     let mut epk = Map::new();
@@ -271,6 +295,7 @@ fn ec_header(x: &FieldBytes, y: &FieldBytes) -> ProtectedHeader {
 mod tests {
     use super::*;
     use base64::engine::general_purpose::STANDARD;
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
     use rsa::RsaPrivateKey;
     use rsa::traits::PublicKeyParts;
     use std::sync::OnceLock;

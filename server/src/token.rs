@@ -10,24 +10,31 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{
     AlgorithmParameters, CommonParameters, EllipticCurve, EllipticCurveKeyParameters,
     EllipticCurveKeyType, Jwk, KeyAlgorithm,
 };
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, Header};
 use kbs_types::TeePubKey;
 use p256::elliptic_curve::sec1::ToEncodedPoint;
 use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::attest::InitDataClaims;
+
+mod cache;
+mod es256;
+
+use cache::VerifiedCache;
+use es256::{Es256Key, VerifyFailure};
 
 /// EAR profile identifier placed in every token.
 pub const EAR_PROFILE: &str = "tag:github.com,2023:veraison/ear";
@@ -99,20 +106,34 @@ impl TokenError {
 }
 
 /// Who a guest is: taken from attested init-data, or derived from its TEE key.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestIdentity {
     /// Stable guest name (`[tether] guest_id`, or `tee-<hash of TEE key>`).
     pub guest_id: String,
     /// Operator-chosen labels (`[tether.labels]`).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Sandbox DNS name (`[tether] name`), for certificates naming the sandbox (splitapi).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Sandbox IP address (`[tether] ip`), for certificates naming the sandbox (splitapi).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<std::net::IpAddr>,
+}
+
+impl GuestIdentity {
+    /// The identity in a token's claims (`tether` object), if it has one.
+    pub fn from_claims(claims: &Value) -> Option<Self> {
+        Self::deserialize(claims.get("tether")?).ok()
+    }
 }
 
 /// A token this KBS signed, checked and unpacked.
 #[derive(Clone, Debug)]
 pub struct VerifiedToken {
     /// All claims, as the resource policy sees them (`input`).
-    pub claims: Value,
+    /// Shared: sessions, the verified-token cache and the guest directory hold the same copy.
+    pub claims: Arc<Value>,
     /// The TEE key the guest proved possession of during attestation.
     pub tee_pubkey: TeePubKey,
     /// The guest's identity.
@@ -153,7 +174,7 @@ impl VerifiedToken {
         let iat = number("iat")?;
         let exp = number("exp")?;
         Ok(Self {
-            claims,
+            claims: Arc::new(claims),
             tee_pubkey,
             identity,
             tee,
@@ -202,19 +223,22 @@ pub fn build_claims(
             }
         }),
     );
-    claims.insert(
-        "tether".into(),
-        json!({ "tee": tee, "guest_id": identity.guest_id, "labels": identity.labels }),
-    );
+    let mut tether =
+        json!({ "tee": tee, "guest_id": identity.guest_id, "labels": identity.labels });
+    if let Some(name) = &identity.name {
+        tether["name"] = json!(name);
+    }
+    if let Some(ip) = &identity.ip {
+        tether["ip"] = json!(ip.to_string());
+    }
+    claims.insert("tether".into(), tether);
     claims
 }
 
 /// Signs and verifies attestation tokens with this KBS's P-256 key.
 pub struct TokenSigner {
-    encoding: EncodingKey,
-    decoding: DecodingKey,
-    header: Header,
-    validation: Validation,
+    es256: Es256Key,
+    cache: VerifiedCache,
     public_jwk: Value,
 }
 
@@ -267,10 +291,6 @@ impl TokenSigner {
     }
 
     fn from_secret(secret: &p256::SecretKey) -> Result<Self, TokenError> {
-        let der = secret
-            .to_pkcs8_der()
-            .map_err(|e| TokenError::Sign(format!("encode key: {e}")))?;
-        let encoding = EncodingKey::from_ec_der(der.as_bytes());
         let point = secret.public_key().to_encoded_point(false);
         let (Some(x), Some(y)) = (point.x(), point.y()) else {
             return Err(TokenError::Sign(
@@ -278,8 +298,6 @@ impl TokenSigner {
             ));
         };
         let (x, y) = (URL_SAFE_NO_PAD.encode(x), URL_SAFE_NO_PAD.encode(y));
-        let decoding = DecodingKey::from_ec_components(&x, &y)
-            .map_err(|e| TokenError::Sign(format!("decoding key: {e}")))?;
         let jwk = Jwk {
             common: CommonParameters {
                 key_algorithm: Some(KeyAlgorithm::ES256),
@@ -297,16 +315,15 @@ impl TokenSigner {
         let mut header = Header::new(Algorithm::ES256);
         header.jwk = Some(jwk);
 
-        let mut validation = Validation::new(Algorithm::ES256);
-        validation.leeway = EXP_LEEWAY_SECS;
-        validation.validate_aud = false;
-        validation.set_required_spec_claims(&["exp"]);
+        let header_json =
+            serde_json::to_vec(&header).map_err(|e| TokenError::Sign(format!("header: {e}")))?;
+        let private: Zeroizing<[u8; 32]> = Zeroizing::new(secret.to_bytes().into());
+        let es256 = Es256Key::new(private.as_slice(), point.as_bytes(), &header_json)
+            .map_err(|e| TokenError::Sign(format!("signing key: {e}")))?;
 
         Ok(Self {
-            encoding,
-            decoding,
-            header,
-            validation,
+            es256,
+            cache: VerifiedCache::default(),
             public_jwk,
         })
     }
@@ -333,8 +350,11 @@ impl TokenSigner {
     }
 
     fn sign(&self, claims: Map<String, Value>) -> Result<(String, Map<String, Value>), TokenError> {
-        let token = jsonwebtoken::encode(&self.header, &claims, &self.encoding)
-            .map_err(|e| TokenError::Sign(e.to_string()))?;
+        let json = serde_json::to_vec(&claims).map_err(|e| TokenError::Sign(e.to_string()))?;
+        let token = self
+            .es256
+            .sign(&json)
+            .map_err(|_| TokenError::Sign("ES256 signature failed".into()))?;
         Ok((token, claims))
     }
 
@@ -343,28 +363,48 @@ impl TokenSigner {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(TokenError::Invalid("token too large"));
         }
-        let data = jsonwebtoken::decode::<Value>(token, &self.decoding, &self.validation).map_err(
-            |e| match e.kind() {
-                ErrorKind::ExpiredSignature => TokenError::Expired,
-                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-                    TokenError::Invalid("algorithm is not ES256")
-                }
-                ErrorKind::InvalidSignature | ErrorKind::InvalidEcdsaKey => {
+        let now = unix_now();
+        // A token verified before is recognised by its digest: same bytes, same verdict,
+        // only the expiry can have changed since.
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(known) = self.cache.get(&digest) {
+            if known.exp < now.saturating_sub(EXP_LEEWAY_SECS) {
+                return Err(TokenError::Expired);
+            }
+            return Ok(VerifiedToken::clone(&known));
+        }
+        let claims = self
+            .es256
+            .verify(token, now, EXP_LEEWAY_SECS)
+            .map_err(|e| match e {
+                VerifyFailure::Expired => TokenError::Expired,
+                VerifyFailure::Algorithm => TokenError::Invalid("algorithm is not ES256"),
+                VerifyFailure::Signature => {
                     TokenError::Invalid("signature does not verify under this KBS's key")
                 }
-                ErrorKind::MissingRequiredClaim(_) => TokenError::Invalid("missing exp claim"),
-                _ => TokenError::Invalid("malformed token"),
-            },
-        )?;
-        VerifiedToken::from_claims(data.claims)
+                VerifyFailure::MissingExp => TokenError::Invalid("missing exp claim"),
+                VerifyFailure::Malformed => TokenError::Invalid("malformed token"),
+            })?;
+        let verified = VerifiedToken::from_claims(claims)?;
+        self.cache.insert(
+            digest,
+            Arc::new(verified.clone()),
+            verified.exp.saturating_add(EXP_LEEWAY_SECS),
+            now,
+        );
+        Ok(verified)
     }
 }
 
-fn stamp(mut claims: Map<String, Value>, ttl: Duration) -> Map<String, Value> {
-    let now = SystemTime::now()
+fn unix_now() -> u64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+fn stamp(mut claims: Map<String, Value>, ttl: Duration) -> Map<String, Value> {
+    let now = unix_now();
     claims.insert("iat".into(), Value::from(now));
     claims.insert("exp".into(), Value::from(now.saturating_add(ttl.as_secs())));
     claims.insert(
@@ -393,6 +433,7 @@ mod tests {
         GuestIdentity {
             guest_id: "web-1".into(),
             labels: BTreeMap::from([("app".into(), "web".into())]),
+            ..Default::default()
         }
     }
 
@@ -532,9 +573,13 @@ mod tests {
         ));
 
         // A valid signature by another key whose JWK sits in the header.
+        let other_secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
+        let other = TokenSigner::from_secret(&other_secret).unwrap();
         let mut forged_header = Header::new(Algorithm::ES256);
-        forged_header.jwk = other.header.jwk.clone();
-        let forged = jsonwebtoken::encode(&forged_header, &claims, &other.encoding).unwrap();
+        forged_header.jwk = header_of(&other).jwk;
+        let forged =
+            jsonwebtoken::encode(&forged_header, &claims, &jwt_encoding_key(&other_secret))
+                .unwrap();
         assert!(matches!(
             signer.verify(&forged),
             Err(TokenError::Invalid(_))
@@ -563,6 +608,126 @@ mod tests {
         ] {
             assert!(matches!(signer.verify(junk), Err(TokenError::Invalid(_))));
         }
+    }
+
+    /// The header jsonwebtoken would put on this signer's tokens.
+    fn header_of(signer: &TokenSigner) -> Header {
+        let mut header = Header::new(Algorithm::ES256);
+        header.jwk = Some(serde_json::from_value(signer.public_jwk()).unwrap());
+        header
+    }
+
+    fn jwt_encoding_key(secret: &p256::SecretKey) -> EncodingKey {
+        use p256::pkcs8::EncodePrivateKey as _;
+        EncodingKey::from_ec_der(secret.to_pkcs8_der().unwrap().as_bytes())
+    }
+
+    fn jwt_decoding(signer: &TokenSigner) -> (jsonwebtoken::DecodingKey, jsonwebtoken::Validation) {
+        let jwk = signer.public_jwk();
+        let key = jsonwebtoken::DecodingKey::from_ec_components(
+            jwk["x"].as_str().unwrap(),
+            jwk["y"].as_str().unwrap(),
+        )
+        .unwrap();
+        let mut validation = jsonwebtoken::Validation::new(Algorithm::ES256);
+        validation.validate_aud = false;
+        validation.set_required_spec_claims(&["exp"]);
+        (key, validation)
+    }
+
+    #[test]
+    fn ring_tokens_verify_with_jsonwebtoken() {
+        let secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
+        let signer = TokenSigner::from_secret(&secret).unwrap();
+        let token = signer
+            .issue(sample_claims(), Duration::from_secs(60))
+            .unwrap();
+        let (key, validation) = jwt_decoding(&signer);
+        let decoded = jsonwebtoken::decode::<Value>(&token, &key, &validation).unwrap();
+        assert_eq!(decoded.header.alg, Algorithm::ES256);
+        assert_eq!(decoded.header.jwk, header_of(&signer).jwk);
+        assert_eq!(decoded.claims["tether"]["guest_id"], "web-1");
+
+        // The header segment is byte-identical to what jsonwebtoken itself emits.
+        let claims = stamp(sample_claims(), Duration::from_secs(60));
+        let theirs =
+            jsonwebtoken::encode(&header_of(&signer), &claims, &jwt_encoding_key(&secret)).unwrap();
+        assert_eq!(
+            token.split('.').next().unwrap(),
+            theirs.split('.').next().unwrap()
+        );
+        // A signature by another key does not pass jsonwebtoken either.
+        let other = TokenSigner::ephemeral().unwrap();
+        let forged = other
+            .issue(sample_claims(), Duration::from_secs(60))
+            .unwrap();
+        assert!(jsonwebtoken::decode::<Value>(&forged, &key, &validation).is_err());
+    }
+
+    #[test]
+    fn jsonwebtoken_tokens_verify_with_ring() {
+        let secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
+        let signer = TokenSigner::from_secret(&secret).unwrap();
+        let claims = stamp(sample_claims(), Duration::from_secs(60));
+        let token =
+            jsonwebtoken::encode(&header_of(&signer), &claims, &jwt_encoding_key(&secret)).unwrap();
+        let verified = signer.verify(&token).unwrap();
+        assert_eq!(*verified.claims, Value::Object(claims.clone()));
+
+        // Without exp: refused, as jsonwebtoken's Validation requiring exp does.
+        let mut no_exp = claims.clone();
+        no_exp.remove("exp");
+        let token =
+            jsonwebtoken::encode(&header_of(&signer), &no_exp, &jwt_encoding_key(&secret)).unwrap();
+        assert!(matches!(
+            signer.verify(&token),
+            Err(TokenError::Invalid("missing exp claim"))
+        ));
+        let (key, validation) = jwt_decoding(&signer);
+        assert!(jsonwebtoken::decode::<Value>(&token, &key, &validation).is_err());
+
+        // Extra parts and bad base64 are malformed, not panics.
+        let good = signer
+            .issue(sample_claims(), Duration::from_secs(60))
+            .unwrap();
+        for bad in [
+            format!("{good}.x"),
+            format!("x.{good}"),
+            good.replacen('.', "..", 1),
+            format!("{good}="),
+        ] {
+            assert!(
+                matches!(signer.verify(&bad), Err(TokenError::Invalid(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn verified_cache_hits_but_still_checks_expiry() {
+        let signer = TokenSigner::ephemeral().unwrap();
+        let token = signer
+            .issue(sample_claims(), Duration::from_secs(60))
+            .unwrap();
+        let first = signer.verify(&token).unwrap();
+        assert_eq!(signer.cache.len(), 1);
+        let second = signer.verify(&token).unwrap();
+        assert_eq!(first.claims, second.claims);
+        assert_eq!(signer.cache.len(), 1);
+
+        // A cached entry whose token has since expired is refused.
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let mut stale = first.clone();
+        stale.exp = 1000;
+        signer.cache.insert(digest, Arc::new(stale), 0, unix_now());
+        assert!(matches!(signer.verify(&token), Err(TokenError::Expired)));
+
+        // Failures are not cached; a tampered token never matches an entry.
+        let mut tampered = token.clone();
+        tampered.pop();
+        tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
+        assert!(signer.verify(&tampered).is_err());
+        assert_eq!(signer.cache.len(), 1);
     }
 
     #[test]
