@@ -1,12 +1,15 @@
 //! Tether guest daemon library: RCAR client, TEE key, evidence providers, the
 //! `GuestService` implementation and its state store, and the `run` supervisor loop.
 
+pub mod cdh;
 pub mod evidence;
 pub mod hook;
+pub mod pki;
 pub mod rcar;
 pub mod resource_path;
 pub mod run;
 pub mod service;
+pub mod splitapi;
 pub mod store;
 pub mod tee_key;
 pub mod tls;

@@ -2,7 +2,9 @@
 //! guest's daemon holding a tunnel to the KBS (`run`).
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -11,6 +13,9 @@ use guest_daemon::hook::PostApplyHook;
 use guest_daemon::rcar::{KbsClient, KbsClientBuilder};
 use guest_daemon::resource_path::ResourcePath;
 use guest_daemon::run::{DEFAULT_STATE_DIR, RunConfig};
+use guest_daemon::service::GuestDaemonService;
+use guest_daemon::splitapi::SplitApiConfig;
+use guest_daemon::store::StateStore;
 use guest_daemon::tee_key::{KeyAlgorithm, TeeKeyPair};
 use tokio_util::sync::CancellationToken;
 
@@ -33,6 +38,14 @@ enum Command {
     /// Run as the guest daemon: keep a tunnel to the KBS open and serve its calls
     /// (resource rotation, credentials, probes) until SIGINT or SIGTERM.
     Run(RunArgs),
+    /// For guests that cannot keep a tunnel: attest, fetch this sandbox's splitapi
+    /// credentials (GET /kbs/v0/splitapi/credentials) and install them into the state
+    /// directory like a pushed bundle.
+    SplitapiPull(SplitapiPullArgs),
+    /// Generate a key in the guest (Ed25519 or P-256), attest, and have the KBS's `pki`
+    /// plugin certify it (POST /kbs/v0/pki/sign) for this guest's attested identity; writes
+    /// key.pem (0600), cert.pem and ca.pem into --out.
+    PkiSign(PkiSignArgs),
 }
 
 /// How to reach and attest to the KBS.
@@ -99,6 +112,52 @@ struct RunArgs {
     /// TETHER_VERSION and TETHER_FILE in its environment (e.g. `systemctl reload app`).
     #[arg(long, value_name = "CMD")]
     hook: Option<String>,
+    /// Address of the splitapi endpoint (HTTPS, client certificate required), started once
+    /// the KBS has delivered this sandbox's splitapi credentials.
+    #[arg(long, value_name = "ADDR", default_value = guest_daemon::splitapi::DEFAULT_LISTEN)]
+    splitapi_listen: SocketAddr,
+    /// Turn the splitapi endpoint off (the KBS is then not told the guest offers it).
+    #[arg(long)]
+    no_splitapi: bool,
+    /// Address of the CDH-compatible resource endpoint
+    /// (GET /cdh/resource/<repo>/<type>/<tag>; loopback clients only).
+    #[arg(long, value_name = "ADDR", default_value = guest_daemon::cdh::DEFAULT_LISTEN)]
+    cdh_listen: SocketAddr,
+    /// Turn the CDH-compatible endpoint off.
+    #[arg(long)]
+    no_cdh: bool,
+}
+
+#[derive(Debug, Args)]
+struct SplitapiPullArgs {
+    #[command(flatten)]
+    kbs: KbsArgs,
+    /// State directory, as for `run` (its TEE key is the one attested and sealed to).
+    #[arg(long, env = "TETHER_STATE_DIR", value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct PkiSignArgs {
+    #[command(flatten)]
+    kbs: KbsArgs,
+    /// State directory, as for `run` (its TEE key is the one attested with).
+    #[arg(long, env = "TETHER_STATE_DIR", value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Key type of the certified key, generated here.
+    #[arg(long, value_enum, default_value_t = PkiKeyArg::Ed25519)]
+    key_type: PkiKeyArg,
+    /// Output directory (created 0700); default `<state-dir>/pki`.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum PkiKeyArg {
+    /// Ed25519.
+    Ed25519,
+    /// ECDSA P-256.
+    P256,
 }
 
 fn read_init_data(path: &Path) -> anyhow::Result<String> {
@@ -158,12 +217,94 @@ async fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
     config.key_alg = args.kbs.key_alg.into();
     config.ca_file = args.kbs.ca_file;
     config.hook = args.hook.map(PostApplyHook::new);
+    config.splitapi = (!args.no_splitapi).then(|| SplitApiConfig::new(args.splitapi_listen));
+    config.cdh_listen = (!args.no_cdh).then_some(args.cdh_listen);
     if let Some(path) = &args.kbs.init_data {
         config.init_data = Some(read_init_data(path)?);
     }
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone())?;
     guest_daemon::run::run(config, shutdown).await?;
+    Ok(())
+}
+
+async fn splitapi_pull(args: SplitapiPullArgs) -> anyhow::Result<()> {
+    let kbs = args.kbs;
+    let key_alg: KeyAlgorithm = kbs.key_alg.into();
+    let state_dir = args.state_dir;
+    let (store, key) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let store = StateStore::open(state_dir)?;
+        let key = store.try_load_or_create_tee_key(|| TeeKeyPair::generate(key_alg))?;
+        Ok((store, key))
+    })
+    .await
+    .context("open the state directory")??;
+    let mut builder =
+        KbsClientBuilder::new(&kbs.kbs_url, Box::new(SampleAttester)).key(key.clone());
+    if let Some(path) = &kbs.init_data {
+        builder = builder.init_data(read_init_data(path)?);
+    }
+    if let Some(path) = &kbs.ca_file {
+        builder = builder.ca_file(path);
+    }
+    let mut client = builder.build()?;
+    let service = GuestDaemonService::new(Arc::new(store), key, None);
+    let installed = guest_daemon::splitapi::pull::pull(&mut client, &service).await?;
+    let dir = service.store().bundle_dir(&installed.id);
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{} version {} {} in {}",
+        installed.id,
+        installed.version,
+        if installed.already_held {
+            "already held"
+        } else {
+            "installed"
+        },
+        dir.display()
+    )?;
+    out.flush()?;
+    Ok(())
+}
+
+async fn pki_sign(args: PkiSignArgs) -> anyhow::Result<()> {
+    let kbs = args.kbs;
+    let key_alg: KeyAlgorithm = kbs.key_alg.into();
+    let state_dir = args.state_dir;
+    let out = args.out.unwrap_or_else(|| state_dir.join("pki"));
+    let key = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let store = StateStore::open(state_dir)?;
+        Ok(store.try_load_or_create_tee_key(|| TeeKeyPair::generate(key_alg))?)
+    })
+    .await
+    .context("open the state directory")??;
+    let mut builder = KbsClientBuilder::new(&kbs.kbs_url, Box::new(SampleAttester)).key(key);
+    if let Some(path) = &kbs.init_data {
+        builder = builder.init_data(read_init_data(path)?);
+    }
+    if let Some(path) = &kbs.ca_file {
+        builder = builder.ca_file(path);
+    }
+    let mut client = builder.build()?;
+    let key_type = match args.key_type {
+        PkiKeyArg::Ed25519 => guest_daemon::pki::PkiKeyType::Ed25519,
+        PkiKeyArg::P256 => guest_daemon::pki::PkiKeyType::P256,
+    };
+    let signed = guest_daemon::pki::sign(&mut client, key_type).await?;
+    let dir = out.clone();
+    let not_after = signed.not_after;
+    let guest_id = signed.identity.guest_id.clone();
+    tokio::task::spawn_blocking(move || guest_daemon::pki::write_out(&dir, &signed))
+        .await
+        .context("write the certificate")??;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(
+        stdout,
+        "certificate for {guest_id} (not after {not_after}) in {}",
+        out.display()
+    )?;
+    stdout.flush()?;
     Ok(())
 }
 
@@ -188,6 +329,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Attest(args) => attest(args).await,
         Command::GetResource(args) => get_resource(args).await,
         Command::Run(args) => run_daemon(args).await,
+        Command::SplitapiPull(args) => splitapi_pull(args).await,
+        Command::PkiSign(args) => pki_sign(args).await,
     }
 }
 

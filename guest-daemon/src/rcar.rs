@@ -641,6 +641,73 @@ impl KbsClient {
         }
     }
 
+    /// GET `/kbs/v0/<path>` (a client-request plugin such as `splitapi/credentials`) with
+    /// the session cookie and return the 200 body (at most 32 MiB). Attests first when
+    /// there is no live token, and once more when the KBS answers 401; any other status is
+    /// [`RcarError::Status`] with the KBS's error body.
+    pub async fn get_attested(&mut self, path: &str) -> Result<Vec<u8>, RcarError> {
+        self.call_attested(reqwest::Method::GET, path, None).await
+    }
+
+    /// `POST /kbs/v0/<path>` with `body` (`content_type`) in this client's attested session
+    /// (attesting first when there is no live token, and once more after a 401); the
+    /// reply's body on 200. The POST twin of [`get_attested`](Self::get_attested).
+    pub async fn post_attested(
+        &mut self,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, RcarError> {
+        self.call_attested(reqwest::Method::POST, path, Some((content_type, body)))
+            .await
+    }
+
+    async fn call_attested(
+        &mut self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<Vec<u8>, RcarError> {
+        let live = self
+            .token
+            .as_ref()
+            .is_some_and(|t| t.exp.is_none_or(|exp| exp > now_secs()));
+        if !live {
+            self.attest().await?;
+        }
+        let path = path.trim_start_matches('/');
+        let url = self.endpoint(path);
+        let step = format!("{method} /{KBS_PREFIX}/{path}");
+        let mut attempt = 1;
+        loop {
+            let mut request = self.http.request(method.clone(), &url);
+            if let Some((content_type, body)) = &body {
+                request = request
+                    .header(reqwest::header::CONTENT_TYPE, *content_type)
+                    .body(body.clone());
+            }
+            let mut resp = request.send().await.map_err(|e| transport(&step, &e))?;
+            let status = resp.status();
+            if status == StatusCode::OK {
+                return read_body(&mut resp, MAX_RESOURCE_BODY)
+                    .await
+                    .map_err(|reason| bad_response(&step, reason));
+            }
+            let error = read_error_body(&mut resp).await;
+            if status == StatusCode::UNAUTHORIZED && attempt < 2 {
+                tracing::warn!(%step, %error, "KBS answered 401: attesting again");
+                self.attest().await?;
+                attempt += 1;
+                continue;
+            }
+            return Err(RcarError::Status {
+                step,
+                status,
+                error,
+            });
+        }
+    }
+
     /// Fetch and open a resource in passport mode: `Authorization: Bearer
     /// <token>`, no cookie, no retry. The token must bind this client's TEE key.
     pub async fn get_resource_with_token(

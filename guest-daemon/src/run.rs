@@ -14,6 +14,7 @@
 //! Every state change is logged and published as a [`DaemonState`] on a watch channel
 //! ([`RunConfig::subscribe`]).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -38,6 +39,7 @@ use crate::evidence::{EvidenceProvider, SampleAttester};
 use crate::hook::PostApplyHook;
 use crate::rcar::{KbsClient, KbsClientBuilder, RcarError};
 use crate::service::GuestDaemonService;
+use crate::splitapi::{GuestIdentity, SplitApiConfig, SplitApiStatus};
 use crate::store::{StateStore, StoreError};
 use crate::tee_key::{KeyAlgorithm, TeeKeyPair};
 use crate::tls::{CaBundle, TlsError};
@@ -49,7 +51,8 @@ use crate::tls::{CaBundle, TlsError};
 pub const DEFAULT_STATE_DIR: &str = "/run/tether";
 /// Path of the tunnel endpoint under the KBS base URL.
 pub const TUNNEL_PATH: &str = "/kbs/v0/tunnel";
-/// Services announced in the tunnel handshake (informational).
+/// Services announced in the tunnel handshake (informational); `splitapi` is added when
+/// the splitapi endpoint is on ([`RunConfig::splitapi`]).
 pub const SERVICES: &[&str] = &["resources", "credentials"];
 /// A token is refreshed at least this long before it expires (when its lifetime allows).
 const REFRESH_MARGIN: Duration = Duration::from_secs(60);
@@ -81,7 +84,14 @@ pub struct RunConfig {
     pub evidence: Box<dyn EvidenceProvider>,
     /// Reconnect backoff (0.5 s doubling to 30 s, reset after 30 s up).
     pub reconnect: ReconnectPolicy,
+    /// The splitapi endpoint, started when a `splitapi` bundle is held; `None` turns it off
+    /// and `splitapi` is then not announced to the KBS (which then pushes no bundle).
+    pub splitapi: Option<SplitApiConfig>,
+    /// Listen address of the CDH-compatible resource endpoint; `None` turns it off.
+    pub cdh_listen: Option<SocketAddr>,
     state: watch::Sender<DaemonState>,
+    splitapi_status: watch::Sender<SplitApiStatus>,
+    cdh_addr: watch::Sender<Option<SocketAddr>>,
 }
 
 impl std::fmt::Debug for RunConfig {
@@ -95,13 +105,16 @@ impl std::fmt::Debug for RunConfig {
             .field("hook", &self.hook.as_ref().map(PostApplyHook::command))
             .field("tee", &self.evidence.tee())
             .field("reconnect", &self.reconnect)
+            .field("splitapi", &self.splitapi)
+            .field("cdh_listen", &self.cdh_listen)
             .finish_non_exhaustive()
     }
 }
 
 impl RunConfig {
     /// Defaults: no init-data, no CA file, an EC key, no hook, the sample attester,
-    /// [`default_reconnect_policy`].
+    /// [`default_reconnect_policy`], no splitapi and no CDH endpoint (the command line turns
+    /// both on by default).
     pub fn new(kbs_url: impl Into<String>, state_dir: impl Into<PathBuf>) -> Self {
         let (state, _) = watch::channel(DaemonState::Starting);
         Self {
@@ -113,8 +126,22 @@ impl RunConfig {
             hook: None,
             evidence: Box::new(SampleAttester),
             reconnect: default_reconnect_policy(),
+            splitapi: None,
+            cdh_listen: None,
             state,
+            splitapi_status: watch::channel(SplitApiStatus::default()).0,
+            cdh_addr: watch::channel(None).0,
         }
+    }
+
+    /// Follow the splitapi endpoint (bound address, credentials in use, last error).
+    pub fn subscribe_splitapi(&self) -> watch::Receiver<SplitApiStatus> {
+        self.splitapi_status.subscribe()
+    }
+
+    /// The CDH endpoint's bound address, once it listens.
+    pub fn subscribe_cdh(&self) -> watch::Receiver<Option<SocketAddr>> {
+        self.cdh_addr.subscribe()
     }
 
     /// Follow the daemon's state (starts at [`DaemonState::Starting`]).
@@ -384,6 +411,8 @@ struct Supervisor {
     state: watch::Sender<DaemonState>,
     shutdown: CancellationToken,
     token: Option<Token>,
+    identity: watch::Sender<GuestIdentity>,
+    endpoints: Vec<AbortOnDropHandle<()>>,
 }
 
 impl Supervisor {
@@ -398,7 +427,11 @@ impl Supervisor {
             hook,
             evidence,
             reconnect,
+            splitapi,
+            cdh_listen,
             state,
+            splitapi_status,
+            cdh_addr,
         } = config;
         set_state(&state, DaemonState::Starting);
         let (store, key, ca) = {
@@ -440,10 +473,14 @@ impl Supervisor {
             tunnel = tunnel.with_tls(tls_config(ca.as_ref())?);
         }
         let store = Arc::new(store);
+        let mut services: Vec<String> = SERVICES.iter().map(|s| (*s).to_owned()).collect();
+        if splitapi.is_some() {
+            services.push(crate::splitapi::SERVICE.to_owned());
+        }
         let info = GuestInfo {
             instance_id: instance_id(),
             daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
-            services: SERVICES.iter().map(|s| (*s).to_owned()).collect(),
+            services,
         };
         tracing::info!(
             kbs_url = client.kbs_url(),
@@ -455,6 +492,30 @@ impl Supervisor {
             "guest daemon starting"
         );
         let service = GuestDaemonService::new(store, key.clone(), hook);
+        let (identity, identity_rx) = watch::channel(GuestIdentity {
+            guest_id: None,
+            instance_id: info.instance_id.clone(),
+            daemon_version: info.daemon_version.clone(),
+            tee: tee.to_string(),
+        });
+        let mut endpoints = Vec::new();
+        if let Some(listen) = cdh_listen {
+            endpoints.push(AbortOnDropHandle::new(tokio::spawn(crate::cdh::run(
+                listen,
+                Arc::clone(service.store()),
+                cdh_addr,
+                shutdown.clone(),
+            ))));
+        }
+        if let Some(config) = splitapi {
+            endpoints.push(AbortOnDropHandle::new(tokio::spawn(crate::splitapi::run(
+                config,
+                service.clone(),
+                identity_rx,
+                splitapi_status,
+                shutdown.clone(),
+            ))));
+        }
         Ok(Self {
             client,
             tunnel,
@@ -465,6 +526,8 @@ impl Supervisor {
             state,
             shutdown,
             token: None,
+            identity,
+            endpoints,
         })
     }
 
@@ -537,12 +600,24 @@ impl Supervisor {
                 break;
             }
         }
+        // The endpoints follow the same shutdown token; let them drain.
+        for task in self.endpoints.drain(..) {
+            if timeout(CLOSE_WAIT * 2, task).await.is_err() {
+                tracing::warn!("a local endpoint did not stop in time");
+            }
+        }
     }
 
-    /// One RCAR handshake.
+    /// One RCAR handshake; the token's guest_id becomes the identity splitapi reports.
     async fn attest(&mut self) -> Result<Token, RcarError> {
         let jwt = self.client.attest().await?;
-        Ok(Token::new(jwt, Instant::now(), unix_now()))
+        let token = Token::new(jwt, Instant::now(), unix_now());
+        self.identity.send_if_modified(|identity| {
+            let changed = identity.guest_id != token.guest_id;
+            identity.guest_id.clone_from(&token.guest_id);
+            changed
+        });
+        Ok(token)
     }
 
     /// Waits `delay`; false when shutdown came first.

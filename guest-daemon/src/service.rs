@@ -242,6 +242,11 @@ impl GuestDaemonService {
                 contents: Zeroizing::new(contents.into_vec()),
             });
         }
+        if id == crate::splitapi::BUNDLE_ID {
+            // Refuse (and tell the KBS) rather than store credentials the endpoint cannot use.
+            crate::splitapi::tls::server_config(&files)
+                .map_err(|e| GuestError::Invalid(format!("splitapi bundle: {e}")))?;
+        }
 
         let inner = Arc::clone(&self.inner);
         let task = tokio::spawn(async move {

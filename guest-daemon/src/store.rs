@@ -12,7 +12,9 @@
 //! <state>/credentials/<id>                         symlink -> <id>@v<N>
 //! <state>/credentials/<id>@v<N>/<file>             the bundle's files, with their modes
 //! <state>/credentials/<id>@v<N>.json               {id, version, sha256, applied_at, not_after, files}
-//! <state>/secrets/<name>                           local secrets (not versioned)
+//! <state>/secrets/<name>                           symlink -> <name>@v<N>: a secret the
+//!                                                  workload owner put over splitapi
+//! <state>/secrets/<name>@v<N>                      its bytes; <name>@v<N>.json as for resources
 //! ```
 //!
 //! Names (tags, bundle ids, file names) are `[A-Za-z0-9._-]+`, so the `@` of a
@@ -201,6 +203,19 @@ impl fmt::Debug for HeldPlaintext {
     }
 }
 
+/// What is known of a held bundle without reading its files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BundleInfo {
+    /// Bundle id.
+    pub id: String,
+    /// Held version.
+    pub version: u64,
+    /// Unix time after which the credentials expire.
+    pub not_after: u64,
+    /// Unix time when this version was installed.
+    pub applied_at: u64,
+}
+
 /// A held credential bundle, as [`StateStore::read_bundle`] returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldBundle {
@@ -244,6 +259,30 @@ struct BundleMeta {
 struct Index {
     resources: BTreeMap<ResourcePath, ResourceMeta>,
     bundles: BTreeMap<String, BundleMeta>,
+    /// Secret name -> metadata (`uri` holds the name).
+    secrets: BTreeMap<String, ResourceMeta>,
+}
+
+/// A secret stored with [`StateStore::store_secret`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSecret {
+    /// The new version (1 for the first put, then one more than the held one).
+    pub version: u64,
+    /// Hex SHA-256 of the bytes.
+    pub sha256: String,
+    /// The stable path a workload reads (a symlink to this version).
+    pub path: PathBuf,
+}
+
+/// One held secret, as [`StateStore::held_secrets`] lists it (no contents, no digest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HeldSecret {
+    /// Secret name.
+    pub name: String,
+    /// Held version.
+    pub version: u64,
+    /// Unix time (seconds) when it was written.
+    pub applied_at: u64,
 }
 
 /// The daemon's state directory (see the module docs). Blocking I/O throughout.
@@ -278,11 +317,13 @@ impl StateStore {
         let index = Index {
             resources: load::resources(&root)?,
             bundles: load::bundles(&root)?,
+            secrets: load::secrets(&root)?,
         };
         tracing::info!(
             path = %root.display(),
             resources = index.resources.len(),
             bundles = index.bundles.len(),
+            secrets = index.secrets.len(),
             "state loaded"
         );
         Ok(Self {
@@ -475,6 +516,16 @@ impl StateStore {
         }))
     }
 
+    /// Version, expiry and install time of bundle `id`, if held (no file is read).
+    pub fn bundle_info(&self, id: &str) -> Option<BundleInfo> {
+        self.lock().bundles.get(id).map(|b| BundleInfo {
+            id: b.id.clone(),
+            version: b.version,
+            not_after: b.not_after,
+            applied_at: b.applied_at,
+        })
+    }
+
     /// Held bundle ids and their versions.
     pub fn bundle_versions(&self) -> BTreeMap<String, u64> {
         self.lock()
@@ -503,21 +554,90 @@ impl StateStore {
         resources.chain(bundles).collect()
     }
 
-    /// Atomically write `secrets/<name>` (0600); returns its path.
-    pub fn store_secret(&self, name: &str, bytes: &[u8]) -> Result<PathBuf, StoreError> {
-        check_name("secret name", name)?;
-        let _index = self.lock();
-        let dir = fsio::ensure_dir(&self.root, &[SECRETS_DIR])?;
-        let path = fsio::write_replace(&dir, name, bytes, FILE_MODE)?;
-        fsio::sync_dir(&dir)?;
-        Ok(path)
+    /// The directory of the owner's secrets: `<state>/secrets`.
+    pub fn secrets_dir(&self) -> PathBuf {
+        self.root.join(SECRETS_DIR)
     }
 
-    /// The contents of `secrets/<name>`, if present.
-    pub fn get_secret(&self, name: &str) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+    /// The stable path a workload reads for secret `name` (a symlink to the held version).
+    pub fn secret_file(&self, name: &str) -> PathBuf {
+        self.root.join(SECRETS_DIR).join(name)
+    }
+
+    /// Store `bytes` as a new version of secret `name` (version 1, or one more than the
+    /// held one), written like a resource version: data and metadata to temp names, fsync,
+    /// rename, then the `secrets/<name>` symlink switched atomically; 0600 throughout. The
+    /// previous version stays readable until the switch and is removed after it.
+    pub fn store_secret(&self, name: &str, bytes: &[u8]) -> Result<StoredSecret, StoreError> {
         check_name("secret name", name)?;
-        let _index = self.lock();
-        fsio::read_if_exists(&self.root.join(SECRETS_DIR).join(name))
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        let mut index = self.lock();
+        let previous = index.secrets.get(name).map(|m| m.version);
+        let version = previous.unwrap_or(0).checked_add(1).ok_or_else(|| {
+            StoreError::InvalidBundle(format!("secret {name:?} has run out of versions"))
+        })?;
+        let dir = fsio::ensure_dir(&self.root, &[SECRETS_DIR])?;
+        let vname = versioned_name(name, version);
+        let meta = ResourceMeta {
+            uri: name.to_owned(),
+            version,
+            sha256: sha256.clone(),
+            applied_at: unix_now(),
+        };
+        let written = write_version_files(&dir, &vname, bytes, &meta)
+            .and_then(|()| fsio::swap_symlink(&dir, name, &vname));
+        if let Err(e) = written {
+            remove_version(&dir, &vname);
+            return Err(e);
+        }
+        index.secrets.insert(name.to_owned(), meta);
+        drop(index);
+        if let Some(old) = previous {
+            remove_version(&dir, &versioned_name(name, old));
+        }
+        Ok(StoredSecret {
+            version,
+            sha256,
+            path: dir.join(name),
+        })
+    }
+
+    /// The held version of secret `name` and its bytes (digest re-checked), if any.
+    pub fn get_secret(&self, name: &str) -> Result<Option<HeldPlaintext>, StoreError> {
+        check_name("secret name", name)?;
+        let index = self.lock();
+        let Some(meta) = index.secrets.get(name) else {
+            return Ok(None);
+        };
+        let file = self
+            .root
+            .join(SECRETS_DIR)
+            .join(versioned_name(name, meta.version));
+        let data = fsio::read_secret_file(&file)?;
+        let actual = hex::encode(Sha256::digest(&data));
+        if actual != meta.sha256 {
+            return Err(StoreError::Corrupt {
+                path: file,
+                reason: format!("sha256 is {actual}, metadata says {}", meta.sha256),
+            });
+        }
+        Ok(Some(HeldPlaintext {
+            version: meta.version,
+            plaintext: data,
+        }))
+    }
+
+    /// The held secrets (names and versions only), sorted by name.
+    pub fn held_secrets(&self) -> Vec<HeldSecret> {
+        self.lock()
+            .secrets
+            .values()
+            .map(|m| HeldSecret {
+                name: m.uri.clone(),
+                version: m.version,
+                applied_at: m.applied_at,
+            })
+            .collect()
     }
 
     /// Load the TEE key from `tee_key.pem`, or make one with `generate` and

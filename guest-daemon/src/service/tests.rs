@@ -46,7 +46,7 @@ fn bundle(key: &TeeKeyPair, version: u64, files: &[(&str, u32, &[u8])]) -> Crede
     let mut cbor = Vec::new();
     ciborium::into_writer(&map, &mut cbor).unwrap();
     CredentialBundle {
-        id: "splitapi".into(),
+        id: "demo".into(),
         version,
         files: files
             .iter()
@@ -296,7 +296,7 @@ async fn restart_reports_the_same_held_versions() {
     assert!(again.already_held);
     assert_eq!(
         *svc.subscribe_credentials().borrow(),
-        BTreeMap::from([("splitapi".into(), 4)])
+        BTreeMap::from([("demo".into(), 4)])
     );
 }
 
@@ -314,14 +314,14 @@ async fn credentials_install_replay_downgrade_and_notify() {
     assert_eq!(
         installed,
         Installed {
-            id: "splitapi".into(),
+            id: "demo".into(),
             version: 1,
             already_held: false
         }
     );
     assert!(changes.has_changed().unwrap());
-    assert_eq!(changes.borrow_and_update().get("splitapi"), Some(&1));
-    let dir = g.svc.store().bundle_dir("splitapi");
+    assert_eq!(changes.borrow_and_update().get("demo"), Some(&1));
+    let dir = g.svc.store().bundle_dir("demo");
     assert_eq!(std::fs::read(dir.join("server.key")).unwrap(), b"k1");
     let mode = |n: &str| std::fs::metadata(dir.join(n)).unwrap().permissions().mode() & 0o777;
     assert_eq!((mode("server.key"), mode("server.crt")), (0o600, 0o644));
@@ -338,7 +338,7 @@ async fn credentials_install_replay_downgrade_and_notify() {
         .install(bundle(&g.key, 2, &tls_files(b"k2")))
         .await
         .unwrap();
-    assert_eq!(changes.borrow_and_update().get("splitapi"), Some(&2));
+    assert_eq!(changes.borrow_and_update().get("demo"), Some(&2));
     assert_eq!(std::fs::read(dir.join("server.key")).unwrap(), b"k2");
 
     let err = g
@@ -356,7 +356,7 @@ async fn credentials_install_replay_downgrade_and_notify() {
     let held = g.svc.store().held();
     assert!(
         held.iter()
-            .any(|h| h.uri == "credentials/splitapi" && h.version == 2)
+            .any(|h| h.uri == "credentials/demo" && h.version == 2)
     );
 }
 
@@ -589,4 +589,178 @@ async fn serves_over_a_tarpc_channel() {
     assert!(!installed.already_held);
     let report = client.probe(ctx(), ProbeKind::All).await.unwrap().unwrap();
     assert_eq!(report.resources.unwrap().len(), 2);
+}
+
+/// `dir` made read-only for this process until dropped: mode 0500 when not root; as root
+/// (which ignores modes) a read-only bind mount of `dir` onto itself. `None` when neither
+/// is possible here.
+struct ReadOnly {
+    dir: std::path::PathBuf,
+    mounted: bool,
+}
+
+impl ReadOnly {
+    fn new(dir: &std::path::Path) -> Option<Self> {
+        if crate::store::tests::make_read_only(dir) {
+            return Some(Self {
+                dir: dir.to_owned(),
+                mounted: false,
+            });
+        }
+        crate::store::tests::make_writable(dir);
+        let mount = |args: &[&str]| {
+            std::process::Command::new("mount")
+                .args(args)
+                .arg(dir)
+                .arg(dir)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !mount(&["--bind"]) {
+            return None;
+        }
+        let guard = Self {
+            dir: dir.to_owned(),
+            mounted: true,
+        };
+        if !mount(&["-o", "remount,bind,ro"]) {
+            return None;
+        }
+        Some(guard)
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = std::process::Command::new("umount").arg(&self.dir).status();
+        } else {
+            crate::store::tests::make_writable(&self.dir);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_new_version_into_a_read_only_state_dir_fails_naming_why_and_keeps_the_old_one() {
+    let g = guest(None);
+    let root = g.dir.path().join("state");
+    g.svc
+        .apply(resource(&g.key, "r/t/x", 1, b"one"))
+        .await
+        .unwrap();
+    let Some(read_only) = ReadOnly::new(&root) else {
+        eprintln!("cannot make a read-only directory here; skipping");
+        return;
+    };
+    let err = g
+        .svc
+        .apply(resource(&g.key, "r/t/x", 2, b"two"))
+        .await
+        .unwrap_err();
+    let GuestError::Storage(message) = &err else {
+        panic!("expected a storage error, got {err:?}");
+    };
+    assert!(
+        message.contains(&root.display().to_string())
+            && (message.contains("Read-only file system") || message.contains("ermission denied")),
+        "the error names the path and the reason: {message}"
+    );
+    // The previous version is still the held and readable one.
+    let file = root.join("resources/r/t/x");
+    assert_eq!(std::fs::read(&file).unwrap(), b"one");
+    let held = g
+        .svc
+        .store()
+        .get_resource(&"r/t/x".parse().unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!((held.version, &held.plaintext[..]), (1, &b"one"[..]));
+    let health = g
+        .svc
+        .report(ProbeKind::Health)
+        .await
+        .unwrap()
+        .health
+        .unwrap();
+    assert!(!health.healthy);
+    drop(read_only);
+    // Writable again: the same push now applies.
+    let applied = g
+        .svc
+        .apply(resource(&g.key, "r/t/x", 2, b"two"))
+        .await
+        .unwrap();
+    assert_eq!((applied.version, applied.already_held), (2, false));
+    assert_eq!(std::fs::read(&file).unwrap(), b"two");
+}
+
+#[tokio::test]
+async fn a_write_that_fails_before_the_commit_leaves_the_previous_version_in_place() {
+    let hook_log = tempfile::NamedTempFile::new().unwrap();
+    let g = guest(Some(PostApplyHook::new(format!(
+        "echo \"$TETHER_VERSION\" >> '{}'",
+        hook_log.path().display()
+    ))));
+    let root = g.dir.path().join("state");
+    g.svc
+        .apply(resource(&g.key, "r/t/x", 1, b"one"))
+        .await
+        .unwrap();
+    // Something in the way of version 2's metadata: its data is written, the metadata's
+    // rename fails, so the stable name must never switch.
+    let blocker = root.join("resources/r/t/x@v2.json");
+    std::fs::create_dir(&blocker).unwrap();
+    std::fs::write(blocker.join("keep"), b"").unwrap();
+    let err = g
+        .svc
+        .apply(resource(&g.key, "r/t/x", 2, b"two"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, GuestError::Storage(m) if m.contains("x@v2.json")),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(root.join("resources/r/t/x")).unwrap(), b"one");
+    assert!(
+        !root.join("resources/r/t/x@v2").exists(),
+        "the new data is cleaned up"
+    );
+    let held = g.svc.store().held();
+    assert_eq!((held.len(), held[0].version), (1, 1));
+    // No hook ran for the failed version.
+    assert_eq!(std::fs::read_to_string(hook_log.path()).unwrap(), "1\n");
+}
+
+#[tokio::test]
+async fn the_hook_sees_the_committed_version_and_its_status_is_reported() {
+    let g = guest(Some(PostApplyHook::new(
+        "test \"$(cat \"$TETHER_FILE\")\" = \"v$TETHER_VERSION\" && exit 42; exit 1",
+    )));
+    for version in 1..=2u64 {
+        let plain = format!("v{version}");
+        let applied = g
+            .svc
+            .apply(resource(&g.key, "r/t/x", version, plain.as_bytes()))
+            .await
+            .unwrap();
+        assert_eq!(applied.hook_status, Some(42), "version {version}");
+    }
+    // A downgrade is refused before anything is written, and runs no hook.
+    let err = g
+        .svc
+        .apply(resource(&g.key, "r/t/x", 1, b"v1"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        GuestError::Downgrade {
+            held: 2,
+            offered: 1
+        }
+    );
+    assert_eq!(
+        std::fs::read(g.dir.path().join("state/resources/r/t/x")).unwrap(),
+        b"v2"
+    );
 }

@@ -10,8 +10,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::{
-    BundleMeta, CREDENTIALS_DIR, RESOURCES_DIR, ResourceMeta, StoreError, TEMP_MARK, VERSION_MARK,
-    bundle_digest, check_name, fsio, meta_name, parse_target,
+    BundleMeta, CREDENTIALS_DIR, RESOURCES_DIR, ResourceMeta, SECRETS_DIR, StoreError, TEMP_MARK,
+    VERSION_MARK, bundle_digest, check_name, fsio, meta_name, parse_target,
 };
 use crate::resource_path::ResourcePath;
 
@@ -108,7 +108,7 @@ pub(super) fn resources(root: &Path) -> Result<BTreeMap<ResourcePath, ResourceMe
                     tracing::warn!(dir = %dir.display(), "skipping entry that is no resource path");
                     continue;
                 };
-                match verify_resource(&dir, &path, &target, version) {
+                match verify_version(&dir, &path.to_string(), &target, version) {
                     Ok(meta) => {
                         held.insert(path, meta);
                     }
@@ -122,15 +122,37 @@ pub(super) fn resources(root: &Path) -> Result<BTreeMap<ResourcePath, ResourceMe
     Ok(held)
 }
 
-fn verify_resource(
+/// Local secrets (`secrets/<name>` symlinks), checked like resources.
+pub(super) fn secrets(root: &Path) -> Result<BTreeMap<String, ResourceMeta>, StoreError> {
+    let dir = root.join(SECRETS_DIR);
+    let mut held = BTreeMap::new();
+    for (name, target, version) in scan_versions(&dir)? {
+        if check_name("secret name", &name).is_err() {
+            continue;
+        }
+        match verify_version(&dir, &name, &target, version) {
+            Ok(meta) => {
+                held.insert(name, meta);
+            }
+            Err(e) => {
+                tracing::warn!(name, version, error = %e, "held secret failed its check; forgetting it");
+            }
+        }
+    }
+    Ok(held)
+}
+
+/// Check one held version of a single-file entry: its metadata names `uri` and
+/// `version`, and its data matches the recorded digest.
+fn verify_version(
     dir: &Path,
-    path: &ResourcePath,
+    uri: &str,
     target: &str,
     version: u64,
 ) -> Result<ResourceMeta, StoreError> {
     let meta_path = dir.join(meta_name(target));
     let meta: ResourceMeta = read_meta(&meta_path)?;
-    if meta.version != version || meta.uri != path.to_string() {
+    if meta.version != version || meta.uri != uri {
         return Err(StoreError::Corrupt {
             path: meta_path,
             reason: format!("metadata names {} v{}", meta.uri, meta.version),

@@ -350,11 +350,55 @@ fn secrets_round_trip_with_private_mode() {
     let tmp = tempfile::tempdir().unwrap();
     let store = StateStore::open(tmp.path()).unwrap();
     assert!(store.get_secret("api-token").unwrap().is_none());
-    let path = store.store_secret("api-token", b"t1").unwrap();
-    assert_eq!(path, tmp.path().join("secrets/api-token"));
-    assert_eq!(mode(&path), 0o600);
-    store.store_secret("api-token", b"t2").unwrap();
-    assert_eq!(&store.get_secret("api-token").unwrap().unwrap()[..], b"t2");
+    let first = store.store_secret("api-token", b"t1").unwrap();
+    assert_eq!(first.version, 1);
+    assert_eq!(first.path, tmp.path().join("secrets/api-token"));
+    assert_eq!(first.path, store.secret_file("api-token"));
+    assert_eq!(mode(&first.path), 0o600);
+    assert_eq!(mode(&tmp.path().join("secrets")), 0o700);
+    assert_eq!(fs::read(&first.path).unwrap(), b"t1");
+    // A re-put is a new version; the old one is gone once the new one is committed.
+    let second = store.store_secret("api-token", b"t2").unwrap();
+    assert_eq!(second.version, 2);
+    assert_eq!(second.sha256, hex::encode(Sha256::digest(b"t2")));
+    let held = store.get_secret("api-token").unwrap().unwrap();
+    assert_eq!((held.version, &held.plaintext[..]), (2, &b"t2"[..]));
+    assert_eq!(fs::read(&second.path).unwrap(), b"t2");
+    assert_eq!(
+        fs::read_link(&second.path).unwrap(),
+        Path::new("api-token@v2")
+    );
+    assert!(!tmp.path().join("secrets/api-token@v1").exists());
+    assert!(!tmp.path().join("secrets/api-token@v1.json").exists());
+    // Secrets are the owner's: never reported to the KBS with the held resources.
+    assert!(store.held().is_empty());
+    // A restart keeps the version, so the next put goes on counting.
+    drop(store);
+    let store = StateStore::open(tmp.path()).unwrap();
+    assert_eq!(
+        store.held_secrets(),
+        vec![HeldSecret {
+            name: "api-token".into(),
+            version: 2,
+            applied_at: held_at(&store, "api-token"),
+        }]
+    );
+    assert_eq!(store.store_secret("api-token", b"t3").unwrap().version, 3);
+    // No temp files are left behind.
+    let names: Vec<String> = fs::read_dir(tmp.path().join("secrets"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(names.iter().all(|n| !n.starts_with('~')), "{names:?}");
+}
+
+fn held_at(store: &StateStore, name: &str) -> u64 {
+    store
+        .held_secrets()
+        .into_iter()
+        .find(|s| s.name == name)
+        .unwrap()
+        .applied_at
 }
 
 #[test]

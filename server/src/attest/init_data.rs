@@ -114,8 +114,34 @@ pub fn parse(init: &InitData, max_bytes: usize) -> Result<InitDataClaims, InitDa
 fn parse_tether(tether: &toml::Table) -> Result<GuestIdentity, InitDataError> {
     let mut guest_id = String::new();
     let mut labels = BTreeMap::new();
+    let mut name = None;
+    let mut ip = None;
     for (key, value) in tether {
         match key.as_str() {
+            "name" => {
+                let text = value
+                    .as_str()
+                    .ok_or_else(|| InitDataError::Invalid("tether.name must be a string".into()))?;
+                if !is_dns_name(text) {
+                    return Err(InitDataError::Invalid(format!(
+                        "tether.name {:?} must be a DNS name: dot-separated labels of [A-Za-z0-9-], \
+                         1..=63 characters each, not starting or ending with '-', at most {MAX_DNS_NAME_LEN} in all",
+                        truncate(text)
+                    )));
+                }
+                name = Some(text.to_ascii_lowercase());
+            }
+            "ip" => {
+                let text = value
+                    .as_str()
+                    .ok_or_else(|| InitDataError::Invalid("tether.ip must be a string".into()))?;
+                ip = Some(text.parse::<std::net::IpAddr>().map_err(|_| {
+                    InitDataError::Invalid(format!(
+                        "tether.ip {:?} must be an IPv4 or IPv6 address",
+                        truncate(text)
+                    ))
+                })?);
+            }
             "guest_id" => {
                 let id = value.as_str().ok_or_else(|| {
                     InitDataError::Invalid("tether.guest_id must be a string".into())
@@ -168,7 +194,29 @@ fn parse_tether(tether: &toml::Table) -> Result<GuestIdentity, InitDataError> {
             }
         }
     }
-    Ok(GuestIdentity { guest_id, labels })
+    Ok(GuestIdentity {
+        guest_id,
+        labels,
+        name,
+        ip,
+    })
+}
+
+const MAX_DNS_NAME_LEN: usize = 253;
+
+/// A hostname usable as a certificate DNS SAN (RFC 1123 labels, no wildcard).
+pub fn is_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_DNS_NAME_LEN
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
 }
 
 fn is_name_byte(b: u8) -> bool {
@@ -276,6 +324,36 @@ empty = ""
         let err = parse(&init("algorithm = \"md5\"\n"), 1024).unwrap_err();
         assert!(err.to_string().contains("md5"), "{err}");
         assert!(parse(&init("algorithm = 3\n"), 1024).is_err());
+    }
+
+    #[test]
+    fn name_and_ip_are_parsed_and_checked() {
+        let parsed = parse(
+            &init("[tether]\nguest_id = \"g1\"\nname = \"Sandbox-1.example\"\nip = \"10.0.0.7\"\n"),
+            1024,
+        )
+        .unwrap();
+        let identity = parsed.identity.unwrap();
+        assert_eq!(identity.name.as_deref(), Some("sandbox-1.example"));
+        assert_eq!(identity.ip, Some("10.0.0.7".parse().unwrap()));
+        let parsed = parse(&init("[tether]\nip = \"fd00::1\"\n"), 1024).unwrap();
+        assert_eq!(
+            parsed.identity.unwrap().ip,
+            Some("fd00::1".parse().unwrap())
+        );
+        for (text, needle) in [
+            ("[tether]\nname = \"bad_name\"\n", "tether.name"),
+            ("[tether]\nname = \"-x.example\"\n", "tether.name"),
+            ("[tether]\nname = \"a..b\"\n", "tether.name"),
+            ("[tether]\nname = 3\n", "tether.name"),
+            ("[tether]\nip = \"10.0.0.300\"\n", "tether.ip"),
+            ("[tether]\nip = \"host\"\n", "tether.ip"),
+        ] {
+            let err = parse(&init(text), 1024).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        assert!(is_dns_name("a"));
+        assert!(!is_dns_name(&format!("{}.x", "a".repeat(64))));
     }
 
     #[test]

@@ -24,12 +24,12 @@ use uuid::Uuid;
 pub use binding::{
     SELECTED_HASH_ALGORITHM, SUPPORTED_HASH_ALGORITHMS, derived_guest_id, hash_name,
 };
-pub use init_data::{INIT_DATA_FORMAT, InitDataClaims, InitDataError};
+pub use init_data::{INIT_DATA_FORMAT, InitDataClaims, InitDataError, is_dns_name};
 pub use sample::SampleVerifier;
 pub use verifier::{Verifier, VerifyError};
 
 use crate::jwe::{self, JweError};
-use crate::token::{self, GuestIdentity, TokenError, TokenSigner, VerifiedToken};
+use crate::token::{self, TokenError, TokenSigner, VerifiedToken};
 use binding::NegotiationError;
 use session::{Lookup, Session, SessionTable, State};
 
@@ -385,12 +385,7 @@ impl RcarService {
         tee_claims: Value,
     ) -> Result<(String, VerifiedToken), RcarError> {
         let tee_pubkey = &att.runtime_data.tee_pubkey;
-        let mut identity = init
-            .and_then(|i| i.identity.clone())
-            .unwrap_or_else(|| GuestIdentity {
-                guest_id: String::new(),
-                labels: Default::default(),
-            });
+        let mut identity = init.and_then(|i| i.identity.clone()).unwrap_or_default();
         if identity.guest_id.is_empty() {
             identity.guest_id = binding::derived_guest_id(tee_pubkey)
                 .map_err(|_| RcarError::Internal("tee-pubkey serialisation"))?;

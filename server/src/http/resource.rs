@@ -10,44 +10,14 @@ use serde_json::{Value, json};
 use super::{AdminCaller, ApiBytes, Attested};
 use crate::app::AppState;
 use crate::error::ApiError;
-use crate::metrics::Metrics;
 use crate::resource_path::ResourcePath;
 
 fn parse_path(repo: &str, kind: &str, tag: &str) -> Result<ResourcePath, ApiError> {
     ResourcePath::new(repo, kind, tag).map_err(|e| ApiError::bad_request("InvalidResourcePath", e))
 }
 
-/// Evaluate the resource policy for `plugin` with the caller's claims; 403 when it refuses.
-pub fn check_policy(
-    state: &AppState,
-    claims: &Value,
-    plugin: &str,
-    path: Option<&ResourcePath>,
-    query: &BTreeMap<String, String>,
-) -> Result<(), ApiError> {
-    let data = json!({
-        "plugin": plugin,
-        "resource-path": path.map(|p| p.segments().to_vec()).unwrap_or_default(),
-        "query": query,
-    });
-    let allowed = state.policy.evaluate(claims, &data)?;
-    Metrics::inc(
-        &state.metrics.policy_decisions,
-        &[
-            ("plugin", plugin),
-            ("decision", if allowed { "allow" } else { "deny" }),
-        ],
-    );
-    if allowed {
-        Ok(())
-    } else {
-        let what = path.map(|p| p.to_string()).unwrap_or_default();
-        Err(ApiError::forbidden(
-            "PolicyDeny",
-            format!("the resource policy denies {plugin} {what} to this guest"),
-        ))
-    }
-}
+/// The policy check is the plugin framework's (every plugin is gated the same way).
+pub use crate::plugins::check_policy;
 
 /// Attested GET: the latest version, sealed to the caller's TEE key.
 pub async fn get(

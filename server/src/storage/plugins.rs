@@ -1,0 +1,112 @@
+//! Plugin enable/disable state (table `plugin_state`, migration 0002). Plugin data itself
+//! lives in the namespaced, encrypted `plugin_kv` table of the core [`Store`](super::Store).
+
+use async_trait::async_trait;
+use serde::Serialize;
+use sqlx::Row;
+
+use super::{SqliteStore, StoreError, now_ms};
+
+/// A stored enable/disable decision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PluginStateRow {
+    /// Plugin name.
+    pub name: String,
+    /// Whether it is enabled.
+    pub enabled: bool,
+    /// Unix ms of the last change.
+    pub updated_at: u64,
+    /// Admin identity that made it.
+    pub updated_by: String,
+}
+
+/// Persistence of plugin enable/disable decisions.
+#[async_trait]
+pub trait PluginStateStore: Send + Sync + 'static {
+    /// Every stored decision.
+    async fn plugin_states(&self) -> Result<Vec<PluginStateRow>, StoreError>;
+    /// Record that `name` is now enabled or disabled.
+    async fn set_plugin_enabled(
+        &self,
+        name: &str,
+        enabled: bool,
+        actor: &str,
+    ) -> Result<(), StoreError>;
+}
+
+#[async_trait]
+impl PluginStateStore for SqliteStore {
+    async fn plugin_states(&self) -> Result<Vec<PluginStateRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT name, enabled, updated_at, updated_by FROM plugin_state ORDER BY name",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(PluginStateRow {
+                    name: r.try_get(0)?,
+                    enabled: r.try_get::<i64, _>(1)? != 0,
+                    updated_at: r.try_get::<i64, _>(2)? as u64,
+                    updated_by: r.try_get(3)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn set_plugin_enabled(
+        &self,
+        name: &str,
+        enabled: bool,
+        actor: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO plugin_state (name, enabled, updated_at, updated_by) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (name) DO UPDATE SET enabled = excluded.enabled,
+                 updated_at = excluded.updated_at, updated_by = excluded.updated_by",
+        )
+        .bind(name)
+        .bind(i64::from(enabled))
+        .bind(now_ms() as i64)
+        .bind(actor)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::storage::KeyEncryptionKey;
+
+    #[tokio::test]
+    async fn state_round_trips_and_updates() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let kek = Arc::new(KeyEncryptionKey::from_bytes(&[7; 32]));
+        let store = SqliteStore::open(&url, kek).await.unwrap();
+        assert!(store.plugin_states().await.unwrap().is_empty());
+        store
+            .set_plugin_enabled("splitapi", false, "a@dev")
+            .await
+            .unwrap();
+        store
+            .set_plugin_enabled("splitapi", true, "b@dev")
+            .await
+            .unwrap();
+        store
+            .set_plugin_enabled("resource", false, "b@dev")
+            .await
+            .unwrap();
+        let rows = store.plugin_states().await.unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].name, "resource");
+        assert!(!rows[0].enabled);
+        assert!(rows[1].enabled);
+        assert_eq!(rows[1].updated_by, "b@dev");
+    }
+}
