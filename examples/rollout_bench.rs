@@ -1,0 +1,229 @@
+//! Rotation fan-out benchmark: a real `kbs` process, N simulated guests in this process (each
+//! attests for real with the sample TEE, holds a real tunnel over loopback and unseals what
+//! it is pushed with its own TEE key), then one rollout to all of them. Reports the time from
+//! `POST /kbs/v0/rotation/rollouts` until the KBS reports every guest acked, per-guest delivery
+//! latency (rollout start -> the guest applied it) and the KBS's CPU time.
+//!
+//! ```sh
+//! cargo build --release --bin kbs
+//! cargo run --release -p examples --example rollout_bench -- --guests 10000
+//! ```
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Parser;
+use examples::{KbsProcess, default_kbs_bin, percentile, proc_cpu_time};
+use futures::StreamExt;
+use guest_daemon::{evidence::SampleAttester, rcar::KbsClientBuilder, tee_key::TeeKeyPair};
+use rpc_defs::{
+    Applied, CredentialBundle, GuestError, GuestInfo, GuestService, Installed, ProbeKind,
+    ProbeReport, SealedResource,
+};
+use serde_bytes::ByteBuf;
+use server::admin::client::{AdminClient, RolloutUpdate};
+use server::admin::token::AdminKeyPair;
+use server::rotation::StartRollout;
+use server::storage::TargetState;
+use tarpc::context::Context;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Simulated guests.
+    #[arg(long, default_value_t = 10_000)]
+    guests: usize,
+    /// Pushes in flight at once (comma-separated: one rollout each).
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    max_concurrent: Vec<u32>,
+    /// Guests attesting and connecting at once during set-up.
+    #[arg(long, default_value_t = 32)]
+    connect_concurrency: usize,
+    /// The kbs binary.
+    #[arg(long)]
+    kbs_bin: Option<std::path::PathBuf>,
+}
+
+/// When each push was applied (the guest side of the latency).
+type Applies = Arc<Mutex<Vec<Instant>>>;
+
+#[derive(Clone)]
+struct SimGuest {
+    key: TeeKeyPair,
+    applies: Applies,
+}
+
+impl GuestService for SimGuest {
+    async fn ping(self, _: Context, payload: ByteBuf) -> ByteBuf {
+        payload
+    }
+
+    async fn install_credentials(
+        self,
+        _: Context,
+        b: CredentialBundle,
+    ) -> Result<Installed, GuestError> {
+        Err(GuestError::Unsupported(b.id))
+    }
+
+    async fn apply_resource(self, _: Context, r: SealedResource) -> Result<Applied, GuestError> {
+        // Unseal as a real guest does (the CPU cost of the guest side is part of the figure).
+        self.key
+            .open_json(&r.jwe)
+            .map_err(|e| GuestError::Unseal(e.to_string()))?;
+        if let Ok(mut a) = self.applies.lock() {
+            a.push(Instant::now());
+        }
+        Ok(Applied {
+            uri: r.uri,
+            version: r.version,
+            sha256: r.sha256,
+            already_held: false,
+            hook_status: None,
+        })
+    }
+
+    async fn probe(self, _: Context, _: ProbeKind) -> Result<ProbeReport, GuestError> {
+        Ok(ProbeReport::default())
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn connect(
+    url: String,
+    index: usize,
+    applies: Applies,
+) -> anyhow::Result<tunnel::TunnelSession> {
+    let id = format!("sim-{index:05}");
+    let init = format!("[tether]\nguest_id = \"{id}\"\n\n[tether.labels]\napp = \"bench\"\n");
+    let key = TeeKeyPair::new_ec();
+    let token = KbsClientBuilder::new(url.clone(), Box::new(SampleAttester))
+        .key(key.clone())
+        .init_data(&init)
+        .build()?
+        .attest()
+        .await?;
+    let ws = format!(
+        "ws{}/kbs/v0/tunnel",
+        url.strip_prefix("http").unwrap_or(&url)
+    );
+    let unseal_key = key.clone();
+    let unseal = move |jwe: &[u8]| {
+        unseal_key
+            .open_json(jwe)
+            .map(|p| p.to_vec())
+            .map_err(|e| e.to_string())
+    };
+    let info = GuestInfo {
+        instance_id: id.clone(),
+        daemon_version: "sim".into(),
+        services: vec!["resources".into()],
+    };
+    let (session, serve) = tunnel::connect_and_serve(
+        &tunnel::GuestTunnelConfig::new(ws),
+        &token,
+        info,
+        unseal,
+        SimGuest { key, applies },
+    )
+    .await?;
+    tokio::spawn(serve);
+    Ok(session)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let bin = args.kbs_bin.clone().unwrap_or_else(default_kbs_bin);
+    let kbs = KbsProcess::start(&bin, &[]).await?;
+    let key = AdminKeyPair::load(&kbs.data_dir.join("admin.key"))?;
+    let admin = Arc::new(AdminClient::new(&kbs.url, key, None)?);
+    admin
+        .set_policy(include_str!("policies/allow-sample.rego"))
+        .await?;
+    let path = "default/key/bench";
+
+    let applies: Applies = Arc::new(Mutex::new(Vec::with_capacity(args.guests)));
+    let started = Instant::now();
+    let url = kbs.url.clone();
+    let sessions: Vec<tunnel::TunnelSession> = futures::stream::iter(0..args.guests)
+        .map(|i| connect(url.clone(), i, applies.clone()))
+        .buffer_unordered(args.connect_concurrency)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .context("a simulated guest failed to connect")?;
+    println!(
+        "{} guests attested and connected in {:.1} s; KBS RSS {} MiB",
+        sessions.len(),
+        started.elapsed().as_secs_f64(),
+        kbs.rss_kib() / 1024
+    );
+    // Let the KBS register every tunnel and the reconciler note every guest.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    println!(
+        "\n{:>14} {:>8} {:>8} {:>12} {:>10} {:>10} {:>16}",
+        "max_concurrent", "targets", "acked", "all acked", "p50", "p99", "KBS CPU"
+    );
+    for (round, &max_concurrent) in args.max_concurrent.iter().enumerate() {
+        admin
+            .put_resource(path, format!("secret version {round}").into_bytes())
+            .await?;
+        if let Ok(mut a) = applies.lock() {
+            a.clear();
+        }
+        let cpu0 = proc_cpu_time(kbs.pid());
+        let t0 = Instant::now();
+        let view = admin
+            .start_rollout(&StartRollout {
+                path: path.into(),
+                selector: "app=bench".into(),
+                max_concurrent: Some(max_concurrent),
+                ..StartRollout::default()
+            })
+            .await?;
+        let mut watch = admin.watch_rollout(view.rollout.id).await?;
+        let mut acked = 0;
+        let mut total = view.total;
+        while let Some(update) = watch.next().await? {
+            let (counts, state) = match update {
+                RolloutUpdate::Snapshot(v) => (v.counts, v.rollout.state),
+                RolloutUpdate::Change(e) => (e.counts, e.state),
+            };
+            acked = counts.get(&TargetState::Acked).copied().unwrap_or(0);
+            total = counts.values().sum();
+            let outstanding = counts.get(&TargetState::Pending).copied().unwrap_or(0)
+                + counts.get(&TargetState::Delivering).copied().unwrap_or(0);
+            if outstanding == 0 || !state.in_force() {
+                break;
+            }
+        }
+        let wall = t0.elapsed();
+        let cpu = proc_cpu_time(kbs.pid()).saturating_sub(cpu0);
+        let mut lat: Vec<Duration> = applies
+            .lock()
+            .map(|a| a.iter().map(|t| t.saturating_duration_since(t0)).collect())
+            .unwrap_or_default();
+        lat.sort();
+        println!(
+            "{:>14} {:>8} {:>8} {:>10.0}ms {:>8.0}ms {:>8.0}ms {:>8.0}ms ({:.0}%)",
+            max_concurrent,
+            total,
+            acked,
+            wall.as_secs_f64() * 1e3,
+            percentile(&lat, 50.0).as_secs_f64() * 1e3,
+            percentile(&lat, 99.0).as_secs_f64() * 1e3,
+            cpu.as_secs_f64() * 1e3,
+            cpu.as_secs_f64() / wall.as_secs_f64() * 100.0,
+        );
+    }
+    drop(sessions);
+    Ok(())
+}

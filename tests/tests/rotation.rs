@@ -1,0 +1,726 @@
+#![allow(clippy::unwrap_used)]
+//! Key rotation end to end: a real KBS, real guest daemons (`guest_daemon::run`) on loopback,
+//! rollouts started through the admin API and watched through its event stream.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use guest_daemon::hook::PostApplyHook;
+use guest_daemon::run::{DaemonState, RunConfig, RunError};
+use reqwest::StatusCode;
+use server::admin::client::{AdminClient, ClientError, RolloutUpdate};
+use server::rotation::{Control, RolloutView, StartRollout};
+use server::storage::{RolloutState, TargetState};
+use tests::{ALLOW_SAMPLE, TestKbs};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How long any single wait may take before the test fails.
+const WAIT: Duration = Duration::from_secs(20);
+
+fn init_data(guest_id: &str, labels: &[(&str, &str)]) -> String {
+    let mut s = format!("[tether]\nguest_id = \"{guest_id}\"\n\n[tether.labels]\n");
+    for (k, v) in labels {
+        s.push_str(&format!("{k} = \"{v}\"\n"));
+    }
+    s
+}
+
+struct Daemon {
+    guest_id: String,
+    state: watch::Receiver<DaemonState>,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), RunError>>,
+    state_dir: PathBuf,
+    init: String,
+    hook: Option<String>,
+}
+
+impl Daemon {
+    fn spawn(
+        kbs: &TestKbs,
+        root: &Path,
+        guest_id: &str,
+        labels: &[(&str, &str)],
+        hook: Option<String>,
+    ) -> Self {
+        let state_dir = root.join(guest_id);
+        let init = init_data(guest_id, labels);
+        Self::spawn_with(kbs, guest_id, state_dir, init, hook)
+    }
+
+    fn spawn_with(
+        kbs: &TestKbs,
+        guest_id: &str,
+        state_dir: PathBuf,
+        init: String,
+        hook: Option<String>,
+    ) -> Self {
+        let mut config = RunConfig::new(&kbs.url, &state_dir);
+        config.ca_file = kbs.ca_file.clone();
+        config.init_data = Some(init.clone());
+        config.hook = hook.clone().map(PostApplyHook::new);
+        let state = config.subscribe();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(guest_daemon::run::run(config, shutdown.clone()));
+        Self {
+            guest_id: guest_id.to_string(),
+            state,
+            shutdown,
+            task,
+            state_dir,
+            init,
+            hook,
+        }
+    }
+
+    async fn connected(&mut self) {
+        tokio::time::timeout(
+            WAIT,
+            self.state
+                .wait_for(|s| matches!(s, DaemonState::Connected { .. })),
+        )
+        .await
+        .expect("daemon connects in time")
+        .expect("daemon state channel open");
+    }
+
+    async fn stop(self) -> (String, PathBuf, String, Option<String>) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("daemon stops in time")
+            .expect("daemon task does not panic")
+            .expect("daemon ends without error");
+        (self.guest_id, self.state_dir, self.init, self.hook)
+    }
+
+    /// The plaintext the daemon holds for `path`, if any.
+    fn held(&self, path: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.state_dir.join("resources").join(path)).ok()
+    }
+}
+
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn in_hub(kbs: &TestKbs, guest_id: &str) {
+    eventually(&format!("{guest_id} in the hub"), || async {
+        kbs.state.hub.get(guest_id).is_some()
+    })
+    .await;
+}
+
+async fn setup() -> (TestKbs, AdminClient, tempfile::TempDir) {
+    let kbs = TestKbs::start().await;
+    let admin = kbs.admin();
+    admin.set_policy(ALLOW_SAMPLE).await.unwrap();
+    (kbs, admin, tempfile::tempdir().unwrap())
+}
+
+fn start(path: &str, selector: &str) -> StartRollout {
+    StartRollout {
+        path: path.into(),
+        selector: selector.into(),
+        ..StartRollout::default()
+    }
+}
+
+/// Follows the rollout's event stream until `done(view)` holds for the latest counts.
+async fn watch_until(
+    admin: &AdminClient,
+    id: i64,
+    what: &str,
+    done: impl Fn(&RolloutView) -> bool,
+) -> RolloutView {
+    let mut watch = admin.watch_rollout(id).await.unwrap();
+    let mut view: Option<RolloutView> = None;
+    let result = tokio::time::timeout(WAIT, async {
+        loop {
+            match watch.next().await.unwrap() {
+                Some(RolloutUpdate::Snapshot(v)) => view = Some(v),
+                Some(RolloutUpdate::Change(e)) => {
+                    if let Some(v) = view.as_mut() {
+                        v.counts = e.counts.clone();
+                        v.rollout.state = e.state;
+                        v.total = e.counts.values().sum();
+                    }
+                }
+                None => break,
+            }
+            if view.as_ref().is_some_and(&done) {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(result.is_ok(), "timed out waiting for {what}: {view:?}");
+    admin.rollout(id, "").await.unwrap().view
+}
+
+fn count(v: &RolloutView, s: TargetState) -> u64 {
+    v.counts.get(&s).copied().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn only_matching_guests_get_the_version_and_an_offline_one_gets_it_on_reconnect() {
+    let (kbs, admin, root) = setup().await;
+    let path = "default/key/db-pass";
+    admin.put_resource(path, b"v1".to_vec()).await.unwrap();
+    let mut daemons = Vec::new();
+    for (id, app) in [
+        ("g1", "db"),
+        ("g2", "db"),
+        ("g3", "db"),
+        ("g4", "web"),
+        ("g5", "db"),
+    ] {
+        let mut d = Daemon::spawn(&kbs, root.path(), id, &[("app", app)], None);
+        d.connected().await;
+        in_hub(&kbs, id).await;
+        daemons.push(d);
+    }
+    // g5 goes offline once rotation has noted it.
+    eventually("g5 noted by rotation", || async {
+        kbs.state
+            .store
+            .rotation_guests(0)
+            .await
+            .unwrap()
+            .iter()
+            .any(|(g, _)| g == "g5")
+    })
+    .await;
+    let g5 = daemons.pop().unwrap().stop().await;
+    eventually("g5 out of the hub", || async {
+        kbs.state.hub.get("g5").is_none()
+    })
+    .await;
+
+    admin.put_resource(path, b"v2".to_vec()).await.unwrap();
+    let started = admin.start_rollout(&start(path, "app=db")).await.unwrap();
+    assert_eq!(started.rollout.version, 2, "latest by default");
+    assert_eq!(started.total, 4, "g1-g3 connected, g5 known offline");
+    let id = started.rollout.id;
+    let view = watch_until(&admin, id, "3 acks", |v| count(v, TargetState::Acked) == 3).await;
+    assert_eq!(count(&view, TargetState::Pending), 1, "{view:?}");
+    assert_eq!(view.rollout.state, RolloutState::Running);
+    for d in &daemons[..3] {
+        assert_eq!(d.held(path).as_deref(), Some(&b"v2"[..]), "{}", d.guest_id);
+    }
+    assert_eq!(daemons[3].held(path), None, "g4 does not match");
+    let detail = admin.rollout(id, "state=pending").await.unwrap();
+    assert_eq!(detail.targets.len(), 1);
+    assert_eq!(detail.targets[0].guest_id, "g5");
+    let acked = admin.rollout(id, "state=acked").await.unwrap();
+    for t in &acked.targets {
+        assert_eq!(t.held_version, Some(2));
+        let v2 = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(b"v2"));
+        assert_eq!(t.digest.as_deref(), Some(v2.as_str()));
+        assert!(!t.already_held);
+    }
+
+    // g5 comes back: it gets the version, and the rollout completes.
+    let (g5_id, g5_dir, g5_init, _) = g5;
+    let mut g5 = Daemon::spawn_with(&kbs, &g5_id, g5_dir, g5_init, None);
+    g5.connected().await;
+    let view = watch_until(&admin, id, "completion", |v| {
+        v.rollout.state == RolloutState::Completed
+    })
+    .await;
+    assert_eq!(count(&view, TargetState::Acked), 4, "{view:?}");
+    assert_eq!(g5.held(path).as_deref(), Some(&b"v2"[..]));
+
+    // A newcomer that matches gets it on connect; one that does not, does not.
+    let mut g6 = Daemon::spawn(&kbs, root.path(), "g6", &[("app", "db")], None);
+    g6.connected().await;
+    eventually("g6 acked", || async {
+        count(
+            &admin.rollout(id, "").await.unwrap().view,
+            TargetState::Acked,
+        ) == 5
+    })
+    .await;
+    assert_eq!(g6.held(path).as_deref(), Some(&b"v2"[..]));
+
+    let metrics = kbs.metrics().await;
+    assert!(
+        tests::metric_value(
+            &metrics,
+            "kbs_rotation_pushes_total",
+            &[("outcome", "acked")]
+        ) >= 5.0,
+        "{metrics}"
+    );
+    assert!(tests::metric_value(&metrics, "kbs_rotation_delivery_seconds_count", &[]) >= 5.0);
+    let audit = admin
+        .send(
+            reqwest::Method::GET,
+            "/kbs/v0/admin/audit?action=rotation.*",
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(audit["records"][0]["action"], "rotation.start");
+    assert_eq!(audit["records"][0]["actor"], "kbsctl@dev");
+    for d in daemons {
+        d.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_kbs_restart_mid_rollout_resumes_and_acks_every_guest_once() {
+    let (kbs, admin, root) = setup().await;
+    let path = "default/key/api";
+    admin.put_resource(path, b"one".to_vec()).await.unwrap();
+    admin.put_resource(path, b"two".to_vec()).await.unwrap();
+    // Each apply runs a slow hook that counts its runs, so the rollout takes a while and a
+    // replayed push that re-applied would show.
+    let mut daemons = Vec::new();
+    for n in 0..4 {
+        let id = format!("r{n}");
+        let counter = root.path().join(format!("{id}.hooks"));
+        let hook = format!("echo $TETHER_VERSION >> {}; sleep 0.4", counter.display());
+        let mut d = Daemon::spawn(&kbs, root.path(), &id, &[("app", "api")], Some(hook));
+        d.connected().await;
+        in_hub(&kbs, &id).await;
+        daemons.push(d);
+    }
+    let mut req = start(path, "app=api");
+    req.max_concurrent = Some(1);
+    let id = admin.start_rollout(&req).await.unwrap().rollout.id;
+    watch_until(&admin, id, "the first ack", |v| {
+        count(v, TargetState::Acked) >= 1
+    })
+    .await;
+
+    let kbs = kbs.restart().await;
+    let admin = kbs.admin();
+    let view = watch_until(&admin, id, "completion after the restart", |v| {
+        v.rollout.state == RolloutState::Completed
+    })
+    .await;
+    assert_eq!(count(&view, TargetState::Acked), 4, "{view:?}");
+    for d in &daemons {
+        assert_eq!(d.held(path).as_deref(), Some(&b"two"[..]));
+        let runs =
+            std::fs::read_to_string(root.path().join(format!("{}.hooks", d.guest_id))).unwrap();
+        assert_eq!(runs, "2\n", "{} applied version 2 exactly once", d.guest_id);
+    }
+    let targets = admin.rollout(id, "").await.unwrap().targets;
+    assert_eq!(targets.len(), 4);
+    for t in &targets {
+        assert_eq!(t.state, TargetState::Acked, "{t:?}");
+        // A push replayed after the restart finds the version held: no second hook run.
+        let expected_hook = if t.already_held { None } else { Some(0) };
+        assert_eq!(t.hook_status, expected_hook, "{t:?}");
+    }
+    for d in daemons {
+        d.stop().await;
+    }
+}
+
+const DENY_UNTRUSTED: &str = r#"
+package policy
+
+import rego.v1
+
+default allow := false
+
+untrusted if input.tether.labels.tier == "untrusted"
+
+allow if {
+	input["submods"]["cpu0"]["ear.status"] == "affirming"
+	not untrusted
+}
+"#;
+
+#[tokio::test]
+async fn a_denied_guest_gets_nothing_and_a_failing_guest_fails_with_the_reason() {
+    let (kbs, admin, root) = setup().await;
+    admin.set_policy(DENY_UNTRUSTED).await.unwrap();
+    let path = "default/key/tls";
+    admin.put_resource(path, b"cert".to_vec()).await.unwrap();
+    let mut ok = Daemon::spawn(&kbs, root.path(), "ok", &[("app", "tls")], None);
+    let mut denied = Daemon::spawn(
+        &kbs,
+        root.path(),
+        "denied",
+        &[("app", "tls"), ("tier", "untrusted")],
+        None,
+    );
+    let mut broken = Daemon::spawn(&kbs, root.path(), "broken", &[("app", "tls")], None);
+    for d in [&mut ok, &mut denied, &mut broken] {
+        d.connected().await;
+        in_hub(&kbs, &d.guest_id).await;
+    }
+    // The broken guest cannot write the resource: a file sits where its directory goes.
+    let blocker = broken.state_dir.join("resources/default");
+    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    std::fs::write(&blocker, b"not a directory").unwrap();
+
+    let mut req = start(path, "app=tls");
+    req.max_attempts = Some(2);
+    let id = admin.start_rollout(&req).await.unwrap().rollout.id;
+    let view = watch_until(&admin, id, "completion", |v| {
+        v.rollout.state == RolloutState::Completed
+    })
+    .await;
+    assert_eq!(count(&view, TargetState::Acked), 1, "{view:?}");
+    assert_eq!(count(&view, TargetState::Denied), 1, "{view:?}");
+    assert_eq!(count(&view, TargetState::Failed), 1, "{view:?}");
+    let targets = admin.rollout(id, "").await.unwrap().targets;
+    let by = |g: &str| targets.iter().find(|t| t.guest_id == g).unwrap().clone();
+    let d = by("denied");
+    assert_eq!(d.attempts, 0, "nothing was sent");
+    assert!(d.reason.contains("policy denies"), "{}", d.reason);
+    assert_eq!(denied.held(path), None);
+    let b = by("broken");
+    assert_eq!(b.attempts, 2);
+    assert!(b.reason.contains("storage failed"), "{}", b.reason);
+    assert!(
+        b.reason.contains("gave up after 2 attempts"),
+        "{}",
+        b.reason
+    );
+    assert_eq!(ok.held(path).as_deref(), Some(&b"cert"[..]));
+
+    // A rollout of an older version is refused by the guest that holds a newer one.
+    admin.put_resource(path, b"cert2".to_vec()).await.unwrap();
+    let newer = start(path, "app=tls,!tier");
+    let id2 = admin.start_rollout(&newer).await.unwrap().rollout.id;
+    watch_until(&admin, id2, "v2 to ok", |v| {
+        count(v, TargetState::Acked) >= 1
+    })
+    .await;
+    let mut old = start(path, "app=tls,!tier");
+    old.version = Some(1);
+    old.max_attempts = Some(1);
+    let id3 = admin.start_rollout(&old).await.unwrap().rollout.id;
+    assert_eq!(
+        admin.rollout(id2, "").await.unwrap().view.rollout.state,
+        RolloutState::Superseded
+    );
+    watch_until(&admin, id3, "the downgrade refusal", |v| {
+        count(v, TargetState::Failed) >= 1 && v.rollout.state == RolloutState::Completed
+    })
+    .await;
+    let t = admin.rollout(id3, "state=failed").await.unwrap().targets;
+    let refused = t.iter().find(|t| t.guest_id == "ok").unwrap();
+    assert!(refused.reason.contains("downgrade"), "{}", refused.reason);
+    assert_eq!(ok.held(path).as_deref(), Some(&b"cert2"[..]));
+    for d in [ok, denied, broken] {
+        d.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn concurrent_rollouts_of_different_resources_do_not_interfere() {
+    let (kbs, admin, root) = setup().await;
+    let (a, b) = ("default/key/a", "default/key/b");
+    admin.put_resource(a, b"a1".to_vec()).await.unwrap();
+    admin.put_resource(b, b"b1".to_vec()).await.unwrap();
+    let mut daemons = Vec::new();
+    for n in 0..4 {
+        let id = format!("c{n}");
+        let team = if n < 2 { "x" } else { "y" };
+        let mut d = Daemon::spawn(&kbs, root.path(), &id, &[("team", team)], None);
+        d.connected().await;
+        in_hub(&kbs, &id).await;
+        daemons.push(d);
+    }
+    let mut ra = start(a, "team in (x,y)");
+    ra.max_concurrent = Some(1);
+    let mut rb = start(b, "team=y");
+    rb.max_concurrent = Some(2);
+    let (va, vb) = tokio::join!(admin.start_rollout(&ra), admin.start_rollout(&rb));
+    let (ia, ib) = (va.unwrap().rollout.id, vb.unwrap().rollout.id);
+    let done = |v: &RolloutView| v.rollout.state == RolloutState::Completed;
+    let (fa, fb) = tokio::join!(
+        watch_until(&admin, ia, "rollout a", done),
+        watch_until(&admin, ib, "rollout b", done)
+    );
+    assert_eq!((fa.total, count(&fa, TargetState::Acked)), (4, 4));
+    assert_eq!((fb.total, count(&fb, TargetState::Acked)), (2, 2));
+    for (n, d) in daemons.iter().enumerate() {
+        assert_eq!(d.held(a).as_deref(), Some(&b"a1"[..]));
+        let expect_b = (n >= 2).then_some(&b"b1"[..]);
+        assert_eq!(d.held(b).as_deref(), expect_b);
+    }
+    let list = admin.list_rollouts(true, 10).await.unwrap();
+    assert_eq!(list.rollouts.len(), 2);
+    for d in daemons {
+        d.stop().await;
+    }
+}
+
+fn api_error(e: ClientError) -> (StatusCode, String, String) {
+    match e {
+        ClientError::Api {
+            status,
+            name,
+            detail,
+        } => (status, name, detail),
+        other => panic!("expected an API error, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_clearly_and_controls_work() {
+    let kbs = TestKbs::start_with(false, |c| {
+        c.admin
+            .roles
+            .insert("reader".into(), vec!["GET ^/kbs/.+$".into()]);
+    })
+    .await;
+    let admin = kbs.admin();
+    let path = "default/key/x";
+    admin.put_resource(path, b"x".to_vec()).await.unwrap();
+
+    let e = api_error(
+        admin
+            .start_rollout(&start("default/key/nope", "app=a"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        (e.0, e.1.as_str()),
+        (StatusCode::NOT_FOUND, "ResourceNotFound")
+    );
+    let mut v9 = start(path, "app=a");
+    v9.version = Some(9);
+    let e = api_error(admin.start_rollout(&v9).await.unwrap_err());
+    assert_eq!(
+        (e.0, e.1.as_str()),
+        (StatusCode::NOT_FOUND, "VersionNotFound")
+    );
+    assert!(e.2.contains("versions: 1"), "{}", e.2);
+    let e = api_error(
+        admin
+            .start_rollout(&start(path, "app in prod"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        (e.0, e.1.as_str()),
+        (StatusCode::BAD_REQUEST, "InvalidSelector")
+    );
+    assert!(e.2.contains("expected `(`"), "{}", e.2);
+    let e = api_error(
+        admin
+            .start_rollout(&start("../etc/x", ""))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.0, StatusCode::BAD_REQUEST);
+    let mut zero = start(path, "");
+    zero.max_concurrent = Some(0);
+    let e = api_error(admin.start_rollout(&zero).await.unwrap_err());
+    assert_eq!(
+        (e.0, e.1.as_str()),
+        (StatusCode::BAD_REQUEST, "InvalidRollout")
+    );
+    let raw = admin
+        .send(
+            reqwest::Method::POST,
+            "/kbs/v0/rotation/rollouts",
+            Some(server::admin::client::RequestBody::Json(
+                serde_json::json!({"path": path, "selector": "", "bogus": 1}),
+            )),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(api_error(raw).0, StatusCode::BAD_REQUEST);
+    let reader = kbs.admin().with_identity("viewer", "reader");
+    let e = api_error(reader.start_rollout(&start(path, "")).await.unwrap_err());
+    assert_eq!(e.0, StatusCode::FORBIDDEN);
+    assert!(
+        reader
+            .list_rollouts(false, 10)
+            .await
+            .unwrap()
+            .rollouts
+            .is_empty(),
+        "nothing was created"
+    );
+
+    // Controls: pause, resume, cancel; a finished rollout refuses them.
+    let r = admin.start_rollout(&start(path, "app=none")).await.unwrap();
+    let id = r.rollout.id;
+    let paused = admin.control_rollout(id, Control::Pause).await.unwrap();
+    assert_eq!(paused.rollout.state, RolloutState::Paused);
+    let resumed = admin.control_rollout(id, Control::Resume).await.unwrap();
+    assert_eq!(resumed.rollout.state, RolloutState::Completed, "no targets");
+    let cancelled = admin.control_rollout(id, Control::Cancel).await.unwrap();
+    assert_eq!(cancelled.rollout.state, RolloutState::Cancelled);
+    let e = api_error(
+        admin
+            .control_rollout(id, Control::Resume)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        (e.0, e.1.as_str()),
+        (StatusCode::CONFLICT, "RolloutFinished")
+    );
+    let e = api_error(
+        admin
+            .control_rollout(999, Control::Pause)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.0, StatusCode::NOT_FOUND);
+    let e = api_error(admin.rollout(999, "").await.unwrap_err());
+    assert_eq!(
+        (e.0, e.1.as_str()),
+        (StatusCode::NOT_FOUND, "RolloutNotFound")
+    );
+    let audit = admin
+        .send(
+            reqwest::Method::GET,
+            "/kbs/v0/admin/audit?action=rotation.*",
+            None,
+        )
+        .await
+        .unwrap();
+    let actions: Vec<&str> = audit["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "rotation.pause",
+            "rotation.resume",
+            "rotation.cancel",
+            "rotation.resume",
+            "rotation.pause",
+            "rotation.start"
+        ],
+        "newest first, refusals included"
+    );
+    assert_eq!(audit["records"][0]["outcome"], "refused");
+}
+
+/// The real `kbs` binary of this checkout: `cargo build` runs first (a no-op when it is
+/// fresh), so a stale binary is never the one under test.
+fn kbs_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().unwrap();
+            // target/<profile>/deps/rotation-<hash> -> target/<profile>/kbs
+            let bin = exe.parent().unwrap().parent().unwrap().join("kbs");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = std::process::Command::new(cargo)
+                .args(["build", "-q", "-p", "server", "--bin", "kbs"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .unwrap();
+            assert!(status.success(), "building the kbs binary failed");
+            assert!(bin.exists(), "no kbs binary at {}", bin.display());
+            bin
+        })
+        .clone()
+}
+
+/// A `kbs` process on `listen`; returns it and its base URL (from its banner).
+async fn spawn_kbs(data_dir: &Path, listen: &str) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(kbs_binary())
+        .args(["--listen", listen, "--data-dir"])
+        .arg(data_dir)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.strip_prefix("Tether KBS listening on ") {
+                return rest.split_whitespace().next().unwrap().to_string();
+            }
+        }
+        panic!("kbs exited before listening");
+    })
+    .await
+    .expect("kbs starts in time");
+    // Keep draining stdout so the process never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, url)
+}
+
+#[tokio::test]
+async fn kill_9_of_the_kbs_binary_mid_rollout_loses_no_ack_and_repeats_no_apply() {
+    tests::init_logging();
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("kbs-data");
+    let (mut kbs, url) = spawn_kbs(&data, "127.0.0.1:0").await;
+    let listen = url.trim_start_matches("http://").to_string();
+    let key = server::admin::token::AdminKeyPair::load(&data.join("admin.key")).unwrap();
+    let admin = AdminClient::new(&url, key, None).unwrap();
+    admin.set_policy(ALLOW_SAMPLE).await.unwrap();
+    let path = "default/key/k9";
+    admin.put_resource(path, b"before".to_vec()).await.unwrap();
+    admin.put_resource(path, b"after".to_vec()).await.unwrap();
+
+    let mut daemons = Vec::new();
+    for n in 0..4 {
+        let id = format!("k{n}");
+        let counter = root.path().join(format!("{id}.hooks"));
+        let hook = format!("echo $TETHER_VERSION >> {}; sleep 0.3", counter.display());
+        let mut config = RunConfig::new(&url, root.path().join(&id));
+        config.init_data = Some(init_data(&id, &[("app", "k9")]));
+        config.hook = Some(PostApplyHook::new(hook));
+        let mut state = config.subscribe();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(guest_daemon::run::run(config, shutdown.clone()));
+        tokio::time::timeout(
+            WAIT,
+            state.wait_for(|s| matches!(s, DaemonState::Connected { .. })),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        daemons.push((id, shutdown, task));
+    }
+    let mut req = start(path, "app=k9");
+    req.max_concurrent = Some(1);
+    let id = admin.start_rollout(&req).await.unwrap().rollout.id;
+    watch_until(&admin, id, "the first ack", |v| {
+        count(v, TargetState::Acked) >= 1
+    })
+    .await;
+    kbs.kill().await.unwrap();
+
+    let (_kbs, _) = spawn_kbs(&data, &listen).await;
+    let view = watch_until(&admin, id, "completion after kill -9", |v| {
+        v.rollout.state == RolloutState::Completed
+    })
+    .await;
+    assert_eq!(count(&view, TargetState::Acked), 4, "{view:?}");
+    for (gid, shutdown, task) in daemons {
+        let file = root.path().join(&gid).join("resources").join(path);
+        assert_eq!(std::fs::read(&file).unwrap(), b"after");
+        let runs = std::fs::read_to_string(root.path().join(format!("{gid}.hooks"))).unwrap();
+        assert_eq!(runs, "2\n", "{gid} applied version 2 exactly once");
+        shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
+}
