@@ -2,11 +2,11 @@
 //! through its tunnel (`/kbs/v0/admin/guests...`).
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use rand::RngCore;
 use rpc_defs::{ProbeKind, ProbeReport};
@@ -17,12 +17,17 @@ use super::{AdminCaller, ApiBytes};
 use crate::admin::auth::AdminIdentity;
 use crate::app::AppState;
 use crate::error::ApiError;
+use crate::fleet::{
+    ConnectionRecord, FleetQuery, GuestRecord, HeldVersion, LastProbe, MAX_PAGE, Selector,
+};
+use crate::resource_path::ResourcePath;
 
 /// Bytes echoed by `POST /kbs/v0/admin/guests/{guest_id}/ping`.
 pub const PING_PAYLOAD_BYTES: usize = 256;
 
-/// One connected guest, as `GET /kbs/v0/admin/guests` lists it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One guest, as `GET /kbs/v0/admin/guests` lists it: the tunnel fields (of its live or last
+/// tunnel) and what the fleet view knows.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestSummary {
     /// Attested guest id.
     pub guest_id: String,
@@ -34,28 +39,78 @@ pub struct GuestSummary {
     pub daemon_version: String,
     /// Services the daemon offers (the guest's own words).
     pub services: Vec<String>,
-    /// Tunnel session id.
+    /// Tunnel session id (live or last).
     pub session_id: String,
-    /// When the tunnel came up, Unix milliseconds.
+    /// When the (live or last) tunnel came up, Unix milliseconds.
     pub connected_since: u64,
     /// The KBS replica holding the tunnel (its host name, or `local`).
     pub replica: String,
     /// When the guest was last heard from, Unix milliseconds.
     pub last_seen: u64,
+    /// Whether a tunnel is live now.
+    #[serde(default)]
+    pub connected: bool,
+    /// TEE type of its latest token.
+    #[serde(default)]
+    pub tee: Option<String>,
+    /// Attestation (token issue) time, Unix ms.
+    #[serde(default)]
+    pub attested_at: Option<u64>,
+    /// Token expiry, Unix ms.
+    #[serde(default)]
+    pub token_expires_at: Option<u64>,
+    /// First connection, Unix ms.
+    #[serde(default)]
+    pub first_seen: u64,
+    /// Last connections, newest first.
+    #[serde(default)]
+    pub history: Vec<ConnectionRecord>,
+    /// Last probe.
+    #[serde(default)]
+    pub last_probe: Option<LastProbe>,
+    /// Held resource versions (from the last resources probe).
+    #[serde(default)]
+    pub held: BTreeMap<String, HeldVersion>,
+    /// When `held` was reported, Unix ms.
+    #[serde(default)]
+    pub held_at: Option<u64>,
 }
 
 impl GuestSummary {
-    fn of(handle: &TunnelHandle) -> Self {
+    /// The summary of a fleet record, with live tunnel figures when `live` is given.
+    pub fn of(rec: GuestRecord, live: Option<&TunnelHandle>) -> Self {
+        let last = rec.history.first();
+        let session_id = live
+            .map(|h| h.session_id.clone())
+            .or_else(|| last.map(|c| c.session_id.clone()))
+            .unwrap_or_default();
+        let connected_since = live
+            .map(|h| unix_ms(h.connected_at))
+            .or_else(|| last.map(|c| c.connected_at))
+            .unwrap_or(0);
+        let last_seen = live
+            .map(|h| h.last_seen_unix_ms())
+            .unwrap_or(0)
+            .max(rec.last_seen);
         Self {
-            guest_id: handle.guest_id.clone(),
-            labels: handle.labels.clone(),
-            instance: handle.instance_id.clone(),
-            daemon_version: handle.daemon_version.clone(),
-            services: handle.services.clone(),
-            session_id: handle.session_id.clone(),
-            connected_since: unix_ms(handle.connected_at),
+            guest_id: rec.guest_id,
+            labels: Arc::unwrap_or_clone(rec.labels),
+            instance: rec.instance,
+            daemon_version: rec.daemon_version,
+            services: rec.services,
+            session_id,
+            connected_since,
             replica: replica_name().to_string(),
-            last_seen: handle.last_seen_unix_ms(),
+            last_seen,
+            connected: live.is_some(),
+            tee: rec.tee,
+            attested_at: rec.attested_at,
+            token_expires_at: rec.token_expires_at,
+            first_seen: rec.first_seen,
+            history: rec.history,
+            last_probe: rec.last_probe.map(|p| *p),
+            held: rec.held,
+            held_at: rec.held_at,
         }
     }
 }
@@ -63,8 +118,30 @@ impl GuestSummary {
 /// Body of `GET /kbs/v0/admin/guests`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestList {
-    /// Connected guests, sorted by id.
+    /// Matching guests, sorted by id.
     pub guests: Vec<GuestSummary>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+    /// Guests the KBS knows in all (connected or not).
+    #[serde(default)]
+    pub known: usize,
+}
+
+/// Query of `GET /kbs/v0/admin/guests`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    /// Label selector (`app=db,zone in (a,b)`).
+    pub selector: Option<String>,
+    /// `true` (default: guests with a live tunnel), `false` (known, not connected) or `any`.
+    pub connected: Option<String>,
+    /// Only guests holding an older version of this resource path than the latest (drift).
+    pub stale: Option<String>,
+    /// Page size (default 100, at most 1000).
+    pub limit: Option<usize>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
 }
 
 /// Body of a successful ping.
@@ -166,19 +243,77 @@ fn not_connected(guest_id: &str) -> ApiError {
     )
 }
 
-/// `GET /kbs/v0/admin/guests`: every guest with a live tunnel, sorted by id.
+/// `GET /kbs/v0/admin/guests?selector=&connected=true|false|any&stale=<path>&limit=&cursor=`:
+/// a page of guests by id. Without `connected`, only guests with a live tunnel (as before the
+/// fleet view); `connected=any` adds every guest known from earlier connections.
 pub async fn list(
     State(state): State<AppState>,
     AdminCaller(_admin): AdminCaller,
-) -> Json<GuestList> {
-    let mut guests: Vec<GuestSummary> = state
-        .hub
-        .list()
-        .iter()
-        .map(|h| GuestSummary::of(h))
+    Query(p): Query<ListParams>,
+) -> Result<Json<GuestList>, ApiError> {
+    let connected = match p.connected.as_deref() {
+        None | Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some("any") => None,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "MalformedRequest",
+                format!("connected must be true, false or any, not {other:?}"),
+            ));
+        }
+    };
+    let selector = Selector::parse(p.selector.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError::bad_request("InvalidSelector", e.to_string()))?;
+    let stale = match &p.stale {
+        Some(path) => {
+            let parsed: ResourcePath = path
+                .parse()
+                .map_err(|e| ApiError::bad_request("InvalidResourcePath", format!("stale: {e}")))?;
+            let started = std::time::Instant::now();
+            let versions = state.store.list_versions(&parsed).await?;
+            state
+                .metrics
+                .observability
+                .storage("list_versions", started);
+            let latest = versions
+                .iter()
+                .filter(|v| !v.deleted)
+                .map(|v| v.version)
+                .max()
+                .unwrap_or(0);
+            Some((parsed.to_string(), latest))
+        }
+        None => None,
+    };
+    let live = state.hub.list();
+    state.fleet.ensure_live(&live, &state.guest_directory);
+    let query = FleetQuery {
+        selector,
+        connected,
+        stale,
+        after: p.cursor.filter(|c| !c.is_empty()),
+        limit: p.limit.unwrap_or(100).clamp(1, MAX_PAGE),
+    };
+    let hub = &state.hub;
+    let page = if connected == Some(true) {
+        let ids = live.iter().map(|h| h.guest_id.clone()).collect();
+        state.fleet.query_live(&query, ids)
+    } else {
+        state.fleet.query(&query, |id| hub.get(id).is_some())
+    };
+    let guests = page
+        .guests
+        .into_iter()
+        .map(|rec| {
+            let handle = hub.get(&rec.guest_id);
+            GuestSummary::of(rec, handle.as_deref())
+        })
         .collect();
-    guests.sort_by(|a, b| a.guest_id.cmp(&b.guest_id));
-    Json(GuestList { guests })
+    Ok(Json(GuestList {
+        guests,
+        next_cursor: page.next,
+        known: state.fleet.len(),
+    }))
 }
 
 /// `POST /kbs/v0/admin/guests/{guest_id}/ping`: echoes 256 random bytes through the tunnel.
@@ -240,6 +375,7 @@ pub async fn probe(
         })?
     };
     let kind = ProbeKind::from(request.kind);
+    let started = std::time::Instant::now();
     let result = match state.hub.get(&guest_id) {
         Some(handle) => handle
             .probe(kind, None)
@@ -247,6 +383,23 @@ pub async fn probe(
             .map_err(|e| call_error(&guest_id, e)),
         None => Err(not_connected(&guest_id)),
     };
+    if state.hub.get(&guest_id).is_some() || state.fleet.get(&guest_id).is_some() {
+        state
+            .fleet
+            .ensure_live(&state.hub.list(), &state.guest_directory);
+        let outcome = result.clone().map_err(|e| {
+            let o = match e.name {
+                "GuestTimeout" => "timeout",
+                "GuestDisconnected" => "disconnected",
+                "GuestNotConnected" => "not_connected",
+                "GuestBusy" => "busy",
+                "GuestError" => "guest_error",
+                _ => "transport_error",
+            };
+            (o, e.detail)
+        });
+        crate::probes::plugin::prober(&state).record(&guest_id, request.kind, outcome, started);
+    }
     let detail = match &result {
         Ok(_) => format!("kind {kind:?}"),
         Err(e) => format!("kind {kind:?}: {}", e.detail),
