@@ -58,8 +58,18 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Live guest tunnels, one per guest id.
     pub hub: tunnel::Hub,
+    /// Claims and TEE key of each connected guest (from its token).
+    pub guest_directory: Arc<crate::guest_directory::GuestDirectory>,
     /// Cancelled when the KBS begins to shut down.
     pub shutdown: CancellationToken,
+    /// The event log's write side (never blocks).
+    pub events: crate::events::EventSink,
+    /// Every guest known, connected or not (the fleet view).
+    pub fleet: Arc<crate::fleet::Fleet>,
+    /// Dashboard login sessions.
+    pub dashboard: Arc<crate::dashboard::Sessions>,
+    /// Plugins and whether each is enabled.
+    pub plugins: Arc<crate::plugins::PluginRegistry>,
 }
 
 impl AppState {
@@ -86,6 +96,18 @@ impl AppState {
             outcome: outcome.to_string(),
             detail,
         };
+        self.events.record(
+            crate::events::kind_of_action(&entry.action),
+            &entry.action,
+            entry
+                .action
+                .starts_with("guest.")
+                .then_some(entry.target.as_str()),
+            Some(&entry.actor),
+            &entry.target,
+            &entry.outcome,
+            entry.detail.clone(),
+        );
         if let Err(e) = self.store.audit(entry).await {
             tracing::error!(error = %e, action, target, "AUDIT WRITE FAILED");
         }
@@ -178,16 +200,37 @@ impl Kbs {
             None => None,
         };
 
+        let plugins = Arc::new(
+            crate::plugins::PluginRegistry::load(
+                crate::plugins::builtin(&config),
+                &config.plugins,
+                store.as_ref(),
+            )
+            .await
+            .map_err(|e| other("plugins")(e.to_string()))?,
+        );
+
+        let metrics = Arc::new(Metrics::new());
+        let events = crate::events::EventSink::new(
+            crate::events::EVENT_QUEUE,
+            metrics.observability.events_dropped.clone(),
+        );
+        let fleet = Arc::new(crate::fleet::Fleet::load(store.as_ref()).await?);
         let state = AppState {
+            events,
+            fleet,
+            dashboard: Arc::new(crate::dashboard::Sessions::new()),
             config: Arc::new(config),
             store,
             rcar,
             policy,
             policy_write: Arc::new(tokio::sync::Mutex::new(())),
             admin,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             hub: tunnel::Hub::new(),
+            guest_directory: Arc::new(crate::guest_directory::GuestDirectory::new()),
             shutdown: CancellationToken::new(),
+            plugins,
         };
         Ok(Self {
             state,
@@ -211,6 +254,8 @@ impl Kbs {
     pub async fn serve(self, listener: TcpListener) -> std::io::Result<()> {
         let state = self.state.clone();
         let sweeper = tokio::spawn(sweep_sessions(state.clone()));
+        let observability = crate::fleet::spawn_all(&state);
+        state.plugins.start_all(&state).await;
         let grace = state.config.http.shutdown_grace;
         let serving = crate::serve::serve(
             listener,
@@ -226,6 +271,8 @@ impl Kbs {
             http::tunnel::drain(&state.hub, &state.shutdown, grace)
         );
         sweeper.abort();
+        observability.finish().await;
+        state.plugins.stop_all().await;
         result
     }
 }
@@ -252,12 +299,16 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/kbs/v0/auth", post(http::rcar::auth))
         .route("/kbs/v0/attest", post(http::rcar::attest))
+        .route("/kbs/v0/plugin", get(crate::plugins::http::list))
         .route(
-            "/kbs/v0/resource/{repo}/{kind}/{tag}",
-            get(http::resource::get)
-                .post(http::resource::put)
-                .delete(http::resource::delete),
+            "/kbs/v0/plugin/enable/{name}",
+            post(crate::plugins::http::enable),
         )
+        .route(
+            "/kbs/v0/plugin/disable/{name}",
+            post(crate::plugins::http::disable),
+        )
+        .merge(state.plugins.router(&state))
         .route(
             "/kbs/v0/admin/resources/{repo}/{kind}/{tag}/versions",
             get(http::resource::versions),
@@ -267,6 +318,8 @@ pub fn router(state: AppState) -> Router {
             post(http::admin::set_policy).get(http::admin::get_policy),
         )
         .route("/kbs/v0/admin/audit", get(http::admin::audit))
+        .route("/kbs/v0/admin/events", get(crate::events::list))
+        .merge(crate::dashboard::routes())
         .route("/kbs/v0/tunnel", get(http::tunnel::upgrade))
         .route("/kbs/v0/admin/guests", get(http::guests::list))
         .route(

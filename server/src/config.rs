@@ -57,6 +57,8 @@ pub struct Config {
     pub tunnel: TunnelConfig,
     /// Logging settings.
     pub log: LogConfig,
+    /// Plugin defaults and per-plugin settings.
+    pub plugins: PluginsConfig,
 }
 
 /// HTTP listener settings.
@@ -279,6 +281,113 @@ impl Default for LogConfig {
     }
 }
 
+/// Plugin defaults and per-plugin settings (`[plugins]`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Plugins disabled until an admin enables them (a stored enable/disable decision wins).
+    pub disabled: Vec<String>,
+    /// The splitapi plugin (`[plugins.splitapi]`).
+    pub splitapi: SplitApiConfig,
+    /// The probes plugin's periodic probes (`[plugins.probes]`).
+    pub probes: crate::probes::ProbesConfig,
+    /// The generic PKI plugin (`[plugins.pki]`).
+    pub pki: crate::plugins::pki::PkiConfig,
+}
+
+/// Key algorithm of generated certificates.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyAlgorithm {
+    /// Ed25519 (default).
+    #[default]
+    Ed25519,
+    /// ECDSA over P-256 with SHA-256.
+    EcdsaP256,
+}
+
+/// splitapi settings (`[plugins.splitapi]`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SplitApiConfig {
+    /// Key algorithm of the CA, server and client keys: `ed25519` or `ecdsa-p256`.
+    pub key_algorithm: KeyAlgorithm,
+    /// Lifetime of issued server and client certificates.
+    #[serde(with = "humantime_serde")]
+    pub validity: Duration,
+    /// Lifetime of a sandbox CA (at least `validity`).
+    #[serde(with = "humantime_serde")]
+    pub ca_validity: Duration,
+    /// Renew (and push) credentials this long before they expire.
+    #[serde(with = "humantime_serde")]
+    pub renew_before: Duration,
+    /// How often to look for credentials due for renewal.
+    #[serde(with = "humantime_serde")]
+    pub renew_check_interval: Duration,
+    /// Organization (O) in issued certificate subjects.
+    pub organization: String,
+}
+
+impl Default for SplitApiConfig {
+    fn default() -> Self {
+        Self {
+            key_algorithm: KeyAlgorithm::Ed25519,
+            validity: Duration::from_secs(30 * 24 * 3600),
+            ca_validity: Duration::from_secs(365 * 24 * 3600),
+            renew_before: Duration::from_secs(7 * 24 * 3600),
+            renew_check_interval: Duration::from_secs(60),
+            organization: "Tether splitapi".to_string(),
+        }
+    }
+}
+
+impl SplitApiConfig {
+    /// Range and consistency checks, naming the key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        const K: &str = "plugins.splitapi";
+        if self.validity < Duration::from_secs(60) {
+            return Err(invalid(&format!("{K}.validity"), "must be at least 1m"));
+        }
+        if self.validity > Duration::from_secs(10 * 365 * 24 * 3600) {
+            return Err(invalid(
+                &format!("{K}.validity"),
+                "must be at most 10 years",
+            ));
+        }
+        if self.ca_validity < self.validity {
+            return Err(invalid(
+                &format!("{K}.ca_validity"),
+                "must be at least plugins.splitapi.validity",
+            ));
+        }
+        if self.ca_validity > Duration::from_secs(30 * 365 * 24 * 3600) {
+            return Err(invalid(
+                &format!("{K}.ca_validity"),
+                "must be at most 30 years",
+            ));
+        }
+        if self.renew_before >= self.validity {
+            return Err(invalid(
+                &format!("{K}.renew_before"),
+                "must be shorter than plugins.splitapi.validity",
+            ));
+        }
+        if self.renew_check_interval < Duration::from_secs(1) {
+            return Err(invalid(
+                &format!("{K}.renew_check_interval"),
+                "must be at least 1s",
+            ));
+        }
+        if self.organization.is_empty() || self.organization.len() > 64 {
+            return Err(invalid(
+                &format!("{K}.organization"),
+                "must be 1..=64 characters",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Prefix of environment variables that override config keys:
 /// `KBS_HTTP__LISTEN=0.0.0.0:8080` sets `http.listen`.
 pub const ENV_PREFIX: &str = "KBS_";
@@ -411,6 +520,23 @@ impl Config {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
+        for (i, name) in self.plugins.disabled.iter().enumerate() {
+            if !crate::plugins::BUILTIN_NAMES.contains(&name.as_str()) {
+                return Err(invalid(
+                    &format!("plugins.disabled[{i}]"),
+                    format!(
+                        "no plugin named `{name}` (known: {})",
+                        crate::plugins::BUILTIN_NAMES.join(", ")
+                    ),
+                ));
+            }
+        }
+        self.plugins.splitapi.validate()?;
+        self.plugins.pki.validate()?;
+        self.plugins
+            .probes
+            .validate()
+            .map_err(|(key, reason)| invalid(&format!("plugins.{key}"), reason))?;
         Ok(())
     }
 }
@@ -500,6 +626,26 @@ mod tests {
         let c = load("[admin.roles]\nops = [\"GET ([\"]\n", &[]).unwrap();
         let err = c.validate().unwrap_err();
         assert!(err.to_string().contains("admin.roles.ops[0]"), "{err}");
+        let c = load("[plugins]\ndisabled = [\"nope\"]\n", &[]).unwrap();
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("plugins.disabled[0]"), "{err}");
+        let c = load(
+            "[plugins.splitapi]\nvalidity = \"1h\"\nrenew_before = \"2h\"\n",
+            &[],
+        )
+        .unwrap();
+        let err = c.validate().unwrap_err();
+        assert!(
+            err.to_string().contains("plugins.splitapi.renew_before"),
+            "{err}"
+        );
+        let err = load("[plugins.splitapi]\nkey_algorithm = \"rsa\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("rsa"), "{err}");
+        let err = load("[plugins.splitapi]\nvalidty = \"1h\"\n", &[]).unwrap_err();
+        assert!(err.to_string().contains("validty"), "{err}");
+        let c = load("[plugins.splitapi]\nkey_algorithm = \"ecdsa-p256\"\nvalidity = \"2d\"\nrenew_before = \"1d\"\n", &[]).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.plugins.splitapi.key_algorithm, KeyAlgorithm::EcdsaP256);
         let c = load("[attestation]\nverifiers = [\"sgx-magic\"]\n", &[]).unwrap();
         assert!(
             c.validate()

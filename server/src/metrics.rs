@@ -51,6 +51,12 @@ pub struct Metrics {
     pub rpc_calls: Family<Labels, Counter>,
     /// RPC latency by method.
     pub rpc_duration: Family<Labels, Histogram, fn() -> Histogram>,
+    /// Events, fleet, probes and storage latency (`crate::events`).
+    pub observability: crate::events::ObservabilityMetrics,
+    /// PKI plugin sign requests by outcome and key type (`crate::plugins::pki`).
+    pub pki_sign: Family<Labels, Counter>,
+    /// Rotation rollouts (`crate::rotation`).
+    pub rotation: RotationMetrics,
 }
 
 impl Default for Metrics {
@@ -131,7 +137,18 @@ impl Metrics {
             "Server-to-guest RPC latency by method",
             rpc_duration.clone(),
         );
+        let observability = crate::events::ObservabilityMetrics::register(&mut registry);
+        let rotation = RotationMetrics::register(&mut registry);
+        let pki_sign = Family::<Labels, Counter>::default();
+        registry.register(
+            "pki_sign",
+            "PKI plugin sign requests by outcome and key type",
+            pki_sign.clone(),
+        );
         Self {
+            rotation,
+            pki_sign,
+            observability,
             registry,
             http_requests,
             http_duration,
@@ -161,6 +178,52 @@ impl Metrics {
     pub fn inc(family: &Family<Labels, Counter>, labels: &[(&'static str, &str)]) {
         let labels: Labels = labels.iter().map(|(k, v)| (*k, v.to_string())).collect();
         family.get_or_create(&labels).inc();
+    }
+}
+
+/// Rotation metric families: rollouts by state, pushes by outcome, delivery latency.
+#[derive(Clone, Debug)]
+pub struct RotationMetrics {
+    /// Rollouts in force by state (`running`, `completed`, `paused`).
+    pub rollouts: Family<Labels, Gauge>,
+    /// Rollout state changes by the state entered.
+    pub rollout_transitions: Family<Labels, Counter>,
+    /// Pushes by outcome (`acked`, `already_held`, `denied`, `failed`, `retry`, `disconnected`).
+    pub pushes: Family<Labels, Counter>,
+    /// Time from dispatching a push to its ack being stored, seconds.
+    pub delivery: Histogram,
+}
+
+impl RotationMetrics {
+    /// Create the families and register them in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self {
+            rollouts: Family::default(),
+            rollout_transitions: Family::default(),
+            pushes: Family::default(),
+            delivery: latency_histogram(),
+        };
+        registry.register(
+            "rotation_rollouts",
+            "Rotation rollouts in force, by state",
+            m.rollouts.clone(),
+        );
+        registry.register(
+            "rotation_rollout_transitions",
+            "Rotation rollout state changes, by the state entered",
+            m.rollout_transitions.clone(),
+        );
+        registry.register(
+            "rotation_pushes",
+            "Rotation pushes to guests, by outcome",
+            m.pushes.clone(),
+        );
+        registry.register(
+            "rotation_delivery_seconds",
+            "Rotation delivery latency: push dispatched to ack stored",
+            m.delivery.clone(),
+        );
+        m
     }
 }
 
@@ -205,12 +268,64 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next
 }
 
 /// `GET /metrics`.
-pub async fn expose(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        metrics.render(),
-    )
+/// OpenMetrics for scrapers that ask for it (Prometheus does), the classic Prometheus text
+/// format 0.0.4 for everyone else (curl, older parsers).
+pub async fn expose(
+    State(metrics): State<Arc<Metrics>>,
+    headers: axum::http::HeaderMap,
+) -> impl IntoResponse {
+    let openmetrics = headers
+        .get_all(axum::http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    if openmetrics {
+        (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            metrics.render(),
+        )
+    } else {
+        (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            to_prometheus_text(&metrics.render()),
+        )
+    }
+}
+
+/// OpenMetrics text to the Prometheus 0.0.4 text format: counter families are named with
+/// their `_total` suffix in `# HELP`/`# TYPE`, and `# UNIT`/`# EOF` lines go.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 1024);
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.contains(name) {
+                    out.push_str(&format!("{prefix}{name}_total {tail}"));
+                } else {
+                    out.push_str(line);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }

@@ -157,6 +157,28 @@ impl AdminAuth {
         Ok(Self { keys, roles })
     }
 
+    /// Check an already authenticated identity's role allows `method path` (the dashboard
+    /// session, which holds the identity of the admin token it was opened with).
+    pub fn authorize_identity(
+        &self,
+        identity: &AdminIdentity,
+        method: &Method,
+        path: &str,
+    ) -> Result<(), ApiError> {
+        let allowed = self
+            .roles
+            .get(&identity.role)
+            .is_some_and(|rules| rules.iter().any(|r| r.allows(method, path)));
+        if allowed {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(
+                "AdminRoleDenied",
+                format!("role `{}` may not {method} {path}", identity.role),
+            ))
+        }
+    }
+
     /// Authenticate the bearer token and check the role allows `method path`.
     pub fn authorize(
         &self,

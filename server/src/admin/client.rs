@@ -246,3 +246,256 @@ pub enum RequestBody {
     /// Raw bytes.
     Bytes(Vec<u8>),
 }
+
+/// Rotation rollouts (`/kbs/v0/rotation/...`).
+impl AdminClient {
+    /// Start a rollout.
+    pub async fn start_rollout(
+        &self,
+        req: &crate::rotation::StartRollout,
+    ) -> Result<crate::rotation::RolloutView, ClientError> {
+        let body = serde_json::to_value(req)
+            .map_err(|e| ClientError::Local(format!("rollout request: {e}")))?;
+        let v = self
+            .send(
+                Method::POST,
+                "/kbs/v0/rotation/rollouts",
+                Some(RequestBody::Json(body)),
+            )
+            .await?;
+        parse("rollout", v)
+    }
+
+    /// A rollout with one page of targets (`query`: e.g. `state=failed&limit=100`).
+    pub async fn rollout(
+        &self,
+        id: i64,
+        query: &str,
+    ) -> Result<crate::rotation::RolloutDetail, ClientError> {
+        let mut path = format!("/kbs/v0/rotation/rollouts/{id}");
+        if !query.is_empty() {
+            path.push('?');
+            path.push_str(query);
+        }
+        let v = self.send(Method::GET, &path, None).await?;
+        parse("rollout", v)
+    }
+
+    /// Rollouts, newest first.
+    pub async fn list_rollouts(
+        &self,
+        in_force: bool,
+        limit: u32,
+    ) -> Result<crate::rotation::RolloutList, ClientError> {
+        let v = self
+            .send(
+                Method::GET,
+                &format!("/kbs/v0/rotation/rollouts?in_force={in_force}&limit={limit}"),
+                None,
+            )
+            .await?;
+        parse("rollout list", v)
+    }
+
+    /// Pause, resume or cancel a rollout.
+    pub async fn control_rollout(
+        &self,
+        id: i64,
+        action: crate::rotation::Control,
+    ) -> Result<crate::rotation::RolloutView, ClientError> {
+        let v = self
+            .send(
+                Method::POST,
+                &format!("/kbs/v0/rotation/rollouts/{id}/{}", action.as_str()),
+                None,
+            )
+            .await?;
+        parse("rollout", v)
+    }
+
+    /// Open the server-sent-events stream of a rollout.
+    pub async fn watch_rollout(&self, id: i64) -> Result<RolloutWatch, ClientError> {
+        let resp = self
+            .http
+            .get(format!(
+                "{}/kbs/v0/rotation/rollouts/{id}/events",
+                self.base
+            ))
+            .bearer_auth(self.token()?)
+            .timeout(Duration::from_secs(7 * 24 * 3600))
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            return Err(ClientError::Api {
+                status,
+                name: body["type"]
+                    .as_str()
+                    .unwrap_or("")
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or("")
+                    .to_string(),
+                detail: body["detail"].as_str().unwrap_or("").to_string(),
+            });
+        }
+        Ok(RolloutWatch {
+            resp,
+            buf: Vec::new(),
+        })
+    }
+}
+
+/// One message of a rollout's event stream.
+#[derive(Clone, Debug)]
+pub enum RolloutUpdate {
+    /// The whole rollout with its counts (first, and after the stream fell behind).
+    Snapshot(crate::rotation::RolloutView),
+    /// One change.
+    Change(crate::rotation::RolloutEvent),
+}
+
+/// A rollout's server-sent-events stream.
+pub struct RolloutWatch {
+    resp: reqwest::Response,
+    buf: Vec<u8>,
+}
+
+impl RolloutWatch {
+    /// The next update; `None` when the stream ends.
+    pub async fn next(&mut self) -> Result<Option<RolloutUpdate>, ClientError> {
+        loop {
+            if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buf.drain(..end + 2).collect();
+                let text = String::from_utf8_lossy(&block);
+                let (mut kind, mut data) = ("message", String::new());
+                for line in text.lines() {
+                    if let Some(k) = line.strip_prefix("event:") {
+                        kind = if k.trim() == "snapshot" {
+                            "snapshot"
+                        } else if k.trim() == "change" {
+                            "change"
+                        } else {
+                            "other"
+                        };
+                    } else if let Some(d) = line.strip_prefix("data:") {
+                        data.push_str(d.strip_prefix(' ').unwrap_or(d));
+                    }
+                }
+                let bad =
+                    |e: serde_json::Error| ClientError::Local(format!("bad rollout event: {e}"));
+                match kind {
+                    "snapshot" => {
+                        return Ok(Some(RolloutUpdate::Snapshot(
+                            serde_json::from_str(&data).map_err(bad)?,
+                        )));
+                    }
+                    "change" => {
+                        return Ok(Some(RolloutUpdate::Change(
+                            serde_json::from_str(&data).map_err(bad)?,
+                        )));
+                    }
+                    _ => continue,
+                }
+            }
+            match self.resp.chunk().await? {
+                Some(chunk) => {
+                    if self.buf.len() + chunk.len() > 4 * 1024 * 1024 {
+                        return Err(ClientError::Local("rollout event too large".into()));
+                    }
+                    self.buf.extend_from_slice(&chunk);
+                }
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
+/// The workload owner's splitapi client bundle (`GET /kbs/v0/splitapi/owner/<id>/credentials`).
+#[derive(Clone, serde::Deserialize)]
+pub struct OwnerBundle {
+    /// Guest id.
+    pub guest_id: String,
+    /// Credential version.
+    pub version: u64,
+    /// Client certificate expiry, Unix seconds.
+    pub not_after: u64,
+    /// The sandbox CA, PEM.
+    #[serde(rename = "ca.crt")]
+    pub ca_crt: String,
+    /// Client certificate, PEM.
+    #[serde(rename = "client.crt")]
+    pub client_crt: String,
+    /// Client private key, PKCS#8 PEM.
+    #[serde(rename = "client.key")]
+    pub client_key: String,
+}
+
+impl Drop for OwnerBundle {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.client_key);
+    }
+}
+
+impl std::fmt::Debug for OwnerBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnerBundle")
+            .field("guest_id", &self.guest_id)
+            .field("version", &self.version)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OwnerBundle {
+    /// Write `ca.crt`, `client.crt` (0644) and `client.key` (0600) into `dir`, each atomically.
+    pub fn write_to(&self, dir: &Path) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir)?;
+        crate::fsutil::write_private_atomic(&dir.join("client.key"), self.client_key.as_bytes())?;
+        for (name, pem) in [("ca.crt", &self.ca_crt), ("client.crt", &self.client_crt)] {
+            let path = dir.join(name);
+            crate::fsutil::write_private_atomic(&path, pem.as_bytes())?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+        }
+        Ok(())
+    }
+}
+
+impl AdminClient {
+    /// `GET /kbs/v0/plugin`: `{"plugins": [{name, kind, kinds, enabled, version}]}`.
+    pub async fn list_plugins(&self) -> Result<Value, ClientError> {
+        self.send(Method::GET, "/kbs/v0/plugin", None).await
+    }
+
+    /// Enable or disable a plugin: `{"name", "enabled", "changed"}`.
+    pub async fn set_plugin_enabled(
+        &self,
+        name: &str,
+        enabled: bool,
+    ) -> Result<Value, ClientError> {
+        let verb = if enabled { "enable" } else { "disable" };
+        self.send(
+            Method::POST,
+            &format!("/kbs/v0/plugin/{verb}/{}", path_segment(name)),
+            None,
+        )
+        .await
+    }
+
+    /// The owner's splitapi client bundle for `guest_id`.
+    pub async fn splitapi_client_creds(&self, guest_id: &str) -> Result<OwnerBundle, ClientError> {
+        let v = self
+            .send(
+                Method::GET,
+                &format!(
+                    "/kbs/v0/splitapi/owner/{}/credentials",
+                    path_segment(guest_id)
+                ),
+                None,
+            )
+            .await?;
+        parse("splitapi owner bundle", v)
+    }
+}

@@ -1,7 +1,11 @@
 //! Storage: one [`Store`] trait for everything the KBS keeps, with SQLite as the embedded
 //! default. Callers only see the trait, so a PostgreSQL implementation can follow unchanged.
 
+mod events;
+mod fleet;
 mod kek;
+mod plugins;
+mod rotation;
 mod sqlite;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -10,7 +14,14 @@ use async_trait::async_trait;
 use serde::Serialize;
 use zeroize::Zeroizing;
 
+pub use events::{EventQuery, EventRecord, EventStore, NewEvent};
+pub use fleet::FleetStore;
 pub use kek::KeyEncryptionKey;
+pub use plugins::{PluginStateRow, PluginStateStore};
+pub use rotation::{
+    CreatedRollout, NewRollout, RolloutQuery, RolloutRecord, RolloutState, RolloutStore,
+    TargetRecord, TargetState,
+};
 pub use sqlite::SqliteStore;
 
 use crate::resource_path::ResourcePath;
@@ -128,7 +139,9 @@ pub struct AuditQuery {
 
 /// Everything the KBS stores.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store:
+    RolloutStore + PluginStateStore + EventStore + FleetStore + Send + Sync + 'static
+{
     /// Store a new version of a resource; returns its version number.
     async fn put_resource(
         &self,

@@ -39,6 +39,17 @@ impl SqliteStore {
         sqlx::migrate!("./migrations").run(&pool).await?;
         Ok(Self { pool, kek })
     }
+
+    /// The connection pool, for the per-area store impls in sibling modules.
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// The key-encryption key, for encryption at rest in sibling modules.
+    #[allow(dead_code)] // for per-area stores that seal their own columns
+    pub(crate) fn kek(&self) -> &KeyEncryptionKey {
+        &self.kek
+    }
 }
 
 fn resource_context(path: &ResourcePath) -> Vec<u8> {
