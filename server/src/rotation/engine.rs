@@ -193,6 +193,8 @@ pub async fn run(
     commands: &mut mpsc::Receiver<Command>,
     stop: CancellationToken,
 ) {
+    // Unbounded by type, bounded by construction: each delivery task sends exactly one `Done`,
+    // and at most `max_concurrent` deliveries per rollout are in flight.
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let mut engine = Engine {
         writer: TargetWriter::spawn(core.store.clone()),
