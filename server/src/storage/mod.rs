@@ -4,6 +4,7 @@
 mod events;
 mod fleet;
 mod kek;
+pub mod latest_cache;
 mod plugins;
 mod rotation;
 mod sqlite;

@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
 
+use super::latest_cache::{LatestCache, SealedLatest};
 use super::{
     AuditEntry, AuditQuery, AuditRecord, KeyEncryptionKey, ResourceVersion, Store, StoreError,
     StoredPolicy, VersionInfo, now_ms,
@@ -20,6 +21,8 @@ use crate::resource_path::ResourcePath;
 pub struct SqliteStore {
     pool: SqlitePool,
     kek: Arc<KeyEncryptionKey>,
+    /// Latest version per path, still sealed; every resource write below invalidates it.
+    latest: Arc<LatestCache>,
 }
 
 impl SqliteStore {
@@ -37,7 +40,27 @@ impl SqliteStore {
             .connect_with(opts)
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        Ok(Self { pool, kek })
+        Ok(Self {
+            pool,
+            kek,
+            latest: Arc::default(),
+        })
+    }
+
+    /// Opens a sealed resource version under the KEK.
+    fn open_sealed(
+        &self,
+        path: &ResourcePath,
+        sealed: &SealedLatest,
+    ) -> Result<ResourceVersion, StoreError> {
+        let data = self
+            .kek
+            .open(&resource_context(path), &sealed.nonce, &sealed.ciphertext)?;
+        Ok(ResourceVersion {
+            version: sealed.version,
+            data,
+            sha256: sealed.sha256.clone(),
+        })
     }
 
     /// The connection pool, for the per-area store impls in sibling modules.
@@ -85,8 +108,9 @@ impl Store for SqliteStore {
         .bind(now_ms() as i64)
         .bind(actor)
         .fetch_one(&self.pool)
-        .await?;
-        Ok(row.try_get::<i64, _>(0)? as u64)
+        .await;
+        self.latest.invalidate(&key);
+        Ok(row?.try_get::<i64, _>(0)? as u64)
     }
 
     async fn get_resource(
@@ -95,6 +119,12 @@ impl Store for SqliteStore {
         version: Option<u64>,
     ) -> Result<Option<ResourceVersion>, StoreError> {
         let key = path.to_string();
+        if let Some(hit) = self.latest.get(&key)
+            && version.is_none_or(|v| v == hit.version)
+        {
+            return self.open_sealed(path, &hit).map(Some);
+        }
+        let ticket = self.latest.ticket();
         let row = match version {
             Some(v) => {
                 sqlx::query(
@@ -117,14 +147,17 @@ impl Store for SqliteStore {
             }
         };
         let Some(row) = row else { return Ok(None) };
-        let nonce: Vec<u8> = row.try_get(1)?;
-        let ct: Vec<u8> = row.try_get(2)?;
-        let data = self.kek.open(&resource_context(path), &nonce, &ct)?;
-        Ok(Some(ResourceVersion {
+        let sealed = SealedLatest {
             version: row.try_get::<i64, _>(0)? as u64,
-            data,
+            nonce: row.try_get(1)?,
+            ciphertext: row.try_get(2)?,
             sha256: row.try_get(3)?,
-        }))
+        };
+        let plain = self.open_sealed(path, &sealed)?;
+        if version.is_none() {
+            self.latest.fill(ticket, &key, sealed);
+        }
+        Ok(Some(plain))
     }
 
     async fn list_versions(&self, path: &ResourcePath) -> Result<Vec<VersionInfo>, StoreError> {
@@ -158,8 +191,9 @@ impl Store for SqliteStore {
         )
         .bind(path.to_string())
         .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() > 0)
+        .await;
+        self.latest.invalidate(&path.to_string());
+        Ok(done?.rows_affected() > 0)
     }
 
     async fn get_policy(&self, name: &str) -> Result<Option<StoredPolicy>, StoreError> {
