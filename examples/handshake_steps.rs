@@ -131,8 +131,8 @@ async fn main() -> anyhow::Result<()> {
         time_async(n, || SampleVerifier.verify(&evidence, &digest, None)).await,
     );
     let mut map = serde_json::Map::new();
-    if let serde_json::Value::Object(m) = &*claims {
-        map = m.clone();
+    if let serde_json::Value::Object(m) = claims.to_value() {
+        map = m;
     }
     for k in ["iat", "exp", "jti"] {
         map.remove(k);
@@ -181,7 +181,7 @@ async fn main() -> anyhow::Result<()> {
     });
     row(
         "policy evaluate",
-        time(n, || policy.evaluate(&claims, &data)),
+        time(n, || policy.evaluate_json(claims.json(), &data)),
     );
     let dir = tempfile::tempdir()?;
     let url = format!("sqlite://{}", dir.path().join("kbs.db").display());
@@ -189,7 +189,7 @@ async fn main() -> anyhow::Result<()> {
     let path: ResourcePath = "default/key/bench".parse().map_err(anyhow::Error::msg)?;
     store.put_resource(&path, &[7u8; 32], "bench").await?;
     row(
-        "store get_resource (SQLite + KEK open)",
+        "store get_resource (latest cached + KEK open)",
         time_async(n, || store.get_resource(&path, None)).await,
     );
     let tee_pubkey = key.export_pubkey();

@@ -7,20 +7,26 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 use kbs_types::TeePubKey;
-use serde_json::Value;
 
-use crate::token::VerifiedToken;
+use crate::claims::Claims;
+use crate::token::{GuestIdentity, VerifiedToken};
 
 /// The attested facts of one guest, from its latest verified token.
 #[derive(Clone, Debug)]
 pub struct GuestAttestation {
     /// Guest id.
     pub guest_id: String,
-    /// Token claims, as the resource policy sees them (`input`); an `Arc` so a token cache
-    /// holding the same claims can share them.
-    pub claims: Arc<Value>,
+    /// Token claims, as the resource policy sees them (`input`); shared with the token cache
+    /// and sessions holding the same token.
+    pub claims: Claims,
     /// The TEE key the guest proved possession of.
     pub tee_pubkey: TeePubKey,
+    /// The identity the claims state (`[tether]` of the init-data).
+    pub identity: GuestIdentity,
+    /// TEE name (`sample`, `tdx`, ...).
+    pub tee: String,
+    /// Token issued-at, seconds since the Unix epoch.
+    pub iat: u64,
     /// Token expiry, seconds since the Unix epoch.
     pub exp: u64,
 }
@@ -32,6 +38,9 @@ impl GuestAttestation {
             guest_id: token.identity.guest_id.clone(),
             claims: token.claims.clone(),
             tee_pubkey: token.tee_pubkey.clone(),
+            identity: token.identity.clone(),
+            tee: token.tee.clone(),
+            iat: token.iat,
             exp: token.exp,
         }
     }
@@ -89,7 +98,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::token::{GuestIdentity, TokenSigner, build_claims};
+    use crate::token::{TokenSigner, build_claims};
 
     fn token(guest_id: &str, ttl: Duration) -> VerifiedToken {
         let signer = TokenSigner::ephemeral().unwrap();

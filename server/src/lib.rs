@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod app;
 pub mod attest;
+pub mod claims;
 pub mod config;
 pub mod dashboard;
 pub mod error;

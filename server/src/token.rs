@@ -29,6 +29,7 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::attest::InitDataClaims;
+pub use crate::claims::Claims;
 
 mod cache;
 mod es256;
@@ -131,9 +132,9 @@ impl GuestIdentity {
 /// A token this KBS signed, checked and unpacked.
 #[derive(Clone, Debug)]
 pub struct VerifiedToken {
-    /// All claims, as the resource policy sees them (`input`).
+    /// All claims, as the resource policy sees them (`input`), as compact JSON text.
     /// Shared: sessions, the verified-token cache and the guest directory hold the same copy.
-    pub claims: Arc<Value>,
+    pub claims: Claims,
     /// The TEE key the guest proved possession of during attestation.
     pub tee_pubkey: TeePubKey,
     /// The guest's identity.
@@ -147,8 +148,9 @@ pub struct VerifiedToken {
 }
 
 impl VerifiedToken {
-    /// Unpack claims already known to be authentic (just signed or just verified).
-    fn from_claims(claims: Value) -> Result<Self, TokenError> {
+    /// Unpack claims already known to be authentic (just signed or just verified); `text`
+    /// is their JSON serialisation.
+    fn from_claims(claims: &Value, text: String) -> Result<Self, TokenError> {
         let key = claims
             .pointer(TEE_PUBKEY_POINTER)
             .or_else(|| claims.pointer(TEE_PUBKEY_POINTER_LEGACY))
@@ -174,7 +176,7 @@ impl VerifiedToken {
         let iat = number("iat")?;
         let exp = number("exp")?;
         Ok(Self {
-            claims: Arc::new(claims),
+            claims: Claims::from_serialized(text),
             tee_pubkey,
             identity,
             tee,
@@ -335,7 +337,7 @@ impl TokenSigner {
 
     /// Signs `claims` after adding `iat`, `exp` (now + `ttl`) and a fresh `jti`.
     pub fn issue(&self, claims: Map<String, Value>, ttl: Duration) -> Result<String, TokenError> {
-        self.sign(stamp(claims, ttl)).map(|(token, _)| token)
+        self.sign(stamp(claims, ttl)).map(|(token, _, _)| token)
     }
 
     /// Like [`TokenSigner::issue`], also returning the unpacked token (no re-verification).
@@ -344,18 +346,22 @@ impl TokenSigner {
         claims: Map<String, Value>,
         ttl: Duration,
     ) -> Result<(String, VerifiedToken), TokenError> {
-        let (token, claims) = self.sign(stamp(claims, ttl))?;
-        let verified = VerifiedToken::from_claims(Value::Object(claims))?;
+        let (token, claims, text) = self.sign(stamp(claims, ttl))?;
+        let verified = VerifiedToken::from_claims(&Value::Object(claims), text)?;
         Ok((token, verified))
     }
 
-    fn sign(&self, claims: Map<String, Value>) -> Result<(String, Map<String, Value>), TokenError> {
-        let json = serde_json::to_vec(&claims).map_err(|e| TokenError::Sign(e.to_string()))?;
+    /// The token, the claims and their JSON text (what the token's payload encodes).
+    fn sign(
+        &self,
+        claims: Map<String, Value>,
+    ) -> Result<(String, Map<String, Value>, String), TokenError> {
+        let json = serde_json::to_string(&claims).map_err(|e| TokenError::Sign(e.to_string()))?;
         let token = self
             .es256
-            .sign(&json)
+            .sign(json.as_bytes())
             .map_err(|_| TokenError::Sign("ES256 signature failed".into()))?;
-        Ok((token, claims))
+        Ok((token, claims, json))
     }
 
     /// Verifies a token: ES256 under this signer's key only, unexpired (5 s leeway).
@@ -385,7 +391,8 @@ impl TokenSigner {
                 VerifyFailure::MissingExp => TokenError::Invalid("missing exp claim"),
                 VerifyFailure::Malformed => TokenError::Invalid("malformed token"),
             })?;
-        let verified = VerifiedToken::from_claims(claims)?;
+        let text = serde_json::to_string(&claims).map_err(|e| TokenError::Claims(e.to_string()))?;
+        let verified = VerifiedToken::from_claims(&claims, text)?;
         self.cache.insert(
             digest,
             Arc::new(verified.clone()),
@@ -459,7 +466,7 @@ mod tests {
         assert_eq!(verified.identity, identity());
         assert!(matches!(verified.tee_pubkey, TeePubKey::EC { ref crv, .. } if crv == "P-256"));
         assert_eq!(verified.exp - verified.iat, 300);
-        let c = &verified.claims;
+        let c = &verified.claims.to_value();
         assert_eq!(c["eat_profile"], EAR_PROFILE);
         assert_eq!(c["submods"]["cpu0"]["ear.status"], "affirming");
         assert_eq!(
@@ -527,7 +534,7 @@ mod tests {
         let mut claims = sample_claims();
         claims.insert("iat".into(), json!(1000));
         claims.insert("exp".into(), json!(1001));
-        let (token, _) = signer.sign(claims).unwrap();
+        let (token, _, _) = signer.sign(claims).unwrap();
         assert!(matches!(signer.verify(&token), Err(TokenError::Expired)));
 
         // Within the 5 s leeway still verifies.
@@ -538,7 +545,7 @@ mod tests {
         let mut claims = sample_claims();
         claims.insert("iat".into(), json!(now - 60));
         claims.insert("exp".into(), json!(now - 2));
-        let (token, _) = signer.sign(claims).unwrap();
+        let (token, _, _) = signer.sign(claims).unwrap();
         assert!(signer.verify(&token).is_ok());
     }
 
@@ -672,7 +679,7 @@ mod tests {
         let token =
             jsonwebtoken::encode(&header_of(&signer), &claims, &jwt_encoding_key(&secret)).unwrap();
         let verified = signer.verify(&token).unwrap();
-        assert_eq!(*verified.claims, Value::Object(claims.clone()));
+        assert_eq!(verified.claims.to_value(), Value::Object(claims.clone()));
 
         // Without exp: refused, as jsonwebtoken's Validation requiring exp does.
         let mut no_exp = claims.clone();
@@ -736,7 +743,8 @@ mod tests {
         let submods = claims.remove("submods").unwrap();
         claims.insert("submods".into(), json!({"cpu": submods["cpu0"].clone()}));
         let claims = Value::Object(stamp(claims, Duration::from_secs(10)));
-        let verified = VerifiedToken::from_claims(claims).unwrap();
+        let text = serde_json::to_string(&claims).unwrap();
+        let verified = VerifiedToken::from_claims(&claims, text).unwrap();
         assert_eq!(verified.identity.guest_id, "web-1");
     }
 

@@ -98,7 +98,8 @@ async fn full_handshake_with_sample_tee() {
     assert_eq!(verified.tee, "sample");
     assert_eq!(verified.identity.guest_id, derived_guest_id(&key).unwrap());
     assert!(verified.identity.labels.is_empty());
-    let ev = &verified.claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"];
+    let claims = verified.claims.to_value();
+    let ev = &claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"];
     assert_eq!(ev["sample"]["svn"], "1");
     assert_eq!(
         ev["runtime_data_claims"]["nonce"],
@@ -326,13 +327,14 @@ async fn init_data_sets_identity_and_claims() {
     let v = &attested.verified;
     assert_eq!(v.identity.guest_id, "db-primary");
     assert_eq!(v.identity.labels["role"], "db");
-    let ev = &v.claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"];
+    let claims = v.claims.to_value();
+    let ev = &claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"];
     assert_eq!(
         ev["init_data"],
         hex::encode(HashAlgorithm::Sha256.digest(INIT_DATA.as_bytes()))
     );
     assert_eq!(ev["init_data_claims"]["tether"]["guest_id"], "db-primary");
-    assert_eq!(v.claims["tether"]["guest_id"], "db-primary");
+    assert_eq!(claims["tether"]["guest_id"], "db-primary");
 }
 
 #[tokio::test]
@@ -464,7 +466,8 @@ async fn pluggable_verifier_gets_report_and_init_data_digests() {
     );
     assert_eq!(attested.verified.tee, "tdx");
     assert_eq!(
-        attested.verified.claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"]["tdx"]["tcb"],
+        attested.verified.claims.to_value()["submods"]["cpu0"]["ear.veraison.annotated-evidence"]["tdx"]
+            ["tcb"],
         "up-to-date"
     );
 }

@@ -567,12 +567,8 @@ impl Fleet {
 }
 
 fn apply_attestation(rec: &mut GuestRecord, att: &GuestAttestation) {
-    if let Some(tee) = att.claims.pointer("/tether/tee").and_then(|v| v.as_str()) {
-        rec.tee = Some(tee.to_string());
-    }
-    if let Some(iat) = att.claims.get("iat").and_then(serde_json::Value::as_u64) {
-        rec.attested_at = Some(iat.saturating_mul(1000));
-    }
+    rec.tee = Some(att.tee.clone());
+    rec.attested_at = Some(att.iat.saturating_mul(1000));
     rec.token_expires_at = Some(att.exp.saturating_mul(1000));
 }
 

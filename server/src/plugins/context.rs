@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use axum::extract::{FromRequestParts, OriginalUri};
 use axum::http::request::Parts;
-use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::auth::AdminIdentity;
@@ -63,7 +62,7 @@ impl PluginContext {
     }
 
     /// The claims and TEE key of `guest_id`'s latest token (recorded when its tunnel
-    /// opened or re-attested). Its identity: `crate::token::GuestIdentity::from_claims`.
+    /// opened or re-attested), with the identity they state.
     pub fn attested_guest(&self, guest_id: &str) -> Option<Arc<GuestAttestation>> {
         self.core.guest_directory.get(guest_id)
     }
@@ -71,7 +70,7 @@ impl PluginContext {
     /// The resource policy, for this plugin: `data.plugin` is this plugin's name.
     pub fn check_policy(
         &self,
-        claims: &Value,
+        claims: &crate::claims::Claims,
         path: Option<&ResourcePath>,
         query: &BTreeMap<String, String>,
     ) -> Result<(), ApiError> {

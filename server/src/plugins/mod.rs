@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::guest_directory::GuestAttestation;
@@ -30,6 +30,7 @@ pub use context::{PluginContext, PluginKv};
 pub use registry::{PluginInfo, PluginRegistry, RegistryError};
 
 use crate::app::AppState;
+use crate::claims::Claims;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::resource_path::ResourcePath;
@@ -109,7 +110,7 @@ pub trait Plugin: Send + Sync + 'static {
 /// plugins) and `data.query` (the request's query parameters).
 pub fn check_policy(
     state: &AppState,
-    claims: &Value,
+    claims: &Claims,
     plugin: &str,
     path: Option<&ResourcePath>,
     query: &BTreeMap<String, String>,
@@ -119,7 +120,7 @@ pub fn check_policy(
         "resource-path": path.map(|p| p.segments().to_vec()).unwrap_or_default(),
         "query": query,
     });
-    let allowed = state.policy.evaluate(claims, &data)?;
+    let allowed = state.policy.evaluate_json(claims.json(), &data)?;
     Metrics::inc(
         &state.metrics.policy_decisions,
         &[

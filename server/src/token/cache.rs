@@ -57,7 +57,7 @@ mod tests {
 
     fn token(exp: u64) -> Arc<VerifiedToken> {
         Arc::new(VerifiedToken {
-            claims: Arc::new(json!({})),
+            claims: crate::claims::Claims::from_value(&json!({})),
             tee_pubkey: kbs_types::TeePubKey::EC {
                 crv: "P-256".into(),
                 alg: "ECDH-ES+A256KW".into(),

@@ -28,7 +28,6 @@ use super::{Plugin, PluginContext, PluginKind};
 use crate::config::SplitApiConfig;
 use crate::error::ApiError;
 use crate::storage::StoreError;
-use crate::token::GuestIdentity;
 
 /// Plugin name, URL segment and the tunnel service a guest announces to get pushes.
 pub const NAME: &str = "splitapi";
@@ -180,14 +179,7 @@ impl Inner {
             tracing::info!(guest_id, detail = %e.detail, "splitapi: policy refuses this guest; not pushing");
             return None;
         }
-        let Some(identity) = GuestIdentity::from_claims(&att.claims) else {
-            tracing::warn!(
-                guest_id,
-                "splitapi: token claims carry no identity; not pushing"
-            );
-            return None;
-        };
-        let identity = SandboxIdentity::from(&identity);
+        let identity = SandboxIdentity::from(&att.identity);
         let started = Instant::now();
         let result = async {
             let rec = self.ensure(ctx, &identity).await?;
