@@ -416,6 +416,7 @@ async fn tunnel_only_route(
         labels: Default::default(),
         challenge_jwe: nonce.iter().map(|b| b ^ FAKE_XOR).collect(),
         expected_nonce: nonce,
+        push_key: None,
         reauth_before: u64::MAX / 2,
         reauth: state.reauth.clone(),
         limits: state.limits.clone(),

@@ -141,6 +141,7 @@ async fn tunnel_route(
         labels: BTreeMap::new(),
         challenge_jwe: nonce.iter().map(|b| b ^ XOR).collect(),
         expected_nonce: nonce,
+        push_key: None,
         reauth_before: u64::MAX / 2,
         reauth: state.reauth.clone(),
         limits: state.limits.clone(),

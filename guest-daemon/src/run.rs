@@ -89,6 +89,9 @@ pub struct RunConfig {
     pub splitapi: Option<SplitApiConfig>,
     /// Listen address of the CDH-compatible resource endpoint; `None` turns it off.
     pub cdh_listen: Option<SocketAddr>,
+    /// Offer the `tether.v2` tunnel (a push key in the challenge, so rotation pushes open
+    /// without an asymmetric operation); false offers only `tether.v1` (true).
+    pub push_key: bool,
     state: watch::Sender<DaemonState>,
     splitapi_status: watch::Sender<SplitApiStatus>,
     cdh_addr: watch::Sender<Option<SocketAddr>>,
@@ -107,6 +110,7 @@ impl std::fmt::Debug for RunConfig {
             .field("reconnect", &self.reconnect)
             .field("splitapi", &self.splitapi)
             .field("cdh_listen", &self.cdh_listen)
+            .field("push_key", &self.push_key)
             .finish_non_exhaustive()
     }
 }
@@ -128,6 +132,7 @@ impl RunConfig {
             reconnect: default_reconnect_policy(),
             splitapi: None,
             cdh_listen: None,
+            push_key: true,
             state,
             splitapi_status: watch::channel(SplitApiStatus::default()).0,
             cdh_addr: watch::channel(None).0,
@@ -429,6 +434,7 @@ impl Supervisor {
             reconnect,
             splitapi,
             cdh_listen,
+            push_key,
             state,
             splitapi_status,
             cdh_addr,
@@ -469,6 +475,7 @@ impl Supervisor {
         let client = builder.build()?;
         let url = tunnel_url(client.kbs_url())?;
         let mut tunnel = GuestTunnelConfig::new(url);
+        tunnel.offer_push_key = push_key;
         if tunnel.url.starts_with("wss://") {
             tunnel = tunnel.with_tls(tls_config(ca.as_ref())?);
         }
@@ -639,7 +646,8 @@ impl Supervisor {
         let _open = OpenTunnel::count(self.service.open_tunnels());
         let mut reauths = 0;
         self.set(connected_state(&session, reauths));
-        let mut task = AbortOnDropHandle::new(tokio::spawn(tunnel.serve(self.service.clone())));
+        let service = self.service.for_tunnel(tunnel.welcome().push_key.clone());
+        let mut task = AbortOnDropHandle::new(tokio::spawn(tunnel.serve(service)));
         let mut next_refresh = self.token.as_ref().and_then(|t| t.refresh_at);
         let shutdown = self.shutdown.clone();
         loop {

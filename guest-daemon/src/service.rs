@@ -36,6 +36,8 @@ pub type CredentialVersions = BTreeMap<String, u64>;
 #[derive(Clone)]
 pub struct GuestDaemonService {
     inner: Arc<Inner>,
+    /// The push key of the tunnel this copy serves (see [`Self::for_tunnel`]).
+    push_key: Option<tunnel::PushKey>,
 }
 
 struct Inner {
@@ -75,6 +77,16 @@ impl GuestDaemonService {
                 credentials,
                 locks: Arc::default(),
             }),
+            push_key: None,
+        }
+    }
+
+    /// This service for one tunnel: pushes sealed to that tunnel's push key (`tether.v2`)
+    /// open with it; everything else with the TEE key.
+    pub fn for_tunnel(&self, push_key: Option<tunnel::PushKey>) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+            push_key,
         }
     }
 
@@ -310,13 +322,19 @@ impl GuestDaemonService {
             .map_err(|e| GuestError::Storage(format!("store task failed: {e}")))
     }
 
-    /// Open a JWE sealed to the TEE key (off the async threads: RSA is slow).
+    /// Open a JWE sealed to the TEE key or to this tunnel's push key (off the async threads:
+    /// RSA is slow).
     async fn unseal(&self, jwe: Vec<u8>) -> Result<Zeroizing<Vec<u8>>, GuestError> {
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || inner.key.open_json(&jwe))
-            .await
-            .map_err(|e| GuestError::Unseal(format!("unseal task failed: {e}")))?
-            .map_err(|e| GuestError::Unseal(e.to_string()))
+        let push_key = self.push_key.clone();
+        tokio::task::spawn_blocking(move || {
+            inner
+                .key
+                .open_json_with(&jwe, push_key.as_ref().map(tunnel::PushKey::bytes))
+        })
+        .await
+        .map_err(|e| GuestError::Unseal(format!("unseal task failed: {e}")))?
+        .map_err(|e| GuestError::Unseal(e.to_string()))
     }
 }
 

@@ -29,6 +29,8 @@ pub const ECDH_ES_A256KW: &str = "ECDH-ES+A256KW";
 pub const RSA_OAEP_256: &str = "RSA-OAEP-256";
 /// JWA name of RSAES-PKCS1-v1_5 (deprecated; accepted for old servers).
 pub const RSA1_5: &str = "RSA1_5";
+/// JWA name of direct use of a shared symmetric key (a tunnel's push key) as the CEK.
+pub const DIR: &str = "dir";
 /// JWA name of the only content encryption the KBS uses.
 pub const A256GCM: &str = "A256GCM";
 /// JWK curve name of P-256.
@@ -83,6 +85,9 @@ pub enum UnsealError {
     /// The JWE bytes are not a flattened JWE JSON object.
     #[error("JWE is not valid JSON of the expected shape: {0}")]
     Json(serde_json::Error),
+    /// A `dir` JWE (sealed to a tunnel's push key) arrived where no push key is held.
+    #[error("JWE is sealed to a tunnel push key (`dir`), but this tunnel has none")]
+    NoPushKey,
     /// The key management algorithm is not one this client supports.
     #[error("unsupported JWE key management algorithm {0:?}")]
     UnsupportedAlgorithm(String),
@@ -242,38 +247,43 @@ impl TeeKeyPair {
 
     /// Parse a flattened JWE JSON from bytes and open it.
     pub fn open_json(&self, jwe: &[u8]) -> Result<Zeroizing<Vec<u8>>, UnsealError> {
+        self.open_json_with(jwe, None)
+    }
+
+    /// Like [`Self::open_json`], also opening JWEs sealed with `alg: dir` to `push_key` (the
+    /// key a `tether.v2` tunnel challenge carried: only this TEE key could open it).
+    pub fn open_json_with(
+        &self,
+        jwe: &[u8],
+        push_key: Option<&[u8; AES256_KEY_LEN]>,
+    ) -> Result<Zeroizing<Vec<u8>>, UnsealError> {
         let response: Response = serde_json::from_slice(jwe).map_err(UnsealError::Json)?;
+        if response.protected.alg == DIR {
+            let key = push_key.ok_or(UnsealError::NoPushKey)?;
+            if !response.encrypted_key.is_empty() {
+                return Err(UnsealError::Length {
+                    field: "encrypted_key",
+                    expected: 0,
+                    got: response.encrypted_key.len(),
+                });
+            }
+            return decrypt_content(key, &response);
+        }
         self.open(&response)
     }
 
     /// Open a JWE sealed to this key and return the plaintext.
     pub fn open(&self, response: &Response) -> Result<Zeroizing<Vec<u8>>, UnsealError> {
-        let header = &response.protected;
-        if header.enc != A256GCM {
-            return Err(UnsealError::UnsupportedEncryption(header.enc.clone()));
+        if response.protected.enc != A256GCM {
+            return Err(UnsealError::UnsupportedEncryption(
+                response.protected.enc.clone(),
+            ));
         }
         // Check the cheap shape constraints before any private-key operation.
-        let iv: [u8; GCM_IV_LEN] = fixed("iv", &response.iv)?;
-        let tag: [u8; GCM_TAG_LEN] = fixed("tag", &response.tag)?;
-
-        let cek = self.unwrap_cek(header, &response.encrypted_key)?;
-        let aad = header.generate_aad().map_err(|_| UnsealError::Aad)?;
-
-        let cipher = Aes256Gcm::new_from_slice(&cek).map_err(|_| UnsealError::Length {
-            field: "cek",
-            expected: AES256_KEY_LEN,
-            got: cek.len(),
-        })?;
-        let mut plaintext = Zeroizing::new(response.ciphertext.clone());
-        cipher
-            .decrypt_in_place_detached(
-                &Nonce::from(iv),
-                &aad,
-                plaintext.as_mut_slice(),
-                &Tag::from(tag),
-            )
-            .map_err(|_| UnsealError::Decrypt)?;
-        Ok(plaintext)
+        fixed::<GCM_IV_LEN>("iv", &response.iv)?;
+        fixed::<GCM_TAG_LEN>("tag", &response.tag)?;
+        let cek = self.unwrap_cek(&response.protected, &response.encrypted_key)?;
+        decrypt_content(&cek, response)
     }
 
     /// Recover the content encryption key from `encrypted_key`.
@@ -323,6 +333,32 @@ impl TeeKeyPair {
 }
 
 /// `bytes` as an array of exactly `N` bytes.
+/// A256GCM content decryption under `cek`, the protected header as AAD (kbs-types' way).
+fn decrypt_content(cek: &[u8], response: &Response) -> Result<Zeroizing<Vec<u8>>, UnsealError> {
+    let header = &response.protected;
+    if header.enc != A256GCM {
+        return Err(UnsealError::UnsupportedEncryption(header.enc.clone()));
+    }
+    let iv: [u8; GCM_IV_LEN] = fixed("iv", &response.iv)?;
+    let tag: [u8; GCM_TAG_LEN] = fixed("tag", &response.tag)?;
+    let aad = header.generate_aad().map_err(|_| UnsealError::Aad)?;
+    let cipher = Aes256Gcm::new_from_slice(cek).map_err(|_| UnsealError::Length {
+        field: "cek",
+        expected: AES256_KEY_LEN,
+        got: cek.len(),
+    })?;
+    let mut plaintext = Zeroizing::new(response.ciphertext.clone());
+    cipher
+        .decrypt_in_place_detached(
+            &Nonce::from(iv),
+            &aad,
+            plaintext.as_mut_slice(),
+            &Tag::from(tag),
+        )
+        .map_err(|_| UnsealError::Decrypt)?;
+    Ok(plaintext)
+}
+
 fn fixed<const N: usize>(field: &'static str, bytes: &[u8]) -> Result<[u8; N], UnsealError> {
     bytes.try_into().map_err(|_| UnsealError::Length {
         field,

@@ -6,6 +6,14 @@ use serde::{Deserialize, Serialize};
 pub const PROTOCOL_VERSION: u32 = 1;
 /// WebSocket subprotocol name.
 pub const SUBPROTOCOL: &str = "tether.v1";
+/// WebSocket subprotocol of the same frames with a push key in the challenge: the Hello's
+/// challenge then seals 64 bytes, the 32-byte proof nonce the guest returns followed by a
+/// 32-byte key the guest keeps for the tunnel's lifetime. The KBS seals pushes on that
+/// tunnel to it (JWE `dir` + A256GCM): still end-to-end, since only the holder of the TEE key
+/// could open the challenge, but with no asymmetric operation per push on either side.
+pub const SUBPROTOCOL_V2: &str = "tether.v2";
+/// Length of the push key carried by a `tether.v2` challenge.
+pub const PUSH_KEY_LEN: usize = 32;
 
 /// What the guest tells about itself in its proof (informational: identity comes from the token).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

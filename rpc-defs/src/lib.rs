@@ -7,7 +7,9 @@
 mod frames;
 mod types;
 
-pub use frames::{CloseCode, Frame, GuestInfo, PROTOCOL_VERSION, SUBPROTOCOL};
+pub use frames::{
+    CloseCode, Frame, GuestInfo, PROTOCOL_VERSION, PUSH_KEY_LEN, SUBPROTOCOL, SUBPROTOCOL_V2,
+};
 pub use types::{
     Applied, CredentialBundle, CredentialFile, GuestError, HealthReport, HeldResource, Installed,
     ProbeKind, ProbeReport, RuntimeReport, SealedResource,

@@ -36,6 +36,8 @@ pub const ALG_RSA_OAEP_256: &str = "RSA-OAEP-256";
 pub const ALG_RSA1_5: &str = "RSA1_5";
 /// Content-encryption algorithm used for every sealed payload.
 pub const ENC_A256GCM: &str = "A256GCM";
+/// JWA `alg` for a shared symmetric key used directly as the CEK (a tunnel's push key).
+pub const ALG_DIR: &str = "dir";
 /// The only EC curve accepted.
 pub const CRV_P256: &str = "P-256";
 
@@ -158,6 +160,26 @@ pub fn seal(tee_pubkey: &TeePubKey, plaintext: &[u8]) -> Result<Response, JweErr
         }
     };
 
+    encrypt_content(protected, encrypted_key, cek.as_ref(), plaintext)
+}
+
+/// Seal `plaintext` with `key` used directly as the A256GCM content key (`alg: dir`): for a
+/// tunnel's push key, which only the guest holding the TEE key could have received.
+pub fn seal_dir(key: &[u8; CEK_LEN], plaintext: &[u8]) -> Result<Response, JweError> {
+    let header = ProtectedHeader {
+        alg: ALG_DIR.to_owned(),
+        enc: ENC_A256GCM.to_owned(),
+        other_fields: Map::new(),
+    };
+    encrypt_content(header, Vec::new(), key, plaintext)
+}
+
+fn encrypt_content(
+    protected: ProtectedHeader,
+    encrypted_key: Vec<u8>,
+    cek: &[u8],
+    plaintext: &[u8],
+) -> Result<Response, JweError> {
     // The client recomputes the AAD by re-serialising the header it parsed, so
     // the AAD must be derived the same way (kbs-types' generate_aad).
     let aad = protected
@@ -165,10 +187,9 @@ pub fn seal(tee_pubkey: &TeePubKey, plaintext: &[u8]) -> Result<Response, JweErr
         .map_err(|_| JweError::Seal("protected header serialisation"))?;
 
     let mut iv = [0u8; IV_LEN];
-    rng.fill_bytes(&mut iv);
+    rand::thread_rng().fill_bytes(&mut iv);
 
-    let cipher =
-        Aes256Gcm::new_from_slice(cek.as_ref()).map_err(|_| JweError::Seal("AES-GCM key"))?;
+    let cipher = Aes256Gcm::new_from_slice(cek).map_err(|_| JweError::Seal("AES-GCM key"))?;
     let mut ciphertext = plaintext.to_vec();
     let tag = cipher
         .encrypt_in_place_detached(&Nonce::from(iv), &aad, &mut ciphertext)

@@ -49,6 +49,34 @@ fn server_jwe_for_another_key_does_not_open() {
 }
 
 #[test]
+fn a_push_sealed_to_the_tunnel_key_opens_only_with_that_key() {
+    let guest = TeeKeyPair::new_ec();
+    let key = tunnel::PushKey::generate();
+    let other = tunnel::PushKey::generate();
+    for len in [0usize, 1, 4096, 100_000] {
+        let plaintext: Vec<u8> = (0..len).map(|i| (i * 13 % 251) as u8).collect();
+        let sealed = server::jwe::seal_dir(key.bytes(), &plaintext).unwrap();
+        assert_eq!(sealed.protected.alg, "dir");
+        assert!(sealed.encrypted_key.is_empty());
+        let wire = serde_json::to_vec(&sealed).unwrap();
+        let opened = guest.open_json_with(&wire, Some(key.bytes())).unwrap();
+        assert_eq!(opened.as_slice(), plaintext.as_slice(), "{len}");
+        assert!(guest.open_json_with(&wire, Some(other.bytes())).is_err());
+        // Without the tunnel's key (a `tether.v1` tunnel) a `dir` JWE is refused clearly.
+        let err = guest.open_json(&wire).unwrap_err();
+        assert!(err.to_string().contains("push key"), "{err}");
+    }
+    // A tampered header (the AAD) is refused.
+    let mut sealed = server::jwe::seal_dir(key.bytes(), b"x").unwrap();
+    sealed
+        .protected
+        .other_fields
+        .insert("kid".into(), json!("evil"));
+    let wire = serde_json::to_vec(&sealed).unwrap();
+    assert!(guest.open_json_with(&wire, Some(key.bytes())).is_err());
+}
+
+#[test]
 fn tokens_verify_with_jsonwebtoken_using_the_header_jwk() {
     let signer = TokenSigner::ephemeral().unwrap();
     let key = TeeKeyPair::new_ec();

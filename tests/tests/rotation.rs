@@ -59,7 +59,20 @@ impl Daemon {
         init: String,
         hook: Option<String>,
     ) -> Self {
+        Self::spawn_offering(kbs, guest_id, state_dir, init, hook, true)
+    }
+
+    /// `push_key: false` offers only `tether.v1`: pushes then come sealed to the TEE key.
+    fn spawn_offering(
+        kbs: &TestKbs,
+        guest_id: &str,
+        state_dir: PathBuf,
+        init: String,
+        hook: Option<String>,
+        push_key: bool,
+    ) -> Self {
         let mut config = RunConfig::new(&kbs.url, &state_dir);
+        config.push_key = push_key;
         config.ca_file = kbs.ca_file.clone();
         config.init_data = Some(init.clone());
         config.hook = hook.clone().map(PostApplyHook::new);
@@ -187,10 +200,17 @@ async fn only_matching_guests_get_the_version_and_an_offline_one_gets_it_on_reco
         ("g4", "web"),
         ("g5", "db"),
     ] {
-        let mut d = Daemon::spawn(&kbs, root.path(), id, &[("app", app)], None);
+        // g2 speaks only `tether.v1`: its push is sealed to its TEE key, the others' to
+        // their tunnels' push keys.
+        let init = init_data(id, &[("app", app)]);
+        let mut d = Daemon::spawn_offering(&kbs, id, root.path().join(id), init, None, id != "g2");
         d.connected().await;
         in_hub(&kbs, id).await;
         daemons.push(d);
+    }
+    for (id, has_key) in [("g1", true), ("g2", false), ("g3", true)] {
+        let handle = kbs.state.hub.get(id).unwrap();
+        assert_eq!(handle.push_key().is_some(), has_key, "{id}");
     }
     // g5 goes offline once rotation has noted it.
     eventually("g5 noted by rotation", || async {

@@ -37,8 +37,11 @@ use std::{
 use futures::{StreamExt, stream::FuturesUnordered};
 use rpc_defs::{
     CloseCode, Frame, GuestInfo, GuestService, GuestServiceRequest, GuestServiceResponse,
-    SUBPROTOCOL,
+    SUBPROTOCOL, SUBPROTOCOL_V2,
 };
+
+/// `Sec-WebSocket-Protocol` offering both subprotocols, the push-key one first.
+const OFFER_V2: &str = "tether.v2, tether.v1";
 use tarpc::{
     ClientMessage, Response,
     server::{BaseChannel, Channel},
@@ -104,6 +107,9 @@ pub struct GuestTunnelConfig {
     /// Local address to dial from (`None`: the system's choice). Simulators spread thousands
     /// of guests over several loopback addresses with it.
     pub local_addr: Option<std::net::IpAddr>,
+    /// Offer `tether.v2` (a push key in the challenge, so pushes need no asymmetric
+    /// operation) before `tether.v1` (true).
+    pub offer_push_key: bool,
 }
 
 impl std::fmt::Debug for GuestTunnelConfig {
@@ -135,6 +141,7 @@ impl GuestTunnelConfig {
             read_buffer_size: 4 * 1024,
             write_buffer_size: 8 * 1024,
             local_addr: None,
+            offer_push_key: true,
         }
     }
 
@@ -370,9 +377,14 @@ where
         .map_err(|_| ConnectError::Request("token is not a valid header value".into()))?;
     bearer.set_sensitive(true);
     request.headers_mut().insert(header::AUTHORIZATION, bearer);
+    let offered = if config.offer_push_key {
+        OFFER_V2
+    } else {
+        SUBPROTOCOL
+    };
     request.headers_mut().insert(
         header::SEC_WEBSOCKET_PROTOCOL,
-        HeaderValue::from_static(SUBPROTOCOL),
+        HeaderValue::from_static(offered),
     );
     let connector = config.tls.clone().map(Connector::Rustls);
     let dial = async {
@@ -413,7 +425,10 @@ where
     let selected = response
         .headers()
         .get(header::SEC_WEBSOCKET_PROTOCOL)
-        .is_some_and(|p| p.as_bytes() == SUBPROTOCOL.as_bytes());
+        .is_some_and(|p| {
+            p.as_bytes() == SUBPROTOCOL.as_bytes()
+                || (config.offer_push_key && p.as_bytes() == SUBPROTOCOL_V2.as_bytes())
+        });
     let mut link = Link::new(TungsteniteWs(ws));
     if !selected {
         link.close(

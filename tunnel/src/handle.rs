@@ -25,6 +25,7 @@ use crate::{
     link::CloseInfo,
     liveness::unix_now_ms,
     observer::TunnelObserver,
+    push_key::PushKey,
     rpc::{self, Method},
 };
 
@@ -134,6 +135,7 @@ pub struct TunnelHandle {
     max_frame: u32,
     default_deadline: Duration,
     observer: Arc<dyn TunnelObserver>,
+    push_key: Option<PushKey>,
 }
 
 impl std::fmt::Debug for TunnelHandle {
@@ -180,7 +182,19 @@ impl TunnelHandle {
             max_frame: u32::try_from(DEFAULT_MAX_FRAME).unwrap_or(u32::MAX),
             default_deadline,
             observer,
+            push_key: None,
         }
+    }
+
+    /// Sets the tunnel's push key (a `tether.v2` challenge carried it) before the handle is shared.
+    pub(crate) fn with_push_key(mut self, push_key: Option<PushKey>) -> Self {
+        self.push_key = push_key;
+        self
+    }
+
+    /// The key pushes on this tunnel are sealed to (JWE `dir`), when the guest holds one.
+    pub fn push_key(&self) -> Option<&PushKey> {
+        self.push_key.as_ref()
     }
 
     /// Sets the largest request frame (the tunnel's limit) before the handle is shared.

@@ -6,9 +6,11 @@
 //! crate seals it and hands the JWE and the expected bytes in, the guest passes an unseal
 //! callback, so this module holds no cryptography beyond a constant-time compare.
 
-use rpc_defs::{CloseCode, Frame, GuestInfo, PROTOCOL_VERSION};
+use rpc_defs::{CloseCode, Frame, GuestInfo, PROTOCOL_VERSION, PUSH_KEY_LEN};
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
+
+use crate::push_key::PushKey;
 
 /// Length of the challenge nonce in bytes.
 pub const NONCE_LEN: usize = 32;
@@ -213,6 +215,8 @@ pub struct Welcome {
     pub heartbeat_s: u32,
     /// Largest frame either side may send, bytes.
     pub max_frame: u32,
+    /// The tunnel's push key, when the challenge carried one (`tether.v2`).
+    pub push_key: Option<PushKey>,
 }
 
 /// One step of the guest side.
@@ -229,6 +233,7 @@ pub struct GuestHandshake<U> {
     info: Option<GuestInfo>,
     unseal: Option<U>,
     hello: Option<(u32, u32)>,
+    push_key: Option<PushKey>,
 }
 
 impl<U> std::fmt::Debug for GuestHandshake<U> {
@@ -250,6 +255,7 @@ where
             info: Some(info),
             unseal: Some(unseal),
             hello: None,
+            push_key: None,
         }
     }
 
@@ -273,14 +279,23 @@ where
                 let (Some(unseal), Some(info)) = (self.unseal.take(), self.info.take()) else {
                     return Err(HandshakeError::Protocol("second Hello".into()));
                 };
-                let nonce = Zeroizing::new(unseal(&challenge).map_err(HandshakeError::Unseal)?);
-                if nonce.len() != NONCE_LEN {
-                    return Err(HandshakeError::Unseal(format!(
-                        "challenge holds {} bytes, expected {NONCE_LEN}",
-                        nonce.len()
-                    )));
-                }
+                let opened = Zeroizing::new(unseal(&challenge).map_err(HandshakeError::Unseal)?);
+                // 32 bytes: the nonce (`tether.v1`); 64: the nonce then the push key (`tether.v2`).
+                let (nonce, push_key) = match opened.len() {
+                    NONCE_LEN => (&opened[..], None),
+                    n if n == NONCE_LEN + PUSH_KEY_LEN => (
+                        &opened[..NONCE_LEN],
+                        PushKey::from_slice(&opened[NONCE_LEN..]),
+                    ),
+                    n => {
+                        return Err(HandshakeError::Unseal(format!(
+                            "challenge holds {n} bytes, expected {NONCE_LEN} or {}",
+                            NONCE_LEN + PUSH_KEY_LEN
+                        )));
+                    }
+                };
                 self.hello = Some((heartbeat_s.max(1), max_frame));
+                self.push_key = push_key;
                 Ok(GuestStep::Send(Frame::Proof {
                     nonce: nonce.to_vec(),
                     info,
@@ -297,6 +312,7 @@ where
                     reauth_before,
                     heartbeat_s,
                     max_frame,
+                    push_key: self.push_key.take(),
                 })),
                 None => Err(HandshakeError::Protocol("Welcome before Hello".into())),
             },
@@ -370,8 +386,49 @@ mod tests {
                 reauth_before: 1000,
                 heartbeat_s: 20,
                 max_frame: 1 << 20,
+                push_key: None,
             }
         );
+    }
+
+    #[test]
+    fn a_v2_challenge_yields_the_push_key_and_only_the_nonce_is_returned() {
+        let key = [9_u8; PUSH_KEY_LEN];
+        let mut server = new_server();
+        let mut guest = GuestHandshake::new(info(), |_: &[u8]| {
+            Ok([NONCE.as_slice(), key.as_slice()].concat())
+        });
+        let hello = server.hello().expect("hello");
+        let GuestStep::Send(proof) = guest.receive(hello).expect("proof") else {
+            panic!("expected a proof");
+        };
+        let Frame::Proof { nonce, .. } = &proof else {
+            panic!("expected a proof frame");
+        };
+        assert_eq!(
+            nonce.as_slice(),
+            NONCE.as_slice(),
+            "the key never goes back"
+        );
+        let ServerOutcome::Accepted { reply, .. } = server.receive(proof) else {
+            panic!("proof refused");
+        };
+        let GuestStep::Established(welcome) = guest.receive(reply).expect("welcome") else {
+            panic!("expected welcome");
+        };
+        assert_eq!(welcome.push_key, PushKey::from_slice(&key));
+    }
+
+    #[test]
+    fn a_challenge_of_another_length_is_refused() {
+        for len in [0, 31, 33, 63, 65, 96] {
+            let mut server = new_server();
+            let mut guest = GuestHandshake::new(info(), move |_: &[u8]| Ok(vec![7_u8; len]));
+            let err = guest
+                .receive(server.hello().expect("hello"))
+                .expect_err("odd challenge accepted");
+            assert!(matches!(err, HandshakeError::Unseal(_)), "{len}: {err:?}");
+        }
     }
 
     #[test]

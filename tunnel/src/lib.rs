@@ -20,6 +20,7 @@ mod hub;
 mod link;
 mod liveness;
 mod observer;
+mod push_key;
 mod rpc;
 pub mod server;
 mod ws;
@@ -33,7 +34,9 @@ pub use handle::{CallError, TunnelHandle, TunnelInfo, next_epoch};
 pub use hub::{DEFAULT_EVENT_CAPACITY, Hub, TunnelEvent};
 pub use link::CloseInfo;
 pub use observer::{NoopObserver, TunnelObserver};
+pub use push_key::PushKey;
 pub use rpc::{Method, TransportError};
 pub use server::{
-    AcceptParams, ReauthFn, TunnelLimits, configure_upgrade, offers_subprotocol, serve_guest_tunnel,
+    AcceptParams, ReauthFn, TunnelLimits, configure_upgrade, offers_push_key, offers_subprotocol,
+    serve_guest_tunnel,
 };

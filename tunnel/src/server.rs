@@ -7,7 +7,7 @@
 //!     let claims = match app.verify_bearer(&headers) { Ok(c) => c, Err(e) => return e.into_response() };
 //!     let (challenge_jwe, nonce) = app.seal_challenge(&claims.tee_pubkey)?;
 //!     let accept = AcceptParams { guest_id: claims.guest_id, labels: claims.labels,
-//!         challenge_jwe, expected_nonce: nonce, reauth_before: claims.exp - 60,
+//!         challenge_jwe, expected_nonce: nonce, push_key: None, reauth_before: claims.exp - 60,
 //!         reauth: app.reauth_fn(claims.tee_pubkey), limits: app.tunnel_limits.clone() };
 //!     let (hub, observer, drain) = (app.hub.clone(), app.tunnel_metrics.clone(), app.drain.clone());
 //!     configure_upgrade(ws, &accept.limits)
@@ -28,7 +28,7 @@ use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use rand::Rng;
-use rpc_defs::{CloseCode, Frame, GuestServiceResponse, SUBPROTOCOL};
+use rpc_defs::{CloseCode, Frame, GuestServiceResponse, SUBPROTOCOL, SUBPROTOCOL_V2};
 use tarpc::Response;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
@@ -43,6 +43,7 @@ use crate::{
     link::{ABNORMAL, CloseInfo, IoEvent, Link, NO_STATUS, NORMAL, RpcSide},
     liveness::{Beat, Heartbeat, instant_at_unix},
     observer::TunnelObserver,
+    push_key::PushKey,
     rpc,
     ws::{AxumWs, WsIo, WsMsg, WsReadError},
 };
@@ -151,6 +152,9 @@ pub struct AcceptParams {
     pub challenge_jwe: Vec<u8>,
     /// The 32 random bytes the guest must return.
     pub expected_nonce: [u8; 32],
+    /// The push key `challenge_jwe` also seals (after the nonce), when the guest offered
+    /// `tether.v2` ([`offers_push_key`]); the handle keeps it for sealing pushes.
+    pub push_key: Option<PushKey>,
     /// Unix time (seconds) by which the guest must re-attest in band.
     pub reauth_before: u64,
     /// Checks fresh tokens sent with `Frame::Reauth`.
@@ -171,20 +175,30 @@ impl fmt::Debug for AcceptParams {
     }
 }
 
-/// Applies the tunnel's buffer and size limits to an upgrade and selects `tether.v1`.
+/// Applies the tunnel's buffer and size limits to an upgrade and selects `tether.v2` when
+/// offered, else `tether.v1`.
 pub fn configure_upgrade<F>(ws: WebSocketUpgrade<F>, limits: &TunnelLimits) -> WebSocketUpgrade<F> {
     ws.read_buffer_size(limits.read_buffer_size)
         .write_buffer_size(limits.write_buffer_size)
         .max_message_size(limits.max_frame)
         .max_frame_size(limits.max_frame)
-        .protocols([SUBPROTOCOL])
+        .protocols([SUBPROTOCOL_V2, SUBPROTOCOL])
 }
 
-/// True when the client offered the `tether.v1` subprotocol (answer 400 before upgrading
+fn is_tether(protocol: &[u8]) -> bool {
+    protocol == SUBPROTOCOL.as_bytes() || protocol == SUBPROTOCOL_V2.as_bytes()
+}
+
+/// True when the client offered `tether.v1` or `tether.v2` (answer 400 before upgrading
 /// otherwise; `serve_guest_tunnel` closes such a socket with 4400).
 pub fn offers_subprotocol<F>(ws: &WebSocketUpgrade<F>) -> bool {
+    ws.requested_protocols().any(|p| is_tether(p.as_bytes()))
+}
+
+/// True when the client offered `tether.v2`: its challenge may carry a push key.
+pub fn offers_push_key<F>(ws: &WebSocketUpgrade<F>) -> bool {
     ws.requested_protocols()
-        .any(|p| p.as_bytes() == SUBPROTOCOL.as_bytes())
+        .any(|p| p.as_bytes() == SUBPROTOCOL_V2.as_bytes())
 }
 
 /// Runs one guest tunnel to its end: handshake (within `limits.handshake_timeout`),
@@ -261,13 +275,12 @@ async fn serve(
         labels,
         challenge_jwe,
         expected_nonce,
+        push_key,
         reauth_before,
         reauth,
         limits,
     } = accept;
-    let subprotocol_ok = socket
-        .protocol()
-        .is_some_and(|p| p.as_bytes() == SUBPROTOCOL.as_bytes());
+    let subprotocol_ok = socket.protocol().is_some_and(|p| is_tether(p.as_bytes()));
     let mut link = Link::new(AxumWs(socket));
     if !subprotocol_ok {
         observer.handshake("protocol_error");
@@ -322,7 +335,8 @@ async fn serve(
             limits.call_deadline,
             observer.clone(),
         )
-        .with_max_frame(limits.max_frame),
+        .with_max_frame(limits.max_frame)
+        .with_push_key(push_key),
     );
     if let Some(loser) = hub.register(handle.clone()) {
         tracing::info!(epoch = loser.epoch, "tunnel superseded");

@@ -15,9 +15,10 @@ use rpc_defs::SUBPROTOCOL;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tunnel::{
-    AcceptParams, Hub, ReauthFn, TunnelLimits, configure_upgrade, offers_subprotocol,
-    serve_guest_tunnel,
+    AcceptParams, Hub, PushKey, ReauthFn, TunnelLimits, configure_upgrade, offers_push_key,
+    offers_subprotocol, serve_guest_tunnel,
 };
+use zeroize::Zeroizing;
 
 use crate::app::AppState;
 use crate::config::TunnelConfig;
@@ -66,7 +67,7 @@ pub async fn upgrade(
             format!("offer the `{SUBPROTOCOL}` WebSocket subprotocol (Sec-WebSocket-Protocol)"),
         ));
     }
-    let accept = accept_params(&state, &token)?;
+    let accept = accept_params(&state, &token, offers_push_key(&ws))?;
     state.guest_directory.record(&token);
     let hub = state.hub.clone();
     let observer = Arc::new(TunnelMetrics::new(state.metrics.clone()));
@@ -92,11 +93,21 @@ fn verify_bearer(state: &AppState, headers: &HeaderMap) -> Result<VerifiedToken,
     Ok(state.rcar.signer().verify(token)?)
 }
 
-/// Identity and labels from the token only; a fresh challenge sealed to its TEE key.
-fn accept_params(state: &AppState, token: &VerifiedToken) -> Result<AcceptParams, ApiError> {
+/// Identity and labels from the token only; a fresh challenge sealed to its TEE key (with a
+/// fresh push key after the nonce when the guest offered `tether.v2`).
+fn accept_params(
+    state: &AppState,
+    token: &VerifiedToken,
+    with_push_key: bool,
+) -> Result<AcceptParams, ApiError> {
     let mut nonce = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut nonce);
-    let sealed = crate::jwe::seal(&token.tee_pubkey, &nonce)?;
+    let push_key = with_push_key.then(PushKey::generate);
+    let mut plaintext = Zeroizing::new(nonce.to_vec());
+    if let Some(key) = &push_key {
+        plaintext.extend_from_slice(key.bytes());
+    }
+    let sealed = crate::jwe::seal(&token.tee_pubkey, &plaintext)?;
     let challenge_jwe = serde_json::to_vec(&sealed)
         .map_err(|e| ApiError::internal("serialising the tunnel challenge", e))?;
     let binding = TunnelBinding::of(token)
@@ -106,6 +117,7 @@ fn accept_params(state: &AppState, token: &VerifiedToken) -> Result<AcceptParams
         labels: token.identity.labels.clone(),
         challenge_jwe,
         expected_nonce: nonce,
+        push_key,
         reauth_before: token.exp,
         reauth: record_on_reauth(
             binding.reauth_fn(state.rcar.signer().clone()),

@@ -129,7 +129,13 @@ async fn attempt(
             );
         }
     }
-    let jwe = match crate::jwe::seal(&guest.tee_pubkey, plaintext)
+    // A tunnel with a push key (`tether.v2`) gets `dir` under it: no ECDH on either side;
+    // otherwise the JWE is sealed to the TEE key as the resource GET does.
+    let sealed = match handle.push_key() {
+        Some(key) => crate::jwe::seal_dir(key.bytes(), plaintext),
+        None => crate::jwe::seal(&guest.tee_pubkey, plaintext),
+    };
+    let jwe = match sealed
         .map_err(|e| e.to_string())
         .and_then(|sealed| serde_json::to_vec(&sealed).map_err(|e| e.to_string()))
     {

@@ -213,6 +213,7 @@ async fn tunnel_route(
         labels: BTreeMap::from([("app".to_owned(), "test".to_owned())]),
         challenge_jwe: nonce.iter().map(|b| b ^ XOR).collect(),
         expected_nonce: nonce,
+        push_key: None,
         reauth_before: (state.reauth_before)(),
         reauth: state.reauth.clone(),
         limits: state.limits.clone(),
