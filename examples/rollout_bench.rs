@@ -42,6 +42,10 @@ struct Args {
     /// The kbs binary.
     #[arg(long)]
     kbs_bin: Option<std::path::PathBuf>,
+    /// Guests offer only `tether.v1`: pushes are sealed to their TEE keys (ECDH-ES on both
+    /// sides per push) instead of their tunnels' push keys.
+    #[arg(long)]
+    no_push_key: bool,
 }
 
 /// When each push was applied (the guest side of the latency).
@@ -50,6 +54,7 @@ type Applies = Arc<Mutex<Vec<Instant>>>;
 #[derive(Clone)]
 struct SimGuest {
     key: TeeKeyPair,
+    push_key: Option<tunnel::PushKey>,
     applies: Applies,
 }
 
@@ -69,7 +74,7 @@ impl GuestService for SimGuest {
     async fn apply_resource(self, _: Context, r: SealedResource) -> Result<Applied, GuestError> {
         // Unseal as a real guest does (the CPU cost of the guest side is part of the figure).
         self.key
-            .open_json(&r.jwe)
+            .open_json_with(&r.jwe, self.push_key.as_ref().map(tunnel::PushKey::bytes))
             .map_err(|e| GuestError::Unseal(e.to_string()))?;
         if let Ok(mut a) = self.applies.lock() {
             a.push(Instant::now());
@@ -100,6 +105,7 @@ async fn connect(
     url: String,
     index: usize,
     applies: Applies,
+    push_key: bool,
 ) -> anyhow::Result<tunnel::TunnelSession> {
     let id = format!("sim-{index:05}");
     let init = format!("[tether]\nguest_id = \"{id}\"\n\n[tether.labels]\napp = \"bench\"\n");
@@ -126,15 +132,16 @@ async fn connect(
         daemon_version: "sim".into(),
         services: vec!["resources".into()],
     };
-    let (session, serve) = tunnel::connect_and_serve(
-        &tunnel::GuestTunnelConfig::new(ws),
-        &token,
-        info,
-        unseal,
-        SimGuest { key, applies },
-    )
-    .await?;
-    tokio::spawn(serve);
+    let mut config = tunnel::GuestTunnelConfig::new(ws);
+    config.offer_push_key = push_key;
+    let tunnel = tunnel::connect(&config, &token, info, unseal).await?;
+    let session = tunnel.session();
+    let push_key = tunnel.welcome().push_key.clone();
+    tokio::spawn(tunnel.serve(SimGuest {
+        key,
+        push_key,
+        applies,
+    }));
     Ok(session)
 }
 
@@ -152,7 +159,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     let url = kbs.url.clone();
     let sessions: Vec<tunnel::TunnelSession> = futures::stream::iter(0..args.guests)
-        .map(|i| connect(url.clone(), i, applies.clone()))
+        .map(|i| connect(url.clone(), i, applies.clone(), !args.no_push_key))
         .buffer_unordered(args.connect_concurrency)
         .collect::<Vec<_>>()
         .await
@@ -169,8 +176,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     println!(
-        "\n{:>14} {:>8} {:>8} {:>12} {:>10} {:>10} {:>16}",
-        "max_concurrent", "targets", "acked", "all acked", "p50", "p99", "KBS CPU"
+        "\n{:>14} {:>8} {:>8} {:>12} {:>8} {:>8} {:>8} {:>8} {:>8} {:>16}",
+        "max_concurrent",
+        "targets",
+        "acked",
+        "all acked",
+        "POST",
+        "first",
+        "p50",
+        "p99",
+        "last",
+        "KBS CPU"
     );
     for (round, &max_concurrent) in args.max_concurrent.iter().enumerate() {
         admin
@@ -189,6 +205,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 ..StartRollout::default()
             })
             .await?;
+        let started_in = t0.elapsed();
         let mut watch = admin.watch_rollout(view.rollout.id).await?;
         let mut acked = 0;
         let mut total = view.total;
@@ -206,20 +223,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         let wall = t0.elapsed();
+
         let cpu = proc_cpu_time(kbs.pid()).saturating_sub(cpu0);
         let mut lat: Vec<Duration> = applies
             .lock()
             .map(|a| a.iter().map(|t| t.saturating_duration_since(t0)).collect())
             .unwrap_or_default();
         lat.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
         println!(
-            "{:>14} {:>8} {:>8} {:>10.0}ms {:>8.0}ms {:>8.0}ms {:>8.0}ms ({:.0}%)",
+            "{:>14} {:>8} {:>8} {:>10.0}ms {:>6.0}ms {:>6.0}ms {:>6.0}ms {:>6.0}ms {:>6.0}ms {:>8.0}ms ({:.0}%)",
             max_concurrent,
             total,
             acked,
-            wall.as_secs_f64() * 1e3,
-            percentile(&lat, 50.0).as_secs_f64() * 1e3,
-            percentile(&lat, 99.0).as_secs_f64() * 1e3,
+            ms(wall),
+            ms(started_in),
+            ms(lat.first().copied().unwrap_or_default()),
+            ms(percentile(&lat, 50.0)),
+            ms(percentile(&lat, 99.0)),
+            ms(lat.last().copied().unwrap_or_default()),
             cpu.as_secs_f64() * 1e3,
             cpu.as_secs_f64() / wall.as_secs_f64() * 100.0,
         );

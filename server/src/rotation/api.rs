@@ -468,9 +468,11 @@ pub async fn cancel(
 /// Most concurrent event streams.
 pub const MAX_STREAMS: usize = 64;
 
-/// `GET /rollouts/<id>/events`: a `snapshot` event (the rollout and its counts), then a
-/// `change` event per change ([`RolloutEvent`]); a fresh `snapshot` after the stream fell
-/// behind; it ends after the rollout leaves force.
+/// `GET /rollouts/<id>/events`: a `snapshot` event (the rollout and its counts), then
+/// `change` events ([`RolloutEvent`]): one per change, except that changes queued while the
+/// stream was writing are folded into the newest of them (counts are cumulative; its
+/// `target` is the last target that changed); a fresh `snapshot` after the stream fell
+/// behind the channel; it ends after the rollout leaves force.
 pub async fn events(
     State(api): State<RotationApi>,
     AdminCaller(_admin): AdminCaller,
@@ -520,6 +522,9 @@ pub async fn events(
         loop {
             match st.rx.recv().await {
                 Ok(ev) if ev.rollout_id == st.id => {
+                    // Changes that queued up while this one was on its way are folded in: the
+                    // counts are cumulative, so the newest change says all the older ones do.
+                    let ev = newest_ready(&mut st.rx, st.id, ev);
                     if ev.target.is_none() && !ev.state.in_force() {
                         st.finished = true;
                     }
@@ -542,6 +547,28 @@ pub async fn events(
         }
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// Queued changes folded into one `change` event at most.
+const MAX_FOLDED: usize = 4096;
+
+/// The newest change of rollout `id` among `first` and those already queued behind it (a
+/// change that ends the rollout is the last one, so it is never folded away).
+fn newest_ready(
+    rx: &mut tokio::sync::broadcast::Receiver<Arc<RolloutEvent>>,
+    id: i64,
+    first: Arc<RolloutEvent>,
+) -> Arc<RolloutEvent> {
+    let mut newest = first;
+    // Bounded, so a stream under a steady flood still sends; a lag shows at the next `recv`.
+    for _ in 0..MAX_FOLDED {
+        match rx.try_recv() {
+            Ok(ev) if ev.rollout_id == id => newest = ev,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    newest
 }
 
 fn snapshot_event(v: &RolloutView) -> Event {

@@ -330,6 +330,13 @@ fn target_row(r: &SqliteRow) -> Result<TargetRecord, StoreError> {
 
 /// Rows per multi-row INSERT (12 columns each, well under SQLite's variable limit).
 const TARGET_CHUNK: usize = 256;
+/// Conflict clause of a target write: every column but the key takes the new value.
+const TARGET_UPSERT: &str = " ON CONFLICT (rollout_id, guest_id) DO UPDATE SET \
+     state = excluded.state, attempts = excluded.attempts, reason = excluded.reason, \
+     digest = excluded.digest, held_version = excluded.held_version, \
+     hook_status = excluded.hook_status, already_held = excluded.already_held, \
+     next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at, \
+     acked_at = excluded.acked_at";
 
 fn push_targets(tx_builder: &mut QueryBuilder<Sqlite>, targets: &[TargetRecord]) {
     tx_builder.push_values(targets, |mut b, t| {
@@ -510,9 +517,12 @@ impl RolloutStore for SqliteStore {
         let mut tx = self.pool().begin().await?;
         for chunk in targets.chunks(TARGET_CHUNK) {
             let mut b = QueryBuilder::<Sqlite>::new(format!(
-                "INSERT OR REPLACE INTO rollout_targets ({TARGET_COLUMNS}) "
+                "INSERT INTO rollout_targets ({TARGET_COLUMNS}) "
             ));
             push_targets(&mut b, chunk);
+            // An upsert updates the row in place; `OR REPLACE` deleted and re-inserted it
+            // (twice the b-tree work, measured as a third of the writer's time).
+            b.push(TARGET_UPSERT);
             b.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
