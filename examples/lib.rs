@@ -30,7 +30,11 @@ impl KbsProcess {
             .arg("--data-dir")
             .arg(&data_dir)
             .args(extra_args)
-            .env("RUST_LOG", "warn")
+            // `BENCH_KBS_LOG=info` (say) shows the KBS's own log on this process's stderr.
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_KBS_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

@@ -550,7 +550,9 @@ impl Fleet {
     /// Write changed records to storage (in transactions of 1,000).
     pub async fn flush(&self, store: &dyn Store, metrics: &ObservabilityMetrics) {
         let dirty = self.take_dirty();
-        for chunk in dirty.chunks(1000) {
+        // Chunks of a few hundred: each holds the batch-write turn only briefly, so a rollout
+        // ack written meanwhile waits for one chunk, not the whole flush.
+        for chunk in dirty.chunks(250) {
             let started = Instant::now();
             if let Err(e) = store.upsert_fleet(chunk).await {
                 tracing::error!(error = %e, records = chunk.len(), "fleet write failed; will retry");

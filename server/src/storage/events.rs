@@ -73,7 +73,7 @@ impl EventStore for SqliteStore {
         if events.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool().begin().await?;
+        let (_turn, mut tx) = self.begin_batch().await?;
         for e in events {
             sqlx::query(
                 "INSERT INTO events (at, kind, action, guest_id, actor, target, outcome, detail)

@@ -23,7 +23,7 @@ impl FleetStore for SqliteStore {
             return Ok(());
         }
         let now = i64::try_from(now_ms()).unwrap_or(i64::MAX);
-        let mut tx = self.pool().begin().await?;
+        let (_turn, mut tx) = self.begin_batch().await?;
         // Multi-row statements: far fewer round trips through the driver than one per row.
         for chunk in records.chunks(200) {
             let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(

@@ -363,7 +363,7 @@ impl RolloutStore for SqliteStore {
         targets: &[String],
     ) -> Result<CreatedRollout, StoreError> {
         let now = i(now_ms());
-        let mut tx = self.pool().begin().await?;
+        let (_turn, mut tx) = self.begin_batch().await?;
         let row = sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO rollouts (path, version, sha256, selector, max_concurrent, max_attempts,
                  guest_deadline_ms, deadline_at, state, detail, created_at, created_by, updated_at)
@@ -514,7 +514,7 @@ impl RolloutStore for SqliteStore {
         if targets.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool().begin().await?;
+        let (_turn, mut tx) = self.begin_batch().await?;
         for chunk in targets.chunks(TARGET_CHUNK) {
             let mut b = QueryBuilder::<Sqlite>::new(format!(
                 "INSERT INTO rollout_targets ({TARGET_COLUMNS}) "
@@ -537,7 +537,7 @@ impl RolloutStore for SqliteStore {
             return Ok(());
         }
         let now = i(now_ms());
-        let mut tx = self.pool().begin().await?;
+        let (_turn, mut tx) = self.begin_batch().await?;
         for chunk in guests.chunks(TARGET_CHUNK) {
             let mut b = QueryBuilder::<Sqlite>::new(
                 "INSERT OR REPLACE INTO rotation_guests (guest_id, labels, last_seen) ",

@@ -23,6 +23,10 @@ pub struct SqliteStore {
     kek: Arc<KeyEncryptionKey>,
     /// Latest version per path, still sealed; every resource write below invalidates it.
     latest: Arc<LatestCache>,
+    /// Taken by the batch writers (rollout targets, fleet records, events) around their
+    /// transactions, so they queue here in order instead of colliding on SQLite's write
+    /// lock, where the loser sleeps in the busy handler's steps (up to 100 ms each).
+    batch_writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl SqliteStore {
@@ -44,6 +48,7 @@ impl SqliteStore {
             pool,
             kek,
             latest: Arc::default(),
+            batch_writes: Arc::default(),
         })
     }
 
@@ -61,6 +66,22 @@ impl SqliteStore {
             data,
             sha256: sealed.sha256.clone(),
         })
+    }
+
+    /// A write transaction for a batch writer, with the batch-write turn it must hold until
+    /// it commits (drop the guard after the transaction).
+    pub(crate) async fn begin_batch(
+        &self,
+    ) -> Result<
+        (
+            tokio::sync::OwnedMutexGuard<()>,
+            sqlx::Transaction<'static, sqlx::Sqlite>,
+        ),
+        StoreError,
+    > {
+        let turn = Arc::clone(&self.batch_writes).lock_owned().await;
+        let tx = self.pool.begin().await?;
+        Ok((turn, tx))
     }
 
     /// The connection pool, for the per-area store impls in sibling modules.
