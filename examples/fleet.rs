@@ -10,7 +10,7 @@
 //! 2. Reconnect storm: N connected guests, `kill -9` of the KBS, restart on the same port and
 //!    data directory; time until all are back and the peak handshake rate.
 //! 3. Guest daemon footprint: idle RSS of a real `guest-daemon run` holding its tunnel, and
-//!    the size of the stripped release binary.
+//!    the size of its stripped binary (the `guest` profile build when present).
 //!
 //! ```sh
 //! cargo build --release --bin kbs --bin guest-daemon
@@ -1001,9 +1001,12 @@ async fn daemon_run(kbs_bin: &Path, daemon_bin: &Path, args: &Args) -> anyhow::R
     };
     let (anon, file) = (field("RssAnon:"), field("RssFile:"));
     let size = std::fs::metadata(daemon_bin).map(|m| m.len()).unwrap_or(0);
-    println!("\n3. guest daemon footprint (`guest-daemon run`, connected, idle)");
     println!(
-        "   idle RSS {:.1} MiB = {:.1} MiB anonymous + {:.1} MiB mapped binary and libraries (target < 10 MiB: {}); release binary {:.1} MiB (stripped: profile.release strip = \"symbols\")",
+        "\n3. guest daemon footprint (`{} run`, connected, idle)",
+        daemon_bin.display()
+    );
+    println!(
+        "   idle RSS {:.1} MiB = {:.1} MiB anonymous + {:.1} MiB mapped binary and libraries (target < 10 MiB: {}); binary {:.1} MiB (stripped)",
         rss as f64 / 1024.0,
         anon as f64 / 1024.0,
         file as f64 / 1024.0,
@@ -1020,11 +1023,18 @@ async fn parent_main(args: Args) -> anyhow::Result<()> {
         .kbs_bin
         .clone()
         .unwrap_or_else(examples::default_kbs_bin);
+    // The size-optimised build (`cargo build --profile guest`) when there is one: it is what
+    // a guest image ships; else the release build next to `kbs`.
     let daemon_bin = args.guest_daemon_bin.clone().unwrap_or_else(|| {
-        kbs_bin
+        let release = kbs_bin
             .parent()
             .map(|p| p.join("guest-daemon"))
-            .unwrap_or_else(|| PathBuf::from("target/release/guest-daemon"))
+            .unwrap_or_else(|| PathBuf::from("target/release/guest-daemon"));
+        let guest = kbs_bin
+            .parent()
+            .and_then(Path::parent)
+            .map(|target| target.join("guest/guest-daemon"));
+        guest.filter(|p| p.exists()).unwrap_or(release)
     });
     let max = args.counts.iter().copied().max().unwrap_or(0);
     if max.div_ceil(args.procs.max(1)) > 19_000 || args.storm.div_ceil(args.procs.max(1)) > 19_000 {
@@ -1051,7 +1061,7 @@ async fn parent_main(args: Args) -> anyhow::Result<()> {
         daemon_run(&kbs_bin, &daemon_bin, &args).await?;
     } else {
         println!(
-            "\n3. guest daemon footprint: {} not built (cargo build --release --bin guest-daemon)",
+            "\n3. guest daemon footprint: {} not built (cargo build --profile guest --bin guest-daemon)",
             daemon_bin.display()
         );
     }

@@ -126,6 +126,10 @@ struct RunArgs {
     /// Turn the CDH-compatible endpoint off.
     #[arg(long)]
     no_cdh: bool,
+    /// Offer only the `tether.v1` tunnel: no per-tunnel push key, so pushes come sealed to
+    /// the TEE key (an ECDH per push on each side).
+    #[arg(long)]
+    no_push_key: bool,
 }
 
 #[derive(Debug, Args)]
@@ -219,6 +223,7 @@ async fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
     config.hook = args.hook.map(PostApplyHook::new);
     config.splitapi = (!args.no_splitapi).then(|| SplitApiConfig::new(args.splitapi_listen));
     config.cdh_listen = (!args.no_cdh).then_some(args.cdh_listen);
+    config.push_key = !args.no_push_key;
     if let Some(path) = &args.kbs.init_data {
         config.init_data = Some(read_init_data(path)?);
     }

@@ -819,3 +819,13 @@ impl GuestTunnel {
         closed
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_offer_names_both_subprotocols_push_key_first() {
+        assert_eq!(OFFER_V2, format!("{SUBPROTOCOL_V2}, {SUBPROTOCOL}"));
+    }
+}

@@ -2,9 +2,11 @@
 //!
 //! server -> guest `Hello { challenge }`, guest -> server `Proof { nonce }`,
 //! server -> guest `Welcome` or `Reject` (a close with the same code follows).
-//! The challenge is a JWE of 32 random bytes sealed to the token's TEE key: the server
-//! crate seals it and hands the JWE and the expected bytes in, the guest passes an unseal
-//! callback, so this module holds no cryptography beyond a constant-time compare.
+//! The challenge is a JWE of 32 random bytes sealed to the token's TEE key (`tether.v1`), or
+//! of those 32 bytes followed by the tunnel's 32-byte push key (`tether.v2`; the guest returns
+//! only the nonce and keeps the key, see [`crate::PushKey`]): the server crate seals it and
+//! hands the JWE and the expected bytes in, the guest passes an unseal callback, so this
+//! module holds no cryptography beyond a constant-time compare.
 
 use rpc_defs::{CloseCode, Frame, GuestInfo, PROTOCOL_VERSION, PUSH_KEY_LEN};
 use subtle::ConstantTimeEq;

@@ -189,27 +189,15 @@ async fn write(store: &Arc<dyn Store>, rows: &[TargetRecord]) -> Result<(), Stri
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::storage::{KeyEncryptionKey, NewRollout, RolloutStore, SqliteStore, TargetState};
+    use crate::storage::{NewRollout, RolloutStore, SqliteStore, TargetState};
 
     async fn setup() -> (tempfile::TempDir, Arc<SqliteStore>, i64) {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("t.db").display());
-        let store = SqliteStore::open(&url, Arc::new(KeyEncryptionKey::from_bytes(&[1u8; 32])))
-            .await
-            .unwrap();
-        let new = NewRollout {
-            path: "default/key/a".into(),
-            version: 1,
-            sha256: "ab".into(),
-            selector: "app=db".into(),
-            max_concurrent: 4,
-            max_attempts: 3,
-            guest_deadline_ms: 10_000,
-            deadline_at: None,
-            created_by: "ops@dev".into(),
-        };
+        let (dir, store) = SqliteStore::open_temp().await;
         let created = store
-            .create_rollout(&new, &["g1".into(), "g2".into()])
+            .create_rollout(
+                &NewRollout::for_test("default/key/a", 1),
+                &["g1".into(), "g2".into()],
+            )
             .await
             .unwrap();
         (dir, Arc::new(store), created.rollout.id)

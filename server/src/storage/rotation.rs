@@ -122,6 +122,24 @@ pub struct NewRollout {
     pub created_by: String,
 }
 
+#[cfg(test)]
+impl NewRollout {
+    /// A rollout of `path` at `version` to `app=db`, for tests.
+    pub(crate) fn for_test(path: &str, version: u64) -> Self {
+        Self {
+            path: path.into(),
+            version,
+            sha256: "ab".into(),
+            selector: "app=db".into(),
+            max_concurrent: 4,
+            max_attempts: 3,
+            guest_deadline_ms: 10_000,
+            deadline_at: None,
+            created_by: "ops@dev".into(),
+        }
+    }
+}
+
 /// A stored rollout.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutRecord {
@@ -578,32 +596,15 @@ impl RolloutStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use std::sync::Arc;
 
     use super::*;
-    use crate::storage::KeyEncryptionKey;
 
     async fn store() -> (tempfile::TempDir, SqliteStore) {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("t.db").display());
-        let s = SqliteStore::open(&url, Arc::new(KeyEncryptionKey::from_bytes(&[1u8; 32])))
-            .await
-            .unwrap();
-        (dir, s)
+        SqliteStore::open_temp().await
     }
 
     fn new(path: &str, version: u64) -> NewRollout {
-        NewRollout {
-            path: path.into(),
-            version,
-            sha256: "ab".into(),
-            selector: "app=db".into(),
-            max_concurrent: 4,
-            max_attempts: 3,
-            guest_deadline_ms: 10_000,
-            deadline_at: None,
-            created_by: "ops@dev".into(),
-        }
+        NewRollout::for_test(path, version)
     }
 
     #[tokio::test]

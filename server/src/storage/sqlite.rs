@@ -68,6 +68,16 @@ impl SqliteStore {
         })
     }
 
+    /// A store in a fresh temporary directory (dropped with the directory), for tests.
+    #[cfg(test)]
+    #[allow(clippy::unwrap_used)]
+    pub(crate) async fn open_temp() -> (tempfile::TempDir, Self) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let kek = Arc::new(KeyEncryptionKey::from_bytes(&[1u8; 32]));
+        (dir, Self::open(&url, kek).await.unwrap())
+    }
+
     /// A write transaction for a batch writer, with the batch-write turn it must hold until
     /// it commits (drop the guard after the transaction).
     pub(crate) async fn begin_batch(
