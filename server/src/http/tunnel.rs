@@ -103,7 +103,9 @@ fn accept_params(
     let mut nonce = [0u8; 32];
     rand::thread_rng().fill_bytes(&mut nonce);
     let push_key = with_push_key.then(PushKey::generate);
-    let mut plaintext = Zeroizing::new(nonce.to_vec());
+    // Sized up front: a reallocation would leave an unzeroed copy behind.
+    let mut plaintext = Zeroizing::new(Vec::with_capacity(64));
+    plaintext.extend_from_slice(&nonce);
     if let Some(key) = &push_key {
         plaintext.extend_from_slice(key.bytes());
     }

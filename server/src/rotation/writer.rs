@@ -72,7 +72,7 @@ type Key = (i64, String);
 /// Rows waiting for [`BEHIND_DELAY`]: the newest row per key, and keys in first-queued order.
 #[derive(Default)]
 struct Behind {
-    rows: HashMap<Key, (Instant, TargetRecord)>,
+    rows: HashMap<Key, TargetRecord>,
     order: VecDeque<(Instant, Key)>,
 }
 
@@ -80,10 +80,10 @@ impl Behind {
     fn put(&mut self, row: TargetRecord, now: Instant) {
         let key = (row.rollout_id, row.guest_id.clone());
         match self.rows.get_mut(&key) {
-            Some(entry) => entry.1 = row,
+            Some(waiting) => *waiting = row,
             None => {
                 self.order.push_back((now, key.clone()));
-                self.rows.insert(key, (now, row));
+                self.rows.insert(key, row);
             }
         }
     }
@@ -100,7 +100,7 @@ impl Behind {
                 break;
             }
             if let Some((_, key)) = self.order.pop_front()
-                && let Some((_, row)) = self.rows.remove(&key)
+                && let Some(row) = self.rows.remove(&key)
             {
                 out.push(row);
             }
