@@ -390,7 +390,7 @@ const FAKE_XOR: u8 = 0x5a;
 #[derive(Clone)]
 struct TunnelOnly {
     hub: tunnel::Hub,
-    limits: tunnel::TunnelLimits,
+    limits: Arc<tunnel::TunnelLimits>,
     reauth: tunnel::ReauthFn,
     drain: tokio_util::sync::CancellationToken,
 }
@@ -477,7 +477,7 @@ async fn tunnel_only_kbs(args: Args) -> anyhow::Result<()> {
     });
     let state = TunnelOnly {
         hub: tunnel::Hub::new(),
-        limits: tunnel::TunnelLimits::default(),
+        limits: Arc::new(tunnel::TunnelLimits::default()),
         reauth,
         drain: tokio_util::sync::CancellationToken::new(),
     };

@@ -12,7 +12,6 @@
 //! ```
 
 use std::{
-    collections::BTreeMap,
     net::SocketAddr,
     sync::{
         Arc,
@@ -78,6 +77,56 @@ struct Args {
     /// median of the per-round ratios resists the machine's drift better than one long run.
     #[arg(long, default_value_t = 10)]
     rounds: usize,
+    /// Run everything on one thread (tokio's current-thread runtime): the one-core floor,
+    /// without the cost of waking tasks across runtime workers.
+    #[arg(long)]
+    current_thread: bool,
+    /// Run the simulated guests (and the raw echo's client) on the KBS's own runtime instead
+    /// of a guest runtime of their own (the layout of earlier runs; see `GuestRuntime`).
+    #[arg(long)]
+    shared_runtime: bool,
+    /// KBS-side WebSocket read buffer, bytes (default: the tunnel's default).
+    #[arg(long)]
+    kbs_read_buffer: Option<usize>,
+}
+
+/// Where the guest side runs. A real guest daemon is another process (another machine) with
+/// its own single-threaded runtime (`guest-daemon` uses tokio's current-thread runtime), so by
+/// default the bench gives the guests such a runtime on a thread of their own: the KBS's two
+/// workers then schedule only the KBS side, as in production. The raw echo's client runs there
+/// too, so both figures cross the same runtime boundary once each way.
+#[derive(Clone)]
+struct GuestRuntime {
+    handle: tokio::runtime::Handle,
+}
+
+impl GuestRuntime {
+    /// A current-thread runtime on its own thread (kept for the process's life).
+    fn own() -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        std::thread::Builder::new()
+            .name("guest-runtime".into())
+            .spawn(move || runtime.block_on(futures::future::pending::<()>()))?;
+        Ok(Self { handle })
+    }
+
+    /// The caller's runtime.
+    fn shared() -> Self {
+        Self {
+            handle: tokio::runtime::Handle::current(),
+        }
+    }
+
+    /// Runs `fut` on the guest runtime and waits for its result.
+    async fn run<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = anyhow::Result<T>> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        self.handle.spawn(fut).await?
+    }
 }
 
 /// A trivial guest: `ping` echoes.
@@ -115,9 +164,11 @@ impl GuestService for EchoGuest {
 #[derive(Clone)]
 struct KbsState {
     hub: Hub,
+    /// Upgraded `/echo` sockets, handed to the bench (the KBS side of the raw echo).
+    echo_sockets: tokio::sync::mpsc::Sender<WebSocket>,
     observer: Arc<dyn TunnelObserver>,
     drain: CancellationToken,
-    limits: TunnelLimits,
+    limits: Arc<TunnelLimits>,
     reauth: ReauthFn,
 }
 
@@ -138,7 +189,7 @@ async fn tunnel_route(
     let nonce: [u8; 32] = rand::random();
     let accept = AcceptParams {
         guest_id,
-        labels: BTreeMap::new(),
+        labels: Default::default(),
         challenge_jwe: nonce.iter().map(|b| b ^ XOR).collect(),
         expected_nonce: nonce,
         push_key: None,
@@ -157,28 +208,20 @@ async fn tunnel_route(
         .on_upgrade(move |socket| serve_guest_tunnel(socket, accept, hub, observer, drain))
 }
 
-/// Raw echo route: same buffer sizes as the tunnel route, echoes binary frames.
+/// Raw echo route: same buffer sizes as the tunnel route; the upgraded socket goes to the
+/// bench, which measures from the KBS side as the RPC does.
 async fn echo_route(State(state): State<KbsState>, ws: WebSocketUpgrade) -> Response {
     ws.read_buffer_size(state.limits.read_buffer_size)
         .write_buffer_size(state.limits.write_buffer_size)
-        .on_upgrade(echo)
-}
-
-async fn echo(mut socket: WebSocket) {
-    while let Some(Ok(msg)) = socket.next().await {
-        let reply = match msg {
-            AxumMessage::Binary(b) => AxumMessage::Binary(b),
-            AxumMessage::Close(_) => return,
-            _ => continue,
-        };
-        if socket.send(reply).await.is_err() {
-            return;
-        }
-    }
+        .on_upgrade(move |socket| async move {
+            let _ = state.echo_sockets.send(socket).await;
+        })
 }
 
 struct Kbs {
     addr: SocketAddr,
+    guest: GuestRuntime,
+    echo_sockets: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<WebSocket>>,
     hub: Hub,
     limits: TunnelLimits,
     /// Client TLS configuration trusting the bench's certificate, when serving TLS.
@@ -242,18 +285,27 @@ fn tls_pair() -> anyhow::Result<(Arc<rustls::ServerConfig>, Arc<rustls::ClientCo
     Ok((Arc::new(server), Arc::new(client)))
 }
 
-async fn start_kbs(tls: bool) -> anyhow::Result<Kbs> {
+async fn start_kbs(
+    tls: bool,
+    guest: GuestRuntime,
+    read_buffer: Option<usize>,
+) -> anyhow::Result<Kbs> {
     let hub = Hub::new();
-    let limits = TunnelLimits::default();
+    let mut limits = TunnelLimits::default();
+    if let Some(size) = read_buffer {
+        limits.read_buffer_size = size;
+    }
     let reauth: ReauthFn = Arc::new(|_token: String| {
         Box::pin(async { Err("no reauth in the bench".to_owned()) })
             as BoxFuture<'static, Result<u64, String>>
     });
+    let (echo_tx, echo_rx) = tokio::sync::mpsc::channel(1);
     let state = KbsState {
         hub: hub.clone(),
+        echo_sockets: echo_tx,
         observer: Arc::new(NoopObserver),
         drain: CancellationToken::new(),
-        limits: limits.clone(),
+        limits: Arc::new(limits.clone()),
         reauth,
     };
     let app = Router::new()
@@ -284,6 +336,8 @@ async fn start_kbs(tls: bool) -> anyhow::Result<Kbs> {
     };
     Ok(Kbs {
         addr,
+        guest,
+        echo_sockets: tokio::sync::Mutex::new(echo_rx),
         hub,
         limits,
         tls: client_tls,
@@ -298,22 +352,29 @@ fn guest_info(id: &str) -> GuestInfo {
     }
 }
 
-/// Opens a tunnel as guest `id`, serves `EchoGuest` on a task, and returns the KBS handle.
+/// Opens a tunnel as guest `id` on the guest runtime, serves `EchoGuest` on a task there, and
+/// returns the KBS handle.
 async fn open_tunnel(kbs: &Kbs, id: &str) -> anyhow::Result<Arc<TunnelHandle>> {
     let mut config = GuestTunnelConfig::new(kbs.url("/kbs/v0/tunnel"));
     if let Some(tls) = &kbs.tls {
         config = config.with_tls(tls.clone());
     }
-    let (_session, serving) = tunnel::connect_and_serve(
-        &config,
-        &format!("bench:{id}"),
-        guest_info(id),
-        |jwe: &[u8]| Ok(jwe.iter().map(|b| b ^ XOR).collect()),
-        EchoGuest,
-    )
-    .await
-    .with_context(|| format!("connect {id}"))?;
-    tokio::spawn(serving);
+    let guest_id = id.to_owned();
+    kbs.guest
+        .run(async move {
+            let (_session, serving) = tunnel::connect_and_serve(
+                &config,
+                &format!("bench:{guest_id}"),
+                guest_info(&guest_id),
+                |jwe: &[u8]| Ok(jwe.iter().map(|b| b ^ XOR).collect()),
+                EchoGuest,
+            )
+            .await
+            .with_context(|| format!("connect {guest_id}"))?;
+            tokio::spawn(serving);
+            Ok(())
+        })
+        .await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(handle) = kbs.hub.get(id) {
@@ -379,22 +440,51 @@ fn client_ws_config() -> WebSocketConfig {
 type RawWs =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn raw_echo_connect(kbs: &Kbs) -> anyhow::Result<RawWs> {
-    let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(
-        kbs.url("/echo"),
+/// The guest end of a raw echo: dials `/echo` with the guest's WebSocket configuration (as
+/// the tunnel does) and sends every binary message back until the KBS closes.
+async fn raw_echo_guest(url: String, tls: Option<Arc<rustls::ClientConfig>>) -> anyhow::Result<()> {
+    let (mut ws, _): (RawWs, _) = tokio_tungstenite::connect_async_tls_with_config(
+        url,
         Some(client_ws_config()),
         true,
-        kbs.tls.clone().map(tokio_tungstenite::Connector::Rustls),
+        tls.map(tokio_tungstenite::Connector::Rustls),
     )
     .await?;
-    Ok(ws)
+    while let Some(msg) = ws.next().await {
+        match msg? {
+            Message::Binary(b) => ws.send(Message::Binary(b)).await?,
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
-async fn next_binary(ws: &mut RawWs) -> anyhow::Result<usize> {
+/// A raw echo connection: the guest end runs on the guest runtime, the KBS end (the axum
+/// socket, same buffers as a tunnel) is returned to measure from the KBS runtime.
+async fn raw_echo_connect(kbs: &Kbs) -> anyhow::Result<WebSocket> {
+    let (url, tls) = (kbs.url("/echo"), kbs.tls.clone());
+    kbs.guest.handle.spawn(async move {
+        if let Err(e) = raw_echo_guest(url, tls).await {
+            eprintln!("raw echo guest: {e:#}");
+        }
+    });
+    let mut sockets = kbs.echo_sockets.lock().await;
+    tokio::time::timeout(Duration::from_secs(10), sockets.recv())
+        .await
+        .context("raw echo connection timed out")?
+        .context("raw echo route gone")
+}
+
+/// Waits for the next binary message on the KBS end of a raw echo.
+async fn next_binary<S>(ws: &mut S) -> anyhow::Result<usize>
+where
+    S: futures::Stream<Item = Result<AxumMessage, axum::Error>> + Unpin,
+{
     loop {
         match ws.next().await {
-            Some(Ok(Message::Binary(b))) => return Ok(b.len()),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            Some(Ok(AxumMessage::Binary(b))) => return Ok(b.len()),
+            Some(Ok(AxumMessage::Ping(_) | AxumMessage::Pong(_))) => {}
             Some(Ok(other)) => bail!("unexpected echo message {other:?}"),
             Some(Err(e)) => return Err(e.into()),
             None => bail!("echo stream ended"),
@@ -408,24 +498,20 @@ async fn raw_echo_samples(
     calls: usize,
 ) -> anyhow::Result<Vec<Duration>> {
     let mut ws = raw_echo_connect(kbs).await?;
-    let payload = bytes_of(payload);
+    let payload = tokio_tungstenite::tungstenite::Bytes::copy_from_slice(payload);
     for _ in 0..calls / 5 {
-        ws.send(Message::Binary(payload.clone())).await?;
+        ws.send(AxumMessage::Binary(payload.clone())).await?;
         next_binary(&mut ws).await?;
     }
     let mut samples = Vec::with_capacity(calls);
     for _ in 0..calls {
         let start = Instant::now();
-        ws.send(Message::Binary(payload.clone())).await?;
+        ws.send(AxumMessage::Binary(payload.clone())).await?;
         next_binary(&mut ws).await?;
         samples.push(start.elapsed());
     }
-    let _ = ws.close(None).await;
+    let _ = ws.close().await;
     Ok(samples)
-}
-
-fn bytes_of(payload: &[u8]) -> tokio_tungstenite::tungstenite::Bytes {
-    tokio_tungstenite::tungstenite::Bytes::copy_from_slice(payload)
 }
 
 /// Raw echo, `in_flight` messages outstanding, for `seconds`: messages per second.
@@ -439,7 +525,7 @@ async fn raw_echo_throughput(
     let (mut tx, mut rx) = ws.split();
     let window = Arc::new(Semaphore::new(in_flight));
     let stop = Arc::new(AtomicBool::new(false));
-    let payload = bytes_of(payload);
+    let payload = tokio_tungstenite::tungstenite::Bytes::copy_from_slice(payload);
     let writer = {
         let (window, stop) = (window.clone(), stop.clone());
         tokio::spawn(async move {
@@ -455,7 +541,7 @@ async fn raw_echo_throughput(
                     batch += 1;
                 }
                 for _ in 0..batch {
-                    if tx.feed(Message::Binary(payload.clone())).await.is_err() {
+                    if tx.feed(AxumMessage::Binary(payload.clone())).await.is_err() {
                         break 'outer;
                     }
                 }
@@ -471,8 +557,8 @@ async fn raw_echo_throughput(
     let start = Instant::now();
     let mut received = 0u64;
     while start.elapsed() < duration {
-        match tokio::time::timeout(Duration::from_secs(5), next_binary_half(&mut rx)).await {
-            Ok(Ok(())) => {
+        match tokio::time::timeout(Duration::from_secs(5), next_binary(&mut rx)).await {
+            Ok(Ok(_)) => {
                 received += 1;
                 window.add_permits(1);
             }
@@ -483,20 +569,10 @@ async fn raw_echo_throughput(
     let elapsed = start.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     window.close();
-    let _ = writer.await;
-    Ok(received as f64 / elapsed)
-}
-
-async fn next_binary_half(rx: &mut futures::stream::SplitStream<RawWs>) -> anyhow::Result<()> {
-    loop {
-        match rx.next().await {
-            Some(Ok(Message::Binary(_))) => return Ok(()),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-            Some(Ok(other)) => bail!("unexpected echo message {other:?}"),
-            Some(Err(e)) => return Err(e.into()),
-            None => bail!("echo stream ended"),
-        }
+    if let Ok(mut tx) = writer.await {
+        let _ = tx.send(AxumMessage::Close(None)).await;
     }
+    Ok(received as f64 / elapsed)
 }
 
 /// `workers` tasks per handle, each calling `ping` back to back for `seconds`.
@@ -543,22 +619,42 @@ async fn rpc_throughput(
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = if args.current_thread {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    };
     runtime.block_on(run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let kbs = start_kbs(args.tls).await?;
+    let guest = if args.shared_runtime || args.current_thread {
+        GuestRuntime::shared()
+    } else {
+        GuestRuntime::own()?
+    };
+    let kbs = Arc::new(start_kbs(args.tls, guest, args.kbs_read_buffer).await?);
     let payload = vec![0xa5u8; args.payload];
-    let workers = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let workers = if args.current_thread {
+        1
+    } else {
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    };
     println!(
-        "tunnel_bench: loopback, {} WebSocket, {} B payload, {workers} runtime workers, \
-         KBS buffers {} KiB read / {} KiB write, guest buffers {} KiB read / {} KiB write",
+        "tunnel_bench: loopback, {} WebSocket, {} B payload, KBS runtime {workers} workers, \
+         guests {}, KBS buffers {} B read / {} KiB write, guest buffers {} KiB read / {} KiB write",
         if args.tls { "TLS 1.3" } else { "plain" },
         args.payload,
-        kbs.limits.read_buffer_size / 1024,
+        if args.shared_runtime || args.current_thread {
+            "on the KBS runtime"
+        } else {
+            "on their own current-thread runtime"
+        },
+        kbs.limits.read_buffer_size,
         kbs.limits.write_buffer_size / 1024,
         client_ws_config().read_buffer_size / 1024,
         client_ws_config().write_buffer_size / 1024,
@@ -572,8 +668,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut rpc_all = Vec::new();
     let mut ratios = Vec::new();
     for _ in 0..rounds {
-        let echo = raw_echo_samples(&kbs, &payload, per_round).await?;
-        let rpc = rpc_samples(&handle, &payload, per_round).await?;
+        let echo = {
+            let (kbs, payload) = (kbs.clone(), payload.clone());
+            tokio::spawn(async move { raw_echo_samples(&kbs, &payload, per_round).await }).await??
+        };
+        let rpc = {
+            let (handle, payload) = (handle.clone(), payload.clone());
+            tokio::spawn(async move { rpc_samples(&handle, &payload, per_round).await }).await??
+        };
         let (e, r) = (percentiles(echo.clone()), percentiles(rpc.clone()));
         ratios.push(us(r.p50) / us(e.p50).max(1e-3));
         echo_all.extend(echo);

@@ -58,6 +58,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Live guest tunnels, one per guest id.
     pub hub: tunnel::Hub,
+    /// Limits and observer every tunnel shares (one copy, not one per tunnel).
+    pub tunnel_endpoint: Arc<crate::http::tunnel::TunnelEndpoint>,
     /// Claims and TEE key of each connected guest (from its token).
     pub guest_directory: Arc<crate::guest_directory::GuestDirectory>,
     /// Cancelled when the KBS begins to shut down.
@@ -191,9 +193,8 @@ impl Kbs {
             .map_err(|e| other("admin")(e.to_string()))?,
         );
 
-        http::tunnel::limits(&config.tunnel)
-            .validate()
-            .map_err(other("tunnel"))?;
+        let tunnel_limits = http::tunnel::limits(&config.tunnel);
+        tunnel_limits.validate().map_err(other("tunnel"))?;
 
         let tls = match &config.http.tls {
             Some(t) => Some(crate::tls::server_config(t, &data_dir).map_err(other("http.tls"))?),
@@ -216,7 +217,12 @@ impl Kbs {
             metrics.observability.events_dropped.clone(),
         );
         let fleet = Arc::new(crate::fleet::Fleet::load(store.as_ref()).await?);
+        let tunnel_endpoint = Arc::new(crate::http::tunnel::TunnelEndpoint::new(
+            tunnel_limits,
+            metrics.clone(),
+        ));
         let state = AppState {
+            tunnel_endpoint,
             events,
             fleet,
             dashboard: Arc::new(crate::dashboard::Sessions::new()),

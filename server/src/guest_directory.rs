@@ -14,14 +14,12 @@ use crate::token::{GuestIdentity, VerifiedToken};
 /// The attested facts of one guest, from its latest verified token.
 #[derive(Clone, Debug)]
 pub struct GuestAttestation {
-    /// Guest id.
-    pub guest_id: String,
     /// Token claims, as the resource policy sees them (`input`); shared with the token cache
     /// and sessions holding the same token.
     pub claims: Claims,
     /// The TEE key the guest proved possession of.
     pub tee_pubkey: TeePubKey,
-    /// The identity the claims state (`[tether]` of the init-data).
+    /// The identity the claims state (`[tether]` of the init-data), guest id included.
     pub identity: GuestIdentity,
     /// TEE name (`sample`, `tdx`, ...).
     pub tee: String,
@@ -35,7 +33,6 @@ impl GuestAttestation {
     /// The facts a verified token states.
     pub fn of(token: &VerifiedToken) -> Self {
         Self {
-            guest_id: token.identity.guest_id.clone(),
             claims: token.claims.clone(),
             tee_pubkey: token.tee_pubkey.clone(),
             identity: token.identity.clone(),
@@ -61,7 +58,7 @@ impl GuestDirectory {
     /// Records the token a guest connects or re-attests with (replacing an older one).
     pub fn record(&self, token: &VerifiedToken) {
         let entry = Arc::new(GuestAttestation::of(token));
-        self.guests.insert(entry.guest_id.clone(), entry);
+        self.guests.insert(entry.identity.guest_id.clone(), entry);
     }
 
     /// The latest attestation of `guest_id`.
@@ -92,7 +89,6 @@ impl GuestDirectory {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
-    use std::collections::BTreeMap;
     use std::time::Duration;
 
     use serde_json::json;
@@ -110,7 +106,7 @@ mod tests {
         };
         let identity = GuestIdentity {
             guest_id: guest_id.into(),
-            labels: BTreeMap::new(),
+            labels: Default::default(),
             ..Default::default()
         };
         let claims = build_claims("sample", json!({}), &key, "bm9uY2U=", None, &identity);

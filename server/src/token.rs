@@ -11,7 +11,9 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tunnel::Labels;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -111,15 +113,20 @@ impl TokenError {
 pub struct GuestIdentity {
     /// Stable guest name (`[tether] guest_id`, or `tee-<hash of TEE key>`).
     pub guest_id: String,
-    /// Operator-chosen labels (`[tether.labels]`).
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
+    /// Operator-chosen labels (`[tether.labels]`), one shared copy per distinct set.
+    #[serde(default, deserialize_with = "interned_labels")]
+    pub labels: Labels,
     /// Sandbox DNS name (`[tether] name`), for certificates naming the sandbox (splitapi).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// Sandbox IP address (`[tether] ip`), for certificates naming the sandbox (splitapi).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<std::net::IpAddr>,
+}
+
+fn interned_labels<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Labels, D::Error> {
+    let map = BTreeMap::<String, String>::deserialize(d)?;
+    Ok(tunnel::labels::intern(Arc::new(map)))
 }
 
 impl GuestIdentity {
@@ -439,7 +446,7 @@ mod tests {
     fn identity() -> GuestIdentity {
         GuestIdentity {
             guest_id: "web-1".into(),
-            labels: BTreeMap::from([("app".into(), "web".into())]),
+            labels: BTreeMap::from([("app".into(), "web".into())]).into(),
             ..Default::default()
         }
     }

@@ -1,7 +1,6 @@
 //! [`TunnelHandle`]: one live tunnel as the KBS sees it, with typed calls into the guest.
 
 use std::{
-    collections::BTreeMap,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -99,7 +98,7 @@ pub struct TunnelInfo {
     /// Server-chosen session id.
     pub session_id: String,
     /// Attested labels (init-data `[tether] labels`).
-    pub labels: BTreeMap<String, String>,
+    pub labels: crate::labels::Labels,
     /// Daemon instance id (from the guest's Proof; informational).
     pub instance_id: String,
     /// Daemon version (from the guest's Proof; informational).
@@ -117,7 +116,7 @@ pub struct TunnelHandle {
     /// Server-chosen session id.
     pub session_id: String,
     /// Attested labels.
-    pub labels: BTreeMap<String, String>,
+    pub labels: crate::labels::Labels,
     /// Daemon instance id (informational).
     pub instance_id: String,
     /// Daemon version (informational).

@@ -17,6 +17,7 @@ pub mod guest;
 mod handle;
 pub mod handshake;
 mod hub;
+pub mod labels;
 mod link;
 mod liveness;
 mod observer;
@@ -32,6 +33,7 @@ pub use guest::{
 };
 pub use handle::{CallError, TunnelHandle, TunnelInfo, next_epoch};
 pub use hub::{DEFAULT_EVENT_CAPACITY, Hub, TunnelEvent};
+pub use labels::Labels;
 pub use link::CloseInfo;
 pub use observer::{NoopObserver, TunnelObserver};
 pub use push_key::PushKey;

@@ -196,7 +196,7 @@ fn parse_tether(tether: &toml::Table) -> Result<GuestIdentity, InitDataError> {
     }
     Ok(GuestIdentity {
         guest_id,
-        labels,
+        labels: tunnel::labels::intern(std::sync::Arc::new(labels)),
         name,
         ip,
     })

@@ -149,9 +149,6 @@ pub struct FleetPage {
 pub struct Fleet {
     guests: RwLock<BTreeMap<String, GuestRecord>>,
     dirty: Mutex<HashSet<String>>,
-    /// Distinct label sets, shared by the records that have them (guests of one fleet
-    /// mostly share a few), so a record holds a pointer instead of its own map.
-    label_sets: Mutex<HashSet<Arc<BTreeMap<String, String>>>>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -202,7 +199,6 @@ impl Fleet {
         Self {
             guests: RwLock::new(BTreeMap::new()),
             dirty: Mutex::new(HashSet::new()),
-            label_sets: Mutex::new(HashSet::new()),
         }
     }
 
@@ -243,23 +239,9 @@ impl Fleet {
         self.guests.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The shared copy of a label set.
+    /// The shared copy of a label set (the same one the guest's token and tunnel hold).
     fn intern(&self, labels: &BTreeMap<String, String>) -> Arc<BTreeMap<String, String>> {
-        let mut sets = self.label_sets.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(shared) = sets.get(labels) {
-            return shared.clone();
-        }
-        let shared = Arc::new(labels.clone());
-        sets.insert(shared.clone());
-        shared
-    }
-
-    /// Forget label sets no record uses any more.
-    fn prune_label_sets(&self) {
-        self.label_sets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|s| Arc::strong_count(s) > 1);
+        tunnel::labels::intern_map(labels)
     }
 
     fn mark(&self, guest_id: &str) {
@@ -295,7 +277,7 @@ impl Fleet {
     /// A tunnel was registered. Idempotent per tunnel epoch.
     pub fn on_connect(&self, h: &TunnelHandle, att: Option<&GuestAttestation>) {
         let now = now_ms();
-        let labels = self.intern(&h.labels);
+        let labels = h.labels.clone();
         {
             let mut map = self.write();
             let rec = map
@@ -358,7 +340,7 @@ impl Fleet {
     pub fn on_attestation(&self, att: &GuestAttestation) {
         let changed = {
             let mut map = self.write();
-            match map.get_mut(&att.guest_id) {
+            match map.get_mut(&att.identity.guest_id) {
                 Some(rec) => {
                     let before = (rec.attested_at, rec.token_expires_at);
                     apply_attestation(rec, att);
@@ -368,7 +350,7 @@ impl Fleet {
             }
         };
         if changed {
-            self.mark(&att.guest_id);
+            self.mark(&att.identity.guest_id);
         }
     }
 
@@ -561,7 +543,6 @@ impl Fleet {
             }
             metrics.storage("upsert_fleet", started);
         }
-        self.prune_label_sets();
         metrics
             .fleet_guests
             .set(i64::try_from(self.len()).unwrap_or(i64::MAX));

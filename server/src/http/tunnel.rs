@@ -27,6 +27,23 @@ use crate::metrics::Metrics;
 use crate::token::{TokenSigner, VerifiedToken};
 use crate::tunnel_observer::TunnelMetrics;
 
+/// What every tunnel of this KBS shares: its limits and the observer feeding the metrics.
+#[derive(Debug)]
+pub struct TunnelEndpoint {
+    limits: Arc<TunnelLimits>,
+    observer: Arc<TunnelMetrics>,
+}
+
+impl TunnelEndpoint {
+    /// The endpoint for `limits` (already validated), recording into `metrics`.
+    pub fn new(limits: TunnelLimits, metrics: Arc<Metrics>) -> Self {
+        Self {
+            limits: Arc::new(limits),
+            observer: Arc::new(TunnelMetrics::new(metrics)),
+        }
+    }
+}
+
 /// The tunnel limits for a configuration: the configured values over the protocol defaults.
 pub fn limits(config: &TunnelConfig) -> TunnelLimits {
     TunnelLimits {
@@ -35,6 +52,7 @@ pub fn limits(config: &TunnelConfig) -> TunnelLimits {
         max_in_flight: config.max_in_flight,
         call_deadline: config.call_deadline,
         write_queue: config.write_queue,
+        read_buffer_size: config.read_buffer_bytes,
         ..TunnelLimits::default()
     }
 }
@@ -70,7 +88,7 @@ pub async fn upgrade(
     let accept = accept_params(&state, &token, offers_push_key(&ws))?;
     state.guest_directory.record(&token);
     let hub = state.hub.clone();
-    let observer = Arc::new(TunnelMetrics::new(state.metrics.clone()));
+    let observer: Arc<dyn tunnel::TunnelObserver> = state.tunnel_endpoint.observer.clone();
     let drain = state.shutdown.clone();
     let upgrade = configure_upgrade(ws, &accept.limits);
     // Boxed: the upgrade task keeps its callback for the tunnel's lifetime, so the callback
@@ -121,29 +139,23 @@ fn accept_params(
         expected_nonce: nonce,
         push_key,
         reauth_before: token.exp,
-        reauth: record_on_reauth(
-            binding.reauth_fn(state.rcar.signer().clone()),
-            state.clone(),
-        ),
-        limits: limits(&state.config.tunnel),
+        reauth: record_on_reauth(binding, state.clone()),
+        limits: state.tunnel_endpoint.limits.clone(),
     })
 }
 
-/// Wraps `inner` so a fresh token it accepts also updates the guest directory (the claims
-/// the resource policy sees for pushes into this guest).
-fn record_on_reauth(inner: ReauthFn, state: AppState) -> ReauthFn {
+/// The tunnel's `Frame::Reauth` check: a fresh token `binding` accepts also updates the guest
+/// directory (the claims the resource policy sees for pushes into this guest). One closure
+/// per tunnel, holding the binding and the state's handles.
+fn record_on_reauth(binding: TunnelBinding, state: AppState) -> ReauthFn {
     Arc::new(move |fresh: String| {
-        let checked = inner(fresh.clone());
-        let state = state.clone();
-        Box::pin(async move {
-            let result = checked.await;
-            if result.is_ok()
-                && let Ok(token) = state.rcar.signer().verify(&fresh)
-            {
+        let result = binding
+            .check_token(state.rcar.signer(), &fresh)
+            .map(|token| {
                 state.guest_directory.record(&token);
-            }
-            result
-        })
+                token.exp
+            });
+        Box::pin(std::future::ready(result))
     })
 }
 
@@ -151,8 +163,8 @@ fn record_on_reauth(inner: ReauthFn, state: AppState) -> ReauthFn {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TunnelBinding {
     guest_id: String,
-    /// Canonical JSON (RFC 8785) of the TEE public key.
-    tee_pubkey: Vec<u8>,
+    /// SHA-256 of the canonical JSON (RFC 8785) of the TEE public key.
+    tee_pubkey_digest: [u8; 32],
 }
 
 impl TunnelBinding {
@@ -160,17 +172,21 @@ impl TunnelBinding {
     pub fn of(token: &VerifiedToken) -> Result<Self, serde_json::Error> {
         Ok(Self {
             guest_id: token.identity.guest_id.clone(),
-            tee_pubkey: serde_json_canonicalizer::to_vec(&token.tee_pubkey)?,
+            tee_pubkey_digest: key_digest(&token.tee_pubkey)?,
         })
     }
 
     /// Verifies `fresh` with `signer` and checks it names the same TEE key and guest; returns
     /// its expiry (the new `reauth_before`) or why it is refused.
     pub fn check(&self, signer: &TokenSigner, fresh: &str) -> Result<u64, String> {
+        self.check_token(signer, fresh).map(|token| token.exp)
+    }
+
+    /// [`Self::check`], returning the verified token.
+    fn check_token(&self, signer: &TokenSigner, fresh: &str) -> Result<VerifiedToken, String> {
         let token = signer.verify(fresh).map_err(|e| e.to_string())?;
-        let key = serde_json_canonicalizer::to_vec(&token.tee_pubkey)
-            .map_err(|e| format!("tee-pubkey: {e}"))?;
-        if key != self.tee_pubkey {
+        let key = key_digest(&token.tee_pubkey).map_err(|e| format!("tee-pubkey: {e}"))?;
+        if key != self.tee_pubkey_digest {
             return Err("the token is bound to another TEE key".into());
         }
         if token.identity.guest_id != self.guest_id {
@@ -179,7 +195,7 @@ impl TunnelBinding {
                 token.identity.guest_id, self.guest_id
             ));
         }
-        Ok(token.exp)
+        Ok(token)
     }
 
     /// The callback the tunnel runs on `Frame::Reauth` (a refusal closes it with 4401).
@@ -189,6 +205,11 @@ impl TunnelBinding {
             Box::pin(std::future::ready(result))
         })
     }
+}
+
+fn key_digest(key: &kbs_types::TeePubKey) -> Result<[u8; 32], serde_json::Error> {
+    use sha2::Digest as _;
+    Ok(sha2::Sha256::digest(serde_json_canonicalizer::to_vec(key)?).into())
 }
 
 /// Once `shutdown` is cancelled, waits up to `grace` for every tunnel to leave `hub` (each
@@ -242,7 +263,7 @@ mod tests {
     fn token(signer: &TokenSigner, key: &TeePubKey, guest_id: &str) -> (String, VerifiedToken) {
         let identity = GuestIdentity {
             guest_id: guest_id.into(),
-            labels: BTreeMap::from([("app".into(), "db".into())]),
+            labels: BTreeMap::from([("app".into(), "db".into())]).into(),
             ..Default::default()
         };
         let claims = build_claims("sample", json!({}), key, "bm9uY2U=", None, &identity);
@@ -298,6 +319,7 @@ mod tests {
             max_in_flight: 8,
             call_deadline: Duration::from_secs(3),
             write_queue: 16,
+            read_buffer_bytes: 512,
         };
         let l = limits(&config);
         assert_eq!(l.heartbeat, Duration::from_secs(5));
@@ -305,6 +327,7 @@ mod tests {
         assert_eq!(l.max_in_flight, 8);
         assert_eq!(l.call_deadline, Duration::from_secs(3));
         assert_eq!(l.write_queue, 16);
+        assert_eq!(l.read_buffer_size, 512);
         assert_eq!(l.validate(), Ok(()));
         assert_eq!(limits(&TunnelConfig::default()).validate(), Ok(()));
     }

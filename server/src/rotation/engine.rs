@@ -182,7 +182,7 @@ struct Engine {
     done_tx: mpsc::UnboundedSender<Done>,
     retries: BinaryHeap<Reverse<(u64, i64, String)>>,
     noted: HashSet<String>,
-    to_note: Vec<(String, BTreeMap<String, String>)>,
+    to_note: Vec<(String, tunnel::Labels)>,
 }
 
 /// Runs the reconciler until `stop` is cancelled or `commands` closes. Deliveries in flight

@@ -284,7 +284,7 @@ pub trait RolloutStore: Send + Sync + 'static {
     /// Record guests rotation has seen connected: `(guest_id, labels)`, stamped now.
     async fn note_rotation_guests(
         &self,
-        guests: &[(String, BTreeMap<String, String>)],
+        guests: &[(String, tunnel::Labels)],
     ) -> Result<(), StoreError>;
     /// Guests seen since `since_ms`, with their last labels.
     async fn rotation_guests(
@@ -549,7 +549,7 @@ impl RolloutStore for SqliteStore {
 
     async fn note_rotation_guests(
         &self,
-        guests: &[(String, BTreeMap<String, String>)],
+        guests: &[(String, tunnel::Labels)],
     ) -> Result<(), StoreError> {
         if guests.is_empty() {
             return Ok(());
@@ -691,9 +691,14 @@ mod tests {
             .unwrap();
         let counts = s.target_counts(r.rollout.id).await.unwrap();
         assert_eq!(counts[&TargetState::Pending], 1000);
-        let guests: Vec<(String, BTreeMap<String, String>)> = ids
+        let guests: Vec<(String, tunnel::Labels)> = ids
             .iter()
-            .map(|g| (g.clone(), BTreeMap::from([("app".into(), "db".into())])))
+            .map(|g| {
+                (
+                    g.clone(),
+                    BTreeMap::from([("app".into(), "db".into())]).into(),
+                )
+            })
             .collect();
         s.note_rotation_guests(&guests).await.unwrap();
         let known = s.rotation_guests(0).await.unwrap();

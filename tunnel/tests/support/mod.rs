@@ -102,7 +102,7 @@ struct AppState {
     hub: Hub,
     observer: Arc<Recorder>,
     drain: CancellationToken,
-    limits: TunnelLimits,
+    limits: Arc<TunnelLimits>,
     reauth_before: Arc<dyn Fn() -> u64 + Send + Sync>,
     reauth: ReauthFn,
 }
@@ -158,7 +158,7 @@ impl TestKbs {
             hub: hub.clone(),
             observer: observer.clone(),
             drain: drain.clone(),
-            limits: options.limits,
+            limits: Arc::new(options.limits),
             reauth_before: options.reauth_before,
             reauth,
         };
@@ -210,7 +210,7 @@ async fn tunnel_route(
     let nonce: [u8; 32] = rand::random();
     let accept = AcceptParams {
         guest_id: guest_id.to_owned(),
-        labels: BTreeMap::from([("app".to_owned(), "test".to_owned())]),
+        labels: BTreeMap::from([("app".to_owned(), "test".to_owned())]).into(),
         challenge_jwe: nonce.iter().map(|b| b ^ XOR).collect(),
         expected_nonce: nonce,
         push_key: None,
