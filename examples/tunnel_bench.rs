@@ -6,9 +6,16 @@
 //!
 //! The handshake uses a fake challenge (the nonce XOR 0x5a): no crypto is measured.
 //!
+//! Layouts: by default the guests (and the guest end of the raw echo) run on a current-thread
+//! runtime of their own, as `guest-daemon` does, and both figures are measured from the KBS's
+//! runtime on the KBS's axum socket. `--current-thread` puts everything on one thread (the
+//! CPU cost alone, no wake-ups across threads); `--shared-runtime` puts the guests on the
+//! KBS's runtime (the layout of runs before 2026-12-06).
+//!
 //! ```sh
 //! cargo run --release -p examples --example tunnel_bench
 //! cargo run --release -p examples --example tunnel_bench -- --tls
+//! cargo run --release -p examples --example tunnel_bench -- --current-thread
 //! ```
 
 use std::{
@@ -710,6 +717,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "NOT met"
         }
     );
+    if echo.p50 > rpc.p50 {
+        println!(
+            "   note: the raw echo is slower than the RPC, so thread wake-ups (idle vCPUs) dominate \
+             both figures, not the work per call; `--current-thread` measures the CPU cost alone"
+        );
+    }
 
     // 2. Throughput.
     let raw_tp = raw_echo_throughput(&kbs, &payload, args.in_flight, args.seconds).await?;
