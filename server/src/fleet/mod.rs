@@ -213,7 +213,7 @@ impl Fleet {
                 match serde_json::from_str::<GuestRecord>(&json) {
                     Ok(mut rec) => {
                         rec.connected = false;
-                        rec.labels = fleet.intern(&rec.labels);
+                        rec.labels = tunnel::labels::intern_map(&rec.labels);
                         for h in &mut rec.history {
                             if h.disconnected_at.is_none() {
                                 h.disconnected_at = Some(rec.last_seen);
@@ -237,11 +237,6 @@ impl Fleet {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, GuestRecord>> {
         self.guests.write().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The shared copy of a label set (the same one the guest's token and tunnel hold).
-    fn intern(&self, labels: &BTreeMap<String, String>) -> Arc<BTreeMap<String, String>> {
-        tunnel::labels::intern_map(labels)
     }
 
     fn mark(&self, guest_id: &str) {
@@ -268,7 +263,7 @@ impl Fleet {
 
     /// Insert or replace a record as is (bulk loading, benchmarks).
     pub fn insert(&self, mut record: GuestRecord) {
-        record.labels = self.intern(&record.labels);
+        record.labels = tunnel::labels::intern_map(&record.labels);
         let id = record.guest_id.clone();
         self.write().insert(id.clone(), record);
         self.mark(&id);

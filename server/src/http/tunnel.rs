@@ -149,12 +149,10 @@ fn accept_params(
 /// per tunnel, holding the binding and the state's handles.
 fn record_on_reauth(binding: TunnelBinding, state: AppState) -> ReauthFn {
     Arc::new(move |fresh: String| {
-        let result = binding
-            .check_token(state.rcar.signer(), &fresh)
-            .map(|token| {
-                state.guest_directory.record(&token);
-                token.exp
-            });
+        let result = binding.check(state.rcar.signer(), &fresh).map(|token| {
+            state.guest_directory.record(&token);
+            token.exp
+        });
         Box::pin(std::future::ready(result))
     })
 }
@@ -177,13 +175,8 @@ impl TunnelBinding {
     }
 
     /// Verifies `fresh` with `signer` and checks it names the same TEE key and guest; returns
-    /// its expiry (the new `reauth_before`) or why it is refused.
-    pub fn check(&self, signer: &TokenSigner, fresh: &str) -> Result<u64, String> {
-        self.check_token(signer, fresh).map(|token| token.exp)
-    }
-
-    /// [`Self::check`], returning the verified token.
-    fn check_token(&self, signer: &TokenSigner, fresh: &str) -> Result<VerifiedToken, String> {
+    /// the verified token (its expiry is the new `reauth_before`) or why it is refused.
+    pub fn check(&self, signer: &TokenSigner, fresh: &str) -> Result<VerifiedToken, String> {
         let token = signer.verify(fresh).map_err(|e| e.to_string())?;
         let key = key_digest(&token.tee_pubkey).map_err(|e| format!("tee-pubkey: {e}"))?;
         if key != self.tee_pubkey_digest {
@@ -196,14 +189,6 @@ impl TunnelBinding {
             ));
         }
         Ok(token)
-    }
-
-    /// The callback the tunnel runs on `Frame::Reauth` (a refusal closes it with 4401).
-    pub fn reauth_fn(self, signer: Arc<TokenSigner>) -> ReauthFn {
-        Arc::new(move |fresh: String| {
-            let result = self.check(&signer, &fresh);
-            Box::pin(std::future::ready(result))
-        })
     }
 }
 
@@ -280,7 +265,10 @@ mod tests {
         let binding = TunnelBinding::of(&first).unwrap();
 
         let (fresh, verified) = token(&signer, &key, "g1");
-        assert_eq!(binding.check(&signer, &fresh), Ok(verified.exp));
+        assert_eq!(
+            binding.check(&signer, &fresh).map(|t| t.exp),
+            Ok(verified.exp)
+        );
 
         let (other_key, _) = token(
             &signer,
@@ -301,13 +289,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn reauth_fn_answers_with_the_new_expiry() {
-        let signer = Arc::new(TokenSigner::ephemeral().unwrap());
+    async fn reauth_answers_with_the_new_expiry_and_records_the_fresh_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::config::Config::default();
+        config.storage.data_dir = dir.path().to_path_buf();
+        let state = crate::app::Kbs::build(config).await.unwrap().state;
+        let signer = state.rcar.signer().clone();
         let key = ec_key("WKn-ZIGevcwGIyyrzFoZNBdaq9_TsqzGl96oc0CWuis");
         let (_, first) = token(&signer, &key, "g1");
-        let reauth = TunnelBinding::of(&first).unwrap().reauth_fn(signer.clone());
+        let reauth = record_on_reauth(TunnelBinding::of(&first).unwrap(), state.clone());
         let (fresh, verified) = token(&signer, &key, "g1");
         assert_eq!(reauth(fresh).await, Ok(verified.exp));
+        let recorded = state.guest_directory.get("g1").unwrap();
+        assert_eq!(recorded.exp, verified.exp);
         assert!(reauth("garbage".into()).await.is_err());
     }
 
