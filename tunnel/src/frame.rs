@@ -3,6 +3,13 @@
 //!
 //! Sizes are checked before any parsing, trailing bytes are an error, and no input makes
 //! the decoder panic (see the property tests below).
+//!
+//! RPC frames, the hot path, are read and written without a second CBOR pass: the envelope
+//! `{"Rpc": bytes}` is a fixed prefix and a byte-string header ([`decode_ref`] borrows the
+//! payload, [`encode_rpc`] writes the prefix). Anything else, including RPC frames encoded
+//! another valid way, goes through the full decoder.
+
+use std::borrow::Cow;
 
 use rpc_defs::{CloseCode, Frame};
 use serde::{Serialize, de::DeserializeOwned};
@@ -46,17 +53,74 @@ pub fn encode(frame: &Frame) -> Result<Vec<u8>, CodecError> {
 
 /// Decodes one frame, refusing anything over `max_frame` bytes before parsing it.
 pub fn decode(bytes: &[u8], max_frame: usize) -> Result<Frame, CodecError> {
+    Ok(match decode_ref(bytes, max_frame)? {
+        FrameRef::Rpc(payload) => Frame::Rpc(payload.into_owned()),
+        FrameRef::Other(frame) => frame,
+    })
+}
+
+/// A decoded frame whose RPC payload still lies in the received message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FrameRef<'a> {
+    /// [`Frame::Rpc`]'s payload, borrowed unless the frame used a non-shortest encoding.
+    Rpc(Cow<'a, [u8]>),
+    /// Any other frame (never [`Frame::Rpc`]).
+    Other(Frame),
+}
+
+/// Like [`decode`], without copying an RPC payload out of `bytes`.
+pub fn decode_ref(bytes: &[u8], max_frame: usize) -> Result<FrameRef<'_>, CodecError> {
     check_size(bytes.len(), max_frame)?;
-    from_cbor(bytes)
+    if let Some(payload) = rpc_payload(bytes) {
+        return Ok(FrameRef::Rpc(Cow::Borrowed(payload)));
+    }
+    Ok(match from_cbor(bytes)? {
+        Frame::Rpc(payload) => FrameRef::Rpc(Cow::Owned(payload)),
+        other => FrameRef::Other(other),
+    })
+}
+
+/// CBOR of `{"Rpc": ...}`: a map of one entry whose key is the 3-byte text "Rpc".
+const RPC_PREFIX: [u8; 5] = [0xa1, 0x63, b'R', b'p', b'c'];
+
+/// The payload of an RPC frame in its shortest encoding (what [`encode_rpc`] writes), or
+/// `None` for any other input, which the full decoder then judges.
+fn rpc_payload(bytes: &[u8]) -> Option<&[u8]> {
+    let rest = bytes.strip_prefix(&RPC_PREFIX)?;
+    let (&first, rest) = rest.split_first()?;
+    if first >> 5 != 2 {
+        return None; // not a byte string
+    }
+    let (len, body) = match first & 0x1f {
+        n @ 0..=23 => (u64::from(n), rest),
+        24 => (u64::from(*rest.first()?), rest.get(1..)?),
+        25 => (
+            u64::from(u16::from_be_bytes(rest.get(..2)?.try_into().ok()?)),
+            rest.get(2..)?,
+        ),
+        26 => (
+            u64::from(u32::from_be_bytes(rest.get(..4)?.try_into().ok()?)),
+            rest.get(4..)?,
+        ),
+        27 => (
+            u64::from_be_bytes(rest.get(..8)?.try_into().ok()?),
+            rest.get(8..)?,
+        ),
+        _ => return None, // indefinite length or reserved
+    };
+    (u64::try_from(body.len()).ok()? == len).then_some(body)
 }
 
 /// Encodes `msg` as CBOR and wraps it in [`Frame::Rpc`], ready to send; fails with
 /// [`CodecError::TooLarge`] when the whole frame would exceed `max_frame`.
 pub fn encode_rpc<T: Serialize>(msg: &T, max_frame: usize) -> Result<Vec<u8>, CodecError> {
     let payload = to_cbor(msg)?;
-    // The envelope adds a few bytes; checking the payload first avoids a second big copy.
+    // The envelope adds at most 14 bytes; checking the payload first avoids a big copy.
     check_size(payload.len(), max_frame)?;
-    let bytes = encode(&Frame::Rpc(payload))?;
+    let mut bytes = Vec::with_capacity(payload.len() + 14);
+    bytes.extend_from_slice(&RPC_PREFIX);
+    push_bytes_header(&mut bytes, payload.len());
+    bytes.extend_from_slice(&payload);
     check_size(bytes.len(), max_frame)?;
     Ok(bytes)
 }
@@ -64,6 +128,26 @@ pub fn encode_rpc<T: Serialize>(msg: &T, max_frame: usize) -> Result<Vec<u8>, Co
 /// Decodes the payload of a [`Frame::Rpc`] as one CBOR item of type `T`.
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
     from_cbor(payload)
+}
+
+/// The shortest CBOR header of a byte string of `len` bytes.
+fn push_bytes_header(out: &mut Vec<u8>, len: usize) {
+    if let Ok(n) = u8::try_from(len) {
+        if n < 24 {
+            out.push(0x40 | n);
+        } else {
+            out.extend_from_slice(&[0x58, n]);
+        }
+    } else if let Ok(n) = u16::try_from(len) {
+        out.push(0x59);
+        out.extend_from_slice(&n.to_be_bytes());
+    } else if let Ok(n) = u32::try_from(len) {
+        out.push(0x5a);
+        out.extend_from_slice(&n.to_be_bytes());
+    } else {
+        out.push(0x5b);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
 }
 
 fn check_size(size: usize, max: usize) -> Result<(), CodecError> {
@@ -74,7 +158,8 @@ fn check_size(size: usize, max: usize) -> Result<(), CodecError> {
 }
 
 fn to_cbor<T: Serialize>(value: &T) -> Result<Vec<u8>, CodecError> {
-    let mut out = Vec::new();
+    // Sized for a small message in one allocation; larger ones grow as usual.
+    let mut out = Vec::with_capacity(512);
     ciborium::ser::into_writer(value, &mut out).map_err(|e| CodecError::Encode(e.to_string()))?;
     Ok(out)
 }
@@ -178,6 +263,39 @@ mod tests {
         }
 
         #[test]
+        fn rpc_envelope_is_what_ciborium_writes(len in prop_oneof![
+            0_usize..30,
+            250_usize..260,
+            65_530_usize..65_540,
+            Just(70_000_usize),
+        ]) {
+            // encode_rpc's hand-written envelope, byte for byte the derived encoding.
+            let payload = vec![0xab_u8; len];
+            let inner = to_cbor(&serde_bytes::ByteBuf::from(payload.clone())).expect("inner");
+            let ours = encode_rpc(&serde_bytes::ByteBuf::from(payload), usize::MAX).expect("encode");
+            prop_assert_eq!(&ours, &encode(&Frame::Rpc(inner.clone())).expect("derived"));
+            prop_assert_eq!(decode_ref(&ours, usize::MAX).expect("decode"), FrameRef::Rpc(Cow::Borrowed(&inner[..])));
+        }
+
+        #[test]
+        fn the_rpc_fast_path_agrees_with_the_full_decoder(
+            payload in proptest::collection::vec(any::<u8>(), 0..300),
+            flips in proptest::collection::vec((0_usize..12, any::<u8>()), 0..3),
+            cut in 0_usize..4,
+        ) {
+            let mut bytes = encode(&Frame::Rpc(payload)).expect("encode");
+            for (at, value) in flips {
+                if let Some(b) = bytes.get_mut(at) {
+                    *b ^= value;
+                }
+            }
+            bytes.truncate(bytes.len().saturating_sub(cut));
+            if let Some(fast) = rpc_payload(&bytes) {
+                prop_assert_eq!(from_cbor::<Frame>(&bytes), Ok(Frame::Rpc(fast.to_vec())));
+            }
+        }
+
+        #[test]
         fn truncated_frames_are_malformed(frame in arb_frame(), cut in any::<usize>()) {
             let bytes = encode(&frame).expect("encode");
             let cut = cut % bytes.len();
@@ -225,6 +343,26 @@ mod tests {
         // Deeply nested arrays hit the recursion limit, not the stack.
         let nested = vec![0x81_u8; 100_000];
         assert!(decode(&nested, DEFAULT_MAX_FRAME).is_err());
+    }
+
+    #[test]
+    fn an_rpc_frame_in_another_valid_encoding_still_decodes() {
+        // {"Rpc": bytes in two indefinite-length chunks}: the full decoder's path.
+        let bytes = [
+            0xa1, 0x63, b'R', b'p', b'c', 0x5f, 0x42, 1, 2, 0x41, 3, 0xff,
+        ];
+        assert_eq!(rpc_payload(&bytes), None);
+        assert_eq!(
+            decode_ref(&bytes, DEFAULT_MAX_FRAME),
+            Ok(FrameRef::Rpc(Cow::Owned(vec![1, 2, 3])))
+        );
+        // A declared length that disagrees with the message is refused, not trusted.
+        let short = [0xa1, 0x63, b'R', b'p', b'c', 0x43, 1, 2];
+        assert_eq!(rpc_payload(&short), None);
+        assert!(matches!(
+            decode_ref(&short, DEFAULT_MAX_FRAME),
+            Err(CodecError::Malformed(_))
+        ));
     }
 
     #[test]

@@ -34,18 +34,11 @@ use std::{
     time::Duration,
 };
 
-use futures::{StreamExt, stream::FuturesUnordered};
-use rpc_defs::{
-    CloseCode, Frame, GuestInfo, GuestService, GuestServiceRequest, GuestServiceResponse,
-    SUBPROTOCOL, SUBPROTOCOL_V2,
-};
+use rpc_defs::{CloseCode, Frame, GuestInfo, GuestService, SUBPROTOCOL, SUBPROTOCOL_V2};
 
 /// `Sec-WebSocket-Protocol` offering both subprotocols, the push-key one first.
 const OFFER_V2: &str = "tether.v2, tether.v1";
-use tarpc::{
-    ClientMessage, Response,
-    server::{BaseChannel, Channel},
-};
+use tarpc::server::Serve;
 use tokio::{
     net::TcpStream,
     sync::{mpsc, oneshot, watch},
@@ -64,7 +57,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
-    frame::{self, DEFAULT_MAX_FRAME},
+    dispatch::Dispatcher,
+    frame::{self, DEFAULT_MAX_FRAME, FrameRef},
     handshake::{GuestHandshake, GuestStep, HandshakeError, Welcome, frame_name},
     link::{ABNORMAL, CloseInfo, IoEvent, Link, NO_STATUS, NORMAL},
     liveness::{Beat, Heartbeat},
@@ -684,24 +678,15 @@ impl GuestTunnel {
         let send_limit = usize::try_from(shared.welcome.max_frame)
             .unwrap_or(usize::MAX)
             .min(max_frame);
-        let (transport, mut pipes) =
-            rpc::pipes::<ClientMessage<GuestServiceRequest>, Response<GuestServiceResponse>, _>(
-                config.write_queue,
-                GuestEncoder {
-                    max_frame: send_limit,
-                },
-            );
-        let limit = config.max_concurrent_requests.max(1);
-        let requests = BaseChannel::new(
-            tarpc::server::Config {
-                pending_response_buffer: limit,
+        let serve = move |ctx, request| Serve::serve(service.clone().serve(), ctx, request);
+        let mut dispatcher = Dispatcher::new(
+            serve,
+            config.max_concurrent_requests,
+            config.write_queue,
+            GuestEncoder {
+                max_frame: send_limit,
             },
-            transport,
-        )
-        .max_concurrent_requests(limit)
-        .execute(service.serve());
-        tokio::pin!(requests);
-        let mut handlers = FuturesUnordered::new();
+        );
         let mut heartbeat = Heartbeat::new(
             Instant::now(),
             Duration::from_secs(u64::from(shared.welcome.heartbeat_s)),
@@ -729,7 +714,10 @@ impl GuestTunnel {
                 () = &mut closing => {
                     break (CloseInfo::local_code(NORMAL, "guest closing"), true);
                 }
-                ev = poll_fn(|cx| link.poll_io(cx, &mut pipes)) => {
+                ev = poll_fn(|cx| {
+                    dispatcher.poll_calls(cx);
+                    link.poll_io(cx, &mut dispatcher)
+                }) => {
                     let msg = match ev {
                         IoEvent::Msg(msg) => msg,
                         IoEvent::ReadError(WsReadError::TooLarge) => {
@@ -743,13 +731,12 @@ impl GuestTunnel {
                     };
                     heartbeat.heard(Instant::now());
                     match msg {
-                        WsMsg::Binary(bytes) => match frame::decode(&bytes, max_frame) {
-                            Ok(Frame::Rpc(payload)) => match rpc::decode_client_message(&payload) {
-                                // Capacity was reserved before reading (poll_io).
-                                Ok(msg) => { let _ = pipes.in_tx.start_send(msg); }
+                        WsMsg::Binary(bytes) => match frame::decode_ref(&bytes, max_frame) {
+                            Ok(FrameRef::Rpc(payload)) => match rpc::decode_incoming(&payload) {
+                                Ok(msg) => dispatcher.receive(msg),
                                 Err(e) => break (CloseInfo::local(CloseCode::Protocol, format!("bad rpc message: {e}")), true),
                             },
-                            Ok(Frame::ReauthOk { reauth_before }) => match pending_reauth.take() {
+                            Ok(FrameRef::Other(Frame::ReauthOk { reauth_before })) => match pending_reauth.take() {
                                 Some(reply) => {
                                     shared.reauth_before.store(reauth_before, Ordering::Relaxed);
                                     tracing::info!(reauth_before, "re-attested in band");
@@ -757,11 +744,11 @@ impl GuestTunnel {
                                 }
                                 None => break (CloseInfo::local(CloseCode::Protocol, "unexpected ReauthOk"), true),
                             },
-                            Ok(Frame::GoAway { reconnect_after_ms }) => {
+                            Ok(FrameRef::Other(Frame::GoAway { reconnect_after_ms })) => {
                                 tracing::info!(reconnect_after_ms, "server draining");
                                 go_away = Some(Duration::from_millis(reconnect_after_ms));
                             }
-                            Ok(other) => break (CloseInfo::local(
+                            Ok(FrameRef::Other(other)) => break (CloseInfo::local(
                                 CloseCode::Protocol,
                                 format!("unexpected {} frame", frame_name(&other)),
                             ), true),
@@ -776,11 +763,6 @@ impl GuestTunnel {
                         }
                     }
                 }
-                next = requests.next() => match next {
-                    Some(handler) => handlers.push(handler),
-                    None => break (CloseInfo::local_code(1011, "rpc server stopped"), true),
-                },
-                _ = handlers.next(), if !handlers.is_empty() => {}
                 cmd = control_rx.recv(), if control_open => match cmd {
                     Some(Control::Reauth { token, reply }) => {
                         if pending_reauth.is_some() {

@@ -12,6 +12,7 @@
 
 pub mod backoff;
 mod calls;
+mod dispatch;
 pub mod frame;
 pub mod guest;
 mod handle;

@@ -20,7 +20,6 @@ use tokio::time::Instant;
 
 use crate::{
     frame,
-    rpc::RpcPipes,
     ws::{WsIo, WsMsg, WsReadError, WsWriteError},
 };
 
@@ -60,25 +59,6 @@ impl RpcSide for NoRpc {
 
     fn poll_in_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ()>> {
         Poll::Ready(Ok(()))
-    }
-}
-
-impl<In> RpcSide for RpcPipes<In> {
-    fn poll_out(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
-        if self.out_closed {
-            return Poll::Pending;
-        }
-        match self.out_rx.poll_next_unpin(cx) {
-            Poll::Ready(None) => {
-                self.out_closed = true;
-                Poll::Ready(None)
-            }
-            other => other,
-        }
-    }
-
-    fn poll_in_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ()>> {
-        self.in_tx.poll_ready(cx).map_err(|_| ())
     }
 }
 

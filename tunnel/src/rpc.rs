@@ -1,25 +1,15 @@
-//! tarpc over the tunnel: the transport handed to tarpc (a pair of bounded queues to the
-//! socket task), frame encoding on the tarpc side, and the checks that keep a guest's
-//! answers honest.
+//! tarpc's wire format over the tunnel: requests and cancels encoded by the KBS, decoded by
+//! the guest's dispatcher, and answers encoded by the guest.
 //!
-//! Each tarpc message travels as `Frame::Rpc(<CBOR of the message>)`. The tarpc side
-//! encodes in `start_send`, so an argument too large for a frame fails only its own call.
+//! Each tarpc message travels as `Frame::Rpc(<CBOR of the message>)`, encoded by the side
+//! that makes the call or answer, so a message too large for a frame fails only its own call.
 
-use std::{
-    marker::PhantomData,
-    pin::Pin,
-    task::{Context, Poll},
-    time::{Duration, Instant as StdInstant},
-};
+use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{
-    Sink, Stream,
-    channel::mpsc::{self, Receiver, Sender},
-};
 use rpc_defs::{GuestServiceRequest, GuestServiceResponse};
 use serde::{Deserialize, Serialize};
-use tarpc::{ClientMessage, Request, Response, ServerError};
+use tarpc::{Response, ServerError};
 
 use crate::frame::{self, CodecError};
 
@@ -85,11 +75,6 @@ impl From<CodecError> for TransportError {
     }
 }
 
-/// Turns a tarpc message into an encoded frame.
-pub(crate) trait Encode<T> {
-    fn encode(&self, item: T) -> Result<Bytes, TransportError>;
-}
-
 /// KBS side: encodes a request in tarpc's wire shape (`ClientMessage::Request`) without
 /// building tarpc's client context; the deadline travels relative, as tarpc sends it.
 pub(crate) fn encode_request(
@@ -148,8 +133,9 @@ pub(crate) struct GuestEncoder {
     pub max_frame: usize,
 }
 
-impl Encode<Response<GuestServiceResponse>> for GuestEncoder {
-    fn encode(&self, item: Response<GuestServiceResponse>) -> Result<Bytes, TransportError> {
+impl GuestEncoder {
+    /// Encodes an answer, substituting an error answer when it is too large.
+    pub fn encode(&self, item: Response<GuestServiceResponse>) -> Result<Bytes, TransportError> {
         let request_id = item.request_id;
         let bytes = match frame::encode_rpc(&item, self.max_frame) {
             Ok(bytes) => bytes,
@@ -169,104 +155,32 @@ impl Encode<Response<GuestServiceResponse>> for GuestEncoder {
     }
 }
 
-/// The transport tarpc runs on: bounded queues to and from the socket task.
-pub(crate) struct RpcTransport<In, Out, E> {
-    rx: Receiver<In>,
-    tx: Sender<Bytes>,
-    encoder: E,
-    _out: PhantomData<fn(Out)>,
-}
-
-/// The socket task's ends of the queues.
-pub(crate) struct RpcPipes<In> {
-    /// Encoded frames from tarpc.
-    pub out_rx: Receiver<Bytes>,
-    /// Decoded messages for tarpc.
-    pub in_tx: Sender<In>,
-    /// Set once tarpc dropped its sending end.
-    pub out_closed: bool,
-}
-
-/// A transport and the socket task's ends, each direction bounded to `queue` messages.
-pub(crate) fn pipes<In, Out, E>(
-    queue: usize,
-    encoder: E,
-) -> (RpcTransport<In, Out, E>, RpcPipes<In>) {
-    // futures' bounded channel allocates per message rather than up front, which keeps idle
-    // tunnels small; its capacity is `buffer + senders`, hence the `- 1`.
-    let buffer = queue.saturating_sub(1);
-    let (out_tx, out_rx) = mpsc::channel(buffer);
-    let (in_tx, in_rx) = mpsc::channel(buffer);
-    (
-        RpcTransport {
-            rx: in_rx,
-            tx: out_tx,
-            encoder,
-            _out: PhantomData,
-        },
-        RpcPipes {
-            out_rx,
-            in_tx,
-            out_closed: false,
-        },
-    )
-}
-
-impl<In, Out, E> Stream for RpcTransport<In, Out, E>
-where
-    E: Unpin,
-{
-    type Item = Result<In, TransportError>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        Pin::new(&mut self.rx).poll_next(cx).map(|m| m.map(Ok))
-    }
-}
-
-impl<In, Out, E> Sink<Out> for RpcTransport<In, Out, E>
-where
-    E: Encode<Out> + Unpin,
-{
-    type Error = TransportError;
-
-    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.tx.poll_ready(cx).map_err(|_| TransportError::Closed)
-    }
-
-    fn start_send(mut self: Pin<&mut Self>, item: Out) -> Result<(), Self::Error> {
-        let outgoing = self.encoder.encode(item)?;
-        self.tx
-            .start_send(outgoing)
-            .map_err(|_| TransportError::Closed)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // Pending while the queue is full, so tarpc waits instead of spinning.
-        Pin::new(&mut self.tx)
-            .poll_flush(cx)
-            .map_err(|_| TransportError::Closed)
-    }
-
-    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Pin::new(&mut self.tx)
-            .poll_close(cx)
-            .map_err(|_| TransportError::Closed)
-    }
-}
-
 /// Longest deadline a guest honours for one request; longer ones are cut to this.
 pub(crate) const MAX_REQUEST_DEADLINE: Duration = Duration::from_secs(3600);
 
-/// Guest side: decodes a KBS message without trusting its deadline (tarpc would panic adding
-/// an absurd one to `Instant::now()`); same wire shape as `tarpc::ClientMessage`.
-pub(crate) fn decode_client_message(
-    payload: &[u8],
-) -> Result<ClientMessage<GuestServiceRequest>, CodecError> {
+/// A message from the KBS, as the guest's dispatcher takes it.
+#[derive(Debug)]
+pub(crate) enum Incoming {
+    /// Run `message` within `deadline` (relative, capped at [`MAX_REQUEST_DEADLINE`]).
+    Request {
+        id: u64,
+        deadline: Duration,
+        trace_context: tarpc::trace::Context,
+        message: GuestServiceRequest,
+    },
+    /// Stop running request `id`.
+    Cancel { id: u64 },
+}
+
+/// Guest side: decodes a KBS message (tarpc's `ClientMessage` wire shape) without trusting
+/// its deadline: an absurd one is capped rather than added to a clock.
+pub(crate) fn decode_incoming(payload: &[u8]) -> Result<Incoming, CodecError> {
     #[derive(Deserialize)]
     enum Wire {
         Request(WireRequest),
         Cancel {
             #[serde(default)]
+            #[allow(dead_code)]
             trace_context: tarpc::trace::Context,
             request_id: u64,
         },
@@ -289,27 +203,16 @@ pub(crate) fn decode_client_message(
             context,
             id,
             message,
-        }) => {
-            let relative = context
+        }) => Incoming::Request {
+            id,
+            deadline: context
                 .deadline
                 .unwrap_or(Duration::from_secs(10))
-                .min(MAX_REQUEST_DEADLINE);
-            let mut ctx = tarpc::context::current();
-            ctx.deadline = StdInstant::now() + relative;
-            ctx.trace_context = context.trace_context;
-            ClientMessage::Request(Request {
-                context: ctx,
-                id,
-                message,
-            })
-        }
-        Wire::Cancel {
-            trace_context,
-            request_id,
-        } => ClientMessage::Cancel {
-            trace_context,
-            request_id,
+                .min(MAX_REQUEST_DEADLINE),
+            trace_context: context.trace_context,
+            message,
         },
+        Wire::Cancel { request_id, .. } => Incoming::Cancel { id: request_id },
     })
 }
 
@@ -332,24 +235,26 @@ mod tests {
             payload: ByteBuf::from(vec![1, 2, 3]),
         };
         let bytes = encode_request(3, Duration::from_secs(7), &ping, 1 << 20).expect("encode");
-        let back = decode_client_message(&payload_of(&bytes)).expect("decode");
-        let ClientMessage::Request(req) = back else {
+        let back = decode_incoming(&payload_of(&bytes)).expect("decode");
+        let Incoming::Request {
+            id,
+            deadline,
+            message,
+            ..
+        } = back
+        else {
             panic!("not a request");
         };
-        assert_eq!(req.id, 3);
-        let left = req
-            .context
-            .deadline
-            .saturating_duration_since(StdInstant::now());
-        assert!(left > Duration::from_secs(5) && left <= Duration::from_secs(7));
+        assert_eq!(id, 3);
+        assert_eq!(deadline, Duration::from_secs(7));
         assert!(
-            matches!(req.message, GuestServiceRequest::Ping { ref payload } if payload.as_ref() == [1, 2, 3])
+            matches!(message, GuestServiceRequest::Ping { ref payload } if payload.as_ref() == [1, 2, 3])
         );
 
         let bytes = encode_cancel(9, 1 << 20).expect("encode");
         assert!(matches!(
-            decode_client_message(&payload_of(&bytes)),
-            Ok(ClientMessage::Cancel { request_id: 9, .. })
+            decode_incoming(&payload_of(&bytes)),
+            Ok(Incoming::Cancel { id: 9 })
         ));
     }
 
@@ -360,9 +265,9 @@ mod tests {
             kind: ProbeKind::Health,
         };
         let bytes = encode_request(11, Duration::from_secs(3), &probe, 1 << 20).expect("encode");
-        let msg: ClientMessage<GuestServiceRequest> =
+        let msg: tarpc::ClientMessage<GuestServiceRequest> =
             frame::decode_payload(&payload_of(&bytes)).expect("tarpc decodes it");
-        let ClientMessage::Request(req) = msg else {
+        let tarpc::ClientMessage::Request(req) = msg else {
             panic!("not a request");
         };
         assert_eq!(req.id, 11);
@@ -373,9 +278,12 @@ mod tests {
             }
         ));
         let bytes = encode_cancel(12, 1 << 20).expect("encode");
-        let msg: ClientMessage<GuestServiceRequest> =
+        let msg: tarpc::ClientMessage<GuestServiceRequest> =
             frame::decode_payload(&payload_of(&bytes)).expect("tarpc decodes it");
-        assert!(matches!(msg, ClientMessage::Cancel { request_id: 12, .. }));
+        assert!(matches!(
+            msg,
+            tarpc::ClientMessage::Cancel { request_id: 12, .. }
+        ));
     }
 
     #[test]
@@ -406,10 +314,10 @@ mod tests {
         };
         let mut bytes = Vec::new();
         ciborium::ser::into_writer(&wire, &mut bytes).expect("encode");
-        let Ok(ClientMessage::Request(req)) = decode_client_message(&bytes) else {
+        let Ok(Incoming::Request { deadline, .. }) = decode_incoming(&bytes) else {
             panic!("not decoded");
         };
-        assert!(req.context.deadline <= StdInstant::now() + MAX_REQUEST_DEADLINE);
+        assert_eq!(deadline, MAX_REQUEST_DEADLINE);
     }
 
     #[test]

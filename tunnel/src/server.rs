@@ -35,7 +35,7 @@ use tracing::Instrument;
 
 use crate::{
     calls::{CallQueue, CallTable, Outgoing},
-    frame::{self, DEFAULT_MAX_FRAME},
+    frame::{self, DEFAULT_MAX_FRAME, FrameRef},
     handle::{TunnelHandle, TunnelInfo},
     handshake::{ServerHandshake, ServerHandshakeParams, ServerOutcome, frame_name},
     hub::Hub,
@@ -630,8 +630,8 @@ impl<W: WsIo> Serving<'_, W> {
         heartbeat.heard(Instant::now());
         self.handle.touch();
         match msg {
-            WsMsg::Binary(bytes) => match frame::decode(&bytes, self.limits.max_frame) {
-                Ok(Frame::Rpc(payload)) => {
+            WsMsg::Binary(bytes) => match frame::decode_ref(&bytes, self.limits.max_frame) {
+                Ok(FrameRef::Rpc(payload)) => {
                     match frame::decode_payload::<Response<GuestServiceResponse>>(&payload) {
                         Ok(resp) => match self.table.on_response(resp) {
                             Ok(()) => Step::Continue,
@@ -643,7 +643,7 @@ impl<W: WsIo> Serving<'_, W> {
                         )),
                     }
                 }
-                Ok(Frame::Reauth { token }) => {
+                Ok(FrameRef::Other(Frame::Reauth { token })) => {
                     if reauth_call.is_some() {
                         return Step::Close(CloseInfo::local(
                             CloseCode::Protocol,
@@ -654,7 +654,7 @@ impl<W: WsIo> Serving<'_, W> {
                     *reauth_call = Some(Box::pin(timeout(self.limits.reauth_timeout, call)));
                     Step::Continue
                 }
-                Ok(other) => Step::Close(CloseInfo::local(
+                Ok(FrameRef::Other(other)) => Step::Close(CloseInfo::local(
                     CloseCode::Protocol,
                     format!("unexpected {} frame", frame_name(&other)),
                 )),
