@@ -517,7 +517,7 @@ async fn raw_echo_samples(
         next_binary(&mut ws).await?;
         samples.push(start.elapsed());
     }
-    let _ = ws.close().await;
+    close_echo(ws).await;
     Ok(samples)
 }
 
@@ -576,10 +576,22 @@ async fn raw_echo_throughput(
     let elapsed = start.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     window.close();
-    if let Ok(mut tx) = writer.await {
-        let _ = tx.send(AxumMessage::Close(None)).await;
+    if let Ok(tx) = writer.await
+        && let Ok(ws) = tx.reunite(rx)
+    {
+        close_echo(ws).await;
     }
     Ok(received as f64 / elapsed)
+}
+
+/// Closes the KBS end of a raw echo and waits for the guest's close (messages still in
+/// flight are read and dropped), so neither end sees a reset.
+async fn close_echo(mut ws: WebSocket) {
+    let _ = ws.send(AxumMessage::Close(None)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
 }
 
 /// `workers` tasks per handle, each calling `ping` back to back for `seconds`.
