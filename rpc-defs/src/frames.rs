@@ -38,7 +38,8 @@ pub enum Frame {
         challenge: Vec<u8>,
         /// Server heartbeat interval, seconds.
         heartbeat_s: u32,
-        /// Largest frame either side may send, bytes.
+        /// Largest frame the guest may send, bytes. (The KBS sends frames up to its own
+        /// configured limit, 1 MiB by default, which is also a guest's default read limit.)
         max_frame: u32,
     },
     /// guest -> server: the unsealed challenge, proving possession of the TEE key.

@@ -228,8 +228,11 @@ pub struct TunnelConfig {
     /// Heartbeat (WebSocket ping) interval.
     #[serde(with = "humantime_serde")]
     pub heartbeat: Duration,
-    /// Largest tunnel frame, bytes.
+    /// Largest tunnel frame the KBS sends, bytes (a pushed resource must fit in one).
     pub max_frame_bytes: usize,
+    /// Largest tunnel frame a guest may send, bytes (answers and tokens; at most
+    /// `max_frame_bytes`). It also bounds the read buffer a guest can make its tunnel keep.
+    pub max_guest_frame_bytes: usize,
     /// Most RPC calls in flight per tunnel.
     pub max_in_flight: usize,
     /// Default deadline of one RPC call.
@@ -249,6 +252,7 @@ impl Default for TunnelConfig {
         Self {
             heartbeat: Duration::from_secs(20),
             max_frame_bytes: 1024 * 1024,
+            max_guest_frame_bytes: 256 * 1024,
             max_in_flight: 64,
             call_deadline: Duration::from_secs(10),
             write_queue: 128,
@@ -521,6 +525,12 @@ impl Config {
                 "must be within 4 KiB..64 MiB",
             ));
         }
+        if !(4096..=t.max_frame_bytes).contains(&t.max_guest_frame_bytes) {
+            return Err(invalid(
+                "tunnel.max_guest_frame_bytes",
+                "must be within 4 KiB..tunnel.max_frame_bytes",
+            ));
+        }
         if t.max_in_flight == 0 || t.write_queue == 0 {
             return Err(invalid("tunnel.max_in_flight", "limits must be positive"));
         }
@@ -639,6 +649,16 @@ mod tests {
         let err = c.validate().unwrap_err();
         assert!(
             err.to_string().contains("tunnel.read_buffer_bytes"),
+            "{err}"
+        );
+        let c = load(
+            "[tunnel]\nmax_frame_bytes = 65536\nmax_guest_frame_bytes = 131072\n",
+            &[],
+        )
+        .unwrap();
+        let err = c.validate().unwrap_err();
+        assert!(
+            err.to_string().contains("tunnel.max_guest_frame_bytes"),
             "{err}"
         );
         let c = load("[admin.roles]\nops = [\"GET ([\"]\n", &[]).unwrap();

@@ -17,6 +17,9 @@ use serde::{Serialize, de::DeserializeOwned};
 /// Default largest frame either side may send (PROTOCOL.md: 1 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 1 << 20;
 
+/// Default largest frame a guest may send the KBS: its answers and tokens are small.
+pub const DEFAULT_MAX_GUEST_FRAME: usize = 256 << 10;
+
 /// Why a frame could not be encoded or decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CodecError {

@@ -29,7 +29,7 @@ pub struct ServerHandshakeParams {
     pub session_id: String,
     /// Heartbeat interval announced to the guest, seconds.
     pub heartbeat_s: u32,
-    /// Largest frame either side may send, bytes.
+    /// Largest frame the guest may send, bytes.
     pub max_frame: u32,
     /// Unix time (seconds) by which the guest must re-attest in band.
     pub reauth_before: u64,
@@ -215,7 +215,7 @@ pub struct Welcome {
     pub reauth_before: u64,
     /// Server heartbeat interval, seconds (at least 1).
     pub heartbeat_s: u32,
-    /// Largest frame either side may send, bytes.
+    /// Largest frame this guest may send, bytes (from the Hello).
     pub max_frame: u32,
     /// The tunnel's push key, when the challenge carried one (`tether.v2`).
     pub push_key: Option<PushKey>,

@@ -35,7 +35,7 @@ use tracing::Instrument;
 
 use crate::{
     calls::{CallQueue, CallTable, Outgoing},
-    frame::{self, DEFAULT_MAX_FRAME, FrameRef},
+    frame::{self, DEFAULT_MAX_FRAME, DEFAULT_MAX_GUEST_FRAME, FrameRef},
     handle::{TunnelHandle, TunnelInfo},
     handshake::{ServerHandshake, ServerHandshakeParams, ServerOutcome, frame_name},
     hub::Hub,
@@ -54,8 +54,14 @@ pub type ReauthFn = Arc<dyn Fn(String) -> BoxFuture<'static, Result<u64, String>
 /// Limits and timers of a tunnel (PROTOCOL.md section 4 defaults).
 #[derive(Clone, Debug)]
 pub struct TunnelLimits {
-    /// Largest frame either side may send, bytes (1 MiB).
+    /// Largest frame the KBS sends, bytes (1 MiB; a guest reads up to 1 MiB by default).
     pub max_frame: usize,
+    /// Largest frame a guest may send, bytes (256 KiB, at most `max_frame`): announced in the
+    /// Hello, enforced on every read (4413 beyond it). A guest sends answers and tokens, far
+    /// smaller than the resources the KBS sends; and tungstenite keeps its read buffer at the
+    /// size of the largest frame it read, so this bounds what one guest can make its tunnel
+    /// hold for good.
+    pub max_guest_frame: usize,
     /// Calls in flight per tunnel; more are refused with `CallError::TooManyInFlight` (64).
     pub max_in_flight: usize,
     /// Deadline of a call that names none (10 s).
@@ -90,6 +96,7 @@ impl Default for TunnelLimits {
     fn default() -> Self {
         Self {
             max_frame: DEFAULT_MAX_FRAME,
+            max_guest_frame: DEFAULT_MAX_GUEST_FRAME,
             max_in_flight: 64,
             call_deadline: Duration::from_secs(10),
             heartbeat: Duration::from_secs(20),
@@ -107,6 +114,11 @@ impl Default for TunnelLimits {
 }
 
 impl TunnelLimits {
+    /// The largest frame a guest may send: `max_guest_frame`, never above `max_frame`.
+    pub fn guest_frame_limit(&self) -> usize {
+        self.max_guest_frame.min(self.max_frame)
+    }
+
     /// Checks the limits once at start; the message names the offending field.
     pub fn validate(&self) -> Result<(), String> {
         let positive = [
@@ -122,6 +134,9 @@ impl TunnelLimits {
         }
         if self.max_frame < 4096 || self.max_frame > u32::MAX as usize {
             return Err("tunnel limit `max_frame` must be between 4096 and 2^32-1 bytes".into());
+        }
+        if self.max_guest_frame < 4096 {
+            return Err("tunnel limit `max_guest_frame` must be at least 4096 bytes".into());
         }
         if self.max_in_flight == 0 || self.write_queue == 0 || self.missed_heartbeats == 0 {
             return Err(
@@ -181,8 +196,8 @@ impl fmt::Debug for AcceptParams {
 pub fn configure_upgrade<F>(ws: WebSocketUpgrade<F>, limits: &TunnelLimits) -> WebSocketUpgrade<F> {
     ws.read_buffer_size(limits.read_buffer_size)
         .write_buffer_size(limits.write_buffer_size)
-        .max_message_size(limits.max_frame)
-        .max_frame_size(limits.max_frame)
+        .max_message_size(limits.guest_frame_limit())
+        .max_frame_size(limits.guest_frame_limit())
         .protocols([SUBPROTOCOL_V2, SUBPROTOCOL])
 }
 
@@ -305,7 +320,7 @@ async fn serve(
             guest_id: guest_id.clone(),
             session_id: session_id.clone(),
             heartbeat_s: limits.heartbeat_s(),
-            max_frame: u32::try_from(limits.max_frame).unwrap_or(u32::MAX),
+            max_frame: u32::try_from(limits.guest_frame_limit()).unwrap_or(u32::MAX),
             reauth_before,
         },
     );
@@ -379,7 +394,7 @@ async fn run_handshake<W: WsIo>(
         loop {
             match link.next_event().await {
                 IoEvent::Msg(WsMsg::Binary(bytes)) => {
-                    return match frame::decode(&bytes, limits.max_frame) {
+                    return match frame::decode(&bytes, limits.guest_frame_limit()) {
                         Ok(frame) => Ok(frame),
                         Err(e) => Err((
                             if e.close_code() == CloseCode::FrameTooLarge {
@@ -630,36 +645,38 @@ impl<W: WsIo> Serving<'_, W> {
         heartbeat.heard(Instant::now());
         self.handle.touch();
         match msg {
-            WsMsg::Binary(bytes) => match frame::decode_ref(&bytes, self.limits.max_frame) {
-                Ok(FrameRef::Rpc(payload)) => {
-                    match frame::decode_payload::<Response<GuestServiceResponse>>(&payload) {
-                        Ok(resp) => match self.table.on_response(resp) {
-                            Ok(()) => Step::Continue,
-                            Err(why) => Step::Close(CloseInfo::local(CloseCode::Protocol, why)),
-                        },
-                        Err(e) => Step::Close(CloseInfo::local(
-                            CloseCode::Protocol,
-                            format!("bad rpc message: {e}"),
-                        )),
+            WsMsg::Binary(bytes) => {
+                match frame::decode_ref(&bytes, self.limits.guest_frame_limit()) {
+                    Ok(FrameRef::Rpc(payload)) => {
+                        match frame::decode_payload::<Response<GuestServiceResponse>>(&payload) {
+                            Ok(resp) => match self.table.on_response(resp) {
+                                Ok(()) => Step::Continue,
+                                Err(why) => Step::Close(CloseInfo::local(CloseCode::Protocol, why)),
+                            },
+                            Err(e) => Step::Close(CloseInfo::local(
+                                CloseCode::Protocol,
+                                format!("bad rpc message: {e}"),
+                            )),
+                        }
                     }
-                }
-                Ok(FrameRef::Other(Frame::Reauth { token })) => {
-                    if reauth_call.is_some() {
-                        return Step::Close(CloseInfo::local(
-                            CloseCode::Protocol,
-                            "re-attestation already in progress",
-                        ));
+                    Ok(FrameRef::Other(Frame::Reauth { token })) => {
+                        if reauth_call.is_some() {
+                            return Step::Close(CloseInfo::local(
+                                CloseCode::Protocol,
+                                "re-attestation already in progress",
+                            ));
+                        }
+                        let call = (self.reauth)(token);
+                        *reauth_call = Some(Box::pin(timeout(self.limits.reauth_timeout, call)));
+                        Step::Continue
                     }
-                    let call = (self.reauth)(token);
-                    *reauth_call = Some(Box::pin(timeout(self.limits.reauth_timeout, call)));
-                    Step::Continue
+                    Ok(FrameRef::Other(other)) => Step::Close(CloseInfo::local(
+                        CloseCode::Protocol,
+                        format!("unexpected {} frame", frame_name(&other)),
+                    )),
+                    Err(e) => Step::Close(CloseInfo::local(e.close_code(), e.to_string())),
                 }
-                Ok(FrameRef::Other(other)) => Step::Close(CloseInfo::local(
-                    CloseCode::Protocol,
-                    format!("unexpected {} frame", frame_name(&other)),
-                )),
-                Err(e) => Step::Close(CloseInfo::local(e.close_code(), e.to_string())),
-            },
+            }
             WsMsg::Text => Step::Close(CloseInfo::local(
                 CloseCode::Protocol,
                 "text frames are not allowed",

@@ -271,6 +271,56 @@ async fn oversize_argument_fails_only_its_call() {
     .await;
 }
 
+#[tokio::test]
+async fn guests_send_smaller_frames_than_the_kbs() {
+    within(async {
+        let kbs = TestKbs::start(KbsOptions {
+            limits: TunnelLimits {
+                max_frame: 256 * 1024,
+                max_guest_frame: 16 * 1024,
+                ..TunnelLimits::default()
+            },
+            ..KbsOptions::default()
+        })
+        .await;
+        // The Hello announces the guest's limit, not the KBS's.
+        let mut ws = raw_connect(&kbs.url(), "good:raw").await;
+        let Frame::Hello { max_frame, .. } = read_frame(&mut ws).await else {
+            panic!("no hello");
+        };
+        assert_eq!(max_frame, 16 * 1024);
+        drop(ws);
+
+        // A guest frame over its limit closes the tunnel with 4413.
+        let code = close_code_after(&kbs, Message::Binary(vec![0_u8; 20 * 1024].into())).await;
+        assert_eq!(code, Some(4413));
+        kbs.wait_for_tunnels(0).await;
+
+        let (_session, _serving) = start_guest(&kbs, "g1", TestService::default()).await;
+        kbs.wait_for_tunnels(1).await;
+        let handle = kbs.hub.get("g1").expect("registered");
+        // 100 KiB reaches the guest; its 100 KiB echo is over the guest's limit, so the guest
+        // answers with an error instead, and the tunnel stays up.
+        let err = handle
+            .ping(vec![7; 100 * 1024], None)
+            .await
+            .expect_err("echo over the guest limit");
+        assert!(
+            matches!(&err, CallError::Transport(why) if why.contains("exceeds")),
+            "{err:?}"
+        );
+        assert_eq!(
+            handle
+                .ping(vec![1; 8 * 1024], None)
+                .await
+                .expect("ping")
+                .len(),
+            8 * 1024
+        );
+    })
+    .await;
+}
+
 /// Connects a raw client, completes the handshake, sends `bad`, returns the close code.
 async fn close_code_after(kbs: &TestKbs, bad: Message) -> Option<u16> {
     let mut ws = raw_connect(&kbs.url(), "good:raw").await;

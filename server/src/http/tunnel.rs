@@ -49,6 +49,7 @@ pub fn limits(config: &TunnelConfig) -> TunnelLimits {
     TunnelLimits {
         heartbeat: config.heartbeat,
         max_frame: config.max_frame_bytes,
+        max_guest_frame: config.max_guest_frame_bytes,
         max_in_flight: config.max_in_flight,
         call_deadline: config.call_deadline,
         write_queue: config.write_queue,
@@ -310,6 +311,7 @@ mod tests {
         let config = TunnelConfig {
             heartbeat: Duration::from_secs(5),
             max_frame_bytes: 64 * 1024,
+            max_guest_frame_bytes: 16 * 1024,
             max_in_flight: 8,
             call_deadline: Duration::from_secs(3),
             write_queue: 16,
@@ -318,6 +320,7 @@ mod tests {
         let l = limits(&config);
         assert_eq!(l.heartbeat, Duration::from_secs(5));
         assert_eq!(l.max_frame, 64 * 1024);
+        assert_eq!(l.guest_frame_limit(), 16 * 1024);
         assert_eq!(l.max_in_flight, 8);
         assert_eq!(l.call_deadline, Duration::from_secs(3));
         assert_eq!(l.write_queue, 16);
