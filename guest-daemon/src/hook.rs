@@ -48,8 +48,10 @@ impl PostApplyHook {
     /// its exit status: the exit code, 128 + signal number if a signal ended
     /// it, [`HOOK_TIMED_OUT`] or [`HOOK_NOT_STARTED`].
     ///
-    /// The hook's stdout and stderr go to the daemon's. Only `sh` itself is
-    /// killed on timeout; a background grandchild it left may outlive it.
+    /// The hook's stdout and stderr go to the daemon's. It runs in a process
+    /// group of its own, and on timeout the whole group is killed: `sh` and
+    /// whatever it started (a process that left the group on purpose, with
+    /// `setsid` say, is not the hook's any more).
     pub async fn run(&self, resource: &str, version: u64, file: &Path) -> i32 {
         let spawned = Command::new("sh")
             .arg("-c")
@@ -58,6 +60,7 @@ impl PostApplyHook {
             .env("TETHER_VERSION", version.to_string())
             .env("TETHER_FILE", file)
             .stdin(Stdio::null())
+            .process_group(0)
             .kill_on_drop(true)
             .spawn();
         let mut child = match spawned {
@@ -74,14 +77,29 @@ impl PostApplyHook {
                 HOOK_NOT_STARTED
             }
             Err(_) => {
-                tracing::warn!(resource, version, timeout = ?self.timeout, "hook timed out; killing it");
-                if let Err(e) = child.start_kill() {
-                    tracing::warn!(error = %e, "cannot kill hook");
-                }
+                tracing::warn!(resource, version, timeout = ?self.timeout, "hook timed out; killing its process group");
+                kill_group(&mut child);
                 let _ = tokio::time::timeout(REAP_TIMEOUT, child.wait()).await;
                 HOOK_TIMED_OUT
             }
         }
+    }
+}
+
+/// Kills the hook's process group (its id is the hook's pid), or the hook alone when the
+/// group is already gone.
+fn kill_group(child: &mut tokio::process::Child) {
+    let group = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .and_then(rustix::process::Pid::from_raw);
+    if let Some(group) = group
+        && let Err(e) = rustix::process::kill_process_group(group, rustix::process::Signal::KILL)
+    {
+        tracing::warn!(error = %e, "cannot kill the hook's process group");
+    }
+    if let Err(e) = child.start_kill() {
+        tracing::debug!(error = %e, "hook already gone");
     }
 }
 
@@ -119,11 +137,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_slow_hook_is_killed() {
-        let hook = PostApplyHook::new("sleep 30").with_timeout(Duration::from_millis(200));
+    async fn a_slow_hook_is_killed_with_what_it_started() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pid_file = tmp.path().join("pid");
+        let hook = PostApplyHook::new(format!(
+            "sleep 30 & echo $! > '{}'; wait",
+            pid_file.display()
+        ))
+        .with_timeout(Duration::from_millis(300));
         let started = std::time::Instant::now();
         assert_eq!(hook.run("a", 1, Path::new("f")).await, HOOK_TIMED_OUT);
         assert!(started.elapsed() < Duration::from_secs(10));
+        // The background `sleep` went with it (gone, or a zombie awaiting its reaper).
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        let stat = format!("/proc/{}/stat", pid.trim());
+        let dead = || match std::fs::read_to_string(&stat) {
+            Err(_) => true,
+            Ok(s) => s
+                .rsplit(") ")
+                .next()
+                .is_some_and(|rest| rest.starts_with('Z')),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !dead() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(dead(), "the hook's background process survived");
     }
 
     #[tokio::test]
