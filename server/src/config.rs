@@ -230,8 +230,9 @@ pub struct TunnelConfig {
     pub heartbeat: Duration,
     /// Largest tunnel frame the KBS sends, bytes (a pushed resource must fit in one).
     pub max_frame_bytes: usize,
-    /// Largest tunnel frame a guest may send, bytes (answers and tokens; at most
-    /// `max_frame_bytes`). It also bounds the read buffer a guest can make its tunnel keep.
+    /// Largest tunnel frame a guest may send, bytes (answers and tokens). A value above
+    /// `max_frame_bytes` is clamped to it, so lowering `max_frame_bytes` alone stays valid.
+    /// It also bounds the read buffer a guest can make its tunnel keep.
     pub max_guest_frame_bytes: usize,
     /// Most RPC calls in flight per tunnel.
     pub max_in_flight: usize,
@@ -525,10 +526,10 @@ impl Config {
                 "must be within 4 KiB..64 MiB",
             ));
         }
-        if !(4096..=t.max_frame_bytes).contains(&t.max_guest_frame_bytes) {
+        if t.max_guest_frame_bytes < 4096 {
             return Err(invalid(
                 "tunnel.max_guest_frame_bytes",
-                "must be within 4 KiB..tunnel.max_frame_bytes",
+                "must be at least 4 KiB",
             ));
         }
         if t.max_in_flight == 0 || t.write_queue == 0 {
@@ -651,11 +652,10 @@ mod tests {
             err.to_string().contains("tunnel.read_buffer_bytes"),
             "{err}"
         );
-        let c = load(
-            "[tunnel]\nmax_frame_bytes = 65536\nmax_guest_frame_bytes = 131072\n",
-            &[],
-        )
-        .unwrap();
+        // Lowering only the KBS's own limit stays valid: the guest limit is clamped to it.
+        let c = load("[tunnel]\nmax_frame_bytes = 65536\n", &[]).unwrap();
+        c.validate().unwrap();
+        let c = load("[tunnel]\nmax_guest_frame_bytes = 1024\n", &[]).unwrap();
         let err = c.validate().unwrap_err();
         assert!(
             err.to_string().contains("tunnel.max_guest_frame_bytes"),

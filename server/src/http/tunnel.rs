@@ -327,6 +327,12 @@ mod tests {
         assert_eq!(l.read_buffer_size, 512);
         assert_eq!(l.validate(), Ok(()));
         assert_eq!(limits(&TunnelConfig::default()).validate(), Ok(()));
+        let lowered = TunnelConfig {
+            max_frame_bytes: 8 * 1024,
+            ..TunnelConfig::default()
+        };
+        assert_eq!(limits(&lowered).guest_frame_limit(), 8 * 1024);
+        assert_eq!(limits(&lowered).validate(), Ok(()));
     }
 
     #[tokio::test]
