@@ -83,7 +83,8 @@ pub struct GuestTunnelConfig {
     pub connect_timeout: Duration,
     /// Time allowed from upgrade to Welcome (10 s).
     pub handshake_timeout: Duration,
-    /// Frames queued between tarpc and the socket, each way (64).
+    /// Answers and control frames queued for the socket (64); while this many wait, the
+    /// tunnel stops reading requests.
     pub write_queue: usize,
     /// A write side with data waiting and no progress for this long means the server stopped
     /// reading: the tunnel is dropped (30 s).
@@ -230,6 +231,12 @@ pub enum ReauthError {
     /// The server did not answer within `reauth_timeout`.
     #[error("re-authentication timed out")]
     Timeout,
+    /// The token does not fit in one frame the server accepts; it was not sent.
+    #[error("the token is {size} bytes framed, over the server's frame limit of {limit}")]
+    TooLarge { size: usize, limit: usize },
+    /// The Reauth frame could not be encoded (a bug, not the peer's doing).
+    #[error("cannot encode the Reauth frame: {0}")]
+    Encode(String),
     /// The tunnel ended (a refused token closes it with 4401).
     #[error("tunnel closed ({}): {}", .0.close.code, .0.close.reason)]
     Closed(Closed),
@@ -768,8 +775,19 @@ impl GuestTunnel {
                         if pending_reauth.is_some() {
                             let _ = reply.send(Err(ReauthError::Busy));
                         } else {
-                            link.queue_frame(&Frame::Reauth { token });
-                            pending_reauth = Some(reply);
+                            match frame::encode(&Frame::Reauth { token }) {
+                                // Sending it would only make the server close the tunnel (4413).
+                                Ok(bytes) if bytes.len() > send_limit => {
+                                    let _ = reply.send(Err(ReauthError::TooLarge { size: bytes.len(), limit: send_limit }));
+                                }
+                                Ok(bytes) => {
+                                    link.queue(WsMsg::Binary(bytes.into()));
+                                    pending_reauth = Some(reply);
+                                }
+                                Err(e) => {
+                                    let _ = reply.send(Err(ReauthError::Encode(e.to_string())));
+                                }
+                            }
                         }
                     }
                     None => control_open = false,

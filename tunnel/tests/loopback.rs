@@ -296,8 +296,18 @@ async fn guests_send_smaller_frames_than_the_kbs() {
         assert_eq!(code, Some(4413));
         kbs.wait_for_tunnels(0).await;
 
-        let (_session, _serving) = start_guest(&kbs, "g1", TestService::default()).await;
+        let (session, _serving) = start_guest(&kbs, "g1", TestService::default()).await;
         kbs.wait_for_tunnels(1).await;
+        // A token over the guest's limit is refused locally rather than sent into a 4413.
+        let err = session
+            .reauth(format!("good:g1-{}", "x".repeat(20 * 1024)))
+            .await
+            .expect_err("oversized token sent");
+        assert!(
+            matches!(err, tunnel::ReauthError::TooLarge { limit, .. } if limit == 16 * 1024),
+            "{err:?}"
+        );
+        assert_eq!(kbs.reauth_calls.load(Ordering::SeqCst), 0);
         let handle = kbs.hub.get("g1").expect("registered");
         // 100 KiB reaches the guest; its 100 KiB echo is over the guest's limit, so the guest
         // answers with an error instead, and the tunnel stays up.
