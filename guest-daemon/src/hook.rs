@@ -51,7 +51,8 @@ impl PostApplyHook {
     /// The hook's stdout and stderr go to the daemon's. It runs in a process
     /// group of its own, and on timeout the whole group is killed: `sh` and
     /// whatever it started (a process that left the group on purpose, with
-    /// `setsid` say, is not the hook's any more).
+    /// `setsid` say, is not the hook's any more). So is it when this future is dropped
+    /// (the daemon shutting down) while the hook still runs.
     pub async fn run(&self, resource: &str, version: u64, file: &Path) -> i32 {
         let spawned = Command::new("sh")
             .arg("-c")
@@ -61,16 +62,15 @@ impl PostApplyHook {
             .env("TETHER_FILE", file)
             .stdin(Stdio::null())
             .process_group(0)
-            .kill_on_drop(true)
             .spawn();
         let mut child = match spawned {
-            Ok(child) => child,
+            Ok(child) => HookProcess(child),
             Err(e) => {
                 tracing::error!(resource, version, error = %e, "cannot start hook");
                 return HOOK_NOT_STARTED;
             }
         };
-        match tokio::time::timeout(self.timeout, child.wait()).await {
+        match tokio::time::timeout(self.timeout, child.0.wait()).await {
             Ok(Ok(status)) => exit_code(status),
             Ok(Err(e)) => {
                 tracing::error!(resource, version, error = %e, "cannot wait for hook");
@@ -78,10 +78,22 @@ impl PostApplyHook {
             }
             Err(_) => {
                 tracing::warn!(resource, version, timeout = ?self.timeout, "hook timed out; killing its process group");
-                kill_group(&mut child);
-                let _ = tokio::time::timeout(REAP_TIMEOUT, child.wait()).await;
+                kill_group(&mut child.0);
+                let _ = tokio::time::timeout(REAP_TIMEOUT, child.0.wait()).await;
                 HOOK_TIMED_OUT
             }
+        }
+    }
+}
+
+/// A running hook; dropped before it exits, its process group is killed (tokio's
+/// `kill_on_drop` would only kill `sh`).
+struct HookProcess(tokio::process::Child);
+
+impl Drop for HookProcess {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            kill_group(&mut self.0);
         }
     }
 }
@@ -148,8 +160,34 @@ mod tests {
         let started = std::time::Instant::now();
         assert_eq!(hook.run("a", 1, Path::new("f")).await, HOOK_TIMED_OUT);
         assert!(started.elapsed() < Duration::from_secs(10));
-        // The background `sleep` went with it (gone, or a zombie awaiting its reaper).
-        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        assert_gone(&pid_file).await;
+    }
+
+    #[tokio::test]
+    async fn a_hook_dropped_mid_run_is_killed_with_what_it_started() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pid_file = tmp.path().join("pid");
+        let hook = PostApplyHook::new(format!(
+            "sleep 30 & echo $! > '{}.tmp'; mv '{0}.tmp' '{0}'; wait",
+            pid_file.display()
+        ));
+        let mut run = Box::pin(hook.run("a", 1, Path::new("f")));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !pid_file.exists() {
+            assert!(std::time::Instant::now() < deadline, "hook never started");
+            tokio::select! {
+                status = &mut run => panic!("hook ended early: {status}"),
+                () = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
+        drop(run);
+        assert_gone(&pid_file).await;
+    }
+
+    /// Waits until the process whose pid is in `pid_file` is gone (or a zombie awaiting its
+    /// reaper); fails after 5 s.
+    async fn assert_gone(pid_file: &Path) {
+        let pid = std::fs::read_to_string(pid_file).unwrap();
         let stat = format!("/proc/{}/stat", pid.trim());
         let dead = || match std::fs::read_to_string(&stat) {
             Err(_) => true,
