@@ -136,7 +136,10 @@ where
                 });
             }
             Incoming::Cancel { id } => match self.aborts.get(&id) {
-                // Its entry goes when the aborted future is collected in `poll_calls`.
+                // Its entry goes when the aborted future is collected in `poll_calls` (the
+                // same loop turn), not here: removing it now would let that collection remove
+                // a later request's entry under the same id. Until then the id counts as
+                // running, which only matters to a peer reusing ids (the KBS never does).
                 Some(abort) => abort.abort(),
                 None => tracing::trace!(request_id = id, "cancel for a request no longer running"),
             },

@@ -65,7 +65,8 @@ pub fn decode(bytes: &[u8], max_frame: usize) -> Result<Frame, CodecError> {
 /// A decoded frame whose RPC payload still lies in the received message.
 #[derive(Debug, PartialEq, Eq)]
 pub enum FrameRef<'a> {
-    /// [`Frame::Rpc`]'s payload, borrowed unless the frame used a non-shortest encoding.
+    /// [`Frame::Rpc`]'s payload, borrowed when the frame is `{"Rpc": <definite-length byte
+    /// string>}` with that exact key encoding (what [`encode_rpc`] writes), copied otherwise.
     Rpc(Cow<'a, [u8]>),
     /// Any other frame (never [`Frame::Rpc`]).
     Other(Frame),
@@ -86,8 +87,9 @@ pub fn decode_ref(bytes: &[u8], max_frame: usize) -> Result<FrameRef<'_>, CodecE
 /// CBOR of `{"Rpc": ...}`: a map of one entry whose key is the 3-byte text "Rpc".
 const RPC_PREFIX: [u8; 5] = [0xa1, 0x63, b'R', b'p', b'c'];
 
-/// The payload of an RPC frame in its shortest encoding (what [`encode_rpc`] writes), or
-/// `None` for any other input, which the full decoder then judges.
+/// The payload of an RPC frame written as `{"Rpc": <definite-length byte string>}` (any
+/// length-header width, so what [`encode_rpc`] writes and more), or `None` for any other
+/// input, which the full decoder then judges.
 fn rpc_payload(bytes: &[u8]) -> Option<&[u8]> {
     let rest = bytes.strip_prefix(&RPC_PREFIX)?;
     let (&first, rest) = rest.split_first()?;
