@@ -54,6 +54,13 @@ pub fn encode(frame: &Frame) -> Result<Vec<u8>, CodecError> {
     to_cbor(frame)
 }
 
+/// Encodes a frame as one CBOR item of at most `max_frame` bytes (the peer's limit).
+pub fn encode_within(frame: &Frame, max_frame: usize) -> Result<Vec<u8>, CodecError> {
+    let bytes = to_cbor(frame)?;
+    check_size(bytes.len(), max_frame)?;
+    Ok(bytes)
+}
+
 /// Decodes one frame, refusing anything over `max_frame` bytes before parsing it.
 pub fn decode(bytes: &[u8], max_frame: usize) -> Result<Frame, CodecError> {
     Ok(match decode_ref(bytes, max_frame)? {

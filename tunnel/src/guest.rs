@@ -58,7 +58,7 @@ use tracing::Instrument;
 
 use crate::{
     dispatch::Dispatcher,
-    frame::{self, DEFAULT_MAX_FRAME, FrameRef},
+    frame::{self, CodecError, DEFAULT_MAX_FRAME, FrameRef},
     handshake::{GuestHandshake, GuestStep, HandshakeError, Welcome, frame_name},
     link::{ABNORMAL, CloseInfo, IoEvent, Link, NO_STATUS, NORMAL},
     liveness::{Beat, Heartbeat},
@@ -231,12 +231,10 @@ pub enum ReauthError {
     /// The server did not answer within `reauth_timeout`.
     #[error("re-authentication timed out")]
     Timeout,
-    /// The token does not fit in one frame the server accepts; it was not sent.
-    #[error("the token is {size} bytes framed, over the server's frame limit of {limit}")]
-    TooLarge { size: usize, limit: usize },
-    /// The Reauth frame could not be encoded (a bug, not the peer's doing).
-    #[error("cannot encode the Reauth frame: {0}")]
-    Encode(String),
+    /// The Reauth frame was not sent: over the server's frame limit
+    /// ([`CodecError::TooLarge`]), or not encodable.
+    #[error("cannot send the token: {0}")]
+    Frame(#[from] CodecError),
     /// The tunnel ended (a refused token closes it with 4401).
     #[error("tunnel closed ({}): {}", .0.close.code, .0.close.reason)]
     Closed(Closed),
@@ -775,17 +773,14 @@ impl GuestTunnel {
                         if pending_reauth.is_some() {
                             let _ = reply.send(Err(ReauthError::Busy));
                         } else {
-                            match frame::encode(&Frame::Reauth { token }) {
-                                // Sending it would only make the server close the tunnel (4413).
-                                Ok(bytes) if bytes.len() > send_limit => {
-                                    let _ = reply.send(Err(ReauthError::TooLarge { size: bytes.len(), limit: send_limit }));
-                                }
+                            // Over the limit it would only make the server close with 4413.
+                            match frame::encode_within(&Frame::Reauth { token }, send_limit) {
                                 Ok(bytes) => {
                                     link.queue(WsMsg::Binary(bytes.into()));
                                     pending_reauth = Some(reply);
                                 }
                                 Err(e) => {
-                                    let _ = reply.send(Err(ReauthError::Encode(e.to_string())));
+                                    let _ = reply.send(Err(e.into()));
                                 }
                             }
                         }

@@ -304,7 +304,10 @@ async fn guests_send_smaller_frames_than_the_kbs() {
             .await
             .expect_err("oversized token sent");
         assert!(
-            matches!(err, tunnel::ReauthError::TooLarge { limit, .. } if limit == 16 * 1024),
+            matches!(
+                err,
+                tunnel::ReauthError::Frame(tunnel::frame::CodecError::TooLarge { max, .. }) if max == 16 * 1024
+            ),
             "{err:?}"
         );
         assert_eq!(kbs.reauth_calls.load(Ordering::SeqCst), 0);
