@@ -34,12 +34,13 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use examples::proc_rss_kib;
 use guest_daemon::{evidence::SampleAttester, rcar::KbsClientBuilder, tee_key::TeeKeyPair};
+use kbs_core::admin_key::AdminKeyPair;
 use rpc_defs::{
     Applied, CredentialBundle, GuestError, GuestInfo, GuestService, Installed, ProbeKind,
     ProbeReport, SealedResource,
 };
 use serde_bytes::ByteBuf;
-use server::admin::{client::AdminClient, token::AdminKeyPair};
+use server::admin_client::AdminClient;
 use tarpc::context::Context;
 use tokio::sync::watch;
 use tunnel::{Backoff, GuestTunnelConfig, ReconnectPolicy};

@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use examples::percentile;
-use server::admin::client::AdminClient;
-use server::admin::token::AdminKeyPair;
+use kbs_core::admin_key::AdminKeyPair;
+use kbs_core::fleet::{ConnectionRecord, Fleet, GuestRecord, HeldVersion, LastProbe};
+use server::admin_client::AdminClient;
 use server::app::Kbs;
 use server::config::Config;
-use server::fleet::{ConnectionRecord, Fleet, GuestRecord, HeldVersion, LastProbe};
 
 #[derive(Parser, Debug)]
 struct Args {

@@ -11,8 +11,8 @@ use examples::{KbsProcess, default_kbs_bin, percentile, proc_cpu_time};
 use guest_daemon::evidence::SampleAttester;
 use guest_daemon::rcar::KbsClientBuilder;
 use guest_daemon::resource_path::ResourcePath;
-use server::admin::client::AdminClient;
-use server::admin::token::AdminKeyPair;
+use kbs_core::admin_key::AdminKeyPair;
+use server::admin_client::AdminClient;
 
 /// Upstream Trustee KBS on this machine (PERFORMANCE.md): full RCAR + one GET, two streams.
 const UPSTREAM_HANDSHAKES_PER_S: f64 = 390.0;

@@ -12,12 +12,12 @@ use clap::Parser;
 use guest_daemon::evidence::{EvidenceProvider, SampleAttester};
 use guest_daemon::rcar::{build_request, runtime_data_digest};
 use guest_daemon::tee_key::TeeKeyPair;
+use kbs_core::attest::{RcarConfig, RcarService, SampleVerifier, Verifier};
+use kbs_core::policy::PolicyEngine;
+use kbs_core::resource_path::ResourcePath;
+use kbs_core::storage::{KeyEncryptionKey, ResourceStore, SqliteStore};
+use kbs_core::token::TokenSigner;
 use kbs_types::{Attestation, CompositeEvidence, HashAlgorithm, RuntimeData, Tee};
-use server::attest::{RcarConfig, RcarService, SampleVerifier, Verifier};
-use server::policy::PolicyEngine;
-use server::resource_path::ResourcePath;
-use server::storage::{KeyEncryptionKey, SqliteStore, Store};
-use server::token::TokenSigner;
 
 #[derive(Parser)]
 struct Args {
@@ -57,7 +57,7 @@ async fn handshake(
     rcar: &RcarService,
     key: &TeeKeyPair,
     attester: &SampleAttester,
-) -> anyhow::Result<(String, server::attest::Attested)> {
+) -> anyhow::Result<(String, kbs_core::attest::Attested)> {
     let reply = rcar.auth(build_request(Tee::Sample))?;
     let runtime_data = RuntimeData {
         nonce: reply.challenge.nonce.clone(),
@@ -123,7 +123,7 @@ async fn main() -> anyhow::Result<()> {
     row(
         "validate tee-pubkey",
         time(n, || {
-            server::jwe::validate_tee_pubkey(&att.runtime_data.tee_pubkey).is_ok()
+            kbs_core::jwe::validate_tee_pubkey(&att.runtime_data.tee_pubkey).is_ok()
         }),
     );
     row(
@@ -195,9 +195,9 @@ async fn main() -> anyhow::Result<()> {
     let tee_pubkey = key.export_pubkey();
     row(
         "JWE seal (ECDH-ES+A256KW, A256GCM)",
-        time(n, || server::jwe::seal(&tee_pubkey, &[7u8; 32])),
+        time(n, || kbs_core::jwe::seal(&tee_pubkey, &[7u8; 32])),
     );
-    let sealed = server::jwe::seal(&tee_pubkey, &[7u8; 32])?;
+    let sealed = kbs_core::jwe::seal(&tee_pubkey, &[7u8; 32])?;
     row(
         "JWE response to JSON",
         time(n, || serde_json::to_vec(&sealed)),

@@ -16,13 +16,13 @@ use clap::Parser;
 use examples::{KbsProcess, default_kbs_bin, proc_cpu_time};
 use futures::StreamExt;
 use guest_daemon::{evidence::SampleAttester, rcar::KbsClientBuilder, tee_key::TeeKeyPair};
+use kbs_core::admin_key::AdminKeyPair;
 use rpc_defs::{
     Applied, CredentialBundle, GuestError, GuestInfo, GuestService, HealthReport, HeldResource,
     Installed, ProbeKind, ProbeReport, RuntimeReport, SealedResource,
 };
 use serde_bytes::ByteBuf;
-use server::admin::client::{AdminClient, RequestBody};
-use server::admin::token::AdminKeyPair;
+use server::admin_client::{AdminClient, RequestBody};
 use tarpc::context::Context;
 
 #[derive(Parser, Debug)]

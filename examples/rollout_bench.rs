@@ -17,15 +17,15 @@ use clap::Parser;
 use examples::{KbsProcess, default_kbs_bin, percentile, proc_cpu_time};
 use futures::StreamExt;
 use guest_daemon::{evidence::SampleAttester, rcar::KbsClientBuilder, tee_key::TeeKeyPair};
+use kbs_core::admin_key::AdminKeyPair;
+use kbs_core::storage::TargetState;
+use plugin_rotation::StartRollout;
 use rpc_defs::{
     Applied, CredentialBundle, GuestError, GuestInfo, GuestService, Installed, ProbeKind,
     ProbeReport, SealedResource,
 };
 use serde_bytes::ByteBuf;
-use server::admin::client::{AdminClient, RolloutUpdate};
-use server::admin::token::AdminKeyPair;
-use server::rotation::StartRollout;
-use server::storage::TargetState;
+use server::admin_client::{AdminClient, RolloutUpdate};
 use tarpc::context::Context;
 
 #[derive(Parser, Debug)]

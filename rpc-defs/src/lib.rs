@@ -12,7 +12,7 @@ pub use frames::{
 };
 pub use types::{
     Applied, CredentialBundle, CredentialFile, GuestError, HealthReport, HeldResource, Installed,
-    ProbeKind, ProbeReport, RuntimeReport, SealedResource,
+    ProbeKind, ProbeReport, RuntimeReport, SealedResource, probe_kind_name,
 };
 
 /// Calls the KBS makes into a guest over the tunnel. Every call is idempotent by its key.

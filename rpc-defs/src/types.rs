@@ -68,8 +68,9 @@ pub struct Installed {
     pub already_held: bool,
 }
 
-/// What to probe.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// What to probe. On the tunnel it travels by its variant name (`Health`); the KBS's admin
+/// API spells it in lower case (`health`, see [`ProbeKind::as_str`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ProbeKind {
     /// Liveness and basic health.
     Health,
@@ -78,7 +79,65 @@ pub enum ProbeKind {
     /// Uptime, memory, daemon version.
     Runtime,
     /// All of the above.
+    #[default]
     All,
+}
+
+impl ProbeKind {
+    /// Every kind, in the order the admin API lists them.
+    pub const ALL: [ProbeKind; 4] = [
+        ProbeKind::Health,
+        ProbeKind::Resources,
+        ProbeKind::Runtime,
+        ProbeKind::All,
+    ];
+
+    /// The admin API's (and the metrics') name: `health`, `resources`, `runtime`, `all`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProbeKind::Health => "health",
+            ProbeKind::Resources => "resources",
+            ProbeKind::Runtime => "runtime",
+            ProbeKind::All => "all",
+        }
+    }
+}
+
+impl std::fmt::Display for ProbeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ProbeKind {
+    type Err = String;
+
+    /// Parses the admin API's lower-case name.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown probe kind {s:?} (health, resources, runtime, all)"))
+    }
+}
+
+/// Serde for a [`ProbeKind`] in the admin API's lower-case spelling
+/// (`#[serde(with = "rpc_defs::probe_kind_name")]`).
+pub mod probe_kind_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::ProbeKind;
+
+    /// Writes `health`, `resources`, ...
+    pub fn serialize<S: Serializer>(kind: &ProbeKind, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(kind.as_str())
+    }
+
+    /// Reads `health`, `resources`, ...
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ProbeKind, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// Health of the guest daemon.

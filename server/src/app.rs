@@ -1,254 +1,320 @@
-//! Building a KBS from its configuration: keys, storage, policy, router, and serving it.
+//! The composition root: builds every part of the KBS from its configuration, hands each
+//! plugin what it is granted (the plugin list below is the only one), assembles the router
+//! and serves it. Nothing else in the crate imports this module; handlers name only the part
+//! of the state they use, which [`AppState`] hands out through `FromRef`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, FromRef};
 use axum::routing::{get, post};
+use kbs_core::admin_key::AdminKeyPair;
+use kbs_core::attest::{RcarConfig, RcarService};
+use kbs_core::audit::Audit;
+use kbs_core::events::{EVENT_QUEUE, EventSink};
+use kbs_core::fleet::{Fleet, Observability, ObservabilityParts};
+use kbs_core::guest_directory::{self, GuestDirectory};
+use kbs_core::metrics::{Exposition, Metrics};
+use kbs_core::policy::{DEFAULT_POLICY, PolicyEngine};
+use kbs_core::policy_gate::PolicyGate;
+use kbs_core::probe::Prober;
+use kbs_core::storage::{
+    AuditStore, KeyEncryptionKey, ResourceStore, SqliteStore, Store, StoreError,
+};
+use kbs_core::token::TokenSigner;
+use kbs_web::admin_auth::AdminAuth;
+use kbs_web::admin_gate::AdminGate;
+use kbs_web::error::ApiError;
+use kbs_web::http_metrics;
+use kbs_web::plugin::{PluginRegistry, PluginServices, PluginSpec, RegistryError};
+use plugin_pki::PkiPlugin;
+use plugin_probes::ProbesPlugin;
+use plugin_resource::ResourcePlugin;
+use plugin_rotation::{Grants, RotationPlugin};
+use plugin_splitapi::SplitApiPlugin;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::auth::{AdminAuth, AdminIdentity};
-use crate::admin::token::AdminKeyPair;
-use crate::attest::{RcarConfig, RcarService};
-use crate::config::Config;
-use crate::error::ApiError;
+use crate::config::{Config, ConfigError};
+use crate::dashboard::{self, Dashboard};
 use crate::http;
-use crate::metrics::{self, Metrics};
-use crate::policy::PolicyEngine;
-use crate::storage::{AuditEntry, KeyEncryptionKey, SqliteStore, Store};
-use crate::token::TokenSigner;
+use crate::http::events::EventLog;
+use crate::http::guests::GuestsApi;
+use crate::http::health::Readiness;
+use crate::http::policy::{PolicyAdmin, RESOURCE_POLICY};
+use crate::http::tunnel::{TunnelEndpoint, TunnelServices};
+
+/// What the plugins may be given beyond their context, built before them.
+struct Grantable {
+    resources: Arc<dyn ResourceStore>,
+    rotation: Grants,
+    prober: Prober,
+}
+
+/// The built-in plugins, in listing order. This is the only list: a new plugin is its own
+/// crate (or module) and one line here (see `docs/architecture.md`).
+fn builtin_plugins(g: &Grantable) -> Vec<PluginSpec> {
+    let (resources, rotation, prober) = (g.resources.clone(), g.rotation.clone(), g.prober.clone());
+    vec![
+        PluginSpec::new(plugin_resource::NAME, |_| {
+            Ok(ResourcePlugin::new(resources))
+        }),
+        PluginSpec::new(plugin_splitapi::NAME, SplitApiPlugin::build),
+        PluginSpec::new(plugin_probes::NAME, |s| ProbesPlugin::build(s, prober)),
+        PluginSpec::new(plugin_rotation::NAME, |s| {
+            RotationPlugin::build(s, rotation)
+        }),
+        PluginSpec::new(plugin_pki::NAME, PkiPlugin::build),
+    ]
+}
 
 /// Errors while starting a KBS.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// Configuration is invalid.
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] ConfigError),
     /// Storage could not be opened.
     #[error("storage: {0}")]
-    Store(#[from] crate::storage::StoreError),
+    Store(#[from] StoreError),
     /// Something else (keys, policy, TLS, files), with context.
     #[error("{0}")]
     Other(String),
+}
+
+impl From<RegistryError> for StartError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Config(e) => StartError::Config(ConfigError::Invalid {
+                key: e.key,
+                reason: e.reason,
+            }),
+            RegistryError::Store(e) => StartError::Store(e),
+            other => StartError::Other(format!("plugins: {other}")),
+        }
+    }
 }
 
 fn other(context: &str) -> impl Fn(String) -> StartError + '_ {
     move |e| StartError::Other(format!("{context}: {e}"))
 }
 
-/// Shared state of every handler.
-#[derive(Clone)]
-pub struct AppState {
-    /// Configuration in force.
-    pub config: Arc<Config>,
-    /// Storage.
-    pub store: Arc<dyn Store>,
-    /// RCAR sessions and token issue.
-    pub rcar: Arc<RcarService>,
-    /// Resource policy.
-    pub policy: Arc<PolicyEngine>,
-    /// Serialises policy updates so storage order and swap order agree.
-    pub policy_write: Arc<tokio::sync::Mutex<()>>,
-    /// Admin authentication.
-    pub admin: Arc<AdminAuth>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Live guest tunnels, one per guest id.
-    pub hub: tunnel::Hub,
-    /// Limits and observer every tunnel shares (one copy, not one per tunnel).
-    pub tunnel_endpoint: Arc<crate::http::tunnel::TunnelEndpoint>,
-    /// Claims and TEE key of each connected guest (from its token).
-    pub guest_directory: Arc<crate::guest_directory::GuestDirectory>,
-    /// Cancelled when the KBS begins to shut down.
-    pub shutdown: CancellationToken,
-    /// The event log's write side (never blocks).
-    pub events: crate::events::EventSink,
-    /// Every guest known, connected or not (the fleet view).
-    pub fleet: Arc<crate::fleet::Fleet>,
-    /// Dashboard login sessions.
-    pub dashboard: Arc<crate::dashboard::Sessions>,
-    /// Plugins and whether each is enabled.
-    pub plugins: Arc<crate::plugins::PluginRegistry>,
+/// The router's state: one field per part a handler may ask for (`FromRef`).
+#[derive(Clone, FromRef)]
+struct AppState {
+    admin: Arc<AdminGate>,
+    rcar: Arc<RcarService>,
+    metrics: Arc<Metrics>,
+    exposition: Arc<Exposition>,
+    audit: Audit,
+    plugins: Arc<PluginRegistry>,
+    policy: PolicyAdmin,
+    audit_log: Arc<dyn AuditStore>,
+    event_log: EventLog,
+    resources: Arc<dyn ResourceStore>,
+    guests: GuestsApi,
+    tunnel: Arc<TunnelEndpoint>,
+    readiness: Readiness,
+    dashboard: Dashboard,
 }
 
-impl AppState {
-    /// Write an audit record and count the admin action; a failed write is logged loudly
-    /// (the action itself already happened).
-    pub async fn audit(
-        &self,
-        admin: &AdminIdentity,
-        action: &str,
-        target: &str,
-        outcome: &str,
-        detail: String,
-    ) {
-        Metrics::inc(
-            &self.metrics.admin_actions,
-            &[("action", action), ("outcome", outcome)],
-        );
-        tracing::info!(actor = %admin.actor(), role = %admin.role, action, target, outcome, "admin action");
-        let entry = AuditEntry {
-            actor: admin.actor(),
-            role: admin.role.clone(),
-            action: action.to_string(),
-            target: target.to_string(),
-            outcome: outcome.to_string(),
-            detail,
-        };
-        self.events.record(
-            crate::events::kind_of_action(&entry.action),
-            &entry.action,
-            entry
-                .action
-                .starts_with("guest.")
-                .then_some(entry.target.as_str()),
-            Some(&entry.actor),
-            &entry.target,
-            &entry.outcome,
-            entry.detail.clone(),
-        );
-        if let Err(e) = self.store.audit(entry).await {
-            tracing::error!(error = %e, action, target, "AUDIT WRITE FAILED");
-        }
-    }
+/// Handles on the running parts of a KBS, for the binary, embedding and tests.
+#[derive(Clone)]
+pub struct KbsHandles {
+    /// Live guest tunnels.
+    pub hub: tunnel::Hub,
+    /// Plugins and whether each is enabled.
+    pub plugins: Arc<PluginRegistry>,
+    /// Storage.
+    pub store: Arc<dyn Store>,
+    /// Every guest known (the fleet view).
+    pub fleet: Arc<Fleet>,
+    /// Core metrics.
+    pub metrics: Arc<Metrics>,
+    /// Claims and TEE keys of guests with tunnels.
+    pub directory: Arc<GuestDirectory>,
+    /// Admin authentication and dashboard sessions.
+    pub admin: Arc<AdminGate>,
+    /// RCAR sessions and tokens.
+    pub rcar: Arc<RcarService>,
+    /// The event log's write side.
+    pub events: EventSink,
+    /// Cancel to shut the KBS down (it drains, then `serve` returns).
+    pub shutdown: CancellationToken,
 }
 
 /// A built KBS, ready to serve.
 pub struct Kbs {
-    /// Handler state.
-    pub state: AppState,
+    /// Handles on its parts.
+    pub state: KbsHandles,
     /// Where the development admin key was written, if one is in use.
     pub dev_admin_key: Option<PathBuf>,
     /// Whether the development admin key was generated just now.
     pub dev_admin_key_created: bool,
+    app: AppState,
+    config: Arc<Config>,
     tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Kbs {
-    /// Validate the config and build everything: data dir, keys, storage, policy.
+    /// Validate the config and build everything: data dir, keys, storage, policy, plugins.
     pub async fn build(config: Config) -> Result<Self, StartError> {
+        Self::build_with(config, Vec::new()).await
+    }
+
+    /// [`build`](Self::build) with plugins of the embedder's own after the built-in ones.
+    pub async fn build_with(config: Config, extra: Vec<PluginSpec>) -> Result<Self, StartError> {
         config.validate()?;
         let data_dir = config.storage.data_dir.clone();
         std::fs::create_dir_all(&data_dir).map_err(|e| {
             StartError::Other(format!("storage.data_dir {}: {e}", data_dir.display()))
         })?;
-
         let kek = Arc::new(KeyEncryptionKey::load_or_generate(
             &config.storage.kek_path(),
         )?);
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(&config.storage.database_url(), kek).await?);
 
-        let signing_path = config
-            .attestation
-            .signing_key_file
-            .clone()
-            .unwrap_or_else(|| data_dir.join("token.key"));
-        let signer = Arc::new(
-            TokenSigner::load_or_generate(&signing_path)
-                .map_err(|e| other("attestation.signing_key_file")(e.to_string()))?,
-        );
-        let verifiers = crate::verifiers::build(&config.attestation.verifiers);
-        let rcar = Arc::new(RcarService::new(
-            RcarConfig {
-                session_ttl: config.attestation.session_ttl,
-                max_sessions: config.attestation.max_sessions,
-                token_ttl: config.attestation.token_ttl,
-                max_init_data_bytes: config.attestation.max_init_data_bytes,
-            },
-            signer,
-            verifiers,
-        ));
-
-        let policy_text = match store.get_policy(http::admin::RESOURCE_POLICY).await? {
-            Some(p) => p.body,
-            None => match &config.policy.initial_policy_file {
-                Some(f) => std::fs::read_to_string(f).map_err(|e| {
-                    StartError::Other(format!("policy.initial_policy_file {}: {e}", f.display()))
-                })?,
-                None => crate::policy::DEFAULT_POLICY.to_string(),
-            },
-        };
-        let policy = Arc::new(
-            PolicyEngine::new(&policy_text).map_err(|e| other("resource policy")(e.to_string()))?,
-        );
-
-        let (dev_pub, dev_admin_key, dev_admin_key_created) =
-            if config.admin.dev_key && config.admin.keys.is_empty() {
-                let path = data_dir.join("admin.key");
-                let (kp, created) = AdminKeyPair::load_or_generate(&path)
-                    .map_err(|e| other("development admin key")(e.to_string()))?;
-                (Some(kp.public_pem()), Some(path), created)
-            } else {
-                (None, None, false)
-            };
-        let admin = Arc::new(
-            AdminAuth::new(
-                &config.admin,
-                dev_pub.as_deref().map(|p| ("dev", p.as_bytes())),
-            )
-            .map_err(|e| other("admin")(e.to_string()))?,
-        );
+        let rcar = Arc::new(build_rcar(&config)?);
+        let policy_engine = Arc::new(load_policy(&config, store.as_ref()).await?);
+        let (admin_auth, dev_admin_key, dev_admin_key_created) = build_admin(&config)?;
 
         let tunnel_limits = http::tunnel::limits(&config.tunnel);
         tunnel_limits.validate().map_err(other("tunnel"))?;
-
         let tls = match &config.http.tls {
             Some(t) => Some(crate::tls::server_config(t, &data_dir).map_err(other("http.tls"))?),
             None => None,
         };
 
-        let plugins = Arc::new(
-            crate::plugins::PluginRegistry::load(
-                crate::plugins::builtin(&config),
-                &config.plugins,
-                store.as_ref(),
-            )
-            .await
-            .map_err(|e| other("plugins")(e.to_string()))?,
-        );
+        let mut registry = Registry::with_prefix("kbs");
+        let metrics = Arc::new(Metrics::register(&mut registry));
+        let events = EventSink::new(EVENT_QUEUE, metrics.observability.events_dropped.clone());
+        let fleet = Arc::new(Fleet::load(store.as_ref()).await?);
+        let hub = tunnel::Hub::new();
+        let directory = Arc::new(GuestDirectory::new());
+        let shutdown = CancellationToken::new();
+        let audit = Audit::new(store.clone(), events.clone(), metrics.admin_actions.clone());
+        let policy = PolicyGate::new(policy_engine, metrics.policy_decisions.clone());
+        let admin = Arc::new(AdminGate::new(admin_auth, metrics.admin_actions.clone()));
+        let prober = Prober {
+            hub: hub.clone(),
+            fleet: fleet.clone(),
+            directory: directory.clone(),
+            metrics: metrics.observability.clone(),
+        };
 
-        let metrics = Arc::new(Metrics::new());
-        let events = crate::events::EventSink::new(
-            crate::events::EVENT_QUEUE,
-            metrics.observability.events_dropped.clone(),
+        let grantable = Grantable {
+            resources: store.clone(),
+            rotation: Grants {
+                rollouts: store.clone(),
+                resources: store.clone(),
+                fleet: fleet.clone(),
+                policy: policy.clone(),
+            },
+            prober: prober.clone(),
+        };
+        let mut specs = builtin_plugins(&grantable);
+        specs.extend(extra);
+        let services = PluginServices {
+            kv: store.clone(),
+            hub: hub.clone(),
+            directory: directory.clone(),
+            policy: policy.clone(),
+            audit: audit.clone(),
+            admin: admin.clone(),
+            rcar: rcar.clone(),
+            shutdown: shutdown.clone(),
+        };
+        let plugins = Arc::new(
+            PluginRegistry::build(
+                specs,
+                config.plugins.sections.clone(),
+                &config.plugins.disabled,
+                &mut registry,
+                services,
+                store.clone(),
+            )
+            .await?,
         );
-        let fleet = Arc::new(crate::fleet::Fleet::load(store.as_ref()).await?);
-        let tunnel_endpoint = Arc::new(crate::http::tunnel::TunnelEndpoint::new(
+        let exposition = Arc::new(Exposition::new(registry));
+
+        let tunnel = Arc::new(TunnelEndpoint::new(
             tunnel_limits,
-            metrics.clone(),
+            TunnelServices {
+                rcar: rcar.clone(),
+                directory: directory.clone(),
+                hub: hub.clone(),
+                shutdown: shutdown.clone(),
+                metrics: metrics.clone(),
+            },
         ));
-        let state = AppState {
-            tunnel_endpoint,
-            events,
-            fleet,
-            dashboard: Arc::new(crate::dashboard::Sessions::new()),
-            config: Arc::new(config),
-            store,
-            rcar,
-            policy,
-            policy_write: Arc::new(tokio::sync::Mutex::new(())),
-            admin,
-            metrics,
-            hub: tunnel::Hub::new(),
-            guest_directory: Arc::new(crate::guest_directory::GuestDirectory::new()),
-            shutdown: CancellationToken::new(),
-            plugins,
+        let policy_admin = PolicyAdmin {
+            store: store.clone(),
+            gate: policy,
+            write: Arc::default(),
+        };
+        let app = AppState {
+            admin: admin.clone(),
+            rcar: rcar.clone(),
+            metrics: metrics.clone(),
+            exposition,
+            audit: audit.clone(),
+            plugins: plugins.clone(),
+            policy: policy_admin.clone(),
+            audit_log: store.clone(),
+            event_log: EventLog {
+                sink: events.clone(),
+                store: store.clone(),
+                metrics: metrics.observability.clone(),
+            },
+            resources: store.clone(),
+            guests: GuestsApi {
+                prober,
+                resources: store.clone(),
+                audit: audit.clone(),
+            },
+            tunnel,
+            readiness: Readiness {
+                store: store.clone(),
+                shutdown: shutdown.clone(),
+            },
+            dashboard: Dashboard {
+                admin: admin.clone(),
+                policy: policy_admin,
+                plugins: plugins.clone(),
+                hub: hub.clone(),
+                fleet: fleet.clone(),
+                audit,
+                secure_cookie: tls.is_some(),
+            },
         };
         Ok(Self {
-            state,
+            state: KbsHandles {
+                hub,
+                plugins,
+                store,
+                fleet,
+                metrics,
+                directory,
+                admin,
+                rcar,
+                events,
+                shutdown,
+            },
             dev_admin_key,
             dev_admin_key_created,
+            app,
+            config: Arc::new(config),
             tls,
         })
     }
 
     /// The full router.
     pub fn router(&self) -> Router {
-        router(self.state.clone())
+        router(&self.app, self.config.http.max_body_bytes)
     }
 
     /// Whether TLS is on.
@@ -258,74 +324,123 @@ impl Kbs {
 
     /// Serve on an already bound listener until `shutdown` is cancelled, then drain.
     pub async fn serve(self, listener: TcpListener) -> std::io::Result<()> {
-        let state = self.state.clone();
-        let sweeper = tokio::spawn(sweep_sessions(state.clone()));
-        let observability = crate::fleet::spawn_all(&state);
-        state.plugins.start_all(&state).await;
-        let grace = state.config.http.shutdown_grace;
-        let serving = crate::serve::serve(
-            listener,
-            self.router(),
-            self.tls,
-            state.shutdown.clone(),
-            grace,
+        let s = self.state.clone();
+        let sweeper = tokio::spawn(sweep_sessions(s.rcar.clone(), s.metrics.clone()));
+        let observability = Observability::spawn(ObservabilityParts {
+            fleet: s.fleet.clone(),
+            hub: s.hub.clone(),
+            directory: s.directory.clone(),
+            events: s.events.clone(),
+            event_store: s.store.clone(),
+            fleet_store: s.store.clone(),
+            metrics: s.metrics.observability.clone(),
+        });
+        let pruner = s.directory.clone().spawn_pruner(
+            s.hub.clone(),
+            guest_directory::PRUNE_EVERY,
+            s.shutdown.clone(),
         );
+        s.plugins.start_all().await;
+        let grace = self.config.http.shutdown_grace;
+        let serving =
+            crate::serve::serve(listener, self.router(), self.tls, s.shutdown.clone(), grace);
         // Tunnels watch the same token: each sends GoAway, closes with 4503 and leaves the hub,
         // within the same grace period as HTTP requests (upgraded connections are not tracked there).
-        let (result, ()) = tokio::join!(
-            serving,
-            http::tunnel::drain(&state.hub, &state.shutdown, grace)
-        );
+        let (result, ()) = tokio::join!(serving, http::tunnel::drain(&s.hub, &s.shutdown, grace));
         sweeper.abort();
+        let _ = pruner.await;
         observability.finish().await;
-        state.plugins.stop_all().await;
+        s.plugins.stop_all().await;
         result
     }
 }
 
-async fn sweep_sessions(state: AppState) {
+fn build_rcar(config: &Config) -> Result<RcarService, StartError> {
+    let signing_path = config
+        .attestation
+        .signing_key_file
+        .clone()
+        .unwrap_or_else(|| config.storage.data_dir.join("token.key"));
+    let signer = Arc::new(
+        TokenSigner::load_or_generate(&signing_path)
+            .map_err(|e| other("attestation.signing_key_file")(e.to_string()))?,
+    );
+    let a = &config.attestation;
+    Ok(RcarService::new(
+        RcarConfig {
+            session_ttl: a.session_ttl,
+            max_sessions: a.max_sessions,
+            token_ttl: a.token_ttl,
+            max_init_data_bytes: a.max_init_data_bytes,
+        },
+        signer,
+        kbs_core::verifiers::build(&a.verifiers),
+    ))
+}
+
+/// The stored resource policy, else the initial policy file, else the built-in default.
+async fn load_policy(config: &Config, store: &dyn Store) -> Result<PolicyEngine, StartError> {
+    let text = match store.get_policy(RESOURCE_POLICY).await? {
+        Some(p) => p.body,
+        None => match &config.policy.initial_policy_file {
+            Some(f) => std::fs::read_to_string(f).map_err(|e| {
+                StartError::Other(format!("policy.initial_policy_file {}: {e}", f.display()))
+            })?,
+            None => DEFAULT_POLICY.to_string(),
+        },
+    };
+    PolicyEngine::new(&text).map_err(|e| other("resource policy")(e.to_string()))
+}
+
+/// Admin authentication, with the development key (generated once) when no key is set.
+fn build_admin(config: &Config) -> Result<(AdminAuth, Option<PathBuf>, bool), StartError> {
+    let (dev_pub, dev_path, created) = if config.admin.dev_key && config.admin.keys.is_empty() {
+        let path = config.storage.data_dir.join("admin.key");
+        let (kp, created) = AdminKeyPair::load_or_generate(&path)
+            .map_err(|e| other("development admin key")(e.to_string()))?;
+        (Some(kp.public_pem()), Some(path), created)
+    } else {
+        (None, None, false)
+    };
+    let auth = AdminAuth::new(
+        &config.admin,
+        dev_pub.as_deref().map(|p| ("dev", p.as_bytes())),
+    )
+    .map_err(|e| other("admin")(e.to_string()))?;
+    Ok((auth, dev_path, created))
+}
+
+async fn sweep_sessions(rcar: Arc<RcarService>, metrics: Arc<Metrics>) {
     let mut tick = tokio::time::interval(Duration::from_secs(15));
     loop {
         tick.tick().await;
-        let purged = state.rcar.purge_expired();
+        let purged = rcar.purge_expired();
         if purged > 0 {
             tracing::debug!(purged, "expired RCAR sessions purged");
         }
-        state
-            .metrics
-            .rcar_sessions
-            .set(state.rcar.session_count() as i64);
+        metrics.rcar_sessions.set(rcar.session_count() as i64);
     }
 }
 
 /// Assemble the router for a state.
-pub fn router(state: AppState) -> Router {
-    let max_body = state.config.http.max_body_bytes;
+fn router(state: &AppState, max_body: usize) -> Router {
     let metrics = state.metrics.clone();
     Router::new()
         .route("/kbs/v0/auth", post(http::rcar::auth))
         .route("/kbs/v0/attest", post(http::rcar::attest))
-        .route("/kbs/v0/plugin", get(crate::plugins::http::list))
-        .route(
-            "/kbs/v0/plugin/enable/{name}",
-            post(crate::plugins::http::enable),
-        )
-        .route(
-            "/kbs/v0/plugin/disable/{name}",
-            post(crate::plugins::http::disable),
-        )
-        .merge(state.plugins.router(&state))
+        .merge(kbs_web::plugin::routes::routes())
+        .merge(state.plugins.router())
         .route(
             "/kbs/v0/admin/resources/{repo}/{kind}/{tag}/versions",
-            get(http::resource::versions),
+            get(http::resources::versions),
         )
         .route(
             "/kbs/v0/resource-policy",
-            post(http::admin::set_policy).get(http::admin::get_policy),
+            post(http::policy::set_policy).get(http::policy::get_policy),
         )
-        .route("/kbs/v0/admin/audit", get(http::admin::audit))
-        .route("/kbs/v0/admin/events", get(crate::events::list))
-        .merge(crate::dashboard::routes())
+        .route("/kbs/v0/admin/audit", get(http::audit::audit))
+        .route("/kbs/v0/admin/events", get(http::events::list))
+        .merge(dashboard::routes())
         .route("/kbs/v0/tunnel", get(http::tunnel::upgrade))
         .route("/kbs/v0/admin/guests", get(http::guests::list))
         .route(
@@ -338,14 +453,14 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/healthz", get(http::health::healthz))
         .route("/readyz", get(http::health::readyz))
+        .route("/metrics", get(http_metrics::expose))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
-        .route("/metrics", get(metrics::expose).with_state(metrics.clone()))
+        .with_state(state.clone())
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(
             metrics,
-            metrics::track,
+            http_metrics::track,
         ))
 }
 

@@ -61,6 +61,8 @@ pub struct Config {
     pub plugins: PluginsConfig,
 }
 
+pub use kbs_web::admin_auth::{AdminConfig, AdminKeyConfig};
+
 /// HTTP listener settings.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -172,47 +174,6 @@ impl Default for AttestationConfig {
     }
 }
 
-/// Admin authentication: trusted Ed25519 public keys and roles.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AdminConfig {
-    /// Trusted admin token signers.
-    pub keys: Vec<AdminKeyConfig>,
-    /// Role name -> rules `"<METHODS> <path regex>"`, METHODS `*` or a comma list (`GET,POST`).
-    pub roles: BTreeMap<String, Vec<String>>,
-    /// Generate a development admin key under the data dir and trust it (no keys configured).
-    pub dev_key: bool,
-}
-
-impl Default for AdminConfig {
-    fn default() -> Self {
-        Self {
-            keys: Vec::new(),
-            roles: BTreeMap::from([("admin".to_string(), vec!["* ^/kbs/.+$".to_string()])]),
-            dev_key: true,
-        }
-    }
-}
-
-/// One trusted admin token signer.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdminKeyConfig {
-    /// Name used in logs and audit.
-    pub name: String,
-    /// Ed25519 public key, PEM (SPKI), as `openssl pkey -pubout` writes it.
-    pub public_key_file: PathBuf,
-    /// Required `iss`; any issuer when absent.
-    pub issuer: Option<String>,
-    /// Required `aud` member.
-    #[serde(default = "default_audience")]
-    pub audience: String,
-}
-
-fn default_audience() -> String {
-    "KBS".to_string()
-}
-
 /// Resource policy settings.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -294,107 +255,31 @@ impl Default for LogConfig {
 
 /// Plugin defaults and per-plugin settings (`[plugins]`).
 #[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct PluginsConfig {
     /// Plugins disabled until an admin enables them (a stored enable/disable decision wins).
     pub disabled: Vec<String>,
-    /// The splitapi plugin (`[plugins.splitapi]`).
-    pub splitapi: SplitApiConfig,
-    /// The probes plugin's periodic probes (`[plugins.probes]`).
-    pub probes: crate::probes::ProbesConfig,
-    /// The generic PKI plugin (`[plugins.pki]`).
-    pub pki: crate::plugins::pki::PkiConfig,
+    /// Each plugin's own section (`[plugins.<name>]`), parsed and validated by that plugin
+    /// when the KBS is built; a section naming no plugin is refused then.
+    #[serde(flatten)]
+    pub sections: BTreeMap<String, toml::Value>,
 }
 
-/// Key algorithm of generated certificates.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum KeyAlgorithm {
-    /// Ed25519 (default).
-    #[default]
-    Ed25519,
-    /// ECDSA over P-256 with SHA-256.
-    EcdsaP256,
-}
-
-/// splitapi settings (`[plugins.splitapi]`).
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SplitApiConfig {
-    /// Key algorithm of the CA, server and client keys: `ed25519` or `ecdsa-p256`.
-    pub key_algorithm: KeyAlgorithm,
-    /// Lifetime of issued server and client certificates.
-    #[serde(with = "humantime_serde")]
-    pub validity: Duration,
-    /// Lifetime of a sandbox CA (at least `validity`).
-    #[serde(with = "humantime_serde")]
-    pub ca_validity: Duration,
-    /// Renew (and push) credentials this long before they expire.
-    #[serde(with = "humantime_serde")]
-    pub renew_before: Duration,
-    /// How often to look for credentials due for renewal.
-    #[serde(with = "humantime_serde")]
-    pub renew_check_interval: Duration,
-    /// Organization (O) in issued certificate subjects.
-    pub organization: String,
-}
-
-impl Default for SplitApiConfig {
-    fn default() -> Self {
-        Self {
-            key_algorithm: KeyAlgorithm::Ed25519,
-            validity: Duration::from_secs(30 * 24 * 3600),
-            ca_validity: Duration::from_secs(365 * 24 * 3600),
-            renew_before: Duration::from_secs(7 * 24 * 3600),
-            renew_check_interval: Duration::from_secs(60),
-            organization: "Tether splitapi".to_string(),
-        }
-    }
-}
-
-impl SplitApiConfig {
-    /// Range and consistency checks, naming the key.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        const K: &str = "plugins.splitapi";
-        if self.validity < Duration::from_secs(60) {
-            return Err(invalid(&format!("{K}.validity"), "must be at least 1m"));
-        }
-        if self.validity > Duration::from_secs(10 * 365 * 24 * 3600) {
-            return Err(invalid(
-                &format!("{K}.validity"),
-                "must be at most 10 years",
-            ));
-        }
-        if self.ca_validity < self.validity {
-            return Err(invalid(
-                &format!("{K}.ca_validity"),
-                "must be at least plugins.splitapi.validity",
-            ));
-        }
-        if self.ca_validity > Duration::from_secs(30 * 365 * 24 * 3600) {
-            return Err(invalid(
-                &format!("{K}.ca_validity"),
-                "must be at most 30 years",
-            ));
-        }
-        if self.renew_before >= self.validity {
-            return Err(invalid(
-                &format!("{K}.renew_before"),
-                "must be shorter than plugins.splitapi.validity",
-            ));
-        }
-        if self.renew_check_interval < Duration::from_secs(1) {
-            return Err(invalid(
-                &format!("{K}.renew_check_interval"),
-                "must be at least 1s",
-            ));
-        }
-        if self.organization.is_empty() || self.organization.len() > 64 {
-            return Err(invalid(
-                &format!("{K}.organization"),
-                "must be 1..=64 characters",
-            ));
-        }
+impl PluginsConfig {
+    /// Sets keys of `[plugins.<plugin>]` from TOML text, as a config file would (later keys
+    /// win); checked when the KBS is built, like the file.
+    pub fn set(&mut self, plugin: &str, toml_text: &str) -> Result<(), ConfigError> {
+        let table: toml::Table = toml_text
+            .parse()
+            .map_err(|e| ConfigError::Parse(format!("plugins.{plugin}: {e}")))?;
+        let entry = self
+            .sections
+            .entry(plugin.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(section) = entry else {
+            return Err(invalid(&format!("plugins.{plugin}"), "is not a table"));
+        };
+        section.extend(table);
         Ok(())
     }
 }
@@ -486,12 +371,12 @@ impl Config {
             return Err(invalid("attestation.max_sessions", "must be positive"));
         }
         for (i, v) in a.verifiers.iter().enumerate() {
-            if !crate::verifiers::KNOWN.contains(&v.as_str()) {
+            if !kbs_core::verifiers::KNOWN.contains(&v.as_str()) {
                 return Err(invalid(
                     &format!("attestation.verifiers[{i}]"),
                     format!(
                         "unknown verifier `{v}` (known: {})",
-                        crate::verifiers::KNOWN.join(", ")
+                        kbs_core::verifiers::KNOWN.join(", ")
                     ),
                 ));
             }
@@ -512,7 +397,7 @@ impl Config {
         }
         for (role, rules) in &self.admin.roles {
             for (i, rule) in rules.iter().enumerate() {
-                crate::admin::auth::RoleRule::parse(rule)
+                kbs_web::admin_auth::RoleRule::parse(rule)
                     .map_err(|reason| invalid(&format!("admin.roles.{role}[{i}]"), reason))?;
             }
         }
@@ -543,23 +428,6 @@ impl Config {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
-        for (i, name) in self.plugins.disabled.iter().enumerate() {
-            if !crate::plugins::BUILTIN_NAMES.contains(&name.as_str()) {
-                return Err(invalid(
-                    &format!("plugins.disabled[{i}]"),
-                    format!(
-                        "no plugin named `{name}` (known: {})",
-                        crate::plugins::BUILTIN_NAMES.join(", ")
-                    ),
-                ));
-            }
-        }
-        self.plugins.splitapi.validate()?;
-        self.plugins.pki.validate()?;
-        self.plugins
-            .probes
-            .validate()
-            .map_err(|(key, reason)| invalid(&format!("plugins.{key}"), reason))?;
         Ok(())
     }
 }
@@ -664,26 +532,20 @@ mod tests {
         let c = load("[admin.roles]\nops = [\"GET ([\"]\n", &[]).unwrap();
         let err = c.validate().unwrap_err();
         assert!(err.to_string().contains("admin.roles.ops[0]"), "{err}");
-        let c = load("[plugins]\ndisabled = [\"nope\"]\n", &[]).unwrap();
-        let err = c.validate().unwrap_err();
-        assert!(err.to_string().contains("plugins.disabled[0]"), "{err}");
+        // Plugin sections are kept as tables here; each plugin checks its own when the KBS
+        // is built (see the app's tests).
         let c = load(
-            "[plugins.splitapi]\nvalidity = \"1h\"\nrenew_before = \"2h\"\n",
-            &[],
+            "[plugins]\ndisabled = [\"probes\"]\n[plugins.splitapi]\nvalidity = \"2d\"\n",
+            &[("KBS_PLUGINS__PKI__VALIDITY", "3d")],
         )
         .unwrap();
-        let err = c.validate().unwrap_err();
-        assert!(
-            err.to_string().contains("plugins.splitapi.renew_before"),
-            "{err}"
-        );
-        let err = load("[plugins.splitapi]\nkey_algorithm = \"rsa\"\n", &[]).unwrap_err();
-        assert!(err.to_string().contains("rsa"), "{err}");
-        let err = load("[plugins.splitapi]\nvalidty = \"1h\"\n", &[]).unwrap_err();
-        assert!(err.to_string().contains("validty"), "{err}");
-        let c = load("[plugins.splitapi]\nkey_algorithm = \"ecdsa-p256\"\nvalidity = \"2d\"\nrenew_before = \"1d\"\n", &[]).unwrap();
         c.validate().unwrap();
-        assert_eq!(c.plugins.splitapi.key_algorithm, KeyAlgorithm::EcdsaP256);
+        assert_eq!(c.plugins.disabled, ["probes"]);
+        assert_eq!(
+            c.plugins.sections["splitapi"]["validity"].as_str(),
+            Some("2d")
+        );
+        assert_eq!(c.plugins.sections["pki"]["validity"].as_str(), Some("3d"));
         let c = load("[attestation]\nverifiers = [\"sgx-magic\"]\n", &[]).unwrap();
         assert!(
             c.validate()

@@ -71,7 +71,7 @@ pub fn ensure_self_signed(
         .push(rcgen::DnType::CommonName, "Tether KBS (development)");
     let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    crate::fsutil::write_private_atomic(&key_path, key.serialize_pem().as_bytes())
+    kbs_core::fsutil::write_private_atomic(&key_path, key.serialize_pem().as_bytes())
         .map_err(|e| format!("{}: {e}", key_path.display()))?;
     std::fs::write(&cert_path, cert.pem()).map_err(|e| format!("{}: {e}", cert_path.display()))?;
     Ok((cert_path, key_path))

@@ -5,9 +5,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use server::admin::client::AdminClient;
-use server::admin::token::AdminKeyPair;
-use server::app::{AppState, Kbs};
+use kbs_core::admin_key::AdminKeyPair;
+use server::admin_client::AdminClient;
+use server::app::{Kbs, KbsHandles};
 use server::config::{Config, TlsConfig};
 use tokio::task::JoinHandle;
 
@@ -25,7 +25,7 @@ pub struct TestKbs {
     /// CA certificate when TLS is on.
     pub ca_file: Option<PathBuf>,
     /// Handler state (for assertions on internals such as metrics).
-    pub state: AppState,
+    pub state: KbsHandles,
     config: Config,
     task: JoinHandle<std::io::Result<()>>,
     _dir: Option<tempfile::TempDir>,

@@ -10,16 +10,19 @@ use std::time::Duration;
 use guest_daemon::tee_key::TeeKeyPair;
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use kbs_core::{
+    identity::GuestIdentity,
+    token::{TokenSigner, build_claims},
+};
 use kbs_types::TeePubKey;
 use serde_json::{Value, json};
-use server::token::{GuestIdentity, TokenSigner, build_claims};
 
 #[test]
 fn server_jwe_opens_with_the_guest_key() {
     for key in [TeeKeyPair::new_ec(), TeeKeyPair::new_rsa().unwrap()] {
         for len in [0usize, 1, 32, 4096, 100_000] {
             let plaintext: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
-            let sealed = server::jwe::seal(&key.export_pubkey(), &plaintext).unwrap();
+            let sealed = kbs_core::jwe::seal(&key.export_pubkey(), &plaintext).unwrap();
             // Over the wire as JSON, as the guest receives it.
             let wire = serde_json::to_vec(&sealed).unwrap();
             let opened = key.open_json(&wire).unwrap();
@@ -32,7 +35,7 @@ fn server_jwe_opens_with_the_guest_key() {
 fn server_jwe_for_another_key_does_not_open() {
     let mine = TeeKeyPair::new_ec();
     let other = TeeKeyPair::new_ec();
-    let sealed = server::jwe::seal(&other.export_pubkey(), b"not for you").unwrap();
+    let sealed = kbs_core::jwe::seal(&other.export_pubkey(), b"not for you").unwrap();
     assert!(mine.open(&sealed).is_err());
 
     // A key whose point is not on the curve is refused before any agreement.
@@ -45,7 +48,7 @@ fn server_jwe_for_another_key_does_not_open() {
         x: x.clone(),
         y: x,
     };
-    assert_eq!(server::jwe::seal(&bad, b"x").unwrap_err().status(), 400);
+    assert_eq!(kbs_core::jwe::seal(&bad, b"x").unwrap_err().status(), 400);
 }
 
 #[test]
@@ -55,7 +58,7 @@ fn a_push_sealed_to_the_tunnel_key_opens_only_with_that_key() {
     let other = tunnel::PushKey::generate();
     for len in [0usize, 1, 4096, 100_000] {
         let plaintext: Vec<u8> = (0..len).map(|i| (i * 13 % 251) as u8).collect();
-        let sealed = server::jwe::seal_dir(key.bytes(), &plaintext).unwrap();
+        let sealed = kbs_core::jwe::seal_dir(key.bytes(), &plaintext).unwrap();
         assert_eq!(sealed.protected.alg, "dir");
         assert!(sealed.encrypted_key.is_empty());
         let wire = serde_json::to_vec(&sealed).unwrap();
@@ -67,7 +70,7 @@ fn a_push_sealed_to_the_tunnel_key_opens_only_with_that_key() {
         assert!(err.to_string().contains("push key"), "{err}");
     }
     // A tampered header (the AAD) is refused.
-    let mut sealed = server::jwe::seal_dir(key.bytes(), b"x").unwrap();
+    let mut sealed = kbs_core::jwe::seal_dir(key.bytes(), b"x").unwrap();
     sealed
         .protected
         .other_fields

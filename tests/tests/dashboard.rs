@@ -13,13 +13,13 @@ use std::time::Duration;
 use guest_daemon::evidence::SampleAttester;
 use guest_daemon::rcar::KbsClientBuilder;
 use guest_daemon::tee_key::TeeKeyPair;
+use kbs_core::admin_key::AdminTokenRequest;
 use reqwest::StatusCode;
 use rpc_defs::{
     Applied, CredentialBundle, GuestError, GuestInfo, GuestService, HealthReport, Installed,
     ProbeKind, ProbeReport, SealedResource,
 };
 use serde_bytes::ByteBuf;
-use server::admin::token::AdminTokenRequest;
 use tarpc::context::Context;
 use tests::TestKbs;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -169,7 +169,7 @@ async fn the_dashboard_refuses_access_without_a_session() {
         .await
         .unwrap();
     assert_eq!(after.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(kbs.state.dashboard.len(), 0);
+    assert_eq!(kbs.state.admin.sessions().len(), 0);
 }
 
 /// A guest that acks every pushed resource (what a rollout needs).

@@ -134,7 +134,7 @@ async fn in_hub(kbs: &TestKbs, guest_id: &str) -> Arc<TunnelHandle> {
 
 /// A resource version sealed (as the KBS does) to `key`.
 fn sealed(key: &TeeKeyPair, uri: &str, version: u64, plaintext: &[u8]) -> SealedResource {
-    let jwe = server::jwe::seal(&key.export_pubkey(), plaintext).unwrap();
+    let jwe = kbs_core::jwe::seal(&key.export_pubkey(), plaintext).unwrap();
     SealedResource {
         uri: uri.to_owned(),
         version,

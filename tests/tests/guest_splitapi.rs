@@ -216,7 +216,7 @@ impl Pki {
             .collect();
         let mut cbor = Vec::new();
         ciborium::into_writer(&map, &mut cbor).unwrap();
-        let jwe = server::jwe::seal(&key.export_pubkey(), &cbor).unwrap();
+        let jwe = kbs_core::jwe::seal(&key.export_pubkey(), &cbor).unwrap();
         CredentialBundle {
             id: "splitapi".into(),
             version,
@@ -307,7 +307,7 @@ fn mode(path: &Path) -> u32 {
 }
 
 fn sealed(key: &TeeKeyPair, uri: &str, version: u64, plaintext: &[u8]) -> SealedResource {
-    let jwe = server::jwe::seal(&key.export_pubkey(), plaintext).unwrap();
+    let jwe = kbs_core::jwe::seal(&key.export_pubkey(), plaintext).unwrap();
     SealedResource {
         uri: uri.to_owned(),
         version,

@@ -11,11 +11,11 @@ use guest_daemon::evidence::{EvidenceProvider, SampleAttester};
 use guest_daemon::rcar::{KbsClient, KbsClientBuilder, runtime_data_digest};
 use guest_daemon::resource_path::ResourcePath;
 use guest_daemon::tee_key::TeeKeyPair;
+use kbs_core::admin_key::AdminKeyPair;
 use kbs_types::{HashAlgorithm, RuntimeData};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use server::admin::client::{AdminClient, ClientError};
-use server::admin::token::AdminKeyPair;
+use server::admin_client::{AdminClient, ClientError};
 use tests::{ALLOW_SAMPLE, TestKbs, http_client, metric_value};
 
 /// Run a test body against a plain-HTTP KBS and a TLS KBS.
@@ -491,7 +491,7 @@ mod p256_reexport {
         // A throwaway ES256 key: the KBS's signer type generates a fresh one.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k.pem");
-        server::token::TokenSigner::load_or_generate(&path).unwrap();
+        kbs_core::token::TokenSigner::load_or_generate(&path).unwrap();
         std::fs::read_to_string(path).unwrap()
     }
 }

@@ -17,7 +17,7 @@ use rpc_defs::{
 };
 use serde_bytes::ByteBuf;
 use serde_json::{Value, json};
-use server::admin::client::{AdminClient, ClientError, RequestBody};
+use server::admin_client::{AdminClient, ClientError, RequestBody};
 use tarpc::context::Context;
 use tests::TestKbs;
 use tokio::sync::mpsc;
@@ -702,9 +702,12 @@ async fn metrics_parse_with_a_prometheus_text_parser() {
 #[tokio::test]
 async fn periodic_probes_keep_the_last_known_state() {
     let kbs = TestKbs::start_with(false, |c| {
-        c.plugins.probes.interval = Duration::from_millis(100);
-        c.plugins.probes.jitter = 0.5;
-        c.plugins.probes.kind = server::http::guests::ProbeSelector::Resources;
+        c.plugins
+            .set(
+                "probes",
+                "interval = \"100ms\"\njitter = 0.5\nkind = \"resources\"",
+            )
+            .unwrap();
     })
     .await;
     let admin = kbs.admin();

@@ -7,7 +7,7 @@ use guest_daemon::rcar::KbsClientBuilder;
 use guest_daemon::tee_key::TeeKeyPair;
 use reqwest::StatusCode;
 use serde_json::Value;
-use server::admin::client::ClientError;
+use server::admin_client::ClientError;
 use tests::{ALLOW_SAMPLE, TestKbs};
 
 fn api_err(e: ClientError) -> (StatusCode, String) {

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use guest_daemon::hook::PostApplyHook;
 use guest_daemon::run::{DaemonState, RunConfig, RunError};
+use kbs_core::storage::{RolloutState, TargetState};
+use plugin_rotation::{Control, RolloutView, StartRollout};
 use reqwest::StatusCode;
-use server::admin::client::{AdminClient, ClientError, RolloutUpdate};
-use server::rotation::{Control, RolloutView, StartRollout};
-use server::storage::{RolloutState, TargetState};
+use server::admin_client::{AdminClient, ClientError, RolloutUpdate};
 use tests::{ALLOW_SAMPLE, TestKbs};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -556,7 +556,7 @@ async fn bad_input_is_refused_clearly_and_controls_work() {
         .send(
             reqwest::Method::POST,
             "/kbs/v0/rotation/rollouts",
-            Some(server::admin::client::RequestBody::Json(
+            Some(server::admin_client::RequestBody::Json(
                 serde_json::json!({"path": path, "selector": "", "bogus": 1}),
             )),
         )
@@ -693,7 +693,7 @@ async fn kill_9_of_the_kbs_binary_mid_rollout_loses_no_ack_and_repeats_no_apply(
     let data = root.path().join("kbs-data");
     let (mut kbs, url) = spawn_kbs(&data, "127.0.0.1:0").await;
     let listen = url.trim_start_matches("http://").to_string();
-    let key = server::admin::token::AdminKeyPair::load(&data.join("admin.key")).unwrap();
+    let key = kbs_core::admin_key::AdminKeyPair::load(&data.join("admin.key")).unwrap();
     let admin = AdminClient::new(&url, key, None).unwrap();
     admin.set_policy(ALLOW_SAMPLE).await.unwrap();
     let path = "default/key/k9";

@@ -18,7 +18,7 @@ use rpc_defs::{
 };
 use serde_bytes::ByteBuf;
 use serde_json::Value;
-use server::admin::client::ClientError;
+use server::admin_client::ClientError;
 use tarpc::context::Context;
 use tests::{ALLOW_SAMPLE, TestKbs};
 use tokio::sync::mpsc;
@@ -365,7 +365,9 @@ async fn owner_role_gets_only_its_sandboxes_client_bundle_audited() {
 #[tokio::test]
 async fn keys_are_encrypted_at_rest_and_the_ca_survives_a_restart() {
     let kbs = TestKbs::start_with(false, |c| {
-        c.plugins.splitapi.key_algorithm = server::config::KeyAlgorithm::EcdsaP256;
+        c.plugins
+            .set("splitapi", "key_algorithm = \"ecdsa-p256\"")
+            .unwrap();
     })
     .await;
     kbs.admin().set_policy(ALLOW_SAMPLE).await.unwrap();
@@ -606,10 +608,12 @@ async fn disabled_means_no_push_and_enable_pushes_to_connected_guests() {
 #[tokio::test]
 async fn renewal_pushes_a_new_version_under_the_same_ca() {
     let kbs = TestKbs::start_with(false, |c| {
-        let s = &mut c.plugins.splitapi;
-        s.validity = Duration::from_secs(120);
-        s.renew_before = Duration::from_secs(119);
-        s.renew_check_interval = Duration::from_secs(1);
+        c.plugins
+            .set(
+                "splitapi",
+                "validity = \"120s\"\nrenew_before = \"119s\"\nrenew_check_interval = \"1s\"",
+            )
+            .unwrap();
     })
     .await;
     kbs.admin().set_policy(ALLOW_SAMPLE).await.unwrap();

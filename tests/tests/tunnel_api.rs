@@ -18,8 +18,7 @@ use rpc_defs::{
 };
 use serde_bytes::ByteBuf;
 use serde_json::Value;
-use server::admin::client::ClientError;
-use server::http::guests::ProbeSelector;
+use server::admin_client::ClientError;
 use tarpc::context::Context;
 use tests::{TestKbs, metric_value};
 use tunnel::handshake::HandshakeError;
@@ -217,7 +216,7 @@ fn forge(token: &str) -> String {
     let payload = token.split('.').nth(1).unwrap();
     let claims: serde_json::Map<String, Value> =
         serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
-    server::token::TokenSigner::ephemeral()
+    kbs_core::token::TokenSigner::ephemeral()
         .unwrap()
         .issue(claims, Duration::from_secs(300))
         .unwrap()
@@ -401,7 +400,7 @@ http_and_tls!(
         // Ping and probe through the tunnel.
         let rtt = admin.ping_guest("g1").await.unwrap();
         assert!(rtt > 0 && rtt < 10_000_000, "rtt {rtt} us");
-        let all = admin.probe_guest("g1", ProbeSelector::All).await.unwrap();
+        let all = admin.probe_guest("g1", ProbeKind::All).await.unwrap();
         assert_eq!(all.health.map(|h| h.healthy), Some(true));
         assert_eq!(all.resources.unwrap()[0].version, 3);
         let raw = admin
@@ -409,16 +408,13 @@ http_and_tls!(
             .await
             .unwrap();
         assert_eq!(raw["health"]["healthy"], true, "no body means all: {raw}");
-        let health = admin
-            .probe_guest("g1", ProbeSelector::Health)
-            .await
-            .unwrap();
+        let health = admin.probe_guest("g1", ProbeKind::Health).await.unwrap();
         assert!(health.health.is_some() && health.resources.is_none());
 
         // Guest errors, unknown guests and bad bodies.
         let (status, name, detail) = api_err(
             admin
-                .probe_guest("g1", ProbeSelector::Runtime)
+                .probe_guest("g1", ProbeKind::Runtime)
                 .await
                 .unwrap_err(),
         );
@@ -437,7 +433,7 @@ http_and_tls!(
                 .send(
                     reqwest::Method::POST,
                     "/kbs/v0/admin/guests/g1/probe",
-                    Some(server::admin::client::RequestBody::Json(
+                    Some(server::admin_client::RequestBody::Json(
                         serde_json::json!({"kind": "everything"}),
                     )),
                 )
@@ -542,7 +538,7 @@ async fn a_guest_that_does_not_answer_in_time_is_a_504() {
     let (guest, _key, _token) = Guest::connect(&kbs, Some(G1)).await;
     let (status, name, _) = api_err(
         admin
-            .probe_guest("g1", ProbeSelector::Resources)
+            .probe_guest("g1", ProbeKind::Resources)
             .await
             .unwrap_err(),
     );

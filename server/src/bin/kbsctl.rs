@@ -9,11 +9,11 @@ mod rollout;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use kbs_core::admin_key::AdminKeyPair;
 use reqwest::Method;
+use rpc_defs::ProbeKind;
 use serde_json::Value;
-use server::admin::client::AdminClient;
-use server::admin::token::AdminKeyPair;
-use server::http::guests::ProbeSelector;
+use server::admin_client::AdminClient;
 
 /// Operate a Tether KBS: resources, policy, audit, connected guests.
 #[derive(Parser, Debug)]
@@ -182,9 +182,9 @@ enum GuestsCmd {
     /// Ask a guest for health, held resources and runtime figures (pretty JSON).
     Probe {
         guest_id: String,
-        /// What to probe.
-        #[arg(long, value_enum, default_value = "all")]
-        kind: ProbeSelector,
+        /// What to probe: health, resources, runtime or all.
+        #[arg(long, default_value = "all")]
+        kind: ProbeKind,
     },
 }
 
@@ -196,9 +196,9 @@ struct ProbeArgs {
     /// Probe every guest matching this label selector (`""` for all).
     #[arg(long)]
     selector: Option<String>,
-    /// What to probe.
-    #[arg(long, value_enum, default_value = "all")]
-    kind: ProbeSelector,
+    /// What to probe: health, resources, runtime or all.
+    #[arg(long, default_value = "all")]
+    kind: ProbeKind,
     /// Guests probed at once (selector form).
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
@@ -220,7 +220,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let key = AdminKeyPair::load(&cli.admin_key)
         .with_context(|| "set --admin-key or KBS_ADMIN_KEY".to_string())?;
     if let Command::Token { ttl } = &cli.command {
-        let token = key.sign(&server::admin::token::AdminTokenRequest::new(
+        let token = key.sign(&kbs_core::admin_key::AdminTokenRequest::new(
             &cli.subject,
             &cli.role,
             *ttl,
@@ -414,7 +414,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .send(
                             Method::POST,
                             &format!("/kbs/v0/probes/{}", urlencode(id)),
-                            Some(server::admin::client::RequestBody::Json(body)),
+                            Some(server::admin_client::RequestBody::Json(body)),
                         )
                         .await?
                 }
@@ -429,7 +429,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         .send(
                             Method::POST,
                             "/kbs/v0/probes",
-                            Some(server::admin::client::RequestBody::Json(body)),
+                            Some(server::admin_client::RequestBody::Json(body)),
                         )
                         .await?
                 }

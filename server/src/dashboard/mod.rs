@@ -3,12 +3,12 @@
 //! SameSite=Strict, Secure over TLS); the token itself is never stored, echoed or shown. The
 //! page is server-rendered HTML plus one small vanilla JS file and one CSS file, all served
 //! from the binary (no CDN). The JS calls the ordinary admin APIs with the cookie:
-//! [`crate::http::AdminCaller`] accepts a dashboard session as it accepts a Bearer token,
+//! [`kbs_web::extract::AdminCaller`] accepts a dashboard session as it accepts a Bearer token,
 //! re-checking the session's role on every request, and for anything but GET/HEAD it also
 //! requires the `X-Tether-Dashboard: 1` header (which a cross-site form cannot send).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Form;
 use axum::extract::State;
@@ -17,22 +17,35 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use dashmap::DashMap;
-use rand::RngCore;
+use kbs_core::audit::Audit;
+use kbs_core::fleet::Fleet;
+use kbs_web::admin_auth::AdminIdentity;
+use kbs_web::admin_gate::AdminGate;
+use kbs_web::dashboard_session::{COOKIE, SESSION_TTL, cookie_value};
+use kbs_web::error::ApiError;
+use kbs_web::plugin::PluginRegistry;
 use serde::Deserialize;
 
-use crate::admin::auth::AdminIdentity;
-use crate::app::AppState;
-use crate::error::ApiError;
+use crate::http::policy::PolicyAdmin;
 
-/// Session cookie name.
-pub const COOKIE: &str = "tether-dashboard";
-/// Header the dashboard's JS sends on state-changing requests (CSRF guard).
-pub const CSRF_HEADER: &str = "x-tether-dashboard";
-/// Longest session (never beyond the admin token's own expiry).
-pub const SESSION_TTL: Duration = Duration::from_secs(15 * 60);
-/// Most sessions at once.
-pub const MAX_SESSIONS: usize = 1024;
+/// What the dashboard pages use.
+#[derive(Clone)]
+pub struct Dashboard {
+    /// Admin authentication and the sessions.
+    pub admin: Arc<AdminGate>,
+    /// The resource policy (shown).
+    pub policy: PolicyAdmin,
+    /// The plugins (listed).
+    pub plugins: Arc<PluginRegistry>,
+    /// Live tunnels (counted).
+    pub hub: tunnel::Hub,
+    /// The fleet view (counted).
+    pub fleet: Arc<Fleet>,
+    /// The audit trail (logins).
+    pub audit: Audit,
+    /// Mark the session cookie `Secure` (the KBS serves TLS).
+    pub secure_cookie: bool,
+}
 /// What a login must be allowed to do: read the fleet view.
 const LOGIN_CHECK: &str = "/kbs/v0/admin/guests";
 
@@ -40,133 +53,6 @@ const APP_JS: &str = include_str!("app.js");
 const APP_CSS: &str = include_str!("app.css");
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
                    img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
-
-struct Session {
-    identity: AdminIdentity,
-    expires: Instant,
-}
-
-/// Live dashboard sessions (in memory: a restart logs everyone out).
-#[derive(Default)]
-pub struct Sessions {
-    map: DashMap<String, Session>,
-}
-
-impl std::fmt::Debug for Sessions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sessions")
-            .field("live", &self.map.len())
-            .finish()
-    }
-}
-
-impl Sessions {
-    /// No sessions.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    fn open(&self, identity: AdminIdentity, ttl: Duration) -> String {
-        let now = Instant::now();
-        if self.map.len() >= MAX_SESSIONS {
-            self.map.retain(|_, s| s.expires > now);
-        }
-        if self.map.len() >= MAX_SESSIONS
-            && let Some(oldest) = self
-                .map
-                .iter()
-                .min_by_key(|e| e.value().expires)
-                .map(|e| e.key().clone())
-        {
-            self.map.remove(&oldest);
-        }
-        let mut raw = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut raw);
-        let id = URL_SAFE_NO_PAD.encode(raw);
-        self.map.insert(
-            id.clone(),
-            Session {
-                identity,
-                expires: now + ttl,
-            },
-        );
-        id
-    }
-
-    /// The identity of a live session.
-    fn get(&self, id: &str) -> Option<AdminIdentity> {
-        let now = Instant::now();
-        let found = self.map.get(id).map(|s| (s.identity.clone(), s.expires));
-        match found {
-            Some((identity, expires)) if expires > now => Some(identity),
-            Some(_) => {
-                self.map.remove(id);
-                None
-            }
-            None => None,
-        }
-    }
-
-    fn close(&self, id: &str) {
-        self.map.remove(id);
-    }
-
-    /// Number of live sessions.
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    /// True when there is none.
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-}
-
-fn cookie_value(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get_all(axum::http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
-        .map(|(_, v)| v.trim().to_string())
-}
-
-/// For [`crate::http::AdminCaller`]: `None` when the request carries no dashboard cookie
-/// (or carries a Bearer token, which wins); otherwise the session's identity, authorised
-/// for `method path`, or why not.
-pub fn session_caller(
-    state: &AppState,
-    headers: &HeaderMap,
-    method: &Method,
-    path: &str,
-) -> Option<Result<AdminIdentity, ApiError>> {
-    if headers.contains_key(axum::http::header::AUTHORIZATION) {
-        return None;
-    }
-    let id = cookie_value(headers)?;
-    let Some(identity) = state.dashboard.get(&id) else {
-        return Some(Err(ApiError::unauthorized(
-            "DashboardSessionExpired",
-            "the dashboard session is unknown or expired: log in again at /dashboard",
-        )));
-    };
-    if !matches!(*method, Method::GET | Method::HEAD)
-        && headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok()) != Some("1")
-    {
-        return Some(Err(ApiError::forbidden(
-            "CsrfHeaderMissing",
-            format!("requests with the dashboard cookie must send `{CSRF_HEADER}: 1`"),
-        )));
-    }
-    Some(
-        state
-            .admin
-            .authorize_identity(&identity, method, path)
-            .map(|()| identity),
-    )
-}
 
 fn esc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -234,22 +120,18 @@ fn login_page(error: Option<&str>) -> String {
 }
 
 /// The session identity of a request to a dashboard page, if any.
-fn page_session(state: &AppState, headers: &HeaderMap) -> Option<AdminIdentity> {
-    cookie_value(headers).and_then(|id| state.dashboard.get(&id))
+fn page_session(state: &Dashboard, headers: &HeaderMap) -> Option<AdminIdentity> {
+    cookie_value(headers).and_then(|id| state.admin.sessions().get(&id))
 }
 
 /// `GET /dashboard`: the dashboard with a live session, else (401) the login form.
-pub async fn index(State(state): State<AppState>, headers: HeaderMap) -> Response {
+pub async fn index(State(state): State<Dashboard>, headers: HeaderMap) -> Response {
     let Some(identity) = page_session(&state, &headers) else {
         return html(StatusCode::UNAUTHORIZED, login_page(None));
     };
-    let (policy_version, policy) = match state
-        .store
-        .get_policy(crate::http::admin::RESOURCE_POLICY)
-        .await
-    {
-        Ok(Some(p)) => (p.version, p.body),
-        _ => (0, state.policy.source().1),
+    let (policy_version, policy) = match state.policy.current().await {
+        Ok(current) => current,
+        Err(_) => (0, state.policy.gate.engine().source().1),
     };
     let plugins: String = state
         .plugins
@@ -317,7 +199,7 @@ fn token_exp(token: &str) -> Option<u64> {
 /// `POST /dashboard/login` (form `token=<admin JWT>`): a valid admin token whose role may
 /// read the fleet view opens a session (cookie) and redirects to `/dashboard`; anything else
 /// is a 401 login form saying why. Audited.
-pub async fn login(State(state): State<AppState>, Form(form): Form<Login>) -> Response {
+pub async fn login(State(state): State<Dashboard>, Form(form): Form<Login>) -> Response {
     let token = form.token.trim();
     let mut headers = HeaderMap::new();
     let Ok(bearer) = HeaderValue::from_str(&format!("Bearer {token}")) else {
@@ -330,36 +212,29 @@ pub async fn login(State(state): State<AppState>, Form(form): Form<Login>) -> Re
     let identity = match state.admin.authorize(&headers, &Method::GET, LOGIN_CHECK) {
         Ok(identity) => identity,
         Err(e) => {
-            crate::metrics::Metrics::inc(
-                &state.metrics.admin_actions,
-                &[("action", "dashboard.login"), ("outcome", e.name)],
-            );
+            state.admin.count("dashboard.login", e.name);
             return html(
                 StatusCode::UNAUTHORIZED,
                 login_page(Some(&format!("Refused: {}", e.detail))),
             );
         }
     };
-    let now_s = crate::storage::now_ms() / 1000;
+    let now_s = kbs_core::storage::now_ms() / 1000;
     let ttl = token_exp(token)
         .map(|exp| Duration::from_secs(exp.saturating_sub(now_s)))
         .unwrap_or(SESSION_TTL)
         .min(SESSION_TTL);
-    let id = state.dashboard.open(identity.clone(), ttl);
-    state
+    let id = state.admin.sessions().open(identity.clone(), ttl);
+    identity
         .audit(
-            &identity,
+            &state.audit,
             "dashboard.login",
             "/dashboard",
             "ok",
             format!("session for {} s", ttl.as_secs()),
         )
         .await;
-    let secure = if state.config.http.tls.is_some() {
-        "; Secure"
-    } else {
-        ""
-    };
+    let secure = if state.secure_cookie { "; Secure" } else { "" };
     let cookie = format!(
         "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
         ttl.as_secs()
@@ -374,9 +249,9 @@ pub async fn login(State(state): State<AppState>, Form(form): Form<Login>) -> Re
 }
 
 /// `POST /dashboard/logout`: ends the session and clears the cookie.
-pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
+pub async fn logout(State(state): State<Dashboard>, headers: HeaderMap) -> Response {
     if let Some(id) = cookie_value(&headers) {
-        state.dashboard.close(&id);
+        state.admin.sessions().close(&id);
     }
     let mut resp = Redirect::to("/dashboard").into_response();
     *resp.status_mut() = StatusCode::SEE_OTHER;
@@ -389,7 +264,7 @@ pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Respon
 }
 
 fn asset(
-    state: &AppState,
+    state: &Dashboard,
     headers: &HeaderMap,
     content_type: &'static str,
     body: &'static str,
@@ -406,7 +281,7 @@ fn asset(
 }
 
 /// `GET /dashboard/app.js` (session required).
-pub async fn app_js(State(state): State<AppState>, headers: HeaderMap) -> Response {
+pub async fn app_js(State(state): State<Dashboard>, headers: HeaderMap) -> Response {
     asset(&state, &headers, "text/javascript; charset=utf-8", APP_JS)
 }
 
@@ -422,7 +297,11 @@ pub async fn app_css() -> Response {
 }
 
 /// The dashboard routes.
-pub fn routes() -> axum::Router<AppState> {
+pub fn routes<S>() -> axum::Router<S>
+where
+    S: Clone + Send + Sync + 'static,
+    Dashboard: axum::extract::FromRef<S>,
+{
     use axum::routing::{get, post};
     axum::Router::new()
         .route("/dashboard", get(index))
@@ -432,9 +311,6 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/dashboard/app.js", get(app_js))
         .route("/dashboard/app.css", get(app_css))
 }
-
-/// Shared handle type in [`AppState`].
-pub type SharedSessions = Arc<Sessions>;
 
 #[cfg(test)]
 mod tests {
@@ -450,22 +326,5 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("cookie", "a=b; tether-dashboard=xyz; c=d".parse().unwrap());
         assert_eq!(cookie_value(&h).as_deref(), Some("xyz"));
-    }
-
-    #[test]
-    fn sessions_expire_and_close() {
-        let s = Sessions::new();
-        let who = AdminIdentity {
-            subject: "a".into(),
-            role: "admin".into(),
-            key: "dev".into(),
-        };
-        let id = s.open(who.clone(), Duration::from_secs(60));
-        assert_eq!(s.get(&id).unwrap().actor(), "a@dev");
-        s.close(&id);
-        assert!(s.get(&id).is_none());
-        let gone = s.open(who, Duration::ZERO);
-        assert!(s.get(&gone).is_none());
-        assert!(s.is_empty());
     }
 }

@@ -9,18 +9,33 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use rand::RngCore;
-use rpc_defs::{ProbeKind, ProbeReport};
+use rpc_defs::ProbeReport;
 use serde::{Deserialize, Serialize};
 use tunnel::{CallError, TunnelHandle};
 
-use super::{AdminCaller, ApiBytes};
-use crate::admin::auth::AdminIdentity;
-use crate::app::AppState;
-use crate::error::ApiError;
-use crate::fleet::{
-    ConnectionRecord, FleetQuery, GuestRecord, HeldVersion, LastProbe, MAX_PAGE, Selector,
+use kbs_core::audit::Audit;
+use kbs_core::fleet::{
+    ConnectionRecord, FleetQuery, GuestRecord, HeldVersion, LastProbe, MAX_PAGE,
 };
-use crate::resource_path::ResourcePath;
+use kbs_core::probe::{ProbeRequest, Prober};
+use kbs_core::resource_path::ResourcePath;
+use kbs_core::selector::Selector;
+use kbs_core::storage::ResourceStore;
+use kbs_web::admin_auth::AdminIdentity;
+use kbs_web::error::ApiError;
+use kbs_web::extract::{AdminCaller, ApiBytes};
+
+/// What the guest endpoints use: the prober (hub, fleet view, directory, probe metrics),
+/// resource versions (for the drift filter) and audit.
+#[derive(Clone)]
+pub struct GuestsApi {
+    /// Probes guests and holds the hub and the fleet view.
+    pub prober: Prober,
+    /// Resource versions.
+    pub resources: Arc<dyn ResourceStore>,
+    /// The audit trail.
+    pub audit: Audit,
+}
 
 /// Bytes echoed by `POST /kbs/v0/admin/guests/{guest_id}/ping`.
 pub const PING_PAYLOAD_BYTES: usize = 256;
@@ -151,41 +166,6 @@ pub struct PingReply {
     pub rtt_us: u64,
 }
 
-/// What to probe, as the admin API spells it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum ProbeSelector {
-    /// Liveness and basic health.
-    Health,
-    /// Held resources with versions and digests.
-    Resources,
-    /// Uptime, memory, daemon version.
-    Runtime,
-    /// All of the above.
-    #[default]
-    All,
-}
-
-impl From<ProbeSelector> for ProbeKind {
-    fn from(s: ProbeSelector) -> Self {
-        match s {
-            ProbeSelector::Health => ProbeKind::Health,
-            ProbeSelector::Resources => ProbeKind::Resources,
-            ProbeSelector::Runtime => ProbeKind::Runtime,
-            ProbeSelector::All => ProbeKind::All,
-        }
-    }
-}
-
-/// Optional body of `POST /kbs/v0/admin/guests/{guest_id}/probe`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProbeRequest {
-    /// What to probe (`all` when absent).
-    #[serde(default)]
-    pub kind: ProbeSelector,
-}
-
 /// This replica's name in listings: the host name, or `local` when there is none.
 pub fn replica_name() -> &'static str {
     static NAME: OnceLock<String> = OnceLock::new();
@@ -247,7 +227,7 @@ fn not_connected(guest_id: &str) -> ApiError {
 /// a page of guests by id. Without `connected`, only guests with a live tunnel (as before the
 /// fleet view); `connected=any` adds every guest known from earlier connections.
 pub async fn list(
-    State(state): State<AppState>,
+    State(api): State<GuestsApi>,
     AdminCaller(_admin): AdminCaller,
     Query(p): Query<ListParams>,
 ) -> Result<Json<GuestList>, ApiError> {
@@ -270,11 +250,8 @@ pub async fn list(
                 .parse()
                 .map_err(|e| ApiError::bad_request("InvalidResourcePath", format!("stale: {e}")))?;
             let started = std::time::Instant::now();
-            let versions = state.store.list_versions(&parsed).await?;
-            state
-                .metrics
-                .observability
-                .storage("list_versions", started);
+            let versions = api.resources.list_versions(&parsed).await?;
+            api.prober.metrics.storage("list_versions", started);
             let latest = versions
                 .iter()
                 .filter(|v| !v.deleted)
@@ -285,8 +262,14 @@ pub async fn list(
         }
         None => None,
     };
-    let live = state.hub.list();
-    state.fleet.ensure_live(&live, &state.guest_directory);
+    let Prober {
+        hub,
+        fleet,
+        directory,
+        ..
+    } = &api.prober;
+    let live = hub.list();
+    fleet.ensure_live(&live, directory);
     let query = FleetQuery {
         selector,
         connected,
@@ -294,12 +277,11 @@ pub async fn list(
         after: p.cursor.filter(|c| !c.is_empty()),
         limit: p.limit.unwrap_or(100).clamp(1, MAX_PAGE),
     };
-    let hub = &state.hub;
     let page = if connected == Some(true) {
         let ids = live.iter().map(|h| h.guest_id.clone()).collect();
-        state.fleet.query_live(&query, ids)
+        fleet.query_live(&query, ids)
     } else {
-        state.fleet.query(&query, |id| hub.get(id).is_some())
+        fleet.query(&query, |id| hub.get(id).is_some())
     };
     let guests = page
         .guests
@@ -312,30 +294,27 @@ pub async fn list(
     Ok(Json(GuestList {
         guests,
         next_cursor: page.next,
-        known: state.fleet.len(),
+        known: fleet.len(),
     }))
 }
 
 /// `POST /kbs/v0/admin/guests/{guest_id}/ping`: echoes 256 random bytes through the tunnel.
 pub async fn ping(
-    State(state): State<AppState>,
+    State(api): State<GuestsApi>,
     AdminCaller(admin): AdminCaller,
     Path(guest_id): Path<String>,
 ) -> Result<Json<PingReply>, ApiError> {
-    let result = ping_guest(&state, &guest_id).await;
+    let result = ping_guest(&api.prober.hub, &guest_id).await;
     let detail = match &result {
         Ok(r) => format!("rtt {} us", r.rtt_us),
         Err(e) => e.detail.clone(),
     };
-    audit(&state, &admin, "guest.ping", &guest_id, &result, detail).await;
+    audit(&api.audit, &admin, "guest.ping", &guest_id, &result, detail).await;
     result.map(Json)
 }
 
-async fn ping_guest(state: &AppState, guest_id: &str) -> Result<PingReply, ApiError> {
-    let handle = state
-        .hub
-        .get(guest_id)
-        .ok_or_else(|| not_connected(guest_id))?;
+async fn ping_guest(hub: &tunnel::Hub, guest_id: &str) -> Result<PingReply, ApiError> {
+    let handle = hub.get(guest_id).ok_or_else(|| not_connected(guest_id))?;
     let mut payload = vec![0u8; PING_PAYLOAD_BYTES];
     rand::thread_rng().fill_bytes(&mut payload);
     let start = std::time::Instant::now();
@@ -362,7 +341,7 @@ async fn ping_guest(state: &AppState, guest_id: &str) -> Result<PingReply, ApiEr
 /// `POST /kbs/v0/admin/guests/{guest_id}/probe` with optional `{"kind": "health" |
 /// "resources" | "runtime" | "all"}` (default `all`): the guest's `ProbeReport`.
 pub async fn probe(
-    State(state): State<AppState>,
+    State(api): State<GuestsApi>,
     AdminCaller(admin): AdminCaller,
     Path(guest_id): Path<String>,
     ApiBytes(body): ApiBytes,
@@ -374,19 +353,20 @@ pub async fn probe(
             ApiError::bad_request("MalformedRequest", format!("invalid probe request: {e}"))
         })?
     };
-    let kind = ProbeKind::from(request.kind);
+    let kind = request.kind;
+    let prober = &api.prober;
     let started = std::time::Instant::now();
-    let result = match state.hub.get(&guest_id) {
+    let result = match prober.hub.get(&guest_id) {
         Some(handle) => handle
             .probe(kind, None)
             .await
             .map_err(|e| call_error(&guest_id, e)),
         None => Err(not_connected(&guest_id)),
     };
-    if state.hub.get(&guest_id).is_some() || state.fleet.get(&guest_id).is_some() {
-        state
+    if prober.hub.get(&guest_id).is_some() || prober.fleet.get(&guest_id).is_some() {
+        prober
             .fleet
-            .ensure_live(&state.hub.list(), &state.guest_directory);
+            .ensure_live(&prober.hub.list(), &prober.directory);
         let outcome = result.clone().map_err(|e| {
             let o = match e.name {
                 "GuestTimeout" => "timeout",
@@ -398,18 +378,26 @@ pub async fn probe(
             };
             (o, e.detail)
         });
-        crate::probes::plugin::prober(&state).record(&guest_id, request.kind, outcome, started);
+        prober.record(&guest_id, kind, outcome, started);
     }
     let detail = match &result {
         Ok(_) => format!("kind {kind:?}"),
         Err(e) => format!("kind {kind:?}: {}", e.detail),
     };
-    audit(&state, &admin, "guest.probe", &guest_id, &result, detail).await;
+    audit(
+        &api.audit,
+        &admin,
+        "guest.probe",
+        &guest_id,
+        &result,
+        detail,
+    )
+    .await;
     result.map(Json)
 }
 
 async fn audit<T>(
-    state: &AppState,
+    trail: &Audit,
     admin: &AdminIdentity,
     action: &str,
     guest_id: &str,
@@ -420,28 +408,33 @@ async fn audit<T>(
         Ok(_) => "ok",
         Err(e) => e.name,
     };
-    state.audit(admin, action, guest_id, outcome, detail).await;
+    admin.audit(trail, action, guest_id, outcome, detail).await;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rpc_defs::ProbeKind;
 
     #[test]
     fn probe_requests_parse_with_a_default() {
         let parse = |s: &str| serde_json::from_str::<ProbeRequest>(s);
-        assert_eq!(parse("{}").unwrap().kind, ProbeSelector::All);
+        assert_eq!(parse("{}").unwrap().kind, ProbeKind::All);
         assert_eq!(
             parse(r#"{"kind":"health"}"#).unwrap().kind,
-            ProbeSelector::Health
+            ProbeKind::Health
         );
         assert_eq!(
             parse(r#"{"kind":"resources"}"#).unwrap().kind,
-            ProbeSelector::Resources
+            ProbeKind::Resources
         );
         assert!(parse(r#"{"kind":"Health"}"#).is_err());
         assert!(parse(r#"{"kind":"all","extra":1}"#).is_err());
-        assert_eq!(ProbeKind::from(ProbeSelector::Runtime), ProbeKind::Runtime);
+        let json = serde_json::to_string(&ProbeRequest {
+            kind: ProbeKind::Runtime,
+        })
+        .unwrap();
+        assert_eq!(json, r#"{"kind":"runtime"}"#);
     }
 
     #[test]

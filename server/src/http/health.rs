@@ -5,7 +5,19 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde_json::{Value, json};
 
-use crate::app::AppState;
+use std::sync::Arc;
+
+use kbs_core::storage::Store;
+use tokio_util::sync::CancellationToken;
+
+/// What readiness looks at: the store answers, and the KBS is not draining.
+#[derive(Clone)]
+pub struct Readiness {
+    /// The store (pinged).
+    pub store: Arc<dyn Store>,
+    /// Cancelled when the KBS begins to shut down.
+    pub shutdown: CancellationToken,
+}
 
 /// Liveness: the process answers.
 pub async fn healthz() -> Json<Value> {
@@ -13,7 +25,7 @@ pub async fn healthz() -> Json<Value> {
 }
 
 /// Readiness: storage answers and we are not draining.
-pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+pub async fn readyz(State(state): State<Readiness>) -> (StatusCode, Json<Value>) {
     if state.shutdown.is_cancelled() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -7,27 +7,35 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::{ApiJson, SESSION_COOKIE, session_cookie};
-use crate::app::AppState;
-use crate::error::ApiError;
-use crate::metrics::Metrics;
+use std::sync::Arc;
+
+use kbs_core::attest::RcarService;
+use kbs_core::metrics::Metrics;
+use kbs_web::error::ApiError;
+use kbs_web::extract::{ApiJson, SESSION_COOKIE, session_cookie};
+
+fn count(metrics: &Metrics, tee: &str, stage: &str, outcome: &str) {
+    metrics
+        .attestations
+        .get_or_create(&vec![
+            ("tee", tee.to_string()),
+            ("stage", stage.to_string()),
+            ("outcome", outcome.to_string()),
+        ])
+        .inc();
+}
 
 /// Request -> Challenge, with the session cookie.
 pub async fn auth(
-    State(state): State<AppState>,
+    State(rcar): State<Arc<RcarService>>,
+    State(metrics): State<Arc<Metrics>>,
     ApiJson(req): ApiJson<kbs_types::Request>,
 ) -> Result<Response, ApiError> {
     let tee = req.tee.to_string();
-    let reply = state.rcar.auth(req).inspect_err(|e| {
-        Metrics::inc(
-            &state.metrics.attestations,
-            &[("tee", &tee), ("stage", "auth"), ("outcome", e.name())],
-        );
-    })?;
-    state
-        .metrics
-        .rcar_sessions
-        .set(state.rcar.session_count() as i64);
+    let reply = rcar
+        .auth(req)
+        .inspect_err(|e| count(&metrics, &tee, "auth", e.name()))?;
+    metrics.rcar_sessions.set(rcar.session_count() as i64);
     let cookie = format!(
         "{SESSION_COOKIE}={}; Expires={}; Path=/kbs; HttpOnly; SameSite=Strict",
         reply.session_id,
@@ -42,7 +50,8 @@ pub async fn auth(
 
 /// Attestation (with the cookie) -> `{"token": ...}`.
 pub async fn attest(
-    State(state): State<AppState>,
+    State(rcar): State<Arc<RcarService>>,
+    State(metrics): State<Arc<Metrics>>,
     headers: HeaderMap,
     ApiJson(att): ApiJson<kbs_types::Attestation>,
 ) -> Result<Response, ApiError> {
@@ -52,28 +61,14 @@ pub async fn attest(
             "missing kbs-session-id cookie: call /kbs/v0/auth first",
         )
     })?;
-    match state.rcar.attest(&session, att).await {
+    match rcar.attest(&session, att).await {
         Ok(attested) => {
-            Metrics::inc(
-                &state.metrics.attestations,
-                &[
-                    ("tee", &attested.verified.tee),
-                    ("stage", "attest"),
-                    ("outcome", "ok"),
-                ],
-            );
+            count(&metrics, &attested.verified.tee, "attest", "ok");
             tracing::info!(guest_id = %attested.verified.identity.guest_id, tee = %attested.verified.tee, "guest attested");
             Ok(Json(json!({"token": attested.token})).into_response())
         }
         Err(e) => {
-            Metrics::inc(
-                &state.metrics.attestations,
-                &[
-                    ("tee", "unknown"),
-                    ("stage", "attest"),
-                    ("outcome", e.name()),
-                ],
-            );
+            count(&metrics, "unknown", "attest", e.name());
             Err(e.into())
         }
     }

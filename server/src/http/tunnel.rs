@@ -1,7 +1,7 @@
 //! `GET /kbs/v0/tunnel`: a guest dials in with its attestation token as Bearer. The token is
 //! verified before the upgrade; the tunnel crate then proves possession of the token's TEE
 //! key (a challenge sealed to it), registers the guest in the hub and serves it until it
-//! leaves, is superseded, or the KBS drains (PROTOCOL.md section 4).
+//! leaves, is superseded, or the KBS drains (`docs/protocol.md`, "The tunnel").
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,26 +20,61 @@ use tunnel::{
 };
 use zeroize::Zeroizing;
 
-use crate::app::AppState;
-use crate::config::TunnelConfig;
-use crate::error::ApiError;
-use crate::metrics::Metrics;
-use crate::token::{TokenSigner, VerifiedToken};
-use crate::tunnel_observer::TunnelMetrics;
+use kbs_core::attest::RcarService;
+use kbs_core::guest_directory::GuestDirectory;
+use kbs_core::metrics::Metrics;
+use kbs_core::token::{TokenSigner, VerifiedToken};
+use kbs_core::tunnel_metrics::TunnelMetrics;
+use kbs_web::admin_auth::bearer;
+use kbs_web::error::ApiError;
 
-/// What every tunnel of this KBS shares: its limits and the observer feeding the metrics.
-#[derive(Debug)]
+use crate::config::TunnelConfig;
+
+/// What every tunnel of this KBS shares: its limits, the observer feeding the metrics, and
+/// the services the endpoint uses (token verification, the directory, the hub, shutdown).
 pub struct TunnelEndpoint {
     limits: Arc<TunnelLimits>,
     observer: Arc<TunnelMetrics>,
+    metrics: Arc<Metrics>,
+    rcar: Arc<RcarService>,
+    directory: Arc<GuestDirectory>,
+    hub: Hub,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for TunnelEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelEndpoint")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the tunnel endpoint works with.
+pub struct TunnelServices {
+    /// Verifies attestation tokens.
+    pub rcar: Arc<RcarService>,
+    /// Records each guest's latest token.
+    pub directory: Arc<GuestDirectory>,
+    /// Live tunnels.
+    pub hub: Hub,
+    /// Cancelled when the KBS begins to shut down (tunnels drain).
+    pub shutdown: CancellationToken,
+    /// Tunnel and RPC metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 impl TunnelEndpoint {
-    /// The endpoint for `limits` (already validated), recording into `metrics`.
-    pub fn new(limits: TunnelLimits, metrics: Arc<Metrics>) -> Self {
+    /// The endpoint for `limits` (already validated).
+    pub fn new(limits: TunnelLimits, services: TunnelServices) -> Self {
         Self {
             limits: Arc::new(limits),
-            observer: Arc::new(TunnelMetrics::new(metrics)),
+            observer: Arc::new(TunnelMetrics::new(services.metrics.clone())),
+            metrics: services.metrics,
+            rcar: services.rcar,
+            directory: services.directory,
+            hub: services.hub,
+            shutdown: services.shutdown,
         }
     }
 }
@@ -61,22 +96,23 @@ pub fn limits(config: &TunnelConfig) -> TunnelLimits {
 /// `GET /kbs/v0/tunnel`: 401 without a valid attestation token, 400 without the `tether.v1`
 /// subprotocol, 503 while draining; otherwise the WebSocket upgrade.
 pub async fn upgrade(
-    State(state): State<AppState>,
+    State(endpoint): State<Arc<TunnelEndpoint>>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    if state.shutdown.is_cancelled() {
+    if endpoint.shutdown.is_cancelled() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "ShuttingDown",
             "the KBS is shutting down; reconnect to another replica or retry later",
         ));
     }
-    let token = verify_bearer(&state, &headers).inspect_err(|_| {
-        Metrics::inc(
-            &state.metrics.tunnel_handshakes,
-            &[("outcome", "unauthorized")],
-        );
+    let token = verify_bearer(&endpoint.rcar, &headers).inspect_err(|_| {
+        endpoint
+            .metrics
+            .tunnel_handshakes
+            .get_or_create(&vec![("outcome", "unauthorized".to_string())])
+            .inc();
     })?;
     let ws =
         ws.map_err(|rej| ApiError::new(rej.status(), "WebSocketUpgradeRequired", rej.body_text()))?;
@@ -86,11 +122,11 @@ pub async fn upgrade(
             format!("offer the `{SUBPROTOCOL}` WebSocket subprotocol (Sec-WebSocket-Protocol)"),
         ));
     }
-    let accept = accept_params(&state, &token, offers_push_key(&ws))?;
-    state.guest_directory.record(&token);
-    let hub = state.hub.clone();
-    let observer: Arc<dyn tunnel::TunnelObserver> = state.tunnel_endpoint.observer.clone();
-    let drain = state.shutdown.clone();
+    let accept = accept_params(&endpoint, &token, offers_push_key(&ws))?;
+    endpoint.directory.record(&token);
+    let hub = endpoint.hub.clone();
+    let observer: Arc<dyn tunnel::TunnelObserver> = endpoint.observer.clone();
+    let drain = endpoint.shutdown.clone();
     let upgrade = configure_upgrade(ws, &accept.limits);
     // Boxed: the upgrade task keeps its callback for the tunnel's lifetime, so the callback
     // holds a pointer rather than the parameters themselves.
@@ -102,20 +138,20 @@ pub async fn upgrade(
 
 /// The Bearer attestation token, verified under this KBS's key (passport mode only: a
 /// session cookie does not open a tunnel).
-fn verify_bearer(state: &AppState, headers: &HeaderMap) -> Result<VerifiedToken, ApiError> {
-    let token = crate::admin::auth::bearer(headers).ok_or_else(|| {
+fn verify_bearer(rcar: &RcarService, headers: &HeaderMap) -> Result<VerifiedToken, ApiError> {
+    let token = bearer(headers).ok_or_else(|| {
         ApiError::unauthorized(
             "Unauthenticated",
             "the tunnel needs `Authorization: Bearer <attestation token>`",
         )
     })?;
-    Ok(state.rcar.signer().verify(token)?)
+    Ok(rcar.signer().verify(token)?)
 }
 
 /// Identity and labels from the token only; a fresh challenge sealed to its TEE key (with a
 /// fresh push key after the nonce when the guest offered `tether.v2`).
 fn accept_params(
-    state: &AppState,
+    endpoint: &Arc<TunnelEndpoint>,
     token: &VerifiedToken,
     with_push_key: bool,
 ) -> Result<AcceptParams, ApiError> {
@@ -128,7 +164,7 @@ fn accept_params(
     if let Some(key) = &push_key {
         plaintext.extend_from_slice(key.bytes());
     }
-    let sealed = crate::jwe::seal(&token.tee_pubkey, &plaintext)?;
+    let sealed = kbs_core::jwe::seal(&token.tee_pubkey, &plaintext)?;
     let challenge_jwe = serde_json::to_vec(&sealed)
         .map_err(|e| ApiError::internal("serialising the tunnel challenge", e))?;
     let binding = TunnelBinding::of(token)
@@ -140,18 +176,18 @@ fn accept_params(
         expected_nonce: nonce,
         push_key,
         reauth_before: token.exp,
-        reauth: record_on_reauth(binding, state.clone()),
-        limits: state.tunnel_endpoint.limits.clone(),
+        reauth: record_on_reauth(binding, endpoint.clone()),
+        limits: endpoint.limits.clone(),
     })
 }
 
 /// The tunnel's `Frame::Reauth` check: a fresh token `binding` accepts also updates the guest
 /// directory (the claims the resource policy sees for pushes into this guest). One closure
-/// per tunnel, holding the binding and the state's handles.
-fn record_on_reauth(binding: TunnelBinding, state: AppState) -> ReauthFn {
+/// per tunnel, holding the binding and the endpoint.
+fn record_on_reauth(binding: TunnelBinding, endpoint: Arc<TunnelEndpoint>) -> ReauthFn {
     Arc::new(move |fresh: String| {
-        let result = binding.check(state.rcar.signer(), &fresh).map(|token| {
-            state.guest_directory.record(&token);
+        let result = binding.check(endpoint.rcar.signer(), &fresh).map(|token| {
+            endpoint.directory.record(&token);
             token.exp
         });
         Box::pin(std::future::ready(result))
@@ -235,7 +271,8 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::token::{GuestIdentity, build_claims};
+    use kbs_core::identity::GuestIdentity;
+    use kbs_core::token::build_claims;
 
     fn ec_key(x: &str) -> TeePubKey {
         TeePubKey::EC {
@@ -291,17 +328,27 @@ mod tests {
 
     #[tokio::test]
     async fn reauth_answers_with_the_new_expiry_and_records_the_fresh_token() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = crate::config::Config::default();
-        config.storage.data_dir = dir.path().to_path_buf();
-        let state = crate::app::Kbs::build(config).await.unwrap().state;
-        let signer = state.rcar.signer().clone();
+        let signer = Arc::new(TokenSigner::ephemeral().unwrap());
+        let endpoint = Arc::new(TunnelEndpoint::new(
+            limits(&TunnelConfig::default()),
+            TunnelServices {
+                rcar: Arc::new(RcarService::new(
+                    Default::default(),
+                    signer.clone(),
+                    Vec::new(),
+                )),
+                directory: Arc::default(),
+                hub: Hub::new(),
+                shutdown: CancellationToken::new(),
+                metrics: Arc::default(),
+            },
+        ));
         let key = ec_key("WKn-ZIGevcwGIyyrzFoZNBdaq9_TsqzGl96oc0CWuis");
         let (_, first) = token(&signer, &key, "g1");
-        let reauth = record_on_reauth(TunnelBinding::of(&first).unwrap(), state.clone());
+        let reauth = record_on_reauth(TunnelBinding::of(&first).unwrap(), endpoint.clone());
         let (fresh, verified) = token(&signer, &key, "g1");
         assert_eq!(reauth(fresh).await, Ok(verified.exp));
-        let recorded = state.guest_directory.get("g1").unwrap();
+        let recorded = endpoint.directory.get("g1").unwrap();
         assert_eq!(recorded.exp, verified.exp);
         assert!(reauth("garbage".into()).await.is_err());
     }

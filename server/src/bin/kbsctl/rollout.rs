@@ -6,9 +6,9 @@ use anyhow::Context;
 use clap::Subcommand;
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use indicatif::{ProgressBar, ProgressStyle};
-use server::admin::client::{AdminClient, RolloutUpdate};
-use server::rotation::{Control, RolloutView, StartRollout};
-use server::storage::{TargetRecord, TargetState};
+use kbs_core::storage::{TargetRecord, TargetState};
+use plugin_rotation::{Control, RolloutView, StartRollout};
+use server::admin_client::{AdminClient, RolloutUpdate};
 
 #[derive(Subcommand, Debug)]
 pub enum RolloutCmd {

@@ -1,0 +1,549 @@
+//! SQLite implementation of [`Store`] (the embedded default), through sqlx.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use super::latest_cache::{LatestCache, SealedLatest};
+use super::{
+    AuditEntry, AuditQuery, AuditRecord, AuditStore, KeyEncryptionKey, KvStore, PolicyStore,
+    ResourceStore, ResourceVersion, Store, StoreError, StoredPolicy, VersionInfo, now_ms,
+};
+use crate::resource_path::ResourcePath;
+
+/// SQLite-backed store. Resource plaintext is sealed under the key-encryption key.
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    kek: Arc<KeyEncryptionKey>,
+    /// Latest version per path, still sealed; every resource write below invalidates it.
+    latest: Arc<LatestCache>,
+    /// Taken by the batch writers (rollout targets, fleet records, events) around their
+    /// transactions, so they queue here in order instead of colliding on SQLite's write
+    /// lock, where the loser sleeps in the busy handler's steps (up to 100 ms each).
+    batch_writes: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the database at `url` and run the migrations.
+    pub async fn open(url: &str, kek: Arc<KeyEncryptionKey>) -> Result<Self, StoreError> {
+        let opts = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new().max_connections(8);
+        Self::with_pool(pool, opts, kek).await
+    }
+
+    /// A private database in memory (no file; gone when the store is dropped): the same
+    /// store, schema and encryption at rest, for tests of the parts built on it.
+    pub async fn open_in_memory(kek: Arc<KeyEncryptionKey>) -> Result<Self, StoreError> {
+        let opts = SqliteConnectOptions::from_str("sqlite::memory:")?.foreign_keys(true);
+        // One connection, never closed: each connection to `:memory:` is a database of its own.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None);
+        Self::with_pool(pool, opts, kek).await
+    }
+
+    async fn with_pool(
+        pool: SqlitePoolOptions,
+        opts: SqliteConnectOptions,
+        kek: Arc<KeyEncryptionKey>,
+    ) -> Result<Self, StoreError> {
+        let pool = pool
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(opts)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self {
+            pool,
+            kek,
+            latest: Arc::default(),
+            batch_writes: Arc::default(),
+        })
+    }
+
+    /// Opens a sealed resource version under the KEK.
+    fn open_sealed(
+        &self,
+        path: &ResourcePath,
+        sealed: &SealedLatest,
+    ) -> Result<ResourceVersion, StoreError> {
+        let data = self
+            .kek
+            .open(&resource_context(path), &sealed.nonce, &sealed.ciphertext)?;
+        Ok(ResourceVersion {
+            version: sealed.version,
+            data,
+            sha256: sealed.sha256.clone(),
+        })
+    }
+
+    /// A store in a fresh temporary directory (dropped with the directory), for tests.
+    #[cfg(test)]
+    #[allow(clippy::unwrap_used)]
+    pub(crate) async fn open_temp() -> (tempfile::TempDir, Self) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let kek = Arc::new(KeyEncryptionKey::from_bytes(&[1u8; 32]));
+        (dir, Self::open(&url, kek).await.unwrap())
+    }
+
+    /// A write transaction for a batch writer, with the batch-write turn it must hold until
+    /// it commits (drop the guard after the transaction).
+    pub(crate) async fn begin_batch(
+        &self,
+    ) -> Result<
+        (
+            tokio::sync::OwnedMutexGuard<()>,
+            sqlx::Transaction<'static, sqlx::Sqlite>,
+        ),
+        StoreError,
+    > {
+        let turn = Arc::clone(&self.batch_writes).lock_owned().await;
+        let tx = self.pool.begin().await?;
+        Ok((turn, tx))
+    }
+
+    /// The connection pool, for the per-area store impls in sibling modules.
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// The key-encryption key, for encryption at rest in sibling modules.
+    #[allow(dead_code)] // for per-area stores that seal their own columns
+    pub(crate) fn kek(&self) -> &KeyEncryptionKey {
+        &self.kek
+    }
+}
+
+fn resource_context(path: &ResourcePath) -> Vec<u8> {
+    format!("tether/resource/{path}").into_bytes()
+}
+
+fn kv_context(namespace: &str, key: &str) -> Vec<u8> {
+    format!("tether/kv/{namespace}/{key}").into_bytes()
+}
+
+#[async_trait]
+impl ResourceStore for SqliteStore {
+    async fn put_resource(
+        &self,
+        path: &ResourcePath,
+        data: &[u8],
+        actor: &str,
+    ) -> Result<u64, StoreError> {
+        let (nonce, ct) = self.kek.seal(&resource_context(path), data)?;
+        let sha = hex::encode(Sha256::digest(data));
+        let key = path.to_string();
+        // One statement: SQLite serialises writers, so the version numbering cannot race.
+        let row = sqlx::query(
+            "INSERT INTO resources (path, version, nonce, ciphertext, sha256, size, created_at, created_by)
+             SELECT ?1, COALESCE(MAX(version), 0) + 1, ?2, ?3, ?4, ?5, ?6, ?7 FROM resources WHERE path = ?1
+             RETURNING version",
+        )
+        .bind(&key)
+        .bind(nonce)
+        .bind(ct)
+        .bind(sha)
+        .bind(data.len() as i64)
+        .bind(now_ms() as i64)
+        .bind(actor)
+        .fetch_one(&self.pool)
+        .await;
+        self.latest.invalidate(&key);
+        Ok(row?.try_get::<i64, _>(0)? as u64)
+    }
+
+    async fn get_resource(
+        &self,
+        path: &ResourcePath,
+        version: Option<u64>,
+    ) -> Result<Option<ResourceVersion>, StoreError> {
+        let key = path.to_string();
+        if let Some(hit) = self.latest.get(&key)
+            && version.is_none_or(|v| v == hit.version)
+        {
+            return self.open_sealed(path, &hit).map(Some);
+        }
+        let ticket = self.latest.ticket();
+        let row = match version {
+            Some(v) => {
+                sqlx::query(
+                    "SELECT version, nonce, ciphertext, sha256 FROM resources
+                     WHERE path = ?1 AND version = ?2 AND deleted = 0",
+                )
+                .bind(&key)
+                .bind(v as i64)
+                .fetch_optional(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(
+                    "SELECT version, nonce, ciphertext, sha256 FROM resources
+                     WHERE path = ?1 AND deleted = 0 ORDER BY version DESC LIMIT 1",
+                )
+                .bind(&key)
+                .fetch_optional(&self.pool)
+                .await?
+            }
+        };
+        let Some(row) = row else { return Ok(None) };
+        let sealed = SealedLatest {
+            version: row.try_get::<i64, _>(0)? as u64,
+            nonce: row.try_get(1)?,
+            ciphertext: row.try_get(2)?,
+            sha256: row.try_get(3)?,
+        };
+        let plain = self.open_sealed(path, &sealed)?;
+        if version.is_none() {
+            self.latest.fill(ticket, &key, sealed);
+        }
+        Ok(Some(plain))
+    }
+
+    async fn list_versions(&self, path: &ResourcePath) -> Result<Vec<VersionInfo>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT version, sha256, size, created_at, created_by, deleted FROM resources
+             WHERE path = ?1 ORDER BY version",
+        )
+        .bind(path.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(VersionInfo {
+                    version: r.try_get::<i64, _>(0)? as u64,
+                    sha256: r.try_get(1)?,
+                    size: r.try_get::<i64, _>(2)? as u64,
+                    created_at: r.try_get::<i64, _>(3)? as u64,
+                    created_by: r.try_get(4)?,
+                    deleted: r.try_get::<i64, _>(5)? != 0,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_resource(&self, path: &ResourcePath, _actor: &str) -> Result<bool, StoreError> {
+        // Crypto-shred: drop the ciphertext, keep the row so numbering never restarts
+        // (guests refuse downgrades, so a re-upload must get a higher version).
+        let done = sqlx::query(
+            "UPDATE resources SET deleted = 1, ciphertext = x'', nonce = x''
+             WHERE path = ?1 AND deleted = 0",
+        )
+        .bind(path.to_string())
+        .execute(&self.pool)
+        .await;
+        self.latest.invalidate(&path.to_string());
+        Ok(done?.rows_affected() > 0)
+    }
+}
+
+#[async_trait]
+impl PolicyStore for SqliteStore {
+    async fn get_policy(&self, name: &str) -> Result<Option<StoredPolicy>, StoreError> {
+        let row = sqlx::query(
+            "SELECT version, body, created_at, created_by FROM policies
+             WHERE name = ?1 ORDER BY version DESC LIMIT 1",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(StoredPolicy {
+                version: r.try_get::<i64, _>(0)? as u64,
+                body: r.try_get(1)?,
+                created_at: r.try_get::<i64, _>(2)? as u64,
+                created_by: r.try_get(3)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn set_policy(&self, name: &str, body: &str, actor: &str) -> Result<u64, StoreError> {
+        let row = sqlx::query(
+            "INSERT INTO policies (name, version, body, created_at, created_by)
+             SELECT ?1, COALESCE(MAX(version), 0) + 1, ?2, ?3, ?4 FROM policies WHERE name = ?1
+             RETURNING version",
+        )
+        .bind(name)
+        .bind(body)
+        .bind(now_ms() as i64)
+        .bind(actor)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get::<i64, _>(0)? as u64)
+    }
+}
+
+#[async_trait]
+impl AuditStore for SqliteStore {
+    async fn audit(&self, e: AuditEntry) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO audit_log (at, actor, role, action, target, outcome, detail)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )
+        .bind(now_ms() as i64)
+        .bind(e.actor)
+        .bind(e.role)
+        .bind(e.action)
+        .bind(e.target)
+        .bind(e.outcome)
+        .bind(e.detail)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_audit(&self, q: &AuditQuery) -> Result<Vec<AuditRecord>, StoreError> {
+        let (action_exact, action_prefix) = match q.action.as_deref() {
+            Some(a) if a.ends_with('*') => (
+                None,
+                Some(format!(
+                    "{}%",
+                    a.trim_end_matches('*')
+                        .replace('%', "\\%")
+                        .replace('_', "\\_")
+                )),
+            ),
+            Some(a) => (Some(a.to_string()), None),
+            None => (None, None),
+        };
+        let rows = sqlx::query(
+            "SELECT id, at, actor, role, action, target, outcome, detail FROM audit_log
+             WHERE (?1 IS NULL OR action = ?1)
+               AND (?2 IS NULL OR action LIKE ?2 ESCAPE '\\')
+               AND (?3 IS NULL OR actor = ?3)
+               AND (?4 IS NULL OR id < ?4)
+             ORDER BY id DESC LIMIT ?5",
+        )
+        .bind(action_exact)
+        .bind(action_prefix)
+        .bind(q.actor.clone())
+        .bind(q.before)
+        .bind(q.limit.clamp(1, 1000) as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditRecord {
+                    id: r.try_get(0)?,
+                    at: r.try_get::<i64, _>(1)? as u64,
+                    actor: r.try_get(2)?,
+                    role: r.try_get(3)?,
+                    action: r.try_get(4)?,
+                    target: r.try_get(5)?,
+                    outcome: r.try_get(6)?,
+                    detail: r.try_get(7)?,
+                })
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl KvStore for SqliteStore {
+    async fn kv_get(&self, namespace: &str, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let row = sqlx::query("SELECT value FROM plugin_kv WHERE namespace = ?1 AND key = ?2")
+            .bind(namespace)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            let sealed: Vec<u8> = r.try_get(0)?;
+            open_kv(&self.kek, namespace, key, &sealed)
+        })
+        .transpose()
+    }
+
+    async fn kv_put(&self, namespace: &str, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let (nonce, ct) = self.kek.seal(&kv_context(namespace, key), value)?;
+        let mut sealed = nonce;
+        sealed.extend_from_slice(&ct);
+        sqlx::query(
+            "INSERT INTO plugin_kv (namespace, key, value, updated_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (namespace, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+        )
+        .bind(namespace)
+        .bind(key)
+        .bind(sealed)
+        .bind(now_ms() as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn kv_delete(&self, namespace: &str, key: &str) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM plugin_kv WHERE namespace = ?1 AND key = ?2")
+            .bind(namespace)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn kv_list(
+        &self,
+        namespace: &str,
+        prefix: &str,
+        limit: u32,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT key, value FROM plugin_kv WHERE namespace = ?1 AND substr(key, 1, length(?2)) = ?2
+             ORDER BY key LIMIT ?3",
+        )
+        .bind(namespace)
+        .bind(prefix)
+        .bind(limit.max(1) as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let key: String = r.try_get(0)?;
+                let sealed: Vec<u8> = r.try_get(1)?;
+                let value = open_kv(&self.kek, namespace, &key, &sealed)?;
+                Ok((key, value))
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+fn open_kv(
+    kek: &KeyEncryptionKey,
+    namespace: &str,
+    key: &str,
+    sealed: &[u8],
+) -> Result<Vec<u8>, StoreError> {
+    if sealed.len() < 12 {
+        return Err(StoreError::Crypto("truncated plugin value".into()));
+    }
+    let (nonce, ct) = sealed.split_at(12);
+    Ok(kek.open(&kv_context(namespace, key), nonce, ct)?.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let kek = Arc::new(KeyEncryptionKey::from_bytes(&[1u8; 32]));
+        (dir, SqliteStore::open(&url, kek).await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn resource_versions_are_monotonic_and_survive_delete() {
+        let (_d, s) = store().await;
+        let p: ResourcePath = "default/key/one".parse().unwrap();
+        assert!(s.get_resource(&p, None).await.unwrap().is_none());
+        assert_eq!(s.put_resource(&p, b"v1", "t").await.unwrap(), 1);
+        assert_eq!(s.put_resource(&p, b"v2", "t").await.unwrap(), 2);
+        let latest = s.get_resource(&p, None).await.unwrap().unwrap();
+        assert_eq!((latest.version, latest.data.as_slice()), (2, &b"v2"[..]));
+        let v1 = s.get_resource(&p, Some(1)).await.unwrap().unwrap();
+        assert_eq!(v1.data.as_slice(), b"v1");
+        assert!(s.delete_resource(&p, "t").await.unwrap());
+        assert!(!s.delete_resource(&p, "t").await.unwrap());
+        assert!(s.get_resource(&p, None).await.unwrap().is_none());
+        assert_eq!(s.put_resource(&p, b"v3", "t").await.unwrap(), 3);
+        let versions = s.list_versions(&p).await.unwrap();
+        assert_eq!(versions.len(), 3);
+        assert!(versions[0].deleted && !versions[2].deleted);
+    }
+
+    #[tokio::test]
+    async fn concurrent_puts_get_distinct_versions() {
+        let (_d, s) = store().await;
+        let p: ResourcePath = "r/t/x".parse().unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..20 {
+            let s = s.clone();
+            let p = p.clone();
+            tasks.push(tokio::spawn(async move {
+                s.put_resource(&p, format!("{i}").as_bytes(), "t")
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut got = Vec::new();
+        for t in tasks {
+            got.push(t.await.unwrap());
+        }
+        got.sort();
+        assert_eq!(got, (1..=20).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn policy_audit_and_kv() {
+        let (_d, s) = store().await;
+        assert!(s.get_policy("resource").await.unwrap().is_none());
+        assert_eq!(s.set_policy("resource", "a", "x").await.unwrap(), 1);
+        assert_eq!(s.set_policy("resource", "b", "x").await.unwrap(), 2);
+        assert_eq!(s.get_policy("resource").await.unwrap().unwrap().body, "b");
+        for action in ["resource.put", "policy.set", "resource.delete"] {
+            s.audit(AuditEntry {
+                actor: "alice".into(),
+                role: "admin".into(),
+                action: action.into(),
+                target: "t".into(),
+                outcome: "ok".into(),
+                detail: String::new(),
+            })
+            .await
+            .unwrap();
+        }
+        let all = s
+            .list_audit(&AuditQuery {
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[0].action, "resource.delete");
+        let res = s
+            .list_audit(&AuditQuery {
+                action: Some("resource.*".into()),
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(res.len(), 2);
+        let page = s
+            .list_audit(&AuditQuery {
+                before: Some(all[0].id),
+                limit: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(page[0].action, "policy.set");
+        s.kv_put("splitapi", "g1", b"one").await.unwrap();
+        s.kv_put("splitapi", "g2", b"two").await.unwrap();
+        s.kv_put("other", "g1", b"x").await.unwrap();
+        assert_eq!(s.kv_get("splitapi", "g1").await.unwrap().unwrap(), b"one");
+        assert_eq!(s.kv_list("splitapi", "g", 10).await.unwrap().len(), 2);
+        assert!(s.kv_delete("splitapi", "g1").await.unwrap());
+        assert!(s.kv_get("splitapi", "g1").await.unwrap().is_none());
+    }
+}

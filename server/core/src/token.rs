@@ -1,0 +1,769 @@
+//! ES256 attestation tokens with EAR-shaped claims.
+//!
+//! The claims follow the layout the CoCo attestation service emits (EAR,
+//! `submods.cpu0["ear.veraison.annotated-evidence"]`), so resource policies
+//! written for upstream Trustee evaluate unchanged. Tether adds a `tether`
+//! object carrying the guest identity.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::jwk::{
+    AlgorithmParameters, CommonParameters, EllipticCurve, EllipticCurveKeyParameters,
+    EllipticCurveKeyType, Jwk, KeyAlgorithm,
+};
+use jsonwebtoken::{Algorithm, Header};
+use kbs_types::TeePubKey;
+use p256::elliptic_curve::sec1::ToEncodedPoint;
+use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+pub use crate::claims::Claims;
+pub use crate::identity::GuestIdentity;
+use crate::init_data::InitDataClaims;
+
+mod cache;
+mod es256;
+
+use cache::VerifiedCache;
+use es256::{Es256Key, VerifyFailure};
+
+/// EAR profile identifier placed in every token.
+pub const EAR_PROFILE: &str = "tag:github.com,2023:veraison/ear";
+/// Appraisal policy id reported in the EAR submodule.
+pub const APPRAISAL_POLICY_ID: &str = "tether-default";
+/// Where upstream EAR tokens (and ours) carry the TEE public key.
+pub const TEE_PUBKEY_POINTER: &str =
+    "/submods/cpu0/ear.veraison.annotated-evidence/runtime_data_claims/tee-pubkey";
+/// Older upstream EAR tokens named the submodule `cpu`.
+pub const TEE_PUBKEY_POINTER_LEGACY: &str =
+    "/submods/cpu/ear.veraison.annotated-evidence/runtime_data_claims/tee-pubkey";
+
+/// Clock skew tolerated when checking `exp`, in seconds.
+const EXP_LEEWAY_SECS: u64 = 5;
+/// Upper bound on a token presented by a peer; ours are far smaller.
+const MAX_TOKEN_BYTES: usize = 256 * 1024;
+
+/// Errors issuing, loading or verifying tokens.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The signing key file could not be read or written.
+    #[error("token signing key {path}: {source}")]
+    KeyIo {
+        /// The key file.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: io::Error,
+    },
+    /// The signing key file exists but does not hold a P-256 PKCS#8 PEM key.
+    #[error("token signing key {path} is not a P-256 PKCS#8 PEM private key")]
+    KeyInvalid {
+        /// The key file.
+        path: PathBuf,
+    },
+    /// Signing failed.
+    #[error("token signing failed: {0}")]
+    Sign(String),
+    /// The token is malformed, not ES256, or not signed by this KBS.
+    #[error("invalid attestation token: {0}")]
+    Invalid(&'static str),
+    /// The token has expired.
+    #[error("attestation token expired")]
+    Expired,
+    /// The token verified but its claims lack what Tether needs.
+    #[error("attestation token claims: {0}")]
+    Claims(String),
+}
+
+impl TokenError {
+    /// HTTP status this error maps to.
+    pub fn status(&self) -> u16 {
+        match self {
+            TokenError::KeyIo { .. } | TokenError::KeyInvalid { .. } | TokenError::Sign(_) => 500,
+            TokenError::Invalid(_) | TokenError::Expired | TokenError::Claims(_) => 401,
+        }
+    }
+
+    /// CamelCase error name for the JSON error type URL.
+    pub fn name(&self) -> &'static str {
+        match self {
+            TokenError::KeyIo { .. } => "TokenKeyIo",
+            TokenError::KeyInvalid { .. } => "TokenKeyInvalid",
+            TokenError::Sign(_) => "TokenSign",
+            TokenError::Invalid(_) => "InvalidToken",
+            TokenError::Expired => "TokenExpired",
+            TokenError::Claims(_) => "InvalidTokenClaims",
+        }
+    }
+}
+
+/// A token this KBS signed, checked and unpacked.
+#[derive(Clone, Debug)]
+pub struct VerifiedToken {
+    /// All claims, as the resource policy sees them (`input`), as compact JSON text.
+    /// Shared: sessions, the verified-token cache and the guest directory hold the same copy.
+    pub claims: Claims,
+    /// The TEE key the guest proved possession of during attestation.
+    pub tee_pubkey: TeePubKey,
+    /// The guest's identity.
+    pub identity: GuestIdentity,
+    /// TEE name (`sample`, `tdx`, ...).
+    pub tee: String,
+    /// Issued-at, seconds since the Unix epoch.
+    pub iat: u64,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+}
+
+impl VerifiedToken {
+    /// Unpack claims already known to be authentic (just signed or just verified); `text`
+    /// is their JSON serialisation.
+    fn from_claims(claims: &Value, text: String) -> Result<Self, TokenError> {
+        let key = claims
+            .pointer(TEE_PUBKEY_POINTER)
+            .or_else(|| claims.pointer(TEE_PUBKEY_POINTER_LEGACY))
+            .ok_or_else(|| TokenError::Claims("no runtime_data_claims.tee-pubkey".into()))?;
+        let tee_pubkey = TeePubKey::deserialize(key)
+            .map_err(|e| TokenError::Claims(format!("tee-pubkey: {e}")))?;
+        let tether = claims
+            .get("tether")
+            .ok_or_else(|| TokenError::Claims("no tether claims".into()))?;
+        let identity = GuestIdentity::deserialize(tether)
+            .map_err(|e| TokenError::Claims(format!("tether identity: {e}")))?;
+        let tee = tether
+            .get("tee")
+            .and_then(Value::as_str)
+            .ok_or_else(|| TokenError::Claims("no tether.tee".into()))?
+            .to_owned();
+        let number = |name: &str| {
+            claims
+                .get(name)
+                .and_then(Value::as_u64)
+                .ok_or_else(|| TokenError::Claims(format!("no numeric {name}")))
+        };
+        let iat = number("iat")?;
+        let exp = number("exp")?;
+        Ok(Self {
+            claims: Claims::from_serialized(text),
+            tee_pubkey,
+            identity,
+            tee,
+            iat,
+            exp,
+        })
+    }
+}
+
+/// Builds the EAR-shaped claims for a successful attestation (without `iat`/`exp`/`jti`).
+pub fn build_claims(
+    tee: &str,
+    tee_claims: Value,
+    tee_pubkey: &TeePubKey,
+    nonce: &str,
+    init_data: Option<&InitDataClaims>,
+    identity: &GuestIdentity,
+) -> Map<String, Value> {
+    let mut evidence = Map::new();
+    evidence.insert(tee.to_owned(), tee_claims);
+    if let Some(init) = init_data {
+        evidence.insert("init_data".into(), Value::String(hex::encode(&init.digest)));
+        evidence.insert("init_data_claims".into(), init.claims.clone());
+    }
+    evidence.insert(
+        "runtime_data_claims".into(),
+        json!({ "nonce": nonce, "tee-pubkey": tee_pubkey }),
+    );
+
+    let mut claims = Map::new();
+    claims.insert("eat_profile".into(), Value::String(EAR_PROFILE.into()));
+    claims.insert(
+        "ear.verifier-id".into(),
+        json!({
+            "developer": "tether",
+            "build": concat!("tether-", env!("CARGO_PKG_VERSION")),
+        }),
+    );
+    claims.insert(
+        "submods".into(),
+        json!({
+            "cpu0": {
+                "ear.status": "affirming",
+                "ear.appraisal-policy-id": APPRAISAL_POLICY_ID,
+                "ear.veraison.annotated-evidence": Value::Object(evidence),
+            }
+        }),
+    );
+    let mut tether =
+        json!({ "tee": tee, "guest_id": identity.guest_id, "labels": identity.labels });
+    if let Some(name) = &identity.name {
+        tether["name"] = json!(name);
+    }
+    if let Some(ip) = &identity.ip {
+        tether["ip"] = json!(ip.to_string());
+    }
+    claims.insert("tether".into(), tether);
+    claims
+}
+
+/// Signs and verifies attestation tokens with this KBS's P-256 key.
+pub struct TokenSigner {
+    es256: Es256Key,
+    cache: VerifiedCache,
+    public_jwk: Value,
+}
+
+impl std::fmt::Debug for TokenSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenSigner")
+            .field("public_jwk", &self.public_jwk)
+            .field("private_key", &"[redacted]")
+            .finish()
+    }
+}
+
+impl TokenSigner {
+    /// Loads the PKCS#8 PEM key at `path`, generating and saving one (mode 0600) if absent.
+    pub fn load_or_generate(path: &Path) -> Result<Self, TokenError> {
+        let io_err = |source| TokenError::KeyIo {
+            path: path.to_owned(),
+            source,
+        };
+        match fs::read_to_string(path) {
+            Ok(pem) => {
+                let pem = Zeroizing::new(pem);
+                if let Ok(meta) = fs::metadata(path)
+                    && meta.permissions().mode() & 0o077 != 0
+                {
+                    tracing::warn!(path = %path.display(), "token signing key is readable by group or others");
+                }
+                let secret =
+                    p256::SecretKey::from_pkcs8_pem(&pem).map_err(|_| TokenError::KeyInvalid {
+                        path: path.to_owned(),
+                    })?;
+                Self::from_secret(&secret)
+            }
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                let secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
+                let pem = secret
+                    .to_pkcs8_pem(LineEnding::LF)
+                    .map_err(|e| TokenError::Sign(format!("encode new key: {e}")))?;
+                crate::fsutil::write_private_atomic(path, pem.as_bytes()).map_err(io_err)?;
+                tracing::info!(path = %path.display(), "generated token signing key");
+                Self::from_secret(&secret)
+            }
+            Err(err) => Err(io_err(err)),
+        }
+    }
+
+    /// A signer with a fresh in-memory key (tests, throwaway instances).
+    pub fn ephemeral() -> Result<Self, TokenError> {
+        Self::from_secret(&p256::SecretKey::random(&mut rand::rngs::OsRng))
+    }
+
+    fn from_secret(secret: &p256::SecretKey) -> Result<Self, TokenError> {
+        let point = secret.public_key().to_encoded_point(false);
+        let (Some(x), Some(y)) = (point.x(), point.y()) else {
+            return Err(TokenError::Sign(
+                "public key has no affine coordinates".into(),
+            ));
+        };
+        let (x, y) = (URL_SAFE_NO_PAD.encode(x), URL_SAFE_NO_PAD.encode(y));
+        let jwk = Jwk {
+            common: CommonParameters {
+                key_algorithm: Some(KeyAlgorithm::ES256),
+                ..Default::default()
+            },
+            algorithm: AlgorithmParameters::EllipticCurve(EllipticCurveKeyParameters {
+                key_type: EllipticCurveKeyType::EC,
+                curve: EllipticCurve::P256,
+                x,
+                y,
+            }),
+        };
+        let public_jwk =
+            serde_json::to_value(&jwk).map_err(|e| TokenError::Sign(format!("jwk: {e}")))?;
+        let mut header = Header::new(Algorithm::ES256);
+        header.jwk = Some(jwk);
+
+        let header_json =
+            serde_json::to_vec(&header).map_err(|e| TokenError::Sign(format!("header: {e}")))?;
+        let private: Zeroizing<[u8; 32]> = Zeroizing::new(secret.to_bytes().into());
+        let es256 = Es256Key::new(private.as_slice(), point.as_bytes(), &header_json)
+            .map_err(|e| TokenError::Sign(format!("signing key: {e}")))?;
+
+        Ok(Self {
+            es256,
+            cache: VerifiedCache::default(),
+            public_jwk,
+        })
+    }
+
+    /// The signing key's public half as a JWK (for relying parties).
+    pub fn public_jwk(&self) -> Value {
+        self.public_jwk.clone()
+    }
+
+    /// Signs `claims` after adding `iat`, `exp` (now + `ttl`) and a fresh `jti`.
+    pub fn issue(&self, claims: Map<String, Value>, ttl: Duration) -> Result<String, TokenError> {
+        self.sign(stamp(claims, ttl)).map(|(token, _, _)| token)
+    }
+
+    /// Like [`TokenSigner::issue`], also returning the unpacked token (no re-verification).
+    pub fn issue_verified(
+        &self,
+        claims: Map<String, Value>,
+        ttl: Duration,
+    ) -> Result<(String, VerifiedToken), TokenError> {
+        let (token, claims, text) = self.sign(stamp(claims, ttl))?;
+        let verified = VerifiedToken::from_claims(&Value::Object(claims), text)?;
+        Ok((token, verified))
+    }
+
+    /// The token, the claims and their JSON text (what the token's payload encodes).
+    fn sign(
+        &self,
+        claims: Map<String, Value>,
+    ) -> Result<(String, Map<String, Value>, String), TokenError> {
+        let json = serde_json::to_string(&claims).map_err(|e| TokenError::Sign(e.to_string()))?;
+        let token = self
+            .es256
+            .sign(json.as_bytes())
+            .map_err(|_| TokenError::Sign("ES256 signature failed".into()))?;
+        Ok((token, claims, json))
+    }
+
+    /// Verifies a token: ES256 under this signer's key only, unexpired (5 s leeway).
+    pub fn verify(&self, token: &str) -> Result<VerifiedToken, TokenError> {
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::Invalid("token too large"));
+        }
+        let now = unix_now();
+        // A token verified before is recognised by its digest: same bytes, same verdict,
+        // only the expiry can have changed since.
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(known) = self.cache.get(&digest) {
+            if known.exp < now.saturating_sub(EXP_LEEWAY_SECS) {
+                return Err(TokenError::Expired);
+            }
+            return Ok(VerifiedToken::clone(&known));
+        }
+        let claims = self
+            .es256
+            .verify(token, now, EXP_LEEWAY_SECS)
+            .map_err(|e| match e {
+                VerifyFailure::Expired => TokenError::Expired,
+                VerifyFailure::Algorithm => TokenError::Invalid("algorithm is not ES256"),
+                VerifyFailure::Signature => {
+                    TokenError::Invalid("signature does not verify under this KBS's key")
+                }
+                VerifyFailure::MissingExp => TokenError::Invalid("missing exp claim"),
+                VerifyFailure::Malformed => TokenError::Invalid("malformed token"),
+            })?;
+        let text = serde_json::to_string(&claims).map_err(|e| TokenError::Claims(e.to_string()))?;
+        let verified = VerifiedToken::from_claims(&claims, text)?;
+        self.cache.insert(
+            digest,
+            Arc::new(verified.clone()),
+            verified.exp.saturating_add(EXP_LEEWAY_SECS),
+            now,
+        );
+        Ok(verified)
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn stamp(mut claims: Map<String, Value>, ttl: Duration) -> Map<String, Value> {
+    let now = unix_now();
+    claims.insert("iat".into(), Value::from(now));
+    claims.insert("exp".into(), Value::from(now.saturating_add(ttl.as_secs())));
+    claims.insert(
+        "jti".into(),
+        Value::String(uuid::Uuid::new_v4().to_string()),
+    );
+    claims
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::EncodingKey;
+
+    fn ec_tee_key() -> TeePubKey {
+        TeePubKey::EC {
+            crv: "P-256".into(),
+            alg: "ECDH-ES+A256KW".into(),
+            x: "WKn-ZIGevcwGIyyrzFoZNBdaq9_TsqzGl96oc0CWuis".into(),
+            y: "y77t-RvAHRKTsSGdIYUfweuOvwrvDD-Q3Hv5J0fSKbE".into(),
+        }
+    }
+
+    fn identity() -> GuestIdentity {
+        GuestIdentity {
+            guest_id: "web-1".into(),
+            labels: std::collections::BTreeMap::from([("app".into(), "web".into())]).into(),
+            ..Default::default()
+        }
+    }
+
+    fn sample_claims() -> Map<String, Value> {
+        build_claims(
+            "sample",
+            json!({"svn": "1"}),
+            &ec_tee_key(),
+            "bm9uY2U=",
+            None,
+            &identity(),
+        )
+    }
+
+    #[test]
+    fn issue_then_verify() {
+        let signer = TokenSigner::ephemeral().unwrap();
+        let token = signer
+            .issue(sample_claims(), Duration::from_secs(300))
+            .unwrap();
+        let verified = signer.verify(&token).unwrap();
+        assert_eq!(verified.tee, "sample");
+        assert_eq!(verified.identity, identity());
+        assert!(matches!(verified.tee_pubkey, TeePubKey::EC { ref crv, .. } if crv == "P-256"));
+        assert_eq!(verified.exp - verified.iat, 300);
+        let c = &verified.claims.to_value();
+        assert_eq!(c["eat_profile"], EAR_PROFILE);
+        assert_eq!(c["submods"]["cpu0"]["ear.status"], "affirming");
+        assert_eq!(
+            c["submods"]["cpu0"]["ear.veraison.annotated-evidence"]["sample"]["svn"],
+            "1"
+        );
+        assert_eq!(
+            c["submods"]["cpu0"]["ear.veraison.annotated-evidence"]["runtime_data_claims"]["nonce"],
+            "bm9uY2U="
+        );
+        assert!(c["jti"].as_str().unwrap().len() == 36);
+        assert_eq!(c["tether"]["labels"]["app"], "web");
+    }
+
+    #[test]
+    fn issue_verified_matches_verify() {
+        let signer = TokenSigner::ephemeral().unwrap();
+        let (token, direct) = signer
+            .issue_verified(sample_claims(), Duration::from_secs(60))
+            .unwrap();
+        let checked = signer.verify(&token).unwrap();
+        assert_eq!(direct.claims, checked.claims);
+        assert_eq!(direct.identity, checked.identity);
+    }
+
+    #[test]
+    fn header_carries_public_jwk() {
+        let signer = TokenSigner::ephemeral().unwrap();
+        let token = signer
+            .issue(sample_claims(), Duration::from_secs(60))
+            .unwrap();
+        let header = jsonwebtoken::decode_header(&token).unwrap();
+        assert_eq!(header.alg, Algorithm::ES256);
+        let jwk = serde_json::to_value(header.jwk.unwrap()).unwrap();
+        assert_eq!(jwk, signer.public_jwk());
+        assert_eq!(jwk["kty"], "EC");
+        assert_eq!(jwk["crv"], "P-256");
+    }
+
+    #[test]
+    fn init_data_claims_are_included() {
+        let init = InitDataClaims {
+            algorithm: kbs_types::HashAlgorithm::Sha384,
+            digest: vec![0xab; 48],
+            claims: json!({"algorithm": "sha384", "data": {}}),
+            identity: None,
+        };
+        let claims = build_claims(
+            "tdx",
+            json!({}),
+            &ec_tee_key(),
+            "n",
+            Some(&init),
+            &identity(),
+        );
+        let ev = &claims["submods"]["cpu0"]["ear.veraison.annotated-evidence"];
+        assert_eq!(ev["init_data"], "ab".repeat(48));
+        assert_eq!(ev["init_data_claims"]["algorithm"], "sha384");
+        assert!(ev.get("tdx").is_some());
+    }
+
+    #[test]
+    fn expired_token_is_rejected() {
+        let signer = TokenSigner::ephemeral().unwrap();
+        let mut claims = sample_claims();
+        claims.insert("iat".into(), json!(1000));
+        claims.insert("exp".into(), json!(1001));
+        let (token, _, _) = signer.sign(claims).unwrap();
+        assert!(matches!(signer.verify(&token), Err(TokenError::Expired)));
+
+        // Within the 5 s leeway still verifies.
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut claims = sample_claims();
+        claims.insert("iat".into(), json!(now - 60));
+        claims.insert("exp".into(), json!(now - 2));
+        let (token, _, _) = signer.sign(claims).unwrap();
+        assert!(signer.verify(&token).is_ok());
+    }
+
+    #[test]
+    fn other_signers_and_algorithms_are_rejected() {
+        let signer = TokenSigner::ephemeral().unwrap();
+        let other = TokenSigner::ephemeral().unwrap();
+        let token = other
+            .issue(sample_claims(), Duration::from_secs(60))
+            .unwrap();
+        let err = signer.verify(&token).err().unwrap();
+        assert!(matches!(err, TokenError::Invalid(_)), "{err}");
+        assert_eq!(err.status(), 401);
+
+        let claims = stamp(sample_claims(), Duration::from_secs(60));
+        // HS256 with the public JWK's x as a "secret".
+        let hs = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"WKn-ZIGevcwGIyyrzFoZNBdaq9_TsqzGl96oc0CWuis"),
+        )
+        .unwrap();
+        assert!(matches!(signer.verify(&hs), Err(TokenError::Invalid(_))));
+
+        // alg none: header {"alg":"none"} and an empty signature.
+        let none_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+        let body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
+        let unsigned = format!("{none_header}.{body}.");
+        assert!(matches!(
+            signer.verify(&unsigned),
+            Err(TokenError::Invalid(_))
+        ));
+
+        // A valid signature by another key whose JWK sits in the header.
+        let other_secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
+        let other = TokenSigner::from_secret(&other_secret).unwrap();
+        let mut forged_header = Header::new(Algorithm::ES256);
+        forged_header.jwk = header_of(&other).jwk;
+        let forged =
+            jsonwebtoken::encode(&forged_header, &claims, &jwt_encoding_key(&other_secret))
+                .unwrap();
+        assert!(matches!(
+            signer.verify(&forged),
+            Err(TokenError::Invalid(_))
+        ));
+
+        // Tampered payload.
+        let good = signer
+            .issue(sample_claims(), Duration::from_secs(60))
+            .unwrap();
+        let mut parts: Vec<&str> = good.split('.').collect();
+        let mut evil = claims.clone();
+        evil.insert(
+            "tether".into(),
+            json!({"tee": "tdx", "guest_id": "admin", "labels": {}}),
+        );
+        let evil_body = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&evil).unwrap());
+        parts[1] = &evil_body;
+        assert!(signer.verify(&parts.join(".")).is_err());
+
+        for junk in [
+            "",
+            ".",
+            "a.b.c",
+            "not a token",
+            &"x".repeat(MAX_TOKEN_BYTES + 1),
+        ] {
+            assert!(matches!(signer.verify(junk), Err(TokenError::Invalid(_))));
+        }
+    }
+
+    /// The header jsonwebtoken would put on this signer's tokens.
+    fn header_of(signer: &TokenSigner) -> Header {
+        let mut header = Header::new(Algorithm::ES256);
+        header.jwk = Some(serde_json::from_value(signer.public_jwk()).unwrap());
+        header
+    }
+
+    fn jwt_encoding_key(secret: &p256::SecretKey) -> EncodingKey {
+        use p256::pkcs8::EncodePrivateKey as _;
+        EncodingKey::from_ec_der(secret.to_pkcs8_der().unwrap().as_bytes())
+    }
+
+    fn jwt_decoding(signer: &TokenSigner) -> (jsonwebtoken::DecodingKey, jsonwebtoken::Validation) {
+        let jwk = signer.public_jwk();
+        let key = jsonwebtoken::DecodingKey::from_ec_components(
+            jwk["x"].as_str().unwrap(),
+            jwk["y"].as_str().unwrap(),
+        )
+        .unwrap();
+        let mut validation = jsonwebtoken::Validation::new(Algorithm::ES256);
+        validation.validate_aud = false;
+        validation.set_required_spec_claims(&["exp"]);
+        (key, validation)
+    }
+
+    #[test]
+    fn ring_tokens_verify_with_jsonwebtoken() {
+        let secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
+        let signer = TokenSigner::from_secret(&secret).unwrap();
+        let token = signer
+            .issue(sample_claims(), Duration::from_secs(60))
+            .unwrap();
+        let (key, validation) = jwt_decoding(&signer);
+        let decoded = jsonwebtoken::decode::<Value>(&token, &key, &validation).unwrap();
+        assert_eq!(decoded.header.alg, Algorithm::ES256);
+        assert_eq!(decoded.header.jwk, header_of(&signer).jwk);
+        assert_eq!(decoded.claims["tether"]["guest_id"], "web-1");
+
+        // The header segment is byte-identical to what jsonwebtoken itself emits.
+        let claims = stamp(sample_claims(), Duration::from_secs(60));
+        let theirs =
+            jsonwebtoken::encode(&header_of(&signer), &claims, &jwt_encoding_key(&secret)).unwrap();
+        assert_eq!(
+            token.split('.').next().unwrap(),
+            theirs.split('.').next().unwrap()
+        );
+        // A signature by another key does not pass jsonwebtoken either.
+        let other = TokenSigner::ephemeral().unwrap();
+        let forged = other
+            .issue(sample_claims(), Duration::from_secs(60))
+            .unwrap();
+        assert!(jsonwebtoken::decode::<Value>(&forged, &key, &validation).is_err());
+    }
+
+    #[test]
+    fn jsonwebtoken_tokens_verify_with_ring() {
+        let secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
+        let signer = TokenSigner::from_secret(&secret).unwrap();
+        let claims = stamp(sample_claims(), Duration::from_secs(60));
+        let token =
+            jsonwebtoken::encode(&header_of(&signer), &claims, &jwt_encoding_key(&secret)).unwrap();
+        let verified = signer.verify(&token).unwrap();
+        assert_eq!(verified.claims.to_value(), Value::Object(claims.clone()));
+
+        // Without exp: refused, as jsonwebtoken's Validation requiring exp does.
+        let mut no_exp = claims.clone();
+        no_exp.remove("exp");
+        let token =
+            jsonwebtoken::encode(&header_of(&signer), &no_exp, &jwt_encoding_key(&secret)).unwrap();
+        assert!(matches!(
+            signer.verify(&token),
+            Err(TokenError::Invalid("missing exp claim"))
+        ));
+        let (key, validation) = jwt_decoding(&signer);
+        assert!(jsonwebtoken::decode::<Value>(&token, &key, &validation).is_err());
+
+        // Extra parts and bad base64 are malformed, not panics.
+        let good = signer
+            .issue(sample_claims(), Duration::from_secs(60))
+            .unwrap();
+        for bad in [
+            format!("{good}.x"),
+            format!("x.{good}"),
+            good.replacen('.', "..", 1),
+            format!("{good}="),
+        ] {
+            assert!(
+                matches!(signer.verify(&bad), Err(TokenError::Invalid(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn verified_cache_hits_but_still_checks_expiry() {
+        let signer = TokenSigner::ephemeral().unwrap();
+        let token = signer
+            .issue(sample_claims(), Duration::from_secs(60))
+            .unwrap();
+        let first = signer.verify(&token).unwrap();
+        assert_eq!(signer.cache.len(), 1);
+        let second = signer.verify(&token).unwrap();
+        assert_eq!(first.claims, second.claims);
+        assert_eq!(signer.cache.len(), 1);
+
+        // A cached entry whose token has since expired is refused.
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let mut stale = first.clone();
+        stale.exp = 1000;
+        signer.cache.insert(digest, Arc::new(stale), 0, unix_now());
+        assert!(matches!(signer.verify(&token), Err(TokenError::Expired)));
+
+        // Failures are not cached; a tampered token never matches an entry.
+        let mut tampered = token.clone();
+        tampered.pop();
+        tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
+        assert!(signer.verify(&tampered).is_err());
+        assert_eq!(signer.cache.len(), 1);
+    }
+
+    #[test]
+    fn legacy_cpu_submodule_pointer_is_accepted() {
+        let mut claims = sample_claims();
+        let submods = claims.remove("submods").unwrap();
+        claims.insert("submods".into(), json!({"cpu": submods["cpu0"].clone()}));
+        let claims = Value::Object(stamp(claims, Duration::from_secs(10)));
+        let text = serde_json::to_string(&claims).unwrap();
+        let verified = VerifiedToken::from_claims(&claims, text).unwrap();
+        assert_eq!(verified.identity.guest_id, "web-1");
+    }
+
+    #[test]
+    fn key_file_is_generated_then_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/token.key");
+        let first = TokenSigner::load_or_generate(&path).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let pem = fs::read_to_string(&path).unwrap();
+        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"));
+        // No temp files left behind.
+        let entries: Vec<_> = fs::read_dir(path.parent().unwrap()).unwrap().collect();
+        assert_eq!(entries.len(), 1);
+
+        let second = TokenSigner::load_or_generate(&path).unwrap();
+        assert_eq!(first.public_jwk(), second.public_jwk());
+        let token = first
+            .issue(sample_claims(), Duration::from_secs(60))
+            .unwrap();
+        assert!(second.verify(&token).is_ok());
+    }
+
+    #[test]
+    fn bad_key_file_is_reported_without_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token.key");
+        fs::write(
+            &path,
+            "-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let err = TokenSigner::load_or_generate(&path).err().unwrap();
+        assert!(matches!(err, TokenError::KeyInvalid { .. }));
+        assert!(!err.to_string().contains("c2VjcmV0"));
+        assert_eq!(err.status(), 500);
+    }
+
+    #[test]
+    fn debug_redacts_private_key() {
+        let signer = TokenSigner::ephemeral().unwrap();
+        assert!(format!("{signer:?}").contains("[redacted]"));
+    }
+}

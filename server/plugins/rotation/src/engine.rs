@@ -1,0 +1,799 @@
+//! [`run`]: the rollout reconciler. One task owns the in-memory view of every rollout in
+//! force (loaded from storage at start, so a restart resumes where the last run stopped),
+//! hands pushes to delivery tasks up to each rollout's `max_concurrent`, and reacts to
+//! guests connecting (offline targets and newcomers matching a selector), retries coming
+//! due, admin controls and deadlines. Storage is written before anything is reported, and a
+//! push is idempotent by path + version on the guest, so replaying one after a crash is safe.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tunnel::TunnelHandle;
+use zeroize::Zeroizing;
+
+use kbs_core::selector::Selector;
+use kbs_core::storage::{
+    RolloutQuery, RolloutRecord, RolloutState, StoreError, TargetRecord, TargetState, now_ms,
+};
+
+use crate::Deps;
+use crate::deliver::{self, PushOutcome};
+use crate::writer::TargetWriter;
+
+/// How often the reconciler compares rollouts with the hub's live tunnels (tunnel events can
+/// be missed when the broadcast lags).
+pub const RECONCILE_EVERY: Duration = Duration::from_secs(2);
+/// Guests last seen longer ago than this are not targeted by new rollouts while offline.
+pub const KNOWN_GUEST_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Guest sightings written per batch.
+const NOTE_BATCH: usize = 512;
+
+/// A change to a rollout, as the events stream sends it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutEvent {
+    /// Rollout id.
+    pub rollout_id: i64,
+    /// Rollout state after the change.
+    pub state: RolloutState,
+    /// Target counts by state after the change.
+    pub counts: BTreeMap<TargetState, u64>,
+    /// The target that changed, if the change is a target's.
+    pub target: Option<TargetRecord>,
+}
+
+/// An admin control.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// Stop starting pushes.
+    Pause,
+    /// Start pushing again.
+    Resume,
+    /// Stop for good.
+    Cancel,
+}
+
+impl Control {
+    /// Verb for audit and URLs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::Cancel => "cancel",
+        }
+    }
+}
+
+/// Why a control was refused.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No such rollout.
+    #[error("no rollout {0}")]
+    NotFound(i64),
+    /// The rollout is no longer in force.
+    #[error("rollout {0} is {1}; only running, completed or paused rollouts can be controlled")]
+    Finished(i64, RolloutState),
+    /// Storage failed.
+    #[error("storage: {0}")]
+    Store(String),
+}
+
+/// What the reconciler is told.
+pub enum Command {
+    /// A rollout was stored (and older ones of its path superseded).
+    Created {
+        /// The new rollout.
+        id: i64,
+        /// The rollouts it superseded.
+        superseded: Vec<i64>,
+    },
+    /// Pause, resume or cancel.
+    Control {
+        /// Rollout id.
+        id: i64,
+        /// What to do.
+        action: Control,
+        /// Who (recorded in the rollout's detail).
+        actor: String,
+        /// The rollout after the change.
+        reply: oneshot::Sender<Result<RolloutRecord, ControlError>>,
+    },
+    /// A guest's tunnel came up.
+    Connected(Arc<TunnelHandle>),
+    /// Events may have been missed: compare with the hub now.
+    Resync,
+}
+
+struct Done {
+    rollout_id: i64,
+    row: TargetRecord,
+    outcome: PushOutcome,
+    elapsed: Duration,
+}
+
+struct Live {
+    rec: RolloutRecord,
+    selector: Selector,
+    targets: HashMap<String, TargetRecord>,
+    counts: BTreeMap<TargetState, u64>,
+    ready: VecDeque<String>,
+    queued: HashSet<String>,
+    in_flight: usize,
+    plaintext: Option<Arc<Zeroizing<Vec<u8>>>>,
+}
+
+impl Live {
+    fn new(rec: RolloutRecord, selector: Selector) -> Self {
+        Self {
+            rec,
+            selector,
+            targets: HashMap::new(),
+            counts: TargetState::ALL.iter().map(|s| (*s, 0)).collect(),
+            ready: VecDeque::new(),
+            queued: HashSet::new(),
+            in_flight: 0,
+            plaintext: None,
+        }
+    }
+
+    fn outstanding(&self) -> u64 {
+        self.counts[&TargetState::Pending] + self.counts[&TargetState::Delivering]
+    }
+
+    fn count(&mut self, from: Option<TargetState>, to: TargetState) {
+        if let Some(from) = from
+            && let Some(c) = self.counts.get_mut(&from)
+        {
+            *c = c.saturating_sub(1);
+        }
+        *self.counts.entry(to).or_insert(0) += 1;
+    }
+
+    /// Queues a pending, due target for dispatch (once).
+    fn queue(&mut self, guest_id: &str, now: u64) {
+        let due = self
+            .targets
+            .get(guest_id)
+            .is_some_and(|t| t.state == TargetState::Pending && t.next_attempt_at <= now);
+        if due && self.queued.insert(guest_id.to_string()) {
+            self.ready.push_back(guest_id.to_string());
+        }
+    }
+
+    fn event(&self, target: Option<TargetRecord>) -> Arc<RolloutEvent> {
+        Arc::new(RolloutEvent {
+            rollout_id: self.rec.id,
+            state: self.rec.state,
+            counts: self.counts.clone(),
+            target,
+        })
+    }
+}
+
+struct Engine {
+    deps: Deps,
+    events: broadcast::Sender<Arc<RolloutEvent>>,
+    writer: TargetWriter,
+    live: BTreeMap<i64, Live>,
+    done_tx: mpsc::UnboundedSender<Done>,
+    retries: BinaryHeap<Reverse<(u64, i64, String)>>,
+    noted: HashSet<String>,
+    to_note: Vec<(String, tunnel::Labels)>,
+}
+
+/// Runs the reconciler until `stop` is cancelled or `commands` closes. Deliveries in flight
+/// at that moment finish on their own and store their outcome.
+pub async fn run(
+    deps: Deps,
+    events: broadcast::Sender<Arc<RolloutEvent>>,
+    commands: &mut mpsc::Receiver<Command>,
+    stop: CancellationToken,
+) {
+    // Unbounded by type, bounded by construction: each delivery task sends exactly one `Done`,
+    // and at most `max_concurrent` deliveries per rollout are in flight.
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+    let mut engine = Engine {
+        writer: TargetWriter::spawn(deps.rollouts.clone()),
+        deps,
+        events,
+        live: BTreeMap::new(),
+        done_tx,
+        retries: BinaryHeap::new(),
+        noted: HashSet::new(),
+        to_note: Vec::new(),
+    };
+    if let Err(e) = engine.load().await {
+        tracing::error!(error = %e, "loading rollouts failed; rotation reconciler not started");
+        return;
+    }
+    engine.reconcile().await;
+    engine.dispatch().await;
+    let mut tick = tokio::time::interval(RECONCILE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let next_retry = engine.retries.peek().map(|Reverse((at, _, _))| *at);
+        let retry_due = async {
+            match next_retry {
+                Some(at) => {
+                    let wait = Duration::from_millis(at.saturating_sub(now_ms()));
+                    tokio::time::sleep(wait).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            Some(done) = done_rx.recv() => {
+                engine.on_done(done).await;
+                while let Ok(more) = done_rx.try_recv() {
+                    engine.on_done(more).await;
+                }
+            }
+            cmd = commands.recv() => match cmd {
+                Some(cmd) => engine.on_command(cmd).await,
+                None => break,
+            },
+            _ = tick.tick() => engine.reconcile().await,
+            () = retry_due => engine.release_due_retries(),
+        }
+        engine.dispatch().await;
+        // Batches form under a connect storm; an idle reconciler writes sightings at once.
+        if engine.to_note.len() >= NOTE_BATCH || (!engine.to_note.is_empty() && commands.is_empty())
+        {
+            engine.flush_notes().await;
+        }
+    }
+    engine.flush_notes().await;
+}
+
+impl Engine {
+    fn emit(&self, event: Arc<RolloutEvent>) {
+        let _ = self.events.send(event);
+    }
+
+    fn update_gauges(&self) {
+        for state in [
+            RolloutState::Running,
+            RolloutState::Completed,
+            RolloutState::Paused,
+        ] {
+            let n = self.live.values().filter(|l| l.rec.state == state).count();
+            self.deps
+                .metrics
+                .rollouts
+                .get_or_create(&vec![("state", state.as_str().to_string())])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn transitioned(&self, state: RolloutState) {
+        self.deps.metrics.transition(state.as_str());
+    }
+
+    /// Resume from storage: every rollout in force, its targets; pushes that were in flight
+    /// when the last run stopped go back to pending (the guest answers `already_held` if the
+    /// push had landed).
+    async fn load(&mut self) -> Result<(), StoreError> {
+        let rollouts = self
+            .deps
+            .rollouts
+            .list_rollouts(&RolloutQuery {
+                in_force: true,
+                limit: 100_000,
+                ..RolloutQuery::default()
+            })
+            .await?;
+        for rec in rollouts {
+            let id = rec.id;
+            self.load_rollout(rec).await?;
+            tracing::info!(rollout = id, "rollout resumed from storage");
+        }
+        self.update_gauges();
+        Ok(())
+    }
+
+    async fn load_rollout(&mut self, rec: RolloutRecord) -> Result<(), StoreError> {
+        let selector = match Selector::parse(&rec.selector) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(rollout = rec.id, error = %e, "stored selector does not parse; rollout skipped");
+                return Ok(());
+            }
+        };
+        let mut live = Live::new(rec, selector);
+        let now = now_ms();
+        let mut after: Option<String> = None;
+        let mut requeued = Vec::new();
+        loop {
+            let page = self
+                .deps
+                .rollouts
+                .list_targets(live.rec.id, None, after.as_deref(), 5000)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.guest_id.clone());
+            for mut t in page {
+                if t.state == TargetState::Delivering {
+                    t.state = TargetState::Pending;
+                    t.updated_at = now;
+                    requeued.push(t.clone());
+                }
+                if t.state == TargetState::Pending && t.next_attempt_at > now {
+                    self.retries.push(Reverse((
+                        t.next_attempt_at,
+                        live.rec.id,
+                        t.guest_id.clone(),
+                    )));
+                }
+                live.count(None, t.state);
+                live.targets.insert(t.guest_id.clone(), t);
+            }
+        }
+        for t in requeued {
+            self.writer.write_behind(t).await;
+        }
+        let id = live.rec.id;
+        self.live.insert(id, live);
+        self.refresh_state(id).await;
+        Ok(())
+    }
+
+    async fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Created { id, superseded } => {
+                for old in superseded {
+                    if let Some(mut l) = self.live.remove(&old) {
+                        l.rec.state = RolloutState::Superseded;
+                        l.rec.superseded_by = Some(id);
+                        self.transitioned(RolloutState::Superseded);
+                        self.emit(l.event(None));
+                    }
+                }
+                match self.deps.rollouts.get_rollout(id).await {
+                    Ok(Some(rec)) => {
+                        self.transitioned(RolloutState::Running);
+                        if let Err(e) = self.load_rollout(rec).await {
+                            tracing::error!(rollout = id, error = %e, "loading a new rollout failed; the next start resumes it");
+                        }
+                        let now = now_ms();
+                        if let Some(l) = self.live.get_mut(&id) {
+                            let ids: Vec<String> = l.targets.keys().cloned().collect();
+                            for g in ids {
+                                if self.deps.hub.get(&g).is_some() {
+                                    l.queue(&g, now);
+                                }
+                            }
+                        }
+                        self.adopt_newcomers(Some(id)).await;
+                        if let Some(l) = self.live.get(&id) {
+                            self.emit(l.event(None));
+                        }
+                    }
+                    Ok(None) => tracing::error!(rollout = id, "created rollout not found"),
+                    Err(e) => {
+                        tracing::error!(rollout = id, error = %e, "reading a new rollout failed")
+                    }
+                }
+                self.update_gauges();
+            }
+            Command::Control {
+                id,
+                action,
+                actor,
+                reply,
+            } => {
+                let result = self.control(id, action, &actor).await;
+                self.update_gauges();
+                let _ = reply.send(result);
+            }
+            Command::Connected(handle) => self.on_connected(&handle).await,
+            Command::Resync => self.reconcile().await,
+        }
+    }
+
+    async fn control(
+        &mut self,
+        id: i64,
+        action: Control,
+        actor: &str,
+    ) -> Result<RolloutRecord, ControlError> {
+        let Some(live) = self.live.get_mut(&id) else {
+            return match self.deps.rollouts.get_rollout(id).await {
+                Ok(Some(rec)) => Err(ControlError::Finished(id, rec.state)),
+                Ok(None) => Err(ControlError::NotFound(id)),
+                Err(e) => Err(ControlError::Store(e.to_string())),
+            };
+        };
+        let target = match action {
+            Control::Pause => RolloutState::Paused,
+            Control::Resume if live.rec.state == RolloutState::Paused => {
+                if live.outstanding() > 0 {
+                    RolloutState::Running
+                } else {
+                    RolloutState::Completed
+                }
+            }
+            Control::Resume => live.rec.state,
+            Control::Cancel => RolloutState::Cancelled,
+        };
+        if target == live.rec.state {
+            return Ok(live.rec.clone());
+        }
+        let detail = format!("{} by {actor}", action.as_str());
+        self.deps
+            .rollouts
+            .set_rollout_state(id, target, &detail)
+            .await
+            .map_err(|e| ControlError::Store(e.to_string()))?;
+        live.rec.state = target;
+        live.rec.detail = detail;
+        live.rec.updated_at = now_ms();
+        if !target.in_force() {
+            live.rec.finished_at = Some(live.rec.updated_at);
+        }
+        let rec = live.rec.clone();
+        let event = live.event(None);
+        if target == RolloutState::Cancelled {
+            self.live.remove(&id);
+        } else if target == RolloutState::Running {
+            let now = now_ms();
+            if let Some(l) = self.live.get_mut(&id) {
+                let ids: Vec<String> = l.targets.keys().cloned().collect();
+                for g in ids {
+                    if self.deps.hub.get(&g).is_some() {
+                        l.queue(&g, now);
+                    }
+                }
+            }
+        }
+        self.transitioned(target);
+        self.emit(event);
+        Ok(rec)
+    }
+
+    /// Completed when nothing is outstanding, running again when something is.
+    async fn refresh_state(&mut self, id: i64) {
+        let Some(live) = self.live.get_mut(&id) else {
+            return;
+        };
+        let next = match live.rec.state {
+            RolloutState::Running if live.outstanding() == 0 => RolloutState::Completed,
+            RolloutState::Completed if live.outstanding() > 0 => RolloutState::Running,
+            _ => return,
+        };
+        if next == RolloutState::Completed {
+            // Keep the plaintext in memory only while it is needed.
+            live.plaintext = None;
+        }
+        if let Err(e) = self.deps.rollouts.set_rollout_state(id, next, "").await {
+            tracing::error!(rollout = id, error = %e, "storing the rollout state failed");
+            return;
+        }
+        live.rec.state = next;
+        live.rec.detail.clear();
+        live.rec.updated_at = now_ms();
+        let event = live.event(None);
+        tracing::info!(rollout = id, state = %next, "rollout state changed");
+        self.transitioned(next);
+        self.emit(event);
+        self.update_gauges();
+    }
+
+    async fn on_connected(&mut self, handle: &TunnelHandle) {
+        // Labels may differ from the last sighting: note it again.
+        self.noted.remove(&handle.guest_id);
+        self.note(handle);
+        let now = now_ms();
+        let ids: Vec<i64> = self.live.keys().copied().collect();
+        for id in ids {
+            self.consider(id, handle, now).await;
+        }
+    }
+
+    fn note(&mut self, handle: &TunnelHandle) {
+        if self.noted.insert(handle.guest_id.clone()) {
+            self.to_note
+                .push((handle.guest_id.clone(), handle.labels.clone()));
+        }
+    }
+
+    /// A connected guest and one rollout: queue it if it is a pending target, add it if it
+    /// is a newcomer the selector picks.
+    async fn consider(&mut self, id: i64, handle: &TunnelHandle, now: u64) {
+        let Some(live) = self.live.get_mut(&id) else {
+            return;
+        };
+        if live.targets.contains_key(&handle.guest_id) {
+            live.queue(&handle.guest_id, now);
+            return;
+        }
+        if !live.selector.matches(&handle.labels) {
+            return;
+        }
+        let t = TargetRecord::pending(id, &handle.guest_id);
+        live.count(None, TargetState::Pending);
+        live.targets.insert(t.guest_id.clone(), t.clone());
+        live.queue(&handle.guest_id, now);
+        let event = live.event(Some(t.clone()));
+        self.writer.write_behind(t).await;
+        self.emit(event);
+        self.refresh_state(id).await;
+    }
+
+    /// Every live tunnel against `only` (or every rollout in force).
+    async fn adopt_newcomers(&mut self, only: Option<i64>) {
+        let now = now_ms();
+        let handles = self.deps.hub.list();
+        let ids: Vec<i64> = match only {
+            Some(id) => vec![id],
+            None => self.live.keys().copied().collect(),
+        };
+        for h in &handles {
+            self.note(h);
+            for &id in &ids {
+                self.consider(id, h, now).await;
+            }
+        }
+    }
+
+    /// The periodic pass: deadlines, then every live tunnel (missed events), then notes.
+    async fn reconcile(&mut self) {
+        let now = now_ms();
+        let expired: Vec<i64> = self
+            .live
+            .values()
+            .filter(|l| l.rec.deadline_at.is_some_and(|d| d <= now))
+            .map(|l| l.rec.id)
+            .collect();
+        for id in expired {
+            self.expire(id).await;
+        }
+        self.adopt_newcomers(None).await;
+        self.flush_notes().await;
+        let pruned = self.deps.directory.prune(&self.deps.hub, now / 1000);
+        if pruned > 0 {
+            tracing::debug!(pruned, "guest directory pruned");
+        }
+    }
+
+    async fn expire(&mut self, id: i64) {
+        let Some(mut live) = self.live.remove(&id) else {
+            return;
+        };
+        let now = now_ms();
+        let mut failed = Vec::new();
+        for t in live.targets.values_mut() {
+            if t.state == TargetState::Pending {
+                t.state = TargetState::Failed;
+                t.reason = format!("rollout deadline exceeded ({})", t.reason).replace(" ()", "");
+                t.updated_at = now;
+                failed.push(t.clone());
+            }
+        }
+        for t in &failed {
+            live.count(Some(TargetState::Pending), TargetState::Failed);
+            self.deps.metrics.push("failed");
+            self.writer.write_behind(t.clone()).await;
+        }
+        let detail = "overall deadline exceeded";
+        if let Err(e) = self
+            .deps
+            .rollouts
+            .set_rollout_state(id, RolloutState::Expired, detail)
+            .await
+        {
+            tracing::error!(rollout = id, error = %e, "storing the rollout expiry failed");
+        }
+        live.rec.state = RolloutState::Expired;
+        live.rec.detail = detail.into();
+        tracing::info!(rollout = id, failed = failed.len(), "rollout expired");
+        self.transitioned(RolloutState::Expired);
+        self.emit(live.event(None));
+        self.update_gauges();
+    }
+
+    fn release_due_retries(&mut self) {
+        let now = now_ms();
+        while let Some(Reverse((at, _, _))) = self.retries.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((_, id, guest))) = self.retries.pop() else {
+                break;
+            };
+            if self.deps.hub.get(&guest).is_some()
+                && let Some(l) = self.live.get_mut(&id)
+            {
+                l.queue(&guest, now);
+            }
+        }
+    }
+
+    async fn flush_notes(&mut self) {
+        if self.to_note.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.to_note);
+        if let Err(e) = self.deps.rollouts.note_rotation_guests(&batch).await {
+            tracing::warn!(error = %e, guests = batch.len(), "noting rotation guests failed");
+            for (g, _) in &batch {
+                self.noted.remove(g);
+            }
+        }
+    }
+
+    async fn on_done(&mut self, d: Done) {
+        let outcome = d.outcome;
+        self.deps.metrics.push(outcome.as_str());
+        if matches!(outcome, PushOutcome::Acked | PushOutcome::AlreadyHeld) {
+            self.deps.metrics.delivery.observe(d.elapsed.as_secs_f64());
+        }
+        let Some(live) = self.live.get_mut(&d.rollout_id) else {
+            // Superseded, cancelled or expired meanwhile: the row is stored, nothing to drive.
+            return;
+        };
+        live.in_flight = live.in_flight.saturating_sub(1);
+        let guest = d.row.guest_id.clone();
+        let previous = live
+            .targets
+            .insert(guest.clone(), d.row.clone())
+            .map(|t| t.state);
+        live.count(previous, d.row.state);
+        match outcome {
+            PushOutcome::Retry => {
+                self.retries
+                    .push(Reverse((d.row.next_attempt_at, d.rollout_id, guest)));
+            }
+            // Back already (a quick reconnect): no Connected event will come for this push.
+            PushOutcome::Disconnected if self.deps.hub.get(&guest).is_some() => {
+                live.queue(&guest, now_ms());
+            }
+            _ => {}
+        }
+        let event = live.event(Some(d.row));
+        self.emit(event);
+        self.refresh_state(d.rollout_id).await;
+    }
+
+    /// Start pushes wherever a running rollout has a free slot and a ready target.
+    async fn dispatch(&mut self) {
+        let ids: Vec<i64> = self.live.keys().copied().collect();
+        for id in ids {
+            let wants_plaintext = self.live.get(&id).is_some_and(|l| {
+                l.rec.state == RolloutState::Running
+                    && !l.ready.is_empty()
+                    && l.plaintext.is_none()
+                    && l.in_flight < l.rec.max_concurrent as usize
+            });
+            if wants_plaintext && !self.load_plaintext(id).await {
+                continue;
+            }
+            self.dispatch_one(id).await;
+        }
+    }
+
+    /// Loads the rollout's version; false when it cannot be delivered now.
+    async fn load_plaintext(&mut self, id: i64) -> bool {
+        let Some(live) = self.live.get(&id) else {
+            return false;
+        };
+        let path = match live
+            .rec
+            .path
+            .parse::<kbs_core::resource_path::ResourcePath>()
+        {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(rollout = id, error = %e, "stored rollout path is invalid");
+                return false;
+            }
+        };
+        let version = live.rec.version;
+        match self.deps.resources.get_resource(&path, Some(version)).await {
+            Ok(Some(r)) => {
+                if let Some(l) = self.live.get_mut(&id) {
+                    l.plaintext = Some(Arc::new(r.data));
+                }
+                true
+            }
+            Ok(None) => {
+                self.fail_outstanding(id, &format!("version {version} of {path} no longer exists"))
+                    .await;
+                false
+            }
+            Err(e) => {
+                tracing::error!(rollout = id, error = %e, "reading the rollout's resource failed; retried later");
+                false
+            }
+        }
+    }
+
+    async fn fail_outstanding(&mut self, id: i64, reason: &str) {
+        let Some(live) = self.live.get_mut(&id) else {
+            return;
+        };
+        let now = now_ms();
+        let mut failed = Vec::new();
+        for t in live.targets.values_mut() {
+            if t.state == TargetState::Pending {
+                t.state = TargetState::Failed;
+                t.reason = reason.to_string();
+                t.updated_at = now;
+                failed.push(t.clone());
+            }
+        }
+        live.ready.clear();
+        live.queued.clear();
+        for t in failed {
+            live.count(Some(TargetState::Pending), TargetState::Failed);
+            let event = live.event(Some(t.clone()));
+            let _ = self.events.send(event);
+            self.writer.write_behind(t).await;
+        }
+        self.refresh_state(id).await;
+    }
+
+    async fn dispatch_one(&mut self, id: i64) {
+        let now = now_ms();
+        let Some(live) = self.live.get_mut(&id) else {
+            return;
+        };
+        let Some(plaintext) = live.plaintext.clone() else {
+            return;
+        };
+        while live.rec.state == RolloutState::Running
+            && live.in_flight < live.rec.max_concurrent as usize
+        {
+            let Some(guest) = live.ready.pop_front() else {
+                break;
+            };
+            live.queued.remove(&guest);
+            let Some(t) = live.targets.get_mut(&guest) else {
+                continue;
+            };
+            if t.state != TargetState::Pending || t.next_attempt_at > now {
+                continue;
+            }
+            let Some(handle) = self.deps.hub.get(&guest) else {
+                continue;
+            };
+            let Some(attested) = self.deps.directory.get(&guest) else {
+                tracing::debug!(guest_id = %guest, "connected guest missing from the directory");
+                continue;
+            };
+            t.state = TargetState::Delivering;
+            t.updated_at = now;
+            let row = t.clone();
+            live.count(Some(TargetState::Pending), TargetState::Delivering);
+            live.in_flight += 1;
+            let _ = self.events.send(live.event(Some(row.clone())));
+
+            let deps = self.deps.clone();
+            let rec = live.rec.clone();
+            let writer = self.writer.clone();
+            let done = self.done_tx.clone();
+            let plaintext = plaintext.clone();
+            tokio::spawn(async move {
+                let start = Instant::now();
+                writer.write_behind(row.clone()).await;
+                let (row, outcome) =
+                    deliver::push(&deps, &rec, row, handle, attested, plaintext).await;
+                if let Err(e) = writer.write(row.clone()).await {
+                    tracing::error!(rollout = rec.id, guest_id = %row.guest_id, error = %e, "target outcome not stored");
+                }
+                tracing::debug!(rollout = rec.id, guest_id = %row.guest_id, outcome = outcome.as_str(), "push done");
+                let _ = done.send(Done {
+                    rollout_id: rec.id,
+                    row,
+                    outcome,
+                    elapsed: start.elapsed(),
+                });
+            });
+        }
+    }
+}

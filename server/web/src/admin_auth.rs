@@ -1,0 +1,482 @@
+//! Admin authentication: `Authorization: Bearer <JWT>` signed EdDSA (Ed25519) by a
+//! configured key, with a `role` claim that maps to allowed method + path patterns.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use axum::http::{HeaderMap, Method};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
+use kbs_core::audit::{Actor, Audit, AuditRecord};
+use regex::Regex;
+use serde::Deserialize;
+
+use crate::error::ApiError;
+
+/// Admin authentication: trusted Ed25519 public keys and roles (`[admin]`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Trusted admin token signers.
+    pub keys: Vec<AdminKeyConfig>,
+    /// Role name -> rules `"<METHODS> <path regex>"`, METHODS `*` or a comma list (`GET,POST`).
+    pub roles: BTreeMap<String, Vec<String>>,
+    /// Generate a development admin key under the data dir and trust it (no keys configured).
+    pub dev_key: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            keys: Vec::new(),
+            roles: BTreeMap::from([("admin".to_string(), vec!["* ^/kbs/.+$".to_string()])]),
+            dev_key: true,
+        }
+    }
+}
+
+/// One trusted admin token signer.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminKeyConfig {
+    /// Name used in logs and audit.
+    pub name: String,
+    /// Ed25519 public key, PEM (SPKI), as `openssl pkey -pubout` writes it.
+    pub public_key_file: PathBuf,
+    /// Required `iss`; any issuer when absent.
+    pub issuer: Option<String>,
+    /// Required `aud` member.
+    #[serde(default = "default_audience")]
+    pub audience: String,
+}
+
+fn default_audience() -> String {
+    "KBS".to_string()
+}
+
+/// One rule of a role: `<METHODS> <path regex>`, METHODS `*` or a comma list.
+#[derive(Clone, Debug)]
+pub struct RoleRule {
+    methods: Option<Vec<Method>>,
+    path: Regex,
+}
+
+impl RoleRule {
+    /// Parse `"GET,POST ^/kbs/v0/resource/.+$"` or `"* ^/kbs/.+$"`.
+    pub fn parse(rule: &str) -> Result<Self, String> {
+        let (methods, path) = rule
+            .trim()
+            .split_once(char::is_whitespace)
+            .ok_or_else(|| format!("rule `{rule}` must be `<METHODS> <path regex>`"))?;
+        let methods = if methods == "*" {
+            None
+        } else {
+            Some(
+                methods
+                    .split(',')
+                    .map(|m| {
+                        Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes())
+                            .map_err(|_| format!("`{m}` is not an HTTP method"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            )
+        };
+        let path = Regex::new(path.trim()).map_err(|e| format!("bad path regex: {e}"))?;
+        Ok(Self { methods, path })
+    }
+
+    fn allows(&self, method: &Method, path: &str) -> bool {
+        self.methods.as_ref().is_none_or(|m| m.contains(method)) && self.path.is_match(path)
+    }
+}
+
+/// Who is calling an admin endpoint, once authenticated and authorised.
+#[derive(Clone, Debug)]
+pub struct AdminIdentity {
+    /// Token `sub`.
+    pub subject: String,
+    /// Token `role`.
+    pub role: String,
+    /// Name of the key that signed it.
+    pub key: String,
+}
+
+impl AdminIdentity {
+    /// `subject@key`, as written in the audit log.
+    pub fn actor(&self) -> String {
+        format!("{}@{}", self.subject, self.key)
+    }
+
+    /// Record an action by this admin in the audit trail.
+    pub async fn audit(
+        &self,
+        audit: &Audit,
+        action: &str,
+        target: &str,
+        outcome: &str,
+        detail: String,
+    ) {
+        let name = self.actor();
+        let actor = Actor {
+            name: &name,
+            role: &self.role,
+        };
+        let record = AuditRecord {
+            action,
+            target,
+            outcome,
+            detail,
+        };
+        audit.record(actor, record).await;
+    }
+}
+
+struct TrustedKey {
+    name: String,
+    key: DecodingKey,
+    issuer: Option<String>,
+    audience: String,
+}
+
+/// Verifies admin tokens and applies role rules.
+pub struct AdminAuth {
+    keys: Vec<TrustedKey>,
+    roles: HashMap<String, Vec<RoleRule>>,
+}
+
+#[derive(Deserialize)]
+struct AdminClaims {
+    sub: Option<String>,
+    role: Option<String>,
+}
+
+/// Admin auth set-up errors.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminSetupError {
+    /// A key file could not be read or parsed.
+    #[error("admin key `{name}` ({path}): {reason}")]
+    Key {
+        /// Key name.
+        name: String,
+        /// File.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// A role rule is malformed.
+    #[error("admin.roles.{role}: {reason}")]
+    Rule {
+        /// Role name.
+        role: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl AdminAuth {
+    /// Build from config plus an optional development key (name, SPKI PEM) trusted for any issuer.
+    pub fn new(cfg: &AdminConfig, dev_key: Option<(&str, &[u8])>) -> Result<Self, AdminSetupError> {
+        let mut keys = Vec::new();
+        for k in &cfg.keys {
+            let pem = std::fs::read(&k.public_key_file).map_err(|e| AdminSetupError::Key {
+                name: k.name.clone(),
+                path: k.public_key_file.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            let key = DecodingKey::from_ed_pem(&pem).map_err(|e| AdminSetupError::Key {
+                name: k.name.clone(),
+                path: k.public_key_file.display().to_string(),
+                reason: format!("not an Ed25519 public key PEM: {e}"),
+            })?;
+            keys.push(TrustedKey {
+                name: k.name.clone(),
+                key,
+                issuer: k.issuer.clone(),
+                audience: k.audience.clone(),
+            });
+        }
+        if let Some((name, pem)) = dev_key {
+            let key = DecodingKey::from_ed_pem(pem).map_err(|e| AdminSetupError::Key {
+                name: name.to_string(),
+                path: "(development key)".into(),
+                reason: e.to_string(),
+            })?;
+            keys.push(TrustedKey {
+                name: name.to_string(),
+                key,
+                issuer: None,
+                audience: "KBS".into(),
+            });
+        }
+        let mut roles = HashMap::new();
+        for (role, rules) in &cfg.roles {
+            let parsed = rules
+                .iter()
+                .map(|r| RoleRule::parse(r))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|reason| AdminSetupError::Rule {
+                    role: role.clone(),
+                    reason,
+                })?;
+            roles.insert(role.clone(), parsed);
+        }
+        Ok(Self { keys, roles })
+    }
+
+    /// Check an already authenticated identity's role allows `method path` (the dashboard
+    /// session, which holds the identity of the admin token it was opened with).
+    pub fn authorize_identity(
+        &self,
+        identity: &AdminIdentity,
+        method: &Method,
+        path: &str,
+    ) -> Result<(), ApiError> {
+        let allowed = self
+            .roles
+            .get(&identity.role)
+            .is_some_and(|rules| rules.iter().any(|r| r.allows(method, path)));
+        if allowed {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(
+                "AdminRoleDenied",
+                format!("role `{}` may not {method} {path}", identity.role),
+            ))
+        }
+    }
+
+    /// Authenticate the bearer token and check the role allows `method path`.
+    pub fn authorize(
+        &self,
+        headers: &HeaderMap,
+        method: &Method,
+        path: &str,
+    ) -> Result<AdminIdentity, ApiError> {
+        let token = bearer(headers).ok_or_else(|| {
+            ApiError::unauthorized(
+                "AdminAuthRequired",
+                "admin endpoint: missing `Authorization: Bearer <admin JWT>`",
+            )
+        })?;
+        let header = jsonwebtoken::decode_header(token).map_err(|e| {
+            ApiError::unauthorized(
+                "AdminTokenInvalid",
+                format!("admin token is not a JWT: {e}"),
+            )
+        })?;
+        if header.alg != Algorithm::EdDSA {
+            return Err(ApiError::unauthorized(
+                "AdminTokenInvalid",
+                format!("admin token must be signed EdDSA, not {:?}", header.alg),
+            ));
+        }
+        let mut last = ApiError::unauthorized(
+            "AdminTokenInvalid",
+            "admin token is not signed by a trusted admin key",
+        );
+        for k in self
+            .keys
+            .iter()
+            .filter(|k| header.kid.as_deref().is_none_or(|kid| kid == k.name))
+        {
+            let mut v = Validation::new(Algorithm::EdDSA);
+            v.set_audience(&[&k.audience]);
+            v.set_required_spec_claims(&["exp", "aud"]);
+            v.leeway = 5;
+            if let Some(iss) = &k.issuer {
+                v.set_issuer(&[iss]);
+            }
+            match jsonwebtoken::decode::<AdminClaims>(token, &k.key, &v) {
+                Ok(data) => {
+                    let role = data.claims.role.ok_or_else(|| {
+                        ApiError::forbidden("AdminRoleMissing", "admin token has no `role` claim")
+                    })?;
+                    let identity = AdminIdentity {
+                        subject: data.claims.sub.unwrap_or_else(|| "unknown".into()),
+                        role,
+                        key: k.name.clone(),
+                    };
+                    let allowed = self
+                        .roles
+                        .get(&identity.role)
+                        .is_some_and(|rules| rules.iter().any(|r| r.allows(method, path)));
+                    if !allowed {
+                        return Err(ApiError::forbidden(
+                            "AdminRoleDenied",
+                            format!("role `{}` may not {method} {path}", identity.role),
+                        ));
+                    }
+                    return Ok(identity);
+                }
+                Err(e) => {
+                    last = match e.kind() {
+                        ErrorKind::ExpiredSignature => {
+                            ApiError::unauthorized("AdminTokenExpired", "admin token has expired")
+                        }
+                        ErrorKind::InvalidAudience => ApiError::unauthorized(
+                            "AdminTokenInvalid",
+                            format!("admin token audience does not include `{}`", k.audience),
+                        ),
+                        ErrorKind::InvalidIssuer => ApiError::unauthorized(
+                            "AdminTokenInvalid",
+                            "admin token issuer is not trusted",
+                        ),
+                        ErrorKind::MissingRequiredClaim(c) => ApiError::unauthorized(
+                            "AdminTokenInvalid",
+                            format!("admin token lacks the `{c}` claim"),
+                        ),
+                        _ => continue,
+                    };
+                }
+            }
+        }
+        Err(last)
+    }
+}
+
+/// The token of an `Authorization: Bearer` header, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kbs_core::admin_key::{AdminKeyPair, AdminTokenRequest};
+    use std::time::Duration;
+
+    fn auth_with(roles: &[(&str, &[&str])]) -> (AdminAuth, AdminKeyPair) {
+        let kp = AdminKeyPair::generate();
+        let cfg = AdminConfig {
+            keys: vec![],
+            roles: roles
+                .iter()
+                .map(|(r, rules)| (r.to_string(), rules.iter().map(|s| s.to_string()).collect()))
+                .collect::<BTreeMap<_, _>>(),
+            dev_key: true,
+        };
+        let pem = kp.public_pem();
+        (
+            AdminAuth::new(&cfg, Some(("dev", pem.as_bytes()))).unwrap(),
+            kp,
+        )
+    }
+
+    fn headers(token: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn roles_gate_method_and_path() {
+        let (auth, kp) = auth_with(&[
+            ("admin", &["* ^/kbs/.+$"]),
+            ("reader", &["GET ^/kbs/v0/resource-policy$"]),
+        ]);
+        let admin = kp
+            .sign(&AdminTokenRequest::new(
+                "alice",
+                "admin",
+                Duration::from_secs(60),
+            ))
+            .unwrap();
+        let id = auth
+            .authorize(&headers(&admin), &Method::POST, "/kbs/v0/resource/a/b/c")
+            .unwrap();
+        assert_eq!(id.actor(), "alice@dev");
+        let reader = kp
+            .sign(&AdminTokenRequest::new(
+                "bob",
+                "reader",
+                Duration::from_secs(60),
+            ))
+            .unwrap();
+        assert!(
+            auth.authorize(&headers(&reader), &Method::GET, "/kbs/v0/resource-policy")
+                .is_ok()
+        );
+        let e = auth
+            .authorize(&headers(&reader), &Method::POST, "/kbs/v0/resource-policy")
+            .unwrap_err();
+        assert_eq!(e.status.as_u16(), 403);
+        let ghost = kp
+            .sign(&AdminTokenRequest::new(
+                "eve",
+                "ghost",
+                Duration::from_secs(60),
+            ))
+            .unwrap();
+        assert_eq!(
+            auth.authorize(&headers(&ghost), &Method::GET, "/kbs/v0/x")
+                .unwrap_err()
+                .status
+                .as_u16(),
+            403
+        );
+    }
+
+    #[test]
+    fn refuses_unknown_key_expired_alg_none_and_missing() {
+        let (auth, _kp) = auth_with(&[("admin", &["* ^/kbs/.+$"])]);
+        let stranger = AdminKeyPair::generate();
+        let t = stranger
+            .sign(&AdminTokenRequest::new(
+                "x",
+                "admin",
+                Duration::from_secs(60),
+            ))
+            .unwrap();
+        assert_eq!(
+            auth.authorize(&headers(&t), &Method::GET, "/kbs/x")
+                .unwrap_err()
+                .status
+                .as_u16(),
+            401
+        );
+        let (auth, kp) = auth_with(&[("admin", &["* ^/kbs/.+$"])]);
+        let mut req = AdminTokenRequest::new("x", "admin", Duration::from_secs(60));
+        req.expires_at = Some(1_000);
+        let t = kp.sign(&req).unwrap();
+        let e = auth
+            .authorize(&headers(&t), &Method::GET, "/kbs/x")
+            .unwrap_err();
+        assert_eq!(e.name, "AdminTokenExpired");
+        // alg none: header {"alg":"none"} with the same claims and no signature.
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let none = format!(
+            "{}.{}.",
+            b64.encode(br#"{"alg":"none","typ":"JWT"}"#),
+            b64.encode(br#"{"sub":"x","role":"admin","aud":["KBS"],"exp":9999999999}"#)
+        );
+        assert_eq!(
+            auth.authorize(&headers(&none), &Method::GET, "/kbs/x")
+                .unwrap_err()
+                .status
+                .as_u16(),
+            401
+        );
+        assert_eq!(
+            auth.authorize(&HeaderMap::new(), &Method::GET, "/kbs/x")
+                .unwrap_err()
+                .name,
+            "AdminAuthRequired"
+        );
+    }
+
+    #[test]
+    fn rule_parsing() {
+        assert!(RoleRule::parse("GET,post ^/a$").is_ok());
+        assert!(RoleRule::parse("^/a$").is_err());
+        assert!(RoleRule::parse("G@T ^/a$").is_err());
+        assert!(RoleRule::parse("* ([").is_err());
+    }
+}
