@@ -18,6 +18,7 @@ pub mod guest;
 mod handle;
 pub mod handshake;
 mod hub;
+pub mod in_process;
 pub mod labels;
 mod link;
 mod liveness;

@@ -6,20 +6,26 @@
 //! push is idempotent by path + version on the guest, so replaying one after a crash is safe.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tunnel::TunnelHandle;
-use zeroize::Zeroizing;
 
 use kbs_core::selector::Selector;
 use kbs_core::storage::{
     RolloutQuery, RolloutRecord, RolloutState, StoreError, TargetRecord, TargetState, now_ms,
 };
+
+mod commands;
+mod live;
+#[cfg(test)]
+mod tests;
+
+pub use commands::{Command, Control, ControlError, RolloutEvent};
+use live::Live;
 
 use crate::Deps;
 use crate::deliver::{self, PushOutcome};
@@ -33,145 +39,11 @@ pub const KNOWN_GUEST_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Guest sightings written per batch.
 const NOTE_BATCH: usize = 512;
 
-/// A change to a rollout, as the events stream sends it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RolloutEvent {
-    /// Rollout id.
-    pub rollout_id: i64,
-    /// Rollout state after the change.
-    pub state: RolloutState,
-    /// Target counts by state after the change.
-    pub counts: BTreeMap<TargetState, u64>,
-    /// The target that changed, if the change is a target's.
-    pub target: Option<TargetRecord>,
-}
-
-/// An admin control.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Control {
-    /// Stop starting pushes.
-    Pause,
-    /// Start pushing again.
-    Resume,
-    /// Stop for good.
-    Cancel,
-}
-
-impl Control {
-    /// Verb for audit and URLs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pause => "pause",
-            Self::Resume => "resume",
-            Self::Cancel => "cancel",
-        }
-    }
-}
-
-/// Why a control was refused.
-#[derive(Clone, Debug, thiserror::Error)]
-pub enum ControlError {
-    /// No such rollout.
-    #[error("no rollout {0}")]
-    NotFound(i64),
-    /// The rollout is no longer in force.
-    #[error("rollout {0} is {1}; only running, completed or paused rollouts can be controlled")]
-    Finished(i64, RolloutState),
-    /// Storage failed.
-    #[error("storage: {0}")]
-    Store(String),
-}
-
-/// What the reconciler is told.
-pub enum Command {
-    /// A rollout was stored (and older ones of its path superseded).
-    Created {
-        /// The new rollout.
-        id: i64,
-        /// The rollouts it superseded.
-        superseded: Vec<i64>,
-    },
-    /// Pause, resume or cancel.
-    Control {
-        /// Rollout id.
-        id: i64,
-        /// What to do.
-        action: Control,
-        /// Who (recorded in the rollout's detail).
-        actor: String,
-        /// The rollout after the change.
-        reply: oneshot::Sender<Result<RolloutRecord, ControlError>>,
-    },
-    /// A guest's tunnel came up.
-    Connected(Arc<TunnelHandle>),
-    /// Events may have been missed: compare with the hub now.
-    Resync,
-}
-
 struct Done {
     rollout_id: i64,
     row: TargetRecord,
     outcome: PushOutcome,
     elapsed: Duration,
-}
-
-struct Live {
-    rec: RolloutRecord,
-    selector: Selector,
-    targets: HashMap<String, TargetRecord>,
-    counts: BTreeMap<TargetState, u64>,
-    ready: VecDeque<String>,
-    queued: HashSet<String>,
-    in_flight: usize,
-    plaintext: Option<Arc<Zeroizing<Vec<u8>>>>,
-}
-
-impl Live {
-    fn new(rec: RolloutRecord, selector: Selector) -> Self {
-        Self {
-            rec,
-            selector,
-            targets: HashMap::new(),
-            counts: TargetState::ALL.iter().map(|s| (*s, 0)).collect(),
-            ready: VecDeque::new(),
-            queued: HashSet::new(),
-            in_flight: 0,
-            plaintext: None,
-        }
-    }
-
-    fn outstanding(&self) -> u64 {
-        self.counts[&TargetState::Pending] + self.counts[&TargetState::Delivering]
-    }
-
-    fn count(&mut self, from: Option<TargetState>, to: TargetState) {
-        if let Some(from) = from
-            && let Some(c) = self.counts.get_mut(&from)
-        {
-            *c = c.saturating_sub(1);
-        }
-        *self.counts.entry(to).or_insert(0) += 1;
-    }
-
-    /// Queues a pending, due target for dispatch (once).
-    fn queue(&mut self, guest_id: &str, now: u64) {
-        let due = self
-            .targets
-            .get(guest_id)
-            .is_some_and(|t| t.state == TargetState::Pending && t.next_attempt_at <= now);
-        if due && self.queued.insert(guest_id.to_string()) {
-            self.ready.push_back(guest_id.to_string());
-        }
-    }
-
-    fn event(&self, target: Option<TargetRecord>) -> Arc<RolloutEvent> {
-        Arc::new(RolloutEvent {
-            rollout_id: self.rec.id,
-            state: self.rec.state,
-            counts: self.counts.clone(),
-            target,
-        })
-    }
 }
 
 struct Engine {
@@ -343,6 +215,20 @@ impl Engine {
         Ok(())
     }
 
+    /// Loads a rollout just created (its `Created` command).
+    async fn load_new(&mut self, id: i64) {
+        match self.deps.rollouts.get_rollout(id).await {
+            Ok(Some(rec)) => {
+                self.transitioned(RolloutState::Running);
+                if let Err(e) = self.load_rollout(rec).await {
+                    tracing::error!(rollout = id, error = %e, "loading a new rollout failed; the next start resumes it");
+                }
+            }
+            Ok(None) => tracing::error!(rollout = id, "created rollout not found"),
+            Err(e) => tracing::error!(rollout = id, error = %e, "reading a new rollout failed"),
+        }
+    }
+
     async fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::Created { id, superseded } => {
@@ -354,30 +240,26 @@ impl Engine {
                         self.emit(l.event(None));
                     }
                 }
-                match self.deps.rollouts.get_rollout(id).await {
-                    Ok(Some(rec)) => {
-                        self.transitioned(RolloutState::Running);
-                        if let Err(e) = self.load_rollout(rec).await {
-                            tracing::error!(rollout = id, error = %e, "loading a new rollout failed; the next start resumes it");
-                        }
-                        let now = now_ms();
-                        if let Some(l) = self.live.get_mut(&id) {
-                            let ids: Vec<String> = l.targets.keys().cloned().collect();
-                            for g in ids {
-                                if self.deps.hub.get(&g).is_some() {
-                                    l.queue(&g, now);
-                                }
-                            }
-                        }
-                        self.adopt_newcomers(Some(id)).await;
-                        if let Some(l) = self.live.get(&id) {
-                            self.emit(l.event(None));
+                // Already live when the reconciler's start-up load saw the new row before this
+                // command arrived: reloading it would forget the pushes in flight and send
+                // them again.
+                if !self.live.contains_key(&id) {
+                    self.load_new(id).await;
+                }
+                let now = now_ms();
+                if let Some(l) = self.live.get_mut(&id) {
+                    let ids: Vec<String> = l.targets.keys().cloned().collect();
+                    for g in ids {
+                        if self.deps.hub.get(&g).is_some() {
+                            l.queue(&g, now);
                         }
                     }
-                    Ok(None) => tracing::error!(rollout = id, "created rollout not found"),
-                    Err(e) => {
-                        tracing::error!(rollout = id, error = %e, "reading a new rollout failed")
-                    }
+                }
+                if self.live.contains_key(&id) {
+                    self.adopt_newcomers(Some(id)).await;
+                }
+                if let Some(l) = self.live.get(&id) {
+                    self.emit(l.event(None));
                 }
                 self.update_gauges();
             }

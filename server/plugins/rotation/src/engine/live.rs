@@ -1,0 +1,71 @@
+//! [`Live`]: the reconciler's in-memory view of one rollout in force: its targets, their
+//! counts by state, the queue of targets ready for a push, and the version's plaintext while
+//! pushes need it.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use kbs_core::selector::Selector;
+use kbs_core::storage::{RolloutRecord, TargetRecord, TargetState};
+use zeroize::Zeroizing;
+
+use super::RolloutEvent;
+
+pub(super) struct Live {
+    pub(super) rec: RolloutRecord,
+    pub(super) selector: Selector,
+    pub(super) targets: HashMap<String, TargetRecord>,
+    pub(super) counts: BTreeMap<TargetState, u64>,
+    pub(super) ready: VecDeque<String>,
+    pub(super) queued: HashSet<String>,
+    pub(super) in_flight: usize,
+    pub(super) plaintext: Option<Arc<Zeroizing<Vec<u8>>>>,
+}
+
+impl Live {
+    pub(super) fn new(rec: RolloutRecord, selector: Selector) -> Self {
+        Self {
+            rec,
+            selector,
+            targets: HashMap::new(),
+            counts: TargetState::ALL.iter().map(|s| (*s, 0)).collect(),
+            ready: VecDeque::new(),
+            queued: HashSet::new(),
+            in_flight: 0,
+            plaintext: None,
+        }
+    }
+
+    pub(super) fn outstanding(&self) -> u64 {
+        self.counts[&TargetState::Pending] + self.counts[&TargetState::Delivering]
+    }
+
+    pub(super) fn count(&mut self, from: Option<TargetState>, to: TargetState) {
+        if let Some(from) = from
+            && let Some(c) = self.counts.get_mut(&from)
+        {
+            *c = c.saturating_sub(1);
+        }
+        *self.counts.entry(to).or_insert(0) += 1;
+    }
+
+    /// Queues a pending, due target for dispatch (once).
+    pub(super) fn queue(&mut self, guest_id: &str, now: u64) {
+        let due = self
+            .targets
+            .get(guest_id)
+            .is_some_and(|t| t.state == TargetState::Pending && t.next_attempt_at <= now);
+        if due && self.queued.insert(guest_id.to_string()) {
+            self.ready.push_back(guest_id.to_string());
+        }
+    }
+
+    pub(super) fn event(&self, target: Option<TargetRecord>) -> Arc<RolloutEvent> {
+        Arc::new(RolloutEvent {
+            rollout_id: self.rec.id,
+            state: self.rec.state,
+            counts: self.counts.clone(),
+            target,
+        })
+    }
+}
