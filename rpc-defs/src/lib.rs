@@ -27,3 +27,11 @@ pub trait GuestService {
     /// Report health, held resources or runtime figures.
     async fn probe(kind: ProbeKind) -> Result<ProbeReport, GuestError>;
 }
+
+#[cfg(test)]
+mod layering_tests {
+    #[test]
+    fn modules_do_not_import_each_other_in_a_circle() {
+        layering::assert_no_module_cycles(env!("CARGO_MANIFEST_DIR"));
+    }
+}

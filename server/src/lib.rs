@@ -12,3 +12,16 @@ pub mod dashboard;
 pub mod http;
 pub mod serve;
 pub mod tls;
+
+#[cfg(test)]
+mod layering_tests {
+    #[test]
+    fn modules_do_not_import_each_other_in_a_circle() {
+        layering::assert_no_module_cycles(env!("CARGO_MANIFEST_DIR"));
+    }
+
+    #[test]
+    fn nothing_imports_the_composition_root() {
+        layering::assert_nobody_imports(env!("CARGO_MANIFEST_DIR"), "app");
+    }
+}

@@ -44,3 +44,11 @@ pub use server::{
     AcceptParams, ReauthFn, TunnelLimits, configure_upgrade, offers_push_key, offers_subprotocol,
     serve_guest_tunnel,
 };
+
+#[cfg(test)]
+mod layering_tests {
+    #[test]
+    fn modules_do_not_import_each_other_in_a_circle() {
+        layering::assert_no_module_cycles(env!("CARGO_MANIFEST_DIR"));
+    }
+}

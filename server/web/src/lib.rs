@@ -14,3 +14,11 @@ pub mod error;
 pub mod extract;
 pub mod http_metrics;
 pub mod plugin;
+
+#[cfg(test)]
+mod layering_tests {
+    #[test]
+    fn modules_do_not_import_each_other_in_a_circle() {
+        layering::assert_no_module_cycles(env!("CARGO_MANIFEST_DIR"));
+    }
+}

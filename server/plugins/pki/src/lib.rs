@@ -599,3 +599,11 @@ mod tests {
         assert!(c.validate().is_err());
     }
 }
+
+#[cfg(test)]
+mod layering_tests {
+    #[test]
+    fn modules_do_not_import_each_other_in_a_circle() {
+        layering::assert_no_module_cycles(env!("CARGO_MANIFEST_DIR"));
+    }
+}
