@@ -15,7 +15,7 @@ use kbs_core::attest::{RcarConfig, RcarService};
 use kbs_core::audit::Audit;
 use kbs_core::events::{EVENT_QUEUE, EventSink};
 use kbs_core::fleet::{Fleet, Observability, ObservabilityParts};
-use kbs_core::guest_directory::{self, GuestDirectory};
+use kbs_core::guest_directory::GuestDirectory;
 use kbs_core::metrics::{Exposition, Metrics};
 use kbs_core::policy::{DEFAULT_POLICY, PolicyEngine};
 use kbs_core::policy_gate::PolicyGate;
@@ -337,7 +337,7 @@ impl Kbs {
         });
         let pruner = s.directory.clone().spawn_pruner(
             s.hub.clone(),
-            guest_directory::PRUNE_EVERY,
+            self.config.tunnel.directory_prune_interval,
             s.shutdown.clone(),
         );
         s.plugins.start_all().await;
@@ -474,4 +474,96 @@ async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) ->
         "MethodNotAllowed",
         format!("{method} is not allowed on {}", uri.path()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use kbs_core::identity::GuestIdentity;
+    use kbs_core::token::build_claims;
+    use serde_json::json;
+
+    use super::*;
+
+    fn config(dir: &std::path::Path) -> Config {
+        let mut config = Config::default();
+        config.storage.data_dir = dir.to_path_buf();
+        config
+    }
+
+    #[tokio::test]
+    async fn expired_guests_leave_the_directory_with_rotation_disabled() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path());
+        config.plugins.disabled = vec!["rotation".into()];
+        config.tunnel.directory_prune_interval = Duration::from_secs(1);
+        let kbs = Kbs::build(config).await.unwrap();
+        assert!(!kbs.state.plugins.is_enabled("rotation"));
+        let identity = GuestIdentity {
+            guest_id: "gone".into(),
+            ..Default::default()
+        };
+        let key = kbs_types::TeePubKey::EC {
+            crv: "P-256".into(),
+            alg: "ECDH-ES+A256KW".into(),
+            x: "WKn-ZIGevcwGIyyrzFoZNBdaq9_TsqzGl96oc0CWuis".into(),
+            y: "y77t-RvAHRKTsSGdIYUfweuOvwrvDD-Q3Hv5J0fSKbE".into(),
+        };
+        let claims = build_claims("sample", json!({}), &key, "bm9uY2U=", None, &identity);
+        let (_, token) = kbs
+            .state
+            .rcar
+            .signer()
+            .issue_verified(claims, Duration::ZERO)
+            .unwrap();
+        let directory = kbs.state.directory.clone();
+        directory.record(&token);
+        let shutdown = kbs.state.shutdown.clone();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let serving = tokio::spawn(kbs.serve(listener));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while directory.get("gone").is_some() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the expired guest was never pruned"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        shutdown.cancel();
+        serving.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn plugin_sections_are_checked_by_their_plugin_and_unknown_ones_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let build = |section: &'static str, text: &'static str| {
+            let mut config = config(dir.path());
+            config.plugins.set(section, text).unwrap();
+            Kbs::build(config)
+        };
+        let key_of = |e: StartError| match e {
+            StartError::Config(ConfigError::Invalid { key, .. }) => key,
+            other => panic!("not a config error naming a key: {other}"),
+        };
+        let err = build("splitapi", "validity = \"1h\"\nrenew_before = \"2h\"")
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(key_of(err), "plugins.splitapi.renew_before");
+        let err = build("splitapi", "validty = \"1h\"").await.err().unwrap();
+        assert_eq!(key_of(err), "plugins.splitapi");
+        let err = build("nope", "x = 1").await.err().unwrap();
+        assert_eq!(key_of(err), "plugins.nope");
+        let mut disabled = config(dir.path());
+        disabled.plugins.disabled = vec!["nope".into()];
+        let err = Kbs::build(disabled).await.err().unwrap();
+        assert_eq!(key_of(err), "plugins.disabled[0]");
+        let ok = build(
+            "splitapi",
+            "key_algorithm = \"ecdsa-p256\"\nvalidity = \"2d\"\nrenew_before = \"1d\"",
+        )
+        .await
+        .unwrap();
+        assert!(ok.state.plugins.is_enabled("splitapi"));
+    }
 }

@@ -207,6 +207,10 @@ pub struct TunnelConfig {
     /// against read calls under heavy pipelining (no measurable difference between 1 and
     /// 4 KiB with 64 calls in flight, see the README's benchmarks).
     pub read_buffer_bytes: usize,
+    /// How often the claims and TEE keys of guests whose tunnel is gone and whose token has
+    /// expired are forgotten (whatever plugins are enabled).
+    #[serde(with = "humantime_serde")]
+    pub directory_prune_interval: Duration,
 }
 
 impl Default for TunnelConfig {
@@ -219,6 +223,7 @@ impl Default for TunnelConfig {
             call_deadline: Duration::from_secs(10),
             write_queue: 128,
             read_buffer_bytes: 1024,
+            directory_prune_interval: Duration::from_secs(30),
         }
     }
 }
@@ -419,6 +424,12 @@ impl Config {
         }
         if t.max_in_flight == 0 || t.write_queue == 0 {
             return Err(invalid("tunnel.max_in_flight", "limits must be positive"));
+        }
+        if t.directory_prune_interval < Duration::from_secs(1) {
+            return Err(invalid(
+                "tunnel.directory_prune_interval",
+                "must be at least 1s",
+            ));
         }
         if !(256..=1024 * 1024).contains(&t.read_buffer_bytes) {
             return Err(invalid(

@@ -7,7 +7,7 @@ use rand::Rng;
 
 use crate::guest::Closed;
 
-/// Backoff settings (PROTOCOL.md: 0.5 s doubling to 30 s).
+/// Backoff settings (docs/protocol.md, "Reconnecting": 0.5 s doubling to 30 s).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReconnectPolicy {
     /// Ceiling of the first delay.

@@ -14,7 +14,7 @@ use std::borrow::Cow;
 use rpc_defs::{CloseCode, Frame};
 use serde::{Serialize, de::DeserializeOwned};
 
-/// Default largest frame either side may send (PROTOCOL.md: 1 MiB).
+/// Default largest frame either side may send (1 MiB; docs/protocol.md, "Limits and timers").
 pub const DEFAULT_MAX_FRAME: usize = 1 << 20;
 
 /// Default largest frame a guest may send the KBS: its answers and tokens are small.

@@ -1,5 +1,5 @@
 //! Tether tunnel: the authenticated WebSocket a guest daemon keeps open to the KBS, and
-//! typed tarpc calls from the KBS into the guest over it (PROTOCOL.md section 4).
+//! typed tarpc calls from the KBS into the guest over it (docs/protocol.md, Part II).
 //!
 //! - [`frame`] and [`handshake`]: the sans-IO protocol core (CBOR codec, proof of possession).
 //! - [`server`]: the KBS end ([`serve_guest_tunnel`]) over axum's WebSocket, registering

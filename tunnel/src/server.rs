@@ -51,7 +51,7 @@ use crate::{
 /// tunnel's) and returns the new `reauth_before` (Unix seconds), or why it is refused.
 pub type ReauthFn = Arc<dyn Fn(String) -> BoxFuture<'static, Result<u64, String>> + Send + Sync>;
 
-/// Limits and timers of a tunnel (PROTOCOL.md section 4 defaults).
+/// Limits and timers of a tunnel (defaults: docs/protocol.md, "Limits and timers").
 #[derive(Clone, Debug)]
 pub struct TunnelLimits {
     /// Largest frame the KBS sends, bytes (1 MiB; a guest reads up to 1 MiB by default).

@@ -49,7 +49,7 @@ async fn idle_memory_per_tunnel() {
 }
 
 /// The KBS end alone: tunnels from bare WebSocket clients (4 KiB buffers) that only do the
-/// handshake; a bare client costs about what PERFORMANCE.md measured. Run it in its own
+/// handshake; a bare client costs about what docs/operations.md ("Raw WebSocket floor") gives. Run it in its own
 /// process (filter by name): freed memory from another test would hide the growth.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "measurement, run by hand"]

@@ -15,9 +15,6 @@ use crate::claims::Claims;
 use crate::identity::GuestIdentity;
 use crate::token::VerifiedToken;
 
-/// How often [`GuestDirectory::spawn_pruner`] looks for expired, disconnected guests.
-pub const PRUNE_EVERY: Duration = Duration::from_secs(30);
-
 /// The attested facts of one guest, from its latest verified token.
 #[derive(Clone, Debug)]
 pub struct GuestAttestation {

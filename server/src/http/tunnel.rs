@@ -363,6 +363,7 @@ mod tests {
             call_deadline: Duration::from_secs(3),
             write_queue: 16,
             read_buffer_bytes: 512,
+            ..TunnelConfig::default()
         };
         let l = limits(&config);
         assert_eq!(l.heartbeat, Duration::from_secs(5));

@@ -40,7 +40,7 @@ impl Verifier for SampleVerifier {
         _init_data_digest: Option<&[u8]>,
     ) -> Result<Value, VerifyError> {
         // The sample evidence carries no init-data digest: for this TEE the
-        // init-data is taken as sent (see PROTOCOL.md).
+        // init-data is taken as sent (docs/protocol.md, "The sample TEE").
         verify_sample(evidence, report_data)
     }
 }
