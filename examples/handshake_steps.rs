@@ -87,7 +87,7 @@ async fn main() -> anyhow::Result<()> {
     let n = args.iterations;
     let signer = Arc::new(TokenSigner::ephemeral()?);
     let verifiers: Vec<Arc<dyn Verifier>> = vec![Arc::new(SampleVerifier)];
-    let rcar = RcarService::new(RcarConfig::default(), signer.clone(), verifiers);
+    let rcar = RcarService::new(RcarConfig::default(), signer.clone(), verifiers, &[7u8; 32]);
     let key = TeeKeyPair::new_ec();
     let attester = SampleAttester;
 

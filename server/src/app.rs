@@ -5,7 +5,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRef};
@@ -176,9 +175,9 @@ impl Kbs {
             &config.storage.kek_path(),
         )?);
         let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&config.storage.database_url(), kek).await?);
+            Arc::new(SqliteStore::open(&config.storage.database_url(), kek.clone()).await?);
 
-        let rcar = Arc::new(build_rcar(&config)?);
+        let rcar = Arc::new(build_rcar(&config, &kek.derive(RCAR_COOKIE_KEY))?);
         let policy_engine = Arc::new(load_policy(&config, store.as_ref()).await?);
         let (admin_auth, dev_admin_key, dev_admin_key_created) = build_admin(&config)?;
 
@@ -325,7 +324,6 @@ impl Kbs {
     /// Serve on an already bound listener until `shutdown` is cancelled, then drain.
     pub async fn serve(self, listener: TcpListener) -> std::io::Result<()> {
         let s = self.state.clone();
-        let sweeper = tokio::spawn(sweep_sessions(s.rcar.clone(), s.metrics.clone()));
         let observability = Observability::spawn(ObservabilityParts {
             fleet: s.fleet.clone(),
             hub: s.hub.clone(),
@@ -347,7 +345,6 @@ impl Kbs {
         // Tunnels watch the same token: each sends GoAway, closes with 4503 and leaves the hub,
         // within the same grace period as HTTP requests (upgraded connections are not tracked there).
         let (result, ()) = tokio::join!(serving, http::tunnel::drain(&s.hub, &s.shutdown, grace));
-        sweeper.abort();
         let _ = pruner.await;
         observability.finish().await;
         s.plugins.stop_all().await;
@@ -355,7 +352,10 @@ impl Kbs {
     }
 }
 
-fn build_rcar(config: &Config) -> Result<RcarService, StartError> {
+/// What the RCAR cookie key is derived for (from the KEK, which every replica shares).
+const RCAR_COOKIE_KEY: &str = "rcar-session-cookie";
+
+fn build_rcar(config: &Config, cookie_key: &[u8; 32]) -> Result<RcarService, StartError> {
     let signing_path = config
         .attestation
         .signing_key_file
@@ -369,12 +369,12 @@ fn build_rcar(config: &Config) -> Result<RcarService, StartError> {
     Ok(RcarService::new(
         RcarConfig {
             session_ttl: a.session_ttl,
-            max_sessions: a.max_sessions,
             token_ttl: a.token_ttl,
             max_init_data_bytes: a.max_init_data_bytes,
         },
         signer,
         kbs_core::verifiers::build(&a.verifiers),
+        cookie_key,
     ))
 }
 
@@ -408,18 +408,6 @@ fn build_admin(config: &Config) -> Result<(AdminAuth, Option<PathBuf>, bool), St
     )
     .map_err(|e| other("admin")(e.to_string()))?;
     Ok((auth, dev_path, created))
-}
-
-async fn sweep_sessions(rcar: Arc<RcarService>, metrics: Arc<Metrics>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(15));
-    loop {
-        tick.tick().await;
-        let purged = rcar.purge_expired();
-        if purged > 0 {
-            tracing::debug!(purged, "expired RCAR sessions purged");
-        }
-        metrics.rcar_sessions.set(rcar.session_count() as i64);
-    }
 }
 
 /// Assemble the router for a state.
@@ -482,6 +470,8 @@ mod tests {
     use kbs_core::identity::GuestIdentity;
     use kbs_core::token::build_claims;
     use serde_json::json;
+
+    use std::time::Duration;
 
     use super::*;
 

@@ -145,11 +145,10 @@ impl StorageConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AttestationConfig {
-    /// Lifetime of an RCAR session (auth -> attest -> resource with cookie).
+    /// Lifetime of an RCAR challenge (auth -> attest); the session then lives as long as
+    /// its token.
     #[serde(with = "humantime_serde")]
     pub session_ttl: Duration,
-    /// Most concurrent sessions kept.
-    pub max_sessions: usize,
     /// Lifetime of an attestation token (`exp`).
     #[serde(with = "humantime_serde")]
     pub token_ttl: Duration,
@@ -165,7 +164,6 @@ impl Default for AttestationConfig {
     fn default() -> Self {
         Self {
             session_ttl: Duration::from_secs(300),
-            max_sessions: 100_000,
             token_ttl: Duration::from_secs(300),
             max_init_data_bytes: 64 * 1024,
             verifiers: vec!["sample".to_string()],
@@ -371,9 +369,6 @@ impl Config {
         }
         if a.token_ttl < Duration::from_secs(10) {
             return Err(invalid("attestation.token_ttl", "must be at least 10s"));
-        }
-        if a.max_sessions == 0 {
-            return Err(invalid("attestation.max_sessions", "must be positive"));
         }
         for (i, v) in a.verifiers.iter().enumerate() {
             if !kbs_core::verifiers::KNOWN.contains(&v.as_str()) {

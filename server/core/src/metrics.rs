@@ -36,8 +36,6 @@ pub struct Metrics {
     pub policy_decisions: Family<Labels, Counter>,
     /// Admin actions by action and outcome.
     pub admin_actions: Family<Labels, Counter>,
-    /// Live RCAR sessions.
-    pub rcar_sessions: Gauge,
     /// Live tunnels.
     pub tunnels_connected: Gauge,
     /// Tunnel handshakes by outcome.
@@ -97,8 +95,6 @@ impl Metrics {
             "Admin actions by action and outcome",
             admin_actions.clone(),
         );
-        let rcar_sessions = Gauge::default();
-        registry.register("rcar_sessions", "Live RCAR sessions", rcar_sessions.clone());
         let tunnels_connected = Gauge::default();
         registry.register(
             "tunnels_connected",
@@ -140,7 +136,6 @@ impl Metrics {
             attestations,
             policy_decisions,
             admin_actions,
-            rcar_sessions,
             tunnels_connected,
             tunnel_handshakes,
             tunnel_disconnects,

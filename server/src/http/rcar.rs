@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kbs_core::attest::RcarService;
 use kbs_core::metrics::Metrics;
@@ -35,17 +36,20 @@ pub async fn auth(
     let reply = rcar
         .auth(req)
         .inspect_err(|e| count(&metrics, &tee, "auth", e.name()))?;
-    metrics.rcar_sessions.set(rcar.session_count() as i64);
-    let cookie = format!(
-        "{SESSION_COOKIE}={}; Expires={}; Path=/kbs; HttpOnly; SameSite=Strict",
-        reply.session_id,
-        httpdate::fmt_http_date(reply.expires)
-    );
-    let cookie =
-        HeaderValue::from_str(&cookie).map_err(|e| ApiError::internal("session cookie", e))?;
+    count(&metrics, &tee, "auth", "ok");
+    let cookie = session_cookie_header(&reply.session_id, reply.expires)?;
     let mut resp = (StatusCode::OK, Json(reply.challenge)).into_response();
     resp.headers_mut().insert(SET_COOKIE, cookie);
     Ok(resp)
+}
+
+/// `kbs-session-id=<value>` until `expires`, for the KBS's paths only.
+fn session_cookie_header(value: &str, expires: SystemTime) -> Result<HeaderValue, ApiError> {
+    let cookie = format!(
+        "{SESSION_COOKIE}={value}; Expires={}; Path=/kbs; HttpOnly; SameSite=Strict",
+        httpdate::fmt_http_date(expires)
+    );
+    HeaderValue::from_str(&cookie).map_err(|e| ApiError::internal("session cookie", e))
 }
 
 /// Attestation (with the cookie) -> `{"token": ...}`.
@@ -65,7 +69,12 @@ pub async fn attest(
         Ok(attested) => {
             count(&metrics, &attested.verified.tee, "attest", "ok");
             tracing::info!(guest_id = %attested.verified.identity.guest_id, tee = %attested.verified.tee, "guest attested");
-            Ok(Json(json!({"token": attested.token})).into_response())
+            // Background-check clients keep using the cookie: from now on it is the token.
+            let expires = UNIX_EPOCH + Duration::from_secs(attested.verified.exp);
+            let cookie = session_cookie_header(&attested.token, expires)?;
+            let mut resp = Json(json!({"token": attested.token})).into_response();
+            resp.headers_mut().insert(SET_COOKIE, cookie);
+            Ok(resp)
         }
         Err(e) => {
             count(&metrics, "unknown", "attest", e.name());

@@ -336,6 +336,7 @@ mod tests {
                     Default::default(),
                     signer.clone(),
                     Vec::new(),
+                    &[0u8; 32],
                 )),
                 directory: Arc::default(),
                 hub: Hub::new(),

@@ -5,20 +5,19 @@
 //! [`RcarService::auth`], [`RcarService::attest`] and [`RcarService::session_token`].
 
 mod binding;
+mod cookie;
 mod sample;
-mod session;
 mod verifier;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use kbs_types::{Attestation, Challenge, Request, Tee};
 use rand::RngCore;
 use serde_json::{Value, json};
-use uuid::Uuid;
 
 pub use binding::{
     SELECTED_HASH_ALGORITHM, SUPPORTED_HASH_ALGORITHMS, derived_guest_id, hash_name,
@@ -30,7 +29,7 @@ use crate::init_data::{self, InitDataClaims, InitDataError};
 use crate::jwe::{self, JweError};
 use crate::token::{self, TokenError, TokenSigner, VerifiedToken};
 use binding::NegotiationError;
-use session::{Lookup, Session, SessionTable, State};
+use cookie::{Challenge as SealedChallenge, CookieError, CookieSealer, is_challenge, unix_ms};
 
 /// Nonce size in bytes before base64.
 const NONCE_BYTES: usize = 32;
@@ -42,8 +41,6 @@ const DEFAULT_VERIFY_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct RcarConfig {
     /// How long a challenge stays valid.
     pub session_ttl: Duration,
-    /// Most sessions held at once; beyond it `auth` answers 429.
-    pub max_sessions: usize,
     /// Lifetime of issued tokens (and of the attested session cookie).
     pub token_ttl: Duration,
     /// Largest init-data body accepted.
@@ -54,7 +51,6 @@ impl Default for RcarConfig {
     fn default() -> Self {
         Self {
             session_ttl: Duration::from_secs(300),
-            max_sessions: 100_000,
             token_ttl: Duration::from_secs(300),
             max_init_data_bytes: 64 * 1024,
         }
@@ -78,18 +74,12 @@ pub enum RcarError {
     /// The request is malformed in a way the JSON parser could not catch.
     #[error("invalid request: {0}")]
     InvalidRequest(&'static str),
-    /// The session table is full.
-    #[error("too many attestation sessions in progress, retry later")]
-    TooManySessions,
-    /// No such session (unknown or malformed id, or already purged).
+    /// No such session (not a cookie this KBS sealed or signed).
     #[error("attestation session not found")]
     SessionNotFound,
     /// The session expired.
     #[error("attestation session expired")]
     SessionExpired,
-    /// Evidence was already presented for this session's nonce.
-    #[error("the session's nonce was already used; start a new handshake")]
-    NonceReused,
     /// The runtime-data nonce is not the session's.
     #[error("runtime-data nonce does not match the session's challenge")]
     NonceMismatch,
@@ -133,7 +123,6 @@ impl RcarError {
             | RcarError::UnsupportedTeePubKey(_) => 400,
             RcarError::SessionNotFound
             | RcarError::SessionExpired
-            | RcarError::NonceReused
             | RcarError::NonceMismatch
             | RcarError::NotAttested => 401,
             RcarError::EvidenceVerificationFailed(e) => match e {
@@ -141,7 +130,6 @@ impl RcarError {
                 _ => 401,
             },
             RcarError::InitDataTooLarge { .. } => 413,
-            RcarError::TooManySessions => 429,
             RcarError::Token(e) => e.status(),
             RcarError::Internal(_) => 500,
         }
@@ -154,10 +142,8 @@ impl RcarError {
             RcarError::UnknownTee(_) => "UnknownTee",
             RcarError::UnsupportedHashAlgorithm(_) => "UnsupportedHashAlgorithm",
             RcarError::InvalidRequest(_) => "InvalidRequest",
-            RcarError::TooManySessions => "TooManySessions",
             RcarError::SessionNotFound => "SessionNotFound",
             RcarError::SessionExpired => "SessionExpired",
-            RcarError::NonceReused => "NonceReused",
             RcarError::NonceMismatch => "NonceMismatch",
             RcarError::NotAttested => "SessionNotAttested",
             RcarError::InvalidInitData(_) => "InvalidInitData",
@@ -173,14 +159,11 @@ impl RcarError {
     }
 }
 
-impl From<Lookup> for RcarError {
-    fn from(lookup: Lookup) -> Self {
-        match lookup {
-            Lookup::NotFound => RcarError::SessionNotFound,
-            Lookup::Expired => RcarError::SessionExpired,
-            Lookup::Spent => RcarError::NonceReused,
-            Lookup::NotAttested => RcarError::NotAttested,
-            Lookup::Full => RcarError::TooManySessions,
+impl From<CookieError> for RcarError {
+    fn from(e: CookieError) -> Self {
+        match e {
+            CookieError::NotFound => RcarError::SessionNotFound,
+            CookieError::Expired => RcarError::SessionExpired,
         }
     }
 }
@@ -197,7 +180,7 @@ impl From<InitDataError> for RcarError {
 /// Reply to `POST /kbs/v0/auth`.
 #[derive(Clone, Debug)]
 pub struct AuthReply {
-    /// Session id for the `kbs-session-id` cookie (uuid v4).
+    /// The `kbs-session-id` cookie value: the challenge, sealed.
     pub session_id: String,
     /// The challenge body.
     pub challenge: Challenge,
@@ -208,18 +191,20 @@ pub struct AuthReply {
 /// Reply to a successful `POST /kbs/v0/attest`.
 #[derive(Clone, Debug)]
 pub struct Attested {
-    /// The signed attestation token (`{"token": ...}`).
+    /// The signed attestation token (`{"token": ...}`); also the new `kbs-session-id`
+    /// cookie value (background-check mode).
     pub token: String,
     /// The same token, unpacked.
     pub verified: VerifiedToken,
 }
 
-/// The RCAR handshake: issues challenges, verifies evidence, signs tokens.
+/// The RCAR handshake: issues challenges, verifies evidence, signs tokens. Holds no
+/// per-session state: the session travels in its cookie (see [`cookie`]).
 pub struct RcarService {
     config: RcarConfig,
     signer: Arc<TokenSigner>,
     verifiers: HashMap<Tee, Arc<dyn Verifier>>,
-    sessions: SessionTable,
+    cookies: CookieSealer,
     verify_timeout: Duration,
 }
 
@@ -228,24 +213,26 @@ impl std::fmt::Debug for RcarService {
         f.debug_struct("RcarService")
             .field("config", &self.config)
             .field("tees", &self.verifiers.keys().collect::<Vec<_>>())
-            .field("sessions", &self.sessions.len())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
 impl RcarService {
     /// Builds the service; one verifier per TEE (a later one for the same TEE wins).
+    /// `cookie_key` seals challenge cookies: every replica that serves the same clients
+    /// must use the same one.
     pub fn new(
         config: RcarConfig,
         signer: Arc<TokenSigner>,
         verifiers: Vec<Arc<dyn Verifier>>,
+        cookie_key: &[u8; 32],
     ) -> Self {
         let verifiers = verifiers.into_iter().map(|v| (v.tee(), v)).collect();
         Self {
-            sessions: SessionTable::new(config.max_sessions),
             config,
             signer,
             verifiers,
+            cookies: CookieSealer::new(cookie_key),
             verify_timeout: DEFAULT_VERIFY_TIMEOUT,
         }
     }
@@ -266,7 +253,8 @@ impl RcarService {
         &self.config
     }
 
-    /// `POST /kbs/v0/auth`: checks the request and opens a session with a fresh nonce.
+    /// `POST /kbs/v0/auth`: checks the request and answers a fresh nonce, sealed with the
+    /// session's facts into the cookie.
     pub fn auth(&self, req: Request) -> Result<AuthReply, RcarError> {
         check_version(&req.version)?;
         if !self.verifiers.contains_key(&req.tee) {
@@ -282,33 +270,28 @@ impl RcarService {
         let mut raw = [0u8; NONCE_BYTES];
         rand::thread_rng().fill_bytes(&mut raw);
         let nonce = STANDARD.encode(raw);
-        let id = Uuid::new_v4();
-        let now = Instant::now();
-        let session = Session {
+        let expires = SystemTime::now() + self.config.session_ttl;
+        let sealed = SealedChallenge {
             tee: req.tee,
             nonce: nonce.clone(),
             hash,
-            expires: now + self.config.session_ttl,
-            state: State::Challenged,
+            exp_ms: unix_ms(expires),
         };
-        self.sessions.insert(id, session, now)?;
         Ok(AuthReply {
-            session_id: id.to_string(),
+            session_id: self.cookies.seal(&sealed),
             challenge: Challenge {
                 nonce,
                 extra_params: json!({ SELECTED_HASH_ALGORITHM: hash_name(hash) }),
             },
-            expires: SystemTime::now() + self.config.session_ttl,
+            expires,
         })
     }
 
-    /// `POST /kbs/v0/attest`: verifies the evidence for a challenged session and issues a token.
-    ///
-    /// The nonce is spent once the request passes the cheap checks, so a
-    /// failed verification requires a new handshake (as upstream clients do).
+    /// `POST /kbs/v0/attest`: verifies the evidence for the challenge in the session cookie
+    /// and issues a token. An attested session's cookie (a token) is not a challenge: 401
+    /// `SessionNotFound`, the client starts a new handshake.
     pub async fn attest(&self, session_id: &str, att: Attestation) -> Result<Attested, RcarError> {
-        let id = parse_session_id(session_id)?;
-        let challenge = self.sessions.challenge(&id, Instant::now())?;
+        let challenge = self.cookies.open(session_id, unix_ms(SystemTime::now()))?;
         if att.runtime_data.nonce != challenge.nonce {
             return Err(RcarError::NonceMismatch);
         }
@@ -339,7 +322,6 @@ impl RcarService {
             );
         }
 
-        self.sessions.begin_verification(&id, Instant::now())?;
         let verified = tokio::time::timeout(
             self.verify_timeout,
             verifier.verify(
@@ -350,35 +332,14 @@ impl RcarService {
         )
         .await
         .unwrap_or_else(|_| Err(VerifyError::Unavailable("verification timed out".into())));
-        let tee_claims = match verified {
-            Ok(claims) => claims,
-            Err(err) => {
-                self.sessions.finish(&id, None);
-                return Err(RcarError::EvidenceVerificationFailed(err));
-            }
-        };
-
-        let outcome = self.issue(&challenge, &att, init.as_ref(), tee_claims);
-        match outcome {
-            Ok((token, verified)) => {
-                let verified = Arc::new(verified);
-                let expires = Instant::now() + self.config.token_ttl;
-                self.sessions.finish(&id, Some((verified.clone(), expires)));
-                Ok(Attested {
-                    token,
-                    verified: Arc::unwrap_or_clone(verified),
-                })
-            }
-            Err(err) => {
-                self.sessions.finish(&id, None);
-                Err(err)
-            }
-        }
+        let tee_claims = verified.map_err(RcarError::EvidenceVerificationFailed)?;
+        let (token, verified) = self.issue(&challenge, &att, init.as_ref(), tee_claims)?;
+        Ok(Attested { token, verified })
     }
 
     fn issue(
         &self,
-        challenge: &session::Challenge,
+        challenge: &SealedChallenge,
         att: &Attestation,
         init: Option<&InitDataClaims>,
         tee_claims: Value,
@@ -400,26 +361,27 @@ impl RcarService {
         Ok(self.signer.issue_verified(claims, self.config.token_ttl)?)
     }
 
-    /// The token of an attested session (background-check mode: cookie only).
+    /// The token of an attested session (background-check mode: the cookie is the token).
+    /// A cookie still holding a challenge is 401 `SessionNotAttested`.
     pub fn session_token(&self, session_id: &str) -> Result<VerifiedToken, RcarError> {
-        let id = parse_session_id(session_id)?;
-        let token = self.sessions.token(&id, Instant::now())?;
-        Ok(VerifiedToken::clone(&token))
-    }
-
-    /// Drops expired sessions; returns how many.
-    pub fn purge_expired(&self) -> usize {
-        self.sessions.purge_expired(Instant::now())
-    }
-
-    /// Sessions currently held.
-    pub fn session_count(&self) -> usize {
-        self.sessions.len()
+        if is_challenge(session_id) {
+            self.cookies.open(session_id, unix_ms(SystemTime::now()))?;
+            return Err(RcarError::NotAttested);
+        }
+        self.signer.verify(session_id).map_err(session_error)
     }
 
     /// The token signer.
     pub fn signer(&self) -> &Arc<TokenSigner> {
         &self.signer
+    }
+}
+
+/// A session cookie that is not a valid token of ours: expired, or not ours at all.
+fn session_error(e: TokenError) -> RcarError {
+    match e {
+        TokenError::Expired => RcarError::SessionExpired,
+        _ => RcarError::SessionNotFound,
     }
 }
 
@@ -432,10 +394,6 @@ fn check_version(version: &str) -> Result<(), RcarError> {
     } else {
         Err(RcarError::InvalidRequestVersion(truncated()))
     }
-}
-
-fn parse_session_id(session_id: &str) -> Result<Uuid, RcarError> {
-    Uuid::try_parse(session_id).map_err(|_| RcarError::SessionNotFound)
 }
 
 #[cfg(test)]

@@ -7,11 +7,14 @@ use kbs_types::{CompositeEvidence, HashAlgorithm, InitData, RuntimeData, TeePubK
 use p256::elliptic_curve::sec1::ToEncodedPoint;
 use std::sync::Mutex;
 
+const COOKIE_KEY: [u8; 32] = [9u8; 32];
+
 fn service(config: RcarConfig) -> RcarService {
     RcarService::new(
         config,
         Arc::new(TokenSigner::ephemeral().unwrap()),
         vec![Arc::new(SampleVerifier)],
+        &COOKIE_KEY,
     )
 }
 
@@ -78,12 +81,7 @@ async fn full_handshake_with_sample_tee() {
         json!({"selected-hash-algorithm": "sha384"})
     );
     assert_eq!(STANDARD.decode(&reply.challenge.nonce).unwrap().len(), 32);
-    assert!(
-        Uuid::parse_str(&reply.session_id)
-            .unwrap()
-            .get_version_num()
-            == 4
-    );
+    assert!(reply.session_id.starts_with("c1."), "a sealed challenge");
     assert!(reply.expires > SystemTime::now() + Duration::from_secs(290));
     assert!(matches!(
         rcar.session_token(&reply.session_id),
@@ -109,28 +107,40 @@ async fn full_handshake_with_sample_tee() {
     assert!(ev.get("init_data").is_none());
     assert_eq!(attested.verified.claims, verified.claims);
 
-    // Background-check mode: the cookie now stands for the token.
-    let by_cookie = rcar.session_token(&reply.session_id).unwrap();
+    // Background-check mode: the attest reply's cookie is the token itself; the challenge
+    // cookie stays a challenge.
+    let by_cookie = rcar.session_token(&attested.token).unwrap();
     assert_eq!(by_cookie.claims, verified.claims);
+    assert!(matches!(
+        rcar.session_token(&reply.session_id),
+        Err(RcarError::NotAttested)
+    ));
 
     // The token's key is one resources can be sealed to.
     assert!(crate::jwe::seal(&verified.tee_pubkey, b"secret").is_ok());
 }
 
+/// The session lives in the cookie, so a challenge is not single-use: a replayed
+/// attestation yields a token bound to the very TEE key of the evidence, worth nothing to
+/// whoever lacks it (docs/protocol.md, "Session lifetime").
 #[tokio::test]
-async fn nonce_is_single_use() {
+async fn a_replayed_attestation_is_bound_to_the_same_tee_key() {
     let rcar = service(RcarConfig::default());
     let reply = rcar.auth(upstream_request()).unwrap();
     let key = ec_key();
     let att = client_attestation(&reply.challenge, &key, None);
-    rcar.attest(&reply.session_id, att.clone()).await.unwrap();
-    let err = rcar.attest(&reply.session_id, att).await.unwrap_err();
-    assert!(matches!(err, RcarError::NonceReused));
-    assert_eq!((err.status(), err.name()), (401, "NonceReused"));
+    let first = rcar.attest(&reply.session_id, att.clone()).await.unwrap();
+    let again = rcar.attest(&reply.session_id, att).await.unwrap();
+    assert_eq!(json!(again.verified.tee_pubkey), json!(key));
+    assert_eq!(
+        json!(first.verified.tee_pubkey),
+        json!(again.verified.tee_pubkey)
+    );
+    assert_eq!(first.verified.identity, again.verified.identity);
 }
 
 #[tokio::test]
-async fn failed_verification_spends_the_nonce() {
+async fn a_failed_verification_can_be_retried_within_the_challenge() {
     let rcar = service(RcarConfig::default());
     let reply = rcar.auth(upstream_request()).unwrap();
     let key = ec_key();
@@ -144,8 +154,7 @@ async fn failed_verification_spends_the_nonce() {
     assert!(err.to_string().contains("report data"), "{err}");
 
     let good = client_attestation(&reply.challenge, &key, None);
-    let err = rcar.attest(&reply.session_id, good).await.unwrap_err();
-    assert!(matches!(err, RcarError::NonceReused));
+    assert!(rcar.attest(&reply.session_id, good).await.is_ok());
 }
 
 #[tokio::test]
@@ -239,26 +248,23 @@ fn version_and_tee_are_checked() {
     assert!(err.to_string().contains("tdx"));
 }
 
-#[test]
-fn session_table_is_bounded() {
-    let rcar = service(RcarConfig {
-        max_sessions: 3,
-        session_ttl: Duration::from_millis(30),
-        ..RcarConfig::default()
-    });
-    for _ in 0..3 {
-        rcar.auth(upstream_request()).unwrap();
-    }
-    let err = rcar.auth(upstream_request()).unwrap_err();
-    assert_eq!((err.status(), err.name()), (429, "TooManySessions"));
-    assert_eq!(rcar.session_count(), 3);
-    std::thread::sleep(Duration::from_millis(40));
-    // Full, but all expired: auth purges and succeeds.
-    rcar.auth(upstream_request()).unwrap();
-    assert_eq!(rcar.session_count(), 1);
-    std::thread::sleep(Duration::from_millis(40));
-    assert_eq!(rcar.purge_expired(), 1);
-    assert_eq!(rcar.session_count(), 0);
+#[tokio::test]
+async fn a_challenge_is_honoured_only_by_a_kbs_holding_the_same_key() {
+    let rcar = service(RcarConfig::default());
+    let reply = rcar.auth(upstream_request()).unwrap();
+    let att = client_attestation(&reply.challenge, &ec_key(), None);
+    // Another replica with the same cookie key (derived from the same KEK) accepts it...
+    let replica = service(RcarConfig::default());
+    assert!(replica.attest(&reply.session_id, att.clone()).await.is_ok());
+    // ...a KBS with another key does not.
+    let stranger = RcarService::new(
+        RcarConfig::default(),
+        Arc::new(TokenSigner::ephemeral().unwrap()),
+        vec![Arc::new(SampleVerifier)],
+        &[1u8; 32],
+    );
+    let err = stranger.attest(&reply.session_id, att).await.unwrap_err();
+    assert_eq!((err.status(), err.name()), (401, "SessionNotFound"));
 }
 
 #[tokio::test]
@@ -277,8 +283,9 @@ async fn expired_and_unknown_sessions() {
     assert_eq!((err.status(), err.name()), (401, "SessionExpired"));
 
     for id in [
-        Uuid::new_v4().to_string(),
-        "not-a-uuid".into(),
+        "8d1a6f3e-2a7c-4d1b-9b61-3c2f5e4d7a90".to_string(),
+        "c1.not-sealed-by-us".into(),
+        "not-a-cookie".into(),
         String::new(),
     ] {
         let err = rcar.attest(&id, att.clone()).await.unwrap_err();
@@ -291,18 +298,24 @@ async fn expired_and_unknown_sessions() {
 }
 
 #[tokio::test]
-async fn attested_session_expires_with_the_token() {
-    let rcar = service(RcarConfig {
-        token_ttl: Duration::from_millis(20),
-        ..RcarConfig::default()
-    });
+async fn the_attested_cookie_is_the_token_and_ends_with_it() {
+    let rcar = service(RcarConfig::default());
     let reply = rcar.auth(upstream_request()).unwrap();
     let att = client_attestation(&reply.challenge, &ec_key(), None);
-    rcar.attest(&reply.session_id, att).await.unwrap();
-    assert!(rcar.session_token(&reply.session_id).is_ok());
-    tokio::time::sleep(Duration::from_millis(30)).await;
-    let err = rcar.session_token(&reply.session_id).unwrap_err();
-    assert_eq!((err.status(), err.name()), (401, "SessionExpired"));
+    let attested = rcar.attest(&reply.session_id, att).await.unwrap();
+    assert_eq!(
+        rcar.session_token(&attested.token).unwrap().exp,
+        attested.verified.exp
+    );
+    // A token of another signer is no session here.
+    let other = service(RcarConfig::default());
+    assert!(matches!(
+        other.session_token(&attested.token),
+        Err(RcarError::SessionNotFound)
+    ));
+    // An expired token is an expired session (what the client sees: 401, attest again).
+    let expired = session_error(TokenError::Expired);
+    assert_eq!((expired.status(), expired.name()), (401, "SessionExpired"));
 }
 
 const INIT_DATA: &str = r#"algorithm = "sha256"
@@ -442,6 +455,7 @@ fn tdx_service(delay: Duration) -> (RcarService, Arc<RecordingVerifier>) {
         RcarConfig::default(),
         Arc::new(TokenSigner::ephemeral().unwrap()),
         vec![Arc::new(SampleVerifier), verifier.clone()],
+        &COOKIE_KEY,
     );
     (rcar, verifier)
 }
@@ -473,7 +487,7 @@ async fn pluggable_verifier_gets_report_and_init_data_digests() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_attests_on_one_session_yield_one_token() {
+async fn concurrent_attests_on_one_challenge_are_independent() {
     let (rcar, _) = tdx_service(Duration::from_millis(50));
     let rcar = Arc::new(rcar);
     let reply = rcar.auth(request(Tee::Tdx, json!(""))).unwrap();
@@ -486,14 +500,13 @@ async fn concurrent_attests_on_one_session_yield_one_token() {
             tokio::spawn(async move { rcar.attest(&id, att).await })
         })
         .collect();
-    let mut ok = 0;
     for task in tasks {
-        match task.await.unwrap() {
-            Ok(_) => ok += 1,
-            Err(err) => assert!(matches!(err, RcarError::NonceReused), "{err}"),
-        }
+        let attested = task.await.unwrap().unwrap();
+        assert_eq!(
+            json!(attested.verified.tee_pubkey),
+            json!(att.runtime_data.tee_pubkey)
+        );
     }
-    assert_eq!(ok, 1);
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ use super::StoreError;
 /// A 32-byte key-encryption key. Its `Debug` never shows the key.
 pub struct KeyEncryptionKey {
     cipher: Aes256Gcm,
+    raw: Zeroizing<[u8; 32]>,
 }
 
 impl std::fmt::Debug for KeyEncryptionKey {
@@ -25,7 +26,23 @@ impl KeyEncryptionKey {
     pub fn from_bytes(key: &[u8; 32]) -> Self {
         Self {
             cipher: Aes256Gcm::new(key.into()),
+            raw: Zeroizing::new(*key),
         }
+    }
+
+    /// A key for another purpose, derived from this one (HKDF-SHA256, `purpose` as info):
+    /// every replica holding the same KEK derives the same key, and no derived key reveals
+    /// the KEK or another derived key.
+    pub fn derive(&self, purpose: &str) -> Zeroizing<[u8; 32]> {
+        let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"tether/kek-derive/v1");
+        let prk = salt.extract(self.raw.as_ref());
+        let mut out = Zeroizing::new([0u8; 32]);
+        let info = [purpose.as_bytes()];
+        // A 32-byte output is within HKDF-SHA256's limit, so neither step can fail.
+        if let Ok(okm) = prk.expand(&info, ring::hkdf::HKDF_SHA256) {
+            let _ = okm.fill(out.as_mut());
+        }
+        out
     }
 
     /// Read a hex key from `path`, creating it (mode 0600, atomically) when missing.
@@ -125,5 +142,19 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+    }
+
+    #[test]
+    fn derived_keys_depend_on_the_kek_and_the_purpose() {
+        let a = KeyEncryptionKey::from_bytes(&[1u8; 32]);
+        let b = KeyEncryptionKey::from_bytes(&[2u8; 32]);
+        assert_eq!(
+            *a.derive("x"),
+            *KeyEncryptionKey::from_bytes(&[1u8; 32]).derive("x")
+        );
+        assert_ne!(*a.derive("x"), *a.derive("y"));
+        assert_ne!(*a.derive("x"), *b.derive("x"));
+        assert_ne!(*a.derive("x"), [1u8; 32]);
+        assert_ne!(*a.derive("x"), [0u8; 32]);
     }
 }

@@ -135,6 +135,7 @@ pub(crate) async fn test_services() -> (
             RcarConfig::default(),
             Arc::new(TokenSigner::ephemeral().unwrap()),
             Vec::new(),
+            &[0u8; 32],
         )),
         shutdown: tokio_util::sync::CancellationToken::new(),
     };
