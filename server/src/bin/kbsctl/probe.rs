@@ -28,18 +28,19 @@ pub struct ProbeArgs {
 }
 
 impl ProbeArgs {
-    /// The probes API path and body: one guest by id, else the selector form.
+    /// The probes API path and body: one guest by id, else the selector form. The API spells
+    /// kinds in lower case (`ProbeKind::as_str`), not as serde's variant names.
     fn request(&self) -> (String, Value) {
         match &self.guest_id {
             Some(id) => (
                 format!("/kbs/v0/probes/{}", urlencode(id)),
-                serde_json::json!({"kind": self.kind}),
+                serde_json::json!({"kind": self.kind.as_str()}),
             ),
             None => (
                 "/kbs/v0/probes".to_owned(),
                 serde_json::json!({
                     "selector": self.selector.clone().unwrap_or_default(),
-                    "kind": self.kind,
+                    "kind": self.kind.as_str(),
                     "concurrency": self.concurrency,
                     "deadline_ms": self.deadline_ms,
                 }),
@@ -89,4 +90,38 @@ pub async fn run(args: ProbeArgs, client: &AdminClient, output: Output) -> anyho
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(guest_id: Option<&str>, selector: Option<&str>, kind: ProbeKind) -> ProbeArgs {
+        ProbeArgs {
+            guest_id: guest_id.map(str::to_owned),
+            selector: selector.map(str::to_owned),
+            kind,
+            concurrency: 8,
+            deadline_ms: 500,
+        }
+    }
+
+    #[test]
+    fn one_guest_is_probed_by_path_with_the_kind_in_lower_case() {
+        let (path, body) = args(Some("g/1"), None, ProbeKind::Resources).request();
+        assert_eq!(path, "/kbs/v0/probes/g%2F1");
+        assert_eq!(body, serde_json::json!({"kind": "resources"}));
+    }
+
+    #[test]
+    fn a_selector_probe_carries_its_limits() {
+        let (path, body) = args(None, Some("zone=eu-1"), ProbeKind::Health).request();
+        assert_eq!(path, "/kbs/v0/probes");
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "selector": "zone=eu-1", "kind": "health", "concurrency": 8, "deadline_ms": 500,
+            })
+        );
+    }
 }
