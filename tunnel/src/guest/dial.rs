@@ -153,4 +153,36 @@ mod tests {
     fn the_offer_names_both_subprotocols_push_key_first() {
         assert_eq!(OFFER_V2, format!("{SUBPROTOCOL_V2}, {SUBPROTOCOL}"));
     }
+
+    #[test]
+    fn the_upgrade_carries_the_token_as_a_sensitive_bearer_and_the_offer() {
+        let config = GuestTunnelConfig::new("ws://127.0.0.1:8080/kbs/v0/tunnel");
+        let request = upgrade_request(&config, "tok").unwrap();
+        let auth = &request.headers()[header::AUTHORIZATION];
+        assert_eq!(auth, "Bearer tok");
+        assert!(auth.is_sensitive());
+        assert_eq!(request.headers()[header::SEC_WEBSOCKET_PROTOCOL], OFFER_V2);
+
+        let v1_only = GuestTunnelConfig {
+            offer_push_key: false,
+            ..config
+        };
+        let request = upgrade_request(&v1_only, "tok").unwrap();
+        assert_eq!(
+            request.headers()[header::SEC_WEBSOCKET_PROTOCOL],
+            SUBPROTOCOL
+        );
+    }
+
+    #[test]
+    fn a_token_that_cannot_be_a_header_is_refused_before_dialing() {
+        let config = GuestTunnelConfig::new("ws://127.0.0.1:8080/kbs/v0/tunnel");
+        let err = upgrade_request(&config, "bad\ntoken").unwrap_err();
+        assert!(matches!(err, ConnectError::Request(_)), "{err:?}");
+        let bad_url = GuestTunnelConfig::new("not a url");
+        assert!(matches!(
+            upgrade_request(&bad_url, "tok"),
+            Err(ConnectError::Request(_))
+        ));
+    }
 }

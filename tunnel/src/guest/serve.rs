@@ -349,3 +349,138 @@ impl ServeState {
         closed
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::CodecError;
+
+    const HEARTBEAT_S: u32 = 10;
+
+    fn state(server_max_frame: u32) -> ServeState {
+        let welcome = Welcome {
+            session_id: "s1".into(),
+            guest_id: "g1".into(),
+            reauth_before: 100,
+            heartbeat_s: HEARTBEAT_S,
+            max_frame: server_max_frame,
+            push_key: None,
+        };
+        let config = GuestTunnelConfig::new("ws://kbs.invalid/kbs/v0/tunnel");
+        let (shared, _closed_tx) = Shared::new(welcome, config.reauth_timeout);
+        ServeState::new(shared, &config)
+    }
+
+    fn encoded(frame: &Frame) -> Vec<u8> {
+        frame::encode(frame).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_reauth_is_sent_once_and_its_answer_moves_the_deadline() {
+        let mut state = state(64 * 1024);
+        let (reply, answer) = oneshot::channel();
+        let bytes = state.reauth_frame("fresh".into(), reply).unwrap();
+        assert_eq!(
+            frame::decode(&bytes, usize::MAX).unwrap(),
+            Frame::Reauth {
+                token: "fresh".into()
+            }
+        );
+
+        let (second, busy) = oneshot::channel();
+        assert!(state.reauth_frame("again".into(), second).is_none());
+        assert_eq!(busy.await.unwrap(), Err(ReauthError::Busy));
+
+        let ok = encoded(&Frame::ReauthOk { reauth_before: 500 });
+        assert!(state.on_frame(&ok).unwrap().is_none());
+        assert_eq!(answer.await.unwrap(), Ok(500));
+        assert_eq!(state.shared.reauth_before.load(Ordering::Relaxed), 500);
+    }
+
+    #[tokio::test]
+    async fn a_token_over_the_servers_frame_limit_is_refused_without_sending() {
+        let mut state = state(64);
+        let (reply, answer) = oneshot::channel();
+        assert!(state.reauth_frame("x".repeat(100), reply).is_none());
+        assert!(matches!(
+            answer.await.unwrap(),
+            Err(ReauthError::Frame(CodecError::TooLarge { .. }))
+        ));
+        assert!(state.pending_reauth.is_none());
+    }
+
+    #[test]
+    fn frames_the_guest_never_asked_for_close_the_tunnel_as_protocol_errors() {
+        let mut state = state(64 * 1024);
+        let protocol = CloseCode::Protocol.code();
+        let unasked = encoded(&Frame::ReauthOk { reauth_before: 1 });
+        assert_eq!(state.on_frame(&unasked).unwrap_err().code, protocol);
+        let reauth = encoded(&Frame::Reauth { token: "t".into() });
+        let close = state.on_frame(&reauth).unwrap_err();
+        assert_eq!(
+            (close.code, close.reason.as_str()),
+            (protocol, "unexpected Reauth frame")
+        );
+        let garbage = encoded(&Frame::Rpc(vec![0xff]));
+        let close = state.on_frame(&garbage).unwrap_err();
+        assert_eq!(close.code, protocol);
+        assert!(close.reason.starts_with("bad rpc message"), "{close:?}");
+        assert!(!close.by_peer);
+    }
+
+    #[tokio::test]
+    async fn go_away_and_a_pending_reauth_are_reported_in_how_the_tunnel_ended() {
+        let mut state = state(64 * 1024);
+        let drain = encoded(&Frame::GoAway {
+            reconnect_after_ms: 1500,
+        });
+        assert!(state.on_frame(&drain).unwrap().is_none());
+        let (reply, answer) = oneshot::channel();
+        assert!(state.reauth_frame("fresh".into(), reply).is_some());
+
+        let close = CloseInfo::peer(1001, "going away");
+        let closed = state.finish(close.clone(), Duration::from_secs(7));
+        assert_eq!(closed.reconnect_after, Some(Duration::from_millis(1500)));
+        assert_eq!(closed.connected_for, Duration::from_secs(7));
+        assert_eq!(
+            answer.await.unwrap(),
+            Err(ReauthError::Closed(closed.clone()))
+        );
+        assert_eq!(closed.close, close);
+    }
+
+    #[test]
+    fn a_stalled_writer_ends_silently_and_a_silent_server_with_a_close() {
+        let mut state = state(64 * 1024);
+        let start = Instant::now();
+        assert!(state.on_timer(start, None).is_none());
+
+        let stalled = state.on_timer(start, Some(start)).unwrap();
+        assert!(
+            !stalled.send,
+            "the server is not reading: no close can get through"
+        );
+        assert_eq!(stalled.close.reason, "server stopped reading");
+
+        let missed = GuestTunnelConfig::new("ws://x").missed_heartbeats;
+        let later = start + Duration::from_secs(u64::from(HEARTBEAT_S) * u64::from(missed) + 1);
+        let silent = state.on_timer(later, None).unwrap();
+        assert!(silent.send);
+        assert_eq!(
+            (silent.close.code, silent.close.reason.as_str()),
+            (CloseCode::Heartbeat.code(), "server silent")
+        );
+    }
+
+    #[test]
+    fn dead_sockets_end_without_a_close_and_local_failures_with_one() {
+        let lost = message(IoEvent::ReadEnd).err().unwrap();
+        assert!(!lost.send && lost.close.by_peer);
+        let too_large = message(IoEvent::ReadError(WsReadError::TooLarge))
+            .err()
+            .unwrap();
+        assert!(too_large.send);
+        assert_eq!(too_large.close.code, CloseCode::FrameTooLarge.code());
+        assert!(matches!(message(IoEvent::WriteBlocked), Ok(None)));
+    }
+}
