@@ -4,11 +4,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Subcommand;
-use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use indicatif::{ProgressBar, ProgressStyle};
 use kbs_core::storage::{TargetRecord, TargetState};
 use plugin_rotation::{Control, RolloutView, StartRollout};
 use server::admin_client::{AdminClient, RolloutUpdate};
+
+use crate::output::{Output, table};
 
 #[derive(Subcommand, Debug)]
 pub enum RolloutCmd {
@@ -63,7 +64,8 @@ pub enum RolloutCmd {
     Cancel { id: i64 },
 }
 
-pub async fn run(client: &AdminClient, cmd: RolloutCmd, json: bool) -> anyhow::Result<()> {
+pub async fn run(cmd: RolloutCmd, client: &AdminClient, output: Output) -> anyhow::Result<()> {
+    let json = output.is_json();
     match cmd {
         RolloutCmd::Start {
             path,
@@ -259,11 +261,4 @@ async fn report(client: &AdminClient, v: &RolloutView, json: bool) -> anyhow::Re
         println!("{t}");
     }
     Ok(())
-}
-
-fn table(headers: &[&str]) -> Table {
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED);
-    t.set_header(headers.to_vec());
-    t
 }

@@ -1,0 +1,45 @@
+//! `kbsctl policy ...`: install and print the resource policy.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Subcommand;
+use server::admin_client::AdminClient;
+
+use crate::output::{Output, print_value};
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCmd {
+    /// Install a Rego resource policy from FILE.
+    Set { file: PathBuf },
+    /// Print the current resource policy.
+    Get,
+}
+
+pub async fn run(cmd: PolicyCmd, client: &AdminClient, output: Output) -> anyhow::Result<()> {
+    match cmd {
+        PolicyCmd::Set { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let v = client.set_policy(&text).await?;
+            print_value(output, &v, |v| {
+                format!("policy installed (version {})", v["version"])
+            });
+        }
+        PolicyCmd::Get => {
+            let (text, version) = client.get_policy().await?;
+            if output.is_json() {
+                println!(
+                    "{}",
+                    serde_json::json!({"version": version, "policy": text})
+                );
+            } else {
+                print!("{text}");
+                if !text.ends_with('\n') {
+                    println!();
+                }
+            }
+        }
+    }
+    Ok(())
+}
