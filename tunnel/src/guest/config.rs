@@ -57,7 +57,7 @@ impl std::fmt::Debug for GuestTunnelConfig {
 }
 
 impl GuestTunnelConfig {
-    /// Defaults from PROTOCOL.md for the tunnel at `url`.
+    /// The protocol defaults (docs/protocol.md, "Limits and timers") for the tunnel at `url`.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
