@@ -7,8 +7,14 @@ use server::admin_client::ClientError;
 /// Where every KBS error type lives (the Trustee error namespace).
 const ERROR_TYPE_PREFIX: &str = "https://github.com/confidential-containers/kbs/errors/";
 
+/// The status and error name of an API error; panics on any other client error.
+pub fn api_err(e: ClientError) -> (StatusCode, String) {
+    let (status, name, _) = api_err_detail(e);
+    (status, name)
+}
+
 /// The status, error name and detail of an API error; panics on any other client error.
-pub fn api_err(e: ClientError) -> (StatusCode, String, String) {
+pub fn api_err_detail(e: ClientError) -> (StatusCode, String, String) {
     match e {
         ClientError::Api {
             status,
@@ -19,9 +25,15 @@ pub fn api_err(e: ClientError) -> (StatusCode, String, String) {
     }
 }
 
+/// The status and error name of a raw error response; see [`error_detail`].
+pub async fn error_name(resp: reqwest::Response) -> (StatusCode, String) {
+    let (status, name, _) = error_detail(resp).await;
+    (status, name)
+}
+
 /// The status, error name and detail of a raw error response; asserts the body is the KBS's
 /// JSON error shape (a Trustee error type and a detail that names the problem).
-pub async fn error_name(resp: reqwest::Response) -> (StatusCode, String, String) {
+pub async fn error_detail(resp: reqwest::Response) -> (StatusCode, String, String) {
     let status = resp.status();
     let body: Value = resp.json().await.expect("error body is JSON");
     let detail = body["detail"].as_str().unwrap_or("").to_string();

@@ -186,8 +186,7 @@ pub fn http_client(ca_file: Option<&Path>) -> reqwest::Client {
 impl TestKbs {
     /// The tunnel endpoint: `ws://127.0.0.1:port/kbs/v0/tunnel` or `wss://localhost:port/...`.
     pub fn tunnel_url(&self) -> String {
-        let rest = self.url.strip_prefix("http").unwrap_or(&self.url);
-        format!("ws{rest}/kbs/v0/tunnel")
+        tunnel_url(&self.url)
     }
 
     /// How a guest reaches this KBS's tunnel, trusting its CA (ring provider) over TLS.
@@ -198,6 +197,12 @@ impl TestKbs {
             None => config,
         }
     }
+}
+
+/// The tunnel endpoint of the KBS at `base_url` (`http://...` -> `ws://.../kbs/v0/tunnel`).
+pub fn tunnel_url(base_url: &str) -> String {
+    let rest = base_url.strip_prefix("http").unwrap_or(base_url);
+    format!("ws{rest}/kbs/v0/tunnel")
 }
 
 /// A rustls client configuration (ring provider) trusting only the certificates in `ca_file`.

@@ -4,10 +4,8 @@
 //! its token in band, and closes cleanly on shutdown. Waits are on the daemon's state
 //! channel or short bounded polls; the one long wait (token expiry) is the event under test.
 
-use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use guest_daemon::run::{DaemonState, RunConfig, RunError};
@@ -19,7 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tunnel::{TunnelEvent, TunnelHandle};
+use tunnel::TunnelEvent;
 
 /// How long any single wait may take before the test fails.
 const WAIT: Duration = Duration::from_secs(15);
@@ -110,28 +108,6 @@ impl Daemon {
     }
 }
 
-/// Polls `check` every 20 ms until it holds, failing the test after [`WAIT`].
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + WAIT;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The hub's handle for `guest_id`, once it is there.
-async fn in_hub(kbs: &TestKbs, guest_id: &str) -> Arc<TunnelHandle> {
-    eventually(&format!("{guest_id} in the hub"), || async {
-        kbs.state.hub.get(guest_id).is_some()
-    })
-    .await;
-    kbs.state.hub.get(guest_id).unwrap()
-}
-
 /// A resource version sealed (as the KBS does) to `key`.
 fn sealed(key: &TeeKeyPair, uri: &str, version: u64, plaintext: &[u8]) -> SealedResource {
     let jwe = kbs_core::jwe::seal(&key.export_pubkey(), plaintext).unwrap();
@@ -157,7 +133,7 @@ async fn the_daemon_connects_is_probed_and_applies_a_pushed_resource() {
     assert_eq!(guest_id, "gd-apply", "identity from the attested init-data");
 
     // In the hub with the attested labels and what the daemon says of itself.
-    let handle = in_hub(&kbs, "gd-apply").await;
+    let handle = kbs.tunnel("gd-apply").await;
     assert_eq!(handle.session_id, session_id);
     assert_eq!(handle.labels["role"], "web");
     assert_eq!(handle.labels["zone"], "eu-1");
@@ -221,7 +197,7 @@ async fn shutdown_closes_the_tunnel_normally() {
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = Daemon::spawn(&kbs, dir.path(), Some(init_data("gd-stop")));
     daemon.connected().await;
-    in_hub(&kbs, "gd-stop").await;
+    kbs.tunnel("gd-stop").await;
 
     let started = Instant::now();
     assert_eq!(daemon.stop().await, DaemonState::Stopped);
@@ -252,12 +228,12 @@ async fn the_daemon_is_back_within_seconds_after_a_kbs_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = Daemon::spawn(&kbs, dir.path(), Some(init_data("gd-restart")));
     let (first, _) = daemon.connected().await;
-    in_hub(&kbs, "gd-restart").await;
+    kbs.tunnel("gd-restart").await;
 
     let kbs = kbs.restart().await;
     let restarted = Instant::now();
     let (second, _) = daemon.connected_where(|s| s != first).await;
-    let handle = in_hub(&kbs, "gd-restart").await;
+    let handle = kbs.tunnel("gd-restart").await;
     let back_after = restarted.elapsed();
     assert_eq!(handle.session_id, second);
     assert!(
@@ -300,7 +276,7 @@ async fn the_daemon_rides_out_a_kbs_that_is_down_at_start() {
 
     let kbs = TestKbs::start_with(false, |c| c.http.listen = addr).await;
     daemon.connected().await;
-    in_hub(&kbs, "gd-late").await;
+    kbs.tunnel("gd-late").await;
     daemon.stop().await;
 }
 
@@ -316,7 +292,7 @@ async fn an_expiring_token_is_refreshed_in_band() {
     let mut daemon = Daemon::spawn(&kbs, dir.path(), Some(init_data("gd-reauth")));
     let (session_id, _) = daemon.connected().await;
     let connected_at = Instant::now();
-    in_hub(&kbs, "gd-reauth").await;
+    kbs.tunnel("gd-reauth").await;
 
     // Waiting is the event under test: past the first token's expiry (<= 10 s from now).
     tokio::time::sleep_until(connected_at + Duration::from_secs(12)).await;
@@ -349,7 +325,7 @@ async fn a_restarted_daemon_keeps_its_tee_key_identity_and_resources() {
     let mut daemon = Daemon::spawn(&kbs, dir.path(), None);
     let (_, guest_id) = daemon.connected().await;
     assert!(guest_id.starts_with("tee-"), "{guest_id}");
-    let handle = in_hub(&kbs, &guest_id).await;
+    let handle = kbs.tunnel(&guest_id).await;
     let key_pem = std::fs::read(dir.path().join("tee_key.pem")).unwrap();
     let key = daemon.tee_key();
     handle
@@ -365,7 +341,7 @@ async fn a_restarted_daemon_keeps_its_tee_key_identity_and_resources() {
         std::fs::read(dir.path().join("tee_key.pem")).unwrap(),
         key_pem
     );
-    let handle = in_hub(&kbs, &guest_id).await;
+    let handle = kbs.tunnel(&guest_id).await;
     let held = handle
         .probe(ProbeKind::Resources, None)
         .await
@@ -387,7 +363,7 @@ async fn the_daemon_connects_over_tls_with_its_ca_file() {
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = Daemon::spawn(&kbs, dir.path(), Some(init_data("gd-tls")));
     daemon.connected().await;
-    let handle = in_hub(&kbs, "gd-tls").await;
+    let handle = kbs.tunnel("gd-tls").await;
     assert_eq!(handle.ping(b"tls".to_vec(), None).await.unwrap(), b"tls");
     daemon.stop().await;
 }

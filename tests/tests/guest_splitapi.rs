@@ -32,7 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tunnel::{CallError, TunnelHandle};
+use tunnel::CallError;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -128,21 +128,6 @@ impl Daemon {
             .expect("daemon stops in time")
             .unwrap()
             .unwrap();
-    }
-}
-
-/// The hub's handle for `guest_id`, once the KBS has it.
-async fn in_hub(kbs: &TestKbs, guest_id: &str) -> Arc<TunnelHandle> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(handle) = kbs.state.hub.get(guest_id) {
-            return handle;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{guest_id} in the hub"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -321,7 +306,7 @@ async fn a_pushed_bundle_starts_mutual_tls_and_a_new_ca_is_hot_reloaded() {
     let kbs = kbs_without_splitapi_plugin().await;
     let mut daemon = Daemon::spawn(&kbs, "sa-mtls", |_| {});
     daemon.connected().await;
-    let handle = in_hub(&kbs, "sa-mtls").await;
+    let handle = kbs.tunnel("sa-mtls").await;
     assert!(
         handle.services.iter().any(|s| s == "splitapi"),
         "the daemon announces splitapi: {:?}",
@@ -472,7 +457,7 @@ async fn the_owner_puts_secrets_that_land_0600_atomically_and_versioned() {
     let kbs = kbs_without_splitapi_plugin().await;
     let mut daemon = Daemon::spawn(&kbs, "sa-secrets", |_| {});
     daemon.connected().await;
-    let handle = in_hub(&kbs, "sa-secrets").await;
+    let handle = kbs.tunnel("sa-secrets").await;
     let pki = Pki::new(&rcgen::PKCS_ECDSA_P256_SHA256);
     handle
         .install_credentials(pki.bundle(&daemon.tee_key(), "sa-secrets", 1), None)
@@ -597,7 +582,7 @@ async fn cdh_serves_the_latest_version_and_the_hook_status_reaches_the_kbs() {
     daemon.connected().await;
     let cdh = daemon.cdh_addr().await;
     assert!(cdh.ip().is_loopback());
-    let handle = in_hub(&kbs, "sa-cdh").await;
+    let handle = kbs.tunnel("sa-cdh").await;
     let key = daemon.tee_key();
     let http = tests::http_client(None);
     let url = format!("http://{cdh}/cdh/resource/default/db/password");
@@ -670,7 +655,7 @@ async fn without_splitapi_the_daemon_does_not_announce_it_or_listen() {
         c.cdh_listen = None;
     });
     daemon.connected().await;
-    let handle = in_hub(&kbs, "sa-off").await;
+    let handle = kbs.tunnel("sa-off").await;
     assert!(
         handle.services.iter().all(|s| s != "splitapi"),
         "{:?}",
@@ -910,7 +895,7 @@ async fn an_apply_into_a_read_only_state_dir_reports_the_reason_to_the_kbs() {
     });
     daemon.connected().await;
     let cdh = daemon.cdh_addr().await;
-    let handle = in_hub(&kbs, "sa-ro").await;
+    let handle = kbs.tunnel("sa-ro").await;
     let key = daemon.tee_key();
     handle
         .apply_resource(sealed(&key, "default/app/cfg", 1, b"v1"), None)
@@ -968,7 +953,7 @@ async fn push_latency() {
     let kbs = kbs_without_splitapi_plugin().await;
     let mut daemon = Daemon::spawn(&kbs, "sa-bench", |_| {});
     daemon.connected().await;
-    let handle = in_hub(&kbs, "sa-bench").await;
+    let handle = kbs.tunnel("sa-bench").await;
     let key = daemon.tee_key();
     for alg in [&rcgen::PKCS_ED25519, &rcgen::PKCS_ECDSA_P256_SHA256] {
         let pki = Pki::new(alg);
