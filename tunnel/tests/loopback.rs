@@ -24,10 +24,7 @@ async fn ping_probe_and_push_round_trip_then_hub_empties() {
         assert_eq!(handle.labels.get("app").map(String::as_str), Some("test"));
         assert_eq!(session.guest_id(), "g1");
 
-        assert_eq!(
-            handle.ping(b"hello".to_vec(), None).await.expect("ping"),
-            b"hello"
-        );
+        assert_echoes(&handle, b"hello").await;
         let report = handle.probe(ProbeKind::Health, None).await.expect("probe");
         assert!(report.health.expect("health").healthy);
         let applied = handle
@@ -99,10 +96,7 @@ async fn deadline_fires_on_a_silent_guest_and_the_tunnel_stays_usable() {
         // The guest aborts the handler at the same deadline.
         wait_until(|| service.active.load(Ordering::SeqCst) == 0).await;
 
-        assert_eq!(
-            handle.ping(b"again".to_vec(), None).await.expect("ping"),
-            b"again"
-        );
+        assert_echoes(&handle, b"again").await;
         assert!(
             kbs.observer
                 .rpc_outcomes()
@@ -128,10 +122,7 @@ async fn dropping_a_call_cancels_it_on_the_guest() {
         let _ = call.await;
         wait_until(|| service.active.load(Ordering::SeqCst) == 0).await;
         assert!(kbs.observer.rpc_outcomes().contains(&("ping", "cancelled")));
-        assert_eq!(
-            handle.ping(b"ok".to_vec(), None).await.expect("ping"),
-            b"ok"
-        );
+        assert_echoes(&handle, b"ok").await;
     })
     .await;
 }
@@ -166,10 +157,7 @@ async fn kbs_refuses_calls_beyond_the_in_flight_limit() {
             call.abort();
         }
         wait_until(|| handle.in_flight() == 0).await;
-        assert_eq!(
-            handle.ping(b"ok".to_vec(), None).await.expect("ping"),
-            b"ok"
-        );
+        assert_echoes(&handle, b"ok").await;
     })
     .await;
 }
@@ -193,10 +181,7 @@ async fn guest_throttles_requests_beyond_its_own_limit() {
         );
         assert_eq!(first.await.expect("join").expect("first"), b"slow");
         // The tunnel survives throttling.
-        assert_eq!(
-            handle.ping(b"ok".to_vec(), None).await.expect("ping"),
-            b"ok"
-        );
+        assert_echoes(&handle, b"ok").await;
     })
     .await;
 }
@@ -216,10 +201,7 @@ async fn oversize_argument_fails_only_its_call() {
             .await
             .expect_err("oversize sent");
         assert!(matches!(err, CallError::Transport(_)), "{err:?}");
-        assert_eq!(
-            handle.ping(b"ok".to_vec(), None).await.expect("ping"),
-            b"ok"
-        );
+        assert_echoes(&handle, b"ok").await;
     })
     .await;
 }
@@ -483,10 +465,7 @@ async fn a_second_tunnel_supersedes_the_first_with_4409() {
         let live = kbs.hub.get("g1").expect("second still registered");
         assert!(live.epoch > old_epoch);
         assert_eq!(kbs.hub.len(), 1);
-        assert_eq!(
-            live.ping(b"new".to_vec(), None).await.expect("ping"),
-            b"new"
-        );
+        assert_echoes(&live, b"new").await;
     })
     .await;
 }
@@ -564,10 +543,7 @@ async fn reauth_in_band_extends_the_deadline() {
             closed = &mut serving => panic!("tunnel closed: {closed:?}"),
         }
         let handle = kbs.hub.get("g1").expect("still registered");
-        assert_eq!(
-            handle.ping(b"ok".to_vec(), None).await.expect("ping"),
-            b"ok"
-        );
+        assert_echoes(&handle, b"ok").await;
     })
     .await;
 }

@@ -376,6 +376,12 @@ impl GuestService for TestService {
     }
 }
 
+/// Asserts that a ping with `payload` through `handle` comes back unchanged.
+pub async fn assert_echoes(handle: &TunnelHandle, payload: &[u8]) {
+    let echoed = handle.ping(payload.to_vec(), None).await.expect("ping");
+    assert_eq!(echoed, payload);
+}
+
 /// Polls `cond` every 10 ms for up to 10 s.
 pub async fn wait_until(mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
