@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use guest_daemon::rcar::KbsClient;
+use guest_daemon::run::RunConfig;
 use guest_daemon::tee_key::TeeKeyPair;
 use kbs_core::admin_key::AdminKeyPair;
 use server::admin_client::AdminClient;
@@ -162,6 +163,15 @@ impl TestKbs {
         crate::attest(&self.url, self.ca_file.as_deref(), key, init_data)
             .await
             .expect("attestation")
+    }
+
+    /// A guest daemon's configuration for this KBS (URL, CA), keeping its state in
+    /// `state_dir` and attesting `init_data`.
+    pub fn daemon_config(&self, state_dir: &Path, init_data: Option<String>) -> RunConfig {
+        let mut config = RunConfig::new(&self.url, state_dir);
+        config.ca_file = self.ca_file.clone();
+        config.init_data = init_data;
+        config
     }
 
     /// The live tunnel of `guest_id`, once the hub has it (awaited on the hub's events).

@@ -8,23 +8,27 @@ mod api;
 mod attest;
 mod clock;
 mod crypto;
+mod daemon;
 mod fake_kbs;
 mod guest;
 mod guest_stub;
 mod kbs;
 mod metrics;
 mod wait;
+mod x509;
 
 pub use api::{api_err, api_err_detail, error_detail, error_name};
 pub use attest::{attest, init_data, rcar_client};
 pub use clock::{unix_ms, unix_secs};
 pub use crypto::{FAKE_TOKEN_PREFIX, fake_token, fake_unseal, unseal_with};
+pub use daemon::DaemonRun;
 pub use fake_kbs::{FakeKbsOptions, FakeTunnelKbs, self_signed_tls};
 pub use guest::{TunnelGuest, guest_info};
 pub use guest_stub::{StubGuest, acknowledge, healthy, installed};
 pub use kbs::{ALLOW_SAMPLE, TestKbs, http_client, init_logging, tls_client_config, tunnel_url};
 pub use metrics::metric_value;
 pub use wait::{WAIT, eventually, eventually_within, hub_until, tunnel_of};
+pub use x509::{der, sans};
 
 /// Runs a test body (an `async` closure taking a [`TestKbs`]) against a plain-HTTP KBS and a
 /// TLS KBS: two tests, `$name::http` and `$name::tls`.

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use guest_daemon::run::{DaemonState, RunConfig, RunError};
+use guest_daemon::run::RunConfig;
 use guest_daemon::splitapi::{SplitApiConfig, SplitApiStatus};
 use guest_daemon::tee_key::TeeKeyPair;
 use rcgen::{
@@ -27,10 +27,9 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_bytes::ByteBuf;
 use sha2::{Digest, Sha256};
-use tests::TestKbs;
+use tests::{DaemonRun, TestKbs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tunnel::CallError;
 
@@ -51,12 +50,10 @@ fn loopback0() -> SocketAddr {
 
 /// A daemon `run` loop with the splitapi and CDH endpoints on loopback port 0.
 struct Daemon {
-    state: watch::Receiver<DaemonState>,
+    run: DaemonRun,
+    state_dir: PathBuf,
     splitapi: watch::Receiver<SplitApiStatus>,
     cdh: watch::Receiver<Option<SocketAddr>>,
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<(), RunError>>,
-    state_dir: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -64,33 +61,23 @@ impl Daemon {
     fn spawn(kbs: &TestKbs, guest_id: &str, tweak: impl FnOnce(&mut RunConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let state_dir = dir.path().join("state");
-        let mut config = RunConfig::new(&kbs.url, &state_dir);
-        config.ca_file = kbs.ca_file.clone();
-        config.init_data = Some(init_data(guest_id));
+        let mut config = kbs.daemon_config(&state_dir, Some(init_data(guest_id)));
         config.splitapi = Some(SplitApiConfig::new(loopback0()));
         config.cdh_listen = Some(loopback0());
         tweak(&mut config);
-        let state = config.subscribe();
         let splitapi = config.subscribe_splitapi();
         let cdh = config.subscribe_cdh();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(guest_daemon::run::run(config, shutdown.clone()));
         Self {
-            state,
+            run: DaemonRun::spawn(config),
+            state_dir,
             splitapi,
             cdh,
-            shutdown,
-            task,
-            state_dir,
             _dir: dir,
         }
     }
 
     async fn connected(&mut self) {
-        tokio::time::timeout(WAIT, self.state.wait_for(DaemonState::is_connected))
-            .await
-            .expect("daemon connects in time")
-            .unwrap();
+        self.run.connected().await;
     }
 
     /// Waits until the endpoint serves bundle `version`; returns its address.
@@ -117,17 +104,11 @@ impl Daemon {
     }
 
     fn tee_key(&self) -> TeeKeyPair {
-        let pem = std::fs::read_to_string(self.state_dir.join("tee_key.pem")).unwrap();
-        TeeKeyPair::from_pem(&pem).unwrap()
+        self.run.tee_key()
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("daemon stops in time")
-            .unwrap()
-            .unwrap();
+        self.run.stop().await;
     }
 }
 

@@ -12,8 +12,7 @@ use guest_daemon::tee_key::TeeKeyPair;
 use rcgen::{CertificateParams, DnType, KeyPair, SanType};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tests::{ALLOW_SAMPLE, TestKbs, error_detail, metric_value};
-use x509_parser::extensions::GeneralName;
+use tests::{ALLOW_SAMPLE, TestKbs, der, error_detail, metric_value, sans};
 use x509_parser::pem::parse_x509_pem;
 use x509_parser::prelude::*;
 
@@ -79,30 +78,6 @@ fn csr_json(pem: &str) -> String {
 }
 
 /// Status, error name and detail of an error reply (which must be the JSON error body).
-fn der(pem: &str) -> Vec<u8> {
-    parse_x509_pem(pem.as_bytes()).unwrap().1.contents
-}
-
-/// SANs as `dns:x` / `ip:a.b.c.d`.
-fn sans(cert: &X509Certificate<'_>) -> Vec<String> {
-    cert.subject_alternative_name()
-        .unwrap()
-        .map(|s| {
-            s.value
-                .general_names
-                .iter()
-                .map(|g| match g {
-                    GeneralName::DNSName(d) => format!("dns:{d}"),
-                    GeneralName::IPAddress(b) if b.len() == 4 => {
-                        format!("ip:{}.{}.{}.{}", b[0], b[1], b[2], b[3])
-                    }
-                    other => format!("{other:?}"),
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 async fn kbs_with_policy() -> TestKbs {
     let kbs = TestKbs::start_tls().await;
     kbs.admin().set_policy(ALLOW_SAMPLE).await.unwrap();

@@ -6,14 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use guest_daemon::hook::PostApplyHook;
-use guest_daemon::run::{DaemonState, RunConfig, RunError};
+use guest_daemon::run::{DaemonState, RunConfig};
 use kbs_core::storage::{RolloutState, TargetState};
 use plugin_rotation::{Control, RolloutView, StartRollout};
 use reqwest::StatusCode;
 use server::admin_client::{AdminClient, RolloutUpdate};
-use tests::{ALLOW_SAMPLE, TestKbs, api_err_detail, eventually_within, hub_until};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tests::{ALLOW_SAMPLE, DaemonRun, TestKbs, api_err_detail, eventually_within, hub_until};
 use tokio_util::sync::CancellationToken;
 
 /// How long any single wait may take before the test fails.
@@ -29,10 +27,7 @@ fn init_data(guest_id: &str, labels: &[(&str, &str)]) -> String {
 
 struct Daemon {
     guest_id: String,
-    state: watch::Receiver<DaemonState>,
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<(), RunError>>,
-    state_dir: PathBuf,
+    run: DaemonRun,
     init: String,
     hook: Option<String>,
 }
@@ -69,20 +64,12 @@ impl Daemon {
         hook: Option<String>,
         push_key: bool,
     ) -> Self {
-        let mut config = RunConfig::new(&kbs.url, &state_dir);
+        let mut config = kbs.daemon_config(&state_dir, Some(init.clone()));
         config.push_key = push_key;
-        config.ca_file = kbs.ca_file.clone();
-        config.init_data = Some(init.clone());
         config.hook = hook.clone().map(PostApplyHook::new);
-        let state = config.subscribe();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(guest_daemon::run::run(config, shutdown.clone()));
         Self {
             guest_id: guest_id.to_string(),
-            state,
-            shutdown,
-            task,
-            state_dir,
+            run: DaemonRun::spawn(config),
             init,
             hook,
         }
@@ -91,7 +78,8 @@ impl Daemon {
     async fn connected(&mut self) {
         tokio::time::timeout(
             WAIT,
-            self.state
+            self.run
+                .state
                 .wait_for(|s| matches!(s, DaemonState::Connected { .. })),
         )
         .await
@@ -100,18 +88,14 @@ impl Daemon {
     }
 
     async fn stop(self) -> (String, PathBuf, String, Option<String>) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("daemon stops in time")
-            .expect("daemon task does not panic")
-            .expect("daemon ends without error");
-        (self.guest_id, self.state_dir, self.init, self.hook)
+        let state_dir = self.run.state_dir.clone();
+        self.run.stop().await;
+        (self.guest_id, state_dir, self.init, self.hook)
     }
 
     /// The plaintext the daemon holds for `path`, if any.
     fn held(&self, path: &str) -> Option<Vec<u8>> {
-        std::fs::read(self.state_dir.join("resources").join(path)).ok()
+        self.run.held(path)
     }
 }
 
@@ -366,7 +350,7 @@ async fn a_denied_guest_gets_nothing_and_a_failing_guest_fails_with_the_reason()
         kbs.tunnel(&d.guest_id).await;
     }
     // The broken guest cannot write the resource: a file sits where its directory goes.
-    let blocker = broken.state_dir.join("resources/default");
+    let blocker = broken.run.state_dir.join("resources/default");
     std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
     std::fs::write(&blocker, b"not a directory").unwrap();
 

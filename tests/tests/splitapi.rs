@@ -13,10 +13,8 @@ use reqwest::StatusCode;
 use rpc_defs::CredentialBundle;
 use serde_bytes::ByteBuf;
 use serde_json::Value;
-use tests::{ALLOW_SAMPLE, StubGuest, TestKbs, TunnelGuest, WAIT, api_err, error_name};
+use tests::{ALLOW_SAMPLE, StubGuest, TestKbs, TunnelGuest, WAIT, api_err, der, error_name, sans};
 use tokio::sync::mpsc;
-use x509_parser::extensions::GeneralName;
-use x509_parser::pem::parse_x509_pem;
 use x509_parser::prelude::*;
 
 fn init(guest_id: &str) -> String {
@@ -41,30 +39,6 @@ fn open_files(key: &TeeKeyPair, jwe: &[u8]) -> BTreeMap<String, String> {
     map.into_iter()
         .map(|(k, v)| (k, String::from_utf8(v.into_vec()).unwrap()))
         .collect()
-}
-
-fn der(pem: &str) -> Vec<u8> {
-    parse_x509_pem(pem.as_bytes()).unwrap().1.contents
-}
-
-/// SANs of a certificate as `dns:x` / `ip:a.b.c.d`.
-fn sans(cert: &X509Certificate<'_>) -> Vec<String> {
-    cert.subject_alternative_name()
-        .unwrap()
-        .map(|s| {
-            s.value
-                .general_names
-                .iter()
-                .map(|g| match g {
-                    GeneralName::DNSName(d) => format!("dns:{d}"),
-                    GeneralName::IPAddress(b) if b.len() == 4 => {
-                        format!("ip:{}.{}.{}.{}", b[0], b[1], b[2], b[3])
-                    }
-                    other => format!("{other:?}"),
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Checks `leaf` is signed by `ca` (and names it as issuer) and returns the leaf's SANs.
