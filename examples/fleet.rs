@@ -33,15 +33,10 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use examples::proc_rss_kib;
-use guest_daemon::{evidence::SampleAttester, rcar::KbsClientBuilder, tee_key::TeeKeyPair};
+use guest_daemon::tee_key::TeeKeyPair;
 use kbs_core::admin_key::AdminKeyPair;
-use rpc_defs::{
-    Applied, CredentialBundle, GuestError, GuestInfo, GuestService, Installed, ProbeKind,
-    ProbeReport, SealedResource,
-};
-use serde_bytes::ByteBuf;
 use server::admin_client::AdminClient;
-use tarpc::context::Context;
+use tests::{FakeKbsOptions, FakeTunnelKbs, StubGuest, fake_token, fake_unseal, unseal_with};
 use tokio::sync::watch;
 use tunnel::{Backoff, GuestTunnelConfig, ReconnectPolicy};
 
@@ -138,36 +133,6 @@ fn main() -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Child: simulated guests.
 
-/// A trivial guest: `ping` echoes, the rest answer at once.
-#[derive(Clone)]
-struct SimGuest;
-
-impl GuestService for SimGuest {
-    async fn ping(self, _: Context, payload: ByteBuf) -> ByteBuf {
-        payload
-    }
-
-    async fn install_credentials(
-        self,
-        _: Context,
-        bundle: CredentialBundle,
-    ) -> Result<Installed, GuestError> {
-        Ok(Installed {
-            id: bundle.id,
-            version: bundle.version,
-            already_held: false,
-        })
-    }
-
-    async fn apply_resource(self, _: Context, _: SealedResource) -> Result<Applied, GuestError> {
-        Err(GuestError::Invalid("not supported by the simulator".into()))
-    }
-
-    async fn probe(self, _: Context, _: ProbeKind) -> Result<ProbeReport, GuestError> {
-        Ok(ProbeReport::default())
-    }
-}
-
 #[derive(Default)]
 struct ChildStats {
     attested: AtomicU64,
@@ -191,10 +156,9 @@ struct ChildCtx {
 
 async fn child_main(args: Args) -> anyhow::Result<()> {
     let kbs_url = args.kbs_url.context("--kbs-url")?;
-    let rest = kbs_url.strip_prefix("http").unwrap_or(&kbs_url);
-    let mut tunnel = GuestTunnelConfig::new(format!("ws{rest}/kbs/v0/tunnel"));
+    let mut tunnel = GuestTunnelConfig::new(tests::tunnel_url(&kbs_url));
     if let Some(ca) = &args.ca_file {
-        tunnel = tunnel.with_tls(tls_client_config(ca)?);
+        tunnel = tunnel.with_tls(tests::tls_client_config(ca));
     }
     tunnel.local_addr = args.src.map(IpAddr::V4);
     let (gate_tx, gate) = watch::channel(0usize);
@@ -264,18 +228,10 @@ async fn child_main(args: Args) -> anyhow::Result<()> {
 
 async fn attest(ctx: &ChildCtx, guest_id: &str, key: &TeeKeyPair) -> anyhow::Result<String> {
     if ctx.fake_attest {
-        return Ok(format!("{FAKE_TOKEN_PREFIX}{guest_id}"));
+        return Ok(fake_token(guest_id));
     }
-    let init_data =
-        format!("[tether]\nguest_id = \"{guest_id}\"\n\n[tether.labels]\nfleet = \"sim\"\n");
-    let mut builder = KbsClientBuilder::new(ctx.kbs_url.clone(), Box::new(SampleAttester))
-        .key(key.clone())
-        .init_data(init_data);
-    if let Some(ca) = &ctx.ca_file {
-        builder = builder.ca_file(ca.clone());
-    }
-    let mut client = builder.build()?;
-    Ok(client.attest().await?)
+    let init_data = tests::init_data(guest_id, &[("fleet", "sim")]);
+    tests::attest(&ctx.kbs_url, ctx.ca_file.as_deref(), key, Some(&init_data)).await
 }
 
 /// One simulated guest: attest, wait for the gate, then hold a tunnel forever, reconnecting
@@ -329,21 +285,12 @@ async fn guest(ctx: Arc<ChildCtx>, index: usize) {
         } else {
             None
         };
-        let info = GuestInfo {
-            instance_id: guest_id.clone(),
-            daemon_version: "fleet-sim".into(),
-            services: vec![],
-        };
-        let unseal_key = key.clone();
-        let fake = ctx.fake_attest;
-        let unseal = move |jwe: &[u8]| {
-            if fake {
-                return Ok(jwe.iter().map(|b| b ^ FAKE_XOR).collect());
-            }
-            unseal_key
-                .open_json(jwe)
-                .map(|nonce| nonce.to_vec())
-                .map_err(|e| e.to_string())
+        let info = tests::guest_info(&guest_id, "fleet-sim", &[]);
+        type Unseal = Box<dyn FnOnce(&[u8]) -> Result<Vec<u8>, String> + Send>;
+        let unseal: Unseal = if ctx.fake_attest {
+            Box::new(fake_unseal)
+        } else {
+            Box::new(unseal_with(&key))
         };
         let delay = match tunnel::connect(&ctx.tunnel, &jwt, info, unseal).await {
             Ok(tunnel) => {
@@ -351,7 +298,7 @@ async fn guest(ctx: Arc<ChildCtx>, index: usize) {
                 first = false;
                 ctx.stats.opens.fetch_add(1, Ordering::Relaxed);
                 ctx.stats.connected.fetch_add(1, Ordering::Relaxed);
-                let closed = tunnel.serve(SimGuest).await;
+                let closed = tunnel.serve(StubGuest::new()).await;
                 ctx.stats.connected.fetch_sub(1, Ordering::Relaxed);
                 if closed.needs_reattest() {
                     token = None;
@@ -371,148 +318,23 @@ async fn guest(ctx: Arc<ChildCtx>, index: usize) {
     }
 }
 
-fn tls_client_config(ca_file: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let bundle = guest_daemon::tls::CaBundle::from_pem_file(ca_file)?;
-    let mut roots = rustls::RootCertStore::empty();
-    bundle.add_to_root_store(&mut roots)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
-}
-
 // ---------------------------------------------------------------------------------------------
-// Tunnel-only KBS: the tunnel route and nothing else, in its own process.
-
-const FAKE_TOKEN_PREFIX: &str = "fleet:";
-const FAKE_XOR: u8 = 0x5a;
-
-#[derive(Clone)]
-struct TunnelOnly {
-    hub: tunnel::Hub,
-    limits: Arc<tunnel::TunnelLimits>,
-    reauth: tunnel::ReauthFn,
-    drain: tokio_util::sync::CancellationToken,
-}
-
-async fn tunnel_only_route(
-    axum::extract::State(state): axum::extract::State<TunnelOnly>,
-    headers: axum::http::HeaderMap,
-    ws: axum::extract::WebSocketUpgrade,
-) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let guest_id = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .and_then(|v| v.strip_prefix(FAKE_TOKEN_PREFIX))
-        .map(str::to_owned);
-    let Some(guest_id) = guest_id else {
-        return axum::http::StatusCode::UNAUTHORIZED.into_response();
-    };
-    let nonce: [u8; 32] = rand::random();
-    let accept = tunnel::AcceptParams {
-        guest_id,
-        labels: Default::default(),
-        challenge_jwe: nonce.iter().map(|b| b ^ FAKE_XOR).collect(),
-        expected_nonce: nonce,
-        push_key: None,
-        reauth_before: u64::MAX / 2,
-        reauth: state.reauth.clone(),
-        limits: state.limits.clone(),
-    };
-    let observer: Arc<dyn tunnel::TunnelObserver> = Arc::new(tunnel::NoopObserver);
-    let (hub, drain) = (state.hub.clone(), state.drain.clone());
-    let accept = Box::new(accept);
-    tunnel::configure_upgrade(ws, &state.limits).on_upgrade(move |socket| {
-        let serving = tunnel::serve_guest_tunnel(socket, *accept, hub, observer, drain);
-        if std::env::var_os("FLEET_PRINT_SIZES").is_some() {
-            static ONCE: std::sync::Once = std::sync::Once::new();
-            ONCE.call_once(|| {
-                eprintln!(
-                    "serve_guest_tunnel future: {} bytes",
-                    std::mem::size_of_val(&serving)
-                );
-            });
-        }
-        serving
-    })
-}
-
-/// A TLS listener for `axum::serve` (handshake in `accept`; failures are skipped).
-struct TlsListener {
-    tcp: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let Ok((tcp, addr)) = self.tcp.accept().await else {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                continue;
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = self.acceptor.clone();
-            // Bounded, so one stuck client cannot stop the accept loop.
-            let handshake = tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp));
-            if let Ok(Ok(tls)) = handshake.await {
-                return (tls, addr);
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
-    }
-}
+// Tunnel-only KBS: the test kit's fake KBS (the tunnel route and nothing else) in its own
+// process.
 
 async fn tunnel_only_kbs(args: Args) -> anyhow::Result<()> {
-    let reauth: tunnel::ReauthFn = Arc::new(|_token: String| {
-        Box::pin(async { Err("no reauth here".to_owned()) })
-            as futures::future::BoxFuture<'static, Result<u64, String>>
-    });
-    let state = TunnelOnly {
-        hub: tunnel::Hub::new(),
-        limits: Arc::new(tunnel::TunnelLimits::default()),
-        reauth,
-        drain: tokio_util::sync::CancellationToken::new(),
-    };
-    let app = axum::Router::new()
-        .route("/kbs/v0/tunnel", axum::routing::any(tunnel_only_route))
-        .route("/readyz", axum::routing::get(|| async { "ok" }))
-        .with_state(state);
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", args.port)).await?;
-    match &args.tls_dir {
-        Some(dir) => {
-            let certified = rcgen::generate_simple_self_signed(vec![
-                "localhost".to_owned(),
-                "127.0.0.1".to_owned(),
-            ])?;
-            std::fs::create_dir_all(dir)?;
-            std::fs::write(dir.join("cert.pem"), certified.cert.pem())?;
-            let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
-                certified.signing_key.serialize_der().into(),
-            );
-            let provider = Arc::new(rustls::crypto::ring::default_provider());
-            let config = rustls::ServerConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()?
-                .with_no_client_auth()
-                .with_single_cert(vec![certified.cert.der().clone()], key)?;
-            let listener = TlsListener {
-                tcp: listener,
-                acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
-            };
-            axum::serve(listener, app).await?;
-        }
-        None => axum::serve(listener, app).await?,
+    let kbs = FakeTunnelKbs::start(FakeKbsOptions {
+        listen: (Ipv4Addr::LOCALHOST, args.port).into(),
+        tls: args.tls_dir.is_some(),
+        print_future_size: std::env::var_os("FLEET_PRINT_SIZES").is_some(),
+        ..FakeKbsOptions::default()
+    })
+    .await?;
+    if let (Some(dir), Some(pem)) = (&args.tls_dir, &kbs.cert_pem) {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("cert.pem"), pem)?;
     }
-    Ok(())
+    kbs.serve_forever().await
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,10 +1,16 @@
-//! Shared pieces of the example programs and load tools: run a `kbs` process and measure it.
+//! Shared pieces of the example programs and load tools: run a `kbs` process, measure it, and
+//! connect simulated guests to it (the guests themselves come from the test kit, `tests`).
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use futures::StreamExt;
+use guest_daemon::tee_key::TeeKeyPair;
+use kbs_core::admin_key::AdminKeyPair;
+use server::admin_client::AdminClient;
 
 /// A `kbs` server process started for a measurement, killed on drop.
 pub struct KbsProcess {
@@ -64,6 +70,12 @@ impl KbsProcess {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// An admin client with its development admin key.
+    pub fn admin(&self) -> anyhow::Result<AdminClient> {
+        let key = AdminKeyPair::load(&self.data_dir.join("admin.key"))?;
+        Ok(AdminClient::new(&self.url, key, None)?)
     }
 
     /// Process id.
@@ -134,4 +146,59 @@ pub fn default_kbs_bin() -> PathBuf {
         .and_then(Path::parent)
         .map(|p| p.join("kbs"))
         .unwrap_or_else(|| PathBuf::from("target/release/kbs"))
+}
+
+/// Runs `fut` to completion on a multi-threaded tokio runtime (a load tool's `main`).
+pub fn block_on_multi_thread<T>(fut: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(fut)
+}
+
+/// A simulated guest of a load tool, attested (sample TEE) and ready to open its tunnel.
+pub struct AttestedGuest {
+    /// Its guest id, `sim-00042`.
+    pub id: String,
+    /// Its TEE key.
+    pub key: TeeKeyPair,
+    /// Its attestation token.
+    pub token: String,
+}
+
+impl AttestedGuest {
+    /// Attests guest `sim-<index>` labelled `labels` at the KBS at `url`.
+    pub async fn attest(url: &str, index: usize, labels: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let id = format!("sim-{index:05}");
+        let key = TeeKeyPair::new_ec();
+        let init = tests::init_data(&id, labels);
+        let token = tests::attest(url, None, &key, Some(&init)).await?;
+        Ok(Self { id, key, token })
+    }
+
+    /// What it says of itself in its Proof.
+    pub fn info(&self) -> rpc_defs::GuestInfo {
+        tests::guest_info(&self.id, "sim", &["resources"])
+    }
+}
+
+/// Runs `connect(index)` for guests `0..count`, `concurrency` at a time, and returns what they
+/// returned (in completion order); fails if any fails.
+pub async fn connect_fleet<T, F, Fut>(
+    count: usize,
+    concurrency: usize,
+    connect: F,
+) -> anyhow::Result<Vec<T>>
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    futures::stream::iter(0..count)
+        .map(connect)
+        .buffer_unordered(concurrency)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .context("a simulated guest failed to connect")
 }

@@ -11,19 +11,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use clap::Parser;
-use examples::{KbsProcess, default_kbs_bin, proc_cpu_time};
-use futures::StreamExt;
-use guest_daemon::{evidence::SampleAttester, rcar::KbsClientBuilder, tee_key::TeeKeyPair};
-use kbs_core::admin_key::AdminKeyPair;
-use rpc_defs::{
-    Applied, CredentialBundle, GuestError, GuestInfo, GuestService, HealthReport, HeldResource,
-    Installed, ProbeKind, ProbeReport, RuntimeReport, SealedResource,
-};
-use serde_bytes::ByteBuf;
-use server::admin_client::{AdminClient, RequestBody};
-use tarpc::context::Context;
+use examples::{AttestedGuest, KbsProcess, connect_fleet, default_kbs_bin, proc_cpu_time};
+use rpc_defs::{HeldResource, ProbeReport, RuntimeReport};
+use server::admin_client::RequestBody;
+use tests::{StubGuest, TunnelGuest, healthy};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -41,113 +33,59 @@ struct Args {
     kbs_bin: Option<std::path::PathBuf>,
 }
 
-#[derive(Clone)]
-struct SimGuest {
-    index: usize,
-}
-
-impl GuestService for SimGuest {
-    async fn ping(self, _: Context, payload: ByteBuf) -> ByteBuf {
-        payload
-    }
-
-    async fn install_credentials(
-        self,
-        _: Context,
-        b: CredentialBundle,
-    ) -> Result<Installed, GuestError> {
-        Err(GuestError::Unsupported(b.id))
-    }
-
-    async fn apply_resource(self, _: Context, r: SealedResource) -> Result<Applied, GuestError> {
-        Err(GuestError::Unsupported(r.uri))
-    }
-
-    async fn probe(self, _: Context, _: ProbeKind) -> Result<ProbeReport, GuestError> {
-        Ok(ProbeReport {
-            health: Some(HealthReport {
-                healthy: true,
-                problems: Vec::new(),
-            }),
-            resources: Some(vec![HeldResource {
-                uri: "default/key/tls".into(),
-                version: 1 + (self.index % 3) as u64,
-                sha256: "ab".repeat(32),
-                applied_at: 1_760_000_000,
-            }]),
-            runtime: Some(RuntimeReport {
-                uptime_s: 60,
-                rss_bytes: 8 << 20,
-                daemon_version: "sim".into(),
-                open_tunnels: 1,
-            }),
+/// Answers every probe with health, one held resource (version 1, 2 or 3 by index) and
+/// runtime figures.
+fn sim_guest(index: usize) -> StubGuest {
+    StubGuest::new()
+        .refusing_bundles()
+        .refusing_pushes()
+        .on_probe(move |_| async move {
+            Ok(ProbeReport {
+                health: Some(healthy()),
+                resources: Some(vec![HeldResource {
+                    uri: "default/key/tls".into(),
+                    version: 1 + (index % 3) as u64,
+                    sha256: "ab".repeat(32),
+                    applied_at: 1_760_000_000,
+                }]),
+                runtime: Some(RuntimeReport {
+                    uptime_s: 60,
+                    rss_bytes: 8 << 20,
+                    daemon_version: "sim".into(),
+                    open_tunnels: 1,
+                }),
+            })
         })
-    }
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run(args))
+    examples::block_on_multi_thread(run(Args::parse()))
 }
 
-async fn connect(url: String, index: usize) -> anyhow::Result<tunnel::TunnelSession> {
-    let id = format!("sim-{index:05}");
-    let init = format!(
-        "[tether]\nguest_id = \"{id}\"\n\n[tether.labels]\napp = \"bench\"\nshard = \"s{}\"\n",
-        index % 10
-    );
-    let key = TeeKeyPair::new_ec();
-    let token = KbsClientBuilder::new(url.clone(), Box::new(SampleAttester))
-        .key(key.clone())
-        .init_data(&init)
-        .build()?
-        .attest()
-        .await?;
-    let ws = format!(
-        "ws{}/kbs/v0/tunnel",
-        url.strip_prefix("http").unwrap_or(&url)
-    );
-    let unseal = move |jwe: &[u8]| {
-        key.open_json(jwe)
-            .map(|p| p.to_vec())
-            .map_err(|e| e.to_string())
-    };
-    let info = GuestInfo {
-        instance_id: id.clone(),
-        daemon_version: "sim".into(),
-        services: vec!["resources".into()],
-    };
-    let (session, serve) = tunnel::connect_and_serve(
-        &tunnel::GuestTunnelConfig::new(ws),
-        &token,
-        info,
-        unseal,
-        SimGuest { index },
+async fn connect(url: &str, index: usize) -> anyhow::Result<TunnelGuest> {
+    let shard = format!("s{}", index % 10);
+    let guest = AttestedGuest::attest(url, index, &[("app", "bench"), ("shard", &shard)]).await?;
+    let config = tunnel::GuestTunnelConfig::new(tests::tunnel_url(url));
+    Ok(TunnelGuest::dial(
+        &config,
+        &guest.token,
+        guest.info(),
+        &guest.key,
+        sim_guest(index),
     )
-    .await?;
-    tokio::spawn(serve);
-    Ok(session)
+    .await?)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let bin = args.kbs_bin.clone().unwrap_or_else(default_kbs_bin);
     let kbs = KbsProcess::start(&bin, &[]).await?;
-    let key = AdminKeyPair::load(&kbs.data_dir.join("admin.key"))?;
-    let admin = Arc::new(AdminClient::new(&kbs.url, key, None)?);
+    let admin = Arc::new(kbs.admin()?);
 
     let started = Instant::now();
-    let url = kbs.url.clone();
-    let sessions: Vec<tunnel::TunnelSession> = futures::stream::iter(0..args.guests)
-        .map(|i| connect(url.clone(), i))
-        .buffer_unordered(args.connect_concurrency)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()
-        .context("a simulated guest failed to connect")?;
+    let sessions = connect_fleet(args.guests, args.connect_concurrency, |i| {
+        connect(&kbs.url, i)
+    })
+    .await?;
     let setup = started.elapsed();
     println!(
         "{} guests attested and connected in {:.1} s; KBS RSS {} MiB",

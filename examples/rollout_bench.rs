@@ -12,21 +12,16 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use clap::Parser;
-use examples::{KbsProcess, default_kbs_bin, percentile, proc_cpu_time};
-use futures::StreamExt;
-use guest_daemon::{evidence::SampleAttester, rcar::KbsClientBuilder, tee_key::TeeKeyPair};
-use kbs_core::admin_key::AdminKeyPair;
+use examples::{
+    AttestedGuest, KbsProcess, connect_fleet, default_kbs_bin, percentile, proc_cpu_time,
+};
+use guest_daemon::tee_key::TeeKeyPair;
 use kbs_core::storage::TargetState;
 use plugin_rotation::StartRollout;
-use rpc_defs::{
-    Applied, CredentialBundle, GuestError, GuestInfo, GuestService, Installed, ProbeKind,
-    ProbeReport, SealedResource,
-};
-use serde_bytes::ByteBuf;
-use server::admin_client::{AdminClient, RolloutUpdate};
-use tarpc::context::Context;
+use rpc_defs::GuestError;
+use server::admin_client::RolloutUpdate;
+use tests::{StubGuest, acknowledge, unseal_with};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -51,105 +46,47 @@ struct Args {
 /// When each push was applied (the guest side of the latency).
 type Applies = Arc<Mutex<Vec<Instant>>>;
 
-#[derive(Clone)]
-struct SimGuest {
-    key: TeeKeyPair,
-    push_key: Option<tunnel::PushKey>,
-    applies: Applies,
-}
-
-impl GuestService for SimGuest {
-    async fn ping(self, _: Context, payload: ByteBuf) -> ByteBuf {
-        payload
-    }
-
-    async fn install_credentials(
-        self,
-        _: Context,
-        b: CredentialBundle,
-    ) -> Result<Installed, GuestError> {
-        Err(GuestError::Unsupported(b.id))
-    }
-
-    async fn apply_resource(self, _: Context, r: SealedResource) -> Result<Applied, GuestError> {
-        // Unseal as a real guest does (the CPU cost of the guest side is part of the figure).
-        self.key
-            .open_json_with(&r.jwe, self.push_key.as_ref().map(tunnel::PushKey::bytes))
-            .map_err(|e| GuestError::Unseal(e.to_string()))?;
-        if let Ok(mut a) = self.applies.lock() {
+/// Opens every pushed resource as a real guest does (the CPU cost of the guest side is part
+/// of the figure), notes when, and acknowledges it.
+fn sim_guest(key: TeeKeyPair, push_key: Option<tunnel::PushKey>, applies: Applies) -> StubGuest {
+    StubGuest::new().refusing_bundles().on_apply(move |r| {
+        let opened = key
+            .open_json_with(&r.jwe, push_key.as_ref().map(tunnel::PushKey::bytes))
+            .map_err(|e| GuestError::Unseal(e.to_string()));
+        if opened.is_ok()
+            && let Ok(mut a) = applies.lock()
+        {
             a.push(Instant::now());
         }
-        Ok(Applied {
-            uri: r.uri,
-            version: r.version,
-            sha256: r.sha256,
-            already_held: false,
-            hook_status: None,
-        })
-    }
-
-    async fn probe(self, _: Context, _: ProbeKind) -> Result<ProbeReport, GuestError> {
-        Ok(ProbeReport::default())
-    }
+        async move { opened.map(|_| acknowledge(r)) }
+    })
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run(args))
+    examples::block_on_multi_thread(run(Args::parse()))
 }
 
 async fn connect(
-    url: String,
+    url: &str,
     index: usize,
     applies: Applies,
     push_key: bool,
 ) -> anyhow::Result<tunnel::TunnelSession> {
-    let id = format!("sim-{index:05}");
-    let init = format!("[tether]\nguest_id = \"{id}\"\n\n[tether.labels]\napp = \"bench\"\n");
-    let key = TeeKeyPair::new_ec();
-    let token = KbsClientBuilder::new(url.clone(), Box::new(SampleAttester))
-        .key(key.clone())
-        .init_data(&init)
-        .build()?
-        .attest()
-        .await?;
-    let ws = format!(
-        "ws{}/kbs/v0/tunnel",
-        url.strip_prefix("http").unwrap_or(&url)
-    );
-    let unseal_key = key.clone();
-    let unseal = move |jwe: &[u8]| {
-        unseal_key
-            .open_json(jwe)
-            .map(|p| p.to_vec())
-            .map_err(|e| e.to_string())
-    };
-    let info = GuestInfo {
-        instance_id: id.clone(),
-        daemon_version: "sim".into(),
-        services: vec!["resources".into()],
-    };
-    let mut config = tunnel::GuestTunnelConfig::new(ws);
+    let guest = AttestedGuest::attest(url, index, &[("app", "bench")]).await?;
+    let mut config = tunnel::GuestTunnelConfig::new(tests::tunnel_url(url));
     config.offer_push_key = push_key;
-    let tunnel = tunnel::connect(&config, &token, info, unseal).await?;
+    let tunnel =
+        tunnel::connect(&config, &guest.token, guest.info(), unseal_with(&guest.key)).await?;
     let session = tunnel.session();
     let push_key = tunnel.welcome().push_key.clone();
-    tokio::spawn(tunnel.serve(SimGuest {
-        key,
-        push_key,
-        applies,
-    }));
+    tokio::spawn(tunnel.serve(sim_guest(guest.key, push_key, applies)));
     Ok(session)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let bin = args.kbs_bin.clone().unwrap_or_else(default_kbs_bin);
     let kbs = KbsProcess::start(&bin, &[]).await?;
-    let key = AdminKeyPair::load(&kbs.data_dir.join("admin.key"))?;
-    let admin = Arc::new(AdminClient::new(&kbs.url, key, None)?);
+    let admin = Arc::new(kbs.admin()?);
     admin
         .set_policy(include_str!("policies/allow-sample.rego"))
         .await?;
@@ -157,15 +94,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let applies: Applies = Arc::new(Mutex::new(Vec::with_capacity(args.guests)));
     let started = Instant::now();
-    let url = kbs.url.clone();
-    let sessions: Vec<tunnel::TunnelSession> = futures::stream::iter(0..args.guests)
-        .map(|i| connect(url.clone(), i, applies.clone(), !args.no_push_key))
-        .buffer_unordered(args.connect_concurrency)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()
-        .context("a simulated guest failed to connect")?;
+    let sessions = connect_fleet(args.guests, args.connect_concurrency, |i| {
+        connect(&kbs.url, i, applies.clone(), !args.no_push_key)
+    })
+    .await?;
     println!(
         "{} guests attested and connected in {:.1} s; KBS RSS {} MiB",
         sessions.len(),

@@ -4,7 +4,8 @@
 //! drifts, so the baselines are measured in the same run and the figures are printed as
 //! ratios too (see PERFORMANCE.md).
 //!
-//! The handshake uses a fake challenge (the nonce XOR 0x5a): no crypto is measured.
+//! The handshake uses the test kit's fake challenge (`tests::FakeTunnelKbs`): no crypto is
+//! measured.
 //!
 //! Layouts: by default the guests (and the guest end of the raw echo) run on a current-thread
 //! runtime of their own, as `guest-daemon` does, and both figures are measured from the KBS's
@@ -19,7 +20,6 @@
 //! ```
 
 use std::{
-    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -34,27 +34,15 @@ use axum::{
         State, WebSocketUpgrade,
         ws::{Message as AxumMessage, WebSocket},
     },
-    http::{HeaderMap, StatusCode, header},
-    response::{IntoResponse, Response},
+    response::Response,
     routing::any,
 };
 use clap::Parser;
-use futures::{SinkExt, StreamExt, future::BoxFuture};
-use rpc_defs::{
-    Applied, CredentialBundle, GuestError, GuestInfo, GuestService, Installed, ProbeKind,
-    ProbeReport, SealedResource,
-};
-use serde_bytes::ByteBuf;
-use tarpc::context::Context;
-use tokio::{net::TcpListener, sync::Semaphore};
+use futures::{SinkExt, StreamExt};
+use tests::{FakeKbsOptions, FakeTunnelKbs, StubGuest, fake_token, fake_unseal};
+use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::{Message, protocol::WebSocketConfig};
-use tokio_util::sync::CancellationToken;
-use tunnel::{
-    AcceptParams, GuestTunnelConfig, Hub, NoopObserver, ReauthFn, TunnelHandle, TunnelLimits,
-    TunnelObserver, configure_upgrade, serve_guest_tunnel,
-};
-
-const XOR: u8 = 0x5a;
+use tunnel::{GuestTunnelConfig, TunnelHandle, TunnelLimits};
 
 /// Tunnel benchmark (loopback, plain WebSocket).
 #[derive(Parser, Debug)]
@@ -136,160 +124,30 @@ impl GuestRuntime {
     }
 }
 
-/// A trivial guest: `ping` echoes.
+/// Upgraded `/echo` sockets go to the bench (the KBS side of the raw echo).
 #[derive(Clone)]
-struct EchoGuest;
-
-impl GuestService for EchoGuest {
-    async fn ping(self, _: Context, payload: ByteBuf) -> ByteBuf {
-        payload
-    }
-
-    async fn install_credentials(
-        self,
-        _: Context,
-        bundle: CredentialBundle,
-    ) -> Result<Installed, GuestError> {
-        Ok(Installed {
-            id: bundle.id,
-            version: bundle.version,
-            already_held: false,
-        })
-    }
-
-    async fn apply_resource(self, _: Context, _: SealedResource) -> Result<Applied, GuestError> {
-        Err(GuestError::Invalid(
-            "not supported by the bench guest".into(),
-        ))
-    }
-
-    async fn probe(self, _: Context, _: ProbeKind) -> Result<ProbeReport, GuestError> {
-        Ok(ProbeReport::default())
-    }
-}
-
-#[derive(Clone)]
-struct KbsState {
-    hub: Hub,
-    /// Upgraded `/echo` sockets, handed to the bench (the KBS side of the raw echo).
-    echo_sockets: tokio::sync::mpsc::Sender<WebSocket>,
-    observer: Arc<dyn TunnelObserver>,
-    drain: CancellationToken,
-    limits: Arc<TunnelLimits>,
-    reauth: ReauthFn,
-}
-
-/// Tunnel route: token `bench:<guest_id>`, fake challenge.
-async fn tunnel_route(
-    State(state): State<KbsState>,
-    headers: HeaderMap,
-    ws: WebSocketUpgrade,
-) -> Response {
-    let guest_id = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer bench:"))
-        .map(str::to_owned);
-    let Some(guest_id) = guest_id else {
-        return StatusCode::UNAUTHORIZED.into_response();
-    };
-    let nonce: [u8; 32] = rand::random();
-    let accept = AcceptParams {
-        guest_id,
-        labels: Default::default(),
-        challenge_jwe: nonce.iter().map(|b| b ^ XOR).collect(),
-        expected_nonce: nonce,
-        push_key: None,
-        reauth_before: u64::MAX / 2,
-        reauth: state.reauth.clone(),
-        limits: state.limits.clone(),
-    };
-    let KbsState {
-        hub,
-        observer,
-        drain,
-        limits,
-        ..
-    } = state;
-    configure_upgrade(ws, &limits)
-        .on_upgrade(move |socket| serve_guest_tunnel(socket, accept, hub, observer, drain))
+struct EchoState {
+    sockets: tokio::sync::mpsc::Sender<WebSocket>,
+    limits: TunnelLimits,
 }
 
 /// Raw echo route: same buffer sizes as the tunnel route; the upgraded socket goes to the
 /// bench, which measures from the KBS side as the RPC does.
-async fn echo_route(State(state): State<KbsState>, ws: WebSocketUpgrade) -> Response {
+async fn echo_route(State(state): State<EchoState>, ws: WebSocketUpgrade) -> Response {
     ws.read_buffer_size(state.limits.read_buffer_size)
         .write_buffer_size(state.limits.write_buffer_size)
         .on_upgrade(move |socket| async move {
-            let _ = state.echo_sockets.send(socket).await;
+            let _ = state.sockets.send(socket).await;
         })
 }
 
+/// The tunnel-only KBS (fake token and challenge: no crypto is measured) with a raw echo
+/// route beside the tunnel.
 struct Kbs {
-    addr: SocketAddr,
+    fake: FakeTunnelKbs,
     guest: GuestRuntime,
     echo_sockets: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<WebSocket>>,
-    hub: Hub,
     limits: TunnelLimits,
-    /// Client TLS configuration trusting the bench's certificate, when serving TLS.
-    tls: Option<Arc<rustls::ClientConfig>>,
-}
-
-impl Kbs {
-    fn url(&self, path: &str) -> String {
-        match self.tls {
-            Some(_) => format!("wss://localhost:{}{path}", self.addr.port()),
-            None => format!("ws://{}{path}", self.addr),
-        }
-    }
-}
-
-/// A TLS listener for `axum::serve`: accepts TCP, completes the TLS handshake, hands over
-/// the stream (a failed handshake is skipped).
-struct TlsListener {
-    tcp: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let Ok((tcp, addr)) = self.tcp.accept().await else {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                continue;
-            };
-            let _ = tcp.set_nodelay(true);
-            if let Ok(tls) = self.acceptor.accept(tcp).await {
-                return (tls, addr);
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
-    }
-}
-
-/// A self-signed certificate for localhost: (server config, client config trusting it).
-fn tls_pair() -> anyhow::Result<(Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>)> {
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
-    let cert = certified.cert.der().clone();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.clone()], key)?;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert)?;
-    let client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok((Arc::new(server), Arc::new(client)))
 }
 
 async fn start_kbs(
@@ -297,84 +155,45 @@ async fn start_kbs(
     guest: GuestRuntime,
     read_buffer: Option<usize>,
 ) -> anyhow::Result<Kbs> {
-    let hub = Hub::new();
     let mut limits = TunnelLimits::default();
     if let Some(size) = read_buffer {
         limits.read_buffer_size = size;
     }
-    let reauth: ReauthFn = Arc::new(|_token: String| {
-        Box::pin(async { Err("no reauth in the bench".to_owned()) })
-            as BoxFuture<'static, Result<u64, String>>
-    });
     let (echo_tx, echo_rx) = tokio::sync::mpsc::channel(1);
-    let state = KbsState {
-        hub: hub.clone(),
-        echo_sockets: echo_tx,
-        observer: Arc::new(NoopObserver),
-        drain: CancellationToken::new(),
-        limits: Arc::new(limits.clone()),
-        reauth,
-    };
-    let app = Router::new()
-        .route("/kbs/v0/tunnel", any(tunnel_route))
+    let echo = Router::new()
         .route("/echo", any(echo_route))
-        .with_state(state);
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let client_tls = if tls {
-        let (server, client) = tls_pair()?;
-        let listener = TlsListener {
-            tcp: listener,
-            acceptor: tokio_rustls::TlsAcceptor::from(server),
-        };
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                eprintln!("server: {e}");
-            }
+        .with_state(EchoState {
+            sockets: echo_tx,
+            limits: limits.clone(),
         });
-        Some(client)
-    } else {
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                eprintln!("server: {e}");
-            }
-        });
-        None
-    };
+    let fake = FakeTunnelKbs::start(FakeKbsOptions {
+        tls,
+        limits: limits.clone(),
+        routes: echo,
+        ..FakeKbsOptions::default()
+    })
+    .await?;
     Ok(Kbs {
-        addr,
+        fake,
         guest,
         echo_sockets: tokio::sync::Mutex::new(echo_rx),
-        hub,
         limits,
-        tls: client_tls,
     })
 }
 
-fn guest_info(id: &str) -> GuestInfo {
-    GuestInfo {
-        instance_id: id.to_owned(),
-        daemon_version: "bench".to_owned(),
-        services: vec![],
-    }
-}
-
-/// Opens a tunnel as guest `id` on the guest runtime, serves `EchoGuest` on a task there, and
-/// returns the KBS handle.
+/// Opens a tunnel as guest `id` on the guest runtime, serves the default stub (`ping`
+/// echoes) on a task there, and returns the KBS handle.
 async fn open_tunnel(kbs: &Kbs, id: &str) -> anyhow::Result<Arc<TunnelHandle>> {
-    let mut config = GuestTunnelConfig::new(kbs.url("/kbs/v0/tunnel"));
-    if let Some(tls) = &kbs.tls {
-        config = config.with_tls(tls.clone());
-    }
+    let config = kbs.fake.guest_config();
     let guest_id = id.to_owned();
     kbs.guest
         .run(async move {
             let (_session, serving) = tunnel::connect_and_serve(
                 &config,
-                &format!("bench:{guest_id}"),
-                guest_info(&guest_id),
-                |jwe: &[u8]| Ok(jwe.iter().map(|b| b ^ XOR).collect()),
-                EchoGuest,
+                &fake_token(&guest_id),
+                tests::guest_info(&guest_id, "bench", &[]),
+                fake_unseal,
+                StubGuest::new(),
             )
             .await
             .with_context(|| format!("connect {guest_id}"))?;
@@ -382,16 +201,7 @@ async fn open_tunnel(kbs: &Kbs, id: &str) -> anyhow::Result<Arc<TunnelHandle>> {
             Ok(())
         })
         .await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(handle) = kbs.hub.get(id) {
-            return Ok(handle);
-        }
-        if Instant::now() > deadline {
-            bail!("tunnel {id} never registered");
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    Ok(tests::tunnel_of(&kbs.fake.hub, Duration::from_secs(10), id, |_| true).await)
 }
 
 struct Latency {
@@ -470,7 +280,7 @@ async fn raw_echo_guest(url: String, tls: Option<Arc<rustls::ClientConfig>>) -> 
 /// A raw echo connection: the guest end runs on the guest runtime, the KBS end (the axum
 /// socket, same buffers as a tunnel) is returned to measure from the KBS runtime.
 async fn raw_echo_connect(kbs: &Kbs) -> anyhow::Result<WebSocket> {
-    let (url, tls) = (kbs.url("/echo"), kbs.tls.clone());
+    let (url, tls) = (kbs.fake.ws_url("/echo"), kbs.fake.client_tls.clone());
     kbs.guest.handle.spawn(async move {
         if let Err(e) = raw_echo_guest(url, tls).await {
             eprintln!("raw echo guest: {e:#}");

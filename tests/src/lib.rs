@@ -1,210 +1,50 @@
-//! Test harness: start a real KBS (in process, on a loopback port, optionally with TLS)
-//! with its own data directory, plus the clients that talk to it.
+//! The test kit shared by the whole-system tests (`tests/tests/*.rs`) and the load tools
+//! (`examples/`): an in-process KBS ([`TestKbs`]), attestation and unseal helpers, a
+//! configurable [`GuestService`](rpc_defs::GuestService) stub ([`StubGuest`]), simulated
+//! guests on real tunnels ([`TunnelGuest`]), bounded waits ([`eventually`], hub events), a
+//! tunnel-only KBS with fake crypto ([`FakeTunnelKbs`]) and a wall clock ([`unix_secs`]).
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+mod api;
+mod attest;
+mod clock;
+mod crypto;
+mod daemon;
+mod fake_kbs;
+mod guest;
+mod guest_stub;
+mod kbs;
+mod metrics;
+mod wait;
+mod x509;
 
-use kbs_core::admin_key::AdminKeyPair;
-use server::admin_client::AdminClient;
-use server::app::{Kbs, KbsHandles};
-use server::config::{Config, TlsConfig};
-use tokio::task::JoinHandle;
+pub use api::{api_err, api_err_detail, error_detail, error_name};
+pub use attest::{attest, init_data, rcar_client};
+pub use clock::{unix_ms, unix_secs};
+pub use crypto::{FAKE_TOKEN_PREFIX, fake_token, fake_unseal, unseal_with};
+pub use daemon::DaemonRun;
+pub use fake_kbs::{FakeKbsOptions, FakeTunnelKbs, self_signed_tls};
+pub use guest::{TunnelGuest, guest_info};
+pub use guest_stub::{StubGuest, acknowledge, healthy, installed};
+pub use kbs::{ALLOW_SAMPLE, TestKbs, http_client, init_logging, tls_client_config, tunnel_url};
+pub use metrics::metric_value;
+pub use wait::{WAIT, eventually, eventually_within, hub_until, tunnel_of};
+pub use x509::{der, sans};
 
-/// Development policy that lets the sample TEE through.
-pub const ALLOW_SAMPLE: &str = include_str!("../../examples/policies/allow-sample.rego");
-
-/// A running KBS.
-pub struct TestKbs {
-    /// Base URL (`http://127.0.0.1:port` or `https://localhost:port`).
-    pub url: String,
-    /// Listen address.
-    pub addr: SocketAddr,
-    /// Data directory (kept across restarts).
-    pub data_dir: PathBuf,
-    /// CA certificate when TLS is on.
-    pub ca_file: Option<PathBuf>,
-    /// Handler state (for assertions on internals such as metrics).
-    pub state: KbsHandles,
-    config: Config,
-    task: JoinHandle<std::io::Result<()>>,
-    _dir: Option<tempfile::TempDir>,
-}
-
-/// Log to the test output once (RUST_LOG controls the level).
-pub fn init_logging() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
-impl TestKbs {
-    /// Plain HTTP, default config.
-    pub async fn start() -> Self {
-        Self::start_with(false, |_| {}).await
-    }
-
-    /// TLS with a generated self-signed certificate.
-    pub async fn start_tls() -> Self {
-        Self::start_with(true, |_| {}).await
-    }
-
-    /// Start with a config tweak.
-    pub async fn start_with(tls: bool, tweak: impl FnOnce(&mut Config)) -> Self {
-        init_logging();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut config = Config::default();
-        config.storage.data_dir = dir.path().join("data");
-        config.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
-        if tls {
-            config.http.tls = Some(TlsConfig {
-                self_signed: true,
-                ..Default::default()
-            });
-        }
-        tweak(&mut config);
-        Self::launch(config, Some(dir)).await
-    }
-
-    async fn launch(config: Config, dir: Option<tempfile::TempDir>) -> Self {
-        let data_dir = config.storage.data_dir.clone();
-        let kbs = Kbs::build(config.clone()).await.expect("KBS builds");
-        let listener = tokio::net::TcpListener::bind(config.http.listen)
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let tls = kbs.is_tls();
-        let url = if tls {
-            format!("https://localhost:{}", addr.port())
-        } else {
-            format!("http://{addr}")
-        };
-        let state = kbs.state.clone();
-        let task = tokio::spawn(kbs.serve(listener));
-        let mut config = config;
-        config.http.listen = addr;
-        Self {
-            url,
-            addr,
-            ca_file: tls.then(|| data_dir.join("tls/cert.pem")),
-            data_dir,
-            state,
-            config,
-            task,
-            _dir: dir,
-        }
-    }
-
-    /// Stop serving (graceful), keeping the data directory.
-    pub async fn stop(mut self) -> (Config, Option<tempfile::TempDir>) {
-        self.state.shutdown.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(15), &mut self.task).await;
-        (self.config, self._dir.take())
-    }
-
-    /// Stop and start again on the same port and data directory.
-    pub async fn restart(self) -> Self {
-        let (config, dir) = self.stop().await;
-        Self::launch(config, dir).await
-    }
-
-    /// The development admin key pair.
-    pub fn admin_key(&self) -> AdminKeyPair {
-        AdminKeyPair::load(&self.data_dir.join("admin.key")).expect("dev admin key")
-    }
-
-    /// An admin client with role `admin`.
-    pub fn admin(&self) -> AdminClient {
-        AdminClient::new(&self.url, self.admin_key(), self.ca_file.as_deref())
-            .expect("admin client")
-    }
-
-    /// A raw HTTP client trusting this KBS's certificate, with a cookie store.
-    pub fn http(&self) -> reqwest::Client {
-        http_client(self.ca_file.as_deref())
-    }
-
-    /// Prometheus exposition text.
-    pub async fn metrics(&self) -> String {
-        self.http()
-            .get(format!("{}/metrics", self.url))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics body")
-    }
-}
-
-/// A reqwest client (cookie store on) trusting `ca_file` if given.
-pub fn http_client(ca_file: Option<&Path>) -> reqwest::Client {
-    let mut b = reqwest::Client::builder()
-        .cookie_store(true)
-        .use_rustls_tls()
-        .timeout(Duration::from_secs(30));
-    if let Some(ca) = ca_file {
-        let pem = std::fs::read(ca).expect("ca file");
-        b = b.add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("ca pem"));
-    }
-    b.build().expect("client")
-}
-
-/// Sum of the values of every sample of `metric` whose labels contain all of `labels`.
-pub fn metric_value(exposition: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
-    exposition
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (name_labels, value) = l.rsplit_once(' ')?;
-            let (name, rest) = match name_labels.split_once('{') {
-                Some((n, r)) => (n, r),
-                None => (name_labels, ""),
-            };
-            if name != metric {
-                return None;
+/// Runs a test body (an `async` closure taking a [`TestKbs`]) against a plain-HTTP KBS and a
+/// TLS KBS: two tests, `$name::http` and `$name::tls`.
+#[macro_export]
+macro_rules! http_and_tls {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+            #[tokio::test]
+            async fn http() {
+                ($body)($crate::TestKbs::start().await).await
             }
-            let all = labels
-                .iter()
-                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-            all.then(|| value.parse::<f64>().ok()).flatten()
-        })
-        .sum()
-}
-
-impl TestKbs {
-    /// The tunnel endpoint: `ws://127.0.0.1:port/kbs/v0/tunnel` or `wss://localhost:port/...`.
-    pub fn tunnel_url(&self) -> String {
-        let rest = self.url.strip_prefix("http").unwrap_or(&self.url);
-        format!("ws{rest}/kbs/v0/tunnel")
-    }
-
-    /// How a guest reaches this KBS's tunnel, trusting its CA (ring provider) over TLS.
-    pub fn tunnel_config(&self) -> tunnel::GuestTunnelConfig {
-        let config = tunnel::GuestTunnelConfig::new(self.tunnel_url());
-        match &self.ca_file {
-            Some(ca) => config.with_tls(tls_client_config(ca)),
-            None => config,
+            #[tokio::test]
+            async fn tls() {
+                ($body)($crate::TestKbs::start_tls().await).await
+            }
         }
-    }
-}
-
-/// A rustls client configuration (ring provider) trusting only the certificates in `ca_file`.
-pub fn tls_client_config(ca_file: &Path) -> std::sync::Arc<rustls::ClientConfig> {
-    let bundle = guest_daemon::tls::CaBundle::from_pem_file(ca_file).expect("CA file");
-    let mut roots = rustls::RootCertStore::empty();
-    bundle
-        .add_to_root_store(&mut roots)
-        .expect("CA certificates");
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    std::sync::Arc::new(config)
+    };
 }

@@ -10,18 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use guest_daemon::evidence::SampleAttester;
-use guest_daemon::rcar::KbsClientBuilder;
-use guest_daemon::tee_key::TeeKeyPair;
 use kbs_core::admin_key::AdminTokenRequest;
 use reqwest::StatusCode;
-use rpc_defs::{
-    Applied, CredentialBundle, GuestError, GuestInfo, GuestService, HealthReport, Installed,
-    ProbeKind, ProbeReport, SealedResource,
-};
-use serde_bytes::ByteBuf;
-use tarpc::context::Context;
-use tests::TestKbs;
+use tests::{StubGuest, TestKbs, TunnelGuest};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 fn client() -> reqwest::Client {
@@ -172,75 +163,14 @@ async fn the_dashboard_refuses_access_without_a_session() {
     assert_eq!(kbs.state.admin.sessions().len(), 0);
 }
 
-/// A guest that acks every pushed resource (what a rollout needs).
-#[derive(Clone)]
-struct AckingGuest;
-
-impl GuestService for AckingGuest {
-    async fn ping(self, _: Context, payload: ByteBuf) -> ByteBuf {
-        payload
-    }
-
-    async fn install_credentials(
-        self,
-        _: Context,
-        bundle: CredentialBundle,
-    ) -> Result<Installed, GuestError> {
-        Err(GuestError::Unsupported(bundle.id))
-    }
-
-    async fn apply_resource(
-        self,
-        _: Context,
-        resource: SealedResource,
-    ) -> Result<Applied, GuestError> {
-        Ok(Applied {
-            uri: resource.uri,
-            version: resource.version,
-            sha256: resource.sha256,
-            already_held: false,
-            hook_status: None,
-        })
-    }
-
-    async fn probe(self, _: Context, _: ProbeKind) -> Result<ProbeReport, GuestError> {
-        Ok(ProbeReport {
-            health: Some(HealthReport {
-                healthy: true,
-                problems: Vec::new(),
-            }),
-            ..ProbeReport::default()
-        })
-    }
-}
-
-async fn connect_guest(kbs: &TestKbs, id: &str) -> tunnel::TunnelSession {
-    let init = format!("[tether]\nguest_id = \"{id}\"\n\n[tether.labels]\napp = \"browser\"\n");
-    let key = TeeKeyPair::new_ec();
-    let token = KbsClientBuilder::new(kbs.url.clone(), Box::new(SampleAttester))
-        .key(key.clone())
-        .init_data(&init)
-        .build()
-        .unwrap()
-        .attest()
+/// A guest labelled `app=browser` that acks every pushed resource (what a rollout needs).
+async fn connect_guest(kbs: &TestKbs, id: &str) -> TunnelGuest {
+    let init = tests::init_data(id, &[("app", "browser")]);
+    let info = tests::guest_info(&format!("{id}-1"), "browser-test", &["resources"]);
+    let service = StubGuest::new().refusing_bundles();
+    TunnelGuest::attest_and_dial(kbs, Some(&init), info, service)
         .await
-        .unwrap();
-    let unseal = move |jwe: &[u8]| {
-        key.open_json(jwe)
-            .map(|p| p.to_vec())
-            .map_err(|e| e.to_string())
-    };
-    let info = GuestInfo {
-        instance_id: format!("{id}-1"),
-        daemon_version: "browser-test".into(),
-        services: vec!["resources".into()],
-    };
-    let (session, serve) =
-        tunnel::connect_and_serve(&kbs.tunnel_config(), &token, info, unseal, AckingGuest)
-            .await
-            .unwrap();
-    tokio::spawn(serve);
-    session
+        .0
 }
 
 fn chromium() -> Option<PathBuf> {

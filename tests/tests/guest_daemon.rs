@@ -4,22 +4,17 @@
 //! its token in band, and closes cleanly on shutdown. Waits are on the daemon's state
 //! channel or short bounded polls; the one long wait (token expiry) is the event under test.
 
-use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::Duration;
 
-use guest_daemon::run::{DaemonState, RunConfig, RunError};
+use guest_daemon::run::{DaemonState, RunConfig};
 use guest_daemon::tee_key::TeeKeyPair;
 use rpc_defs::{ProbeKind, SealedResource};
 use sha2::{Digest, Sha256};
-use tests::TestKbs;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tests::{DaemonRun, TestKbs};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tunnel::{TunnelEvent, TunnelHandle};
+use tunnel::TunnelEvent;
 
 /// How long any single wait may take before the test fails.
 const WAIT: Duration = Duration::from_secs(15);
@@ -30,106 +25,8 @@ fn init_data(guest_id: &str) -> String {
     )
 }
 
-/// A daemon `run` loop in a task.
-struct Daemon {
-    state: watch::Receiver<DaemonState>,
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<(), RunError>>,
-    state_dir: PathBuf,
-}
-
-impl Daemon {
-    fn spawn(kbs: &TestKbs, state_dir: &Path, init_data: Option<String>) -> Self {
-        Self::spawn_at(&kbs.url, kbs.ca_file.clone(), state_dir, init_data)
-    }
-
-    fn spawn_at(
-        url: &str,
-        ca_file: Option<PathBuf>,
-        state_dir: &Path,
-        init_data: Option<String>,
-    ) -> Self {
-        let mut config = RunConfig::new(url, state_dir);
-        config.ca_file = ca_file;
-        config.init_data = init_data;
-        let state = config.subscribe();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(guest_daemon::run::run(config, shutdown.clone()));
-        Self {
-            state,
-            shutdown,
-            task,
-            state_dir: state_dir.to_owned(),
-        }
-    }
-
-    /// Waits until a tunnel is up whose session passes `accept`; returns (session_id, guest_id).
-    async fn connected_where(&mut self, accept: impl Fn(&str) -> bool) -> (String, String) {
-        let state = tokio::time::timeout(
-            WAIT,
-            self.state.wait_for(
-                |s| matches!(s, DaemonState::Connected { session_id, .. } if accept(session_id)),
-            ),
-        )
-        .await
-        .expect("daemon connects in time")
-        .expect("daemon state channel open")
-        .clone();
-        match state {
-            DaemonState::Connected {
-                session_id,
-                guest_id,
-                ..
-            } => (session_id, guest_id),
-            other => unreachable!("{other:?}"),
-        }
-    }
-
-    async fn connected(&mut self) -> (String, String) {
-        self.connected_where(|_| true).await
-    }
-
-    fn current(&self) -> DaemonState {
-        self.state.borrow().clone()
-    }
-
-    /// Cancels and waits for `run` to return; it must return `Ok` promptly.
-    async fn stop(self) -> DaemonState {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("daemon stops in time")
-            .expect("daemon task does not panic")
-            .expect("daemon ends without error");
-        self.state.borrow().clone()
-    }
-
-    fn tee_key(&self) -> TeeKeyPair {
-        let pem = std::fs::read_to_string(self.state_dir.join("tee_key.pem")).unwrap();
-        TeeKeyPair::from_pem(&pem).unwrap()
-    }
-}
-
-/// Polls `check` every 20 ms until it holds, failing the test after [`WAIT`].
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + WAIT;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The hub's handle for `guest_id`, once it is there.
-async fn in_hub(kbs: &TestKbs, guest_id: &str) -> Arc<TunnelHandle> {
-    eventually(&format!("{guest_id} in the hub"), || async {
-        kbs.state.hub.get(guest_id).is_some()
-    })
-    .await;
-    kbs.state.hub.get(guest_id).unwrap()
+fn spawn(kbs: &TestKbs, state_dir: &Path, init_data: Option<String>) -> DaemonRun {
+    DaemonRun::spawn(kbs.daemon_config(state_dir, init_data))
 }
 
 /// A resource version sealed (as the KBS does) to `key`.
@@ -152,12 +49,12 @@ async fn the_daemon_connects_is_probed_and_applies_a_pushed_resource() {
     let kbs = TestKbs::start().await;
     let dir = tempfile::tempdir().unwrap();
     let state_dir = dir.path().join("state");
-    let mut daemon = Daemon::spawn(&kbs, &state_dir, Some(init_data("gd-apply")));
+    let mut daemon = spawn(&kbs, &state_dir, Some(init_data("gd-apply")));
     let (session_id, guest_id) = daemon.connected().await;
     assert_eq!(guest_id, "gd-apply", "identity from the attested init-data");
 
     // In the hub with the attested labels and what the daemon says of itself.
-    let handle = in_hub(&kbs, "gd-apply").await;
+    let handle = kbs.tunnel("gd-apply").await;
     assert_eq!(handle.session_id, session_id);
     assert_eq!(handle.labels["role"], "web");
     assert_eq!(handle.labels["zone"], "eu-1");
@@ -219,9 +116,9 @@ async fn shutdown_closes_the_tunnel_normally() {
     let kbs = TestKbs::start().await;
     let mut events = kbs.state.hub.subscribe();
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = Daemon::spawn(&kbs, dir.path(), Some(init_data("gd-stop")));
+    let mut daemon = spawn(&kbs, dir.path(), Some(init_data("gd-stop")));
     daemon.connected().await;
-    in_hub(&kbs, "gd-stop").await;
+    kbs.tunnel("gd-stop").await;
 
     let started = Instant::now();
     assert_eq!(daemon.stop().await, DaemonState::Stopped);
@@ -250,14 +147,14 @@ async fn shutdown_closes_the_tunnel_normally() {
 async fn the_daemon_is_back_within_seconds_after_a_kbs_restart() {
     let kbs = TestKbs::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = Daemon::spawn(&kbs, dir.path(), Some(init_data("gd-restart")));
+    let mut daemon = spawn(&kbs, dir.path(), Some(init_data("gd-restart")));
     let (first, _) = daemon.connected().await;
-    in_hub(&kbs, "gd-restart").await;
+    kbs.tunnel("gd-restart").await;
 
     let kbs = kbs.restart().await;
     let restarted = Instant::now();
     let (second, _) = daemon.connected_where(|s| s != first).await;
-    let handle = in_hub(&kbs, "gd-restart").await;
+    let handle = kbs.tunnel("gd-restart").await;
     let back_after = restarted.elapsed();
     assert_eq!(handle.session_id, second);
     assert!(
@@ -280,12 +177,9 @@ async fn the_daemon_rides_out_a_kbs_that_is_down_at_start() {
         .local_addr()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = Daemon::spawn_at(
-        &format!("http://{addr}"),
-        None,
-        dir.path(),
-        Some(init_data("gd-late")),
-    );
+    let mut config = RunConfig::new(format!("http://{addr}"), dir.path());
+    config.init_data = Some(init_data("gd-late"));
+    let mut daemon = DaemonRun::spawn(config);
     // Failed attestations are backoff steps, not fatal.
     tokio::time::timeout(
         WAIT,
@@ -296,11 +190,11 @@ async fn the_daemon_rides_out_a_kbs_that_is_down_at_start() {
     .await
     .expect("daemon backs off")
     .unwrap();
-    assert!(!daemon.task.is_finished());
+    assert!(daemon.is_running());
 
     let kbs = TestKbs::start_with(false, |c| c.http.listen = addr).await;
     daemon.connected().await;
-    in_hub(&kbs, "gd-late").await;
+    kbs.tunnel("gd-late").await;
     daemon.stop().await;
 }
 
@@ -313,10 +207,10 @@ async fn an_expiring_token_is_refreshed_in_band() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = Daemon::spawn(&kbs, dir.path(), Some(init_data("gd-reauth")));
+    let mut daemon = spawn(&kbs, dir.path(), Some(init_data("gd-reauth")));
     let (session_id, _) = daemon.connected().await;
     let connected_at = Instant::now();
-    in_hub(&kbs, "gd-reauth").await;
+    kbs.tunnel("gd-reauth").await;
 
     // Waiting is the event under test: past the first token's expiry (<= 10 s from now).
     tokio::time::sleep_until(connected_at + Duration::from_secs(12)).await;
@@ -346,10 +240,10 @@ async fn a_restarted_daemon_keeps_its_tee_key_identity_and_resources() {
     let kbs = TestKbs::start().await;
     let dir = tempfile::tempdir().unwrap();
     // No init-data: the guest id is derived from the TEE key.
-    let mut daemon = Daemon::spawn(&kbs, dir.path(), None);
+    let mut daemon = spawn(&kbs, dir.path(), None);
     let (_, guest_id) = daemon.connected().await;
     assert!(guest_id.starts_with("tee-"), "{guest_id}");
-    let handle = in_hub(&kbs, &guest_id).await;
+    let handle = kbs.tunnel(&guest_id).await;
     let key_pem = std::fs::read(dir.path().join("tee_key.pem")).unwrap();
     let key = daemon.tee_key();
     handle
@@ -358,14 +252,14 @@ async fn a_restarted_daemon_keeps_its_tee_key_identity_and_resources() {
         .unwrap();
     daemon.stop().await;
 
-    let mut daemon = Daemon::spawn(&kbs, dir.path(), None);
+    let mut daemon = spawn(&kbs, dir.path(), None);
     let (_, again) = daemon.connected().await;
     assert_eq!(again, guest_id, "same key, same derived identity");
     assert_eq!(
         std::fs::read(dir.path().join("tee_key.pem")).unwrap(),
         key_pem
     );
-    let handle = in_hub(&kbs, &guest_id).await;
+    let handle = kbs.tunnel(&guest_id).await;
     let held = handle
         .probe(ProbeKind::Resources, None)
         .await
@@ -385,9 +279,9 @@ async fn the_daemon_connects_over_tls_with_its_ca_file() {
     let kbs = TestKbs::start_tls().await;
     assert!(kbs.url.starts_with("https://"));
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = Daemon::spawn(&kbs, dir.path(), Some(init_data("gd-tls")));
+    let mut daemon = spawn(&kbs, dir.path(), Some(init_data("gd-tls")));
     daemon.connected().await;
-    let handle = in_hub(&kbs, "gd-tls").await;
+    let handle = kbs.tunnel("gd-tls").await;
     assert_eq!(handle.ping(b"tls".to_vec(), None).await.unwrap(), b"tls");
     daemon.stop().await;
 }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use guest_daemon::run::{DaemonState, RunConfig, RunError};
+use guest_daemon::run::RunConfig;
 use guest_daemon::splitapi::{SplitApiConfig, SplitApiStatus};
 use guest_daemon::tee_key::TeeKeyPair;
 use rcgen::{
@@ -27,12 +27,11 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_bytes::ByteBuf;
 use sha2::{Digest, Sha256};
-use tests::TestKbs;
+use tests::{DaemonRun, TestKbs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tunnel::{CallError, TunnelHandle};
+use tunnel::CallError;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -51,12 +50,10 @@ fn loopback0() -> SocketAddr {
 
 /// A daemon `run` loop with the splitapi and CDH endpoints on loopback port 0.
 struct Daemon {
-    state: watch::Receiver<DaemonState>,
+    run: DaemonRun,
+    state_dir: PathBuf,
     splitapi: watch::Receiver<SplitApiStatus>,
     cdh: watch::Receiver<Option<SocketAddr>>,
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<(), RunError>>,
-    state_dir: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -64,33 +61,23 @@ impl Daemon {
     fn spawn(kbs: &TestKbs, guest_id: &str, tweak: impl FnOnce(&mut RunConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let state_dir = dir.path().join("state");
-        let mut config = RunConfig::new(&kbs.url, &state_dir);
-        config.ca_file = kbs.ca_file.clone();
-        config.init_data = Some(init_data(guest_id));
+        let mut config = kbs.daemon_config(&state_dir, Some(init_data(guest_id)));
         config.splitapi = Some(SplitApiConfig::new(loopback0()));
         config.cdh_listen = Some(loopback0());
         tweak(&mut config);
-        let state = config.subscribe();
         let splitapi = config.subscribe_splitapi();
         let cdh = config.subscribe_cdh();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(guest_daemon::run::run(config, shutdown.clone()));
         Self {
-            state,
+            run: DaemonRun::spawn(config),
+            state_dir,
             splitapi,
             cdh,
-            shutdown,
-            task,
-            state_dir,
             _dir: dir,
         }
     }
 
     async fn connected(&mut self) {
-        tokio::time::timeout(WAIT, self.state.wait_for(DaemonState::is_connected))
-            .await
-            .expect("daemon connects in time")
-            .unwrap();
+        self.run.connected().await;
     }
 
     /// Waits until the endpoint serves bundle `version`; returns its address.
@@ -117,32 +104,11 @@ impl Daemon {
     }
 
     fn tee_key(&self) -> TeeKeyPair {
-        let pem = std::fs::read_to_string(self.state_dir.join("tee_key.pem")).unwrap();
-        TeeKeyPair::from_pem(&pem).unwrap()
+        self.run.tee_key()
     }
 
     async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("daemon stops in time")
-            .unwrap()
-            .unwrap();
-    }
-}
-
-/// The hub's handle for `guest_id`, once the KBS has it.
-async fn in_hub(kbs: &TestKbs, guest_id: &str) -> Arc<TunnelHandle> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if let Some(handle) = kbs.state.hub.get(guest_id) {
-            return handle;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{guest_id} in the hub"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.run.stop().await;
     }
 }
 
@@ -321,7 +287,7 @@ async fn a_pushed_bundle_starts_mutual_tls_and_a_new_ca_is_hot_reloaded() {
     let kbs = kbs_without_splitapi_plugin().await;
     let mut daemon = Daemon::spawn(&kbs, "sa-mtls", |_| {});
     daemon.connected().await;
-    let handle = in_hub(&kbs, "sa-mtls").await;
+    let handle = kbs.tunnel("sa-mtls").await;
     assert!(
         handle.services.iter().any(|s| s == "splitapi"),
         "the daemon announces splitapi: {:?}",
@@ -472,7 +438,7 @@ async fn the_owner_puts_secrets_that_land_0600_atomically_and_versioned() {
     let kbs = kbs_without_splitapi_plugin().await;
     let mut daemon = Daemon::spawn(&kbs, "sa-secrets", |_| {});
     daemon.connected().await;
-    let handle = in_hub(&kbs, "sa-secrets").await;
+    let handle = kbs.tunnel("sa-secrets").await;
     let pki = Pki::new(&rcgen::PKCS_ECDSA_P256_SHA256);
     handle
         .install_credentials(pki.bundle(&daemon.tee_key(), "sa-secrets", 1), None)
@@ -597,7 +563,7 @@ async fn cdh_serves_the_latest_version_and_the_hook_status_reaches_the_kbs() {
     daemon.connected().await;
     let cdh = daemon.cdh_addr().await;
     assert!(cdh.ip().is_loopback());
-    let handle = in_hub(&kbs, "sa-cdh").await;
+    let handle = kbs.tunnel("sa-cdh").await;
     let key = daemon.tee_key();
     let http = tests::http_client(None);
     let url = format!("http://{cdh}/cdh/resource/default/db/password");
@@ -670,7 +636,7 @@ async fn without_splitapi_the_daemon_does_not_announce_it_or_listen() {
         c.cdh_listen = None;
     });
     daemon.connected().await;
-    let handle = in_hub(&kbs, "sa-off").await;
+    let handle = kbs.tunnel("sa-off").await;
     assert!(
         handle.services.iter().all(|s| s != "splitapi"),
         "{:?}",
@@ -910,7 +876,7 @@ async fn an_apply_into_a_read_only_state_dir_reports_the_reason_to_the_kbs() {
     });
     daemon.connected().await;
     let cdh = daemon.cdh_addr().await;
-    let handle = in_hub(&kbs, "sa-ro").await;
+    let handle = kbs.tunnel("sa-ro").await;
     let key = daemon.tee_key();
     handle
         .apply_resource(sealed(&key, "default/app/cfg", 1, b"v1"), None)
@@ -968,7 +934,7 @@ async fn push_latency() {
     let kbs = kbs_without_splitapi_plugin().await;
     let mut daemon = Daemon::spawn(&kbs, "sa-bench", |_| {});
     daemon.connected().await;
-    let handle = in_hub(&kbs, "sa-bench").await;
+    let handle = kbs.tunnel("sa-bench").await;
     let key = daemon.tee_key();
     for alg in [&rcgen::PKCS_ED25519, &rcgen::PKCS_ECDSA_P256_SHA256] {
         let pki = Pki::new(alg);

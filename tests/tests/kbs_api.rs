@@ -3,45 +3,20 @@
 //! guest client, and every kind of bad input, each with its status, JSON error body, metric
 //! and no state change.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use guest_daemon::evidence::{EvidenceProvider, SampleAttester};
-use guest_daemon::rcar::{KbsClient, KbsClientBuilder, runtime_data_digest};
+use guest_daemon::rcar::runtime_data_digest;
 use guest_daemon::resource_path::ResourcePath;
 use guest_daemon::tee_key::TeeKeyPair;
 use kbs_core::admin_key::AdminKeyPair;
 use kbs_types::{HashAlgorithm, RuntimeData};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use server::admin_client::{AdminClient, ClientError};
-use tests::{ALLOW_SAMPLE, TestKbs, http_client, metric_value};
-
-/// Run a test body against a plain-HTTP KBS and a TLS KBS.
-macro_rules! http_and_tls {
-    ($name:ident, $body:expr) => {
-        mod $name {
-            use super::*;
-            #[tokio::test]
-            async fn http() {
-                ($body)(TestKbs::start().await).await
-            }
-            #[tokio::test]
-            async fn tls() {
-                ($body)(TestKbs::start_tls().await).await
-            }
-        }
-    };
-}
-
-fn guest(kbs: &TestKbs, key: TeeKeyPair) -> KbsClient {
-    let mut b = KbsClientBuilder::new(kbs.url.clone(), Box::new(SampleAttester)).key(key);
-    if let Some(ca) = &kbs.ca_file {
-        b = b.ca_file(ca.clone());
-    }
-    b.build().expect("guest client")
-}
+use server::admin_client::AdminClient;
+use tests::{ALLOW_SAMPLE, TestKbs, api_err, http_and_tls, http_client, metric_value, unix_secs};
 
 async fn expect_error(resp: reqwest::Response, status: StatusCode, name: &str) -> Value {
     assert_eq!(resp.status(), status, "wrong status for {name}");
@@ -57,13 +32,6 @@ async fn expect_error(resp: reqwest::Response, status: StatusCode, name: &str) -
         "detail names the problem: {body}"
     );
     body
-}
-
-fn api_err(e: ClientError) -> (StatusCode, String) {
-    match e {
-        ClientError::Api { status, name, .. } => (status, name),
-        other => panic!("expected an API error, got {other}"),
-    }
 }
 
 async fn seed(kbs: &TestKbs, allow_sample: bool) {
@@ -118,7 +86,7 @@ http_and_tls!(
         seed(&kbs, true).await;
         let path: ResourcePath = "default/key/one".parse().unwrap();
         for key in [TeeKeyPair::new_ec(), TeeKeyPair::new_rsa().unwrap()] {
-            let mut g = guest(&kbs, key);
+            let mut g = kbs.rcar_client(&key, None);
             // Background-check mode: the session cookie.
             let data = g.get_resource(&path).await.unwrap();
             assert_eq!(data.as_slice(), b"secret-1");
@@ -132,7 +100,7 @@ http_and_tls!(
             .put_resource("default/key/one", b"secret-2".to_vec())
             .await
             .unwrap();
-        let mut g = guest(&kbs, TeeKeyPair::new_ec());
+        let mut g = kbs.rcar_client(&TeeKeyPair::new_ec(), None);
         assert_eq!(g.get_resource(&path).await.unwrap().as_slice(), b"secret-2");
         let versions = kbs
             .admin()
@@ -162,7 +130,7 @@ http_and_tls!(
     default_policy_refuses_the_sample_tee,
     |kbs: TestKbs| async move {
         seed(&kbs, false).await;
-        let mut g = guest(&kbs, TeeKeyPair::new_ec());
+        let mut g = kbs.rcar_client(&TeeKeyPair::new_ec(), None);
         let token = g.attest().await.unwrap();
         let r = kbs
             .http()
@@ -387,7 +355,11 @@ async fn raw_get(addr: std::net::SocketAddr, path: &str, token: &str) -> (u16, V
 async fn raw_traversal_paths_are_refused() {
     let kbs = TestKbs::start().await;
     seed(&kbs, true).await;
-    let token = guest(&kbs, TeeKeyPair::new_ec()).attest().await.unwrap();
+    let token = kbs
+        .rcar_client(&TeeKeyPair::new_ec(), None)
+        .attest()
+        .await
+        .unwrap();
     for bad in [
         "../key/one",
         "%2E%2E/key/one",
@@ -406,18 +378,11 @@ async fn raw_traversal_paths_are_refused() {
     }
 }
 
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
 http_and_tls!(
     forged_expired_and_unsigned_tokens_are_401,
     |kbs: TestKbs| async move {
         seed(&kbs, true).await;
-        let mut g = guest(&kbs, TeeKeyPair::new_ec());
+        let mut g = kbs.rcar_client(&TeeKeyPair::new_ec(), None);
         let good = g.attest().await.unwrap();
         let payload: Value = serde_json::from_slice(
             &URL_SAFE_NO_PAD
@@ -445,8 +410,8 @@ http_and_tls!(
         );
         // Signed by the KBS's own key but expired.
         let mut expired = payload.clone();
-        expired["exp"] = json!(now() - 120);
-        expired["iat"] = json!(now() - 420);
+        expired["exp"] = json!(unix_secs() - 120);
+        expired["iat"] = json!(unix_secs() - 420);
         let kbs_key = std::fs::read(kbs.data_dir.join("token.key")).unwrap();
         let expired = jsonwebtoken::encode(
             &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
@@ -498,7 +463,7 @@ mod p256_reexport {
 
 http_and_tls!(path_traversal_is_refused, |kbs: TestKbs| async move {
     seed(&kbs, true).await;
-    let mut g = guest(&kbs, TeeKeyPair::new_ec());
+    let mut g = kbs.rcar_client(&TeeKeyPair::new_ec(), None);
     let token = g.attest().await.unwrap();
     for bad in [
         "default/key/a%2Fb",
@@ -605,7 +570,7 @@ http_and_tls!(
         let (after, v) = admin.get_policy().await.unwrap();
         assert_eq!((after, v), (before, 1));
         // The old policy still decides.
-        let mut g = guest(&kbs, TeeKeyPair::new_ec());
+        let mut g = kbs.rcar_client(&TeeKeyPair::new_ec(), None);
         assert!(
             g.get_resource(&"default/key/one".parse().unwrap())
                 .await
@@ -697,7 +662,7 @@ async fn unknown_admin_keys_and_role_violations() {
 async fn restart_keeps_resources_keys_and_policy() {
     let kbs = TestKbs::start_tls().await;
     seed(&kbs, true).await;
-    let mut g = guest(&kbs, TeeKeyPair::new_ec());
+    let mut g = kbs.rcar_client(&TeeKeyPair::new_ec(), None);
     let token = g.attest().await.unwrap();
     let kbs = kbs.restart().await;
     // The same signing key: a token issued before the restart still verifies.

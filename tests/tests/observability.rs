@@ -4,26 +4,16 @@
 //! mid-probe and one that is gone), and `/metrics` parsed by a Prometheus text parser. Real
 //! KBS, real guests over real tunnels on loopback.
 
-use std::future::Future;
 use std::time::Duration;
 
-use guest_daemon::evidence::SampleAttester;
-use guest_daemon::rcar::KbsClientBuilder;
 use guest_daemon::tee_key::TeeKeyPair;
 use reqwest::{Method, StatusCode};
-use rpc_defs::{
-    Applied, CredentialBundle, GuestError, GuestInfo, GuestService, HealthReport, HeldResource,
-    Installed, ProbeKind, ProbeReport, SealedResource,
-};
-use serde_bytes::ByteBuf;
+use rpc_defs::{HeldResource, ProbeKind, ProbeReport};
 use serde_json::{Value, json};
-use server::admin_client::{AdminClient, ClientError, RequestBody};
-use tarpc::context::Context;
-use tests::TestKbs;
+use server::admin_client::{AdminClient, RequestBody};
+use tests::{StubGuest, TestKbs, TunnelGuest, api_err, eventually, healthy};
 use tokio::sync::mpsc;
-use tunnel::{Closed, TunnelSession};
 
-const WAIT: Duration = Duration::from_secs(10);
 const PATH: &str = "default/key/one";
 
 /// How a test guest answers probes.
@@ -37,139 +27,63 @@ enum Mode {
     HangAndNotify,
 }
 
-#[derive(Clone)]
-struct FleetGuest {
-    held: u64,
-    mode: Mode,
-    probed: Option<mpsc::UnboundedSender<()>>,
-}
-
-impl GuestService for FleetGuest {
-    async fn ping(self, _: Context, payload: ByteBuf) -> ByteBuf {
-        payload
-    }
-
-    async fn install_credentials(
-        self,
-        _: Context,
-        bundle: CredentialBundle,
-    ) -> Result<Installed, GuestError> {
-        Err(GuestError::Unsupported(bundle.id))
-    }
-
-    async fn apply_resource(
-        self,
-        _: Context,
-        resource: SealedResource,
-    ) -> Result<Applied, GuestError> {
-        Err(GuestError::Unsupported(resource.uri))
-    }
-
-    async fn probe(self, _: Context, kind: ProbeKind) -> Result<ProbeReport, GuestError> {
-        match self.mode {
-            Mode::Answer => {}
-            Mode::Hang => std::future::pending::<()>().await,
-            Mode::HangAndNotify => {
-                if let Some(tx) = &self.probed {
-                    let _ = tx.send(());
+/// A guest holding `PATH` at version `held` that answers probes as `mode` says and refuses
+/// pushes.
+fn fleet_guest(held: u64, mode: Mode, probed: Option<mpsc::UnboundedSender<()>>) -> StubGuest {
+    StubGuest::new()
+        .refusing_bundles()
+        .refusing_pushes()
+        .on_probe(move |kind| {
+            let probed = probed.clone();
+            async move {
+                match mode {
+                    Mode::Answer => {}
+                    Mode::Hang => std::future::pending::<()>().await,
+                    Mode::HangAndNotify => {
+                        if let Some(tx) = &probed {
+                            let _ = tx.send(());
+                        }
+                        std::future::pending::<()>().await;
+                    }
                 }
-                std::future::pending::<()>().await;
+                let health = Some(healthy());
+                let resources = Some(vec![HeldResource {
+                    uri: PATH.into(),
+                    version: held,
+                    sha256: "ab".repeat(32),
+                    applied_at: 1_700_000_000,
+                }]);
+                Ok(match kind {
+                    ProbeKind::Health => ProbeReport {
+                        health,
+                        ..ProbeReport::default()
+                    },
+                    ProbeKind::Resources => ProbeReport {
+                        resources,
+                        ..ProbeReport::default()
+                    },
+                    _ => ProbeReport {
+                        health,
+                        resources,
+                        runtime: None,
+                    },
+                })
             }
-        }
-        let health = Some(HealthReport {
-            healthy: true,
-            problems: Vec::new(),
-        });
-        let resources = Some(vec![HeldResource {
-            uri: PATH.into(),
-            version: self.held,
-            sha256: "ab".repeat(32),
-            applied_at: 1_700_000_000,
-        }]);
-        Ok(match kind {
-            ProbeKind::Health => ProbeReport {
-                health,
-                ..ProbeReport::default()
-            },
-            ProbeKind::Resources => ProbeReport {
-                resources,
-                ..ProbeReport::default()
-            },
-            _ => ProbeReport {
-                health,
-                resources,
-                runtime: None,
-            },
         })
-    }
 }
 
-struct Guest {
-    session: TunnelSession,
-    served: tokio::task::JoinHandle<Closed>,
+/// Attests as `id` labelled `app` and connects, serving `service`.
+async fn connect(kbs: &TestKbs, id: &str, app: &str, service: StubGuest) -> TunnelGuest {
+    let init = tests::init_data(id, &[("app", app)]);
+    let info = tests::guest_info(&format!("{id}-instance"), "test-0.1", &["resources"]);
+    TunnelGuest::attest_and_dial(kbs, Some(&init), info, service)
+        .await
+        .0
 }
 
-impl Guest {
-    async fn connect(kbs: &TestKbs, id: &str, app: &str, service: FleetGuest) -> Self {
-        let init = format!("[tether]\nguest_id = \"{id}\"\n\n[tether.labels]\napp = \"{app}\"\n");
-        let key = TeeKeyPair::new_ec();
-        let mut b =
-            KbsClientBuilder::new(kbs.url.clone(), Box::new(SampleAttester)).key(key.clone());
-        if let Some(ca) = &kbs.ca_file {
-            b = b.ca_file(ca.clone());
-        }
-        let token = b.init_data(&init).build().unwrap().attest().await.unwrap();
-        let unseal = move |jwe: &[u8]| {
-            key.open_json(jwe)
-                .map(|plain| plain.to_vec())
-                .map_err(|e| e.to_string())
-        };
-        let info = GuestInfo {
-            instance_id: format!("{id}-instance"),
-            daemon_version: "test-0.1".into(),
-            services: vec!["resources".into()],
-        };
-        let (session, serve) =
-            tunnel::connect_and_serve(&kbs.tunnel_config(), &token, info, unseal, service)
-                .await
-                .unwrap();
-        Self {
-            session,
-            served: tokio::spawn(serve),
-        }
-    }
-
-    async fn answer(kbs: &TestKbs, id: &str, app: &str, held: u64) -> Self {
-        let service = FleetGuest {
-            held,
-            mode: Mode::Answer,
-            probed: None,
-        };
-        Self::connect(kbs, id, app, service).await
-    }
-
-    async fn leave(self) -> Closed {
-        self.session.close();
-        tokio::time::timeout(WAIT, self.served)
-            .await
-            .expect("tunnel ends")
-            .unwrap()
-    }
-}
-
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// A guest that answers probes, holding `PATH` at version `held`.
+async fn answer(kbs: &TestKbs, id: &str, app: &str, held: u64) -> TunnelGuest {
+    connect(kbs, id, app, fleet_guest(held, Mode::Answer, None)).await
 }
 
 async fn get(admin: &AdminClient, path: &str) -> Value {
@@ -192,13 +106,6 @@ fn ids(list: &Value) -> Vec<String> {
         .collect()
 }
 
-fn api_status(e: ClientError) -> (StatusCode, String) {
-    match e {
-        ClientError::Api { status, name, .. } => (status, name),
-        other => panic!("expected an API error, got {other}"),
-    }
-}
-
 async fn wait_connected(admin: &AdminClient, n: usize) {
     eventually(&format!("{n} connected"), || async move {
         ids(&get(admin, "/kbs/v0/admin/guests").await).len() == n
@@ -211,7 +118,7 @@ async fn the_event_log_records_connects_disconnects_and_admin_actions() {
     let kbs = TestKbs::start().await;
     let admin = kbs.admin().with_identity("alice", "admin");
     kbs.admin().set_policy(tests::ALLOW_SAMPLE).await.unwrap();
-    let g1 = Guest::answer(&kbs, "g1", "db", 1).await;
+    let g1 = answer(&kbs, "g1", "db", 1).await;
     wait_connected(&admin, 1).await;
     admin.put_resource(PATH, b"secret".to_vec()).await.unwrap();
     let closed = g1.leave().await;
@@ -290,7 +197,7 @@ async fn the_event_log_records_connects_disconnects_and_admin_actions() {
         .send(Method::GET, "/kbs/v0/admin/events?kind=bogus", None)
         .await
         .unwrap_err();
-    assert_eq!(api_status(e).0, StatusCode::BAD_REQUEST);
+    assert_eq!(api_err(e).0, StatusCode::BAD_REQUEST);
     let resp = kbs
         .http()
         .get(format!("{}/kbs/v0/admin/events", kbs.url))
@@ -306,10 +213,10 @@ async fn the_fleet_view_filters_pages_finds_drift_and_survives_a_restart() {
     let admin = kbs.admin();
     admin.put_resource(PATH, b"v1".to_vec()).await.unwrap();
     admin.put_resource(PATH, b"v2".to_vec()).await.unwrap();
-    let g1 = Guest::answer(&kbs, "g1", "db", 1).await;
-    let g2 = Guest::answer(&kbs, "g2", "web", 2).await;
-    let g3 = Guest::answer(&kbs, "g3", "db", 2).await;
-    let _g4 = Guest::answer(&kbs, "g4", "db", 0).await;
+    let g1 = answer(&kbs, "g1", "db", 1).await;
+    let g2 = answer(&kbs, "g2", "web", 2).await;
+    let g3 = answer(&kbs, "g3", "db", 2).await;
+    let _g4 = answer(&kbs, "g4", "db", 0).await;
     wait_connected(&admin, 4).await;
 
     // Probe the guests for their resources: held versions feed the drift query.
@@ -361,7 +268,7 @@ async fn the_fleet_view_filters_pages_finds_drift_and_survives_a_restart() {
         .await
         .unwrap_err();
     assert_eq!(
-        api_status(e),
+        api_err(e),
         (StatusCode::BAD_REQUEST, "InvalidSelector".into())
     );
 
@@ -410,31 +317,17 @@ async fn selector_probes_report_timeouts_disconnects_and_absent_guests() {
     let kbs = TestKbs::start().await;
     let admin = kbs.admin();
     let (tx, mut probed) = mpsc::unbounded_channel();
-    let _ok = Guest::answer(&kbs, "ok", "db", 1).await;
-    let _slow = Guest::connect(
-        &kbs,
-        "slow",
-        "db",
-        FleetGuest {
-            held: 1,
-            mode: Mode::Hang,
-            probed: None,
-        },
-    )
-    .await;
-    let dropper = Guest::connect(
+    let _ok = answer(&kbs, "ok", "db", 1).await;
+    let _slow = connect(&kbs, "slow", "db", fleet_guest(1, Mode::Hang, None)).await;
+    let dropper = connect(
         &kbs,
         "dropper",
         "db",
-        FleetGuest {
-            held: 1,
-            mode: Mode::HangAndNotify,
-            probed: Some(tx),
-        },
+        fleet_guest(1, Mode::HangAndNotify, Some(tx)),
     )
     .await;
-    let gone = Guest::answer(&kbs, "gone", "db", 1).await;
-    let _other = Guest::answer(&kbs, "other", "web", 1).await;
+    let gone = answer(&kbs, "gone", "db", 1).await;
+    let _other = answer(&kbs, "other", "web", 1).await;
     wait_connected(&admin, 5).await;
     gone.leave().await;
     wait_connected(&admin, 4).await;
@@ -504,10 +397,7 @@ async fn selector_probes_report_timeouts_disconnects_and_absent_guests() {
         )
         .await
         .unwrap_err();
-    assert_eq!(
-        api_status(e),
-        (StatusCode::NOT_FOUND, "GuestNotFound".into())
-    );
+    assert_eq!(api_err(e), (StatusCode::NOT_FOUND, "GuestNotFound".into()));
     for bad in [
         json!({"selector": "a in ("}),
         json!({"concurrency": 0}),
@@ -522,7 +412,7 @@ async fn selector_probes_report_timeouts_disconnects_and_absent_guests() {
             )
             .await
             .unwrap_err();
-        assert_eq!(api_status(e).0, StatusCode::BAD_REQUEST, "{bad}");
+        assert_eq!(api_err(e).0, StatusCode::BAD_REQUEST, "{bad}");
     }
     let resp = kbs
         .http()
@@ -561,16 +451,13 @@ async fn metrics_parse_with_a_prometheus_text_parser() {
     let admin = kbs.admin();
     admin.set_policy(tests::ALLOW_SAMPLE).await.unwrap();
     admin.put_resource(PATH, b"x".to_vec()).await.unwrap();
-    let g = Guest::answer(&kbs, "g1", "db", 1).await;
+    let g = answer(&kbs, "g1", "db", 1).await;
     wait_connected(&admin, 1).await;
     post(&admin, "/kbs/v0/probes/g1", json!({"kind": "all"})).await;
     admin.ping_guest("g1").await.unwrap();
     // A resource fetch runs the policy.
     let key = TeeKeyPair::new_ec();
-    let mut client = KbsClientBuilder::new(kbs.url.clone(), Box::new(SampleAttester))
-        .key(key)
-        .build()
-        .unwrap();
+    let mut client = kbs.rcar_client(&key, None);
     client.get_resource(&PATH.parse().unwrap()).await.unwrap();
     get(&admin, "/kbs/v0/admin/events").await;
     // An API error, and a rollout (this guest refuses pushes: the push fails).
@@ -578,7 +465,7 @@ async fn metrics_parse_with_a_prometheus_text_parser() {
         .send(Method::POST, "/kbs/v0/probes/nobody", None)
         .await
         .unwrap_err();
-    assert_eq!(api_status(e).0, StatusCode::NOT_FOUND);
+    assert_eq!(api_err(e).0, StatusCode::NOT_FOUND);
     post(
         &admin,
         "/kbs/v0/rotation/rollouts",
@@ -711,7 +598,7 @@ async fn periodic_probes_keep_the_last_known_state() {
     })
     .await;
     let admin = kbs.admin();
-    let _g = Guest::answer(&kbs, "g1", "db", 7).await;
+    let _g = answer(&kbs, "g1", "db", 7).await;
     eventually("a periodic probe recorded", || async {
         let v = get(&admin, "/kbs/v0/admin/guests").await;
         v["guests"][0]["last_probe"]["outcome"] == "ok"

@@ -6,15 +6,13 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use guest_daemon::evidence::SampleAttester;
 use guest_daemon::pki::{self, PkiKeyType};
-use guest_daemon::rcar::{KbsClient, KbsClientBuilder};
+use guest_daemon::rcar::KbsClient;
 use guest_daemon::tee_key::TeeKeyPair;
 use rcgen::{CertificateParams, DnType, KeyPair, SanType};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tests::{ALLOW_SAMPLE, TestKbs, metric_value};
-use x509_parser::extensions::GeneralName;
+use tests::{ALLOW_SAMPLE, TestKbs, der, error_detail, metric_value, sans};
 use x509_parser::pem::parse_x509_pem;
 use x509_parser::prelude::*;
 
@@ -44,13 +42,7 @@ fn init(guest_id: &str) -> String {
 }
 
 fn client(kbs: &TestKbs, guest_id: &str) -> KbsClient {
-    let mut b = KbsClientBuilder::new(kbs.url.clone(), Box::new(SampleAttester))
-        .key(TeeKeyPair::new_ec())
-        .init_data(init(guest_id));
-    if let Some(ca) = &kbs.ca_file {
-        b = b.ca_file(ca.clone());
-    }
-    b.build().unwrap()
+    kbs.rcar_client(&TeeKeyPair::new_ec(), Some(&init(guest_id)))
 }
 
 async fn token(kbs: &TestKbs, guest_id: &str) -> String {
@@ -86,45 +78,6 @@ fn csr_json(pem: &str) -> String {
 }
 
 /// Status, error name and detail of an error reply (which must be the JSON error body).
-async fn error_of(resp: reqwest::Response) -> (StatusCode, String, String) {
-    let status = resp.status();
-    let body: Value = resp.json().await.expect("error body is JSON");
-    let detail = body["detail"].as_str().unwrap_or("").to_string();
-    assert!(!detail.is_empty(), "{body}");
-    let name = body["type"]
-        .as_str()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_string();
-    (status, name, detail)
-}
-
-fn der(pem: &str) -> Vec<u8> {
-    parse_x509_pem(pem.as_bytes()).unwrap().1.contents
-}
-
-/// SANs as `dns:x` / `ip:a.b.c.d`.
-fn sans(cert: &X509Certificate<'_>) -> Vec<String> {
-    cert.subject_alternative_name()
-        .unwrap()
-        .map(|s| {
-            s.value
-                .general_names
-                .iter()
-                .map(|g| match g {
-                    GeneralName::DNSName(d) => format!("dns:{d}"),
-                    GeneralName::IPAddress(b) if b.len() == 4 => {
-                        format!("ip:{}.{}.{}.{}", b[0], b[1], b[2], b[3])
-                    }
-                    other => format!("{other:?}"),
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 async fn kbs_with_policy() -> TestKbs {
     let kbs = TestKbs::start_tls().await;
     kbs.admin().set_policy(ALLOW_SAMPLE).await.unwrap();
@@ -253,7 +206,7 @@ async fn subjects_that_are_not_the_callers_are_refused_with_403() {
         ),
     ];
     for (pem, named) in cases {
-        let (status, name, detail) = error_of(post_sign(&kbs, &t, csr_json(&pem)).await).await;
+        let (status, name, detail) = error_detail(post_sign(&kbs, &t, csr_json(&pem)).await).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{detail}");
         assert_eq!(name, "IdentityMismatch");
         assert!(detail.contains(named), "{detail} names the mismatch");
@@ -322,11 +275,11 @@ async fn bad_requests_get_clear_errors_and_nothing_is_stored() {
         ),
     ];
     for (body, status, name) in cases {
-        let (s, n, detail) = error_of(post_sign(&kbs, &t, body).await).await;
+        let (s, n, detail) = error_detail(post_sign(&kbs, &t, body).await).await;
         assert_eq!((s, n.as_str()), (status, name), "{detail}");
     }
     // Unknown key type names the algorithm (rsaEncryption).
-    let (_, _, detail) = error_of(post_sign(&kbs, &t, csr_json(RSA_CSR)).await).await;
+    let (_, _, detail) = error_detail(post_sign(&kbs, &t, csr_json(RSA_CSR)).await).await;
     assert!(detail.contains("1.2.840.113549.1.1.1"), "{detail}");
     // Without a token: 401, before the body is looked at.
     let resp = kbs
@@ -380,7 +333,7 @@ async fn the_policy_and_the_plugin_switch_gate_signing() {
         .unwrap();
     let t = token(&kbs, "pki-5").await;
     let pem = csr(&rcgen::PKCS_ED25519, "pki-5", vec![]);
-    let (status, name, _) = error_of(post_sign(&kbs, &t, csr_json(&pem)).await).await;
+    let (status, name, _) = error_detail(post_sign(&kbs, &t, csr_json(&pem)).await).await;
     assert_eq!(
         (status, name.as_str()),
         (StatusCode::FORBIDDEN, "PolicyDeny")
@@ -395,7 +348,7 @@ async fn the_policy_and_the_plugin_switch_gate_signing() {
 
     kbs.admin().set_plugin_enabled("pki", false).await.unwrap();
     let resp = post_sign(&kbs, &t, csr_json(&pem)).await;
-    let (status, _, _) = error_of(resp).await;
+    let (status, _, _) = error_detail(resp).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let resp = kbs
         .http()

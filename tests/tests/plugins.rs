@@ -2,36 +2,10 @@
 //! The plugin framework over real HTTP: listing, enable/disable effective at once and after a
 //! restart, 404 JSON while disabled, admin-only, audited, `[plugins] disabled` defaults.
 
-use guest_daemon::evidence::SampleAttester;
-use guest_daemon::rcar::KbsClientBuilder;
 use guest_daemon::tee_key::TeeKeyPair;
 use reqwest::StatusCode;
 use serde_json::Value;
-use server::admin_client::ClientError;
-use tests::{ALLOW_SAMPLE, TestKbs};
-
-fn api_err(e: ClientError) -> (StatusCode, String) {
-    match e {
-        ClientError::Api { status, name, .. } => (status, name),
-        other => panic!("expected an API error, got {other}"),
-    }
-}
-
-async fn error_of(resp: reqwest::Response) -> (StatusCode, String) {
-    let status = resp.status();
-    let body: Value = resp.json().await.expect("error body is JSON");
-    assert!(
-        !body["detail"].as_str().unwrap_or("").is_empty(),
-        "detail names the problem: {body}"
-    );
-    let name = body["type"]
-        .as_str()
-        .unwrap()
-        .strip_prefix("https://github.com/confidential-containers/kbs/errors/")
-        .expect("Trustee error type")
-        .to_string();
-    (status, name)
-}
+use tests::{ALLOW_SAMPLE, TestKbs, api_err, error_name};
 
 fn plugin<'a>(list: &'a Value, name: &str) -> &'a Value {
     list["plugins"]
@@ -53,12 +27,7 @@ async fn guest_get(kbs: &TestKbs, token: &str, path: &str) -> reqwest::Response 
 }
 
 async fn token(kbs: &TestKbs) -> String {
-    let mut b =
-        KbsClientBuilder::new(kbs.url.clone(), Box::new(SampleAttester)).key(TeeKeyPair::new_ec());
-    if let Some(ca) = &kbs.ca_file {
-        b = b.ca_file(ca.clone());
-    }
-    b.build().unwrap().attest().await.unwrap()
+    kbs.attest(&TeeKeyPair::new_ec(), None).await
 }
 
 #[tokio::test]
@@ -106,7 +75,7 @@ async fn disable_is_effective_at_once_audited_and_survives_a_restart() {
     assert_eq!(v["changed"], true);
     // At once: the guest GET and the admin POST answer 404 with the JSON error body.
     assert_eq!(
-        error_of(guest_get(&kbs, &guest, "default/key/one").await).await,
+        error_name(guest_get(&kbs, &guest, "default/key/one").await).await,
         (StatusCode::NOT_FOUND, "PluginDisabled".into())
     );
     let err = admin
@@ -257,7 +226,7 @@ async fn config_default_disables_until_an_admin_decides() {
         .await
         .unwrap();
     assert_eq!(
-        error_of(resp).await,
+        error_name(resp).await,
         (StatusCode::NOT_FOUND, "PluginDisabled".into())
     );
     admin.set_plugin_enabled("splitapi", true).await.unwrap();

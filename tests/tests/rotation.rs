@@ -2,20 +2,16 @@
 //! Key rotation end to end: a real KBS, real guest daemons (`guest_daemon::run`) on loopback,
 //! rollouts started through the admin API and watched through its event stream.
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use guest_daemon::hook::PostApplyHook;
-use guest_daemon::run::{DaemonState, RunConfig, RunError};
+use guest_daemon::run::{DaemonState, RunConfig};
 use kbs_core::storage::{RolloutState, TargetState};
 use plugin_rotation::{Control, RolloutView, StartRollout};
 use reqwest::StatusCode;
-use server::admin_client::{AdminClient, ClientError, RolloutUpdate};
-use tests::{ALLOW_SAMPLE, TestKbs};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use tokio::time::Instant;
+use server::admin_client::{AdminClient, RolloutUpdate};
+use tests::{ALLOW_SAMPLE, DaemonRun, TestKbs, api_err_detail, eventually_within, hub_until};
 use tokio_util::sync::CancellationToken;
 
 /// How long any single wait may take before the test fails.
@@ -31,10 +27,7 @@ fn init_data(guest_id: &str, labels: &[(&str, &str)]) -> String {
 
 struct Daemon {
     guest_id: String,
-    state: watch::Receiver<DaemonState>,
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<(), RunError>>,
-    state_dir: PathBuf,
+    run: DaemonRun,
     init: String,
     hook: Option<String>,
 }
@@ -71,20 +64,12 @@ impl Daemon {
         hook: Option<String>,
         push_key: bool,
     ) -> Self {
-        let mut config = RunConfig::new(&kbs.url, &state_dir);
+        let mut config = kbs.daemon_config(&state_dir, Some(init.clone()));
         config.push_key = push_key;
-        config.ca_file = kbs.ca_file.clone();
-        config.init_data = Some(init.clone());
         config.hook = hook.clone().map(PostApplyHook::new);
-        let state = config.subscribe();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(guest_daemon::run::run(config, shutdown.clone()));
         Self {
             guest_id: guest_id.to_string(),
-            state,
-            shutdown,
-            task,
-            state_dir,
+            run: DaemonRun::spawn(config),
             init,
             hook,
         }
@@ -93,7 +78,8 @@ impl Daemon {
     async fn connected(&mut self) {
         tokio::time::timeout(
             WAIT,
-            self.state
+            self.run
+                .state
                 .wait_for(|s| matches!(s, DaemonState::Connected { .. })),
         )
         .await
@@ -102,38 +88,15 @@ impl Daemon {
     }
 
     async fn stop(self) -> (String, PathBuf, String, Option<String>) {
-        self.shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .expect("daemon stops in time")
-            .expect("daemon task does not panic")
-            .expect("daemon ends without error");
-        (self.guest_id, self.state_dir, self.init, self.hook)
+        let state_dir = self.run.state_dir.clone();
+        self.run.stop().await;
+        (self.guest_id, state_dir, self.init, self.hook)
     }
 
     /// The plaintext the daemon holds for `path`, if any.
     fn held(&self, path: &str) -> Option<Vec<u8>> {
-        std::fs::read(self.state_dir.join("resources").join(path)).ok()
+        self.run.held(path)
     }
-}
-
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + WAIT;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-async fn in_hub(kbs: &TestKbs, guest_id: &str) {
-    eventually(&format!("{guest_id} in the hub"), || async {
-        kbs.state.hub.get(guest_id).is_some()
-    })
-    .await;
 }
 
 async fn setup() -> (TestKbs, AdminClient, tempfile::TempDir) {
@@ -205,7 +168,7 @@ async fn only_matching_guests_get_the_version_and_an_offline_one_gets_it_on_reco
         let init = init_data(id, &[("app", app)]);
         let mut d = Daemon::spawn_offering(&kbs, id, root.path().join(id), init, None, id != "g2");
         d.connected().await;
-        in_hub(&kbs, id).await;
+        kbs.tunnel(id).await;
         daemons.push(d);
     }
     for (id, has_key) in [("g1", true), ("g2", false), ("g3", true)] {
@@ -213,7 +176,7 @@ async fn only_matching_guests_get_the_version_and_an_offline_one_gets_it_on_reco
         assert_eq!(handle.push_key().is_some(), has_key, "{id}");
     }
     // g5 goes offline once rotation has noted it.
-    eventually("g5 noted by rotation", || async {
+    eventually_within(WAIT, "g5 noted by rotation", || async {
         kbs.state
             .store
             .rotation_guests(0)
@@ -224,8 +187,8 @@ async fn only_matching_guests_get_the_version_and_an_offline_one_gets_it_on_reco
     })
     .await;
     let g5 = daemons.pop().unwrap().stop().await;
-    eventually("g5 out of the hub", || async {
-        kbs.state.hub.get("g5").is_none()
+    hub_until(&kbs.state.hub, WAIT, "g5 out of the hub", |hub| {
+        hub.get("g5").is_none()
     })
     .await;
 
@@ -266,7 +229,7 @@ async fn only_matching_guests_get_the_version_and_an_offline_one_gets_it_on_reco
     // A newcomer that matches gets it on connect; one that does not, does not.
     let mut g6 = Daemon::spawn(&kbs, root.path(), "g6", &[("app", "db")], None);
     g6.connected().await;
-    eventually("g6 acked", || async {
+    eventually_within(WAIT, "g6 acked", || async {
         count(
             &admin.rollout(id, "").await.unwrap().view,
             TargetState::Acked,
@@ -315,7 +278,7 @@ async fn a_kbs_restart_mid_rollout_resumes_and_acks_every_guest_once() {
         let hook = format!("echo $TETHER_VERSION >> {}; sleep 0.4", counter.display());
         let mut d = Daemon::spawn(&kbs, root.path(), &id, &[("app", "api")], Some(hook));
         d.connected().await;
-        in_hub(&kbs, &id).await;
+        kbs.tunnel(&id).await;
         daemons.push(d);
     }
     let mut req = start(path, "app=api");
@@ -384,10 +347,10 @@ async fn a_denied_guest_gets_nothing_and_a_failing_guest_fails_with_the_reason()
     let mut broken = Daemon::spawn(&kbs, root.path(), "broken", &[("app", "tls")], None);
     for d in [&mut ok, &mut denied, &mut broken] {
         d.connected().await;
-        in_hub(&kbs, &d.guest_id).await;
+        kbs.tunnel(&d.guest_id).await;
     }
     // The broken guest cannot write the resource: a file sits where its directory goes.
-    let blocker = broken.state_dir.join("resources/default");
+    let blocker = broken.run.state_dir.join("resources/default");
     std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
     std::fs::write(&blocker, b"not a directory").unwrap();
 
@@ -458,7 +421,7 @@ async fn concurrent_rollouts_of_different_resources_do_not_interfere() {
         let team = if n < 2 { "x" } else { "y" };
         let mut d = Daemon::spawn(&kbs, root.path(), &id, &[("team", team)], None);
         d.connected().await;
-        in_hub(&kbs, &id).await;
+        kbs.tunnel(&id).await;
         daemons.push(d);
     }
     let mut ra = start(a, "team in (x,y)");
@@ -486,17 +449,6 @@ async fn concurrent_rollouts_of_different_resources_do_not_interfere() {
     }
 }
 
-fn api_error(e: ClientError) -> (StatusCode, String, String) {
-    match e {
-        ClientError::Api {
-            status,
-            name,
-            detail,
-        } => (status, name, detail),
-        other => panic!("expected an API error, got {other}"),
-    }
-}
-
 #[tokio::test]
 async fn bad_input_is_refused_clearly_and_controls_work() {
     let kbs = TestKbs::start_with(false, |c| {
@@ -509,7 +461,7 @@ async fn bad_input_is_refused_clearly_and_controls_work() {
     let path = "default/key/x";
     admin.put_resource(path, b"x".to_vec()).await.unwrap();
 
-    let e = api_error(
+    let e = api_err_detail(
         admin
             .start_rollout(&start("default/key/nope", "app=a"))
             .await
@@ -521,13 +473,13 @@ async fn bad_input_is_refused_clearly_and_controls_work() {
     );
     let mut v9 = start(path, "app=a");
     v9.version = Some(9);
-    let e = api_error(admin.start_rollout(&v9).await.unwrap_err());
+    let e = api_err_detail(admin.start_rollout(&v9).await.unwrap_err());
     assert_eq!(
         (e.0, e.1.as_str()),
         (StatusCode::NOT_FOUND, "VersionNotFound")
     );
     assert!(e.2.contains("versions: 1"), "{}", e.2);
-    let e = api_error(
+    let e = api_err_detail(
         admin
             .start_rollout(&start(path, "app in prod"))
             .await
@@ -538,7 +490,7 @@ async fn bad_input_is_refused_clearly_and_controls_work() {
         (StatusCode::BAD_REQUEST, "InvalidSelector")
     );
     assert!(e.2.contains("expected `(`"), "{}", e.2);
-    let e = api_error(
+    let e = api_err_detail(
         admin
             .start_rollout(&start("../etc/x", ""))
             .await
@@ -547,7 +499,7 @@ async fn bad_input_is_refused_clearly_and_controls_work() {
     assert_eq!(e.0, StatusCode::BAD_REQUEST);
     let mut zero = start(path, "");
     zero.max_concurrent = Some(0);
-    let e = api_error(admin.start_rollout(&zero).await.unwrap_err());
+    let e = api_err_detail(admin.start_rollout(&zero).await.unwrap_err());
     assert_eq!(
         (e.0, e.1.as_str()),
         (StatusCode::BAD_REQUEST, "InvalidRollout")
@@ -562,9 +514,9 @@ async fn bad_input_is_refused_clearly_and_controls_work() {
         )
         .await
         .unwrap_err();
-    assert_eq!(api_error(raw).0, StatusCode::BAD_REQUEST);
+    assert_eq!(api_err_detail(raw).0, StatusCode::BAD_REQUEST);
     let reader = kbs.admin().with_identity("viewer", "reader");
-    let e = api_error(reader.start_rollout(&start(path, "")).await.unwrap_err());
+    let e = api_err_detail(reader.start_rollout(&start(path, "")).await.unwrap_err());
     assert_eq!(e.0, StatusCode::FORBIDDEN);
     assert!(
         reader
@@ -585,7 +537,7 @@ async fn bad_input_is_refused_clearly_and_controls_work() {
     assert_eq!(resumed.rollout.state, RolloutState::Completed, "no targets");
     let cancelled = admin.control_rollout(id, Control::Cancel).await.unwrap();
     assert_eq!(cancelled.rollout.state, RolloutState::Cancelled);
-    let e = api_error(
+    let e = api_err_detail(
         admin
             .control_rollout(id, Control::Resume)
             .await
@@ -595,14 +547,14 @@ async fn bad_input_is_refused_clearly_and_controls_work() {
         (e.0, e.1.as_str()),
         (StatusCode::CONFLICT, "RolloutFinished")
     );
-    let e = api_error(
+    let e = api_err_detail(
         admin
             .control_rollout(999, Control::Pause)
             .await
             .unwrap_err(),
     );
     assert_eq!(e.0, StatusCode::NOT_FOUND);
-    let e = api_error(admin.rollout(999, "").await.unwrap_err());
+    let e = api_err_detail(admin.rollout(999, "").await.unwrap_err());
     assert_eq!(
         (e.0, e.1.as_str()),
         (StatusCode::NOT_FOUND, "RolloutNotFound")

@@ -8,41 +8,19 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use guest_daemon::evidence::SampleAttester;
-use guest_daemon::rcar::KbsClientBuilder;
 use guest_daemon::tee_key::TeeKeyPair;
 use reqwest::StatusCode;
-use rpc_defs::{
-    Applied, CredentialBundle, GuestError, GuestInfo, GuestService, Installed, ProbeKind,
-    ProbeReport, SealedResource,
-};
+use rpc_defs::CredentialBundle;
 use serde_bytes::ByteBuf;
 use serde_json::Value;
-use server::admin_client::ClientError;
-use tarpc::context::Context;
-use tests::{ALLOW_SAMPLE, TestKbs};
+use tests::{ALLOW_SAMPLE, StubGuest, TestKbs, TunnelGuest, WAIT, api_err, der, error_name, sans};
 use tokio::sync::mpsc;
-use x509_parser::extensions::GeneralName;
-use x509_parser::pem::parse_x509_pem;
 use x509_parser::prelude::*;
-
-const WAIT: Duration = Duration::from_secs(15);
 
 fn init(guest_id: &str) -> String {
     format!(
         "[tether]\nguest_id = \"{guest_id}\"\nname = \"{guest_id}.pods.example\"\nip = \"10.0.0.7\"\n"
     )
-}
-
-async fn attest(kbs: &TestKbs, init_data: Option<&str>, key: &TeeKeyPair) -> String {
-    let mut b = KbsClientBuilder::new(kbs.url.clone(), Box::new(SampleAttester)).key(key.clone());
-    if let Some(ca) = &kbs.ca_file {
-        b = b.ca_file(ca.clone());
-    }
-    if let Some(i) = init_data {
-        b = b.init_data(i);
-    }
-    b.build().unwrap().attest().await.unwrap()
 }
 
 async fn pull(kbs: &TestKbs, token: &str, query: &str) -> reqwest::Response {
@@ -54,27 +32,6 @@ async fn pull(kbs: &TestKbs, token: &str, query: &str) -> reqwest::Response {
         .unwrap()
 }
 
-async fn error_of(resp: reqwest::Response) -> (StatusCode, String) {
-    let status = resp.status();
-    let body: Value = resp.json().await.expect("error body is JSON");
-    assert!(!body["detail"].as_str().unwrap_or("").is_empty(), "{body}");
-    let name = body["type"]
-        .as_str()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_string();
-    (status, name)
-}
-
-fn api_err(e: ClientError) -> (StatusCode, String) {
-    match e {
-        ClientError::Api { status, name, .. } => (status, name),
-        other => panic!("expected an API error, got {other}"),
-    }
-}
-
 /// Opens a sealed CBOR file map with the guest's TEE key.
 fn open_files(key: &TeeKeyPair, jwe: &[u8]) -> BTreeMap<String, String> {
     let plain = key.open_json(jwe).expect("sealed to this guest's TEE key");
@@ -82,30 +39,6 @@ fn open_files(key: &TeeKeyPair, jwe: &[u8]) -> BTreeMap<String, String> {
     map.into_iter()
         .map(|(k, v)| (k, String::from_utf8(v.into_vec()).unwrap()))
         .collect()
-}
-
-fn der(pem: &str) -> Vec<u8> {
-    parse_x509_pem(pem.as_bytes()).unwrap().1.contents
-}
-
-/// SANs of a certificate as `dns:x` / `ip:a.b.c.d`.
-fn sans(cert: &X509Certificate<'_>) -> Vec<String> {
-    cert.subject_alternative_name()
-        .unwrap()
-        .map(|s| {
-            s.value
-                .general_names
-                .iter()
-                .map(|g| match g {
-                    GeneralName::DNSName(d) => format!("dns:{d}"),
-                    GeneralName::IPAddress(b) if b.len() == 4 => {
-                        format!("ip:{}.{}.{}.{}", b[0], b[1], b[2], b[3])
-                    }
-                    other => format!("{other:?}"),
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Checks `leaf` is signed by `ca` (and names it as issuer) and returns the leaf's SANs.
@@ -129,7 +62,7 @@ fn check_chain(ca_pem: &str, leaf_pem: &str, server: bool) -> Vec<String> {
 async fn pull_path_checks_identity_and_policy_and_returns_a_sealed_bundle() {
     let kbs = TestKbs::start_tls().await;
     let key = TeeKeyPair::new_ec();
-    let token = attest(&kbs, Some(&init("sa-1")), &key).await;
+    let token = kbs.attest(&key, Some(&init("sa-1"))).await;
 
     // Unattested: 401. Default policy refuses the sample TEE: 403 with plugin splitapi.
     let resp = kbs
@@ -140,7 +73,7 @@ async fn pull_path_checks_identity_and_policy_and_returns_a_sealed_bundle() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(
-        error_of(pull(&kbs, &token, "").await).await,
+        error_name(pull(&kbs, &token, "").await).await,
         (StatusCode::FORBIDDEN, "PolicyDeny".into())
     );
     // A policy that gates plugins separately: resources yes, splitapi no.
@@ -151,7 +84,7 @@ async fn pull_path_checks_identity_and_policy_and_returns_a_sealed_bundle() {
         .await
         .unwrap();
     assert_eq!(
-        error_of(pull(&kbs, &token, "").await).await,
+        error_name(pull(&kbs, &token, "").await).await,
         (StatusCode::FORBIDDEN, "PolicyDeny".into())
     );
     // The policy sees the query too: this one wants the upstream-style `id` parameter.
@@ -163,7 +96,7 @@ async fn pull_path_checks_identity_and_policy_and_returns_a_sealed_bundle() {
         .await
         .unwrap();
     assert_eq!(
-        error_of(pull(&kbs, &token, "").await).await,
+        error_name(pull(&kbs, &token, "").await).await,
         (StatusCode::FORBIDDEN, "PolicyDeny".into())
     );
     assert_eq!(
@@ -182,7 +115,7 @@ async fn pull_path_checks_identity_and_policy_and_returns_a_sealed_bundle() {
         "?id=sa-1&ip=10.0.0.9",
     ] {
         assert_eq!(
-            error_of(pull(&kbs, &token, q).await).await,
+            error_name(pull(&kbs, &token, q).await).await,
             (StatusCode::FORBIDDEN, "IdentityMismatch".into()),
             "{q}"
         );
@@ -245,9 +178,11 @@ async fn pull_path_checks_identity_and_policy_and_returns_a_sealed_bundle() {
     let again: Value = pull(&kbs, &token, "").await.json().await.unwrap();
     assert_eq!(again["version"], 1);
     let key2 = TeeKeyPair::new_ec();
-    let bare = attest(&kbs, Some("[tether]\nguest_id = \"sa-bare\"\n"), &key2).await;
+    let bare = kbs
+        .attest(&key2, Some("[tether]\nguest_id = \"sa-bare\"\n"))
+        .await;
     assert_eq!(
-        error_of(pull(&kbs, &bare, "?name=sa-bare").await).await,
+        error_name(pull(&kbs, &bare, "?name=sa-bare").await).await,
         (StatusCode::FORBIDDEN, "IdentityMismatch".into())
     );
     let body: Value = pull(&kbs, &bare, "?id=sa-bare").await.json().await.unwrap();
@@ -270,7 +205,7 @@ async fn owner_role_gets_only_its_sandboxes_client_bundle_audited() {
     kbs.admin().set_policy(ALLOW_SAMPLE).await.unwrap();
     for id in ["sa-own", "sa-other"] {
         let key = TeeKeyPair::new_ec();
-        let token = attest(&kbs, Some(&init(id)), &key).await;
+        let token = kbs.attest(&key, Some(&init(id))).await;
         assert_eq!(pull(&kbs, &token, "").await.status(), StatusCode::OK);
     }
     let owner = kbs.admin().with_identity("olga", "owner");
@@ -305,7 +240,7 @@ async fn owner_role_gets_only_its_sandboxes_client_bundle_audited() {
         .await
         .unwrap();
     assert_eq!(
-        error_of(resp).await,
+        error_name(resp).await,
         (StatusCode::BAD_REQUEST, "InvalidGuestId".into())
     );
     // Unknown sandbox for a full admin: 404 JSON.
@@ -372,7 +307,7 @@ async fn keys_are_encrypted_at_rest_and_the_ca_survives_a_restart() {
     .await;
     kbs.admin().set_policy(ALLOW_SAMPLE).await.unwrap();
     let key = TeeKeyPair::new_ec();
-    let token = attest(&kbs, Some(&init("sa-rest")), &key).await;
+    let token = kbs.attest(&key, Some(&init("sa-rest"))).await;
     let body: Value = pull(&kbs, &token, "").await.json().await.unwrap();
     let opened = open_files(&key, &serde_json::to_vec(&body["jwe"]).unwrap());
     let leaf_der = der(&opened["server.crt"]);
@@ -419,7 +354,7 @@ async fn keys_are_encrypted_at_rest_and_the_ca_survives_a_restart() {
 
     // Restart: same CA, same version, the owner's files keep working.
     let kbs = kbs.restart().await;
-    let token = attest(&kbs, Some(&init("sa-rest")), &key).await;
+    let token = kbs.attest(&key, Some(&init("sa-rest"))).await;
     let body: Value = pull(&kbs, &token, "").await.json().await.unwrap();
     assert_eq!(body["version"], 1);
     let after = open_files(&key, &serde_json::to_vec(&body["jwe"]).unwrap());
@@ -434,70 +369,34 @@ async fn keys_are_encrypted_at_rest_and_the_ca_survives_a_restart() {
     );
 }
 
-/// A guest service that hands every bundle it is given to the test.
-#[derive(Clone)]
-struct Recorder(mpsc::UnboundedSender<CredentialBundle>);
-
-impl GuestService for Recorder {
-    async fn ping(self, _: Context, payload: ByteBuf) -> ByteBuf {
-        payload
-    }
-
-    async fn install_credentials(
-        self,
-        _: Context,
-        bundle: CredentialBundle,
-    ) -> Result<Installed, GuestError> {
-        let installed = Installed {
-            id: bundle.id.clone(),
-            version: bundle.version,
-            already_held: false,
-        };
-        let _ = self.0.send(bundle);
-        Ok(installed)
-    }
-
-    async fn apply_resource(self, _: Context, r: SealedResource) -> Result<Applied, GuestError> {
-        Err(GuestError::Unsupported(r.uri))
-    }
-
-    async fn probe(self, _: Context, _: ProbeKind) -> Result<ProbeReport, GuestError> {
-        Ok(ProbeReport::default())
-    }
+/// A guest service that hands every bundle it is given to the test (and refuses pushes).
+fn recorder(bundles: mpsc::UnboundedSender<CredentialBundle>) -> StubGuest {
+    StubGuest::new()
+        .refusing_pushes()
+        .on_install(move |bundle| {
+            let installed = tests::installed(&bundle);
+            let _ = bundles.send(bundle);
+            async move { Ok(installed) }
+        })
 }
 
-struct TunnelGuest {
+/// A guest on a tunnel that records the bundles pushed to it.
+struct BundleGuest {
     key: TeeKeyPair,
     bundles: mpsc::UnboundedReceiver<CredentialBundle>,
-    _session: tunnel::TunnelSession,
-    _served: tokio::task::JoinHandle<tunnel::Closed>,
+    _tunnel: TunnelGuest,
 }
 
-impl TunnelGuest {
+impl BundleGuest {
     async fn connect(kbs: &TestKbs, guest_id: &str, services: &[&str]) -> Self {
-        let key = TeeKeyPair::new_ec();
-        let token = attest(kbs, Some(&init(guest_id)), &key).await;
         let (tx, bundles) = mpsc::unbounded_channel();
-        let k = key.clone();
-        let unseal = move |jwe: &[u8]| {
-            k.open_json(jwe)
-                .map(|p| p.to_vec())
-                .map_err(|e| e.to_string())
-        };
-        let info = GuestInfo {
-            instance_id: format!("{guest_id}-instance"),
-            daemon_version: "test".into(),
-            services: services.iter().map(|s| s.to_string()).collect(),
-        };
-        let (session, serve) =
-            tunnel::connect_and_serve(&kbs.tunnel_config(), &token, info, unseal, Recorder(tx))
-                .await
-                .unwrap();
+        let info = tests::guest_info(&format!("{guest_id}-instance"), "test", services);
+        let (tunnel, key, _) =
+            TunnelGuest::attest_and_dial(kbs, Some(&init(guest_id)), info, recorder(tx)).await;
         Self {
             key,
             bundles,
-            _session: session,
-            _served: tokio::spawn(serve),
+            _tunnel: tunnel,
         }
     }
 
@@ -509,30 +408,11 @@ impl TunnelGuest {
     }
 }
 
-/// Waits until `guest_id` is registered in the hub.
-async fn registered(kbs: &TestKbs, guest_id: &str) {
-    let mut events = kbs.state.hub.subscribe();
-    if kbs.state.hub.get(guest_id).is_some() {
-        return;
-    }
-    tokio::time::timeout(WAIT, async {
-        loop {
-            match events.recv().await {
-                Ok(tunnel::TunnelEvent::Connected(h)) if h.guest_id == guest_id => return,
-                _ if kbs.state.hub.get(guest_id).is_some() => return,
-                _ => {}
-            }
-        }
-    })
-    .await
-    .expect("guest registered");
-}
-
 #[tokio::test]
 async fn bundle_is_pushed_on_connect_sealed_to_the_guests_tee_key() {
     let kbs = TestKbs::start_tls().await;
     kbs.admin().set_policy(ALLOW_SAMPLE).await.unwrap();
-    let mut guest = TunnelGuest::connect(&kbs, "sa-push", &["resources", "splitapi"]).await;
+    let mut guest = BundleGuest::connect(&kbs, "sa-push", &["resources", "splitapi"]).await;
     let bundle = guest.next_bundle().await;
     assert_eq!(bundle.id, "splitapi");
     assert_eq!(bundle.version, 1);
@@ -565,9 +445,8 @@ async fn bundle_is_pushed_on_connect_sealed_to_the_guests_tee_key() {
     assert_eq!(owner.ca_crt, files["ca.crt"]);
 
     // A guest that does not announce splitapi gets nothing; its tunnel works.
-    let mut quiet = TunnelGuest::connect(&kbs, "sa-quiet", &["resources"]).await;
-    registered(&kbs, "sa-quiet").await;
-    let handle = kbs.state.hub.get("sa-quiet").unwrap();
+    let mut quiet = BundleGuest::connect(&kbs, "sa-quiet", &["resources"]).await;
+    let handle = kbs.tunnel("sa-quiet").await;
     handle.ping(vec![1u8; 8], None).await.unwrap();
     assert!(quiet.bundles.try_recv().is_err());
     let err = kbs
@@ -586,14 +465,13 @@ async fn disabled_means_no_push_and_enable_pushes_to_connected_guests() {
         .set_plugin_enabled("splitapi", false)
         .await
         .unwrap();
-    let mut guest = TunnelGuest::connect(&kbs, "sa-later", &["splitapi"]).await;
-    registered(&kbs, "sa-later").await;
+    let mut guest = BundleGuest::connect(&kbs, "sa-later", &["splitapi"]).await;
     // Round trip through the tunnel: had a push been made on connect it would be queued first.
-    let handle = kbs.state.hub.get("sa-later").unwrap();
+    let handle = kbs.tunnel("sa-later").await;
     handle.ping(vec![0u8; 4], None).await.unwrap();
     assert!(guest.bundles.try_recv().is_err(), "no push while disabled");
     let key = TeeKeyPair::new_ec();
-    let token = attest(&kbs, Some(&init("sa-later")), &key).await;
+    let token = kbs.attest(&key, Some(&init("sa-later"))).await;
     assert_eq!(pull(&kbs, &token, "").await.status(), StatusCode::NOT_FOUND);
 
     kbs.admin()
@@ -617,7 +495,7 @@ async fn renewal_pushes_a_new_version_under_the_same_ca() {
     })
     .await;
     kbs.admin().set_policy(ALLOW_SAMPLE).await.unwrap();
-    let mut guest = TunnelGuest::connect(&kbs, "sa-renew", &["splitapi"]).await;
+    let mut guest = BundleGuest::connect(&kbs, "sa-renew", &["splitapi"]).await;
     let first = guest.next_bundle().await;
     let mut next = guest.next_bundle().await;
     while next.version == first.version {
@@ -652,48 +530,31 @@ async fn fleet_of_1000_receive_their_bundles() {
             let permit = gate.acquire_owned().await.unwrap();
             let key = TeeKeyPair::new_ec();
             let id = format!("fleet-{i}");
-            let token = KbsClientBuilder::new(url, Box::new(SampleAttester))
-                .key(key.clone())
-                .init_data(init(&id))
-                .build()
-                .unwrap()
-                .attest()
+            let token = tests::attest(&url, None, &key, Some(&init(&id)))
                 .await
                 .unwrap();
             let (tx, mut rx) = mpsc::unbounded_channel();
-            let k = key.clone();
-            let unseal = move |jwe: &[u8]| {
-                k.open_json(jwe)
-                    .map(|p| p.to_vec())
-                    .map_err(|e| e.to_string())
-            };
-            let info = GuestInfo {
-                instance_id: id.clone(),
-                daemon_version: "fleet".into(),
-                services: vec!["splitapi".into()],
-            };
-            let (session, serve) =
-                tunnel::connect_and_serve(&config, &token, info, unseal, Recorder(tx))
-                    .await
-                    .unwrap();
+            let info = tests::guest_info(&id, "fleet", &["splitapi"]);
+            let guest = TunnelGuest::dial(&config, &token, info, &key, recorder(tx))
+                .await
+                .unwrap();
             let connected = std::time::Instant::now();
             drop(permit);
-            let served = tokio::spawn(serve);
             let bundle = tokio::time::timeout(Duration::from_secs(120), rx.recv())
                 .await
                 .expect("bundle in time")
                 .unwrap();
             let latency = connected.elapsed();
             open_files(&key, &bundle.jwe);
-            (latency, session, served)
+            (latency, guest)
         }));
     }
     let mut latencies = Vec::new();
     let mut keep = Vec::new();
     for t in tasks {
-        let (latency, session, served) = t.await.unwrap();
+        let (latency, guest) = t.await.unwrap();
         latencies.push(latency);
-        keep.push((session, served));
+        keep.push(guest);
     }
     let all = started.elapsed();
     latencies.sort();
@@ -725,16 +586,15 @@ async fn with_tls_disabled_means_no_push_and_404_and_enable_pushes_on_the_next_c
         .await
         .unwrap();
 
-    let mut early = TunnelGuest::connect(&kbs, "sa-off", &["splitapi"]).await;
-    registered(&kbs, "sa-off").await;
+    let mut early = BundleGuest::connect(&kbs, "sa-off", &["splitapi"]).await;
     // A round trip through the tunnel: a push made on connect would have been queued first.
-    let handle = kbs.state.hub.get("sa-off").unwrap();
+    let handle = kbs.tunnel("sa-off").await;
     handle.ping(vec![0u8; 4], None).await.unwrap();
     assert!(early.bundles.try_recv().is_err(), "no push while disabled");
     // Every route answers 404 JSON: the guest's pull and the owner's bundle.
-    let token = attest(&kbs, Some(&init("sa-off")), &early.key).await;
+    let token = kbs.attest(&early.key, Some(&init("sa-off"))).await;
     assert_eq!(
-        error_of(pull(&kbs, &token, "").await).await.0,
+        error_name(pull(&kbs, &token, "").await).await.0,
         StatusCode::NOT_FOUND
     );
     let err = kbs
@@ -749,7 +609,7 @@ async fn with_tls_disabled_means_no_push_and_404_and_enable_pushes_on_the_next_c
         .await
         .unwrap();
     // The next guest to connect is pushed its bundle on connect.
-    let mut next = TunnelGuest::connect(&kbs, "sa-on", &["splitapi"]).await;
+    let mut next = BundleGuest::connect(&kbs, "sa-on", &["splitapi"]).await;
     let bundle = next.next_bundle().await;
     assert_eq!((bundle.id.as_str(), bundle.version), ("splitapi", 1));
     let files = open_files(&next.key, &bundle.jwe);
@@ -799,7 +659,7 @@ async fn with_tls_a_kbs_restart_keeps_the_ca_and_the_owners_client_certificate_k
     let kbs = kbs.restart().await;
     // The daemon reconnects to the restarted KBS (same port, same TLS certificate) and is
     // pushed its credentials again: same CA, same version, nothing reissued.
-    registered(&kbs, "sa-restart").await;
+    kbs.tunnel("sa-restart").await;
     // Its credentials push after the reconnect has completed (no event to await: the
     // restarted KBS's RPC counter says so).
     tokio::time::timeout(WAIT, async {
@@ -836,7 +696,7 @@ async fn with_tls_a_kbs_restart_keeps_the_ca_and_the_owners_client_certificate_k
         b"2"
     );
     // A new guest's bundle on the restarted KBS chains to its own CA as usual.
-    let mut fresh = TunnelGuest::connect(&kbs, "sa-restart-2", &["splitapi"]).await;
+    let mut fresh = BundleGuest::connect(&kbs, "sa-restart-2", &["splitapi"]).await;
     let bundle = fresh.next_bundle().await;
     let files = open_files(&fresh.key, &bundle.jwe);
     check_chain(&files["ca.crt"], &files["server.crt"], true);

@@ -3,212 +3,63 @@
 //! dial `/kbs/v0/tunnel` with the tunnel crate's guest side, and the admin API that lists,
 //! pings and probes them. Waits are on events or short bounded polls, never long sleeps.
 
-use std::future::Future;
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use guest_daemon::evidence::SampleAttester;
-use guest_daemon::rcar::KbsClientBuilder;
 use guest_daemon::tee_key::TeeKeyPair;
 use reqwest::StatusCode;
-use rpc_defs::{
-    Applied, CredentialBundle, GuestError, GuestInfo, GuestService, HealthReport, HeldResource,
-    Installed, ProbeKind, ProbeReport, SealedResource,
-};
-use serde_bytes::ByteBuf;
+use rpc_defs::{GuestError, GuestInfo, HeldResource, ProbeKind, ProbeReport};
 use serde_json::Value;
-use server::admin_client::ClientError;
-use tarpc::context::Context;
-use tests::{TestKbs, metric_value};
+use tests::{
+    StubGuest, TestKbs, TunnelGuest, WAIT, api_err_detail, error_name, eventually, healthy,
+    http_and_tls, metric_value,
+};
 use tunnel::handshake::HandshakeError;
-use tunnel::{Closed, ConnectError, ReauthError, TunnelSession};
-
-/// Run a test body against a plain-HTTP KBS and a TLS KBS.
-macro_rules! http_and_tls {
-    ($name:ident, $body:expr) => {
-        mod $name {
-            use super::*;
-            #[tokio::test]
-            async fn http() {
-                ($body)(TestKbs::start().await).await
-            }
-            #[tokio::test]
-            async fn tls() {
-                ($body)(TestKbs::start_tls().await).await
-            }
-        }
-    };
-}
+use tunnel::{ConnectError, ReauthError};
 
 const G1: &str = "[tether]\nguest_id = \"g1\"\n\n[tether.labels]\napp = \"db\"\n";
 
-/// How long any single wait may take before the test fails.
-const WAIT: Duration = Duration::from_secs(10);
-
-/// A small `GuestService`: echoes pings, reports a healthy guest holding one resource,
-/// refuses runtime probes, and never answers a resources-only probe (for deadlines).
-#[derive(Clone)]
-struct TestGuest;
-
-impl GuestService for TestGuest {
-    async fn ping(self, _: Context, payload: ByteBuf) -> ByteBuf {
-        payload
-    }
-
-    async fn install_credentials(
-        self,
-        _: Context,
-        bundle: CredentialBundle,
-    ) -> Result<Installed, GuestError> {
-        Err(GuestError::Unsupported(format!(
-            "credentials {}",
-            bundle.id
-        )))
-    }
-
-    async fn apply_resource(
-        self,
-        _: Context,
-        resource: SealedResource,
-    ) -> Result<Applied, GuestError> {
-        Err(GuestError::Unsupported(format!(
-            "resource {}",
-            resource.uri
-        )))
-    }
-
-    async fn probe(self, _: Context, kind: ProbeKind) -> Result<ProbeReport, GuestError> {
-        let health = HealthReport {
-            healthy: true,
-            problems: Vec::new(),
-        };
-        match kind {
-            ProbeKind::Health => Ok(ProbeReport {
-                health: Some(health),
-                ..ProbeReport::default()
-            }),
-            ProbeKind::All => Ok(ProbeReport {
-                health: Some(health),
-                resources: Some(vec![HeldResource {
-                    uri: "default/key/one".into(),
-                    version: 3,
-                    sha256: "ab".repeat(32),
-                    applied_at: 1_700_000_000,
-                }]),
-                runtime: None,
-            }),
-            ProbeKind::Runtime => Err(GuestError::Unsupported("runtime figures".into())),
-            ProbeKind::Resources => std::future::pending().await,
-        }
-    }
+/// Reports a healthy guest holding one resource, refuses runtime probes and pushes, and never
+/// answers a resources-only probe (for deadlines).
+fn test_guest() -> StubGuest {
+    StubGuest::new()
+        .refusing_bundles()
+        .refusing_pushes()
+        .on_probe(|kind| async move {
+            match kind {
+                ProbeKind::Health => Ok(ProbeReport {
+                    health: Some(healthy()),
+                    ..ProbeReport::default()
+                }),
+                ProbeKind::All => Ok(ProbeReport {
+                    health: Some(healthy()),
+                    resources: Some(vec![HeldResource {
+                        uri: "default/key/one".into(),
+                        version: 3,
+                        sha256: "ab".repeat(32),
+                        applied_at: 1_700_000_000,
+                    }]),
+                    runtime: None,
+                }),
+                ProbeKind::Runtime => Err(GuestError::Unsupported("runtime figures".into())),
+                ProbeKind::Resources => std::future::pending().await,
+            }
+        })
 }
 
 fn guest_info() -> GuestInfo {
-    GuestInfo {
-        instance_id: "instance-1".into(),
-        daemon_version: "test-0.1".into(),
-        services: vec!["resources".into()],
-    }
-}
-
-/// An attestation token for `key` (sample TEE), with `init_data` if given.
-async fn attest(kbs: &TestKbs, init_data: Option<&str>, key: &TeeKeyPair) -> String {
-    let mut b = KbsClientBuilder::new(kbs.url.clone(), Box::new(SampleAttester)).key(key.clone());
-    if let Some(ca) = &kbs.ca_file {
-        b = b.ca_file(ca.clone());
-    }
-    if let Some(init) = init_data {
-        b = b.init_data(init);
-    }
-    b.build().unwrap().attest().await.unwrap()
+    tests::guest_info("instance-1", "test-0.1", &["resources"])
 }
 
 /// Opens a tunnel with `token`, answering the challenge with `key`.
-async fn dial(kbs: &TestKbs, token: &str, key: &TeeKeyPair) -> Result<Guest, ConnectError> {
-    let key = key.clone();
-    let unseal = move |jwe: &[u8]| {
-        key.open_json(jwe)
-            .map(|plain| plain.to_vec())
-            .map_err(|e| e.to_string())
-    };
-    let (session, serve) =
-        tunnel::connect_and_serve(&kbs.tunnel_config(), token, guest_info(), unseal, TestGuest)
-            .await?;
-    Ok(Guest {
-        session,
-        served: tokio::spawn(serve),
-    })
+async fn dial(kbs: &TestKbs, token: &str, key: &TeeKeyPair) -> Result<TunnelGuest, ConnectError> {
+    TunnelGuest::dial(&kbs.tunnel_config(), token, guest_info(), key, test_guest()).await
 }
 
-/// A guest with a live tunnel.
-struct Guest {
-    session: TunnelSession,
-    served: tokio::task::JoinHandle<Closed>,
-}
-
-impl Guest {
-    /// Attests with `init_data` and a fresh key, and connects.
-    async fn connect(kbs: &TestKbs, init_data: Option<&str>) -> (Self, TeeKeyPair, String) {
-        let key = TeeKeyPair::new_ec();
-        let token = attest(kbs, init_data, &key).await;
-        let guest = dial(kbs, &token, &key).await.unwrap();
-        (guest, key, token)
-    }
-
-    /// How the tunnel ended (waits for it, bounded).
-    async fn closed(self) -> Closed {
-        tokio::time::timeout(WAIT, self.served)
-            .await
-            .expect("tunnel ends")
-            .unwrap()
-    }
-}
-
-/// Polls `check` every 20 ms until it holds, failing the test after [`WAIT`].
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn metric(kbs: &TestKbs, name: &str, labels: &[(&str, &str)]) -> f64 {
-    metric_value(&kbs.metrics().await, name, labels)
-}
-
-fn api_err(e: ClientError) -> (StatusCode, String, String) {
-    match e {
-        ClientError::Api {
-            status,
-            name,
-            detail,
-        } => (status, name, detail),
-        other => panic!("expected an API error, got {other}"),
-    }
-}
-
-async fn error_name(resp: reqwest::Response) -> (StatusCode, String) {
-    let status = resp.status();
-    let body: Value = resp.json().await.expect("error body is JSON");
-    let name = body["type"]
-        .as_str()
-        .and_then(|t| t.rsplit('/').next())
-        .unwrap_or_default()
-        .to_string();
-    assert!(
-        !body["detail"].as_str().unwrap_or("").is_empty(),
-        "detail names the problem: {body}"
-    );
-    (status, name)
+/// Attests with `init_data` and a fresh key, and connects.
+async fn connect(kbs: &TestKbs, init_data: Option<&str>) -> (TunnelGuest, TeeKeyPair, String) {
+    TunnelGuest::attest_and_dial(kbs, init_data, guest_info(), test_guest()).await
 }
 
 /// The same claims as `token`, signed by a key this KBS does not know.
@@ -230,14 +81,15 @@ async fn tokens_are_checked_before_the_upgrade() {
 
     // No token at all: a JSON 401, no upgrade.
     let resp = http.get(&url).send().await.unwrap();
+    let (status, name) = error_name(resp).await;
     assert_eq!(
-        error_name(resp).await,
-        (StatusCode::UNAUTHORIZED, "Unauthenticated".into())
+        (status, name.as_str()),
+        (StatusCode::UNAUTHORIZED, "Unauthenticated")
     );
 
     // The guest side sees the 401 as an HTTP error that calls for a fresh attestation.
     let key = TeeKeyPair::new_ec();
-    let token = attest(&kbs, Some(G1), &key).await;
+    let token = kbs.attest(&key, Some(G1)).await;
     let forged = forge(&token);
     let err = dial(&kbs, &forged, &key)
         .await
@@ -266,9 +118,10 @@ async fn tokens_are_checked_before_the_upgrade() {
         .send()
         .await
         .unwrap();
+    let (status, name) = error_name(resp).await;
     assert_eq!(
-        error_name(resp).await,
-        (StatusCode::BAD_REQUEST, "SubprotocolRequired".into())
+        (status, name.as_str()),
+        (StatusCode::BAD_REQUEST, "SubprotocolRequired")
     );
 
     assert!(kbs.state.hub.is_empty());
@@ -291,7 +144,7 @@ async fn tokens_are_checked_before_the_upgrade() {
 async fn a_guest_that_cannot_prove_its_tee_key_is_refused_with_4401() {
     let kbs = TestKbs::start().await;
     let key = TeeKeyPair::new_ec();
-    let token = attest(&kbs, Some(G1), &key).await;
+    let token = kbs.attest(&key, Some(G1)).await;
 
     // Holding the token but not its TEE key: the challenge does not open, the guest gives up
     // with 4401 itself.
@@ -310,7 +163,7 @@ async fn a_guest_that_cannot_prove_its_tee_key_is_refused_with_4401() {
         &token,
         guest_info(),
         |_: &[u8]| Ok(vec![7u8; 32]),
-        TestGuest,
+        test_guest(),
     )
     .await
     .err()
@@ -327,23 +180,19 @@ async fn a_guest_that_cannot_prove_its_tee_key_is_refused_with_4401() {
     let admin = kbs.admin();
     assert!(admin.list_guests().await.unwrap().is_empty());
     eventually("bad_proof counted", || async {
-        metric(
-            &kbs,
-            "kbs_tunnel_handshakes_total",
-            &[("outcome", "bad_proof")],
-        )
-        .await
+        kbs.metric("kbs_tunnel_handshakes_total", &[("outcome", "bad_proof")])
+            .await
             == 1.0
     })
     .await;
-    assert_eq!(metric(&kbs, "kbs_tunnels_connected", &[]).await, 0.0);
+    assert_eq!(kbs.metric("kbs_tunnels_connected", &[]).await, 0.0);
 }
 
 http_and_tls!(
     a_connected_guest_is_listed_pinged_and_probed,
     |kbs: TestKbs| async move {
         let admin = kbs.admin();
-        let (guest, _key, _token) = Guest::connect(&kbs, Some(G1)).await;
+        let (guest, _key, _token) = connect(&kbs, Some(G1)).await;
         assert_eq!(guest.session.guest_id(), "g1");
 
         // Listed with the identity and labels from its attested init-data.
@@ -362,19 +211,17 @@ http_and_tls!(
         assert_eq!(g.services, ["resources"]);
         assert_eq!(g.session_id, guest.session.session_id());
         assert!(!g.replica.is_empty());
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
+        let now_ms = tests::unix_ms();
         assert!(g.connected_since <= now_ms && g.connected_since + 60_000 > now_ms);
         assert!(g.last_seen >= g.connected_since);
         let kbs_ref = &kbs;
         eventually("gauge at 1", || async move {
-            metric(kbs_ref, "kbs_tunnels_connected", &[]).await == 1.0
+            kbs_ref.metric("kbs_tunnels_connected", &[]).await == 1.0
         })
         .await;
         assert_eq!(
-            metric(&kbs, "kbs_tunnel_handshakes_total", &[("outcome", "ok")]).await,
+            kbs.metric("kbs_tunnel_handshakes_total", &[("outcome", "ok")])
+                .await,
             1.0
         );
 
@@ -412,7 +259,7 @@ http_and_tls!(
         assert!(health.health.is_some() && health.resources.is_none());
 
         // Guest errors, unknown guests and bad bodies.
-        let (status, name, detail) = api_err(
+        let (status, name, detail) = api_err_detail(
             admin
                 .probe_guest("g1", ProbeKind::Runtime)
                 .await
@@ -423,12 +270,12 @@ http_and_tls!(
             (StatusCode::BAD_GATEWAY, "GuestError")
         );
         assert!(detail.contains("runtime figures"), "{detail}");
-        let (status, name, _) = api_err(admin.ping_guest("nobody").await.unwrap_err());
+        let (status, name, _) = api_err_detail(admin.ping_guest("nobody").await.unwrap_err());
         assert_eq!(
             (status, name.as_str()),
             (StatusCode::NOT_FOUND, "GuestNotConnected")
         );
-        let (status, name, _) = api_err(
+        let (status, name, _) = api_err_detail(
             admin
                 .send(
                     reqwest::Method::POST,
@@ -513,14 +360,15 @@ http_and_tls!(
         })
         .await;
         eventually("gauge at 0", || async move {
-            metric(kbs_ref, "kbs_tunnels_connected", &[]).await == 0.0
+            kbs_ref.metric("kbs_tunnels_connected", &[]).await == 0.0
         })
         .await;
         assert_eq!(
-            metric(&kbs, "kbs_tunnel_disconnects_total", &[("code", "1000")]).await,
+            kbs.metric("kbs_tunnel_disconnects_total", &[("code", "1000")])
+                .await,
             1.0
         );
-        let (status, name, _) = api_err(admin.ping_guest("g1").await.unwrap_err());
+        let (status, name, _) = api_err_detail(admin.ping_guest("g1").await.unwrap_err());
         assert_eq!(
             (status, name.as_str()),
             (StatusCode::NOT_FOUND, "GuestNotConnected")
@@ -535,8 +383,8 @@ async fn a_guest_that_does_not_answer_in_time_is_a_504() {
     })
     .await;
     let admin = kbs.admin();
-    let (guest, _key, _token) = Guest::connect(&kbs, Some(G1)).await;
-    let (status, name, _) = api_err(
+    let (guest, _key, _token) = connect(&kbs, Some(G1)).await;
+    let (status, name, _) = api_err_detail(
         admin
             .probe_guest("g1", ProbeKind::Resources)
             .await
@@ -547,8 +395,7 @@ async fn a_guest_that_does_not_answer_in_time_is_a_504() {
         (StatusCode::GATEWAY_TIMEOUT, "GuestTimeout")
     );
     assert_eq!(
-        metric(
-            &kbs,
+        kbs.metric(
             "kbs_rpc_calls_total",
             &[("method", "probe"), ("outcome", "deadline_exceeded")]
         )
@@ -563,7 +410,7 @@ async fn a_guest_that_does_not_answer_in_time_is_a_504() {
 #[tokio::test]
 async fn without_init_data_the_guest_id_comes_from_the_tee_key() {
     let kbs = TestKbs::start().await;
-    let (guest, _key, _token) = Guest::connect(&kbs, None).await;
+    let (guest, _key, _token) = connect(&kbs, None).await;
     let id = guest.session.guest_id().to_string();
     assert!(id.starts_with("tee-"), "{id}");
     let listed = kbs.admin().list_guests().await.unwrap();
@@ -577,9 +424,9 @@ async fn without_init_data_the_guest_id_comes_from_the_tee_key() {
 async fn a_second_tunnel_for_the_same_guest_supersedes_the_first() {
     let kbs = TestKbs::start().await;
     let admin = kbs.admin();
-    let (first, _, _) = Guest::connect(&kbs, Some(G1)).await;
+    let (first, _, _) = connect(&kbs, Some(G1)).await;
     // Another daemon (another TEE key) attested with the same init-data identity.
-    let (second, _, _) = Guest::connect(&kbs, Some(G1)).await;
+    let (second, _, _) = connect(&kbs, Some(G1)).await;
     assert_ne!(first.session.session_id(), second.session.session_id());
 
     let closed = first.closed().await;
@@ -590,11 +437,12 @@ async fn a_second_tunnel_for_the_same_guest_supersedes_the_first() {
     assert_eq!(listed[0].session_id, second.session.session_id());
     let kbs_ref = &kbs;
     eventually("gauge back at 1", || async move {
-        metric(kbs_ref, "kbs_tunnels_connected", &[]).await == 1.0
+        kbs_ref.metric("kbs_tunnels_connected", &[]).await == 1.0
     })
     .await;
     assert_eq!(
-        metric(&kbs, "kbs_tunnel_disconnects_total", &[("code", "4409")]).await,
+        kbs.metric("kbs_tunnel_disconnects_total", &[("code", "4409")])
+            .await,
         1.0
     );
     // Calls go to the new tunnel.
@@ -605,12 +453,12 @@ async fn a_second_tunnel_for_the_same_guest_supersedes_the_first() {
 #[tokio::test]
 async fn reauth_in_band_needs_the_same_tee_key_and_guest() {
     let kbs = TestKbs::start().await;
-    let (guest, key, token) = Guest::connect(&kbs, Some(G1)).await;
+    let (guest, key, token) = connect(&kbs, Some(G1)).await;
     let exp = guest.session.reauth_before();
     assert_eq!(Some(exp), guest_daemon::rcar::jwt_expiry(&token));
 
     // A fresh token for the same key and guest: accepted, the tunnel stays up.
-    let fresh = attest(&kbs, Some(G1), &key).await;
+    let fresh = kbs.attest(&key, Some(G1)).await;
     let new_exp = tokio::time::timeout(WAIT, guest.session.reauth(fresh))
         .await
         .unwrap()
@@ -620,7 +468,7 @@ async fn reauth_in_band_needs_the_same_tee_key_and_guest() {
     assert!(kbs.admin().ping_guest("g1").await.is_ok());
 
     // A valid token for the same guest id but another TEE key: closed with 4401.
-    let other = attest(&kbs, Some(G1), &TeeKeyPair::new_ec()).await;
+    let other = kbs.attest(&TeeKeyPair::new_ec(), Some(G1)).await;
     let err = tokio::time::timeout(WAIT, guest.session.reauth(other))
         .await
         .unwrap()
@@ -632,8 +480,10 @@ async fn reauth_in_band_needs_the_same_tee_key_and_guest() {
     assert_eq!(guest.closed().await.close.code, 4401);
 
     // The same key but another guest id (other init-data): closed with 4401 too.
-    let (guest, key, _) = Guest::connect(&kbs, Some(G1)).await;
-    let renamed = attest(&kbs, Some("[tether]\nguest_id = \"g2\"\n"), &key).await;
+    let (guest, key, _) = connect(&kbs, Some(G1)).await;
+    let renamed = kbs
+        .attest(&key, Some("[tether]\nguest_id = \"g2\"\n"))
+        .await;
     let err = tokio::time::timeout(WAIT, guest.session.reauth(renamed))
         .await
         .unwrap()
@@ -644,7 +494,10 @@ async fn reauth_in_band_needs_the_same_tee_key_and_guest() {
     );
     let kbs_ref = &kbs;
     eventually("two 4401 disconnects", || async move {
-        metric(kbs_ref, "kbs_tunnel_disconnects_total", &[("code", "4401")]).await == 2.0
+        kbs_ref
+            .metric("kbs_tunnel_disconnects_total", &[("code", "4401")])
+            .await
+            == 2.0
     })
     .await;
 }
@@ -653,8 +506,8 @@ http_and_tls!(
     kbs_shutdown_sends_goaway_then_4503,
     |kbs: TestKbs| async move {
         let hub = kbs.state.hub.clone();
-        let (a, _, _) = Guest::connect(&kbs, Some(G1)).await;
-        let (b, _, _) = Guest::connect(&kbs, None).await;
+        let (a, _, _) = connect(&kbs, Some(G1)).await;
+        let (b, _, _) = connect(&kbs, None).await;
         assert_eq!(hub.len(), 2);
 
         let started = std::time::Instant::now();

@@ -4,7 +4,6 @@
 //! an expired token, and many connect/disconnect cycles that must leave no tunnel, task or
 //! memory behind. Waits are on events or short bounded polls.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,17 +11,10 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use guest_daemon::evidence::SampleAttester;
-use guest_daemon::rcar::KbsClientBuilder;
 use guest_daemon::tee_key::TeeKeyPair;
-use rpc_defs::{
-    Applied, CredentialBundle, GuestError, GuestInfo, GuestService, Installed, ProbeKind,
-    ProbeReport, SealedResource,
-};
-use serde_bytes::ByteBuf;
+use rpc_defs::{GuestInfo, ProbeKind, ProbeReport};
 use serde_json::Value;
-use tarpc::context::Context;
-use tests::{TestKbs, metric_value};
+use tests::{StubGuest, TestKbs, WAIT, eventually, hub_until, metric_value, unseal_with};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -31,67 +23,22 @@ use tunnel::{Backoff, CallError, ConnectError, GuestTunnelConfig, ReconnectPolic
 
 const G1: &str = "[tether]\nguest_id = \"g1\"\n";
 
-/// How long any single wait may take before the test fails.
-const WAIT: Duration = Duration::from_secs(15);
-
-/// Echoes pings; a resources probe never answers (a call that stays in flight).
-#[derive(Clone)]
-struct SlowGuest;
-
-impl GuestService for SlowGuest {
-    async fn ping(self, _: Context, payload: ByteBuf) -> ByteBuf {
-        payload
-    }
-
-    async fn install_credentials(
-        self,
-        _: Context,
-        bundle: CredentialBundle,
-    ) -> Result<Installed, GuestError> {
-        Err(GuestError::Unsupported(bundle.id))
-    }
-
-    async fn apply_resource(
-        self,
-        _: Context,
-        resource: SealedResource,
-    ) -> Result<Applied, GuestError> {
-        Err(GuestError::Unsupported(resource.uri))
-    }
-
-    async fn probe(self, _: Context, kind: ProbeKind) -> Result<ProbeReport, GuestError> {
-        match kind {
-            ProbeKind::Resources => std::future::pending().await,
-            _ => Ok(ProbeReport::default()),
-        }
-    }
+/// Echoes pings and refuses pushes; a resources probe never answers (a call that stays in
+/// flight).
+fn slow_guest() -> StubGuest {
+    StubGuest::new()
+        .refusing_bundles()
+        .refusing_pushes()
+        .on_probe(|kind| async move {
+            match kind {
+                ProbeKind::Resources => std::future::pending().await,
+                _ => Ok(ProbeReport::default()),
+            }
+        })
 }
 
 fn guest_info() -> GuestInfo {
-    GuestInfo {
-        instance_id: "faults".into(),
-        daemon_version: "test".into(),
-        services: vec![],
-    }
-}
-
-async fn attest(kbs: &TestKbs, init_data: &str, key: &TeeKeyPair) -> String {
-    let mut b = KbsClientBuilder::new(kbs.url.clone(), Box::new(SampleAttester))
-        .key(key.clone())
-        .init_data(init_data);
-    if let Some(ca) = &kbs.ca_file {
-        b = b.ca_file(ca.clone());
-    }
-    b.build().unwrap().attest().await.unwrap()
-}
-
-fn unseal_with(key: &TeeKeyPair) -> impl FnOnce(&[u8]) -> Result<Vec<u8>, String> + use<> {
-    let key = key.clone();
-    move |jwe: &[u8]| {
-        key.open_json(jwe)
-            .map(|plain| plain.to_vec())
-            .map_err(|e| e.to_string())
-    }
+    tests::guest_info("faults", "test", &[])
 }
 
 /// A guest that holds its tunnel and reconnects after any failure with the daemon's backoff
@@ -116,7 +63,7 @@ impl LoopingGuest {
                         Ok(tunnel) => {
                             opens.fetch_add(1, Ordering::SeqCst);
                             let session = tunnel.session();
-                            let served = tunnel.serve(SlowGuest);
+                            let served = tunnel.serve(slow_guest());
                             tokio::pin!(served);
                             let closed = tokio::select! {
                                 closed = &mut served => closed,
@@ -146,29 +93,6 @@ impl LoopingGuest {
             .expect("guest stops")
             .unwrap();
     }
-}
-
-/// Polls `check` every 20 ms until it holds, failing the test after [`WAIT`].
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + WAIT;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn live_handle(kbs: &TestKbs, guest_id: &str) -> Arc<TunnelHandle> {
-    let mut found = None;
-    eventually("the guest's tunnel", || {
-        found = kbs.state.hub.get(guest_id);
-        std::future::ready(found.is_some())
-    })
-    .await;
-    found.unwrap()
 }
 
 /// Starts `n` resources probes (they never get an answer) with a long deadline.
@@ -205,9 +129,9 @@ async fn assert_failed_fast(calls: Vec<JoinHandle<Result<ProbeReport, CallError>
 async fn a_kbs_restart_fails_in_flight_calls_fast_and_the_guest_comes_back() {
     let kbs = TestKbs::start().await;
     let key = TeeKeyPair::new_ec();
-    let token = attest(&kbs, G1, &key).await;
+    let token = kbs.attest(&key, Some(G1)).await;
     let guest = LoopingGuest::spawn(kbs.tunnel_config(), token, key);
-    let handle = live_handle(&kbs, "g1").await;
+    let handle = kbs.tunnel("g1").await;
     let calls = stuck_calls(&handle, 3);
     eventually("calls in flight", || {
         std::future::ready(handle.in_flight() == 3)
@@ -224,7 +148,7 @@ async fn a_kbs_restart_fails_in_flight_calls_fast_and_the_guest_comes_back() {
     );
 
     // The guest is back on the restarted KBS with the same token, within seconds.
-    let back = live_handle(&kbs, "g1").await;
+    let back = kbs.tunnel("g1").await;
     assert!(restarted.elapsed() < Duration::from_secs(10));
     assert_ne!(back.session_id, handle.session_id);
     assert_eq!(back.ping(vec![7; 256], None).await.unwrap(), vec![7; 256]);
@@ -286,10 +210,10 @@ async fn a_cut_connection_fails_in_flight_calls_fast_and_the_guest_comes_back() 
     let kbs = TestKbs::start().await;
     let proxy = CutProxy::start(kbs.addr).await;
     let key = TeeKeyPair::new_ec();
-    let token = attest(&kbs, G1, &key).await;
+    let token = kbs.attest(&key, Some(G1)).await;
     let config = GuestTunnelConfig::new(format!("ws://{}/kbs/v0/tunnel", proxy.addr));
     let guest = LoopingGuest::spawn(config, token, key);
-    let handle = live_handle(&kbs, "g1").await;
+    let handle = kbs.tunnel("g1").await;
     let calls = stuck_calls(&handle, 3);
     eventually("calls in flight", || {
         std::future::ready(handle.in_flight() == 3)
@@ -299,17 +223,11 @@ async fn a_cut_connection_fails_in_flight_calls_fast_and_the_guest_comes_back() 
     let cut = Instant::now();
     proxy.cut();
     assert_failed_fast(calls).await;
-    eventually("the guest's new tunnel", || {
-        std::future::ready(
-            kbs.state
-                .hub
-                .get("g1")
-                .is_some_and(|h| h.session_id != handle.session_id),
-        )
+    let back = tests::tunnel_of(&kbs.state.hub, WAIT, "g1", |h| {
+        h.session_id != handle.session_id
     })
     .await;
     assert!(cut.elapsed() < Duration::from_secs(10));
-    let back = kbs.state.hub.get("g1").unwrap();
     assert_eq!(back.ping(vec![1], None).await.unwrap(), vec![1]);
     // The vanished tunnel is counted as such (no close frame: 1006).
     let m = kbs.metrics().await;
@@ -326,10 +244,7 @@ fn expired(kbs: &TestKbs, token: &str) -> String {
     let payload = token.split('.').nth(1).unwrap();
     let mut claims: serde_json::Map<String, Value> =
         serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = tests::unix_secs();
     claims.insert("iat".into(), Value::from(now - 900));
     claims.insert("exp".into(), Value::from(now - 600));
     let pem = std::fs::read(kbs.data_dir.join("token.key")).unwrap();
@@ -346,7 +261,7 @@ fn expired(kbs: &TestKbs, token: &str) -> String {
 async fn an_expired_token_is_refused_before_the_upgrade() {
     let kbs = TestKbs::start().await;
     let key = TeeKeyPair::new_ec();
-    let token = attest(&kbs, G1, &key).await;
+    let token = kbs.attest(&key, Some(G1)).await;
     let stale = expired(&kbs, &token);
     let Err(err) = tunnel::connect(
         &kbs.tunnel_config(),
@@ -370,7 +285,7 @@ async fn an_expired_token_is_refused_before_the_upgrade() {
     .await
     .unwrap();
     let session = tunnel.session();
-    let served = tokio::spawn(tunnel.serve(SlowGuest));
+    let served = tokio::spawn(tunnel.serve(slow_guest()));
     session.close();
     served.await.unwrap();
     assert_eq!(
@@ -400,14 +315,14 @@ async fn cycle(kbs: &TestKbs, token: &str, key: &TeeKeyPair) {
         .await
         .unwrap();
     let session = tunnel.session();
-    let served = tokio::spawn(tunnel.serve(SlowGuest));
-    let handle = live_handle(kbs, "g1").await;
+    let served = tokio::spawn(tunnel.serve(slow_guest()));
+    let handle = kbs.tunnel("g1").await;
     assert_eq!(handle.ping(vec![3; 64], None).await.unwrap(), vec![3; 64]);
     session.close();
     served.await.unwrap();
     handle.closed().await;
-    eventually("the hub forgets the tunnel", || {
-        std::future::ready(kbs.state.hub.is_empty())
+    hub_until(&kbs.state.hub, WAIT, "the hub forgets the tunnel", |hub| {
+        hub.is_empty()
     })
     .await;
 }
@@ -416,7 +331,7 @@ async fn cycle(kbs: &TestKbs, token: &str, key: &TeeKeyPair) {
 async fn connect_disconnect_cycles_leak_no_tunnel_task_or_memory() {
     let kbs = TestKbs::start().await;
     let key = TeeKeyPair::new_ec();
-    let token = attest(&kbs, G1, &key).await;
+    let token = kbs.attest(&key, Some(G1)).await;
     let metrics = tokio::runtime::Handle::current().metrics();
     // Warm up lazily initialised state, pools and allocator arenas.
     for _ in 0..30 {

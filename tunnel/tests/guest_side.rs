@@ -4,7 +4,7 @@ mod support;
 
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use rpc_defs::{Frame, PROTOCOL_VERSION, SUBPROTOCOL};
 use support::*;
 use tokio::net::{TcpListener, TcpStream};
@@ -37,27 +37,6 @@ async fn accept(listener: &TcpListener, select: bool) -> ServerWs {
     .expect("upgrade")
 }
 
-async fn next_frame(ws: &mut ServerWs) -> Frame {
-    loop {
-        match ws.next().await.expect("ended").expect("read") {
-            Message::Binary(b) => return tunnel::frame::decode(&b, usize::MAX).expect("frame"),
-            Message::Ping(_) | Message::Pong(_) => {}
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-}
-
-async fn close_code(ws: &mut ServerWs) -> Option<u16> {
-    while let Some(msg) = ws.next().await {
-        match msg {
-            Ok(Message::Close(f)) => return f.map(|f| u16::from(f.code)),
-            Ok(_) => {}
-            Err(_) => return None,
-        }
-    }
-    None
-}
-
 /// Plays the server's side of the handshake with the fake crypto.
 async fn welcome(ws: &mut ServerWs, heartbeat_s: u32) {
     let nonce = [9_u8; 32];
@@ -69,7 +48,7 @@ async fn welcome(ws: &mut ServerWs, heartbeat_s: u32) {
     }))
     .await
     .expect("hello");
-    let Frame::Proof { nonce: got, .. } = next_frame(ws).await else {
+    let Frame::Proof { nonce: got, .. } = read_frame(ws).await else {
         panic!("expected proof");
     };
     assert_eq!(got, nonce);
@@ -103,7 +82,7 @@ async fn guest_gives_up_on_a_silent_server_with_4408() {
             let mut ws = accept(&listener, true).await;
             welcome(&mut ws, 1).await;
             // Never ping; just wait for the guest's close.
-            close_code(&mut ws).await
+            read_close_code(&mut ws).await
         });
         let tunnel = connect(&config, "t", info("g"), unseal)
             .await
@@ -137,7 +116,7 @@ async fn guest_closes_4400_on_an_unexpected_frame() {
             }))
             .await
             .expect("send");
-            close_code(&mut ws).await
+            read_close_code(&mut ws).await
         });
         let tunnel = connect(&config, "t", info("g"), unseal)
             .await
@@ -163,7 +142,7 @@ async fn guest_refuses_another_protocol_version() {
             }))
             .await
             .expect("hello");
-            close_code(&mut ws).await
+            read_close_code(&mut ws).await
         });
         let err = connect(&config, "t", info("g"), unseal)
             .await
@@ -184,7 +163,7 @@ async fn guest_requires_the_subprotocol() {
         let (listener, config) = listener().await;
         let server = tokio::spawn(async move {
             let mut ws = accept(&listener, false).await;
-            close_code(&mut ws).await
+            read_close_code(&mut ws).await
         });
         let err = connect(&config, "t", info("g"), unseal)
             .await
@@ -206,7 +185,7 @@ async fn handshake_times_out_when_the_server_says_nothing() {
         config.handshake_timeout = Duration::from_millis(200);
         let server = tokio::spawn(async move {
             let mut ws = accept(&listener, true).await;
-            close_code(&mut ws).await
+            read_close_code(&mut ws).await
         });
         let err = connect(&config, "t", info("g"), unseal)
             .await

@@ -26,13 +26,13 @@ async fn idle_memory_per_tunnel() {
     // Warm up allocator arenas and lazily initialised statics.
     let mut sessions = Vec::new();
     for i in 0..50 {
-        sessions.push(start(&kbs, i).await);
+        sessions.push(kbs.guest(&format!("g{i}"), TestService::default()).await);
     }
     kbs.wait_for_tunnels(50).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = rss_bytes();
     for i in 50..N + 50 {
-        sessions.push(start(&kbs, i).await);
+        sessions.push(kbs.guest(&format!("g{i}"), TestService::default()).await);
     }
     kbs.wait_for_tunnels(N + 50).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -83,24 +83,4 @@ fn small() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
     tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
         .read_buffer_size(4096)
         .write_buffer_size(8192)
-}
-
-async fn start(
-    kbs: &TestKbs,
-    i: usize,
-) -> (
-    tunnel::TunnelSession,
-    tokio::task::JoinHandle<tunnel::Closed>,
-) {
-    let id = format!("g{i}");
-    let (session, serving) = tunnel::connect_and_serve(
-        &kbs.guest_config(),
-        &format!("good:{id}"),
-        info(&id),
-        unseal,
-        TestService::default(),
-    )
-    .await
-    .expect("connect");
-    (session, tokio::spawn(serving))
 }

@@ -10,60 +10,21 @@ use futures::SinkExt;
 use rpc_defs::{CloseCode, Frame, GuestError, ProbeKind, SealedResource};
 use support::*;
 use tokio_tungstenite::tungstenite::Message;
-use tunnel::{CallError, ConnectError, TunnelLimits, connect, connect_and_serve};
-
-/// Starts a guest serving `service` on `kbs` as `guest_id`; returns its session and the
-/// task serving it.
-async fn start_guest(
-    kbs: &TestKbs,
-    guest_id: &str,
-    service: TestService,
-) -> (
-    tunnel::TunnelSession,
-    tokio::task::JoinHandle<tunnel::Closed>,
-) {
-    start_guest_with(kbs, kbs.guest_config(), guest_id, service).await
-}
-
-async fn start_guest_with(
-    kbs: &TestKbs,
-    config: tunnel::GuestTunnelConfig,
-    guest_id: &str,
-    service: TestService,
-) -> (
-    tunnel::TunnelSession,
-    tokio::task::JoinHandle<tunnel::Closed>,
-) {
-    let _ = kbs;
-    let (session, serving) = connect_and_serve(
-        &config,
-        &format!("good:{guest_id}"),
-        info(guest_id),
-        unseal,
-        service,
-    )
-    .await
-    .expect("connect");
-    (session, tokio::spawn(serving))
-}
+use tunnel::{CallError, ConnectError, TunnelLimits, connect};
 
 #[tokio::test]
 async fn ping_probe_and_push_round_trip_then_hub_empties() {
     within(async {
         let kbs = TestKbs::start(KbsOptions::default()).await;
-        let (session, serving) = start_guest(&kbs, "g1", TestService::default()).await;
-        kbs.wait_for_tunnels(1).await;
-        let handle = kbs.hub.get("g1").expect("registered");
+        let (session, serving) = kbs.guest("g1", TestService::default()).await;
+        let handle = kbs.registered("g1").await;
         assert_eq!(handle.guest_id, "g1");
         assert_eq!(handle.session_id, session.session_id());
         assert_eq!(handle.instance_id, "g1");
         assert_eq!(handle.labels.get("app").map(String::as_str), Some("test"));
         assert_eq!(session.guest_id(), "g1");
 
-        assert_eq!(
-            handle.ping(b"hello".to_vec(), None).await.expect("ping"),
-            b"hello"
-        );
+        assert_echoes(&handle, b"hello").await;
         let report = handle.probe(ProbeKind::Health, None).await.expect("probe");
         assert!(report.health.expect("health").healthy);
         let applied = handle
@@ -122,9 +83,8 @@ async fn deadline_fires_on_a_silent_guest_and_the_tunnel_stays_usable() {
     within(async {
         let kbs = TestKbs::start(KbsOptions::default()).await;
         let service = TestService::default();
-        let (_session, _serving) = start_guest(&kbs, "g1", service.clone()).await;
-        kbs.wait_for_tunnels(1).await;
-        let handle = kbs.hub.get("g1").expect("registered");
+        let (_session, _serving) = kbs.guest("g1", service.clone()).await;
+        let handle = kbs.registered("g1").await;
 
         let started = tokio::time::Instant::now();
         let err = handle
@@ -136,10 +96,7 @@ async fn deadline_fires_on_a_silent_guest_and_the_tunnel_stays_usable() {
         // The guest aborts the handler at the same deadline.
         wait_until(|| service.active.load(Ordering::SeqCst) == 0).await;
 
-        assert_eq!(
-            handle.ping(b"again".to_vec(), None).await.expect("ping"),
-            b"again"
-        );
+        assert_echoes(&handle, b"again").await;
         assert!(
             kbs.observer
                 .rpc_outcomes()
@@ -155,9 +112,8 @@ async fn dropping_a_call_cancels_it_on_the_guest() {
     within(async {
         let kbs = TestKbs::start(KbsOptions::default()).await;
         let service = TestService::default();
-        let (_session, _serving) = start_guest(&kbs, "g1", service.clone()).await;
-        kbs.wait_for_tunnels(1).await;
-        let handle = kbs.hub.get("g1").expect("registered");
+        let (_session, _serving) = kbs.guest("g1", service.clone()).await;
+        let handle = kbs.registered("g1").await;
 
         let h = handle.clone();
         let call = tokio::spawn(async move { h.ping(b"hang".to_vec(), None).await });
@@ -166,10 +122,7 @@ async fn dropping_a_call_cancels_it_on_the_guest() {
         let _ = call.await;
         wait_until(|| service.active.load(Ordering::SeqCst) == 0).await;
         assert!(kbs.observer.rpc_outcomes().contains(&("ping", "cancelled")));
-        assert_eq!(
-            handle.ping(b"ok".to_vec(), None).await.expect("ping"),
-            b"ok"
-        );
+        assert_echoes(&handle, b"ok").await;
     })
     .await;
 }
@@ -177,18 +130,14 @@ async fn dropping_a_call_cancels_it_on_the_guest() {
 #[tokio::test]
 async fn kbs_refuses_calls_beyond_the_in_flight_limit() {
     within(async {
-        let kbs = TestKbs::start(KbsOptions {
-            limits: TunnelLimits {
-                max_in_flight: 2,
-                ..TunnelLimits::default()
-            },
-            ..KbsOptions::default()
+        let kbs = TestKbs::with_limits(TunnelLimits {
+            max_in_flight: 2,
+            ..TunnelLimits::default()
         })
         .await;
         let service = TestService::default();
-        let (_session, _serving) = start_guest(&kbs, "g1", service.clone()).await;
-        kbs.wait_for_tunnels(1).await;
-        let handle = kbs.hub.get("g1").expect("registered");
+        let (_session, _serving) = kbs.guest("g1", service.clone()).await;
+        let handle = kbs.registered("g1").await;
 
         let mut calls = Vec::new();
         for _ in 0..2 {
@@ -208,10 +157,7 @@ async fn kbs_refuses_calls_beyond_the_in_flight_limit() {
             call.abort();
         }
         wait_until(|| handle.in_flight() == 0).await;
-        assert_eq!(
-            handle.ping(b"ok".to_vec(), None).await.expect("ping"),
-            b"ok"
-        );
+        assert_echoes(&handle, b"ok").await;
     })
     .await;
 }
@@ -223,9 +169,8 @@ async fn guest_throttles_requests_beyond_its_own_limit() {
         let mut config = kbs.guest_config();
         config.max_concurrent_requests = 1;
         let service = TestService::default();
-        let (_session, _serving) = start_guest_with(&kbs, config, "g1", service.clone()).await;
-        kbs.wait_for_tunnels(1).await;
-        let handle = kbs.hub.get("g1").expect("registered");
+        let (_session, _serving) = kbs.guest_with(config, "g1", service.clone()).await;
+        let handle = kbs.registered("g1").await;
 
         let h = handle.clone();
         let first = tokio::spawn(async move { h.ping(b"slow".to_vec(), None).await });
@@ -236,10 +181,7 @@ async fn guest_throttles_requests_beyond_its_own_limit() {
         );
         assert_eq!(first.await.expect("join").expect("first"), b"slow");
         // The tunnel survives throttling.
-        assert_eq!(
-            handle.ping(b"ok".to_vec(), None).await.expect("ping"),
-            b"ok"
-        );
+        assert_echoes(&handle, b"ok").await;
     })
     .await;
 }
@@ -247,26 +189,19 @@ async fn guest_throttles_requests_beyond_its_own_limit() {
 #[tokio::test]
 async fn oversize_argument_fails_only_its_call() {
     within(async {
-        let kbs = TestKbs::start(KbsOptions {
-            limits: TunnelLimits {
-                max_frame: 64 * 1024,
-                ..TunnelLimits::default()
-            },
-            ..KbsOptions::default()
+        let kbs = TestKbs::with_limits(TunnelLimits {
+            max_frame: 64 * 1024,
+            ..TunnelLimits::default()
         })
         .await;
-        let (_session, _serving) = start_guest(&kbs, "g1", TestService::default()).await;
-        kbs.wait_for_tunnels(1).await;
-        let handle = kbs.hub.get("g1").expect("registered");
+        let (_session, _serving) = kbs.guest("g1", TestService::default()).await;
+        let handle = kbs.registered("g1").await;
         let err = handle
             .ping(vec![0; 100 * 1024], None)
             .await
             .expect_err("oversize sent");
         assert!(matches!(err, CallError::Transport(_)), "{err:?}");
-        assert_eq!(
-            handle.ping(b"ok".to_vec(), None).await.expect("ping"),
-            b"ok"
-        );
+        assert_echoes(&handle, b"ok").await;
     })
     .await;
 }
@@ -274,13 +209,10 @@ async fn oversize_argument_fails_only_its_call() {
 #[tokio::test]
 async fn guests_send_smaller_frames_than_the_kbs() {
     within(async {
-        let kbs = TestKbs::start(KbsOptions {
-            limits: TunnelLimits {
-                max_frame: 256 * 1024,
-                max_guest_frame: 16 * 1024,
-                ..TunnelLimits::default()
-            },
-            ..KbsOptions::default()
+        let kbs = TestKbs::with_limits(TunnelLimits {
+            max_frame: 256 * 1024,
+            max_guest_frame: 16 * 1024,
+            ..TunnelLimits::default()
         })
         .await;
         // The Hello announces the guest's limit, not the KBS's.
@@ -296,7 +228,7 @@ async fn guests_send_smaller_frames_than_the_kbs() {
         assert_eq!(code, Some(4413));
         kbs.wait_for_tunnels(0).await;
 
-        let (session, _serving) = start_guest(&kbs, "g1", TestService::default()).await;
+        let (session, _serving) = kbs.guest("g1", TestService::default()).await;
         kbs.wait_for_tunnels(1).await;
         // A token over the guest's limit is refused locally rather than sent into a 4413.
         let err = session
@@ -336,10 +268,7 @@ async fn guests_send_smaller_frames_than_the_kbs() {
 
 /// Connects a raw client, completes the handshake, sends `bad`, returns the close code.
 async fn close_code_after(kbs: &TestKbs, bad: Message) -> Option<u16> {
-    let mut ws = raw_connect(&kbs.url(), "good:raw").await;
-    let welcome = raw_handshake(&mut ws, true).await;
-    assert!(matches!(welcome, Frame::Welcome { .. }), "{welcome:?}");
-    kbs.wait_for_tunnels(1).await;
+    let mut ws = kbs.raw_tunnel().await;
     ws.send(bad).await.expect("send");
     read_close_code(&mut ws).await
 }
@@ -347,12 +276,9 @@ async fn close_code_after(kbs: &TestKbs, bad: Message) -> Option<u16> {
 #[tokio::test]
 async fn protocol_violations_get_their_close_codes() {
     within(async {
-        let kbs = TestKbs::start(KbsOptions {
-            limits: TunnelLimits {
-                max_frame: 64 * 1024,
-                ..TunnelLimits::default()
-            },
-            ..KbsOptions::default()
+        let kbs = TestKbs::with_limits(TunnelLimits {
+            max_frame: 64 * 1024,
+            ..TunnelLimits::default()
         })
         .await;
         let cases = [
@@ -409,12 +335,9 @@ async fn protocol_violations_get_their_close_codes() {
 #[tokio::test]
 async fn oversize_and_garbage_during_the_handshake() {
     within(async {
-        let kbs = TestKbs::start(KbsOptions {
-            limits: TunnelLimits {
-                max_frame: 64 * 1024,
-                ..TunnelLimits::default()
-            },
-            ..KbsOptions::default()
+        let kbs = TestKbs::with_limits(TunnelLimits {
+            max_frame: 64 * 1024,
+            ..TunnelLimits::default()
         })
         .await;
         let mut ws = raw_connect(&kbs.url(), "good:raw").await;
@@ -527,11 +450,11 @@ async fn a_replayed_proof_is_rejected_with_4401() {
 async fn a_second_tunnel_supersedes_the_first_with_4409() {
     within(async {
         let kbs = TestKbs::start(KbsOptions::default()).await;
-        let (first, first_serving) = start_guest(&kbs, "g1", TestService::default()).await;
+        let (first, first_serving) = kbs.guest("g1", TestService::default()).await;
         kbs.wait_for_tunnels(1).await;
         let old_epoch = kbs.hub.get("g1").expect("first").epoch;
 
-        let (_second, _second_serving) = start_guest(&kbs, "g1", TestService::default()).await;
+        let (_second, _second_serving) = kbs.guest("g1", TestService::default()).await;
         let closed = first_serving.await.expect("first serve task");
         assert_eq!(closed.close.code, CloseCode::Superseded.code());
         assert!(closed.close.by_peer);
@@ -542,10 +465,7 @@ async fn a_second_tunnel_supersedes_the_first_with_4409() {
         let live = kbs.hub.get("g1").expect("second still registered");
         assert!(live.epoch > old_epoch);
         assert_eq!(kbs.hub.len(), 1);
-        assert_eq!(
-            live.ping(b"new".to_vec(), None).await.expect("ping"),
-            b"new"
-        );
+        assert_echoes(&live, b"new").await;
     })
     .await;
 }
@@ -553,16 +473,13 @@ async fn a_second_tunnel_supersedes_the_first_with_4409() {
 #[tokio::test]
 async fn draining_sends_goaway_then_4503() {
     within(async {
-        let kbs = TestKbs::start(KbsOptions {
-            limits: TunnelLimits {
-                drain_reconnect_after: Duration::from_millis(250),
-                ..TunnelLimits::default()
-            },
-            ..KbsOptions::default()
+        let kbs = TestKbs::with_limits(TunnelLimits {
+            drain_reconnect_after: Duration::from_millis(250),
+            ..TunnelLimits::default()
         })
         .await;
-        let (_a, serving_a) = start_guest(&kbs, "a", TestService::default()).await;
-        let (_b, serving_b) = start_guest(&kbs, "b", TestService::default()).await;
+        let (_a, serving_a) = kbs.guest("a", TestService::default()).await;
+        let (_b, serving_b) = kbs.guest("b", TestService::default()).await;
         kbs.wait_for_tunnels(2).await;
         kbs.drain.cancel();
         for serving in [serving_a, serving_b] {
@@ -589,7 +506,7 @@ async fn token_deadline_without_reauth_closes_4401() {
         })
         .await;
         let started = tokio::time::Instant::now();
-        let (session, serving) = start_guest(&kbs, "g1", TestService::default()).await;
+        let (session, serving) = kbs.guest("g1", TestService::default()).await;
         let closed = serving.await.expect("serve task");
         assert_eq!(closed.close.code, CloseCode::Auth.code(), "{closed:?}");
         assert!(closed.needs_reattest());
@@ -610,7 +527,7 @@ async fn reauth_in_band_extends_the_deadline() {
             ..KbsOptions::default()
         })
         .await;
-        let (session, mut serving) = start_guest(&kbs, "g1", TestService::default()).await;
+        let (session, mut serving) = kbs.guest("g1", TestService::default()).await;
         kbs.wait_for_tunnels(1).await;
         let before = session.reauth_before();
         let new_deadline = session
@@ -626,10 +543,7 @@ async fn reauth_in_band_extends_the_deadline() {
             closed = &mut serving => panic!("tunnel closed: {closed:?}"),
         }
         let handle = kbs.hub.get("g1").expect("still registered");
-        assert_eq!(
-            handle.ping(b"ok".to_vec(), None).await.expect("ping"),
-            b"ok"
-        );
+        assert_echoes(&handle, b"ok").await;
     })
     .await;
 }
@@ -638,7 +552,7 @@ async fn reauth_in_band_extends_the_deadline() {
 async fn refused_reauth_closes_4401() {
     within(async {
         let kbs = TestKbs::start(KbsOptions::default()).await;
-        let (session, serving) = start_guest(&kbs, "g1", TestService::default()).await;
+        let (session, serving) = kbs.guest("g1", TestService::default()).await;
         kbs.wait_for_tunnels(1).await;
         let err = session
             .reauth("stolen".into())
@@ -657,20 +571,12 @@ async fn refused_reauth_closes_4401() {
 #[tokio::test]
 async fn silent_guest_is_dropped_with_4408() {
     within(async {
-        let kbs = TestKbs::start(KbsOptions {
-            limits: TunnelLimits {
-                heartbeat: Duration::from_millis(100),
-                ..TunnelLimits::default()
-            },
-            ..KbsOptions::default()
+        let kbs = TestKbs::with_limits(TunnelLimits {
+            heartbeat: Duration::from_millis(100),
+            ..TunnelLimits::default()
         })
         .await;
-        let mut ws = raw_connect(&kbs.url(), "good:raw").await;
-        assert!(matches!(
-            raw_handshake(&mut ws, true).await,
-            Frame::Welcome { .. }
-        ));
-        kbs.wait_for_tunnels(1).await;
+        let ws = kbs.raw_tunnel().await;
         // Never read again: no pongs go back.
         wait_until(|| kbs.observer.disconnect_codes() == [4408]).await;
         kbs.wait_for_tunnels(0).await;
@@ -682,22 +588,14 @@ async fn silent_guest_is_dropped_with_4408() {
 #[tokio::test]
 async fn guest_that_stops_reading_is_dropped() {
     within(async {
-        let kbs = TestKbs::start(KbsOptions {
-            limits: TunnelLimits {
-                write_stall_timeout: Duration::from_millis(300),
-                max_frame: 1 << 20,
-                ..TunnelLimits::default()
-            },
-            ..KbsOptions::default()
+        let kbs = TestKbs::with_limits(TunnelLimits {
+            write_stall_timeout: Duration::from_millis(300),
+            max_frame: 1 << 20,
+            ..TunnelLimits::default()
         })
         .await;
-        let mut ws = raw_connect(&kbs.url(), "good:raw").await;
-        assert!(matches!(
-            raw_handshake(&mut ws, true).await,
-            Frame::Welcome { .. }
-        ));
-        kbs.wait_for_tunnels(1).await;
-        let handle = kbs.hub.get("raw").expect("registered");
+        let ws = kbs.raw_tunnel().await;
+        let handle = kbs.registered("raw").await;
         // Push calls at a guest that never reads until the socket buffers fill.
         let mut calls = Vec::new();
         for _ in 0..64 {

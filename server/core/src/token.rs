@@ -515,10 +515,7 @@ mod tests {
         assert!(matches!(signer.verify(&token), Err(TokenError::Expired)));
 
         // Within the 5 s leeway still verifies.
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
+        let now = unix_now();
         let mut claims = sample_claims();
         claims.insert("iat".into(), json!(now - 60));
         claims.insert("exp".into(), json!(now - 2));

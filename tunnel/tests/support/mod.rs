@@ -22,7 +22,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::any,
 };
-use futures::{SinkExt, StreamExt, future::BoxFuture};
+use futures::{SinkExt, Stream, StreamExt, future::BoxFuture};
 use rpc_defs::{
     Applied, CredentialBundle, Frame, GuestError, GuestInfo, GuestService, Installed, ProbeKind,
     ProbeReport, SUBPROTOCOL, SealedResource,
@@ -30,14 +30,15 @@ use rpc_defs::{
 use serde_bytes::ByteBuf;
 use tarpc::context::Context;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
 use tokio_tungstenite::{
     MaybeTlsStream, WebSocketStream,
     tungstenite::{Message, client::IntoClientRequest, http::HeaderValue},
 };
 use tokio_util::sync::CancellationToken;
 use tunnel::{
-    AcceptParams, GuestTunnelConfig, Hub, ReauthFn, TunnelLimits, TunnelObserver,
-    configure_upgrade, serve_guest_tunnel,
+    AcceptParams, Closed, GuestTunnelConfig, Hub, ReauthFn, TunnelHandle, TunnelLimits,
+    TunnelObserver, TunnelSession, configure_upgrade, serve_guest_tunnel,
 };
 
 pub const XOR: u8 = 0x5a;
@@ -179,6 +180,15 @@ impl TestKbs {
         }
     }
 
+    /// A KBS with `limits` and the default reauth deadlines.
+    pub async fn with_limits(limits: TunnelLimits) -> Self {
+        Self::start(KbsOptions {
+            limits,
+            ..KbsOptions::default()
+        })
+        .await
+    }
+
     pub fn url(&self) -> String {
         format!("ws://{}/kbs/v0/tunnel", self.addr)
     }
@@ -190,6 +200,51 @@ impl TestKbs {
     /// Waits until the hub holds `n` tunnels.
     pub async fn wait_for_tunnels(&self, n: usize) {
         wait_until(|| self.hub.len() == n).await;
+    }
+
+    /// The hub's handle on the tunnel of `guest_id`, once it is registered.
+    pub async fn registered(&self, guest_id: &str) -> Arc<TunnelHandle> {
+        wait_until(|| self.hub.get(guest_id).is_some()).await;
+        self.hub.get(guest_id).expect("registered")
+    }
+
+    /// Connects a guest `guest_id` serving `service`; returns its session and the task
+    /// serving it.
+    pub async fn guest(
+        &self,
+        guest_id: &str,
+        service: TestService,
+    ) -> (TunnelSession, JoinHandle<Closed>) {
+        self.guest_with(self.guest_config(), guest_id, service)
+            .await
+    }
+
+    /// [`guest`](Self::guest) with the guest's own tunnel configuration.
+    pub async fn guest_with(
+        &self,
+        config: GuestTunnelConfig,
+        guest_id: &str,
+        service: TestService,
+    ) -> (TunnelSession, JoinHandle<Closed>) {
+        let (session, serving) = tunnel::connect_and_serve(
+            &config,
+            &format!("good:{guest_id}"),
+            info(guest_id),
+            unseal,
+            service,
+        )
+        .await
+        .expect("connect");
+        (session, tokio::spawn(serving))
+    }
+
+    /// A raw client (guest id `raw`) past the handshake, its tunnel registered.
+    pub async fn raw_tunnel(&self) -> RawWs {
+        let mut ws = raw_connect(&self.url(), "good:raw").await;
+        let welcome = raw_handshake(&mut ws, true).await;
+        assert!(matches!(welcome, Frame::Welcome { .. }), "{welcome:?}");
+        self.registered("raw").await;
+        ws
     }
 }
 
@@ -321,6 +376,12 @@ impl GuestService for TestService {
     }
 }
 
+/// Asserts that a ping with `payload` through `handle` comes back unchanged.
+pub async fn assert_echoes(handle: &TunnelHandle, payload: &[u8]) {
+    let echoed = handle.ping(payload.to_vec(), None).await.expect("ping");
+    assert_eq!(echoed, payload);
+}
+
 /// Polls `cond` every 10 ms for up to 10 s.
 pub async fn wait_until(mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -372,8 +433,11 @@ pub fn encode(frame: &Frame) -> Message {
     Message::Binary(tunnel::frame::encode(frame).expect("encode").into())
 }
 
-/// Reads the next tunnel frame, skipping pings and pongs.
-pub async fn read_frame(ws: &mut RawWs) -> Frame {
+/// Reads the next tunnel frame from either end of a WebSocket, skipping pings and pongs.
+pub async fn read_frame<S>(ws: &mut S) -> Frame
+where
+    S: Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
     loop {
         match ws.next().await.expect("stream ended").expect("read") {
             Message::Binary(b) => return tunnel::frame::decode(&b, usize::MAX).expect("frame"),
@@ -402,9 +466,12 @@ pub async fn raw_handshake(ws: &mut RawWs, good_proof: bool) -> Frame {
     read_frame(ws).await
 }
 
-/// Reads until the server's close frame and returns its code (None if the stream ended
+/// Reads until the peer's close frame and returns its code (None if the stream ended
 /// without one).
-pub async fn read_close_code(ws: &mut RawWs) -> Option<u16> {
+pub async fn read_close_code<S>(ws: &mut S) -> Option<u16>
+where
+    S: Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
     while let Some(msg) = ws.next().await {
         match msg {
             Ok(Message::Close(frame)) => return frame.map(|f| u16::from(f.code)),
