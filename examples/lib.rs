@@ -1,6 +1,9 @@
 //! Shared pieces of the example programs and load tools: run a `kbs` process, measure it, and
 //! connect simulated guests to it (the guests themselves come from the test kit, `tests`).
 
+#[path = "hello_plugin.rs"]
+pub mod hello_plugin;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

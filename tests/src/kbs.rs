@@ -10,6 +10,7 @@ use guest_daemon::rcar::KbsClient;
 use guest_daemon::run::RunConfig;
 use guest_daemon::tee_key::TeeKeyPair;
 use kbs_core::admin_key::AdminKeyPair;
+use kbs_web::plugin::PluginSpec;
 use server::admin_client::AdminClient;
 use server::app::{Kbs, KbsHandles};
 use server::config::{Config, TlsConfig};
@@ -34,9 +35,13 @@ pub struct TestKbs {
     /// Handler state (for assertions on internals such as metrics).
     pub state: KbsHandles,
     config: Config,
+    plugins: Option<PluginFactory>,
     task: JoinHandle<std::io::Result<()>>,
     _dir: Option<tempfile::TempDir>,
 }
+
+/// Plugins of a test's own, built anew at each (re)start.
+pub type PluginFactory = Arc<dyn Fn() -> Vec<PluginSpec> + Send + Sync>;
 
 /// Log to the test output once (RUST_LOG controls the level).
 pub fn init_logging() {
@@ -74,12 +79,33 @@ impl TestKbs {
             });
         }
         tweak(&mut config);
-        Self::launch(config, Some(dir)).await
+        Self::launch(config, None, Some(dir)).await
     }
 
-    async fn launch(config: Config, dir: Option<tempfile::TempDir>) -> Self {
+    /// Plain HTTP with plugins of the test's own after the built-in ones, and a config tweak.
+    pub async fn start_with_plugins(
+        plugins: PluginFactory,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
+        init_logging();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::default();
+        config.storage.data_dir = dir.path().join("data");
+        config.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        tweak(&mut config);
+        Self::launch(config, Some(plugins), Some(dir)).await
+    }
+
+    async fn launch(
+        config: Config,
+        plugins: Option<PluginFactory>,
+        dir: Option<tempfile::TempDir>,
+    ) -> Self {
         let data_dir = config.storage.data_dir.clone();
-        let kbs = Kbs::build(config.clone()).await.expect("KBS builds");
+        let extra = plugins.as_ref().map(|f| f()).unwrap_or_default();
+        let kbs = Kbs::build_with(config.clone(), extra)
+            .await
+            .expect("KBS builds");
         let listener = tokio::net::TcpListener::bind(config.http.listen)
             .await
             .expect("bind");
@@ -101,22 +127,28 @@ impl TestKbs {
             data_dir,
             state,
             config,
+            plugins,
             task,
             _dir: dir,
         }
     }
 
     /// Stop serving (graceful), keeping the data directory.
-    pub async fn stop(mut self) -> (Config, Option<tempfile::TempDir>) {
-        self.state.shutdown.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(15), &mut self.task).await;
-        (self.config, self._dir.take())
+    pub async fn stop(self) -> (Config, Option<tempfile::TempDir>) {
+        let (config, _, dir) = self.stop_all().await;
+        (config, dir)
     }
 
-    /// Stop and start again on the same port and data directory.
+    async fn stop_all(mut self) -> (Config, Option<PluginFactory>, Option<tempfile::TempDir>) {
+        self.state.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(15), &mut self.task).await;
+        (self.config, self.plugins.take(), self._dir.take())
+    }
+
+    /// Stop and start again on the same port and data directory (and the same plugins).
     pub async fn restart(self) -> Self {
-        let (config, dir) = self.stop().await;
-        Self::launch(config, dir).await
+        let (config, plugins, dir) = self.stop_all().await;
+        Self::launch(config, plugins, dir).await
     }
 
     /// The development admin key pair.

@@ -25,7 +25,9 @@ pub use daemon::DaemonRun;
 pub use fake_kbs::{FakeKbsOptions, FakeTunnelKbs, self_signed_tls};
 pub use guest::{TunnelGuest, guest_info};
 pub use guest_stub::{StubGuest, acknowledge, healthy, installed};
-pub use kbs::{ALLOW_SAMPLE, TestKbs, http_client, init_logging, tls_client_config, tunnel_url};
+pub use kbs::{
+    ALLOW_SAMPLE, PluginFactory, TestKbs, http_client, init_logging, tls_client_config, tunnel_url,
+};
 pub use metrics::metric_value;
 pub use wait::{WAIT, eventually, eventually_within, hub_until, tunnel_of};
 pub use x509::{der, sans};

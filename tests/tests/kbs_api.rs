@@ -269,7 +269,8 @@ http_and_tls!(session_and_nonce_misuse_is_401, |kbs: TestKbs| async move {
         .unwrap();
     expect_error(r, StatusCode::UNAUTHORIZED, "EvidenceVerificationFailed").await;
 
-    // A good attestation works once; replaying the nonce does not.
+    // A good attestation: the reply's cookie is the token itself, so attesting again with
+    // it is no challenge (401 SessionNotFound), while resources are released through it.
     let http = kbs.http();
     let nonce = auth(&http, &url).await;
     let att = attestation(&key, &nonce, None).await;
@@ -280,20 +281,39 @@ http_and_tls!(session_and_nonce_misuse_is_401, |kbs: TestKbs| async move {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
+    let cookie = r
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let token = r.json::<serde_json::Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        cookie.starts_with(&format!("kbs-session-id={token};")),
+        "{cookie}"
+    );
+    let before = metric_value(
+        &kbs.metrics().await,
+        "kbs_attestations_total",
+        &[("outcome", "SessionNotFound")],
+    );
     let r = http
         .post(format!("{url}/kbs/v0/attest"))
         .json(&att)
         .send()
         .await
         .unwrap();
-    expect_error(r, StatusCode::UNAUTHORIZED, "NonceReused").await;
+    expect_error(r, StatusCode::UNAUTHORIZED, "SessionNotFound").await;
     assert_eq!(
         metric_value(
             &kbs.metrics().await,
             "kbs_attestations_total",
-            &[("outcome", "NonceReused")]
+            &[("outcome", "SessionNotFound")]
         ),
-        1.0
+        before + 1.0
     );
 });
 
