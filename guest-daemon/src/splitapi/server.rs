@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::api::{self, ApiState, Peer};
-use super::{BUNDLE_ID, GuestIdentity, MAX_SECRET_BYTES, tls};
+use super::{BUNDLE_ID, GuestIdentity, SplitApiConfig, SplitApiStatus, tls};
 use crate::service::GuestDaemonService;
 use crate::store::BundleInfo;
 
@@ -28,36 +28,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Delay before retrying a failed bind.
 const BIND_RETRY: Duration = Duration::from_secs(5);
-
-/// Settings of the endpoint.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SplitApiConfig {
-    /// Listen address (`--splitapi-listen`).
-    pub listen: SocketAddr,
-    /// Largest secret a PUT may carry.
-    pub max_secret_bytes: usize,
-}
-
-impl SplitApiConfig {
-    /// Listen on `listen`, accepting secrets up to [`MAX_SECRET_BYTES`].
-    pub fn new(listen: SocketAddr) -> Self {
-        Self {
-            listen,
-            max_secret_bytes: MAX_SECRET_BYTES,
-        }
-    }
-}
-
-/// What the endpoint is doing, published on a watch channel.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SplitApiStatus {
-    /// The bound address, once listening.
-    pub addr: Option<SocketAddr>,
-    /// The bundle whose credentials new handshakes use.
-    pub bundle: Option<BundleInfo>,
-    /// The last problem (a bundle that cannot be used, a failed bind); cleared by success.
-    pub error: Option<String>,
-}
 
 /// The credentials of one bundle version, and the signal that retires its connections.
 struct Generation {
