@@ -18,6 +18,7 @@
 //! old ones are closed gracefully (their client certificates may no longer be trusted).
 
 mod api;
+mod credentials;
 pub mod pull;
 mod server;
 pub mod tls;
