@@ -3,7 +3,7 @@
 //! guest attests for real (RCAR, sample TEE, init-data naming its own `[tether] guest_id`),
 //! opens an authenticated tunnel and answers `GuestService` with a trivial in-process service.
 //!
-//! Measures (each process here may hold at most 20,000 open files, see PERFORMANCE.md):
+//! Measures (each process here may hold at most 20,000 open files, see docs/operations.md, "Limits of the host"):
 //! 1. KBS memory per idle tunnel at 1k, 5k and 19k tunnels, plain and TLS: RSS growth while
 //!    the tunnels open, over the number opened. Guests attest first and the RSS is read again
 //!    before their tunnels open, so RCAR session state is not counted as tunnel memory.
@@ -40,7 +40,7 @@ use tests::{FakeKbsOptions, FakeTunnelKbs, StubGuest, fake_token, fake_unseal, u
 use tokio::sync::watch;
 use tunnel::{Backoff, GuestTunnelConfig, ReconnectPolicy};
 
-/// The raw WebSocket floor per idle connection with a 4 KiB read buffer (PERFORMANCE.md); the
+/// The raw WebSocket floor per idle connection with a 4 KiB read buffer (docs/operations.md, "Raw WebSocket floor"); the
 /// tunnel's own read buffer is 1 KiB, so a tunnel-only KBS measures below it.
 const FLOOR_PLAIN_KIB: f64 = 6.8;
 const FLOOR_TLS_KIB: f64 = 14.2;

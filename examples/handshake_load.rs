@@ -14,7 +14,7 @@ use guest_daemon::resource_path::ResourcePath;
 use kbs_core::admin_key::AdminKeyPair;
 use server::admin_client::AdminClient;
 
-/// Upstream Trustee KBS on this machine (PERFORMANCE.md): full RCAR + one GET, two streams.
+/// Upstream Trustee KBS on this machine (docs/operations.md, "Upstream Trustee baseline"): full RCAR + one GET, two streams.
 const UPSTREAM_HANDSHAKES_PER_S: f64 = 390.0;
 
 #[derive(Parser)]
@@ -116,7 +116,7 @@ async fn main() -> anyhow::Result<()> {
         kbs.rss_kib() as f64 / 1024.0
     );
     println!(
-        "baseline: upstream Trustee KBS, same machine, ~{UPSTREAM_HANDSHAKES_PER_S}/s with two streams (PERFORMANCE.md); target >= 2000/s"
+        "baseline: upstream Trustee KBS, same machine, ~{UPSTREAM_HANDSHAKES_PER_S}/s with two streams (docs/operations.md); target >= 2000/s"
     );
     Ok(())
 }

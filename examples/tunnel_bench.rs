@@ -2,7 +2,7 @@
 //! latency against a raw WebSocket echo over the same stack (same buffers, same TLS),
 //! pipelined throughput on one tunnel, and total throughput across many tunnels. The machine
 //! drifts, so the baselines are measured in the same run and the figures are printed as
-//! ratios too (see PERFORMANCE.md).
+//! ratios too (see docs/operations.md, "Raw WebSocket floor").
 //!
 //! The handshake uses the test kit's fake challenge (`tests::FakeTunnelKbs`): no crypto is
 //! measured.
@@ -518,7 +518,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "1. latency, {rounds} interleaved rounds of {per_round} sequential calls each (after warm-up)"
     );
     println!(
-        "   raw WebSocket echo     p50 {:7.1} us  p99 {:7.1} us   (PERFORMANCE.md: 38 / 74 us plain, 42 / 81 us TLS)",
+        "   raw WebSocket echo     p50 {:7.1} us  p99 {:7.1} us   (docs/operations.md floor: 38 / 74 us plain, 42 / 81 us TLS)",
         us(echo.p50),
         us(echo.p99)
     );
@@ -561,7 +561,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.in_flight, args.seconds
     );
     println!(
-        "   raw WebSocket echo     {raw_tp:10.0} msg/s     (PERFORMANCE.md: ~890k msg/s plain, ~720k TLS)"
+        "   raw WebSocket echo     {raw_tp:10.0} msg/s     (docs/operations.md floor: ~890k msg/s plain, ~720k TLS)"
     );
     println!(
         "   tunnel RPC, 1 tunnel   {one_tp:10.0} calls/s   errors {one_err}   (target >= 50,000/s: {})",

@@ -13,11 +13,14 @@ use axum::response::{IntoResponse, Response as AxumResponse};
 use axum::routing::{get, post};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use kbs_types::{Attestation, HashAlgorithm, Request, TeePubKey};
+use kbs_types::{Attestation, HashAlgorithm, Request, Tee, TeePubKey};
 use serde_json::{Value, json};
 
-use super::*;
+use super::token::{jwt_claims, now_secs};
+use super::{KbsClient, KbsClientBuilder, RcarError};
 use crate::evidence::SampleAttester;
+use crate::resource_path::ResourcePath;
+use crate::tee_key::TeeKeyPair;
 use crate::tee_key::seal::seal;
 
 const SECRET: &[u8] = b"s3cr3t resource bytes";

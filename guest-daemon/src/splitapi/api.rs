@@ -18,8 +18,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use super::server::SplitApiStatus;
-use super::{BUNDLE_ID, GuestIdentity};
+use super::{BUNDLE_ID, GuestIdentity, SplitApiStatus};
 use crate::store::{self, BundleInfo, HeldSecret, StateStore, StoreError};
 
 /// The connection a request came on (added per connection by the accept loop).

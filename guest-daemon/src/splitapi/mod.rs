@@ -18,13 +18,18 @@
 //! old ones are closed gracefully (their client certificates may no longer be trusted).
 
 mod api;
+mod credentials;
 pub mod pull;
 mod server;
 pub mod tls;
 
-pub use server::{SplitApiConfig, SplitApiStatus, run};
+pub use server::run;
+
+use std::net::SocketAddr;
 
 use serde::Serialize;
+
+use crate::store::BundleInfo;
 
 /// Id of the credential bundle that configures the endpoint.
 pub const BUNDLE_ID: &str = "splitapi";
@@ -46,6 +51,36 @@ pub struct GuestIdentity {
     pub daemon_version: String,
     /// The TEE the daemon attests as.
     pub tee: String,
+}
+
+/// Settings of the endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SplitApiConfig {
+    /// Listen address (`--splitapi-listen`).
+    pub listen: SocketAddr,
+    /// Largest secret a PUT may carry.
+    pub max_secret_bytes: usize,
+}
+
+impl SplitApiConfig {
+    /// Listen on `listen`, accepting secrets up to [`MAX_SECRET_BYTES`].
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            max_secret_bytes: MAX_SECRET_BYTES,
+        }
+    }
+}
+
+/// What the endpoint is doing, published on a watch channel.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SplitApiStatus {
+    /// The bound address, once listening.
+    pub addr: Option<SocketAddr>,
+    /// The bundle whose credentials new handshakes use.
+    pub bundle: Option<BundleInfo>,
+    /// The last problem (a bundle that cannot be used, a failed bind); cleared by success.
+    pub error: Option<String>,
 }
 
 #[cfg(test)]

@@ -1,72 +1,29 @@
-//! The endpoint's life: wait for a `splitapi` bundle, bind, accept mutual-TLS connections,
-//! and swap credentials in place when a newer bundle is installed.
+//! The endpoint's life: wait for a `splitapi` bundle, bind, accept mutual-TLS connections
+//! through the shared `listener` crate, and serve each under the credentials current when
+//! it was accepted.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::{Extension, Router};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
-use hyper_util::service::TowerToHyperService;
+use listener::{Admission, Admit, Limits, Server};
 use sha2::{Digest, Sha256};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::api::{self, ApiState, Peer};
-use super::{BUNDLE_ID, GuestIdentity, MAX_SECRET_BYTES, tls};
+use super::credentials::{self, Generation};
+use super::{BUNDLE_ID, GuestIdentity, SplitApiConfig, SplitApiStatus};
 use crate::service::GuestDaemonService;
-use crate::store::BundleInfo;
 
-/// Time a client has for its TLS handshake and for sending request headers.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long open connections may finish their requests at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Delay before retrying a failed bind.
 const BIND_RETRY: Duration = Duration::from_secs(5);
-
-/// Settings of the endpoint.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SplitApiConfig {
-    /// Listen address (`--splitapi-listen`).
-    pub listen: SocketAddr,
-    /// Largest secret a PUT may carry.
-    pub max_secret_bytes: usize,
-}
-
-impl SplitApiConfig {
-    /// Listen on `listen`, accepting secrets up to [`MAX_SECRET_BYTES`].
-    pub fn new(listen: SocketAddr) -> Self {
-        Self {
-            listen,
-            max_secret_bytes: MAX_SECRET_BYTES,
-        }
-    }
-}
-
-/// What the endpoint is doing, published on a watch channel.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SplitApiStatus {
-    /// The bound address, once listening.
-    pub addr: Option<SocketAddr>,
-    /// The bundle whose credentials new handshakes use.
-    pub bundle: Option<BundleInfo>,
-    /// The last problem (a bundle that cannot be used, a failed bind); cleared by success.
-    pub error: Option<String>,
-}
-
-/// The credentials of one bundle version, and the signal that retires its connections.
-struct Generation {
-    acceptor: TlsAcceptor,
-    version: u64,
-    /// SHA-256 of `ca.crt`: connections survive a reload that keeps the CA (a renewal).
-    ca_digest: [u8; 32],
-    retired: CancellationToken,
-}
+/// Concurrent requests one owner connection may have in flight over HTTP/2.
+const MAX_CONCURRENT_STREAMS: u32 = 32;
 
 /// Serve the endpoint for the `splitapi` bundles `service` installs, until `shutdown`.
 /// Binds when the first usable bundle is held (at once if one is held already).
@@ -92,63 +49,7 @@ pub async fn run(
         let wanted = credentials.borrow_and_update().get(BUNDLE_ID).copied();
         if let Some(version) = wanted.filter(|v| tried != Some(*v)) {
             tried = Some(version);
-            match load(&service).await {
-                Ok(Loaded {
-                    config,
-                    info,
-                    ca_digest,
-                }) => {
-                    if info.not_after <= unix_now() {
-                        tracing::warn!(
-                            version = info.version,
-                            not_after = info.not_after,
-                            "the splitapi credentials have expired; owners will refuse the server certificate"
-                        );
-                    }
-                    // A renewal under the same CA keeps the open connections (their client
-                    // certificates are still trusted) by handing them the same retire signal.
-                    let previous = current.borrow().clone();
-                    let retired = match &previous {
-                        Some(old) if old.ca_digest == ca_digest => old.retired.clone(),
-                        _ => CancellationToken::new(),
-                    };
-                    let generation = Arc::new(Generation {
-                        acceptor: TlsAcceptor::from(config),
-                        version: info.version,
-                        ca_digest,
-                        retired,
-                    });
-                    current.send_replace(Some(generation));
-                    if let Some(old) = previous {
-                        let same_ca = old.ca_digest == ca_digest;
-                        tracing::info!(
-                            from = old.version,
-                            to = info.version,
-                            not_after = info.not_after,
-                            same_ca,
-                            "splitapi credentials reloaded"
-                        );
-                        if !same_ca {
-                            // New CA: close the connections made under the old one.
-                            old.retired.cancel();
-                        }
-                    } else {
-                        tracing::info!(
-                            version = info.version,
-                            not_after = info.not_after,
-                            "splitapi credentials loaded"
-                        );
-                    }
-                    status.send_modify(|s| {
-                        s.bundle = Some(info);
-                        s.error = None;
-                    });
-                }
-                Err(reason) => {
-                    tracing::error!(version, %reason, "cannot use the splitapi bundle; keeping the previous credentials");
-                    status.send_modify(|s| s.error = Some(reason));
-                }
-            }
+            credentials::reload(&service, &current, &status, version).await;
         }
         if accept.is_none() && current.borrow().is_some() && retry_bind.is_none() {
             match TcpListener::bind(config.listen).await {
@@ -159,12 +60,8 @@ pub async fn run(
                         s.addr = Some(addr);
                         s.error = None;
                     });
-                    accept = Some(tokio::spawn(accept_loop(
-                        listener,
-                        generations.clone(),
-                        app.clone(),
-                        shutdown.clone(),
-                    )));
+                    let server = server(generations.clone(), app.clone());
+                    accept = Some(tokio::spawn(server.serve(listener, shutdown.clone())));
                 }
                 Err(e) => {
                     let reason = format!("bind {}: {e}", config.listen);
@@ -192,150 +89,47 @@ pub async fn run(
     status.send_modify(|s| s.addr = None);
 }
 
-/// A bundle turned into a TLS configuration.
-struct Loaded {
-    config: Arc<rustls::ServerConfig>,
-    info: BundleInfo,
-    ca_digest: [u8; 32],
-}
-
-/// Read the held `splitapi` bundle and build its TLS configuration.
-async fn load(service: &GuestDaemonService) -> Result<Loaded, String> {
-    let store = Arc::clone(service.store());
-    tokio::task::spawn_blocking(move || {
-        let bundle = store
-            .read_bundle(BUNDLE_ID)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| "the splitapi bundle is no longer held".to_owned())?;
-        let config = tls::server_config(&bundle.files).map_err(|e| e.to_string())?;
-        let ca_digest: [u8; 32] = bundle
-            .files
-            .iter()
-            .find(|f| f.name == tls::CA_FILE)
-            .map(|f| Sha256::digest(&f.contents[..]).into())
-            .unwrap_or_default();
-        let info = store
-            .bundle_info(BUNDLE_ID)
-            .filter(|i| i.version == bundle.version)
-            .unwrap_or(BundleInfo {
-                id: bundle.id.clone(),
-                version: bundle.version,
-                not_after: bundle.not_after,
-                applied_at: 0,
-            });
-        Ok(Loaded {
-            config,
-            info,
-            ca_digest,
-        })
-    })
-    .await
-    .map_err(|e| format!("bundle load task failed: {e}"))?
-}
-
-async fn accept_loop(
-    listener: TcpListener,
+/// The accept loop's settings: refused handshakes are logged at info level (an owner, or
+/// someone else, presented a certificate the sandbox CA did not issue).
+fn server(
     generations: watch::Receiver<Option<Arc<Generation>>>,
     app: Router,
-    shutdown: CancellationToken,
-) {
-    let tracker = TaskTracker::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "splitapi accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let Some(generation) = generations.borrow().clone() else {
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
-        tracker.spawn(connection(
-            tcp,
-            peer,
-            generation,
-            app.clone(),
-            shutdown.clone(),
-        ));
-    }
-    drop(listener);
-    tracker.close();
-    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            open = tracker.len(),
-            "splitapi connections still open after the shutdown grace"
-        );
-    }
+) -> Server<impl Admit> {
+    let mut limits = Limits::default();
+    limits.max_concurrent_streams = MAX_CONCURRENT_STREAMS;
+    Server::new(admit(generations, app))
+        .name("splitapi")
+        .limits(limits)
+        .log_handshake_failures(tracing::Level::INFO)
+        .drain_grace(SHUTDOWN_GRACE)
 }
 
-async fn connection(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    generation: Arc<Generation>,
-    app: Router,
-    shutdown: CancellationToken,
-) {
-    let stream =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, generation.acceptor.accept(tcp)).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
-                tracing::info!(%peer, error = %e, "splitapi TLS handshake refused");
-                return;
-            }
-            Err(_) => {
-                tracing::info!(%peer, "splitapi TLS handshake timed out");
-                return;
-            }
-        };
-    let client = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|chain| chain.first())
-        .map(|leaf| hex::encode(&Sha256::digest(leaf)[..8]))
-        .unwrap_or_default();
-    tracing::debug!(%peer, %client, version = generation.version, "splitapi client authenticated");
-    let app = app.layer(Extension(Peer {
-        addr: peer,
-        client,
-        credentials_version: generation.version,
-    }));
-    let service = TowerToHyperService::new(app);
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HANDSHAKE_TIMEOUT)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(32);
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = generation.retired.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-        () = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
-    if let Err(e) = result {
-        tracing::debug!(%peer, error = %e, "splitapi connection ended with an error");
+/// Each connection is served under the generation current when it is accepted (none yet:
+/// refused): its handshake uses that generation's credentials, its retirement closes it,
+/// and its requests carry the client's certificate fingerprint.
+fn admit(generations: watch::Receiver<Option<Arc<Generation>>>, app: Router) -> impl Admit {
+    move |_addr| {
+        let generation = generations.borrow().clone()?;
+        let app = app.clone();
+        let version = generation.version;
+        let admission = Admission::route_with(move |peer: &listener::Peer<'_>| {
+            let client = peer
+                .certificates
+                .and_then(|chain| chain.first())
+                .map(|leaf| hex::encode(&Sha256::digest(leaf)[..8]))
+                .unwrap_or_default();
+            tracing::debug!(peer = %peer.addr, %client, version, "splitapi client authenticated");
+            Some(app.layer(Extension(Peer {
+                addr: peer.addr,
+                client,
+                credentials_version: version,
+            })))
+        });
+        Some(
+            admission
+                .over_tls(generation.acceptor.clone())
+                .retire_on(generation.retired.clone()),
+        )
     }
 }
 
@@ -344,11 +138,4 @@ async fn sleep_until_opt(at: Option<Instant>) {
         Some(at) => sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }

@@ -9,9 +9,11 @@ use std::path::Path;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use super::bundles::{BundleMeta, bundle_digest};
+use super::versions::{ResourceMeta, meta_name, parse_target};
 use super::{
-    BundleMeta, CREDENTIALS_DIR, RESOURCES_DIR, ResourceMeta, SECRETS_DIR, StoreError, TEMP_MARK,
-    VERSION_MARK, bundle_digest, check_name, fsio, meta_name, parse_target,
+    CREDENTIALS_DIR, RESOURCES_DIR, SECRETS_DIR, StoreError, TEMP_MARK, VERSION_MARK, check_name,
+    fsio,
 };
 use crate::resource_path::ResourcePath;
 
