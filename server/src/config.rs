@@ -288,11 +288,10 @@ impl PluginsConfig {
 }
 
 /// Prefix of environment variables that override config keys:
-/// `KBS_HTTP__LISTEN=0.0.0.0:8080` sets `http.listen`.
+/// `KBS_HTTP__LISTEN=0.0.0.0:8080` sets `http.listen`. Only names with a `__` (section and
+/// key) are config keys: `KBS_URL`, `KBS_CA_FILE` and the other variables `kbsctl` and the
+/// binaries read for themselves are not, so exporting them never stops `kbs` from starting.
 pub const ENV_PREFIX: &str = "KBS_";
-
-/// Environment variables read by the binaries themselves, not config keys.
-const ENV_NOT_CONFIG: &[&str] = &["KBS_URL", "KBS_ADMIN_KEY", "KBS_CONFIG"];
 
 impl Config {
     /// Load from an optional TOML file, then apply `KBS_*` environment overrides.
@@ -315,7 +314,7 @@ impl Config {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
                 continue;
             };
-            if ENV_NOT_CONFIG.contains(&name.as_str()) || rest.is_empty() {
+            if !rest.contains("__") {
                 continue;
             }
             let keys: Vec<String> = rest.split("__").map(|k| k.to_ascii_lowercase()).collect();
@@ -502,6 +501,10 @@ mod tests {
                 ("KBS_HTTP__MAX_BODY_BYTES", "9000"),
                 ("KBS_ATTESTATION__TOKEN_TTL", "2m"),
                 ("KBS_URL", "x"),
+                // kbsctl's own variables, exported in the same shell (README walk-through).
+                ("KBS_CA_FILE", "./data-tls/tls/cert.pem"),
+                ("KBS_ROLE", "admin"),
+                ("KBS_SUBJECT", "ops"),
             ],
         )
         .unwrap();
