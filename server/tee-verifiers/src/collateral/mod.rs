@@ -69,7 +69,7 @@ impl CollateralKey {
             CollateralKey::TdxQeIdentity => "tdx-qe-identity".into(),
             CollateralKey::Vcek(id) => format!(
                 "snp-vcek-{}-{}-{}",
-                id.generation.product_name(),
+                id.generation.map_or("any", |g| g.product_name()),
                 hex::encode(&id.hw_id),
                 id.tcb.url_query().replace(['&', '='], "_")
             ),
@@ -109,8 +109,10 @@ impl SnpTcb {
 /// Identifies a VCEK: generation, chip id (hwID as KDS wants it) and TCB.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VcekId {
-    /// Processor generation (KDS product name).
-    pub generation: Generation,
+    /// Processor generation (KDS product name); `None` for a version 2 report, which has no
+    /// CPUID: fetchers then try Milan, then Genoa (same TCB layout), as KDS answers 404 for
+    /// a chip under the wrong product.
+    pub generation: Option<Generation>,
     /// Hardware id: the 64-byte chip id (first 8 bytes on Turin).
     pub hw_id: Vec<u8>,
     /// Reported TCB.

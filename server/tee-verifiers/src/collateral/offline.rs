@@ -64,12 +64,16 @@ impl OfflineFetcher {
             Generation::Turin => info.1[..8.min(info.1.len())].to_vec(),
             _ => info.1,
         };
-        let key = CollateralKey::Vcek(VcekId {
-            generation,
-            hw_id,
-            tcb: info.0,
-        });
-        self.insert(key, CollateralItem::new(ItemBody::Vcek { der })?);
+        let item = CollateralItem::new(ItemBody::Vcek { der })?;
+        // Version 2 reports do not name their generation; index those keys too.
+        for generation in [Some(generation), None] {
+            let key = CollateralKey::Vcek(VcekId {
+                generation,
+                hw_id: hw_id.clone(),
+                tcb: info.0,
+            });
+            self.insert(key, item.clone());
+        }
         Ok(())
     }
 

@@ -25,6 +25,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{CollateralFetcher, CollateralItem, CollateralKey, FetchError, ItemBody};
+use crate::snp::Generation;
 
 /// Where the HTTP fetcher goes.
 #[derive(Debug, Clone)]
@@ -205,15 +206,31 @@ impl CollateralFetcher for HttpFetcher {
                 }
             }
             CollateralKey::Vcek(id) => {
-                let url = format!(
-                    "{}/vcek/v1/{}/{}?{}",
-                    self.config.kds_url.trim_end_matches('/'),
-                    id.generation.product_name(),
-                    hex::encode(&id.hw_id),
-                    id.tcb.url_query()
-                );
+                let products = match id.generation {
+                    Some(g) => vec![g],
+                    None => vec![Generation::Milan, Generation::Genoa],
+                };
+                let mut last = FetchError::NotFound("no product to ask KDS for".into());
+                let mut der = None;
+                for g in products {
+                    let url = format!(
+                        "{}/vcek/v1/{}/{}?{}",
+                        self.config.kds_url.trim_end_matches('/'),
+                        g.product_name(),
+                        hex::encode(&id.hw_id),
+                        id.tcb.url_query()
+                    );
+                    match self.get(&url).await {
+                        Ok(a) => {
+                            der = Some(a.body);
+                            break;
+                        }
+                        Err(e @ FetchError::NotFound(_)) => last = e,
+                        Err(e) => return Err(e),
+                    }
+                }
                 ItemBody::Vcek {
-                    der: self.get(&url).await?.body,
+                    der: der.ok_or(last)?,
                 }
             }
         };

@@ -187,6 +187,11 @@ fn generation(report: &Report<'_>, vek_der: Option<&[u8]>) -> Result<Generation,
     }
 }
 
+/// Turin chip ids are 8 bytes, zero-extended (the `sev` crate's test for version 2 reports).
+fn chip_id_is_turin_like(chip_id: &[u8]) -> bool {
+    chip_id[8..].iter().all(|&b| b == 0) && chip_id[..8].iter().any(|&b| b != 0)
+}
+
 /// The collateral this evidence needs: the VCEK from KDS when `cert_chain` carries no key.
 pub fn collateral_request(evidence: &Value) -> Result<CollateralRequest, VerifyError> {
     let ev = DecodedEvidence::from_json(evidence)?;
@@ -194,20 +199,25 @@ pub fn collateral_request(evidence: &Value) -> Result<CollateralRequest, VerifyE
         return Ok(CollateralRequest::None);
     }
     let report = Report::new(&ev.report)?;
-    let generation = generation(&report, None)?;
+    // Version 2 reports carry no CPUID: the generation is learnt from the fetched VCEK.
+    let generation = match report.cpuid() {
+        Some(_) => Some(generation(&report, None)?),
+        None if chip_id_is_turin_like(report.chip_id()) => Some(Generation::Turin),
+        None => None,
+    };
     if report.chip_id().iter().all(|&b| b == 0) {
         return Err(VerifyError::Rejected(
             "report masks its chip id and carries no VCEK/VLEK: nothing to fetch".into(),
         ));
     }
     let hw_id = match generation {
-        Generation::Turin => report.chip_id()[..8].to_vec(),
+        Some(Generation::Turin) => report.chip_id()[..8].to_vec(),
         _ => report.chip_id().to_vec(),
     };
     Ok(CollateralRequest::SnpVcek(VcekId {
         generation,
         hw_id,
-        tcb: report.reported_tcb(generation),
+        tcb: report.reported_tcb(generation.unwrap_or(Generation::Milan)),
     }))
 }
 
