@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use common::*;
 use serde_json::Value;
 use tee_verifiers::collateral::{
-    CollateralStore, HttpFetcher, HttpFetcherConfig, OfflineFetcher, PersistentCache,
-    StoreConfig, TdxCollateral,
+    CollateralStore, HttpFetcher, HttpFetcherConfig, OfflineFetcher, PersistentCache, StoreConfig,
+    TdxCollateral,
 };
 use tee_verifiers::{TeeKind, Verifier, VerifyError};
 
@@ -85,7 +85,10 @@ async fn ten_thousand_verifications_fetch_each_item_once() {
             .unwrap();
     }
     let fmspc = serde_json::from_str::<Value>(
-        &TdxCollateral::from_json(TDX_COLLATERAL).unwrap().collateral.tcb_info,
+        &TdxCollateral::from_json(TDX_COLLATERAL)
+            .unwrap()
+            .collateral
+            .tcb_info,
     )
     .unwrap()["fmspc"]
         .as_str()
@@ -114,10 +117,16 @@ async fn items_are_refreshed_before_next_update() {
     let verifier = Verifier::new(Arc::new(store(&url, config)));
     let ev = tdx_evidence(TDX_QUOTE);
     let rd = tdx_report_data(TDX_QUOTE);
-    verifier.verify(TeeKind::Tdx, &ev, &rd, None, at(nb + 10)).await.unwrap();
+    verifier
+        .verify(TeeKind::Tdx, &ev, &rd, None, at(nb + 10))
+        .await
+        .unwrap();
     assert_eq!(pccs.hits("qe/identity"), 1);
     // Half an hour before the earliest nextUpdate: inside the refresh margin of that item.
-    verifier.verify(TeeKind::Tdx, &ev, &rd, None, at(na - 1800)).await.unwrap();
+    verifier
+        .verify(TeeKind::Tdx, &ev, &rd, None, at(na - 1800))
+        .await
+        .unwrap();
     let total: usize = pccs.all_hits().values().sum();
     assert!(total > 4, "nothing refetched: {:?}", pccs.all_hits());
 }
@@ -133,7 +142,10 @@ async fn outage_with_a_valid_cached_copy_is_not_an_error() {
     let verifier = Verifier::new(Arc::new(store(&url, config)));
     let ev = tdx_evidence(TDX_QUOTE);
     let rd = tdx_report_data(TDX_QUOTE);
-    verifier.verify(TeeKind::Tdx, &ev, &rd, None, at(nb + 10)).await.unwrap();
+    verifier
+        .verify(TeeKind::Tdx, &ev, &rd, None, at(nb + 10))
+        .await
+        .unwrap();
     pccs.set_down(true);
     let before = pccs.all_hits().values().sum::<usize>();
     // In the refresh margin of the earliest-expiring item, service down: cached copy served,
@@ -151,7 +163,10 @@ async fn outage_with_a_valid_cached_copy_is_not_an_error() {
         .verify(TeeKind::Tdx, &ev, &rd, None, at(na + 10))
         .await
         .unwrap_err();
-    assert!(matches!(err, VerifyError::CollateralUnavailable(_)), "{err:?}");
+    assert!(
+        matches!(err, VerifyError::CollateralUnavailable(_)),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -169,7 +184,10 @@ async fn no_cache_and_no_service_is_collateral_unavailable() {
         )
         .await
         .unwrap_err();
-    assert!(matches!(err, VerifyError::CollateralUnavailable(_)), "{err:?}");
+    assert!(
+        matches!(err, VerifyError::CollateralUnavailable(_)),
+        "{err:?}"
+    );
     let err = verifier
         .verify(
             TeeKind::Snp,
@@ -180,7 +198,10 @@ async fn no_cache_and_no_service_is_collateral_unavailable() {
         )
         .await
         .unwrap_err();
-    assert!(matches!(err, VerifyError::CollateralUnavailable(_)), "{err:?}");
+    assert!(
+        matches!(err, VerifyError::CollateralUnavailable(_)),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -195,7 +216,10 @@ async fn unknown_chip_is_collateral_unavailable() {
         .verify(TeeKind::Snp, &ev, &snp_report_data(&r), None, now())
         .await
         .unwrap_err();
-    assert!(matches!(err, VerifyError::CollateralUnavailable(_)), "{err:?}");
+    assert!(
+        matches!(err, VerifyError::CollateralUnavailable(_)),
+        "{err:?}"
+    );
 }
 
 #[derive(Default)]
@@ -220,7 +244,10 @@ async fn persistent_cache_serves_a_restarted_verifier_during_an_outage() {
     ));
     let ev = tdx_evidence(TDX_QUOTE);
     let rd = tdx_report_data(TDX_QUOTE);
-    first.verify(TeeKind::Tdx, &ev, &rd, None, now()).await.unwrap();
+    first
+        .verify(TeeKind::Tdx, &ev, &rd, None, now())
+        .await
+        .unwrap();
     assert_eq!(persistent.0.lock().unwrap().len(), 4);
 
     pccs.set_down(true);
@@ -228,8 +255,15 @@ async fn persistent_cache_serves_a_restarted_verifier_during_an_outage() {
     let restarted = Verifier::new(Arc::new(
         store(&url, StoreConfig::default()).with_persistent_cache(persistent.clone()),
     ));
-    restarted.verify(TeeKind::Tdx, &ev, &rd, None, now()).await.unwrap();
-    assert_eq!(pccs.all_hits().values().sum::<usize>(), before, "no fetch needed");
+    restarted
+        .verify(TeeKind::Tdx, &ev, &rd, None, now())
+        .await
+        .unwrap();
+    assert_eq!(
+        pccs.all_hits().values().sum::<usize>(),
+        before,
+        "no fetch needed"
+    );
 }
 
 #[tokio::test]

@@ -44,8 +44,8 @@ impl Pccs {
 
 fn chain_header(name: &'static str, pem: &str) -> HeaderMap {
     let mut h = HeaderMap::new();
-    let enc = percent_encoding::utf8_percent_encode(pem, percent_encoding::NON_ALPHANUMERIC)
-        .to_string();
+    let enc =
+        percent_encoding::utf8_percent_encode(pem, percent_encoding::NON_ALPHANUMERIC).to_string();
     h.insert(name, HeaderValue::from_str(&enc).unwrap());
     h
 }
@@ -56,7 +56,10 @@ async fn pckcrl(State(s): State<Arc<Pccs>>, Query(q): Query<HashMap<String, Stri
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
     (
-        chain_header("SGX-PCK-CRL-Issuer-Chain", &s.collateral.pck_crl_issuer_chain),
+        chain_header(
+            "SGX-PCK-CRL-Issuer-Chain",
+            &s.collateral.pck_crl_issuer_chain,
+        ),
         s.collateral.pck_crl.clone(),
     )
         .into_response()
