@@ -61,15 +61,75 @@ fn unix(now: SystemTime) -> i64 {
     }
 }
 
+/// Evidence decoded from its wire JSON, ready for [`Decoded::collateral_request`] and
+/// [`Decoded::verify`] (decoding once serves both).
+#[derive(Debug, Clone)]
+pub enum Decoded {
+    /// TDX quote and event log.
+    Tdx(tdx::DecodedEvidence),
+    /// SNP report and the key it carries.
+    Snp(snp::DecodedEvidence),
+}
+
+impl Decoded {
+    /// Decodes `evidence` for `tee`.
+    pub fn new(tee: TeeKind, evidence: &Value) -> Result<Self, VerifyError> {
+        Ok(match tee {
+            TeeKind::Tdx => Decoded::Tdx(tdx::DecodedEvidence::from_json(evidence)?),
+            TeeKind::Snp => Decoded::Snp(snp::DecodedEvidence::from_json(evidence)?),
+        })
+    }
+
+    /// The collateral this evidence needs (no I/O).
+    pub fn collateral_request(&self) -> Result<CollateralRequest, VerifyError> {
+        match self {
+            Decoded::Tdx(ev) => tdx::collateral_request(ev),
+            Decoded::Snp(ev) => snp::collateral_request(ev),
+        }
+    }
+
+    /// Verifies the evidence; see [`verify`].
+    pub fn verify(
+        &self,
+        expected_report_data: &[u8],
+        expected_init_data_digest: Option<&[u8]>,
+        collateral: &Collateral,
+        now: SystemTime,
+    ) -> Result<Claims, VerifyError> {
+        let now = unix(now);
+        let claims = match (self, collateral) {
+            (Decoded::Tdx(ev), Collateral::Tdx(c)) => {
+                tdx::verify(ev, expected_report_data, expected_init_data_digest, c, now)?
+            }
+            (Decoded::Tdx(_), _) => {
+                return Err(VerifyError::CollateralUnavailable(
+                    "TDX verification needs DCAP collateral".into(),
+                ));
+            }
+            (Decoded::Snp(ev), c) => {
+                let fetched = match c {
+                    Collateral::SnpVcek(der) => Some(der.as_slice()),
+                    _ => None,
+                };
+                snp::verify(
+                    ev,
+                    expected_report_data,
+                    expected_init_data_digest,
+                    fetched,
+                    now,
+                )?
+            }
+        };
+        Ok(Claims(Value::Object(claims)))
+    }
+}
+
 /// The collateral `evidence` needs (parses the evidence; no I/O).
 pub fn collateral_request(
     tee: TeeKind,
     evidence: &Value,
 ) -> Result<CollateralRequest, VerifyError> {
-    match tee {
-        TeeKind::Tdx => tdx::collateral_request(evidence),
-        TeeKind::Snp => snp::collateral_request(evidence),
-    }
+    Decoded::new(tee, evidence)?.collateral_request()
 }
 
 /// Verifies `evidence` (the `tee-evidence.primary_evidence` JSON a `kbs_protocol` client
@@ -84,33 +144,12 @@ pub fn verify(
     collateral: &Collateral,
     now: SystemTime,
 ) -> Result<Claims, VerifyError> {
-    let now = unix(now);
-    let claims = match (tee, collateral) {
-        (TeeKind::Tdx, Collateral::Tdx(c)) => {
-            let ev = tdx::DecodedEvidence::from_json(evidence)?;
-            tdx::verify(&ev, expected_report_data, expected_init_data_digest, c, now)?
-        }
-        (TeeKind::Tdx, _) => {
-            return Err(VerifyError::CollateralUnavailable(
-                "TDX verification needs DCAP collateral".into(),
-            ));
-        }
-        (TeeKind::Snp, c) => {
-            let ev = snp::DecodedEvidence::from_json(evidence)?;
-            let fetched = match c {
-                Collateral::SnpVcek(der) => Some(der.as_slice()),
-                _ => None,
-            };
-            snp::verify(
-                &ev,
-                expected_report_data,
-                expected_init_data_digest,
-                fetched,
-                now,
-            )?
-        }
-    };
-    Ok(Claims(Value::Object(claims)))
+    Decoded::new(tee, evidence)?.verify(
+        expected_report_data,
+        expected_init_data_digest,
+        collateral,
+        now,
+    )
 }
 
 /// The async shell: collateral from a [`CollateralStore`], then [`verify`].
@@ -139,11 +178,10 @@ impl Verifier {
         expected_init_data_digest: Option<&[u8]>,
         now: SystemTime,
     ) -> Result<Claims, VerifyError> {
-        let request = collateral_request(tee, evidence)?;
+        let decoded = Decoded::new(tee, evidence)?;
+        let request = decoded.collateral_request()?;
         let collateral = self.store.collateral(&request, unix(now)).await?;
-        verify(
-            tee,
-            evidence,
+        decoded.verify(
             expected_report_data,
             expected_init_data_digest,
             &collateral,

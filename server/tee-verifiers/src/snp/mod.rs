@@ -44,6 +44,7 @@ pub mod vek;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use ring::signature::{ECDSA_P384_SHA384_FIXED, UnparsedPublicKey};
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sev::parser::ByteParser;
 
@@ -125,10 +126,8 @@ impl DecodedEvidence {
         })?;
         let report = match report_v {
             Value::Object(_) => {
-                let r: sev::firmware::guest::AttestationReport =
-                    serde_json::from_value(report_v.clone()).map_err(|e| {
-                        VerifyError::Malformed(format!("SNP attestation_report: {e}"))
-                    })?;
+                let r = sev::firmware::guest::AttestationReport::deserialize(report_v)
+                    .map_err(|e| VerifyError::Malformed(format!("SNP attestation_report: {e}")))?;
                 r.to_bytes()
                     .map_err(|e| VerifyError::Malformed(format!("SNP attestation_report: {e}")))?
                     .to_vec()
@@ -193,8 +192,7 @@ fn chip_id_is_turin_like(chip_id: &[u8]) -> bool {
 }
 
 /// The collateral this evidence needs: the VCEK from KDS when `cert_chain` carries no key.
-pub fn collateral_request(evidence: &Value) -> Result<CollateralRequest, VerifyError> {
-    let ev = DecodedEvidence::from_json(evidence)?;
+pub fn collateral_request(ev: &DecodedEvidence) -> Result<CollateralRequest, VerifyError> {
     if ev.vek.is_some() {
         return Ok(CollateralRequest::None);
     }

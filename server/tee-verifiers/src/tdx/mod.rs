@@ -188,8 +188,7 @@ pub fn pck_info(quote_bytes: &[u8]) -> Result<PckInfo, VerifyError> {
 }
 
 /// The collateral this quote needs.
-pub fn collateral_request(evidence: &Value) -> Result<CollateralRequest, VerifyError> {
-    let ev = DecodedEvidence::from_json(evidence)?;
+pub fn collateral_request(ev: &DecodedEvidence) -> Result<CollateralRequest, VerifyError> {
     Quote::parse(&ev.quote)?;
     let pck = pck_info(&ev.quote)?;
     Ok(CollateralRequest::Tdx {
