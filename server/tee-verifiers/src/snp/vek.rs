@@ -4,7 +4,7 @@
 //! reports: chain check (RSASSA-PSS SHA-384, ring) and its AMD TCB extensions.
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use ring::signature::{RSA_PSS_2048_8192_SHA384, UnparsedPublicKey};
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -23,7 +23,7 @@ const OID_HW_ID: &str = "1.3.6.1.4.1.3704.1.4";
 const OID_PRODUCT_NAME: &str = "1.3.6.1.4.1.3704.1.2";
 
 /// Which key signed a report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum VekKind {
     /// Versioned Chip Endorsement Key (per chip, from AMD KDS), issued by the ASK.
     Vcek,
@@ -165,6 +165,26 @@ pub fn product_generation(vek_der: &[u8]) -> Result<Option<Generation>, VerifyEr
     Ok(Generation::from_product_name(name))
 }
 
+/// A key whose chain verified, with its validity period.
+struct Verified {
+    vek: Vek,
+    not_before: i64,
+    not_after: i64,
+}
+
+type VerifiedCache = Mutex<HashMap<(VekKind, Generation, [u8; 32]), Arc<Verified>>>;
+
+/// Most keys remembered as verified (a KBS sees one VCEK per chip and TCB).
+const VERIFIED_MAX: usize = 4096;
+
+/// Keys whose chain verified, by SHA-256 of their DER with kind and generation: a VCEK comes
+/// back with every report of its chip, and the RSA-4096 chain check is a pure function of
+/// those bytes. Validity dates are still checked at every call.
+fn verified_cache() -> &'static VerifiedCache {
+    static CACHE: OnceLock<VerifiedCache> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
 /// Verifies `vek_der` (a `kind` key) chains to `generation`'s ARK through the ASK (VCEK) or
 /// ASVK (VLEK), is valid at `now_unix`, and reads its TCB extensions.
 pub fn verify_vek(
@@ -173,6 +193,40 @@ pub fn verify_vek(
     generation: Generation,
     now_unix: i64,
 ) -> Result<Vek, VerifyError> {
+    let mut digest = [0u8; 32];
+    digest.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, vek_der).as_ref());
+    let key = (kind, generation, digest);
+    let cached = verified_cache()
+        .lock()
+        .ok()
+        .and_then(|c| c.get(&key).cloned());
+    let verified = match cached {
+        Some(v) => v,
+        None => {
+            let v = Arc::new(verify_chain(vek_der, kind, generation)?);
+            if let Ok(mut c) = verified_cache().lock() {
+                if c.len() >= VERIFIED_MAX {
+                    c.clear();
+                }
+                c.insert(key, v.clone());
+            }
+            v
+        }
+    };
+    if now_unix < verified.not_before || now_unix > verified.not_after {
+        return Err(VerifyError::CertificateChain(format!(
+            "{} is outside its validity period at {now_unix}",
+            kind.as_str()
+        )));
+    }
+    Ok(verified.vek.clone())
+}
+
+fn verify_chain(
+    vek_der: &[u8],
+    kind: VekKind,
+    generation: Generation,
+) -> Result<Verified, VerifyError> {
     let roots = roots(generation)?;
     let issuer = match kind {
         VekKind::Vcek => &roots.ask,
@@ -187,13 +241,11 @@ pub fn verify_vek(
     })?;
     let cert = parse(vek_der).map_err(|e| VerifyError::CertificateChain(format!("VEK: {e}")))?;
     let validity = cert.validity();
-    if now_unix < validity.not_before.timestamp() || now_unix > validity.not_after.timestamp() {
-        return Err(VerifyError::CertificateChain(format!(
-            "{} is outside its validity period at {now_unix}",
-            kind.as_str()
-        )));
-    }
-    read_extensions(vek_der, kind, generation)
+    Ok(Verified {
+        vek: read_extensions(vek_der, kind, generation)?,
+        not_before: validity.not_before.timestamp(),
+        not_after: validity.not_after.timestamp(),
+    })
 }
 
 /// Reads a VCEK/VLEK's key and AMD extensions, without checking its chain.
