@@ -775,6 +775,8 @@ async fn daemon_run(kbs_bin: &Path, daemon_bin: &Path, args: &Args) -> anyhow::R
     std::fs::write(&init, "[tether]\nguest_id = \"footprint\"\n")?;
     let mut daemon = Command::new(daemon_bin)
         .arg("run")
+        .arg("--tee")
+        .arg("sample")
         .arg("--kbs-url")
         .arg(kbs.url())
         .arg("--init-data")

@@ -1,4 +1,14 @@
 //! Where attestation evidence comes from: one provider per TEE kind.
+//!
+//! [`select_provider`] picks the TEE's configfs-tsm provider (TDX, SNP) when the guest has
+//! one; the sample attester is used only when asked for.
+
+pub mod tsm;
+#[cfg(test)]
+mod tsm_tests;
+
+use std::path::Path;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use base64::Engine;
@@ -16,6 +26,9 @@ pub enum EvidenceError {
         /// What went wrong.
         reason: String,
     },
+    /// No TEE evidence source was found.
+    #[error("no TEE found: {0}")]
+    NoTee(String),
     /// The report data does not fit the TEE's report.
     #[error("report data is {got} bytes, the {tee} report holds at most {max}")]
     ReportDataTooLong {
@@ -40,6 +53,45 @@ pub trait EvidenceProvider: Send + Sync {
         &self,
         report_data: Vec<u8>,
     ) -> Result<serde_json::Value, EvidenceError>;
+}
+
+/// Which evidence source to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EvidenceSource {
+    /// The TEE found through configfs-tsm (TDX or SNP); an error when there is none.
+    #[default]
+    Auto,
+    /// The sample attester (development and tests only).
+    Sample,
+}
+
+/// The evidence provider for `source`, probing configfs-tsm at `tsm_root` for `Auto`.
+pub fn select_provider(
+    source: EvidenceSource,
+    tsm_root: &Path,
+) -> Result<Box<dyn EvidenceProvider>, EvidenceError> {
+    select_provider_on(source, Arc::new(tsm::RealFs), tsm_root)
+}
+
+/// [`select_provider`] over a given filesystem (tests use a configfs fixture).
+pub fn select_provider_on(
+    source: EvidenceSource,
+    fs: Arc<dyn tsm::ConfigFs>,
+    tsm_root: &Path,
+) -> Result<Box<dyn EvidenceProvider>, EvidenceError> {
+    match source {
+        EvidenceSource::Sample => Ok(Box::new(SampleAttester)),
+        EvidenceSource::Auto => match tsm::detect_tsm_provider(fs.as_ref(), tsm_root) {
+            Some(provider) => Ok(Box::new(tsm::TsmEvidenceProvider::with_fs(
+                fs, tsm_root, provider,
+            ))),
+            None => Err(EvidenceError::NoTee(format!(
+                "no TDX or SNP provider under {} (configfs-tsm); use the sample attester \
+                 explicitly for development",
+                tsm_root.display()
+            ))),
+        },
+    }
 }
 
 /// Largest report data the sample attester takes (that of real TEEs, 64 bytes).

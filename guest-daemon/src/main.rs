@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use guest_daemon::evidence::SampleAttester;
+use guest_daemon::evidence::{EvidenceProvider, EvidenceSource, select_provider, tsm};
 use guest_daemon::hook::PostApplyHook;
 use guest_daemon::rcar::{KbsClient, KbsClientBuilder};
 use guest_daemon::resource_path::ResourcePath;
@@ -63,6 +63,27 @@ struct KbsArgs {
     /// TEE key algorithm.
     #[arg(long, value_enum, default_value_t = KeyAlg::Ec)]
     key_alg: KeyAlg,
+    /// Evidence source: the TDX/SNP TEE found through configfs-tsm, or the sample attester.
+    #[arg(long, value_enum, env = "TETHER_TEE", default_value_t = TeeArg::Auto)]
+    tee: TeeArg,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TeeArg {
+    /// TDX or SNP through /sys/kernel/config/tsm/report; fails when there is none.
+    Auto,
+    /// The sample attester (development and tests; never trusted by a production policy).
+    Sample,
+}
+
+fn evidence(args: &KbsArgs) -> anyhow::Result<Box<dyn EvidenceProvider>> {
+    let source = match args.tee {
+        TeeArg::Auto => EvidenceSource::Auto,
+        TeeArg::Sample => EvidenceSource::Sample,
+    };
+    select_provider(source, Path::new(tsm::TSM_REPORT_ROOT)).context(
+        "choose the evidence source (--tee sample, or TETHER_TEE=sample, for the sample attester)",
+    )
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -182,8 +203,7 @@ fn read_init_data(path: &Path) -> anyhow::Result<String> {
 }
 
 fn client(args: &KbsArgs) -> anyhow::Result<KbsClient> {
-    // Only the sample TEE is wired in so far; hardware providers plug in here.
-    let mut builder = KbsClientBuilder::new(&args.kbs_url, Box::new(SampleAttester))
+    let mut builder = KbsClientBuilder::new(&args.kbs_url, evidence(args)?)
         .key(TeeKeyPair::generate(args.key_alg.into())?);
     if let Some(path) = &args.init_data {
         builder = builder.init_data(read_init_data(path)?);
@@ -217,8 +237,10 @@ async fn get_resource(args: GetResourceArgs) -> anyhow::Result<()> {
 }
 
 async fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
+    let evidence = evidence(&args.kbs)?;
     let mut config = RunConfig::new(args.kbs.kbs_url, args.state_dir);
     config.key_alg = args.kbs.key_alg.into();
+    config.evidence = evidence;
     config.ca_file = args.kbs.ca_file;
     config.hook = args.hook.map(PostApplyHook::new);
     config.splitapi = (!args.no_splitapi).then(|| SplitApiConfig::new(args.splitapi_listen));
@@ -244,8 +266,7 @@ async fn splitapi_pull(args: SplitapiPullArgs) -> anyhow::Result<()> {
     })
     .await
     .context("open the state directory")??;
-    let mut builder =
-        KbsClientBuilder::new(&kbs.kbs_url, Box::new(SampleAttester)).key(key.clone());
+    let mut builder = KbsClientBuilder::new(&kbs.kbs_url, evidence(&kbs)?).key(key.clone());
     if let Some(path) = &kbs.init_data {
         builder = builder.init_data(read_init_data(path)?);
     }
@@ -284,7 +305,7 @@ async fn pki_sign(args: PkiSignArgs) -> anyhow::Result<()> {
     })
     .await
     .context("open the state directory")??;
-    let mut builder = KbsClientBuilder::new(&kbs.kbs_url, Box::new(SampleAttester)).key(key);
+    let mut builder = KbsClientBuilder::new(&kbs.kbs_url, evidence(&kbs)?).key(key);
     if let Some(path) = &kbs.init_data {
         builder = builder.init_data(read_init_data(path)?);
     }
