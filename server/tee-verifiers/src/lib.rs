@@ -189,3 +189,11 @@ impl Verifier {
         )
     }
 }
+
+#[cfg(test)]
+mod layering_tests {
+    #[test]
+    fn modules_do_not_import_each_other_in_a_circle() {
+        layering::assert_no_module_cycles(env!("CARGO_MANIFEST_DIR"));
+    }
+}
