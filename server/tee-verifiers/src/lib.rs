@@ -11,6 +11,7 @@ pub mod binding;
 pub mod collateral;
 mod der;
 mod error;
+pub mod request;
 pub mod snp;
 pub mod tdx;
 

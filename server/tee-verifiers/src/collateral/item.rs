@@ -3,8 +3,8 @@
 use serde::{Deserialize, Serialize};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::crl_dates;
 use crate::VerifyError;
+use crate::request::crl_dates;
 
 /// What was fetched.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

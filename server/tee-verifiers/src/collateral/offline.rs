@@ -19,7 +19,8 @@ use super::{
     CollateralFetcher, CollateralItem, CollateralKey, FetchError, ItemBody, TdxCollateral, VcekId,
 };
 use crate::VerifyError;
-use crate::snp::{Generation, vek};
+use crate::request::Generation;
+use crate::snp::vek;
 
 /// Serves collateral from files loaded at construction.
 #[derive(Debug, Clone, Default)]
@@ -91,7 +92,7 @@ impl OfflineFetcher {
 fn vcek_extensions(
     der: &[u8],
     generation: Generation,
-) -> Result<(crate::collateral::SnpTcb, Vec<u8>), VerifyError> {
+) -> Result<(crate::request::SnpTcb, Vec<u8>), VerifyError> {
     // verify_vek checks the chain too; reading the extensions needs no trust.
     let v = vek::read_extensions(der, vek::VekKind::Vcek, generation)?;
     Ok((v.tcb, v.hw_id.unwrap_or_default()))

@@ -25,7 +25,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::{CollateralFetcher, CollateralItem, CollateralKey, FetchError, ItemBody};
-use crate::snp::Generation;
+use crate::request::Generation;
 
 /// Where the HTTP fetcher goes.
 #[derive(Debug, Clone)]

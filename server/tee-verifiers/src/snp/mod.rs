@@ -48,50 +48,12 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sev::parser::ByteParser;
 
-use crate::collateral::{CollateralRequest, SnpTcb, VcekId};
+pub use crate::request::Generation;
+use crate::request::{CollateralRequest, SnpTcb, VcekId};
 use crate::{VerifyError, binding};
 
 use report::Report;
 use vek::{Vek, VekKind};
-
-/// AMD EPYC processor generations whose roots are embedded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Generation {
-    /// 3rd Gen EPYC.
-    Milan,
-    /// 4th Gen EPYC.
-    Genoa,
-    /// 5th Gen EPYC.
-    Turin,
-}
-
-impl Generation {
-    /// The KDS product name.
-    pub fn product_name(&self) -> &'static str {
-        match self {
-            Generation::Milan => "Milan",
-            Generation::Genoa => "Genoa",
-            Generation::Turin => "Turin",
-        }
-    }
-
-    /// From CPUID family and model (upstream `get_processor_generation`).
-    pub fn from_cpuid(family: u8, model: u8) -> Option<Self> {
-        match (family, model) {
-            (0x19, 0x00..=0x0F) => Some(Generation::Milan),
-            (0x19, 0x10..=0x1F) | (0x19, 0xA0..=0xAF) => Some(Generation::Genoa),
-            (0x1A, 0x00..=0x11) => Some(Generation::Turin),
-            _ => None,
-        }
-    }
-
-    /// From a VCEK/VLEK productName ("Milan-B0", "Genoa", ...).
-    pub fn from_product_name(name: &str) -> Option<Self> {
-        [Generation::Milan, Generation::Genoa, Generation::Turin]
-            .into_iter()
-            .find(|g| name.starts_with(g.product_name()))
-    }
-}
 
 /// Decoded SNP evidence: raw report and the VCEK/VLEK it carries, if any.
 #[derive(Debug, Clone)]

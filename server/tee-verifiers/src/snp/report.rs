@@ -3,7 +3,7 @@
 
 use super::Generation;
 use crate::VerifyError;
-use crate::collateral::SnpTcb;
+use crate::request::SnpTcb;
 
 /// Length of an attestation report.
 pub const REPORT_LEN: usize = 0x4A0;

@@ -10,7 +10,7 @@ use ring::signature::{RSA_PSS_2048_8192_SHA384, UnparsedPublicKey};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::Generation;
-use crate::collateral::SnpTcb;
+use crate::request::SnpTcb;
 use crate::{VerifyError, der};
 
 const RSASSA_PSS: &str = "1.2.840.113549.1.1.10";

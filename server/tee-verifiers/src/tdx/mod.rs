@@ -42,7 +42,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::collateral::{CollateralRequest, PckCa, TdxCollateral};
+use crate::request::{CollateralRequest, PckCa, TdxCollateral};
 use crate::{VerifyError, binding, der};
 
 use eventlog::EventLog;
