@@ -57,6 +57,16 @@ pub struct ProbeRequest {
     pub kind: ProbeKind,
 }
 
+impl ProbeRequest {
+    /// The request an optional body asks for: empty (or blank) means `all`.
+    pub fn from_body(body: &[u8]) -> Result<Self, String> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self::default());
+        }
+        serde_json::from_slice(body).map_err(|e| format!("invalid probe request: {e}"))
+    }
+}
+
 /// One guest's probe result.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeOutcome {
@@ -261,6 +271,17 @@ impl Prober {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_probe_body_is_optional_and_strict() {
+        assert_eq!(ProbeRequest::from_body(b" \n").unwrap().kind, ProbeKind::All);
+        assert_eq!(
+            ProbeRequest::from_body(br#"{"kind":"runtime"}"#).unwrap().kind,
+            ProbeKind::Runtime
+        );
+        let err = ProbeRequest::from_body(br#"{"kind":"Runtime"}"#).unwrap_err();
+        assert!(err.starts_with("invalid probe request"), "{err}");
+    }
 
     #[test]
     fn batch_requests_parse() {

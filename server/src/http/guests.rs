@@ -346,13 +346,8 @@ pub async fn probe(
     Path(guest_id): Path<String>,
     ApiBytes(body): ApiBytes,
 ) -> Result<Json<ProbeReport>, ApiError> {
-    let request = if body.iter().all(u8::is_ascii_whitespace) {
-        ProbeRequest::default()
-    } else {
-        serde_json::from_slice::<ProbeRequest>(&body).map_err(|e| {
-            ApiError::bad_request("MalformedRequest", format!("invalid probe request: {e}"))
-        })?
-    };
+    let request = ProbeRequest::from_body(&body)
+        .map_err(|e| ApiError::bad_request("MalformedRequest", e))?;
     let kind = request.kind;
     let prober = &api.prober;
     let started = std::time::Instant::now();
