@@ -27,12 +27,30 @@ pub enum ClientError {
         /// Detail.
         detail: String,
     },
-    /// Transport failure.
-    #[error("request failed: {0}")]
-    Http(#[from] reqwest::Error),
+    /// Transport failure, with reqwest's causes (connection refused, TLS...) in the message and
+    /// not as `source()`, so `{}` says why and `{:#}` does not say it twice.
+    #[error("request failed: {}", error_chain(.0))]
+    Http(reqwest::Error),
     /// Key or file trouble.
     #[error("{0}")]
     Local(String),
+}
+
+impl From<reqwest::Error> for ClientError {
+    fn from(e: reqwest::Error) -> Self {
+        Self::Http(e)
+    }
+}
+
+/// `e` and every error below it, joined by `: `.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(&format!(": {s}"));
+        next = s.source();
+    }
+    out
 }
 
 /// Admin API client: signs a short-lived admin token per request.
@@ -503,5 +521,31 @@ impl AdminClient {
             )
             .await?;
         parse("splitapi owner bundle", v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refused_connection_is_reported_once_with_its_cause() {
+        // A port nothing listens on: bound, then closed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let client = AdminClient::new(
+            &format!("http://127.0.0.1:{port}"),
+            AdminKeyPair::generate(),
+            None,
+        )
+        .unwrap();
+        let err = client.resource_versions("default/a/b").await.unwrap_err();
+        let reported = err.to_string();
+        assert!(matches!(err, ClientError::Http(_)), "{reported}");
+        assert!(reported.contains("Connection refused"), "{reported}");
+        assert!(std::error::Error::source(&err).is_none(), "{reported}");
     }
 }

@@ -15,12 +15,15 @@ use zeroize::Zeroizing;
 #[derive(Debug, thiserror::Error)]
 pub enum AdminKeyError {
     /// The key file could not be read or written.
-    #[error("admin key file {path}: {source}")]
+    ///
+    /// The cause is part of the message and deliberately not `source()`, so a report that
+    /// prints the chain (`{:#}`) names it once.
+    #[error("admin key file {path}: {cause}")]
     Io {
         /// File.
         path: String,
         /// Cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The PEM is not an Ed25519 PKCS#8 private key.
     #[error("admin key {0}: not an Ed25519 PKCS#8 private key PEM")]
@@ -92,9 +95,9 @@ impl AdminKeyPair {
     pub fn load(path: &Path) -> Result<Self, AdminKeyError> {
         let pem =
             Zeroizing::new(
-                std::fs::read_to_string(path).map_err(|source| AdminKeyError::Io {
+                std::fs::read_to_string(path).map_err(|cause| AdminKeyError::Io {
                     path: path.display().to_string(),
-                    source,
+                    cause,
                 })?,
             );
         Self::from_pem(&pem, &path.display().to_string())
@@ -106,9 +109,9 @@ impl AdminKeyPair {
             return Ok((Self::load(path)?, false));
         }
         let kp = Self::generate();
-        let io = |source| AdminKeyError::Io {
+        let io = |cause| AdminKeyError::Io {
             path: path.display().to_string(),
-            source,
+            cause,
         };
         crate::fsutil::write_private_atomic(path, kp.private_pem().as_bytes()).map_err(io)?;
         std::fs::write(path.with_extension("pub"), kp.public_pem()).map_err(io)?;
@@ -157,5 +160,22 @@ impl AdminKeyPair {
 impl std::fmt::Debug for AdminKeyPair {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("AdminKeyPair([redacted])")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_key_file_names_its_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absent.key");
+        let err = AdminKeyPair::load(&path).unwrap_err();
+        // The cause is in the message, and not also below it where `{:#}` would print it again.
+        let reported = err.to_string();
+        assert!(reported.contains("absent.key"), "{reported}");
+        assert!(reported.contains("(os error 2)"), "{reported}");
+        assert!(std::error::Error::source(&err).is_none());
     }
 }

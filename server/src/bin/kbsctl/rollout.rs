@@ -10,6 +10,7 @@ use plugin_rotation::{Control, RolloutView, StartRollout};
 use server::admin_client::{AdminClient, RolloutUpdate};
 
 use crate::output::{Output, table};
+use crate::query::urlencode;
 
 #[derive(Subcommand, Debug)]
 pub enum RolloutCmd {
@@ -221,7 +222,7 @@ async fn report(client: &AdminClient, v: &RolloutView, json: bool) -> anyhow::Re
         loop {
             let mut q = format!("state={state}&limit=1000");
             if let Some(a) = &after {
-                q.push_str(&format!("&after={a}"));
+                q.push_str(&format!("&after={}", urlencode(a)));
             }
             let page = client.rollout(v.rollout.id, &q).await?;
             problems.extend(page.targets);
