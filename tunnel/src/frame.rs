@@ -146,7 +146,7 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecErr
 fn push_bytes_header(out: &mut Vec<u8>, len: usize) {
     if let Ok(n) = u8::try_from(len) {
         if n < 24 {
-            out.push(0x40 | n);
+            out.push(0x40 + n);
         } else {
             out.extend_from_slice(&[0x58, n]);
         }
