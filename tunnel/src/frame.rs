@@ -367,18 +367,23 @@ mod tests {
         use std::cell::Cell;
 
         let input = (
-            proptest::collection::vec(any::<u8>(), 0..300),
+            // Half short enough for the length to fit the first byte.
+            prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..24),
+                proptest::collection::vec(any::<u8>(), 24..300),
+            ],
             prop_oneof![Just(0_u8), Just(1), Just(2), Just(4), Just(8), Just(0xff)],
             arb_damage(),
         )
             .prop_map(|(payload, width, damage)| {
-                let mut bytes = match width {
-                    0xff => rpc_in_chunks(&payload),
+                let (mut bytes, width) = match width {
+                    0xff => (rpc_in_chunks(&payload), None),
                     // A width too small for the length falls back to the next that fits.
-                    0 if payload.len() < 24 => rpc_with_header_width(&payload, 0),
-                    0 | 1 if payload.len() < 256 => rpc_with_header_width(&payload, 1),
-                    w => rpc_with_header_width(&payload, w.max(2)),
+                    0 if payload.len() < 24 => (rpc_with_header_width(&payload, 0), Some(0)),
+                    0 | 1 if payload.len() < 256 => (rpc_with_header_width(&payload, 1), Some(1)),
+                    w => (rpc_with_header_width(&payload, w.max(2)), Some(w.max(2))),
                 };
+                let intact = matches!(damage, Damage::None);
                 match damage {
                     Damage::None => {}
                     Damage::Flip(at, x) => {
@@ -389,7 +394,7 @@ mod tests {
                     Damage::Cut(n) => bytes.truncate(bytes.len().saturating_sub(n)),
                     Damage::Extend(tail) => bytes.extend(tail),
                 }
-                bytes
+                (bytes, width, intact)
             });
 
         let (fast, non_shortest, full_rpc, full_other, refused) = (
@@ -399,13 +404,15 @@ mod tests {
             Cell::new(0_u32),
             Cell::new(0_u32),
         );
+        // Intact frames the fast path took, by header width (0: length in the first byte).
+        let by_width: [Cell<u32>; 9] = Default::default();
         let mut runner = TestRunner::new(Config {
             cases: 2000,
             failure_persistence: None,
             ..Config::default()
         });
         runner
-            .run(&input, |bytes| {
+            .run(&input, |(bytes, width, intact)| {
                 let full = from_cbor::<Frame>(&bytes);
                 match (rpc_payload(&bytes), &full) {
                     (Some(payload), _) => {
@@ -418,6 +425,20 @@ mod tests {
                     (None, Ok(Frame::Rpc(_))) => full_rpc.set(full_rpc.get() + 1),
                     (None, Ok(_)) => full_other.set(full_other.get() + 1),
                     (None, Err(_)) => refused.set(refused.get() + 1),
+                }
+                // Every intact definite-length frame, whatever its header width, is read in
+                // place: the payload borrowed from the message, never copied.
+                if let (true, Some(width)) = (intact, width) {
+                    prop_assert!(
+                        matches!(
+                            decode_ref(&bytes, usize::MAX),
+                            Ok(FrameRef::Rpc(Cow::Borrowed(_)))
+                        ),
+                        "width {} not borrowed",
+                        width
+                    );
+                    let hits = &by_width[usize::from(width)];
+                    hits.set(hits.get() + 1);
                 }
                 // Whichever path takes it, decode_ref answers what the full decoder does.
                 let ours = decode_ref(&bytes, usize::MAX).map(|f| match f {
@@ -432,6 +453,13 @@ mod tests {
             })
             .expect("the fast path and the full decoder agree");
 
+        for width in [0_usize, 1, 2, 4, 8] {
+            assert!(
+                by_width[width].get() >= 20,
+                "intact frames with a {width}-byte length header: {}",
+                by_width[width].get()
+            );
+        }
         let counts = [
             ("fast path", fast.get(), 600),
             ("fast path, non-shortest header", non_shortest.get(), 300),
