@@ -20,7 +20,7 @@ use rand::RngCore;
 use rand::rngs::OsRng;
 use rsa::traits::PublicKeyParts;
 use rsa::{Oaep, Pkcs1v15Encrypt, RsaPrivateKey};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 use zeroize::Zeroizing;
 
 /// JWA name of ECDH-ES with Concat KDF and an A256KW-wrapped CEK.
@@ -257,7 +257,7 @@ impl TeeKeyPair {
         jwe: &[u8],
         push_key: Option<&[u8; AES256_KEY_LEN]>,
     ) -> Result<Zeroizing<Vec<u8>>, UnsealError> {
-        let response: Response = serde_json::from_slice(jwe).map_err(UnsealError::Json)?;
+        let (response, aad) = parse_flattened(jwe)?;
         if response.protected.alg == DIR {
             let key = push_key.ok_or(UnsealError::NoPushKey)?;
             if !response.encrypted_key.is_empty() {
@@ -267,13 +267,27 @@ impl TeeKeyPair {
                     got: response.encrypted_key.len(),
                 });
             }
-            return decrypt_content(key, &response);
+            return decrypt_content(key, &response, &aad);
         }
-        self.open(&response)
+        self.open_with_aad(&response, &aad)
     }
 
-    /// Open a JWE sealed to this key and return the plaintext.
+    /// Open a JWE sealed to this key and return the plaintext. A parsed `Response` no longer
+    /// holds the protected header as sent, so the AAD is its re-serialisation (kbs-types' way,
+    /// right for what kbs-types writes); [`Self::open_json`] uses the header as sent.
     pub fn open(&self, response: &Response) -> Result<Zeroizing<Vec<u8>>, UnsealError> {
+        let aad = response
+            .protected
+            .generate_aad()
+            .map_err(|_| UnsealError::Aad)?;
+        self.open_with_aad(response, &aad)
+    }
+
+    fn open_with_aad(
+        &self,
+        response: &Response,
+        aad: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, UnsealError> {
         if response.protected.enc != A256GCM {
             return Err(UnsealError::UnsupportedEncryption(
                 response.protected.enc.clone(),
@@ -283,7 +297,7 @@ impl TeeKeyPair {
         fixed::<GCM_IV_LEN>("iv", &response.iv)?;
         fixed::<GCM_TAG_LEN>("tag", &response.tag)?;
         let cek = self.unwrap_cek(&response.protected, &response.encrypted_key)?;
-        decrypt_content(&cek, response)
+        decrypt_content(&cek, response, aad)
     }
 
     /// Recover the content encryption key from `encrypted_key`.
@@ -333,15 +347,37 @@ impl TeeKeyPair {
 }
 
 /// `bytes` as an array of exactly `N` bytes.
-/// A256GCM content decryption under `cek`, the protected header as AAD (kbs-types' way).
-fn decrypt_content(cek: &[u8], response: &Response) -> Result<Zeroizing<Vec<u8>>, UnsealError> {
+/// A flattened JWE JSON and its AAD: the `protected` member exactly as sent (RFC 7516 section
+/// 5.2 step 14), not a re-serialisation of the parsed header, which another JOSE library's
+/// member order would not survive. `encrypted_key` may be absent, as RFC 7516 section 7.2.1
+/// wants it for `dir`.
+fn parse_flattened(jwe: &[u8]) -> Result<(Response, Vec<u8>), UnsealError> {
+    let mut value: serde_json::Value = serde_json::from_slice(jwe).map_err(UnsealError::Json)?;
+    let aad = match value.get("protected") {
+        Some(serde_json::Value::String(protected)) => protected.clone().into_bytes(),
+        _ => return Err(UnsealError::HeaderField("protected")),
+    };
+    if let Some(members) = value.as_object_mut() {
+        members
+            .entry("encrypted_key")
+            .or_insert_with(|| serde_json::Value::String(String::new()));
+    }
+    let response = serde_json::from_value(value).map_err(UnsealError::Json)?;
+    Ok((response, aad))
+}
+
+/// A256GCM content decryption under `cek`, `aad` being the protected header.
+fn decrypt_content(
+    cek: &[u8],
+    response: &Response,
+    aad: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, UnsealError> {
     let header = &response.protected;
     if header.enc != A256GCM {
         return Err(UnsealError::UnsupportedEncryption(header.enc.clone()));
     }
     let iv: [u8; GCM_IV_LEN] = fixed("iv", &response.iv)?;
     let tag: [u8; GCM_TAG_LEN] = fixed("tag", &response.tag)?;
-    let aad = header.generate_aad().map_err(|_| UnsealError::Aad)?;
     let cipher = Aes256Gcm::new_from_slice(cek).map_err(|_| UnsealError::Length {
         field: "cek",
         expected: AES256_KEY_LEN,
@@ -351,7 +387,7 @@ fn decrypt_content(cek: &[u8], response: &Response) -> Result<Zeroizing<Vec<u8>>
     cipher
         .decrypt_in_place_detached(
             &Nonce::from(iv),
-            &aad,
+            aad,
             plaintext.as_mut_slice(),
             &Tag::from(tag),
         )
@@ -435,7 +471,7 @@ fn ecdh_es_unwrap(
         .ok_or(UnsealError::EphemeralKey)?;
     let shared = p256::ecdh::diffie_hellman(secret.to_nonzero_scalar(), epk.as_affine());
 
-    let kek = concat_kdf_a256kw(shared.raw_secret_bytes());
+    let kek = concat_kdf_a256kw(shared.raw_secret_bytes())?;
 
     // AES-KW needs at least two semiblocks of output; a 32-byte CEK is 40 bytes wrapped.
     let expected = AES256_KEY_LEN + KW_OVERHEAD;
@@ -454,20 +490,33 @@ fn decode_coordinate(field: &'static str, b64: &str) -> Result<p256::FieldBytes,
     Ok(p256::FieldBytes::from(fixed::<32>(field, &bytes)?))
 }
 
-/// Concat KDF (NIST SP 800-56A, RFC 7518 section 4.6.2) with SHA-256 for a
-/// 256-bit ECDH-ES+A256KW key: one round, otherinfo =
-/// u32be(len(alg)) || alg || u32be(0) (apu) || u32be(0) (apv) || u32be(256).
-fn concat_kdf_a256kw(z: &[u8]) -> Zeroizing<[u8; 32]> {
-    let alg = ECDH_ES_A256KW.as_bytes();
-    let mut hasher = Sha256::new();
-    hasher.update(1u32.to_be_bytes());
-    hasher.update(z);
-    hasher.update((alg.len() as u32).to_be_bytes());
-    hasher.update(alg);
-    hasher.update(0u32.to_be_bytes());
-    hasher.update(0u32.to_be_bytes());
-    hasher.update(((AES256_KEY_LEN * 8) as u32).to_be_bytes());
-    Zeroizing::new(hasher.finalize().into())
+/// The ECDH-ES+A256KW key-wrapping key: Concat KDF with alg id, empty apu and apv, and a
+/// 256-bit key (RFC 7518 section 4.6.2; what guest-components' `ec.rs` derives).
+fn concat_kdf_a256kw(z: &[u8]) -> Result<Zeroizing<[u8; 32]>, UnsealError> {
+    let mut kek = Zeroizing::new([0u8; AES256_KEY_LEN]);
+    concat_kdf(z, ECDH_ES_A256KW, b"", b"", kek.as_mut())?;
+    Ok(kek)
+}
+
+/// Concat KDF (NIST SP 800-56A, SHA-256) filling `key`, OtherInfo as RFC 7518 section 4.6.2
+/// builds it: AlgorithmID, PartyUInfo, PartyVInfo (each length-prefixed), key length in bits.
+fn concat_kdf(
+    z: &[u8],
+    alg: &str,
+    apu: &[u8],
+    apv: &[u8],
+    key: &mut [u8],
+) -> Result<(), UnsealError> {
+    let too_long = || UnsealError::HeaderField("apu/apv");
+    let bits = u32::try_from(key.len() * 8).map_err(|_| too_long())?;
+    let mut other_info = Vec::new();
+    for part in [alg.as_bytes(), apu, apv] {
+        let len = u32::try_from(part.len()).map_err(|_| too_long())?;
+        other_info.extend_from_slice(&len.to_be_bytes());
+        other_info.extend_from_slice(part);
+    }
+    other_info.extend_from_slice(&bits.to_be_bytes());
+    ::concat_kdf::derive_key_into::<Sha256>(z, &other_info, key).map_err(|_| UnsealError::KeyUnwrap)
 }
 
 /// The sealing side, written after trustee's `kbs/src/jwe`, so tests here and
@@ -521,7 +570,15 @@ pub(crate) mod seal {
                 let tee_pk = p256::PublicKey::from_encoded_point(&point).unwrap();
                 let eph = p256::ecdh::EphemeralSecret::random(&mut OsRng);
                 let z = eph.diffie_hellman(&tee_pk);
-                let kek = concat_kdf_a256kw(z.raw_secret_bytes());
+                // The library's KDF with the OtherInfo spelled out, not the opener's code.
+                let other_info = b"\0\0\0\x0eECDH-ES+A256KW\0\0\0\0\0\0\0\0\0\0\x01\0";
+                let mut kek = Zeroizing::new([0u8; 32]);
+                ::concat_kdf::derive_key_into::<Sha256>(
+                    z.raw_secret_bytes(),
+                    other_info,
+                    &mut *kek,
+                )
+                .unwrap();
                 let cek = random_cek();
                 let mut wrapped = vec![0u8; 40];
                 KekAes256::from(*kek).wrap(&cek, &mut wrapped).unwrap();
@@ -563,6 +620,16 @@ pub(crate) mod seal {
             other_fields: Map::new(),
         };
         content(protected, wrapped, &cek, plain)
+    }
+
+    /// Seal with `key` used directly as the CEK (`alg: dir`, a tunnel's push key).
+    pub(crate) fn seal_dir(key: &[u8; 32], plain: &[u8]) -> Response {
+        let protected = ProtectedHeader {
+            alg: DIR.into(),
+            enc: A256GCM.into(),
+            other_fields: Map::new(),
+        };
+        content(protected, Vec::new(), key, plain)
     }
 }
 
@@ -878,17 +945,70 @@ mod tests {
     }
 
     #[test]
-    fn concat_kdf_matches_rfc7518_appendix_c_shape() {
-        // RFC 7518 appendix C uses ECDH-ES with A128GCM, so its vector does not
-        // apply verbatim; check our otherinfo layout against a hand-built one.
-        let z = [0x42u8; 32];
-        let mut manual = Vec::new();
-        manual.extend_from_slice(&[0, 0, 0, 1]);
-        manual.extend_from_slice(&z);
-        manual.extend_from_slice(&[0, 0, 0, 14]);
-        manual.extend_from_slice(b"ECDH-ES+A256KW");
-        manual.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
-        let expected: [u8; 32] = Sha256::digest(&manual).into();
-        assert_eq!(*concat_kdf_a256kw(&z), expected);
+    fn concat_kdf_matches_rfc7518_appendix_c() {
+        // Z of Alice's ephemeral key and Bob's key; an A128GCM key with apu "Alice", apv "Bob".
+        let z = [
+            158, 86, 217, 29, 129, 113, 53, 211, 114, 131, 66, 131, 191, 132, 38, 156, 251, 49,
+            110, 163, 218, 128, 106, 72, 246, 218, 167, 121, 140, 254, 144, 196,
+        ];
+        let mut key = [0u8; 16];
+        concat_kdf(&z, "A128GCM", b"Alice", b"Bob", &mut key).unwrap();
+        assert_eq!(URL_SAFE_NO_PAD.encode(key), "VqqN6vgjbSBcIijNcacQGg");
+        // The A256KW key of the same Z (computed apart: Python's hashlib over the OtherInfo).
+        assert_eq!(
+            hex::encode(*concat_kdf_a256kw(&z).unwrap()),
+            "89ab838633757805bd678cb164f2427776824e8f784152f23747096449921f46"
+        );
+    }
+
+    /// RFC 7518 Appendix C's Bob, as a TEE key.
+    fn bob() -> TeeKeyPair {
+        let d = URL_SAFE_NO_PAD
+            .decode("VEmDZpDXXK8p8N0Cndsxs924q6nS1RXFASRl6BfUqdw")
+            .unwrap();
+        let secret = p256::SecretKey::from_slice(&d).unwrap();
+        let pem = p256::pkcs8::EncodePrivateKey::to_pkcs8_pem(&secret, Default::default()).unwrap();
+        TeeKeyPair::from_pem(&pem).unwrap()
+    }
+
+    /// A JWE panva/jose sealed to Bob with Appendix C's Alice as the ephemeral key, CEK
+    /// 00..1f, IV 00..0b (tests/jose/interop.mjs `golden`). Its `epk` members are in jose's
+    /// order (x, crv, kty, y), so only an opener that takes the header as sent opens it.
+    const JOSE_GOLDEN: &str = concat!(
+        r#"{"ciphertext":"E2eic6CX4nziLfPu38kyOsY","iv":"AAECAwQFBgcICQoL","tag":"kDV6ZbaC8QWkBC6pKtBfFA","#,
+        r#""encrypted_key":"T0NVWKoWucQiDmmVc2dmvQ8xVyt-7o5H1C0MnaCf5KFFpsfACs-0RQ","#,
+        r#""protected":"eyJhbGciOiJFQ0RILUVTK0EyNTZLVyIsImVuYyI6IkEyNTZHQ00iLCJlcGsiOnsieCI6ImdJMEdBSUxCZHU3VDUzYWtyRm1NeUdjc0YzbjVkTzdNbXdOQkhLVzVTVjAiLCJjcnYiOiJQLTI1NiIsImt0eSI6IkVDIiwieSI6IlNMV194U2ZmemxQV3JIRVZJMzBESE1fNGVnVnd0M05RcWVVRDduTUZwcHMifX0"}"#,
+    );
+
+    #[test]
+    fn a_jwe_sealed_by_jose_with_a_fixed_ephemeral_key_opens() {
+        let bob = bob();
+        assert_eq!(
+            bob.open_json(JOSE_GOLDEN.as_bytes()).unwrap().as_slice(),
+            b"Tether golden JWE"
+        );
+        // The same JWE parsed (its header re-serialised in sorted order) no longer
+        // authenticates: the AAD is the header as sent.
+        let parsed: Response = serde_json::from_str(JOSE_GOLDEN).unwrap();
+        assert!(matches!(bob.open(&parsed), Err(UnsealError::Decrypt)));
+        // One flipped bit of the header as sent is refused.
+        let tampered = JOSE_GOLDEN.replace("eyJhbGciOiJFQ0RILUVTK0", "eyJhbGciOiJFQ0RILUVTK1");
+        assert!(bob.open_json(tampered.as_bytes()).is_err());
+    }
+
+    #[test]
+    fn a_dir_jwe_without_encrypted_key_opens_with_the_push_key() {
+        // RFC 7516 section 7.2.1: `encrypted_key` is absent when empty, as jose writes `dir`.
+        let key = [7u8; 32];
+        let sealed = seal::seal_dir(&key, b"pushed");
+        let mut json: serde_json::Value = serde_json::to_value(&sealed).unwrap();
+        json.as_object_mut().unwrap().remove("encrypted_key");
+        let wire = serde_json::to_vec(&json).unwrap();
+        let opened = bob().open_json_with(&wire, Some(&key)).unwrap();
+        assert_eq!(opened.as_slice(), b"pushed");
+        assert!(matches!(
+            bob().open_json_with(&wire, Some(&[8u8; 32])),
+            Err(UnsealError::Decrypt)
+        ));
     }
 }

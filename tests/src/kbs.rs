@@ -37,7 +37,48 @@ pub struct TestKbs {
     config: Config,
     plugins: Option<PluginFactory>,
     task: JoinHandle<std::io::Result<()>>,
+    /// The KBS's own runtime when it may crash ([`TestKbs::start_crashable`]).
+    runtime: Option<OwnRuntime>,
     _dir: Option<tempfile::TempDir>,
+}
+
+/// A runtime only the KBS's tasks run on, so that a crash can drop them all at once: every
+/// socket it holds closes with nothing more written, nothing is flushed, nothing drains (what
+/// a killed process leaves), while the test's own tasks carry on.
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl OwnRuntime {
+    fn new() -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("test-kbs")
+            .enable_all()
+            .build()
+            .expect("KBS runtime");
+        Self(Some(runtime))
+    }
+
+    fn handle(&self) -> tokio::runtime::Handle {
+        self.0.as_ref().expect("runtime").handle().clone()
+    }
+
+    /// Drops every task of the KBS without running any of them again; returns once the
+    /// worker threads have dropped them (so their sockets are closed).
+    async fn crash(mut self) {
+        let runtime = self.0.take().expect("runtime");
+        tokio::task::spawn_blocking(move || runtime.shutdown_timeout(Duration::from_secs(5)))
+            .await
+            .expect("runtime shut down");
+    }
+}
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which an async test may not do.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// Plugins of a test's own, built anew at each (re)start.
@@ -67,6 +108,20 @@ impl TestKbs {
 
     /// Start with a config tweak.
     pub async fn start_with(tls: bool, tweak: impl FnOnce(&mut Config)) -> Self {
+        let (config, dir) = Self::config(tls, tweak);
+        Self::launch(config, None, Some(dir), false).await
+    }
+
+    /// Like [`start_with`](Self::start_with), on a runtime of its own, so that
+    /// [`crash_and_restart`](Self::crash_and_restart) can kill it.
+    pub async fn start_crashable(tls: bool, tweak: impl FnOnce(&mut Config)) -> Self {
+        let (config, dir) = Self::config(tls, tweak);
+        Self::launch(config, None, Some(dir), true).await
+    }
+
+    /// The test configuration: a fresh data directory, port 0, a self-signed certificate
+    /// when `tls`, then `tweak`.
+    fn config(tls: bool, tweak: impl FnOnce(&mut Config)) -> (Config, tempfile::TempDir) {
         init_logging();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config::default();
@@ -79,7 +134,7 @@ impl TestKbs {
             });
         }
         tweak(&mut config);
-        Self::launch(config, None, Some(dir)).await
+        (config, dir)
     }
 
     /// Plain HTTP with plugins of the test's own after the built-in ones, and a config tweak.
@@ -93,23 +148,41 @@ impl TestKbs {
         config.storage.data_dir = dir.path().join("data");
         config.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
         tweak(&mut config);
-        Self::launch(config, Some(plugins), Some(dir)).await
+        Self::launch(config, Some(plugins), Some(dir), false).await
     }
 
     async fn launch(
         config: Config,
         plugins: Option<PluginFactory>,
         dir: Option<tempfile::TempDir>,
+        own_runtime: bool,
     ) -> Self {
         let data_dir = config.storage.data_dir.clone();
-        let extra = plugins.as_ref().map(|f| f()).unwrap_or_default();
-        let kbs = Kbs::build_with(config.clone(), extra)
-            .await
-            .expect("KBS builds");
-        let listener = tokio::net::TcpListener::bind(config.http.listen)
-            .await
-            .expect("bind");
+        let runtime = own_runtime.then(OwnRuntime::new);
+        let host = runtime
+            .as_ref()
+            .map_or_else(tokio::runtime::Handle::current, OwnRuntime::handle);
+        // Bound here, registered with the KBS's runtime there. Right after a crash the old
+        // socket may still be closing: retry briefly.
+        let listener = bind(config.http.listen).await;
         let addr = listener.local_addr().expect("addr");
+        let kbs = if own_runtime {
+            // Built on its runtime too (whatever the build spawns dies with it). The plugin
+            // specs are not Send: the factory makes them there.
+            let (config, factory, host) = (config.clone(), plugins.clone(), host.clone());
+            tokio::task::spawn_blocking(move || {
+                host.block_on(async move {
+                    let extra = factory.map(|f| f()).unwrap_or_default();
+                    Kbs::build_with(config, extra).await
+                })
+            })
+            .await
+            .expect("KBS build task")
+        } else {
+            let extra = plugins.as_ref().map(|f| f()).unwrap_or_default();
+            Kbs::build_with(config.clone(), extra).await
+        }
+        .expect("KBS builds");
         let tls = kbs.is_tls();
         let url = if tls {
             format!("https://localhost:{}", addr.port())
@@ -117,7 +190,10 @@ impl TestKbs {
             format!("http://{addr}")
         };
         let state = kbs.state.clone();
-        let task = tokio::spawn(kbs.serve(listener));
+        let task = host.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            kbs.serve(listener).await
+        });
         let mut config = config;
         config.http.listen = addr;
         Self {
@@ -129,6 +205,7 @@ impl TestKbs {
             config,
             plugins,
             task,
+            runtime,
             _dir: dir,
         }
     }
@@ -147,8 +224,25 @@ impl TestKbs {
 
     /// Stop and start again on the same port and data directory (and the same plugins).
     pub async fn restart(self) -> Self {
+        let own = self.runtime.is_some();
         let (config, plugins, dir) = self.stop_all().await;
-        Self::launch(config, plugins, dir).await
+        Self::launch(config, plugins, dir, own).await
+    }
+
+    /// Kill the KBS (no drain, no GoAway, no close frame, no flush: every task it had is
+    /// dropped at once and its sockets close), then start it again on the same port and data
+    /// directory, as a supervisor restarts a killed process. Only for a KBS started with
+    /// [`start_crashable`](Self::start_crashable).
+    pub async fn crash_and_restart(mut self) -> Self {
+        let runtime = self
+            .runtime
+            .take()
+            .expect("crash_and_restart needs TestKbs::start_crashable");
+        runtime.crash().await;
+        let config = self.config.clone();
+        let plugins = self.plugins.take();
+        let dir = self._dir.take();
+        Self::launch(config, plugins, dir, true).await
     }
 
     /// The development admin key pair.
@@ -209,6 +303,28 @@ impl TestKbs {
     /// The live tunnel of `guest_id`, once the hub has it (awaited on the hub's events).
     pub async fn tunnel(&self, guest_id: &str) -> Arc<TunnelHandle> {
         tunnel_of(&self.state.hub, WAIT, guest_id, |_| true).await
+    }
+}
+
+/// A non-blocking std listener on `addr`, retried for a while when the port is still taken
+/// (a crashed KBS's socket closing).
+async fn bind(addr: SocketAddr) -> std::net::TcpListener {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match std::net::TcpListener::bind(addr) {
+            Ok(listener) => {
+                listener.set_nonblocking(true).expect("non-blocking");
+                return listener;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{addr} stays in use"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("bind {addr}: {e}"),
+        }
     }
 }
 

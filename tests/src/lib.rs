@@ -2,7 +2,8 @@
 //! (`examples/`): an in-process KBS ([`TestKbs`]), attestation and unseal helpers, a
 //! configurable [`GuestService`](rpc_defs::GuestService) stub ([`StubGuest`]), simulated
 //! guests on real tunnels ([`TunnelGuest`]), bounded waits ([`eventually`], hub events), a
-//! tunnel-only KBS with fake crypto ([`FakeTunnelKbs`]) and a wall clock ([`unix_secs`]).
+//! tunnel-only KBS with fake crypto ([`FakeTunnelKbs`]), a fault-injecting relay
+//! ([`FaultProxy`]) and a wall clock ([`unix_secs`]).
 
 mod api;
 mod attest;
@@ -10,10 +11,12 @@ mod clock;
 mod crypto;
 mod daemon;
 mod fake_kbs;
+mod fault_proxy;
 mod guest;
 mod guest_stub;
 mod kbs;
 mod metrics;
+mod skip;
 mod wait;
 mod x509;
 
@@ -23,12 +26,14 @@ pub use clock::{unix_ms, unix_secs};
 pub use crypto::{FAKE_TOKEN_PREFIX, fake_token, fake_unseal, unseal_with};
 pub use daemon::DaemonRun;
 pub use fake_kbs::{FakeKbsOptions, FakeTunnelKbs, self_signed_tls};
+pub use fault_proxy::FaultProxy;
 pub use guest::{TunnelGuest, guest_info};
 pub use guest_stub::{StubGuest, acknowledge, healthy, installed};
 pub use kbs::{
     ALLOW_SAMPLE, PluginFactory, TestKbs, http_client, init_logging, tls_client_config, tunnel_url,
 };
 pub use metrics::metric_value;
+pub use skip::skip;
 pub use wait::{WAIT, eventually, eventually_within, hub_until, tunnel_of};
 pub use x509::{der, sans};
 
@@ -41,11 +46,29 @@ macro_rules! http_and_tls {
             use super::*;
             #[tokio::test]
             async fn http() {
-                ($body)($crate::TestKbs::start().await).await
+                let kbs = $crate::TestKbs::start().await;
+                assert!(kbs.url.starts_with("http://"), "{}", kbs.url);
+                ($body)(kbs).await
             }
             #[tokio::test]
             async fn tls() {
-                ($body)($crate::TestKbs::start_tls().await).await
+                let kbs = $crate::TestKbs::start_tls().await;
+                // The variant is TLS only if clients really speak https to it.
+                assert!(kbs.url.starts_with("https://"), "{}", kbs.url);
+                assert!(
+                    kbs.ca_file.as_ref().is_some_and(|f| f.is_file()),
+                    "{:?}",
+                    kbs.ca_file
+                );
+                let plain = reqwest::Client::new()
+                    .get(format!("http://{}/healthz", kbs.addr))
+                    .send()
+                    .await;
+                assert!(
+                    plain.as_ref().map_or(true, |r| !r.status().is_success()),
+                    "the TLS KBS answered plain HTTP: {plain:?}"
+                );
+                ($body)(kbs).await
             }
         }
     };

@@ -190,9 +190,10 @@ fn repo_root() -> PathBuf {
 #[tokio::test]
 async fn the_dashboard_works_in_headless_chromium() {
     let Some(chromium) = chromium() else {
-        eprintln!(
-            "SKIPPED the_dashboard_works_in_headless_chromium: no chromium at /usr/bin/chromium \
-             (install Debian's: apt-get install -y chromium chromium-driver; .ci/run does)"
+        tests::skip(
+            "the_dashboard_works_in_headless_chromium",
+            "no chromium at /usr/bin/chromium (install Debian's: apt-get install -y chromium \
+             chromium-driver; .ci/run does)",
         );
         return;
     };

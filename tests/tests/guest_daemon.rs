@@ -209,11 +209,25 @@ async fn an_expiring_token_is_refreshed_in_band() {
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = spawn(&kbs, dir.path(), Some(init_data("gd-reauth")));
     let (session_id, _) = daemon.connected().await;
-    let connected_at = Instant::now();
+    // The first token was issued before the tunnel was up, so it expires by then.
+    let first_expired_by = tests::unix_secs() + 10;
     kbs.tunnel("gd-reauth").await;
 
-    // Waiting is the event under test: past the first token's expiry (<= 10 s from now).
-    tokio::time::sleep_until(connected_at + Duration::from_secs(12)).await;
+    // The token's clock is the wall clock (the KBS checks `exp` against it), so no paused
+    // time here: wait for the second in-band re-attestation (at about 10 s), then, if needed,
+    // until the first token is certainly expired.
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        daemon.state.wait_for(|s| {
+            matches!(s, DaemonState::Connected { reauths, .. } if *reauths >= 2)
+                || !s.is_connected()
+        }),
+    )
+    .await
+    .expect("two re-attestations in time")
+    .unwrap();
+    let left = first_expired_by.saturating_sub(tests::unix_secs());
+    tokio::time::sleep(Duration::from_secs(left + 1)).await;
 
     match daemon.current() {
         DaemonState::Connected {

@@ -285,7 +285,14 @@ fn sealed(key: &TeeKeyPair, uri: &str, version: u64, plaintext: &[u8]) -> Sealed
 #[tokio::test]
 async fn a_pushed_bundle_starts_mutual_tls_and_a_new_ca_is_hot_reloaded() {
     let kbs = kbs_without_splitapi_plugin().await;
-    let mut daemon = Daemon::spawn(&kbs, "sa-mtls", |_| {});
+    // A port of our choosing (free now), so that "nothing listens" is a connection attempt.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut daemon = Daemon::spawn(&kbs, "sa-mtls", |c| {
+        c.splitapi = Some(SplitApiConfig::new(port));
+    });
     daemon.connected().await;
     let handle = kbs.tunnel("sa-mtls").await;
     assert!(
@@ -293,9 +300,10 @@ async fn a_pushed_bundle_starts_mutual_tls_and_a_new_ca_is_hot_reloaded() {
         "the daemon announces splitapi: {:?}",
         handle.services
     );
+    let refused = tokio::net::TcpStream::connect(port).await.unwrap_err();
     assert_eq!(
-        daemon.splitapi.borrow().addr,
-        None,
+        refused.kind(),
+        std::io::ErrorKind::ConnectionRefused,
         "no listener before a bundle"
     );
 
@@ -307,6 +315,7 @@ async fn a_pushed_bundle_starts_mutual_tls_and_a_new_ca_is_hot_reloaded() {
         .unwrap();
     assert!(!installed.already_held);
     let addr = daemon.serving(1).await;
+    assert_eq!(addr, port, "the endpoint listens where it was told to");
 
     // The owner's certificate from this sandbox's CA gets through; the server is verified
     // as the guest_id (DNS SAN) and as its IP (IP SAN).
@@ -884,7 +893,10 @@ async fn an_apply_into_a_read_only_state_dir_reports_the_reason_to_the_kbs() {
         .unwrap();
     let resources = daemon.state_dir.join("resources");
     let Some(read_only) = ReadOnly::new(&resources) else {
-        eprintln!("cannot make a read-only directory here; skipping");
+        tests::skip(
+            "an_apply_into_a_read_only_state_dir_reports_the_reason_to_the_kbs",
+            "cannot make a directory read-only (not root, or no mount)",
+        );
         daemon.stop().await;
         return;
     };

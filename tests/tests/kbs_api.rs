@@ -424,9 +424,18 @@ http_and_tls!(
             &jsonwebtoken::EncodingKey::from_ec_pem(other.as_bytes()).unwrap(),
         )
         .unwrap();
-        assert_eq!(
-            get(forged).await.unwrap().status(),
-            StatusCode::UNAUTHORIZED
+        let body = expect_error(
+            get(forged).await.unwrap(),
+            StatusCode::UNAUTHORIZED,
+            "InvalidToken",
+        )
+        .await;
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("signature does not verify"),
+            "{body}"
         );
         // Signed by the KBS's own key but expired.
         let mut expired = payload.clone();
@@ -439,19 +448,38 @@ http_and_tls!(
             &jsonwebtoken::EncodingKey::from_ec_pem(&kbs_key).unwrap(),
         )
         .unwrap();
-        let r = get(expired).await.unwrap();
-        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        expect_error(
+            get(expired).await.unwrap(),
+            StatusCode::UNAUTHORIZED,
+            "TokenExpired",
+        )
+        .await;
         // alg none.
         let none = format!(
             "{}.{}.",
             URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#),
             URL_SAFE_NO_PAD.encode(payload.to_string())
         );
-        assert_eq!(get(none).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+        let body = expect_error(
+            get(none).await.unwrap(),
+            StatusCode::UNAUTHORIZED,
+            "InvalidToken",
+        )
+        .await;
+        assert!(
+            body["detail"].as_str().unwrap().contains("not ES256"),
+            "{body}"
+        );
         // Garbage.
-        assert_eq!(
-            get("x.y.z".into()).await.unwrap().status(),
-            StatusCode::UNAUTHORIZED
+        let body = expect_error(
+            get("x.y.z".into()).await.unwrap(),
+            StatusCode::UNAUTHORIZED,
+            "InvalidToken",
+        )
+        .await;
+        assert!(
+            body["detail"].as_str().unwrap().contains("malformed"),
+            "{body}"
         );
         // No credentials at all.
         let r = kbs

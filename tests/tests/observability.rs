@@ -184,12 +184,21 @@ async fn the_event_log_records_connects_disconnects_and_admin_actions() {
     assert_eq!(paged, all_ids);
     let newest_at = all[0]["at"].as_u64().unwrap();
     let since = get(&admin, &format!("/kbs/v0/admin/events?since={newest_at}")).await;
+    let since = since["events"].as_array().unwrap();
+    // Not vacuous: the newest event itself is at `newest_at`, so the page holds it.
     assert!(
-        since["events"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|e| e["at"].as_u64().unwrap() >= newest_at)
+        since.iter().any(|e| e["id"] == all[0]["id"]),
+        "the newest event is since its own time: {since:?}"
+    );
+    assert!(
+        since.iter().all(|e| e["at"].as_u64().unwrap() >= newest_at),
+        "{since:?}"
+    );
+    assert!(
+        all.iter()
+            .filter(|e| e["at"].as_u64().unwrap() < newest_at)
+            .all(|old| !since.iter().any(|e| e["id"] == old["id"])),
+        "older events are filtered out"
     );
 
     // Bad filters and no credentials are refused.

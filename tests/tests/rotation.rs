@@ -2,16 +2,21 @@
 //! Key rotation end to end: a real KBS, real guest daemons (`guest_daemon::run`) on loopback,
 //! rollouts started through the admin API and watched through its event stream.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use guest_daemon::hook::PostApplyHook;
 use guest_daemon::run::{DaemonState, RunConfig};
-use kbs_core::storage::{RolloutState, TargetState};
+use guest_daemon::tee_key::{TeeKeyPair, UnsealError};
+use kbs_core::storage::{RolloutState, TargetRecord, TargetState};
 use plugin_rotation::{Control, RolloutView, StartRollout};
 use reqwest::StatusCode;
 use server::admin_client::{AdminClient, RolloutUpdate};
-use tests::{ALLOW_SAMPLE, DaemonRun, TestKbs, api_err_detail, eventually_within, hub_until};
+use tests::{
+    ALLOW_SAMPLE, DaemonRun, StubGuest, TestKbs, api_err_detail, eventually_within, hub_until,
+    unseal_with,
+};
 use tokio_util::sync::CancellationToken;
 
 /// How long any single wait may take before the test fails.
@@ -313,6 +318,125 @@ async fn a_kbs_restart_mid_rollout_resumes_and_acks_every_guest_once() {
     for d in daemons {
         d.stop().await;
     }
+}
+
+/// A guest on a real tunnel whose pushes are recorded (the JWE as it arrived) and acked.
+struct RecordingTunnel {
+    push_key: Option<tunnel::PushKey>,
+    session: tunnel::TunnelSession,
+    served: tokio::task::JoinHandle<tunnel::Closed>,
+    pushes: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+impl RecordingTunnel {
+    async fn dial(kbs: &TestKbs, token: &str, key: &TeeKeyPair) -> Self {
+        let info = tests::guest_info("rec", "test", &[]);
+        let tunnel = tunnel::connect(&kbs.tunnel_config(), token, info, unseal_with(key))
+            .await
+            .unwrap();
+        let push_key = tunnel.welcome().push_key.clone();
+        let pushes: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>> = Default::default();
+        let recorded = pushes.clone();
+        let guest = StubGuest::new().on_apply(move |resource| {
+            recorded.lock().unwrap().push(resource.jwe.clone());
+            async move { Ok(tests::acknowledge(resource)) }
+        });
+        let session = tunnel.session();
+        let served = tokio::spawn(tunnel.serve(guest));
+        Self {
+            push_key,
+            session,
+            served,
+            pushes,
+        }
+    }
+
+    async fn leave(self) {
+        self.session.close();
+        tokio::time::timeout(WAIT, self.served)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn every_tunnel_gets_a_push_key_of_its_own_and_a_push_opens_only_with_its_tunnels_key() {
+    let (kbs, admin, _root) = setup().await;
+    let path = "default/key/pk";
+    admin
+        .put_resource(path, b"for the second tunnel".to_vec())
+        .await
+        .unwrap();
+    let key = TeeKeyPair::new_ec();
+    let token = kbs
+        .attest(&key, Some(&init_data("pk1", &[("app", "pk")])))
+        .await;
+
+    // Connection 1, then connection 2 of the same guest with the same token.
+    let first = RecordingTunnel::dial(&kbs, &token, &key).await;
+    let first_key = first
+        .push_key
+        .clone()
+        .expect("a tether.v2 tunnel has a push key");
+    let handle = kbs.tunnel("pk1").await;
+    assert_eq!(
+        handle.push_key(),
+        Some(&first_key),
+        "both ends hold the same key"
+    );
+    first.leave().await;
+    let second = RecordingTunnel::dial(&kbs, &token, &key).await;
+    let second_key = second.push_key.clone().expect("push key");
+    let handle = tests::tunnel_of(&kbs.state.hub, WAIT, "pk1", |h| {
+        h.session_id != handle.session_id
+    })
+    .await;
+    assert_eq!(handle.push_key(), Some(&second_key));
+    assert_ne!(first_key, second_key, "a new key with every connection");
+    // Another guest connected at the same time has a key of its own too.
+    let other_key = TeeKeyPair::new_ec();
+    let other_token = kbs
+        .attest(&other_key, Some(&init_data("pk2", &[("app", "pk")])))
+        .await;
+    let other = RecordingTunnel::dial(&kbs, &other_token, &other_key).await;
+    let third_key = other.push_key.clone().expect("push key");
+    assert!(third_key != first_key && third_key != second_key);
+
+    let id = admin
+        .start_rollout(&start(path, "app=pk"))
+        .await
+        .unwrap()
+        .rollout
+        .id;
+    watch_until(&admin, id, "both acked", |v| {
+        v.rollout.state == RolloutState::Completed
+    })
+    .await;
+    let pushes = second.pushes.lock().unwrap().clone();
+    assert_eq!(pushes.len(), 1, "one push on the live tunnel");
+    let jwe: serde_json::Value = serde_json::from_slice(&pushes[0]).unwrap();
+    assert_eq!(jwe["encrypted_key"], "");
+    let opened = key
+        .open_json_with(&pushes[0], Some(second_key.bytes()))
+        .unwrap();
+    assert_eq!(opened.as_slice(), b"for the second tunnel");
+    for (wrong, what) in [
+        (&first_key, "the first tunnel's key"),
+        (&third_key, "another guest's"),
+    ] {
+        let err = key
+            .open_json_with(&pushes[0], Some(wrong.bytes()))
+            .unwrap_err();
+        assert!(matches!(err, UnsealError::Decrypt), "{what}: {err}");
+    }
+    // Without a push key (what a tether.v1 guest holds) it does not open with the TEE key.
+    assert!(matches!(
+        key.open_json(&pushes[0]),
+        Err(UnsealError::NoPushKey)
+    ));
+    other.leave().await;
+    second.leave().await;
 }
 
 const DENY_UNTRUSTED: &str = r#"
@@ -653,10 +777,16 @@ async fn kill_9_of_the_kbs_binary_mid_rollout_loses_no_ack_and_repeats_no_apply(
     admin.put_resource(path, b"after".to_vec()).await.unwrap();
 
     let mut daemons = Vec::new();
+    let started = |id: &str| root.path().join(format!("{id}.started"));
     for n in 0..4 {
         let id = format!("k{n}");
         let counter = root.path().join(format!("{id}.hooks"));
-        let hook = format!("echo $TETHER_VERSION >> {}; sleep 0.3", counter.display());
+        // The hook marks its start, then takes long enough for the kill to land inside it.
+        let hook = format!(
+            "touch {}; echo $TETHER_VERSION >> {}; sleep 1",
+            started(&id).display(),
+            counter.display()
+        );
         let mut config = RunConfig::new(&url, root.path().join(&id));
         config.init_data = Some(init_data(&id, &[("app", "k9")]));
         config.hook = Some(PostApplyHook::new(hook));
@@ -679,7 +809,33 @@ async fn kill_9_of_the_kbs_binary_mid_rollout_loses_no_ack_and_repeats_no_apply(
         count(v, TargetState::Acked) >= 1
     })
     .await;
+    // Kill while the next guest's hook runs: its target is in flight, not between pushes.
+    let (in_flight, before) = tokio::time::timeout(WAIT, async {
+        loop {
+            let targets = admin.rollout(id, "").await.unwrap().targets;
+            let running = targets
+                .iter()
+                .find(|t| t.state == TargetState::Delivering && started(&t.guest_id).exists())
+                .map(|t| t.guest_id.clone());
+            if let Some(guest) = running {
+                let rows: BTreeMap<String, TargetRecord> = targets
+                    .into_iter()
+                    .map(|t| (t.guest_id.clone(), t))
+                    .collect();
+                return (guest, rows);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("a guest's hook starts after the first ack");
     kbs.kill().await.unwrap();
+    tracing::info!(%in_flight, "killed with this guest's push in flight");
+    let acked: Vec<&TargetRecord> = before
+        .values()
+        .filter(|t| t.state == TargetState::Acked)
+        .collect();
+    assert!(!acked.is_empty(), "{before:?}");
 
     let (_kbs, _) = spawn_kbs(&data, &listen).await;
     let view = watch_until(&admin, id, "completion after kill -9", |v| {
@@ -687,6 +843,24 @@ async fn kill_9_of_the_kbs_binary_mid_rollout_loses_no_ack_and_repeats_no_apply(
     })
     .await;
     assert_eq!(count(&view, TargetState::Acked), 4, "{view:?}");
+    let after: BTreeMap<String, TargetRecord> = admin
+        .rollout(id, "")
+        .await
+        .unwrap()
+        .targets
+        .into_iter()
+        .map(|t| (t.guest_id.clone(), t))
+        .collect();
+    // What was acked before the kill is exactly as it was: not pushed again.
+    for row in acked {
+        let now = &after[&row.guest_id];
+        assert_eq!(now, row, "an acked row changed across the kill");
+        assert_eq!(
+            (now.attempts, now.already_held, now.hook_status),
+            (1, false, Some(0)),
+            "{now:?}"
+        );
+    }
     for (gid, shutdown, task) in daemons {
         let file = root.path().join(&gid).join("resources").join(path);
         assert_eq!(std::fs::read(&file).unwrap(), b"after");

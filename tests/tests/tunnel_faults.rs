@@ -1,27 +1,33 @@
 #![allow(clippy::unwrap_used)]
-//! Tunnel faults against a real KBS over loopback: a KBS restart and a cut connection in the
-//! middle of calls (calls fail fast with `Disconnected`, the guest is back within seconds),
-//! an expired token, and many connect/disconnect cycles that must leave no tunnel, task or
-//! memory behind. Waits are on events or short bounded polls.
+//! Tunnel faults against a real KBS and the real guest daemon (`guest_daemon::run`) over
+//! loopback: a KBS restart (a drain), a KBS crash (killed: no drain, no close frame), a cut
+//! connection and a silent peer (the socket stays open, nothing arrives) in the middle of
+//! calls: calls fail fast with `Disconnected`, and the daemon's own reconnect loop is back
+//! within seconds. Also an expired token, and many connect/disconnect cycles that must leave
+//! no tunnel, task or memory behind. Waits are on events or short bounded polls.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use guest_daemon::hook::PostApplyHook;
 use guest_daemon::tee_key::TeeKeyPair;
-use rpc_defs::{GuestInfo, ProbeKind, ProbeReport};
+use rpc_defs::{Applied, GuestInfo, ProbeKind, ProbeReport, SealedResource};
 use serde_json::Value;
-use tests::{StubGuest, TestKbs, WAIT, eventually, hub_until, metric_value, unseal_with};
-use tokio::net::{TcpListener, TcpStream};
+use sha2::{Digest, Sha256};
+use tests::{
+    DaemonRun, FaultProxy, StubGuest, TestKbs, WAIT, eventually, hub_until, metric_value,
+    unseal_with,
+};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tunnel::{Backoff, CallError, ConnectError, GuestTunnelConfig, ReconnectPolicy, TunnelHandle};
+use tunnel::{CallError, ConnectError, TunnelHandle};
 
 const G1: &str = "[tether]\nguest_id = \"g1\"\n";
+
+/// How long the daemon's hook runs: an apply stays in flight that long.
+const HOOK_SECS: u64 = 8;
 
 /// Echoes pings and refuses pushes; a resources probe never answers (a call that stays in
 /// flight).
@@ -41,194 +47,155 @@ fn guest_info() -> GuestInfo {
     tests::guest_info("faults", "test", &[])
 }
 
-/// A guest that holds its tunnel and reconnects after any failure with the daemon's backoff
-/// (full jitter), as `guest-daemon run` does; counts the tunnels it opened.
-struct LoopingGuest {
-    opens: Arc<AtomicUsize>,
-    stop: CancellationToken,
-    task: JoinHandle<()>,
+/// The real guest daemon for `kbs_url` (the KBS, or a proxy in front of it), as guest `g1`,
+/// with a post-apply hook that takes [`HOOK_SECS`].
+fn daemon(kbs: &TestKbs, kbs_url: &str, dir: &tempfile::TempDir) -> DaemonRun {
+    let mut config = kbs.daemon_config(dir.path(), Some(G1.into()));
+    config.kbs_url = kbs_url.to_owned();
+    config.hook = Some(PostApplyHook::new(format!("sleep {HOOK_SECS}")));
+    DaemonRun::spawn(config)
 }
 
-impl LoopingGuest {
-    fn spawn(config: GuestTunnelConfig, token: String, key: TeeKeyPair) -> Self {
-        let opens = Arc::new(AtomicUsize::new(0));
-        let stop = CancellationToken::new();
-        let task = {
-            let (opens, stop) = (opens.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut backoff = Backoff::new(ReconnectPolicy::default());
-                while !stop.is_cancelled() {
-                    let connect = tunnel::connect(&config, &token, guest_info(), unseal_with(&key));
-                    let delay = match connect.await {
-                        Ok(tunnel) => {
-                            opens.fetch_add(1, Ordering::SeqCst);
-                            let session = tunnel.session();
-                            let served = tunnel.serve(slow_guest());
-                            tokio::pin!(served);
-                            let closed = tokio::select! {
-                                closed = &mut served => closed,
-                                () = stop.cancelled() => {
-                                    session.close();
-                                    served.await
-                                }
-                            };
-                            backoff.after_close(&closed, &mut rand::thread_rng())
-                        }
-                        Err(_) => backoff.next_delay(&mut rand::thread_rng()),
-                    };
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        () = stop.cancelled() => {}
-                    }
-                }
-            })
-        };
-        Self { opens, stop, task }
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("guest stops")
-            .unwrap();
-    }
-}
-
-/// Starts `n` resources probes (they never get an answer) with a long deadline.
+/// Starts `n` applies of fresh resources on `daemon`: each stays in flight while its hook
+/// runs, and has a long deadline.
 fn stuck_calls(
     handle: &Arc<TunnelHandle>,
+    daemon: &DaemonRun,
     n: usize,
-) -> Vec<JoinHandle<Result<ProbeReport, CallError>>> {
+) -> Vec<JoinHandle<Result<Applied, CallError>>> {
+    let key = daemon.tee_key();
     (0..n)
-        .map(|_| {
+        .map(|i| {
             let handle = handle.clone();
+            let plaintext = format!("stuck {i}");
+            let sealed = kbs_core::jwe::seal(&key.export_pubkey(), plaintext.as_bytes()).unwrap();
+            let resource = SealedResource {
+                uri: format!("default/stuck/r{i}"),
+                version: 1,
+                jwe: serde_json::to_vec(&sealed).unwrap(),
+                sha256: format!("{:x}", Sha256::digest(plaintext.as_bytes())),
+            };
             tokio::spawn(async move {
                 handle
-                    .probe(ProbeKind::Resources, Some(Duration::from_secs(60)))
+                    .apply_resource(resource, Some(Duration::from_secs(60)))
                     .await
             })
         })
         .collect()
 }
 
-/// Waits for every stuck call to end and checks they failed with `Disconnected`, fast.
-async fn assert_failed_fast(calls: Vec<JoinHandle<Result<ProbeReport, CallError>>>) {
+/// Starts the stuck calls and waits until all are in flight.
+async fn calls_in_flight(
+    handle: &Arc<TunnelHandle>,
+    daemon: &DaemonRun,
+) -> Vec<JoinHandle<Result<Applied, CallError>>> {
+    let calls = stuck_calls(handle, daemon, 3);
+    eventually("calls in flight", || {
+        std::future::ready(handle.in_flight() == 3)
+    })
+    .await;
+    calls
+}
+
+/// Waits for every stuck call to end and checks they failed with `Disconnected` within
+/// `within` (well before their hook ends or their 60 s deadline).
+async fn assert_failed_within(
+    calls: Vec<JoinHandle<Result<Applied, CallError>>>,
+    within: Duration,
+) {
+    assert!(within < Duration::from_secs(HOOK_SECS));
     let start = Instant::now();
     for call in calls {
-        let result = tokio::time::timeout(Duration::from_secs(5), call)
+        let result = tokio::time::timeout(within, call)
             .await
-            .expect("an in-flight call fails fast, not at its 60 s deadline")
+            .expect("an in-flight call fails fast, not when the hook or its deadline ends")
             .unwrap();
         assert_eq!(result.unwrap_err(), CallError::Disconnected);
     }
-    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(start.elapsed() < within);
 }
 
-#[tokio::test]
-async fn a_kbs_restart_fails_in_flight_calls_fast_and_the_guest_comes_back() {
-    let kbs = TestKbs::start().await;
-    let key = TeeKeyPair::new_ec();
-    let token = kbs.attest(&key, Some(G1)).await;
-    let guest = LoopingGuest::spawn(kbs.tunnel_config(), token, key);
-    let handle = kbs.tunnel("g1").await;
-    let calls = stuck_calls(&handle, 3);
-    eventually("calls in flight", || {
-        std::future::ready(handle.in_flight() == 3)
-    })
-    .await;
+/// The daemon is back on `kbs` with a new tunnel within `within` of `since`, and it serves.
+async fn assert_back(
+    kbs: &TestKbs,
+    daemon: &mut DaemonRun,
+    old: &TunnelHandle,
+    since: Instant,
+    within: Duration,
+) {
+    let (session, _) = daemon.connected_where(|s| s != old.session_id).await;
+    let back = tests::tunnel_of(&kbs.state.hub, WAIT, "g1", |h| h.session_id == session).await;
+    assert!(since.elapsed() < within, "back after {:?}", since.elapsed());
+    assert_eq!(back.ping(vec![7; 256], None).await.unwrap(), vec![7; 256]);
+}
 
-    let restarted = Instant::now();
-    let kbs = kbs.restart().await;
-    assert_failed_fast(calls).await;
+/// The old handle refuses new calls at once (where its KBS lives on to say so: after a
+/// crash nothing is left to hold it).
+async fn assert_refuses_calls(old: &TunnelHandle) {
     assert_eq!(
-        handle.ping(vec![1], None).await,
+        old.ping(vec![1], Some(Duration::from_secs(5))).await,
         Err(CallError::Disconnected),
         "the old handle refuses new calls"
     );
-
-    // The guest is back on the restarted KBS with the same token, within seconds.
-    let back = kbs.tunnel("g1").await;
-    assert!(restarted.elapsed() < Duration::from_secs(10));
-    assert_ne!(back.session_id, handle.session_id);
-    assert_eq!(back.ping(vec![7; 256], None).await.unwrap(), vec![7; 256]);
-    assert_eq!(guest.opens.load(Ordering::SeqCst), 2);
-    guest.stop().await;
-}
-
-/// A TCP relay whose connections can be cut at once (no close frame, no TLS close: what the
-/// guest sees when a KBS process is killed, and what the KBS sees when a guest's VM dies).
-struct CutProxy {
-    addr: SocketAddr,
-    conns: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
-    accept: JoinHandle<()>,
-}
-
-impl CutProxy {
-    async fn start(upstream: SocketAddr) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let conns: Arc<std::sync::Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let accept = {
-            let conns = conns.clone();
-            tokio::spawn(async move {
-                while let Ok((mut inbound, _)) = listener.accept().await {
-                    let relay = tokio::spawn(async move {
-                        if let Ok(mut outbound) = TcpStream::connect(upstream).await {
-                            let _ =
-                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                        }
-                    });
-                    conns.lock().unwrap().push(relay);
-                }
-            })
-        };
-        Self {
-            addr,
-            conns,
-            accept,
-        }
-    }
-
-    /// Drops every relayed connection at once.
-    fn cut(&self) {
-        for relay in self.conns.lock().unwrap().drain(..) {
-            relay.abort();
-        }
-    }
-}
-
-impl Drop for CutProxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        self.cut();
-    }
 }
 
 #[tokio::test]
-async fn a_cut_connection_fails_in_flight_calls_fast_and_the_guest_comes_back() {
+async fn a_kbs_restart_fails_in_flight_calls_fast_and_the_daemon_comes_back() {
     let kbs = TestKbs::start().await;
-    let proxy = CutProxy::start(kbs.addr).await;
-    let key = TeeKeyPair::new_ec();
-    let token = kbs.attest(&key, Some(G1)).await;
-    let config = GuestTunnelConfig::new(format!("ws://{}/kbs/v0/tunnel", proxy.addr));
-    let guest = LoopingGuest::spawn(config, token, key);
+    let dir = tempfile::tempdir().unwrap();
+    let url = kbs.url.clone();
+    let mut daemon = daemon(&kbs, &url, &dir);
+    daemon.connected().await;
     let handle = kbs.tunnel("g1").await;
-    let calls = stuck_calls(&handle, 3);
-    eventually("calls in flight", || {
-        std::future::ready(handle.in_flight() == 3)
-    })
+    let calls = calls_in_flight(&handle, &daemon).await;
+
+    let restarted = Instant::now();
+    let kbs = kbs.restart().await;
+    assert_failed_within(calls, Duration::from_secs(5)).await;
+    assert_back(
+        &kbs,
+        &mut daemon,
+        &handle,
+        restarted,
+        Duration::from_secs(10),
+    )
     .await;
+    assert_refuses_calls(&handle).await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_kbs_crash_fails_in_flight_calls_fast_and_the_daemon_comes_back() {
+    let kbs = TestKbs::start_crashable(false, |_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = kbs.url.clone();
+    let mut daemon = daemon(&kbs, &url, &dir);
+    daemon.connected().await;
+    let handle = kbs.tunnel("g1").await;
+    let calls = calls_in_flight(&handle, &daemon).await;
+
+    let crashed = Instant::now();
+    let kbs = kbs.crash_and_restart().await;
+    assert_failed_within(calls, Duration::from_secs(5)).await;
+    assert_back(&kbs, &mut daemon, &handle, crashed, Duration::from_secs(10)).await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_cut_connection_fails_in_flight_calls_fast_and_the_daemon_comes_back() {
+    let kbs = TestKbs::start().await;
+    let proxy = FaultProxy::start(kbs.addr).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = daemon(&kbs, &proxy.url(), &dir);
+    daemon.connected().await;
+    let handle = kbs.tunnel("g1").await;
+    let calls = calls_in_flight(&handle, &daemon).await;
 
     let cut = Instant::now();
     proxy.cut();
-    assert_failed_fast(calls).await;
-    let back = tests::tunnel_of(&kbs.state.hub, WAIT, "g1", |h| {
-        h.session_id != handle.session_id
-    })
-    .await;
-    assert!(cut.elapsed() < Duration::from_secs(10));
-    assert_eq!(back.ping(vec![1], None).await.unwrap(), vec![1]);
+    assert_failed_within(calls, Duration::from_secs(5)).await;
+    assert_back(&kbs, &mut daemon, &handle, cut, Duration::from_secs(10)).await;
+    assert_refuses_calls(&handle).await;
     // The vanished tunnel is counted as such (no close frame: 1006).
     let m = kbs.metrics().await;
     assert_eq!(
@@ -236,7 +203,40 @@ async fn a_cut_connection_fails_in_flight_calls_fast_and_the_guest_comes_back() 
         1.0
     );
     assert_eq!(metric_value(&m, "kbs_tunnels_connected", &[]), 1.0);
-    guest.stop().await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_peer_is_given_up_on_both_ends_and_the_daemon_comes_back() {
+    // Heartbeats every second: each end gives the other up after three missed beats.
+    let kbs = TestKbs::start_with(false, |c| c.tunnel.heartbeat = Duration::from_secs(1)).await;
+    let proxy = FaultProxy::start(kbs.addr).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = daemon(&kbs, &proxy.url(), &dir);
+    daemon.connected().await;
+    let handle = kbs.tunnel("g1").await;
+    let calls = calls_in_flight(&handle, &daemon).await;
+
+    let silenced = Instant::now();
+    assert!(proxy.silence() >= 1, "the tunnel's connection fell silent");
+    // Nothing closes the socket: the KBS gives the guest up on its own, after ~3 s.
+    assert_failed_within(calls, Duration::from_secs(6)).await;
+    assert_back(
+        &kbs,
+        &mut daemon,
+        &handle,
+        silenced,
+        Duration::from_secs(12),
+    )
+    .await;
+    assert_refuses_calls(&handle).await;
+    let m = kbs.metrics().await;
+    assert_eq!(
+        metric_value(&m, "kbs_tunnel_disconnects_total", &[("code", "4408")]),
+        1.0,
+        "the KBS closed it for missed heartbeats"
+    );
+    daemon.stop().await;
 }
 
 /// `token` with its expiry moved into the past, signed with this KBS's own token key.
@@ -298,14 +298,17 @@ async fn an_expired_token_is_refused_before_the_upgrade() {
     );
 }
 
+/// Resident set size in KiB: resident pages from /proc/self/statm times the system's page
+/// size. A figure that cannot be read fails the test rather than reading as 0.
 fn rss_kib() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("/proc/self/statm");
     let pages: u64 = statm
         .split_whitespace()
         .nth(1)
         .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
-    pages * 4
+        .unwrap_or_else(|| panic!("no resident page count in /proc/self/statm: {statm:?}"));
+    let page_size = rustix::param::page_size() as u64;
+    pages * page_size / 1024
 }
 
 /// Opens a tunnel, makes one call through the hub, closes it from the guest side, and waits

@@ -545,6 +545,145 @@ mod tests {
     }
 
     #[test]
+    fn frames_are_named_in_errors_and_reasons() {
+        let frames = [
+            (
+                Frame::Hello {
+                    version: 1,
+                    challenge: vec![],
+                    heartbeat_s: 1,
+                    max_frame: 1,
+                },
+                "Hello",
+            ),
+            (
+                Frame::Proof {
+                    nonce: vec![],
+                    info: info(),
+                },
+                "Proof",
+            ),
+            (
+                Frame::Welcome {
+                    session_id: "s".into(),
+                    guest_id: "g".into(),
+                    reauth_before: 1,
+                },
+                "Welcome",
+            ),
+            (
+                Frame::Reject {
+                    code: 1,
+                    reason: "r".into(),
+                },
+                "Reject",
+            ),
+            (Frame::Rpc(vec![]), "Rpc"),
+            (Frame::Reauth { token: "t".into() }, "Reauth"),
+            (Frame::ReauthOk { reauth_before: 1 }, "ReauthOk"),
+            (
+                Frame::GoAway {
+                    reconnect_after_ms: 1,
+                },
+                "GoAway",
+            ),
+        ];
+        for (frame, name) in frames {
+            assert_eq!(frame_name(&frame), name);
+        }
+        let mut server = new_server();
+        server.hello();
+        let ServerOutcome::Rejected { reason, reply, .. } = server.receive(Frame::Rpc(vec![]))
+        else {
+            panic!("Rpc accepted as proof");
+        };
+        assert_eq!(reason, "expected Proof, got Rpc");
+        assert_eq!(
+            reply,
+            Frame::Reject {
+                code: 4400,
+                reason: "expected Proof, got Rpc".into()
+            }
+        );
+        let ServerOutcome::Rejected { reason, .. } = server.receive(Frame::GoAway {
+            reconnect_after_ms: 1,
+        }) else {
+            panic!("GoAway accepted after the handshake");
+        };
+        assert_eq!(reason, "unexpected GoAway during handshake");
+        let mut guest = GuestHandshake::new(info(), unseal);
+        let err = guest
+            .receive(Frame::ReauthOk { reauth_before: 1 })
+            .expect_err("ReauthOk during the handshake");
+        assert_eq!(
+            err,
+            HandshakeError::Protocol("unexpected ReauthOk during handshake".into())
+        );
+    }
+
+    #[test]
+    fn a_hello_at_the_smallest_max_frame_is_accepted_and_below_it_refused() {
+        let hello = |max_frame| Frame::Hello {
+            version: PROTOCOL_VERSION,
+            challenge: b"sealed".to_vec(),
+            heartbeat_s: 20,
+            max_frame,
+        };
+        let mut guest = GuestHandshake::new(info(), unseal);
+        assert!(matches!(
+            guest.receive(hello(MIN_MAX_FRAME)),
+            Ok(GuestStep::Send(_))
+        ));
+        let mut guest = GuestHandshake::new(info(), unseal);
+        assert_eq!(
+            guest.receive(hello(MIN_MAX_FRAME - 1)).unwrap_err(),
+            HandshakeError::Protocol(format!(
+                "max_frame {} is below {MIN_MAX_FRAME}",
+                MIN_MAX_FRAME - 1
+            ))
+        );
+        // A second Hello is out of order, whatever it says.
+        let mut guest = GuestHandshake::new(info(), unseal);
+        guest.receive(hello(MIN_MAX_FRAME)).expect("proof");
+        assert_eq!(
+            guest.receive(hello(MIN_MAX_FRAME)).unwrap_err(),
+            HandshakeError::Protocol("unexpected Hello during handshake".into())
+        );
+    }
+
+    #[test]
+    fn debug_output_names_the_state_and_never_the_nonce() {
+        let mut server = new_server();
+        let text = format!("{server:?}");
+        assert!(
+            text.contains("ServerHandshake") && text.contains("Start"),
+            "{text}"
+        );
+        assert!(text.contains("[redacted]") && text.contains("s1"), "{text}");
+        assert!(
+            !text.contains("7, 7, 7"),
+            "the nonce is not printed: {text}"
+        );
+        server.hello();
+        assert!(format!("{server:?}").contains("AwaitProof"));
+        let mut guest = GuestHandshake::new(info(), unseal);
+        let text = format!("{guest:?}");
+        assert!(
+            text.contains("GuestHandshake") && text.contains("i-1"),
+            "{text}"
+        );
+        guest
+            .receive(Frame::Hello {
+                version: PROTOCOL_VERSION,
+                challenge: b"sealed".to_vec(),
+                heartbeat_s: 20,
+                max_frame: 1 << 20,
+            })
+            .expect("proof");
+        assert!(format!("{guest:?}").contains("1048576"), "{guest:?}");
+    }
+
+    #[test]
     fn zero_heartbeat_is_raised_to_one_second() {
         let mut guest = GuestHandshake::new(info(), unseal);
         guest

@@ -9,6 +9,7 @@ use tarpc::server::Channel;
 
 use super::*;
 use crate::hook::HOOK_TIMED_OUT;
+use crate::store::tests::ReadOnly;
 use crate::tee_key::seal::seal;
 
 struct Guest {
@@ -221,11 +222,10 @@ async fn read_only_state_dir_is_a_storage_error() {
         .apply(resource(&g.key, "r/t/held", 1, b"x"))
         .await
         .unwrap();
-    if !crate::store::tests::make_read_only(&root) {
-        eprintln!("running as root: a 0500 directory is still writable; skipping");
-        crate::store::tests::make_writable(&root);
+    let Some(read_only) = ReadOnly::new_or_skip(&root, "read_only_state_dir_is_a_storage_error")
+    else {
         return;
-    }
+    };
     let err = g
         .svc
         .apply(resource(&g.key, "r/t/new", 1, b"x"))
@@ -244,7 +244,7 @@ async fn read_only_state_dir_is_a_storage_error() {
         .unwrap();
     assert!(!health.healthy);
     assert!(!health.problems.is_empty());
-    crate::store::tests::make_writable(&root);
+    drop(read_only);
     let health = g
         .svc
         .report(ProbeKind::Health)
@@ -591,56 +591,6 @@ async fn serves_over_a_tarpc_channel() {
     assert_eq!(report.resources.unwrap().len(), 2);
 }
 
-/// `dir` made read-only for this process until dropped: mode 0500 when not root; as root
-/// (which ignores modes) a read-only bind mount of `dir` onto itself. `None` when neither
-/// is possible here.
-struct ReadOnly {
-    dir: std::path::PathBuf,
-    mounted: bool,
-}
-
-impl ReadOnly {
-    fn new(dir: &std::path::Path) -> Option<Self> {
-        if crate::store::tests::make_read_only(dir) {
-            return Some(Self {
-                dir: dir.to_owned(),
-                mounted: false,
-            });
-        }
-        crate::store::tests::make_writable(dir);
-        let mount = |args: &[&str]| {
-            std::process::Command::new("mount")
-                .args(args)
-                .arg(dir)
-                .arg(dir)
-                .stderr(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if !mount(&["--bind"]) {
-            return None;
-        }
-        let guard = Self {
-            dir: dir.to_owned(),
-            mounted: true,
-        };
-        if !mount(&["-o", "remount,bind,ro"]) {
-            return None;
-        }
-        Some(guard)
-    }
-}
-
-impl Drop for ReadOnly {
-    fn drop(&mut self) {
-        if self.mounted {
-            let _ = std::process::Command::new("umount").arg(&self.dir).status();
-        } else {
-            crate::store::tests::make_writable(&self.dir);
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_new_version_into_a_read_only_state_dir_fails_naming_why_and_keeps_the_old_one() {
     let g = guest(None);
@@ -649,8 +599,10 @@ async fn a_new_version_into_a_read_only_state_dir_fails_naming_why_and_keeps_the
         .apply(resource(&g.key, "r/t/x", 1, b"one"))
         .await
         .unwrap();
-    let Some(read_only) = ReadOnly::new(&root) else {
-        eprintln!("cannot make a read-only directory here; skipping");
+    let Some(read_only) = ReadOnly::new_or_skip(
+        &root,
+        "a_new_version_into_a_read_only_state_dir_fails_naming_why_and_keeps_the_old_one",
+    ) else {
         return;
     };
     let err = g

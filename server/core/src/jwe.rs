@@ -25,7 +25,7 @@ use rand::RngCore;
 use ring::agreement::{ECDH_P256, EphemeralPrivateKey, UnparsedPublicKey, agree_ephemeral};
 use rsa::{BigUint, Oaep, Pkcs1v15Encrypt, RsaPublicKey};
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 use zeroize::Zeroizing;
 
 /// Key-management algorithm for EC P-256 TEE keys.
@@ -116,8 +116,10 @@ pub fn seal(tee_pubkey: &TeePubKey, plaintext: &[u8]) -> Result<Response, JweErr
 
     let mut cek = Zeroizing::new([0u8; CEK_LEN]);
     rng.fill_bytes(cek.as_mut());
+    let mut iv = [0u8; IV_LEN];
+    rng.fill_bytes(&mut iv);
 
-    let (protected, encrypted_key) = match key {
+    match key {
         SealKey::Ec(peer) => {
             let system_rng = ring::rand::SystemRandom::new();
             let ephemeral = EphemeralPrivateKey::generate(&ECDH_P256, &system_rng)
@@ -125,19 +127,14 @@ pub fn seal(tee_pubkey: &TeePubKey, plaintext: &[u8]) -> Result<Response, JweErr
             let epk = ephemeral
                 .compute_public_key()
                 .map_err(|_| JweError::Seal("ephemeral public key"))?;
-            let epk = epk.as_ref();
-            if epk.len() != EC_POINT_LEN {
-                return Err(JweError::Seal("ephemeral public key encoding"));
-            }
-            let kek = agree_ephemeral(ephemeral, &UnparsedPublicKey::new(&ECDH_P256, peer), |z| {
-                ecdh_es_kek(z)
+            let epk: &[u8; EC_POINT_LEN] = epk
+                .as_ref()
+                .try_into()
+                .map_err(|_| JweError::Seal("ephemeral public key encoding"))?;
+            agree_ephemeral(ephemeral, &UnparsedPublicKey::new(&ECDH_P256, peer), |z| {
+                seal_ecdh_es(z, epk, &cek, iv, plaintext)
             })
-            .map_err(|_| JweError::InvalidKey("EC point is not on the P-256 curve".into()))?;
-            let mut wrapped = vec![0u8; CEK_LEN + 8];
-            KekAes256::from(*kek)
-                .wrap(cek.as_ref(), &mut wrapped)
-                .map_err(|_| JweError::Seal("AES key wrap"))?;
-            (ec_header(&epk[1..33], &epk[33..]), wrapped)
+            .map_err(|_| JweError::InvalidKey("EC point is not on the P-256 curve".into()))?
         }
         SealKey::Rsa(public, padding) => {
             let (alg, wrapped) = match padding {
@@ -156,11 +153,34 @@ pub fn seal(tee_pubkey: &TeePubKey, plaintext: &[u8]) -> Result<Response, JweErr
                 enc: ENC_A256GCM.to_owned(),
                 other_fields: Map::new(),
             };
-            (header, wrapped)
+            encrypt_content_with_iv(header, wrapped, cek.as_ref(), iv, plaintext)
         }
-    };
+    }
+}
 
-    encrypt_content(protected, encrypted_key, cek.as_ref(), plaintext)
+/// ECDH-ES+A256KW once the shared secret `z` with the ephemeral key `epk` (an uncompressed
+/// point) is agreed: all that follows the agreement, deterministic given the CEK and IV (the
+/// golden test pins it byte for byte).
+fn seal_ecdh_es(
+    z: &[u8],
+    epk: &[u8; EC_POINT_LEN],
+    cek: &[u8; CEK_LEN],
+    iv: [u8; IV_LEN],
+    plaintext: &[u8],
+) -> Result<Response, JweError> {
+    let kek = ecdh_es_kek(z)?;
+    let wrapped = aes_key_wrap(&kek, cek)?;
+    let header = ec_header(&epk[1..33], &epk[33..]);
+    encrypt_content_with_iv(header, wrapped, cek, iv, plaintext)
+}
+
+/// AES key wrap (RFC 3394) of `cek` under `kek`.
+fn aes_key_wrap(kek: &[u8; 32], cek: &[u8; CEK_LEN]) -> Result<Vec<u8>, JweError> {
+    let mut wrapped = vec![0u8; CEK_LEN + 8];
+    KekAes256::from(*kek)
+        .wrap(cek, &mut wrapped)
+        .map_err(|_| JweError::Seal("AES key wrap"))?;
+    Ok(wrapped)
 }
 
 /// Seal `plaintext` with `key` used directly as the A256GCM content key (`alg: dir`): for a
@@ -180,14 +200,23 @@ fn encrypt_content(
     cek: &[u8],
     plaintext: &[u8],
 ) -> Result<Response, JweError> {
+    let mut iv = [0u8; IV_LEN];
+    rand::thread_rng().fill_bytes(&mut iv);
+    encrypt_content_with_iv(protected, encrypted_key, cek, iv, plaintext)
+}
+
+fn encrypt_content_with_iv(
+    protected: ProtectedHeader,
+    encrypted_key: Vec<u8>,
+    cek: &[u8],
+    iv: [u8; IV_LEN],
+    plaintext: &[u8],
+) -> Result<Response, JweError> {
     // The client recomputes the AAD by re-serialising the header it parsed, so
     // the AAD must be derived the same way (kbs-types' generate_aad).
     let aad = protected
         .generate_aad()
         .map_err(|_| JweError::Seal("protected header serialisation"))?;
-
-    let mut iv = [0u8; IV_LEN];
-    rand::thread_rng().fill_bytes(&mut iv);
 
     let cipher = Aes256Gcm::new_from_slice(cek).map_err(|_| JweError::Seal("AES-GCM key"))?;
     let mut ciphertext = plaintext.to_vec();
@@ -278,20 +307,28 @@ fn decode_coordinate(field: &str, value: &str) -> Result<FieldBytes, JweError> {
     Ok(FieldBytes::from(array))
 }
 
-/// Concat KDF (NIST SP 800-56A, SHA-256) for ECDH-ES+A256KW, with the OtherInfo
-/// guest-components uses: alg id, empty apu, empty apv, keydatalen 256.
-/// One SHA-256 round yields the whole 256-bit key-wrap key.
-fn ecdh_es_kek(z: &[u8]) -> Zeroizing<[u8; 32]> {
-    let alg = ALG_ECDH_ES_A256KW.as_bytes();
-    let mut hasher = Sha256::new();
-    hasher.update(1u32.to_be_bytes());
-    hasher.update(z);
-    hasher.update((alg.len() as u32).to_be_bytes());
-    hasher.update(alg);
-    hasher.update(0u32.to_be_bytes());
-    hasher.update(0u32.to_be_bytes());
-    hasher.update(256u32.to_be_bytes());
-    Zeroizing::new(hasher.finalize().into())
+/// The ECDH-ES+A256KW key-wrap key: Concat KDF with the OtherInfo guest-components uses
+/// (alg id, empty apu, empty apv, keydatalen 256).
+fn ecdh_es_kek(z: &[u8]) -> Result<Zeroizing<[u8; 32]>, JweError> {
+    let mut kek = Zeroizing::new([0u8; 32]);
+    concat_kdf(z, ALG_ECDH_ES_A256KW, b"", b"", kek.as_mut())?;
+    Ok(kek)
+}
+
+/// Concat KDF (NIST SP 800-56A with SHA-256, as RFC 7518 section 4.6.2 uses it) filling
+/// `key`: OtherInfo is AlgorithmID, PartyUInfo, PartyVInfo (each length-prefixed) and the
+/// key length in bits.
+fn concat_kdf(z: &[u8], alg: &str, apu: &[u8], apv: &[u8], key: &mut [u8]) -> Result<(), JweError> {
+    let bits = u32::try_from(key.len() * 8).map_err(|_| JweError::Seal("Concat KDF length"))?;
+    let mut other_info = Vec::new();
+    for part in [alg.as_bytes(), apu, apv] {
+        let len = u32::try_from(part.len()).map_err(|_| JweError::Seal("Concat KDF input"))?;
+        other_info.extend_from_slice(&len.to_be_bytes());
+        other_info.extend_from_slice(part);
+    }
+    other_info.extend_from_slice(&bits.to_be_bytes());
+    ::concat_kdf::derive_key_into::<Sha256>(z, &other_info, key)
+        .map_err(|_| JweError::Seal("Concat KDF"))
 }
 
 fn ec_header(x: &[u8], y: &[u8]) -> ProtectedHeader {
@@ -374,18 +411,12 @@ mod tests {
                 let epk = Option::<PublicKey>::from(PublicKey::from_encoded_point(&point))
                     .ok_or("epk not on curve")?;
                 let z = p256::ecdh::diffie_hellman(secret.to_nonzero_scalar(), epk.as_affine());
-                // Independent Concat KDF, byte layout as in guest-components ec.rs.
-                let mut other = Vec::new();
-                other.extend_from_slice(&(ALG_ECDH_ES_A256KW.len() as u32).to_be_bytes());
-                other.extend_from_slice(ALG_ECDH_ES_A256KW.as_bytes());
-                other.extend_from_slice(&0u32.to_be_bytes());
-                other.extend_from_slice(&0u32.to_be_bytes());
-                other.extend_from_slice(&256u32.to_be_bytes());
-                let mut round = Vec::new();
-                round.extend_from_slice(&1u32.to_be_bytes());
-                round.extend_from_slice(z.raw_secret_bytes());
-                round.extend_from_slice(&other);
-                let kek: [u8; 32] = Sha256::digest(&round).into();
+                // The KDF by the library, with the OtherInfo spelled out byte by byte (not
+                // built by the code under test).
+                let other_info = b"\0\0\0\x0eECDH-ES+A256KW\0\0\0\0\0\0\0\0\0\0\x01\0";
+                let mut kek = [0u8; 32];
+                ::concat_kdf::derive_key_into::<Sha256>(z.raw_secret_bytes(), other_info, &mut kek)
+                    .map_err(|e| e.to_string())?;
                 let wrapped = &response.encrypted_key;
                 if wrapped.len() < 16 {
                     return Err("wrapped key too short".into());
@@ -426,6 +457,83 @@ mod tests {
     fn over_the_wire(response: &Response) -> Response {
         let json = serde_json::to_string(response).unwrap();
         serde_json::from_str(&json).unwrap()
+    }
+
+    /// RFC 7518 Appendix C: Z of Alice's ephemeral key and Bob's key.
+    const RFC7518_C_Z: [u8; 32] = [
+        158, 86, 217, 29, 129, 113, 53, 211, 114, 131, 66, 131, 191, 132, 38, 156, 251, 49, 110,
+        163, 218, 128, 106, 72, 246, 218, 167, 121, 140, 254, 144, 196,
+    ];
+    /// RFC 7518 Appendix C: Bob's key (the recipient) and Alice's ephemeral key.
+    const BOB_D: &str = "VEmDZpDXXK8p8N0Cndsxs924q6nS1RXFASRl6BfUqdw";
+    const BOB_X: &str = "weNJy2HscCSM6AEDTDg04biOvhFhyyWvOHQfeF_PxMQ";
+    const BOB_Y: &str = "e8lnCO-AlStT-NJVX-crhB7QRYhiix03illJOVAOyck";
+    const ALICE_D: &str = "0_NxaRPUMQoAJt50Gz8YiTr8gRTwyEaCumd-MToTmIo";
+    const ALICE_X: &str = "gI0GAILBdu7T53akrFmMyGcsF3n5dO7MmwNBHKW5SV0";
+    const ALICE_Y: &str = "SLW_xSffzlPWrHEVI30DHM_4egVwt3NQqeUD7nMFpps";
+
+    #[test]
+    fn concat_kdf_matches_rfc7518_appendix_c() {
+        // The appendix derives an A128GCM key with apu "Alice" and apv "Bob": every
+        // OtherInfo field and the key length take part.
+        let mut key = [0u8; 16];
+        concat_kdf(&RFC7518_C_Z, "A128GCM", b"Alice", b"Bob", &mut key).unwrap();
+        assert_eq!(URL_SAFE_NO_PAD.encode(key), "VqqN6vgjbSBcIijNcacQGg");
+        // And the appendix's Z is what its keys agree on.
+        let alice = p256::SecretKey::from_slice(&URL_SAFE_NO_PAD.decode(ALICE_D).unwrap()).unwrap();
+        let z = p256::ecdh::diffie_hellman(alice.to_nonzero_scalar(), bob_public().as_affine());
+        assert_eq!(z.raw_secret_bytes()[..], RFC7518_C_Z);
+    }
+
+    #[test]
+    fn aes_key_wrap_matches_rfc3394_section_4_6() {
+        // 256 bits of key data wrapped with a 256-bit KEK.
+        let kek: [u8; 32] = std::array::from_fn(|i| i as u8);
+        let data: [u8; 32] =
+            hex::decode("00112233445566778899AABBCCDDEEFF000102030405060708090A0B0C0D0E0F")
+                .unwrap()
+                .try_into()
+                .unwrap();
+        assert_eq!(
+            hex::encode_upper(aes_key_wrap(&kek, &data).unwrap()),
+            "28C9F404C4B810F4CBCCB35CFB87F8263F5786E2D80ED326CBC7F0E71A99F43BFB988B9B7A02DD21"
+        );
+    }
+
+    fn bob_public() -> PublicKey {
+        let x: [u8; 32] = URL_SAFE_NO_PAD.decode(BOB_X).unwrap().try_into().unwrap();
+        let y: [u8; 32] = URL_SAFE_NO_PAD.decode(BOB_Y).unwrap().try_into().unwrap();
+        let point = EncodedPoint::from_affine_coordinates(&x.into(), &y.into(), false);
+        Option::from(PublicKey::from_encoded_point(&point)).unwrap()
+    }
+
+    /// What `seal` writes for Bob's key with Alice's ephemeral key, CEK 00..1f, IV 00..0b and
+    /// the plaintext "Tether golden JWE". Computed apart from this code (Node's AES-GCM over
+    /// this header, the wrapped key from panva/jose given the same ephemeral key and CEK) and
+    /// opened by jose (tests/jose/interop.mjs).
+    const GOLDEN_JWE: &str = concat!(
+        r#"{"protected":"eyJhbGciOiJFQ0RILUVTK0EyNTZLVyIsImVuYyI6IkEyNTZHQ00iLCJlcGsiOnsiY3J2IjoiUC0yNTYiLCJrdHkiOiJFQyIsIngiOiJnSTBHQUlMQmR1N1Q1M2FrckZtTXlHY3NGM241ZE83TW13TkJIS1c1U1YwIiwieSI6IlNMV194U2ZmemxQV3JIRVZJMzBESE1fNGVnVnd0M05RcWVVRDduTUZwcHMifX0","#,
+        r#""encrypted_key":"T0NVWKoWucQiDmmVc2dmvQ8xVyt-7o5H1C0MnaCf5KFFpsfACs-0RQ","#,
+        r#""iv":"AAECAwQFBgcICQoL","ciphertext":"E2eic6CX4nziLfPu38kyOsY","tag":"FOKQ3QpRrbHNVB8Gbh5eZQ"}"#,
+    );
+
+    #[test]
+    fn a_jwe_made_with_a_fixed_ephemeral_key_is_the_golden_bytes() {
+        let mut epk = [4u8; EC_POINT_LEN];
+        epk[1..33].copy_from_slice(&URL_SAFE_NO_PAD.decode(ALICE_X).unwrap());
+        epk[33..].copy_from_slice(&URL_SAFE_NO_PAD.decode(ALICE_Y).unwrap());
+        let cek: [u8; 32] = std::array::from_fn(|i| i as u8);
+        let iv: [u8; 12] = std::array::from_fn(|i| i as u8);
+        let sealed = seal_ecdh_es(&RFC7518_C_Z, &epk, &cek, iv, b"Tether golden JWE").unwrap();
+        assert_eq!(serde_json::to_string(&sealed).unwrap(), GOLDEN_JWE);
+        // And Bob opens it.
+        let bob = p256::SecretKey::from_slice(&URL_SAFE_NO_PAD.decode(BOB_D).unwrap()).unwrap();
+        assert_eq!(bob.public_key(), bob_public());
+        let golden: Response = serde_json::from_str(GOLDEN_JWE).unwrap();
+        assert_eq!(
+            open(&TestKey::Ec(bob), &golden).unwrap(),
+            b"Tether golden JWE"
+        );
     }
 
     #[test]
@@ -605,6 +713,30 @@ mod tests {
             assert_eq!(err.status(), 400);
             assert!(validate_tee_pubkey(&key).is_err());
         }
+    }
+
+    #[test]
+    fn errors_map_to_their_status_and_name() {
+        let cases = [
+            (
+                JweError::UnsupportedKey("x".into()),
+                400,
+                "UnsupportedTeePubKey",
+            ),
+            (JweError::InvalidKey("x".into()), 400, "InvalidTeePubKey"),
+            (JweError::Seal("x"), 500, "SealFailed"),
+        ];
+        for (err, status, name) in cases {
+            assert_eq!((err.status(), err.name()), (status, name), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_valid_key_validates() {
+        let (_, public) = ec_pair();
+        validate_tee_pubkey(&public).unwrap();
+        validate_tee_pubkey(&rsa_public(ALG_RSA_OAEP_256)).unwrap();
+        validate_tee_pubkey(&rsa_public(ALG_RSA1_5)).unwrap();
     }
 
     #[test]

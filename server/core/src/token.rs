@@ -524,6 +524,34 @@ mod tests {
     }
 
     #[test]
+    fn the_expiry_leeway_ends_to_the_second() {
+        let signer = TokenSigner::ephemeral().unwrap();
+        let mut claims = sample_claims();
+        claims.insert("iat".into(), json!(900));
+        claims.insert("exp".into(), json!(1000));
+        let (token, _, _) = signer.sign(claims).unwrap();
+        let verify = |now| signer.es256.verify(&token, now, EXP_LEEWAY_SECS);
+        assert!(verify(1000).is_ok(), "at exp");
+        assert!(
+            verify(1000 + EXP_LEEWAY_SECS).is_ok(),
+            "at the end of the leeway"
+        );
+        assert_eq!(
+            verify(1001 + EXP_LEEWAY_SECS).unwrap_err(),
+            VerifyFailure::Expired
+        );
+        // A claims object without a numeric exp, and a payload that is no object.
+        for payload in [json!({"iat": 1}), json!({"exp": "1000"}), json!([1000])] {
+            let token = signer.es256.sign(payload.to_string().as_bytes()).unwrap();
+            let err = signer.es256.verify(&token, 0, 0).unwrap_err();
+            assert!(
+                matches!(err, VerifyFailure::MissingExp | VerifyFailure::Malformed),
+                "{payload}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
     fn other_signers_and_algorithms_are_rejected() {
         let signer = TokenSigner::ephemeral().unwrap();
         let other = TokenSigner::ephemeral().unwrap();

@@ -173,7 +173,14 @@ async fn report_data_binds_key_and_additional_evidence() {
     let reply = rcar.auth(upstream_request()).unwrap();
     let mut att = client_attestation(&reply.challenge, &ec_key(), None);
     att.tee_evidence.additional_evidence = "{}".into();
-    assert!(rcar.attest(&reply.session_id, att).await.is_err());
+    let err = rcar.attest(&reply.session_id, att).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RcarError::EvidenceVerificationFailed(VerifyError::ReportDataMismatch)
+        ),
+        "additional evidence is bound too: {err:?}"
+    );
 }
 
 #[tokio::test]
@@ -468,9 +475,16 @@ async fn pluggable_verifier_gets_report_and_init_data_digests() {
     let att = client_attestation(&reply.challenge, &key, Some(INIT_DATA));
     let attested = rcar.attest(&reply.session_id, att).await.unwrap();
     let seen = verifier.seen.lock().unwrap().clone();
-    let expected_rd =
-        binding::expected_report_data(HashAlgorithm::Sha384, &key, &reply.challenge.nonce, "")
-            .unwrap();
+    // The digest the client must bind, written out by hand (JCS of the three members, keys
+    // sorted, no whitespace) rather than by the canonicalizer under test.
+    let TeePubKey::EC { x, y, .. } = &key else {
+        unreachable!()
+    };
+    let canonical = format!(
+        r#"{{"additional-evidence":"","nonce":"{}","tee-pubkey":{{"alg":"ECDH-ES+A256KW","crv":"P-256","kty":"EC","x":"{x}","y":"{y}"}}}}"#,
+        reply.challenge.nonce
+    );
+    let expected_rd = HashAlgorithm::Sha384.digest(canonical.as_bytes());
     assert_eq!(
         seen,
         vec![(
@@ -517,4 +531,92 @@ async fn slow_verifier_times_out() {
     let att = client_attestation(&reply.challenge, &ec_key(), None);
     let err = rcar.attest(&reply.session_id, att).await.unwrap_err();
     assert_eq!((err.status(), err.name()), (500, "VerifierUnavailable"));
+}
+
+/// docs/protocol.md section 3.3: its key and nonce, no additional evidence.
+fn documented_key() -> TeePubKey {
+    TeePubKey::EC {
+        crv: "P-256".into(),
+        alg: "ECDH-ES+A256KW".into(),
+        x: "WKn-ZIGevcwGIyyrzFoZNBdaq9_TsqzGl96oc0CWuis".into(),
+        y: "y77t-RvAHRKTsSGdIYUfweuOvwrvDD-Q3Hv5J0fSKbE".into(),
+    }
+}
+const DOCUMENTED_NONCE: &str = "q1w2e3r4t5y6u7i8o9p0q1w2e3r4t5y6u7i8o9p0q1w=";
+
+#[test]
+fn report_data_of_the_documented_example_is_the_documented_digest() {
+    let digest = binding::expected_report_data(
+        HashAlgorithm::Sha384,
+        &documented_key(),
+        DOCUMENTED_NONCE,
+        "",
+    )
+    .unwrap();
+    assert_eq!(
+        hex::encode(digest),
+        "a4df05fa930e5f63e290f8331ae9befe87f93a3eedcf81fd779161fa1fdc764ef1a663ecdacdd43f2a00f7af23573a07"
+    );
+}
+
+#[test]
+fn report_data_escapes_additional_evidence_as_rfc8785_does() {
+    // RFC 8785 section 3.2.2.2's string: its canonical form is
+    // "€$\u000f\nA'B\"\\\\\"/"; the digests were computed apart (Python's hashlib over
+    // the canonical document written by hand).
+    let additional = "\u{20ac}$\u{f}\nA'B\"\\\\\"/";
+    let digest = |alg| {
+        hex::encode(
+            binding::expected_report_data(alg, &documented_key(), DOCUMENTED_NONCE, additional)
+                .unwrap(),
+        )
+    };
+    assert_eq!(
+        digest(HashAlgorithm::Sha256),
+        "ccf8c6be3bfaf025ae2fb9b635c63e9c5f7d141ed04c729d7d6277977ee38f9f"
+    );
+    assert_eq!(
+        digest(HashAlgorithm::Sha512),
+        "1337a8a1e917aa0a7831aeda3b0a3fb7ebcb3552924b9f3bfc4bde20e1176912822e3bc5a7ede66e1808333844bfd047cee98fb5022971f7d8277abad6885b56"
+    );
+}
+
+#[test]
+fn the_derived_guest_id_of_the_documented_key() {
+    assert_eq!(
+        binding::derived_guest_id(&documented_key()).unwrap(),
+        "tee-1da106d81dc375e4"
+    );
+}
+
+/// RFC 8785's examples through the canonicalizer the binding uses (serde_json_canonicalizer).
+#[test]
+fn the_canonicalizer_gives_rfc8785s_outputs() {
+    let jcs = |input: &str| {
+        let value: Value = serde_json::from_str(input).unwrap();
+        String::from_utf8(serde_json_canonicalizer::to_vec(&value).unwrap()).unwrap()
+    };
+    // Section 3.2.2: numbers, string escapes and literals.
+    assert_eq!(
+        jcs(r#"{
+            "numbers": [333333333.33333329, 1E30, 4.50, 2e-3, 0.000000000000000000000000001],
+            "string": "\u20ac$\u000F\u000aA'\u0042\u0022\u005c\\\"\/",
+            "literals": [null, true, false]
+        }"#),
+        r#"{"literals":[null,true,false],"numbers":[333333333.3333333,1e+30,4.5,0.002,1e-27],"string":"€$\u000f\nA'B\"\\\\\"/"}"#
+    );
+    // Section 3.2.3: properties sorted by their UTF-16 code units (the emoji, a surrogate
+    // pair, before U+FB33).
+    assert_eq!(
+        jcs(r#"{
+            "\u20ac": "Euro Sign",
+            "\r": "Carriage Return",
+            "\ufb33": "Hebrew Letter Dalet With Dagesh",
+            "1": "One",
+            "\ud83d\ude00": "Emoji: Grinning Face",
+            "\u0080": "Control",
+            "\u00f6": "Latin Small Letter O With Diaeresis"
+        }"#),
+        "{\"\\r\":\"Carriage Return\",\"1\":\"One\",\"\u{80}\":\"Control\",\"\u{f6}\":\"Latin Small Letter O With Diaeresis\",\"\u{20ac}\":\"Euro Sign\",\"\u{1f600}\":\"Emoji: Grinning Face\",\"\u{fb33}\":\"Hebrew Letter Dalet With Dagesh\"}"
+    );
 }

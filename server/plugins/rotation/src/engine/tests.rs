@@ -497,14 +497,15 @@ async fn failures_are_retried_then_given_up_and_refusals_are_final() {
         let id = rig.create("", &["flaky", "broken", "refusing"], 8).await;
         // The first attempt fails everywhere; the flaky guest recovers before the retry.
         rig.until_targets(id, "a first attempt each", |t| {
-            t.values().all(|t| t.attempts >= 1)
+            t.len() == 3 && t.values().all(|t| t.attempts >= 1)
         })
         .await;
         flaky.set(Behaviour::Ack);
         let t = rig
             .until_targets(id, "every target settled", |t| {
-                t.values()
-                    .all(|t| matches!(t.state, TargetState::Acked | TargetState::Failed))
+                t.len() == 3
+                    && t.values()
+                        .all(|t| matches!(t.state, TargetState::Acked | TargetState::Failed))
             })
             .await;
         assert_eq!(state_of(&t, "flaky"), Some(TargetState::Acked));
