@@ -366,6 +366,12 @@ fn build_rcar(config: &Config, cookie_key: &[u8; 32]) -> Result<RcarService, Sta
             .map_err(|e| other("attestation.signing_key_file")(e.to_string()))?,
     );
     let a = &config.attestation;
+    let collateral = kbs_core::verifiers::collateral_store(&Default::default(), None)
+        .map_err(|e| other("attestation.collateral")(e.to_string()))?;
+    let verifier_setup = kbs_core::verifiers::VerifierSetup {
+        collateral: Arc::new(collateral),
+        clock: Default::default(),
+    };
     Ok(RcarService::new(
         RcarConfig {
             session_ttl: a.session_ttl,
@@ -373,7 +379,7 @@ fn build_rcar(config: &Config, cookie_key: &[u8; 32]) -> Result<RcarService, Sta
             max_init_data_bytes: a.max_init_data_bytes,
         },
         signer,
-        kbs_core::verifiers::build(&a.verifiers),
+        kbs_core::verifiers::build(&a.verifiers, &verifier_setup),
         cookie_key,
     ))
 }
