@@ -596,4 +596,30 @@ mod tests {
                 .contains("attestation.verifiers[0]")
         );
     }
+
+    #[test]
+    fn attestation_sections_are_checked_naming_the_key() {
+        let c = load(
+            "[attestation]\nverifiers = [\"tdx\", \"snp\"]\n[attestation.collateral]\npccs_url = \"https://pccs.example:8081\"\nrefresh_before = \"2h\"\n",
+            &[],
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.attestation.collateral.refresh_before,
+            Duration::from_secs(7200)
+        );
+        let err_of = |text: &str| load(text, &[]).unwrap().validate().unwrap_err().to_string();
+        let err = err_of("[attestation.collateral]\nkds_url = \"ftp://x\"\n");
+        assert!(err.contains("attestation.collateral.kds_url"), "{err}");
+        let err = err_of("[attestation.collateral]\noffline_dir = \"/nonexistent/tether\"\n");
+        assert!(err.contains("attestation.collateral.offline_dir"), "{err}");
+        let err = err_of("[[attestation.external]]\nname = \"as\"\n");
+        assert!(err.contains("attestation.external[0].jwks_file"), "{err}");
+        let err = err_of(
+            "[[attestation.external]]\nname = \"as\"\njwks_url = \"https://as/jwks\"\n[[attestation.external]]\nname = \"as\"\njwks_url = \"https://as/jwks\"\n",
+        );
+        assert!(err.contains("attestation.external[1].name"), "{err}");
+        assert!(load("[attestation.collateral]\npccs = \"x\"\n", &[]).is_err());
+    }
 }
