@@ -214,6 +214,61 @@ impl AdminClient {
         ))
     }
 
+    /// Reference values and the names the default appraisal policy knows.
+    pub async fn reference_values(&self) -> Result<Value, ClientError> {
+        self.send(Method::GET, "/kbs/v0/admin/reference-values", None)
+            .await
+    }
+
+    /// Sets (replaces) the accepted values of a reference value.
+    pub async fn set_reference_value(
+        &self,
+        name: &str,
+        values: &[String],
+    ) -> Result<Value, ClientError> {
+        self.send(
+            Method::PUT,
+            &format!("/kbs/v0/admin/reference-values/{name}"),
+            Some(RequestBody::Json(serde_json::json!({ "values": values }))),
+        )
+        .await
+    }
+
+    /// Removes a reference value.
+    pub async fn delete_reference_value(&self, name: &str) -> Result<Value, ClientError> {
+        self.send(
+            Method::DELETE,
+            &format!("/kbs/v0/admin/reference-values/{name}"),
+            None,
+        )
+        .await
+    }
+
+    /// Installs an appraisal policy (Rego text).
+    pub async fn set_appraisal_policy(&self, rego: &str) -> Result<Value, ClientError> {
+        let body = serde_json::json!({"policy": URL_SAFE_NO_PAD.encode(rego.as_bytes())});
+        self.send(
+            Method::POST,
+            "/kbs/v0/admin/appraisal-policy",
+            Some(RequestBody::Json(body)),
+        )
+        .await
+    }
+
+    /// The appraisal policy in force and its stored version (0: built-in or initial file).
+    pub async fn get_appraisal_policy(&self) -> Result<(String, u64), ClientError> {
+        let v = self
+            .send(Method::GET, "/kbs/v0/admin/appraisal-policy", None)
+            .await?;
+        let text = URL_SAFE_NO_PAD
+            .decode(v["policy"].as_str().unwrap_or(""))
+            .map_err(|e| ClientError::Local(format!("policy is not base64url: {e}")))?;
+        Ok((
+            String::from_utf8_lossy(&text).into_owned(),
+            v["version"].as_u64().unwrap_or(0),
+        ))
+    }
+
     /// Guests with a live tunnel to this KBS, sorted by id.
     pub async fn list_guests(&self) -> Result<Vec<GuestSummary>, ClientError> {
         let v = self.send(Method::GET, "/kbs/v0/admin/guests", None).await?;

@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRef};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use kbs_core::admin_key::AdminKeyPair;
+use kbs_core::attest::external::ExternalIssuer;
 use kbs_core::attest::{RcarConfig, RcarService};
 use kbs_core::audit::Audit;
 use kbs_core::events::{EVENT_QUEUE, EventSink};
@@ -37,9 +38,11 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::attestation;
 use crate::config::{Config, ConfigError};
 use crate::dashboard::{self, Dashboard};
 use crate::http;
+use crate::http::appraisal::AppraisalAdmin;
 use crate::http::events::EventLog;
 use crate::http::guests::GuestsApi;
 use crate::http::health::Readiness;
@@ -111,6 +114,7 @@ struct AppState {
     audit: Audit,
     plugins: Arc<PluginRegistry>,
     policy: PolicyAdmin,
+    appraisal: AppraisalAdmin,
     audit_log: Arc<dyn AuditStore>,
     event_log: EventLog,
     resources: Arc<dyn ResourceStore>,
@@ -154,6 +158,8 @@ pub struct Kbs {
     /// Whether the development admin key was generated just now.
     pub dev_admin_key_created: bool,
     app: AppState,
+    /// External issuers whose JWK sets are fetched from a URL, with how often.
+    jwks_urls: Vec<(Arc<ExternalIssuer>, String, std::time::Duration)>,
     config: Arc<Config>,
     tls: Option<Arc<rustls::ServerConfig>>,
 }
@@ -177,7 +183,33 @@ impl Kbs {
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(&config.storage.database_url(), kek.clone()).await?);
 
-        let rcar = Arc::new(build_rcar(&config, &kek.derive(RCAR_COOKIE_KEY))?);
+        let a = &config.attestation;
+        let config_error = |(key, reason): (String, String)| ConfigError::Invalid { key, reason };
+        let collateral =
+            attestation::collateral_store(&a.collateral, store.clone()).map_err(config_error)?;
+        let appraiser = Arc::new(
+            attestation::load_appraiser(&a.appraisal, store.as_ref())
+                .await
+                .map_err(config_error)?,
+        );
+        let mut issuers = Vec::new();
+        let mut jwks_urls = Vec::new();
+        for (i, external) in a.external.iter().enumerate() {
+            let issuer = external.build(i).map_err(config_error)?;
+            if let Some(url) = &external.jwks_url {
+                jwks_urls.push((issuer.clone(), url.clone(), external.jwks_refresh));
+            }
+            issuers.push(issuer);
+        }
+        let verifier_setup = kbs_core::verifiers::VerifierSetup {
+            collateral: Arc::new(collateral),
+            clock: Default::default(),
+        };
+        let rcar = Arc::new(
+            build_rcar(&config, &kek.derive(RCAR_COOKIE_KEY), &verifier_setup)?
+                .with_appraiser(appraiser.clone())
+                .with_external_issuers(issuers),
+        );
         let policy_engine = Arc::new(load_policy(&config, store.as_ref()).await?);
         let (admin_auth, dev_admin_key, dev_admin_key_created) = build_admin(&config)?;
 
@@ -255,6 +287,12 @@ impl Kbs {
             gate: policy,
             write: Arc::default(),
         };
+        let appraisal = AppraisalAdmin {
+            appraiser,
+            reference: store.clone(),
+            policies: store.clone(),
+            write: Arc::default(),
+        };
         let app = AppState {
             admin: admin.clone(),
             rcar: rcar.clone(),
@@ -263,6 +301,7 @@ impl Kbs {
             audit: audit.clone(),
             plugins: plugins.clone(),
             policy: policy_admin.clone(),
+            appraisal,
             audit_log: store.clone(),
             event_log: EventLog {
                 sink: events.clone(),
@@ -306,6 +345,7 @@ impl Kbs {
             dev_admin_key,
             dev_admin_key_created,
             app,
+            jwks_urls,
             config: Arc::new(config),
             tls,
         })
@@ -338,6 +378,10 @@ impl Kbs {
             self.config.tunnel.directory_prune_interval,
             s.shutdown.clone(),
         );
+        let jwks = tokio::spawn(attestation::refresh_jwks(
+            self.jwks_urls.clone(),
+            s.shutdown.clone(),
+        ));
         s.plugins.start_all().await;
         let grace = self.config.http.shutdown_grace;
         let serving =
@@ -346,6 +390,7 @@ impl Kbs {
         // within the same grace period as HTTP requests (upgraded connections are not tracked there).
         let (result, ()) = tokio::join!(serving, http::tunnel::drain(&s.hub, &s.shutdown, grace));
         let _ = pruner.await;
+        let _ = jwks.await;
         observability.finish().await;
         s.plugins.stop_all().await;
         result
@@ -355,7 +400,11 @@ impl Kbs {
 /// What the RCAR cookie key is derived for (from the KEK, which every replica shares).
 const RCAR_COOKIE_KEY: &str = "rcar-session-cookie";
 
-fn build_rcar(config: &Config, cookie_key: &[u8; 32]) -> Result<RcarService, StartError> {
+fn build_rcar(
+    config: &Config,
+    cookie_key: &[u8; 32],
+    verifier_setup: &kbs_core::verifiers::VerifierSetup,
+) -> Result<RcarService, StartError> {
     let signing_path = config
         .attestation
         .signing_key_file
@@ -373,7 +422,7 @@ fn build_rcar(config: &Config, cookie_key: &[u8; 32]) -> Result<RcarService, Sta
             max_init_data_bytes: a.max_init_data_bytes,
         },
         signer,
-        kbs_core::verifiers::build(&a.verifiers),
+        kbs_core::verifiers::build(&a.verifiers, verifier_setup),
         cookie_key,
     ))
 }
@@ -425,6 +474,15 @@ fn router(state: &AppState, max_body: usize) -> Router {
         .route(
             "/kbs/v0/resource-policy",
             post(http::policy::set_policy).get(http::policy::get_policy),
+        )
+        .route(
+            "/kbs/v0/admin/appraisal-policy",
+            post(http::appraisal::set_policy).get(http::appraisal::get_policy),
+        )
+        .route("/kbs/v0/admin/reference-values", get(http::appraisal::list))
+        .route(
+            "/kbs/v0/admin/reference-values/{name}",
+            put(http::appraisal::set).delete(http::appraisal::delete),
         )
         .route("/kbs/v0/admin/audit", get(http::audit::audit))
         .route("/kbs/v0/admin/events", get(http::events::list))

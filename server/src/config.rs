@@ -61,6 +61,7 @@ pub struct Config {
     pub plugins: PluginsConfig,
 }
 
+pub use crate::attestation::{AppraisalConfig, CollateralConfig, ExternalConfig};
 pub use kbs_web::admin_auth::{AdminConfig, AdminKeyConfig};
 
 /// HTTP listener settings.
@@ -158,6 +159,12 @@ pub struct AttestationConfig {
     pub verifiers: Vec<String>,
     /// Token signing key (PKCS#8 PEM, P-256); generated when missing. Default `<data_dir>/token.key`.
     pub signing_key_file: Option<PathBuf>,
+    /// Where TDX and SNP collateral comes from.
+    pub collateral: CollateralConfig,
+    /// The appraisal policy.
+    pub appraisal: AppraisalConfig,
+    /// External attestation services whose tokens are trusted (passport mode).
+    pub external: Vec<ExternalConfig>,
 }
 
 impl Default for AttestationConfig {
@@ -168,6 +175,9 @@ impl Default for AttestationConfig {
             max_init_data_bytes: 64 * 1024,
             verifiers: vec!["sample".to_string()],
             signing_key_file: None,
+            collateral: CollateralConfig::default(),
+            appraisal: AppraisalConfig::default(),
+            external: Vec::new(),
         }
     }
 }
@@ -380,6 +390,29 @@ impl Config {
                 ));
             }
         }
+        a.collateral
+            .validate()
+            .map_err(|(key, reason)| invalid(&key, reason))?;
+        let mut names = std::collections::BTreeSet::new();
+        for (i, external) in a.external.iter().enumerate() {
+            external
+                .validate(i)
+                .map_err(|(key, reason)| invalid(&key, reason))?;
+            if !names.insert(external.name.as_str()) {
+                return Err(invalid(
+                    &format!("attestation.external[{i}].name"),
+                    format!("`{}` is configured twice", external.name),
+                ));
+            }
+        }
+        if let Some(f) = &a.appraisal.initial_policy_file
+            && !f.is_file()
+        {
+            return Err(invalid(
+                "attestation.appraisal.initial_policy_file",
+                format!("{} is not a readable file", f.display()),
+            ));
+        }
         if self.admin.keys.is_empty() && !self.admin.dev_key {
             return Err(invalid(
                 "admin.keys",
@@ -562,5 +595,31 @@ mod tests {
                 .to_string()
                 .contains("attestation.verifiers[0]")
         );
+    }
+
+    #[test]
+    fn attestation_sections_are_checked_naming_the_key() {
+        let c = load(
+            "[attestation]\nverifiers = [\"tdx\", \"snp\"]\n[attestation.collateral]\npccs_url = \"https://pccs.example:8081\"\nrefresh_before = \"2h\"\n",
+            &[],
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.attestation.collateral.refresh_before,
+            Duration::from_secs(7200)
+        );
+        let err_of = |text: &str| load(text, &[]).unwrap().validate().unwrap_err().to_string();
+        let err = err_of("[attestation.collateral]\nkds_url = \"ftp://x\"\n");
+        assert!(err.contains("attestation.collateral.kds_url"), "{err}");
+        let err = err_of("[attestation.collateral]\noffline_dir = \"/nonexistent/tether\"\n");
+        assert!(err.contains("attestation.collateral.offline_dir"), "{err}");
+        let err = err_of("[[attestation.external]]\nname = \"as\"\n");
+        assert!(err.contains("attestation.external[0].jwks_file"), "{err}");
+        let err = err_of(
+            "[[attestation.external]]\nname = \"as\"\njwks_url = \"https://as/jwks\"\n[[attestation.external]]\nname = \"as\"\njwks_url = \"https://as/jwks\"\n",
+        );
+        assert!(err.contains("attestation.external[1].name"), "{err}");
+        assert!(load("[attestation.collateral]\npccs = \"x\"\n", &[]).is_err());
     }
 }

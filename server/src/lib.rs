@@ -7,8 +7,10 @@
 
 pub mod admin_client;
 pub mod app;
+pub mod attestation;
 pub mod config;
 pub mod dashboard;
+pub mod evidence;
 pub mod http;
 pub mod serve;
 pub mod tls;

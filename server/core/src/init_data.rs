@@ -109,6 +109,15 @@ pub fn parse(init: &InitData, max_bytes: usize) -> Result<InitDataClaims, InitDa
     })
 }
 
+/// Identity from the `tether` member of init-data claims another attestation service
+/// verified (its token's `init_data_claims`), checked like the `[tether]` table here.
+pub fn identity_from_claims(tether: &Value) -> Result<GuestIdentity, InitDataError> {
+    match toml::Value::try_from(tether) {
+        Ok(toml::Value::Table(table)) => parse_tether(&table),
+        _ => Err(InitDataError::Invalid("tether must be a table".into())),
+    }
+}
+
 /// Identity from `[tether]`: `guest_id` and `[tether.labels]`. A missing
 /// guest_id is left empty here and derived from the TEE key by the caller.
 fn parse_tether(tether: &toml::Table) -> Result<GuestIdentity, InitDataError> {

@@ -1,12 +1,14 @@
 //! The KBS core: everything Tether knows and decides, with no HTTP in it.
 //!
 //! Identity and claims, resource paths, label selectors, JWE, attestation tokens, RCAR and
-//! its verifiers, the policy gate, storage (traits and the SQLite store), the guest
+//! its verifiers (sample, TDX, SNP), the appraisal of evidence, passport tokens of external
+//! attestation services, the policy gate, storage (traits and the SQLite store), the guest
 //! directory, the fleet view, the event log, audit, probes of guests and the core metrics.
 //! Nothing here names an HTTP framework type: the web layer (`kbs-web`) and the plugins sit
 //! on top, and the composition root (`server`) wires them (see `docs/architecture.md`).
 
 pub mod admin_key;
+pub mod appraisal;
 pub mod attest;
 pub mod audit;
 pub mod claims;

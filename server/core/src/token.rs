@@ -34,13 +34,14 @@ use crate::init_data::InitDataClaims;
 mod cache;
 mod es256;
 
-use cache::VerifiedCache;
+pub(crate) use cache::VerifiedCache;
 use es256::{Es256Key, VerifyFailure};
 
 /// EAR profile identifier placed in every token.
 pub const EAR_PROFILE: &str = "tag:github.com,2023:veraison/ear";
-/// Appraisal policy id reported in the EAR submodule.
-pub const APPRAISAL_POLICY_ID: &str = "tether-default";
+/// Id of the default appraisal policy, reported in the EAR submodule (upstream's
+/// attestation service names its default policy the same).
+pub const APPRAISAL_POLICY_ID: &str = "default";
 /// Where upstream EAR tokens (and ours) carry the TEE public key.
 pub const TEE_PUBKEY_POINTER: &str =
     "/submods/cpu0/ear.veraison.annotated-evidence/runtime_data_claims/tee-pubkey";
@@ -49,9 +50,9 @@ pub const TEE_PUBKEY_POINTER_LEGACY: &str =
     "/submods/cpu/ear.veraison.annotated-evidence/runtime_data_claims/tee-pubkey";
 
 /// Clock skew tolerated when checking `exp`, in seconds.
-const EXP_LEEWAY_SECS: u64 = 5;
+pub(crate) const EXP_LEEWAY_SECS: u64 = 5;
 /// Upper bound on a token presented by a peer; ours are far smaller.
-const MAX_TOKEN_BYTES: usize = 256 * 1024;
+pub(crate) const MAX_TOKEN_BYTES: usize = 256 * 1024;
 
 /// Errors issuing, loading or verifying tokens.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +83,9 @@ pub enum TokenError {
     /// The token verified but its claims lack what Tether needs.
     #[error("attestation token claims: {0}")]
     Claims(String),
+    /// Not signed by this KBS nor by a trusted external attestation service.
+    #[error("invalid attestation token: {0}")]
+    Untrusted(String),
 }
 
 impl TokenError {
@@ -89,7 +93,10 @@ impl TokenError {
     pub fn status(&self) -> u16 {
         match self {
             TokenError::KeyIo { .. } | TokenError::KeyInvalid { .. } | TokenError::Sign(_) => 500,
-            TokenError::Invalid(_) | TokenError::Expired | TokenError::Claims(_) => 401,
+            TokenError::Invalid(_)
+            | TokenError::Expired
+            | TokenError::Claims(_)
+            | TokenError::Untrusted(_) => 401,
         }
     }
 
@@ -99,7 +106,7 @@ impl TokenError {
             TokenError::KeyIo { .. } => "TokenKeyIo",
             TokenError::KeyInvalid { .. } => "TokenKeyInvalid",
             TokenError::Sign(_) => "TokenSign",
-            TokenError::Invalid(_) => "InvalidToken",
+            TokenError::Invalid(_) | TokenError::Untrusted(_) => "InvalidToken",
             TokenError::Expired => "TokenExpired",
             TokenError::Claims(_) => "InvalidTokenClaims",
         }
@@ -163,16 +170,43 @@ impl VerifiedToken {
     }
 }
 
-/// Builds the EAR-shaped claims for a successful attestation (without `iat`/`exp`/`jti`).
-pub fn build_claims(
+/// The EAR appraisal of one attestation, as it goes into the `cpu0` submodule.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EarAppraisal {
+    /// `ear.status`: `affirming`, `warning`, `contraindicated` or `none`.
+    pub status: &'static str,
+    /// `ear.trustworthiness-vector` (claim name to value), when the appraisal set one.
+    pub trust_vector: Option<Value>,
+    /// `ear.appraisal-policy-id`.
+    pub policy_id: &'static str,
+}
+
+impl Default for EarAppraisal {
+    /// Affirming, no trust vector, the default policy's id.
+    fn default() -> Self {
+        Self {
+            status: "affirming",
+            trust_vector: None,
+            policy_id: APPRAISAL_POLICY_ID,
+        }
+    }
+}
+
+/// The annotated evidence of one attestation (`ear.veraison.annotated-evidence`): the TEE
+/// claims under the TEE's name, the report data (as upstream's attestation service lifts it
+/// there too), the init-data digest and claims when init-data was sent, the runtime data.
+/// The appraisal policy reads it as its `input`.
+pub fn annotated_evidence(
     tee: &str,
     tee_claims: Value,
     tee_pubkey: &TeePubKey,
     nonce: &str,
     init_data: Option<&InitDataClaims>,
-    identity: &GuestIdentity,
 ) -> Map<String, Value> {
     let mut evidence = Map::new();
+    if let Some(report_data) = tee_claims.get("report_data").filter(|r| r.is_string()) {
+        evidence.insert("report_data".into(), report_data.clone());
+    }
     evidence.insert(tee.to_owned(), tee_claims);
     if let Some(init) = init_data {
         evidence.insert("init_data".into(), Value::String(hex::encode(&init.digest)));
@@ -182,7 +216,17 @@ pub fn build_claims(
         "runtime_data_claims".into(),
         json!({ "nonce": nonce, "tee-pubkey": tee_pubkey }),
     );
+    evidence
+}
 
+/// The EAR-shaped claims of a token (without `iat`/`exp`/`jti`) for annotated evidence and
+/// its appraisal.
+pub fn ear_claims(
+    tee: &str,
+    evidence: Map<String, Value>,
+    appraisal: &EarAppraisal,
+    identity: &GuestIdentity,
+) -> Map<String, Value> {
     let mut claims = Map::new();
     claims.insert("eat_profile".into(), Value::String(EAR_PROFILE.into()));
     claims.insert(
@@ -192,16 +236,23 @@ pub fn build_claims(
             "build": concat!("tether-", env!("CARGO_PKG_VERSION")),
         }),
     );
-    claims.insert(
-        "submods".into(),
-        json!({
-            "cpu0": {
-                "ear.status": "affirming",
-                "ear.appraisal-policy-id": APPRAISAL_POLICY_ID,
-                "ear.veraison.annotated-evidence": Value::Object(evidence),
-            }
-        }),
+    let mut cpu0 = Map::new();
+    cpu0.insert("ear.status".into(), json!(appraisal.status));
+    if let Some(vector) = &appraisal.trust_vector {
+        cpu0.insert("ear.trustworthiness-vector".into(), vector.clone());
+    }
+    cpu0.insert("ear.appraisal-policy-id".into(), json!(appraisal.policy_id));
+    cpu0.insert(
+        "ear.veraison.annotated-evidence".into(),
+        Value::Object(evidence),
     );
+    claims.insert("submods".into(), json!({ "cpu0": Value::Object(cpu0) }));
+    claims.insert("tether".into(), tether_claims(tee, identity));
+    claims
+}
+
+/// The `tether` object: the TEE and the guest's identity.
+pub fn tether_claims(tee: &str, identity: &GuestIdentity) -> Value {
     let mut tether =
         json!({ "tee": tee, "guest_id": identity.guest_id, "labels": identity.labels });
     if let Some(name) = &identity.name {
@@ -210,8 +261,21 @@ pub fn build_claims(
     if let Some(ip) = &identity.ip {
         tether["ip"] = json!(ip.to_string());
     }
-    claims.insert("tether".into(), tether);
-    claims
+    tether
+}
+
+/// Builds the EAR-shaped claims for a successful attestation (without `iat`/`exp`/`jti`),
+/// appraised affirming without a trust vector (tests and tools; the RCAR service appraises).
+pub fn build_claims(
+    tee: &str,
+    tee_claims: Value,
+    tee_pubkey: &TeePubKey,
+    nonce: &str,
+    init_data: Option<&InitDataClaims>,
+    identity: &GuestIdentity,
+) -> Map<String, Value> {
+    let evidence = annotated_evidence(tee, tee_claims, tee_pubkey, nonce, init_data);
+    ear_claims(tee, evidence, &EarAppraisal::default(), identity)
 }
 
 /// Signs and verifies attestation tokens with this KBS's P-256 key.
@@ -380,7 +444,7 @@ impl TokenSigner {
     }
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 mod audit;
 #[path = "kbsctl/events.rs"]
 mod events;
+#[path = "kbsctl/evidence.rs"]
+mod evidence;
 #[path = "kbsctl/guests.rs"]
 mod guests;
 #[path = "kbsctl/output.rs"]
@@ -19,6 +21,8 @@ mod policy;
 mod probe;
 #[path = "kbsctl/query.rs"]
 mod query;
+#[path = "kbsctl/reference_values.rs"]
+mod reference_values;
 #[path = "kbsctl/resource.rs"]
 mod resource;
 #[path = "kbsctl/rollout.rs"]
@@ -99,6 +103,15 @@ enum Command {
     Splitapi(splitapi::SplitapiCmd),
     /// Read the audit log (newest first).
     Audit(audit::AuditArgs),
+    /// Reference values the appraisal policy checks evidence against: set, list, delete.
+    #[command(subcommand)]
+    ReferenceValues(reference_values::ReferenceValuesCmd),
+    /// The appraisal policy (Rego) that rates evidence: set, get.
+    #[command(subcommand)]
+    AppraisalPolicy(reference_values::AppraisalPolicyCmd),
+    /// Verify TDX or SNP evidence offline and print its claims (no KBS, no admin key).
+    #[command(subcommand)]
+    Evidence(evidence::EvidenceCmd),
 }
 
 #[tokio::main]
@@ -111,9 +124,12 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    // Loaded before anything else, so a missing key fails every subcommand the same way.
-    let key = AdminKeyPair::load(&cli.admin_key)
-        .with_context(|| "set --admin-key or KBS_ADMIN_KEY".to_string())?;
+    // Loaded first by every subcommand but `evidence` (offline), so a missing key fails
+    // them all the same way.
+    let key = || {
+        AdminKeyPair::load(&cli.admin_key)
+            .with_context(|| "set --admin-key or KBS_ADMIN_KEY".to_string())
+    };
     // Built only by the subcommands that talk to the KBS (`token` signs locally).
     let client = |key| -> anyhow::Result<AdminClient> {
         Ok(AdminClient::new(&cli.url, key, cli.ca_file.as_deref())?
@@ -121,16 +137,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let output = cli.output;
     match cli.command {
-        Command::Token(args) => token::run(args, &key, &cli.subject, &cli.role),
-        Command::Resource(cmd) => resource::run(cmd, &client(key)?, output).await,
-        Command::Policy(cmd) => policy::run(cmd, &client(key)?, output).await,
-        Command::Guests(cmd) => guests::run(cmd, &client(key)?, output).await,
-        Command::Rollout(cmd) => rollout::run(cmd, &client(key)?, output).await,
-        Command::Probe(args) => probe::run(args, &client(key)?, output).await,
-        Command::Events(args) => events::run(args, &client(key)?, output).await,
-        Command::Plugin(cmd) => plugin::run(cmd, &client(key)?, output).await,
-        Command::Splitapi(cmd) => splitapi::run(cmd, &client(key)?, output).await,
-        Command::Audit(args) => audit::run(args, &client(key)?, output).await,
+        Command::Token(args) => token::run(args, &key()?, &cli.subject, &cli.role),
+        Command::Resource(cmd) => resource::run(cmd, &client(key()?)?, output).await,
+        Command::Policy(cmd) => policy::run(cmd, &client(key()?)?, output).await,
+        Command::Guests(cmd) => guests::run(cmd, &client(key()?)?, output).await,
+        Command::Rollout(cmd) => rollout::run(cmd, &client(key()?)?, output).await,
+        Command::Probe(args) => probe::run(args, &client(key()?)?, output).await,
+        Command::Events(args) => events::run(args, &client(key()?)?, output).await,
+        Command::Plugin(cmd) => plugin::run(cmd, &client(key()?)?, output).await,
+        Command::Splitapi(cmd) => splitapi::run(cmd, &client(key()?)?, output).await,
+        Command::Audit(args) => audit::run(args, &client(key()?)?, output).await,
+        Command::ReferenceValues(cmd) => reference_values::run(cmd, &client(key()?)?, output).await,
+        Command::AppraisalPolicy(cmd) => {
+            reference_values::run_policy(cmd, &client(key()?)?, output).await
+        }
+        Command::Evidence(cmd) => evidence::run(cmd),
     }
 }
 

@@ -2,6 +2,7 @@
 //! of the state it uses (`State<GuestsApi>`, `State<Arc<RcarService>>`, ...); the
 //! composition root (`crate::app`) builds those parts and the router.
 
+pub mod appraisal;
 pub mod audit;
 pub mod events;
 pub mod guests;

@@ -20,10 +20,10 @@ use tunnel::{
 };
 use zeroize::Zeroizing;
 
-use kbs_core::attest::RcarService;
+use kbs_core::attest::{RcarService, VerifyToken};
 use kbs_core::guest_directory::GuestDirectory;
 use kbs_core::metrics::Metrics;
-use kbs_core::token::{TokenSigner, VerifiedToken};
+use kbs_core::token::VerifiedToken;
 use kbs_core::tunnel_metrics::TunnelMetrics;
 use kbs_web::admin_auth::bearer;
 use kbs_web::error::ApiError;
@@ -136,8 +136,8 @@ pub async fn upgrade(
         .on_upgrade(move |socket| serve_guest_tunnel(socket, *accept, hub, observer, drain)))
 }
 
-/// The Bearer attestation token, verified under this KBS's key (passport mode only: a
-/// session cookie does not open a tunnel).
+/// The Bearer attestation token, this KBS's or a trusted attestation service's (passport
+/// mode only: a session cookie does not open a tunnel).
 fn verify_bearer(rcar: &RcarService, headers: &HeaderMap) -> Result<VerifiedToken, ApiError> {
     let token = bearer(headers).ok_or_else(|| {
         ApiError::unauthorized(
@@ -145,7 +145,7 @@ fn verify_bearer(rcar: &RcarService, headers: &HeaderMap) -> Result<VerifiedToke
             "the tunnel needs `Authorization: Bearer <attestation token>`",
         )
     })?;
-    Ok(rcar.signer().verify(token)?)
+    Ok(rcar.tokens().verify(token)?)
 }
 
 /// Identity and labels from the token only; a fresh challenge sealed to its TEE key (with a
@@ -186,7 +186,7 @@ fn accept_params(
 /// per tunnel, holding the binding and the endpoint.
 fn record_on_reauth(binding: TunnelBinding, endpoint: Arc<TunnelEndpoint>) -> ReauthFn {
     Arc::new(move |fresh: String| {
-        let result = binding.check(endpoint.rcar.signer(), &fresh).map(|token| {
+        let result = binding.check(endpoint.rcar.tokens(), &fresh).map(|token| {
             endpoint.directory.record(&token);
             token.exp
         });
@@ -211,10 +211,10 @@ impl TunnelBinding {
         })
     }
 
-    /// Verifies `fresh` with `signer` and checks it names the same TEE key and guest; returns
+    /// Verifies `fresh` with `tokens` and checks it names the same TEE key and guest; returns
     /// the verified token (its expiry is the new `reauth_before`) or why it is refused.
-    pub fn check(&self, signer: &TokenSigner, fresh: &str) -> Result<VerifiedToken, String> {
-        let token = signer.verify(fresh).map_err(|e| e.to_string())?;
+    pub fn check(&self, tokens: &impl VerifyToken, fresh: &str) -> Result<VerifiedToken, String> {
+        let token = tokens.verify(fresh).map_err(|e| e.to_string())?;
         let key = key_digest(&token.tee_pubkey).map_err(|e| format!("tee-pubkey: {e}"))?;
         if key != self.tee_pubkey_digest {
             return Err("the token is bound to another TEE key".into());
@@ -267,6 +267,7 @@ pub async fn until_empty(hub: &Hub) {
 mod tests {
     use std::collections::BTreeMap;
 
+    use kbs_core::token::TokenSigner;
     use kbs_types::TeePubKey;
     use serde_json::json;
 

@@ -111,6 +111,7 @@ from_lib_error!(
     kbs_core::token::TokenError,
     kbs_core::jwe::JweError,
     kbs_core::policy::PolicyError,
+    kbs_core::appraisal::AppraisalError,
 );
 
 impl From<kbs_core::storage::StoreError> for ApiError {

@@ -86,7 +86,7 @@ where
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let rcar = Arc::<RcarService>::from_ref(state);
         if let Some(token) = bearer(&parts.headers) {
-            return Ok(Self(rcar.signer().verify(token)?));
+            return Ok(Self(rcar.tokens().verify(token)?));
         }
         if let Some(id) = session_cookie(&parts.headers) {
             return Ok(Self(rcar.session_token(&id)?));

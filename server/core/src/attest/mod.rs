@@ -6,7 +6,9 @@
 
 mod binding;
 mod cookie;
+pub mod external;
 mod sample;
+mod tokens;
 mod verifier;
 
 use std::collections::HashMap;
@@ -23,11 +25,13 @@ pub use binding::{
     SELECTED_HASH_ALGORITHM, SUPPORTED_HASH_ALGORITHMS, derived_guest_id, hash_name,
 };
 pub use sample::SampleVerifier;
+pub use tokens::{TokenVerifier, VerifyToken};
 pub use verifier::{Verifier, VerifyError};
 
+use crate::appraisal::{AppraisalError, Appraiser};
 use crate::init_data::{self, InitDataClaims, InitDataError};
 use crate::jwe::{self, JweError};
-use crate::token::{self, TokenError, TokenSigner, VerifiedToken};
+use crate::token::{self, EarAppraisal, TokenError, TokenSigner, VerifiedToken};
 use binding::NegotiationError;
 use cookie::{Challenge as SealedChallenge, CookieError, CookieSealer, is_challenge, unix_ms};
 
@@ -103,6 +107,9 @@ pub enum RcarError {
     /// The verifier refused the evidence.
     #[error("evidence verification failed: {0}")]
     EvidenceVerificationFailed(#[source] VerifyError),
+    /// The appraisal policy failed (not a refusal: a policy that cannot be evaluated).
+    #[error(transparent)]
+    Appraisal(#[from] AppraisalError),
     /// Token issue failed.
     #[error(transparent)]
     Token(#[from] TokenError),
@@ -125,11 +132,9 @@ impl RcarError {
             | RcarError::SessionExpired
             | RcarError::NonceMismatch
             | RcarError::NotAttested => 401,
-            RcarError::EvidenceVerificationFailed(e) => match e {
-                VerifyError::Unavailable(_) => 500,
-                _ => 401,
-            },
+            RcarError::EvidenceVerificationFailed(e) => e.status(),
             RcarError::InitDataTooLarge { .. } => 413,
+            RcarError::Appraisal(e) => e.status(),
             RcarError::Token(e) => e.status(),
             RcarError::Internal(_) => 500,
         }
@@ -153,6 +158,7 @@ impl RcarError {
                 VerifyError::Unavailable(_) => "VerifierUnavailable",
                 _ => "EvidenceVerificationFailed",
             },
+            RcarError::Appraisal(e) => e.name(),
             RcarError::Token(e) => e.name(),
             RcarError::Internal(_) => "Internal",
         }
@@ -203,7 +209,9 @@ pub struct Attested {
 pub struct RcarService {
     config: RcarConfig,
     signer: Arc<TokenSigner>,
+    tokens: TokenVerifier,
     verifiers: HashMap<Tee, Arc<dyn Verifier>>,
+    appraiser: Arc<Appraiser>,
     cookies: CookieSealer,
     verify_timeout: Duration,
 }
@@ -230,11 +238,36 @@ impl RcarService {
         let verifiers = verifiers.into_iter().map(|v| (v.tee(), v)).collect();
         Self {
             config,
+            tokens: TokenVerifier::new(signer.clone()),
             signer,
             verifiers,
+            appraiser: Arc::default(),
             cookies: CookieSealer::new(cookie_key),
             verify_timeout: DEFAULT_VERIFY_TIMEOUT,
         }
+    }
+
+    /// Appraises evidence with `appraiser` (default: the built-in appraisal policy and no
+    /// reference values).
+    pub fn with_appraiser(mut self, appraiser: Arc<Appraiser>) -> Self {
+        self.appraiser = appraiser;
+        self
+    }
+
+    /// Also accepts passport tokens of these external attestation services.
+    pub fn with_external_issuers(mut self, issuers: Vec<Arc<external::ExternalIssuer>>) -> Self {
+        self.tokens = TokenVerifier::new(self.signer.clone()).with_issuers(issuers);
+        self
+    }
+
+    /// The appraisal policy and reference values in force.
+    pub fn appraiser(&self) -> &Arc<Appraiser> {
+        &self.appraiser
+    }
+
+    /// Verifies Bearer tokens: this KBS's, then the trusted issuers'.
+    pub fn tokens(&self) -> &TokenVerifier {
+        &self.tokens
     }
 
     /// Overrides the bound on one evidence verification (default 30 s).
@@ -337,6 +370,8 @@ impl RcarService {
         Ok(Attested { token, verified })
     }
 
+    /// Appraises the verified claims and signs the token; a contraindicated appraisal is
+    /// refused (`EvidenceVerificationFailed`, the detail says why).
     fn issue(
         &self,
         challenge: &SealedChallenge,
@@ -345,19 +380,38 @@ impl RcarService {
         tee_claims: Value,
     ) -> Result<(String, VerifiedToken), RcarError> {
         let tee_pubkey = &att.runtime_data.tee_pubkey;
+        let tee = challenge.tee.as_ref();
+        let evidence =
+            token::annotated_evidence(tee, tee_claims, tee_pubkey, &challenge.nonce, init);
+        let appraisal = self.appraiser.appraise(&evidence)?;
+        if appraisal.is_refused() {
+            return Err(RcarError::EvidenceVerificationFailed(
+                VerifyError::Rejected(format!(
+                    "the appraisal policy rated the evidence {}",
+                    appraisal.summary()
+                )),
+            ));
+        }
         let mut identity = init.and_then(|i| i.identity.clone()).unwrap_or_default();
         if identity.guest_id.is_empty() {
             identity.guest_id = binding::derived_guest_id(tee_pubkey)
                 .map_err(|_| RcarError::Internal("tee-pubkey serialisation"))?;
         }
-        let claims = token::build_claims(
-            challenge.tee.as_ref(),
-            tee_claims,
-            tee_pubkey,
-            &challenge.nonce,
-            init,
-            &identity,
-        );
+        if appraisal.status != crate::appraisal::TrustTier::Affirming {
+            tracing::info!(
+                guest_id = %identity.guest_id,
+                tee,
+                status = appraisal.status.as_str(),
+                reasons = %appraisal.reasons.join("; "),
+                "evidence appraised"
+            );
+        }
+        let ear = EarAppraisal {
+            status: appraisal.status.as_str(),
+            trust_vector: Some(appraisal.trust_vector_json()),
+            policy_id: appraisal.policy_id,
+        };
+        let claims = token::ear_claims(tee, evidence, &ear, &identity);
         Ok(self.signer.issue_verified(claims, self.config.token_ttl)?)
     }
 

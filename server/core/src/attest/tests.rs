@@ -463,8 +463,27 @@ fn tdx_service(delay: Duration) -> (RcarService, Arc<RecordingVerifier>) {
         Arc::new(TokenSigner::ephemeral().unwrap()),
         vec![Arc::new(SampleVerifier), verifier.clone()],
         &COOKIE_KEY,
-    );
+    )
+    // The recording verifier's claims are not a real quote's: the default appraisal policy
+    // would (rightly) refuse them, so these tests appraise with one that accepts anything.
+    .with_appraiser(Arc::new(
+        Appraiser::new("package policy\nhardware := 2\n", Default::default()).unwrap(),
+    ));
     (rcar, verifier)
+}
+
+#[tokio::test]
+async fn the_default_appraisal_refuses_claims_that_are_not_a_genuine_quotes() {
+    let (rcar, _) = tdx_service(Duration::ZERO);
+    let rcar = rcar.with_appraiser(Arc::default());
+    let reply = rcar.auth(request(Tee::Tdx, json!(""))).unwrap();
+    let att = client_attestation(&reply.challenge, &ec_key(), None);
+    let e = rcar.attest(&reply.session_id, att).await.err().unwrap();
+    assert_eq!(e.name(), "EvidenceVerificationFailed");
+    assert_eq!(e.status(), 401);
+    let text = e.to_string();
+    assert!(text.contains("contraindicated"), "{text}");
+    assert!(text.contains("not a TDX quote signed by Intel"), "{text}");
 }
 
 #[tokio::test]

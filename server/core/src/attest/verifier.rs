@@ -22,6 +22,13 @@ pub enum VerifyError {
     /// The verifier could not reach what it depends on (collateral service...).
     #[error("verifier unavailable: {0}")]
     Unavailable(String),
+    /// The collateral the evidence needs (Intel DCAP collateral, an AMD VCEK) could not be
+    /// fetched and no still-valid copy is cached: nothing is wrong with the evidence, the
+    /// KBS cannot check it now.
+    #[error(
+        "collateral unavailable: {0} (the PCCS/KDS fetch failed and no valid cached copy exists; retry later)"
+    )]
+    CollateralUnavailable(String),
 }
 
 impl VerifyError {
@@ -29,6 +36,7 @@ impl VerifyError {
     pub fn status(&self) -> u16 {
         match self {
             VerifyError::Unavailable(_) => 500,
+            VerifyError::CollateralUnavailable(_) => 503,
             _ => 401,
         }
     }
@@ -41,6 +49,7 @@ impl VerifyError {
             VerifyError::InitDataMismatch => "InitDataMismatch",
             VerifyError::Rejected(_) => "EvidenceRejected",
             VerifyError::Unavailable(_) => "VerifierUnavailable",
+            VerifyError::CollateralUnavailable(_) => "EvidenceVerificationFailed",
         }
     }
 }

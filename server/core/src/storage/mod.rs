@@ -6,6 +6,7 @@ mod fleet;
 mod kek;
 pub mod latest_cache;
 mod plugins;
+mod reference_values;
 mod rotation;
 mod sqlite;
 
@@ -19,6 +20,7 @@ pub use events::{EventQuery, EventRecord, EventStore, NewEvent};
 pub use fleet::FleetStore;
 pub use kek::KeyEncryptionKey;
 pub use plugins::{PluginStateRow, PluginStateStore};
+pub use reference_values::{ReferenceValue, ReferenceValueStore};
 pub use rotation::{
     CreatedRollout, NewRollout, RolloutQuery, RolloutRecord, RolloutState, RolloutStore,
     TargetRecord, TargetState,
@@ -45,6 +47,9 @@ pub enum StoreError {
     /// File system trouble (key-encryption key file).
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// A stored row does not decode.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
 }
 
 /// One stored version of a resource, decrypted.
@@ -206,6 +211,7 @@ pub trait Store:
     + KvStore
     + RolloutStore
     + PluginStateStore
+    + ReferenceValueStore
     + EventStore
     + FleetStore
     + Send

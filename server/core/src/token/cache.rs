@@ -22,7 +22,7 @@ struct Entry {
 
 /// Verified tokens by digest.
 #[derive(Default)]
-pub(super) struct VerifiedCache {
+pub(crate) struct VerifiedCache {
     entries: Mutex<HashMap<[u8; 32], Entry>>,
 }
 
@@ -41,6 +41,14 @@ impl VerifiedCache {
             }
         }
         entries.insert(digest, Entry { token, until });
+    }
+
+    /// Forgets every entry (the keys that verified them changed).
+    pub fn clear(&self) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
     #[cfg(test)]
