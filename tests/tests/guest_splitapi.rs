@@ -41,7 +41,11 @@ fn init_data(guest_id: &str) -> String {
 
 /// A KBS whose splitapi plugin is off: only the test pushes bundles.
 async fn kbs_without_splitapi_plugin() -> TestKbs {
-    TestKbs::start_with(false, |c| c.plugins.disabled.push("splitapi".into())).await
+    TestKbs::start_with(false, |c| {
+        tests::allow_sample(c);
+        c.plugins.disabled.push("splitapi".into());
+    })
+    .await
 }
 
 fn loopback0() -> SocketAddr {

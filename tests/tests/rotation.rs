@@ -328,6 +328,12 @@ allow if {
 	input["submods"]["cpu0"]["ear.status"] == "affirming"
 	not untrusted
 }
+
+# Untrusted guests may still hold a tunnel: every push over it is asked as `resource`.
+allow if {
+	input["submods"]["cpu0"]["ear.status"] == "affirming"
+	data.plugin == "tunnel"
+}
 "#;
 
 #[tokio::test]

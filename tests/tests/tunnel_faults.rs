@@ -127,7 +127,7 @@ async fn assert_failed_fast(calls: Vec<JoinHandle<Result<ProbeReport, CallError>
 
 #[tokio::test]
 async fn a_kbs_restart_fails_in_flight_calls_fast_and_the_guest_comes_back() {
-    let kbs = TestKbs::start().await;
+    let kbs = TestKbs::start_dev().await;
     let key = TeeKeyPair::new_ec();
     let token = kbs.attest(&key, Some(G1)).await;
     let guest = LoopingGuest::spawn(kbs.tunnel_config(), token, key);
@@ -207,7 +207,7 @@ impl Drop for CutProxy {
 
 #[tokio::test]
 async fn a_cut_connection_fails_in_flight_calls_fast_and_the_guest_comes_back() {
-    let kbs = TestKbs::start().await;
+    let kbs = TestKbs::start_dev().await;
     let proxy = CutProxy::start(kbs.addr).await;
     let key = TeeKeyPair::new_ec();
     let token = kbs.attest(&key, Some(G1)).await;
@@ -259,7 +259,7 @@ fn expired(kbs: &TestKbs, token: &str) -> String {
 
 #[tokio::test]
 async fn an_expired_token_is_refused_before_the_upgrade() {
-    let kbs = TestKbs::start().await;
+    let kbs = TestKbs::start_dev().await;
     let key = TeeKeyPair::new_ec();
     let token = kbs.attest(&key, Some(G1)).await;
     let stale = expired(&kbs, &token);
@@ -329,7 +329,7 @@ async fn cycle(kbs: &TestKbs, token: &str, key: &TeeKeyPair) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_disconnect_cycles_leak_no_tunnel_task_or_memory() {
-    let kbs = TestKbs::start().await;
+    let kbs = TestKbs::start_dev().await;
     let key = TeeKeyPair::new_ec();
     let token = kbs.attest(&key, Some(G1)).await;
     let metrics = tokio::runtime::Handle::current().metrics();
