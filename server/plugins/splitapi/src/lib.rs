@@ -52,12 +52,24 @@ pub enum SplitApiError {
     /// Sealing to the TEE key failed.
     #[error("sealing the bundle: {0}")]
     Seal(String),
+    /// A pull whose attested name or address differs from the sandbox's record.
+    #[error(
+        "the splitapi credentials of guest {0:?} name another attested identity than this token's; \
+         a pull does not change them (a guest whose name or address changed gets its new server \
+         certificate over its tunnel, after the proof of possession)"
+    )]
+    IdentityConflict(String),
 }
 
 impl From<SplitApiError> for ApiError {
     fn from(e: SplitApiError) -> Self {
         match e {
             SplitApiError::Store(s) => s.into(),
+            e @ SplitApiError::IdentityConflict(_) => ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "IdentityConflict",
+                e.to_string(),
+            ),
             other => ApiError::internal("splitapi", other),
         }
     }
@@ -129,10 +141,18 @@ impl Inner {
     }
 
     /// The current record for this attested identity, issuing or renewing it when needed.
+    ///
+    /// Who may change what: the first caller creates the record; a renewal re-issues all of
+    /// it under the same CA; a changed name or address re-issues only the server certificate,
+    /// and only when `proven` (the identity comes from the guest directory, written after the
+    /// tunnel's proof of possession). A pull carries a token only, which someone else may hold
+    /// or have attested with other init-data: its differing identity is `IdentityConflict`,
+    /// and the record stays as it is.
     pub(crate) async fn ensure(
         &self,
         ctx: &PluginContext,
         identity: &SandboxIdentity,
+        proven: bool,
     ) -> Result<CredentialRecord, SplitApiError> {
         let lock = self
             .locks
@@ -142,11 +162,25 @@ impl Inner {
         let _guard = lock.lock().await;
         let prev = self.load(ctx, &identity.guest_id).await?;
         let now = now_s();
-        if let Some(p) = &prev
-            && !CredentialRecord::needs_issue(Some(p), identity, &self.config, now)
-        {
-            return Ok(p.clone());
+        if let Some(p) = &prev {
+            if p.identity != *identity && !proven {
+                tracing::warn!(
+                    guest_id = %identity.guest_id,
+                    recorded = ?p.identity,
+                    pulled = ?identity,
+                    "splitapi: a pull names another identity than the record; refused"
+                );
+                return Err(SplitApiError::IdentityConflict(identity.guest_id.clone()));
+            }
+            if !CredentialRecord::needs_issue(Some(p), identity, &self.config, now) {
+                return Ok(p.clone());
+            }
         }
+        let reason = match &prev {
+            None => "new",
+            Some(p) if p.needs_renewal(&self.config, now) => "renewal",
+            Some(_) => "identity-changed",
+        };
         let started = Instant::now();
         let config = self.config.clone();
         let id = identity.clone();
@@ -165,6 +199,7 @@ impl Inner {
             guest_id = %identity.guest_id,
             version = rec.version,
             not_after = rec.not_after,
+            reason,
             new_ca = prev.as_ref().is_none_or(|p| p.ca_cert != rec.ca_cert),
             algorithm = ?rec.algorithm,
             micros = started.elapsed().as_micros() as u64,
@@ -201,7 +236,7 @@ impl Inner {
         let identity = SandboxIdentity::from(&att.identity);
         let started = Instant::now();
         let result = async {
-            let rec = self.ensure(ctx, &identity).await?;
+            let rec = self.ensure(ctx, &identity, true).await?;
             let bundle = server_bundle(&rec, &att.tee_pubkey)?;
             Ok::<_, SplitApiError>(bundle)
         }
