@@ -254,7 +254,7 @@ impl Rig {
             .signer
             .issue_verified(claims, Duration::from_secs(300))
             .unwrap();
-        self.deps.directory.record(&token);
+        self.deps.directory.record_proven(&token, 0);
         let info = TunnelInfo {
             guest_id: guest_id.into(),
             labels,
