@@ -31,12 +31,20 @@ fn spawn(kbs: &TestKbs, state_dir: &Path, init_data: Option<String>) -> DaemonRu
 
 /// A resource version sealed (as the KBS does) to `key`.
 fn sealed(key: &TeeKeyPair, uri: &str, version: u64, plaintext: &[u8]) -> SealedResource {
-    let jwe = kbs_core::jwe::seal(&key.export_pubkey(), plaintext).unwrap();
+    let sha256 = format!("{:x}", Sha256::digest(plaintext));
+    let binding = rpc_defs::ResourceBinding {
+        sha256: sha256.clone(),
+        uri: uri.to_owned(),
+        version,
+    };
+    let bound =
+        kbs_core::jwe::binding_header(rpc_defs::RESOURCE_BINDING_HEADER, &binding).unwrap();
+    let jwe = kbs_core::jwe::seal_bound(&key.export_pubkey(), plaintext, &bound).unwrap();
     SealedResource {
         uri: uri.to_owned(),
         version,
         jwe: serde_json::to_vec(&jwe).unwrap(),
-        sha256: format!("{:x}", Sha256::digest(plaintext)),
+        sha256,
     }
 }
 

@@ -111,6 +111,28 @@ pub fn validate_tee_pubkey(tee_pubkey: &TeePubKey) -> Result<(), JweError> {
 
 /// Seal `plaintext` to `tee_pubkey` as a JWE in upstream KBS `Response` form.
 pub fn seal(tee_pubkey: &TeePubKey, plaintext: &[u8]) -> Result<Response, JweError> {
+    seal_bound(tee_pubkey, plaintext, &Map::new())
+}
+
+/// The protected header member `name` holding `binding` (metadata that travels beside the
+/// JWE and that the receiver checks against it: the header is the AAD, so it is
+/// authenticated with the ciphertext).
+pub fn binding_header(
+    name: &str,
+    binding: &impl serde::Serialize,
+) -> Result<Map<String, Value>, JweError> {
+    let value =
+        serde_json::to_value(binding).map_err(|_| JweError::Seal("binding serialisation"))?;
+    Ok(Map::from_iter([(name.to_owned(), value)]))
+}
+
+/// [`seal`] with `bound` added to the protected header (members the header already has,
+/// such as `epk`, are never replaced).
+pub fn seal_bound(
+    tee_pubkey: &TeePubKey,
+    plaintext: &[u8],
+    bound: &Map<String, Value>,
+) -> Result<Response, JweError> {
     let key = parse_key(tee_pubkey)?;
     let mut rng = rand::thread_rng();
 
@@ -160,18 +182,39 @@ pub fn seal(tee_pubkey: &TeePubKey, plaintext: &[u8]) -> Result<Response, JweErr
         }
     };
 
-    encrypt_content(protected, encrypted_key, cek.as_ref(), plaintext)
+    encrypt_content(bind(protected, bound), encrypted_key, cek.as_ref(), plaintext)
 }
 
 /// Seal `plaintext` with `key` used directly as the A256GCM content key (`alg: dir`): for a
 /// tunnel's push key, which only the guest holding the TEE key could have received.
 pub fn seal_dir(key: &[u8; CEK_LEN], plaintext: &[u8]) -> Result<Response, JweError> {
+    seal_dir_bound(key, plaintext, &Map::new())
+}
+
+/// [`seal_dir`] with `bound` added to the protected header.
+pub fn seal_dir_bound(
+    key: &[u8; CEK_LEN],
+    plaintext: &[u8],
+    bound: &Map<String, Value>,
+) -> Result<Response, JweError> {
     let header = ProtectedHeader {
         alg: ALG_DIR.to_owned(),
         enc: ENC_A256GCM.to_owned(),
         other_fields: Map::new(),
     };
-    encrypt_content(header, Vec::new(), key, plaintext)
+    encrypt_content(bind(header, bound), Vec::new(), key, plaintext)
+}
+
+fn bind(mut header: ProtectedHeader, bound: &Map<String, Value>) -> ProtectedHeader {
+    for (k, v) in bound {
+        if k != "alg" && k != "enc" {
+            header
+                .other_fields
+                .entry(k.clone())
+                .or_insert_with(|| v.clone());
+        }
+    }
+    header
 }
 
 fn encrypt_content(

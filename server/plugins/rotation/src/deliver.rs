@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rpc_defs::{GuestError, SealedResource};
+use rpc_defs::{GuestError, RESOURCE_BINDING_HEADER, ResourceBinding, SealedResource};
 use tunnel::{CallError, TunnelHandle};
 use zeroize::Zeroizing;
 
@@ -132,10 +132,21 @@ async fn attempt(
     }
     // A tunnel with a push key (`tether.v2`) gets `dir` under it: no ECDH on either side;
     // otherwise the JWE is sealed to the TEE key as the resource GET does.
-    let sealed = match handle.push_key() {
-        Some(key) => kbs_core::jwe::seal_dir(key.bytes(), plaintext),
-        None => kbs_core::jwe::seal(&guest.tee_pubkey, plaintext),
+    // The uri, version and digest travel beside the JWE; binding them in its protected header
+    // lets the guest refuse an old ciphertext replayed as a newer version or under another
+    // path.
+    let binding = ResourceBinding {
+        sha256: rollout.sha256.to_ascii_lowercase(),
+        uri: rollout.path.clone(),
+        version: rollout.version,
     };
+    let sealed =
+        kbs_core::jwe::binding_header(RESOURCE_BINDING_HEADER, &binding).and_then(|bound| {
+            match handle.push_key() {
+                Some(key) => kbs_core::jwe::seal_dir_bound(key.bytes(), plaintext, &bound),
+                None => kbs_core::jwe::seal_bound(&guest.tee_pubkey, plaintext, &bound),
+            }
+        });
     let jwe = match sealed
         .map_err(|e| e.to_string())
         .and_then(|sealed| serde_json::to_vec(&sealed).map_err(|e| e.to_string()))

@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use axum::Router;
 use axum::routing::get;
 use dashmap::DashMap;
-use rpc_defs::{CredentialBundle, CredentialFile, Installed};
+use rpc_defs::{BUNDLE_BINDING_HEADER, BundleBinding, CredentialBundle, CredentialFile, Installed};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tunnel::{TunnelEvent, TunnelHandle};
@@ -331,9 +331,7 @@ pub fn server_bundle(
     rec: &CredentialRecord,
     tee_pubkey: &kbs_types::TeePubKey,
 ) -> Result<CredentialBundle, SplitApiError> {
-    let plain = rec.server_plaintext()?;
-    let sealed =
-        kbs_core::jwe::seal(tee_pubkey, &plain).map_err(|e| SplitApiError::Seal(e.to_string()))?;
+    let sealed = seal_server_files(rec, tee_pubkey)?;
     let jwe = serde_json::to_vec(&sealed).map_err(|e| SplitApiError::Seal(e.to_string()))?;
     Ok(CredentialBundle {
         id: pki::BUNDLE_ID.to_string(),
@@ -342,6 +340,20 @@ pub fn server_bundle(
         jwe,
         not_after: rec.not_after,
     })
+}
+
+/// The JWE of `rec`'s server files, sealed to `tee_pubkey`, binding the bundle's id,
+/// version, file modes and expiry in its protected header (the guest checks them against
+/// the fields that travel beside it).
+pub fn seal_server_files(
+    rec: &CredentialRecord,
+    tee_pubkey: &kbs_types::TeePubKey,
+) -> Result<kbs_types::Response, SplitApiError> {
+    let plain = rec.server_plaintext()?;
+    let binding = BundleBinding::new(pki::BUNDLE_ID, rec.version, &server_files(), rec.not_after);
+    kbs_core::jwe::binding_header(BUNDLE_BINDING_HEADER, &binding)
+        .and_then(|bound| kbs_core::jwe::seal_bound(tee_pubkey, &plain, &bound))
+        .map_err(|e| SplitApiError::Seal(e.to_string()))
 }
 
 /// The server bundle's files and modes.
