@@ -6,7 +6,7 @@
 //! on one guest id show up in the event log and a metric.
 
 use guest_daemon::tee_key::TeeKeyPair;
-use kbs_core::storage::{EventQuery, EventStore};
+use kbs_core::storage::EventQuery;
 use reqwest::StatusCode;
 use rpc_defs::GuestInfo;
 use tests::{

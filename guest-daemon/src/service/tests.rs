@@ -32,10 +32,8 @@ fn sealed_to(
     header: &str,
     binding: &impl serde::Serialize,
 ) -> Vec<u8> {
-    let bound = serde_json::Map::from_iter([(
-        header.to_owned(),
-        serde_json::to_value(binding).unwrap(),
-    )]);
+    let bound =
+        serde_json::Map::from_iter([(header.to_owned(), serde_json::to_value(binding).unwrap())]);
     serde_json::to_vec(&seal_bound(&key.export_pubkey(), plain, &bound)).unwrap()
 }
 
@@ -805,13 +803,16 @@ async fn the_hook_sees_the_committed_version_and_its_status_is_reported() {
     );
 }
 
+/// A field name and how to change that field.
+type Swap<T> = (&'static str, Box<dyn Fn(&mut T)>);
+
 /// Issue 17, defect 9: what travels beside the JWE (a resource's uri, version and digest; a
 /// bundle's id, version, file modes and expiry) must be what the JWE binds, so a replayed
 /// ciphertext cannot pass as a newer version nor land under another path.
 #[tokio::test]
 async fn push_metadata_that_the_jwe_does_not_bind_is_invalid() {
     let g = guest(None);
-    let swaps: Vec<(&str, Box<dyn Fn(&mut SealedResource)>)> = vec![
+    let swaps: Vec<Swap<SealedResource>> = vec![
         ("version", Box::new(|r| r.version = 2)),
         ("uri", Box::new(|r| r.uri = "r/t/other".into())),
         (
@@ -831,7 +832,7 @@ async fn push_metadata_that_the_jwe_does_not_bind_is_invalid() {
     assert!(g.svc.store().held().is_empty(), "nothing applied");
 
     let files = [("k", 0o600, &b"key"[..]), ("c", 0o644, &b"crt"[..])];
-    let bundle_swaps: Vec<(&str, Box<dyn Fn(&mut CredentialBundle)>)> = vec![
+    let bundle_swaps: Vec<Swap<CredentialBundle>> = vec![
         ("id", Box::new(|b| b.id = "other".into())),
         ("version", Box::new(|b| b.version = 7)),
         ("files", Box::new(|b| b.files[0].mode = 0o400)),
