@@ -223,6 +223,7 @@ impl Kbs {
             directory: directory.clone(),
             policy: policy.clone(),
             audit: audit.clone(),
+            resource_notices: Default::default(),
             admin: admin.clone(),
             rcar: rcar.clone(),
             shutdown: shutdown.clone(),

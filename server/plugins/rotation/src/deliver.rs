@@ -108,6 +108,28 @@ async fn attempt(
         Ok(p) => p,
         Err(e) => return fail(target, format!("invalid resource path: {e}")),
     };
+    // Checked at each push, not only when the rollout loaded its plaintext: a version erased
+    // meanwhile (a missed delete notice) is never delivered.
+    match deps.resources.list_versions(&path).await {
+        Ok(versions)
+            if versions
+                .iter()
+                .any(|v| v.version == rollout.version && !v.deleted) => {}
+        Ok(_) => {
+            return fail(
+                target,
+                format!("version {} of {path} was erased", rollout.version),
+            );
+        }
+        Err(e) => {
+            target.attempts += 1;
+            return retry(
+                target,
+                rollout.max_attempts,
+                format!("checking the version: {e}"),
+            );
+        }
+    }
     // The same decision as if the guest fetched the resource itself.
     let question = PolicyQuestion {
         plugin: "resource",
