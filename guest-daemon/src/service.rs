@@ -355,7 +355,11 @@ impl GuestDaemonService {
         .map_err(|e| GuestError::Unseal(format!("unseal task failed: {e}")))?
         .map_err(|e| GuestError::Unseal(e.to_string()))?;
         // Opened: the protected header is authenticated, its binding is the KBS's.
-        check_binding(header, response.protected.other_fields.get(header), &expected)?;
+        check_binding(
+            header,
+            response.protected.other_fields.get(header),
+            &expected,
+        )?;
         Ok(plaintext)
     }
 }

@@ -561,9 +561,7 @@ pub(crate) mod seal {
                 };
                 content(protected, wrapped, &cek, plain)
             }
-            TeePubKey::RSA { alg, k_mod, k_exp } => {
-                seal_rsa_bound(alg, k_mod, k_exp, plain, bound)
-            }
+            TeePubKey::RSA { alg, k_mod, k_exp } => seal_rsa_bound(alg, k_mod, k_exp, plain, bound),
             TeePubKey::AKP { .. } => panic!("AKP keys are not used here"),
         }
     }

@@ -37,8 +37,7 @@ fn sealed(key: &TeeKeyPair, uri: &str, version: u64, plaintext: &[u8]) -> Sealed
         uri: uri.to_owned(),
         version,
     };
-    let bound =
-        kbs_core::jwe::binding_header(rpc_defs::RESOURCE_BINDING_HEADER, &binding).unwrap();
+    let bound = kbs_core::jwe::binding_header(rpc_defs::RESOURCE_BINDING_HEADER, &binding).unwrap();
     let jwe = kbs_core::jwe::seal_bound(&key.export_pubkey(), plaintext, &bound).unwrap();
     SealedResource {
         uri: uri.to_owned(),

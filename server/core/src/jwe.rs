@@ -182,7 +182,12 @@ pub fn seal_bound(
         }
     };
 
-    encrypt_content(bind(protected, bound), encrypted_key, cek.as_ref(), plaintext)
+    encrypt_content(
+        bind(protected, bound),
+        encrypted_key,
+        cek.as_ref(),
+        plaintext,
+    )
 }
 
 /// Seal `plaintext` with `key` used directly as the A256GCM content key (`alg: dir`): for a
