@@ -80,6 +80,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let bin = args.kbs_bin.clone().unwrap_or_else(default_kbs_bin);
     let kbs = KbsProcess::start(&bin, &[]).await?;
     let admin = Arc::new(kbs.admin()?);
+    // Sample-TEE guests may hold tunnels only under a development policy.
+    admin
+        .set_policy(include_str!("policies/allow-sample.rego"))
+        .await?;
 
     let started = Instant::now();
     let sessions = connect_fleet(args.guests, args.connect_concurrency, |i| {

@@ -1,8 +1,10 @@
 //! `guest-daemon pki-sign`: a key generated in the guest (Ed25519 or P-256, rcgen), a CSR
 //! naming the guest's attested identity (CN = guest id; SANs: the guest id when it is a DNS
 //! name, `[tether] name`, `[tether] ip`), certified by the KBS's `pki` plugin
-//! (`POST /kbs/v0/pki/sign`) in this client's attested session. The key never leaves the
-//! guest; it is written 0600, atomically, next to the certificate and the CA.
+//! (`POST /kbs/v0/pki/sign`) in this client's attested session. The answer comes sealed to
+//! the TEE key (a JWE, opened here): a certificate is only usable by the TEE that asked. The
+//! key never leaves the guest; it is written 0600, atomically, next to the certificate and
+//! the CA.
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -49,6 +51,9 @@ pub enum PkiSignError {
     /// The KBS answered 200 with something else than the documented body.
     #[error("POST /kbs/v0/{SIGN_PATH}: malformed reply: {0}")]
     BadReply(String),
+    /// The answer did not open with this client's TEE key.
+    #[error("POST /kbs/v0/{SIGN_PATH}: the answer does not open with the TEE key: {0}")]
+    Unseal(#[from] crate::tee_key::UnsealError),
     /// Writing the files failed.
     #[error("write {path}: {source}")]
     Write {
@@ -207,9 +212,10 @@ pub async fn sign(client: &mut KbsClient, key_type: PkiKeyType) -> Result<Signed
     let (key, csr) = build_csr(key_type, &identity)?;
     let body = serde_json::to_vec(&serde_json::json!({ "csr": csr }))
         .map_err(|e| PkiSignError::BadReply(e.to_string()))?;
-    let reply = client
+    let sealed = client
         .post_attested(SIGN_PATH, "application/json", body)
         .await?;
+    let reply = client.tee_key().open_json(&sealed)?;
     let reply: SignReply =
         serde_json::from_slice(&reply).map_err(|e| PkiSignError::BadReply(e.to_string()))?;
     if !reply.certificate.contains("BEGIN CERTIFICATE") || !reply.ca.contains("BEGIN CERTIFICATE") {

@@ -15,8 +15,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use rpc_defs::{
-    Applied, CredentialBundle, GuestError, GuestService, HealthReport, HeldResource, Installed,
-    ProbeKind, ProbeReport, RuntimeReport, SealedResource,
+    Applied, BUNDLE_BINDING_HEADER, BundleBinding, CredentialBundle, GuestError, GuestService,
+    HealthReport, HeldResource, Installed, ProbeKind, ProbeReport, RESOURCE_BINDING_HEADER,
+    ResourceBinding, RuntimeReport, SealedResource,
 };
 use serde_bytes::ByteBuf;
 use sha2::{Digest, Sha256};
@@ -140,7 +141,12 @@ impl GuestDaemonService {
             .map_err(|e| GuestError::Invalid(format!("resource uri: {e}")))?;
         check_version(version)?;
         let announced = parse_sha256(announced)?;
-        let plaintext = self.unseal(jwe).await?;
+        let binding = ResourceBinding {
+            sha256: announced.clone(),
+            uri: uri.to_owned(),
+            version,
+        };
+        let plaintext = self.unseal(jwe, RESOURCE_BINDING_HEADER, &binding).await?;
         let actual = hex::encode(Sha256::digest(&plaintext[..]));
         if actual != announced {
             return Err(GuestError::DigestMismatch { announced, actual });
@@ -227,7 +233,8 @@ impl GuestDaemonService {
             );
         }
 
-        let plaintext = self.unseal(jwe).await?;
+        let binding = BundleBinding::new(&id, version, &listed, not_after);
+        let plaintext = self.unseal(jwe, BUNDLE_BINDING_HEADER, &binding).await?;
         let mut sealed: BTreeMap<String, ByteBuf> =
             ciborium::from_reader(&plaintext[..]).map_err(|e| {
                 GuestError::Invalid(format!(
@@ -323,18 +330,34 @@ impl GuestDaemonService {
     }
 
     /// Open a JWE sealed to the TEE key or to this tunnel's push key (off the async threads:
-    /// RSA is slow).
-    async fn unseal(&self, jwe: Vec<u8>) -> Result<Zeroizing<Vec<u8>>, GuestError> {
+    /// RSA is slow), then check that its protected header member `header` binds exactly
+    /// `expected`, the metadata that travelled beside it: a ciphertext replayed as another
+    /// version, under another path, with other modes or expiry, is `Invalid`.
+    async fn unseal(
+        &self,
+        jwe: Vec<u8>,
+        header: &'static str,
+        expected: &impl serde::Serialize,
+    ) -> Result<Zeroizing<Vec<u8>>, GuestError> {
+        let expected = serde_json::to_value(expected)
+            .map_err(|e| GuestError::Invalid(format!("push metadata: {e}")))?;
         let inner = Arc::clone(&self.inner);
         let push_key = self.push_key.clone();
-        tokio::task::spawn_blocking(move || {
+        let (plaintext, response) = tokio::task::spawn_blocking(move || {
             inner
                 .key
-                .open_json_with(&jwe, push_key.as_ref().map(tunnel::PushKey::bytes))
+                .open_json_parsed(&jwe, push_key.as_ref().map(tunnel::PushKey::bytes))
         })
         .await
         .map_err(|e| GuestError::Unseal(format!("unseal task failed: {e}")))?
-        .map_err(|e| GuestError::Unseal(e.to_string()))
+        .map_err(|e| GuestError::Unseal(e.to_string()))?;
+        // Opened: the protected header is authenticated, its binding is the KBS's.
+        check_binding(
+            header,
+            response.protected.other_fields.get(header),
+            &expected,
+        )?;
+        Ok(plaintext)
     }
 }
 
@@ -375,6 +398,38 @@ fn guest_error(e: StoreError) -> GuestError {
             GuestError::Storage(e.to_string())
         }
     }
+}
+
+/// `bound` (the JWE's protected header member `header`) against `expected`, naming the
+/// first field that differs.
+fn check_binding(
+    header: &str,
+    bound: Option<&serde_json::Value>,
+    expected: &serde_json::Value,
+) -> Result<(), GuestError> {
+    let Some(bound) = bound else {
+        return Err(GuestError::Invalid(format!(
+            "the JWE's protected header has no `{header}`: the metadata sent beside it is not \
+             authenticated (a KBS that binds it is required)"
+        )));
+    };
+    let (Some(bound), Some(expected)) = (bound.as_object(), expected.as_object()) else {
+        return Err(GuestError::Invalid(format!("`{header}` is not an object")));
+    };
+    for (field, want) in expected {
+        if bound.get(field) != Some(want) {
+            return Err(GuestError::Invalid(format!(
+                "{field} sent beside the JWE ({want}) is not what the JWE binds ({})",
+                bound.get(field).unwrap_or(&serde_json::Value::Null)
+            )));
+        }
+    }
+    if let Some(extra) = bound.keys().find(|k| !expected.contains_key(*k)) {
+        return Err(GuestError::Invalid(format!(
+            "`{header}` binds an unknown field {extra:?}"
+        )));
+    }
+    Ok(())
 }
 
 fn check_version(version: u64) -> Result<(), GuestError> {

@@ -257,6 +257,16 @@ impl TeeKeyPair {
         jwe: &[u8],
         push_key: Option<&[u8; AES256_KEY_LEN]>,
     ) -> Result<Zeroizing<Vec<u8>>, UnsealError> {
+        self.open_json_parsed(jwe, push_key).map(|(plaintext, _)| plaintext)
+    }
+
+    /// [`Self::open_json_with`], also returning the parsed JWE, whose protected header is
+    /// authenticated once it opened (for the metadata a push binds in it).
+    pub fn open_json_parsed(
+        &self,
+        jwe: &[u8],
+        push_key: Option<&[u8; AES256_KEY_LEN]>,
+    ) -> Result<(Zeroizing<Vec<u8>>, Response), UnsealError> {
         let (response, aad) = parse_flattened(jwe)?;
         if response.protected.alg == DIR {
             let key = push_key.ok_or(UnsealError::NoPushKey)?;
@@ -267,9 +277,10 @@ impl TeeKeyPair {
                     got: response.encrypted_key.len(),
                 });
             }
-            return decrypt_content(key, &response, &aad);
+            return Ok((decrypt_content(key, &response, &aad)?, response));
         }
-        self.open_with_aad(&response, &aad)
+        let plaintext = self.open_with_aad(&response, &aad)?;
+        Ok((plaintext, response))
     }
 
     /// Open a JWE sealed to this key and return the plaintext. A parsed `Response` no longer
@@ -560,6 +571,15 @@ pub(crate) mod seal {
 
     /// Seal `plain` to `pubkey`, choosing the algorithm the key asks for.
     pub(crate) fn seal(pubkey: &TeePubKey, plain: &[u8]) -> Response {
+        seal_bound(pubkey, plain, &Map::new())
+    }
+
+    /// [`seal`] with `bound` added to the protected header, as the KBS binds push metadata.
+    pub(crate) fn seal_bound(
+        pubkey: &TeePubKey,
+        plain: &[u8],
+        bound: &Map<String, serde_json::Value>,
+    ) -> Response {
         match pubkey {
             TeePubKey::EC { crv, alg, x, y } => {
                 assert_eq!((crv.as_str(), alg.as_str()), (P256_CURVE, ECDH_ES_A256KW));
@@ -583,28 +603,40 @@ pub(crate) mod seal {
                 let mut wrapped = vec![0u8; 40];
                 KekAes256::from(*kek).wrap(&cek, &mut wrapped).unwrap();
                 let epk = eph.public_key().to_encoded_point(false);
+                let mut other_fields = json!({"epk": {
+                    "crv": P256_CURVE,
+                    "kty": "EC",
+                    "x": URL_SAFE_NO_PAD.encode(epk.x().unwrap()),
+                    "y": URL_SAFE_NO_PAD.encode(epk.y().unwrap()),
+                }})
+                .as_object()
+                .unwrap()
+                .clone();
+                other_fields.extend(bound.clone());
                 let protected = ProtectedHeader {
                     alg: ECDH_ES_A256KW.into(),
                     enc: A256GCM.into(),
-                    other_fields: json!({"epk": {
-                        "crv": P256_CURVE,
-                        "kty": "EC",
-                        "x": URL_SAFE_NO_PAD.encode(epk.x().unwrap()),
-                        "y": URL_SAFE_NO_PAD.encode(epk.y().unwrap()),
-                    }})
-                    .as_object()
-                    .unwrap()
-                    .clone(),
+                    other_fields,
                 };
                 content(protected, wrapped, &cek, plain)
             }
-            TeePubKey::RSA { alg, k_mod, k_exp } => seal_rsa(alg, k_mod, k_exp, plain),
+            TeePubKey::RSA { alg, k_mod, k_exp } => seal_rsa_bound(alg, k_mod, k_exp, plain, bound),
             TeePubKey::AKP { .. } => panic!("AKP keys are not used here"),
         }
     }
 
     /// Seal with an explicit RSA padding (`RSA-OAEP-256` or `RSA1_5`).
     pub(crate) fn seal_rsa(alg: &str, k_mod: &str, k_exp: &str, plain: &[u8]) -> Response {
+        seal_rsa_bound(alg, k_mod, k_exp, plain, &Map::new())
+    }
+
+    fn seal_rsa_bound(
+        alg: &str,
+        k_mod: &str,
+        k_exp: &str,
+        plain: &[u8],
+        bound: &Map<String, serde_json::Value>,
+    ) -> Response {
         let n = BigUint::from_bytes_be(&URL_SAFE_NO_PAD.decode(k_mod).unwrap());
         let e = BigUint::from_bytes_be(&URL_SAFE_NO_PAD.decode(k_exp).unwrap());
         let pk = RsaPublicKey::new(n, e).unwrap();
@@ -617,7 +649,7 @@ pub(crate) mod seal {
         let protected = ProtectedHeader {
             alg: alg.into(),
             enc: A256GCM.into(),
-            other_fields: Map::new(),
+            other_fields: bound.clone(),
         };
         content(protected, wrapped, &cek, plain)
     }

@@ -11,8 +11,9 @@ pub use frames::{
     CloseCode, Frame, GuestInfo, PROTOCOL_VERSION, PUSH_KEY_LEN, SUBPROTOCOL, SUBPROTOCOL_V2,
 };
 pub use types::{
-    Applied, CredentialBundle, CredentialFile, GuestError, HealthReport, HeldResource, Installed,
-    ProbeKind, ProbeReport, RuntimeReport, SealedResource, probe_kind_name,
+    Applied, BUNDLE_BINDING_HEADER, BundleBinding, CredentialBundle, CredentialFile, GuestError,
+    HealthReport, HeldResource, Installed, ProbeKind, ProbeReport, RESOURCE_BINDING_HEADER,
+    ResourceBinding, RuntimeReport, SealedResource, probe_kind_name,
 };
 
 /// Calls the KBS makes into a guest over the tunnel. Every call is idempotent by its key.

@@ -1,6 +1,54 @@
 //! Argument and result types of `GuestService`.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
+
+/// The member of a pushed resource's JWE protected header that binds its metadata
+/// ([`ResourceBinding`]): authenticated by AES-GCM as the header is the AAD.
+pub const RESOURCE_BINDING_HEADER: &str = "tether_resource";
+/// The member of a credential bundle's JWE protected header that binds its metadata
+/// ([`BundleBinding`]).
+pub const BUNDLE_BINDING_HEADER: &str = "tether_bundle";
+
+/// What a [`SealedResource`]'s JWE binds of the fields that travel beside it. Fields are in
+/// alphabetical order so the header re-serialises byte-identically on either side.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceBinding {
+    /// Lower-case hex SHA-256 of the plaintext.
+    pub sha256: String,
+    /// Resource URI path `repo/type/tag`.
+    pub uri: String,
+    /// Version.
+    pub version: u64,
+}
+
+/// What a [`CredentialBundle`]'s JWE binds of the fields that travel beside it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleBinding {
+    /// File name -> mode.
+    pub files: BTreeMap<String, u32>,
+    /// Bundle id.
+    pub id: String,
+    /// Expiry, Unix seconds.
+    pub not_after: u64,
+    /// Version.
+    pub version: u64,
+}
+
+impl BundleBinding {
+    /// The binding of a bundle with these fields.
+    pub fn new(id: &str, version: u64, files: &[CredentialFile], not_after: u64) -> Self {
+        Self {
+            files: files.iter().map(|f| (f.name.clone(), f.mode)).collect(),
+            id: id.to_owned(),
+            not_after,
+            version,
+        }
+    }
+}
 
 /// A resource version sealed to the guest's TEE key (JWE JSON serialization, as the
 /// Trustee resource endpoint returns it).

@@ -255,6 +255,7 @@ impl Kbs {
             directory: directory.clone(),
             policy: policy.clone(),
             audit: audit.clone(),
+            resource_notices: Default::default(),
             admin: admin.clone(),
             rcar: rcar.clone(),
             shutdown: shutdown.clone(),
@@ -278,6 +279,8 @@ impl Kbs {
                 rcar: rcar.clone(),
                 directory: directory.clone(),
                 hub: hub.clone(),
+                policy: policy.clone(),
+                events: events.clone(),
                 shutdown: shutdown.clone(),
                 metrics: metrics.clone(),
             },
@@ -565,7 +568,7 @@ mod tests {
             .issue_verified(claims, Duration::ZERO)
             .unwrap();
         let directory = kbs.state.directory.clone();
-        directory.record(&token);
+        directory.record_proven(&token, 1);
         let shutdown = kbs.state.shutdown.clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let serving = tokio::spawn(kbs.serve(listener));

@@ -172,6 +172,7 @@ async fn tunnel_route(
         push_key: None,
         reauth_before: u64::MAX / 2,
         reauth: state.reauth.clone(),
+        on_proven: None,
         limits: state.limits.clone(),
     };
     let observer: Arc<dyn TunnelObserver> = Arc::new(NoopObserver);

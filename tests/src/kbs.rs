@@ -22,6 +22,18 @@ use crate::wait::{WAIT, tunnel_of};
 /// Development policy that lets the sample TEE through.
 pub const ALLOW_SAMPLE: &str = include_str!("../../examples/policies/allow-sample.rego");
 
+/// A config tweak for a development KBS: [`ALLOW_SAMPLE`] is its initial policy (written
+/// beside the data directory), so sample-TEE guests may hold tunnels and fetch resources from
+/// the first request on, as `policy.initial_policy_file` does for an operator.
+pub fn allow_sample(config: &mut Config) {
+    let file = config.storage.data_dir.with_file_name("allow-sample.rego");
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir).expect("policy file directory");
+    }
+    std::fs::write(&file, ALLOW_SAMPLE).expect("write the development policy");
+    config.policy.initial_policy_file = Some(file);
+}
+
 /// A running KBS.
 pub struct TestKbs {
     /// Base URL (`http://127.0.0.1:port` or `https://localhost:port`).
@@ -104,6 +116,16 @@ impl TestKbs {
     /// TLS with a generated self-signed certificate.
     pub async fn start_tls() -> Self {
         Self::start_with(true, |_| {}).await
+    }
+
+    /// Plain HTTP, [`allow_sample`] as the initial policy.
+    pub async fn start_dev() -> Self {
+        Self::start_with(false, allow_sample).await
+    }
+
+    /// TLS, [`allow_sample`] as the initial policy.
+    pub async fn start_dev_tls() -> Self {
+        Self::start_with(true, allow_sample).await
     }
 
     /// Start with a config tweak.

@@ -30,7 +30,8 @@ pub use fault_proxy::FaultProxy;
 pub use guest::{TunnelGuest, guest_info};
 pub use guest_stub::{StubGuest, acknowledge, healthy, installed};
 pub use kbs::{
-    ALLOW_SAMPLE, PluginFactory, TestKbs, http_client, init_logging, tls_client_config, tunnel_url,
+    ALLOW_SAMPLE, PluginFactory, TestKbs, allow_sample, http_client, init_logging,
+    tls_client_config, tunnel_url,
 };
 pub use metrics::metric_value;
 pub use skip::skip;
@@ -38,9 +39,23 @@ pub use wait::{WAIT, eventually, eventually_within, hub_until, tunnel_of};
 pub use x509::{der, sans};
 
 /// Runs a test body (an `async` closure taking a [`TestKbs`]) against a plain-HTTP KBS and a
-/// TLS KBS: two tests, `$name::http` and `$name::tls`.
+/// TLS KBS: two tests, `$name::http` and `$name::tls`. With `dev` first, both start with
+/// [`allow_sample`] as their policy.
 #[macro_export]
 macro_rules! http_and_tls {
+    (dev $name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+            #[tokio::test]
+            async fn http() {
+                ($body)($crate::TestKbs::start_dev().await).await
+            }
+            #[tokio::test]
+            async fn tls() {
+                ($body)($crate::TestKbs::start_dev_tls().await).await
+            }
+        }
+    };
     ($name:ident, $body:expr) => {
         mod $name {
             use super::*;

@@ -31,12 +31,19 @@ fn spawn(kbs: &TestKbs, state_dir: &Path, init_data: Option<String>) -> DaemonRu
 
 /// A resource version sealed (as the KBS does) to `key`.
 fn sealed(key: &TeeKeyPair, uri: &str, version: u64, plaintext: &[u8]) -> SealedResource {
-    let jwe = kbs_core::jwe::seal(&key.export_pubkey(), plaintext).unwrap();
+    let sha256 = format!("{:x}", Sha256::digest(plaintext));
+    let binding = rpc_defs::ResourceBinding {
+        sha256: sha256.clone(),
+        uri: uri.to_owned(),
+        version,
+    };
+    let bound = kbs_core::jwe::binding_header(rpc_defs::RESOURCE_BINDING_HEADER, &binding).unwrap();
+    let jwe = kbs_core::jwe::seal_bound(&key.export_pubkey(), plaintext, &bound).unwrap();
     SealedResource {
         uri: uri.to_owned(),
         version,
         jwe: serde_json::to_vec(&jwe).unwrap(),
-        sha256: format!("{:x}", Sha256::digest(plaintext)),
+        sha256,
     }
 }
 
@@ -46,7 +53,7 @@ fn mode(path: &Path) -> u32 {
 
 #[tokio::test]
 async fn the_daemon_connects_is_probed_and_applies_a_pushed_resource() {
-    let kbs = TestKbs::start().await;
+    let kbs = TestKbs::start_dev().await;
     let dir = tempfile::tempdir().unwrap();
     let state_dir = dir.path().join("state");
     let mut daemon = spawn(&kbs, &state_dir, Some(init_data("gd-apply")));
@@ -113,7 +120,7 @@ async fn the_daemon_connects_is_probed_and_applies_a_pushed_resource() {
 
 #[tokio::test]
 async fn shutdown_closes_the_tunnel_normally() {
-    let kbs = TestKbs::start().await;
+    let kbs = TestKbs::start_dev().await;
     let mut events = kbs.state.hub.subscribe();
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = spawn(&kbs, dir.path(), Some(init_data("gd-stop")));
@@ -145,7 +152,7 @@ async fn shutdown_closes_the_tunnel_normally() {
 
 #[tokio::test]
 async fn the_daemon_is_back_within_seconds_after_a_kbs_restart() {
-    let kbs = TestKbs::start().await;
+    let kbs = TestKbs::start_dev().await;
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = spawn(&kbs, dir.path(), Some(init_data("gd-restart")));
     let (first, _) = daemon.connected().await;
@@ -192,7 +199,11 @@ async fn the_daemon_rides_out_a_kbs_that_is_down_at_start() {
     .unwrap();
     assert!(daemon.is_running());
 
-    let kbs = TestKbs::start_with(false, |c| c.http.listen = addr).await;
+    let kbs = TestKbs::start_with(false, |c| {
+        tests::allow_sample(c);
+        c.http.listen = addr;
+    })
+    .await;
     daemon.connected().await;
     kbs.tunnel("gd-late").await;
     daemon.stop().await;
@@ -203,6 +214,7 @@ async fn an_expiring_token_is_refreshed_in_band() {
     // Tokens live 10 s (the shortest the KBS allows); the daemon re-attests at half of that
     // and sends the fresh token in band, so the same tunnel outlives its first token.
     let kbs = TestKbs::start_with(false, |c| {
+        tests::allow_sample(c);
         c.attestation.token_ttl = Duration::from_secs(10);
     })
     .await;
@@ -251,7 +263,7 @@ async fn an_expiring_token_is_refreshed_in_band() {
 
 #[tokio::test]
 async fn a_restarted_daemon_keeps_its_tee_key_identity_and_resources() {
-    let kbs = TestKbs::start().await;
+    let kbs = TestKbs::start_dev().await;
     let dir = tempfile::tempdir().unwrap();
     // No init-data: the guest id is derived from the TEE key.
     let mut daemon = spawn(&kbs, dir.path(), None);
@@ -290,7 +302,7 @@ async fn a_restarted_daemon_keeps_its_tee_key_identity_and_resources() {
 
 #[tokio::test]
 async fn the_daemon_connects_over_tls_with_its_ca_file() {
-    let kbs = TestKbs::start_tls().await;
+    let kbs = TestKbs::start_dev_tls().await;
     assert!(kbs.url.starts_with("https://"));
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = spawn(&kbs, dir.path(), Some(init_data("gd-tls")));

@@ -41,7 +41,11 @@ fn init_data(guest_id: &str) -> String {
 
 /// A KBS whose splitapi plugin is off: only the test pushes bundles.
 async fn kbs_without_splitapi_plugin() -> TestKbs {
-    TestKbs::start_with(false, |c| c.plugins.disabled.push("splitapi".into())).await
+    TestKbs::start_with(false, |c| {
+        tests::allow_sample(c);
+        c.plugins.disabled.push("splitapi".into());
+    })
+    .await
 }
 
 fn loopback0() -> SocketAddr {
@@ -182,19 +186,24 @@ impl Pki {
             .collect();
         let mut cbor = Vec::new();
         ciborium::into_writer(&map, &mut cbor).unwrap();
-        let jwe = kbs_core::jwe::seal(&key.export_pubkey(), &cbor).unwrap();
+        let listed: Vec<CredentialFile> = files
+            .iter()
+            .map(|(n, m, _)| CredentialFile {
+                name: (*n).to_owned(),
+                mode: *m,
+            })
+            .collect();
+        let not_after = 4_000_000_000;
+        let binding = rpc_defs::BundleBinding::new("splitapi", version, &listed, not_after);
+        let bound =
+            kbs_core::jwe::binding_header(rpc_defs::BUNDLE_BINDING_HEADER, &binding).unwrap();
+        let jwe = kbs_core::jwe::seal_bound(&key.export_pubkey(), &cbor, &bound).unwrap();
         CredentialBundle {
             id: "splitapi".into(),
             version,
-            files: files
-                .iter()
-                .map(|(n, m, _)| CredentialFile {
-                    name: (*n).to_owned(),
-                    mode: *m,
-                })
-                .collect(),
+            files: listed,
             jwe: serde_json::to_vec(&jwe).unwrap(),
-            not_after: 4_000_000_000,
+            not_after,
         }
     }
 
@@ -273,12 +282,19 @@ fn mode(path: &Path) -> u32 {
 }
 
 fn sealed(key: &TeeKeyPair, uri: &str, version: u64, plaintext: &[u8]) -> SealedResource {
-    let jwe = kbs_core::jwe::seal(&key.export_pubkey(), plaintext).unwrap();
+    let sha256 = format!("{:x}", Sha256::digest(plaintext));
+    let binding = rpc_defs::ResourceBinding {
+        sha256: sha256.clone(),
+        uri: uri.to_owned(),
+        version,
+    };
+    let bound = kbs_core::jwe::binding_header(rpc_defs::RESOURCE_BINDING_HEADER, &binding).unwrap();
+    let jwe = kbs_core::jwe::seal_bound(&key.export_pubkey(), plaintext, &bound).unwrap();
     SealedResource {
         uri: uri.to_owned(),
         version,
         jwe: serde_json::to_vec(&jwe).unwrap(),
-        sha256: format!("{:x}", Sha256::digest(plaintext)),
+        sha256,
     }
 }
 

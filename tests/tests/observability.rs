@@ -115,7 +115,7 @@ async fn wait_connected(admin: &AdminClient, n: usize) {
 
 #[tokio::test]
 async fn the_event_log_records_connects_disconnects_and_admin_actions() {
-    let kbs = TestKbs::start().await;
+    let kbs = TestKbs::start_dev().await;
     let admin = kbs.admin().with_identity("alice", "admin");
     kbs.admin().set_policy(tests::ALLOW_SAMPLE).await.unwrap();
     let g1 = answer(&kbs, "g1", "db", 1).await;
@@ -218,7 +218,7 @@ async fn the_event_log_records_connects_disconnects_and_admin_actions() {
 
 #[tokio::test]
 async fn the_fleet_view_filters_pages_finds_drift_and_survives_a_restart() {
-    let kbs = TestKbs::start().await;
+    let kbs = TestKbs::start_dev().await;
     let admin = kbs.admin();
     admin.put_resource(PATH, b"v1".to_vec()).await.unwrap();
     admin.put_resource(PATH, b"v2".to_vec()).await.unwrap();
@@ -323,7 +323,7 @@ async fn the_fleet_view_filters_pages_finds_drift_and_survives_a_restart() {
 
 #[tokio::test]
 async fn selector_probes_report_timeouts_disconnects_and_absent_guests() {
-    let kbs = TestKbs::start().await;
+    let kbs = TestKbs::start_dev().await;
     let admin = kbs.admin();
     let (tx, mut probed) = mpsc::unbounded_channel();
     let _ok = answer(&kbs, "ok", "db", 1).await;
@@ -456,7 +456,7 @@ async fn selector_probes_report_timeouts_disconnects_and_absent_guests() {
 async fn metrics_parse_with_a_prometheus_text_parser() {
     use prometheus_parse::{Scrape, Value as P};
 
-    let kbs = TestKbs::start().await;
+    let kbs = TestKbs::start_dev().await;
     let admin = kbs.admin();
     admin.set_policy(tests::ALLOW_SAMPLE).await.unwrap();
     admin.put_resource(PATH, b"x".to_vec()).await.unwrap();
@@ -598,6 +598,7 @@ async fn metrics_parse_with_a_prometheus_text_parser() {
 #[tokio::test]
 async fn periodic_probes_keep_the_last_known_state() {
     let kbs = TestKbs::start_with(false, |c| {
+        tests::allow_sample(c);
         c.plugins
             .set(
                 "probes",

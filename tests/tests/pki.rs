@@ -160,12 +160,14 @@ async fn guest_keys_are_certified_for_the_attested_identity_under_one_ca() {
 
     // Base64 DER as the raw body works too; the CA survives a restart.
     let kbs = kbs.restart().await;
-    let t = token(&kbs, "pki-1").await;
+    let tee_key = TeeKeyPair::new_ec();
+    let t = kbs.attest(&tee_key, Some(&init("pki-1"))).await;
     let pem = csr(&rcgen::PKCS_ED25519, "pki-1.pods.example", vec![]);
     let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, der_csr(&pem));
     let resp = post_sign(&kbs, &t, b64).await;
     assert_eq!(resp.status(), StatusCode::OK);
-    let body: Value = resp.json().await.unwrap();
+    let sealed = resp.bytes().await.unwrap();
+    let body: Value = serde_json::from_slice(&tee_key.open_json(&sealed).unwrap()).unwrap();
     assert_eq!(body["ca"], cas[0].as_str(), "same CA after a restart");
     let m = kbs.metrics().await;
     assert_eq!(
@@ -364,4 +366,33 @@ async fn the_policy_and_the_plugin_switch_gate_signing() {
         post_sign(&kbs, &t, csr_json(&pem)).await.status(),
         StatusCode::OK
     );
+}
+
+/// Issue 17, defect 7: a token alone buys nothing. Whoever sees a guest's token can send a CSR
+/// for a key of their own; the answer is sealed to the token's TEE key, so the certificate
+/// for the thief's key never leaves the KBS in a form the thief can read.
+#[tokio::test]
+async fn a_token_thief_gets_no_certificate_it_can_read() {
+    let kbs = kbs_with_policy().await;
+    let guest_key = TeeKeyPair::new_ec();
+    let token = kbs.attest(&guest_key, Some(&init("pki-7"))).await;
+    let thief_csr = csr(&rcgen::PKCS_ED25519, "pki-7", vec![]);
+    let resp = post_sign(&kbs, &token, csr_json(&thief_csr)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = resp.bytes().await.unwrap();
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        !text.contains("BEGIN CERTIFICATE"),
+        "a certificate travels in the clear: {text}"
+    );
+    // Only the TEE key of the token opens the answer.
+    assert!(TeeKeyPair::new_ec().open_json(&body).is_err());
+    let plain = guest_key
+        .open_json(&body)
+        .expect("sealed to the token's TEE key");
+    let reply: Value = serde_json::from_slice(&plain).unwrap();
+    let cert = reply["certificate"].as_str().unwrap();
+    assert!(cert.contains("BEGIN CERTIFICATE"), "{reply}");
+    assert!(reply["ca"].as_str().unwrap().contains("BEGIN CERTIFICATE"));
+    assert!(reply["not_after"].as_u64().is_some());
 }

@@ -452,6 +452,12 @@ allow if {
 	input["submods"]["cpu0"]["ear.status"] == "affirming"
 	not untrusted
 }
+
+# Untrusted guests may still hold a tunnel: every push over it is asked as `resource`.
+allow if {
+	input["submods"]["cpu0"]["ear.status"] == "affirming"
+	data.plugin == "tunnel"
+}
 "#;
 
 #[tokio::test]
@@ -529,6 +535,93 @@ async fn a_denied_guest_gets_nothing_and_a_failing_guest_fails_with_the_reason()
     assert!(refused.reason.contains("downgrade"), "{}", refused.reason);
     assert_eq!(ok.held(path).as_deref(), Some(&b"cert2"[..]));
     for d in [ok, denied, broken] {
+        d.stop().await;
+    }
+}
+
+/// Issue 17, defect 8: deleting a resource stops its rollouts (recorded in the audit log), a
+/// guest that comes back afterwards gets nothing, and a rollout started without a deadline
+/// has the default one.
+#[tokio::test]
+async fn deleting_the_resource_cancels_its_rollouts_and_nothing_erased_is_delivered() {
+    let (kbs, admin, root) = setup().await;
+    let path = "default/key/doomed";
+    admin
+        .put_resource(path, b"erase me".to_vec())
+        .await
+        .unwrap();
+    let mut online = Daemon::spawn(&kbs, root.path(), "del-1", &[("app", "del")], None);
+    let mut away = Daemon::spawn(&kbs, root.path(), "del-2", &[("app", "del")], None);
+    for d in [&mut online, &mut away] {
+        d.connected().await;
+        kbs.tunnel(&d.guest_id).await;
+    }
+    eventually_within(WAIT, "del-2 noted by rotation", || async {
+        kbs.state
+            .store
+            .rotation_guests(0)
+            .await
+            .unwrap()
+            .iter()
+            .any(|(g, _)| g == "del-2")
+    })
+    .await;
+    let (away_id, away_dir, away_init, _) = away.stop().await;
+    hub_until(&kbs.state.hub, WAIT, "del-2 out of the hub", |hub| {
+        hub.get("del-2").is_none()
+    })
+    .await;
+
+    let started = admin.start_rollout(&start(path, "app=del")).await.unwrap();
+    let id = started.rollout.id;
+    let deadline = started
+        .rollout
+        .deadline_at
+        .expect("a rollout has a deadline by default");
+    let week = 7 * 24 * 3600 * 1000;
+    assert!(
+        deadline > started.rollout.created_at && deadline <= started.rollout.created_at + week,
+        "{deadline}"
+    );
+    watch_until(&admin, id, "del-1 acked", |v| {
+        count(v, TargetState::Acked) == 1
+    })
+    .await;
+
+    admin.delete_resource(path).await.unwrap();
+    eventually_within(WAIT, "the rollout cancelled", || async {
+        admin.rollout(id, "").await.unwrap().view.rollout.state == RolloutState::Cancelled
+    })
+    .await;
+    let rollout = admin.rollout(id, "").await.unwrap().view.rollout;
+    assert!(rollout.detail.contains("deleted"), "{}", rollout.detail);
+    let audit = admin
+        .send(
+            reqwest::Method::GET,
+            "/kbs/v0/admin/audit?action=rotation.cancel",
+            None,
+        )
+        .await
+        .unwrap();
+    let record = &audit["records"][0];
+    assert_eq!(record["target"], format!("rollout {id}"), "{audit}");
+    assert!(record["detail"].as_str().unwrap().contains(path), "{audit}");
+    assert_eq!(record["actor"], "kbsctl@dev", "the admin who deleted it");
+
+    // The guest that was away comes back: nothing is pushed to it.
+    let mut back = Daemon::spawn_with(&kbs, &away_id, away_dir, away_init, None);
+    back.connected().await;
+    kbs.tunnel("del-2")
+        .await
+        .ping(vec![0; 4], None)
+        .await
+        .unwrap();
+    tokio::time::sleep(plugin_rotation::engine::RECONCILE_EVERY + Duration::from_millis(500)).await;
+    assert_eq!(back.held(path), None, "an erased version was delivered");
+    let targets = admin.rollout(id, "").await.unwrap().targets;
+    let t = targets.iter().find(|t| t.guest_id == "del-2").unwrap();
+    assert_ne!(t.state, TargetState::Acked, "{t:?}");
+    for d in [online, back] {
         d.stop().await;
     }
 }

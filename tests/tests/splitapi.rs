@@ -369,6 +369,80 @@ async fn keys_are_encrypted_at_rest_and_the_ca_survives_a_restart() {
     );
 }
 
+/// Issue 17, defect 6: the record of a sandbox is not whoever pulled last. A token naming the
+/// same guest id with other SANs (or none) gets 409 and changes nothing; the owner's client
+/// certificate and the CA stay put across pulls and pushes; a proven guest on its tunnel whose
+/// attested address moved gets a server certificate naming the new address, under the same
+/// CA, and the owner's certificate is still the same.
+#[tokio::test]
+async fn pulls_and_pushes_keep_the_owners_certificate_and_the_ca() {
+    let kbs = TestKbs::start().await;
+    kbs.admin().set_policy(ALLOW_SAMPLE).await.unwrap();
+    let key = TeeKeyPair::new_ec();
+    let token = kbs.attest(&key, Some(&init("sa-stable"))).await;
+    let first: Value = pull(&kbs, &token, "").await.json().await.unwrap();
+    let first_files = open_files(&key, &serde_json::to_vec(&first["jwe"]).unwrap());
+    let owner = kbs
+        .admin()
+        .splitapi_client_creds("sa-stable")
+        .await
+        .unwrap();
+
+    for other in [
+        "[tether]\nguest_id = \"sa-stable\"\nname = \"evil.example\"\nip = \"10.6.6.6\"\n",
+        "[tether]\nguest_id = \"sa-stable\"\n",
+    ] {
+        let other_key = TeeKeyPair::new_ec();
+        let other_token = kbs.attest(&other_key, Some(other)).await;
+        assert_eq!(
+            error_name(pull(&kbs, &other_token, "").await).await,
+            (StatusCode::CONFLICT, "IdentityConflict".into()),
+            "{other}"
+        );
+    }
+    let after = kbs
+        .admin()
+        .splitapi_client_creds("sa-stable")
+        .await
+        .unwrap();
+    assert_eq!(after.version, owner.version, "nothing re-issued");
+    assert_eq!(after.client_crt, owner.client_crt);
+    assert_eq!(after.client_key, owner.client_key);
+    assert_eq!(after.ca_crt, owner.ca_crt);
+    let again: Value = pull(&kbs, &token, "").await.json().await.unwrap();
+    assert_eq!(again["version"], first["version"]);
+    let again_files = open_files(&key, &serde_json::to_vec(&again["jwe"]).unwrap());
+    assert_eq!(again_files["server.crt"], first_files["server.crt"]);
+
+    // The guest, proven on its tunnel, now attests another address.
+    let (tx, mut bundles) = mpsc::unbounded_channel();
+    let moved = "[tether]\nguest_id = \"sa-stable\"\nname = \"sa-stable.pods.example\"\nip = \"10.0.0.8\"\n";
+    let info = tests::guest_info("sa-stable-instance", "test", &["splitapi"]);
+    let (_tunnel, moved_key, _) =
+        TunnelGuest::attest_and_dial(&kbs, Some(moved), info, recorder(tx)).await;
+    let bundle = tokio::time::timeout(WAIT, bundles.recv())
+        .await
+        .expect("a bundle is pushed in time")
+        .unwrap();
+    let files = open_files(&moved_key, &bundle.jwe);
+    assert_eq!(files["ca.crt"], first_files["ca.crt"], "the same CA");
+    assert_eq!(
+        check_chain(&files["ca.crt"], &files["server.crt"], true),
+        vec!["dns:sa-stable", "dns:sa-stable.pods.example", "ip:10.0.0.8"]
+    );
+    let after_push = kbs
+        .admin()
+        .splitapi_client_creds("sa-stable")
+        .await
+        .unwrap();
+    assert_eq!(
+        after_push.client_crt, owner.client_crt,
+        "the owner's certificate"
+    );
+    assert_eq!(after_push.client_key, owner.client_key);
+    assert_eq!(after_push.ca_crt, owner.ca_crt);
+}
+
 /// A guest service that hands every bundle it is given to the test (and refuses pushes).
 fn recorder(bundles: mpsc::UnboundedSender<CredentialBundle>) -> StubGuest {
     StubGuest::new()

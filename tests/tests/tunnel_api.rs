@@ -75,7 +75,7 @@ fn forge(token: &str) -> String {
 
 #[tokio::test]
 async fn tokens_are_checked_before_the_upgrade() {
-    let kbs = TestKbs::start().await;
+    let kbs = TestKbs::start_dev().await;
     let http = kbs.http();
     let url = format!("{}/kbs/v0/tunnel", kbs.url);
 
@@ -142,7 +142,7 @@ async fn tokens_are_checked_before_the_upgrade() {
 
 #[tokio::test]
 async fn a_guest_that_cannot_prove_its_tee_key_is_refused_with_4401() {
-    let kbs = TestKbs::start().await;
+    let kbs = TestKbs::start_dev().await;
     let key = TeeKeyPair::new_ec();
     let token = kbs.attest(&key, Some(G1)).await;
 
@@ -189,7 +189,7 @@ async fn a_guest_that_cannot_prove_its_tee_key_is_refused_with_4401() {
 }
 
 http_and_tls!(
-    a_connected_guest_is_listed_pinged_and_probed,
+    dev a_connected_guest_is_listed_pinged_and_probed,
     |kbs: TestKbs| async move {
         let admin = kbs.admin();
         let (guest, _key, _token) = connect(&kbs, Some(G1)).await;
@@ -379,6 +379,7 @@ http_and_tls!(
 #[tokio::test]
 async fn a_guest_that_does_not_answer_in_time_is_a_504() {
     let kbs = TestKbs::start_with(false, |c| {
+        tests::allow_sample(c);
         c.tunnel.call_deadline = Duration::from_millis(300);
     })
     .await;
@@ -409,7 +410,7 @@ async fn a_guest_that_does_not_answer_in_time_is_a_504() {
 
 #[tokio::test]
 async fn without_init_data_the_guest_id_comes_from_the_tee_key() {
-    let kbs = TestKbs::start().await;
+    let kbs = TestKbs::start_dev().await;
     let (guest, _key, _token) = connect(&kbs, None).await;
     let id = guest.session.guest_id().to_string();
     assert!(id.starts_with("tee-"), "{id}");
@@ -422,7 +423,7 @@ async fn without_init_data_the_guest_id_comes_from_the_tee_key() {
 
 #[tokio::test]
 async fn a_second_tunnel_for_the_same_guest_supersedes_the_first() {
-    let kbs = TestKbs::start().await;
+    let kbs = TestKbs::start_dev().await;
     let admin = kbs.admin();
     let (first, _, _) = connect(&kbs, Some(G1)).await;
     // Another daemon (another TEE key) attested with the same init-data identity.
@@ -452,7 +453,7 @@ async fn a_second_tunnel_for_the_same_guest_supersedes_the_first() {
 
 #[tokio::test]
 async fn reauth_in_band_needs_the_same_tee_key_and_guest() {
-    let kbs = TestKbs::start().await;
+    let kbs = TestKbs::start_dev().await;
     let (guest, key, token) = connect(&kbs, Some(G1)).await;
     let exp = guest.session.reauth_before();
     assert_eq!(Some(exp), guest_daemon::rcar::jwt_expiry(&token));
@@ -503,7 +504,7 @@ async fn reauth_in_band_needs_the_same_tee_key_and_guest() {
 }
 
 http_and_tls!(
-    kbs_shutdown_sends_goaway_then_4503,
+    dev kbs_shutdown_sends_goaway_then_4503,
     |kbs: TestKbs| async move {
         let hub = kbs.state.hub.clone();
         let (a, _, _) = connect(&kbs, Some(G1)).await;

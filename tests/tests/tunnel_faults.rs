@@ -17,7 +17,7 @@ use rpc_defs::{Applied, GuestInfo, ProbeKind, ProbeReport, SealedResource};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tests::{
-    DaemonRun, FaultProxy, StubGuest, TestKbs, WAIT, eventually, hub_until, metric_value,
+    DaemonRun, FaultProxy, StubGuest, TestKbs, WAIT, allow_sample, eventually, hub_until, metric_value,
     unseal_with,
 };
 use tokio::task::JoinHandle;
@@ -141,7 +141,7 @@ async fn assert_refuses_calls(old: &TunnelHandle) {
 
 #[tokio::test]
 async fn a_kbs_restart_fails_in_flight_calls_fast_and_the_daemon_comes_back() {
-    let kbs = TestKbs::start().await;
+    let kbs = TestKbs::start_dev().await;
     let dir = tempfile::tempdir().unwrap();
     let url = kbs.url.clone();
     let mut daemon = daemon(&kbs, &url, &dir);
@@ -166,7 +166,7 @@ async fn a_kbs_restart_fails_in_flight_calls_fast_and_the_daemon_comes_back() {
 
 #[tokio::test]
 async fn a_kbs_crash_fails_in_flight_calls_fast_and_the_daemon_comes_back() {
-    let kbs = TestKbs::start_crashable(false, |_| {}).await;
+    let kbs = TestKbs::start_crashable(false, allow_sample).await;
     let dir = tempfile::tempdir().unwrap();
     let url = kbs.url.clone();
     let mut daemon = daemon(&kbs, &url, &dir);
@@ -183,7 +183,7 @@ async fn a_kbs_crash_fails_in_flight_calls_fast_and_the_daemon_comes_back() {
 
 #[tokio::test]
 async fn a_cut_connection_fails_in_flight_calls_fast_and_the_daemon_comes_back() {
-    let kbs = TestKbs::start().await;
+    let kbs = TestKbs::start_dev().await;
     let proxy = FaultProxy::start(kbs.addr).await;
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = daemon(&kbs, &proxy.url(), &dir);
@@ -209,7 +209,10 @@ async fn a_cut_connection_fails_in_flight_calls_fast_and_the_daemon_comes_back()
 #[tokio::test]
 async fn a_silent_peer_is_given_up_on_both_ends_and_the_daemon_comes_back() {
     // Heartbeats every second: each end gives the other up after three missed beats.
-    let kbs = TestKbs::start_with(false, |c| c.tunnel.heartbeat = Duration::from_secs(1)).await;
+    let kbs = TestKbs::start_with(false, |c| {
+        allow_sample(c);
+        c.tunnel.heartbeat = Duration::from_secs(1);
+    }).await;
     let proxy = FaultProxy::start(kbs.addr).await;
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = daemon(&kbs, &proxy.url(), &dir);
@@ -259,7 +262,7 @@ fn expired(kbs: &TestKbs, token: &str) -> String {
 
 #[tokio::test]
 async fn an_expired_token_is_refused_before_the_upgrade() {
-    let kbs = TestKbs::start().await;
+    let kbs = TestKbs::start_dev().await;
     let key = TeeKeyPair::new_ec();
     let token = kbs.attest(&key, Some(G1)).await;
     let stale = expired(&kbs, &token);
@@ -332,7 +335,7 @@ async fn cycle(kbs: &TestKbs, token: &str, key: &TeeKeyPair) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_disconnect_cycles_leak_no_tunnel_task_or_memory() {
-    let kbs = TestKbs::start().await;
+    let kbs = TestKbs::start_dev().await;
     let key = TeeKeyPair::new_ec();
     let token = kbs.attest(&key, Some(G1)).await;
     let metrics = tokio::runtime::Handle::current().metrics();

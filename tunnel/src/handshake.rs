@@ -20,6 +20,55 @@ pub const NONCE_LEN: usize = 32;
 /// Smallest `max_frame` a guest accepts from a Hello (anything smaller cannot carry an RPC).
 pub const MIN_MAX_FRAME: u32 = 4096;
 
+/// Longest `instance_id` a Proof may carry, bytes (printable ASCII).
+pub const MAX_INSTANCE_ID: usize = 128;
+/// Longest `daemon_version` a Proof may carry, bytes (printable ASCII).
+pub const MAX_DAEMON_VERSION: usize = 64;
+/// Most `services` a Proof may name.
+pub const MAX_SERVICES: usize = 16;
+/// Longest service name, bytes (`[A-Za-z0-9._-]`).
+pub const MAX_SERVICE_NAME: usize = 64;
+
+/// Checks what a guest says of itself against the bounds above. These fields are kept for
+/// the tunnel's lifetime and in the fleet view, shown in logs and on the dashboard, so they
+/// are refused (not truncated: a cut value would silently misreport the guest) when too long
+/// or not printable. The reason names the field and fits a close frame (123 bytes).
+pub fn check_guest_info(info: &GuestInfo) -> Result<(), String> {
+    let printable = |s: &str| s.bytes().all(|b| (0x20..0x7f).contains(&b));
+    let text = |field: &str, value: &str, max: usize| {
+        if value.len() > max {
+            Err(format!(
+                "Proof {field} is {} bytes, at most {max}",
+                value.len()
+            ))
+        } else if !printable(value) {
+            Err(format!("Proof {field} must be printable ASCII"))
+        } else {
+            Ok(())
+        }
+    };
+    text("instance_id", &info.instance_id, MAX_INSTANCE_ID)?;
+    text("daemon_version", &info.daemon_version, MAX_DAEMON_VERSION)?;
+    if info.services.len() > MAX_SERVICES {
+        return Err(format!(
+            "Proof services names {} services, at most {MAX_SERVICES}",
+            info.services.len()
+        ));
+    }
+    let name_ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= MAX_SERVICE_NAME
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    };
+    if !info.services.iter().all(|s| name_ok(s)) {
+        return Err(format!(
+            "Proof services: each is 1..={MAX_SERVICE_NAME} bytes of [A-Za-z0-9._-]"
+        ));
+    }
+    Ok(())
+}
+
 /// What the server announces and grants in its Hello and Welcome.
 #[derive(Clone, Debug)]
 pub struct ServerHandshakeParams {
@@ -122,17 +171,19 @@ impl ServerHandshake {
                 let nonce = Zeroizing::new(nonce);
                 let good = nonce.len() == NONCE_LEN
                     && bool::from(nonce.as_slice().ct_eq(self.expected_nonce.as_slice()));
-                if good {
-                    ServerOutcome::Accepted {
-                        reply: Frame::Welcome {
-                            session_id: self.params.session_id.clone(),
-                            guest_id: self.params.guest_id.clone(),
-                            reauth_before: self.params.reauth_before,
-                        },
-                        info,
-                    }
-                } else {
-                    rejected(CloseCode::Auth, "proof of possession failed", "bad_proof")
+                if !good {
+                    return rejected(CloseCode::Auth, "proof of possession failed", "bad_proof");
+                }
+                if let Err(reason) = check_guest_info(&info) {
+                    return rejected(CloseCode::Protocol, &reason, "protocol_error");
+                }
+                ServerOutcome::Accepted {
+                    reply: Frame::Welcome {
+                        session_id: self.params.session_id.clone(),
+                        guest_id: self.params.guest_id.clone(),
+                        reauth_before: self.params.reauth_before,
+                    },
+                    info,
                 }
             }
             (ServerState::AwaitProof, other) => rejected(
@@ -493,6 +544,67 @@ mod tests {
                 code: CloseCode::Protocol,
                 ..
             }
+        ));
+    }
+
+    /// Issue 17, defect 10: what a guest says of itself is bounded: oversized or unprintable
+    /// fields end the handshake with 4400 and a reason naming the field.
+    #[test]
+    fn oversized_or_unprintable_proof_fields_are_refused_with_4400() {
+        let with = |f: &dyn Fn(&mut GuestInfo)| {
+            let mut i = info();
+            f(&mut i);
+            i
+        };
+        let bad = [
+            ("instance_id", with(&|i| i.instance_id = "i".repeat(129))),
+            (
+                "instance_id",
+                with(&|i| i.instance_id = "i-1\nforged log line".into()),
+            ),
+            (
+                "daemon_version",
+                with(&|i| i.daemon_version = "v".repeat(65)),
+            ),
+            ("services", with(&|i| i.services = vec!["s".into(); 17])),
+            ("services", with(&|i| i.services = vec!["s".repeat(65)])),
+            ("services", with(&|i| i.services = vec!["a b".into()])),
+        ];
+        for (field, info) in bad {
+            let mut server = new_server();
+            server.hello();
+            let outcome = server.receive(Frame::Proof {
+                nonce: NONCE.to_vec(),
+                info,
+            });
+            let ServerOutcome::Rejected {
+                code,
+                reason,
+                outcome,
+                ..
+            } = outcome
+            else {
+                panic!("{field}: oversized proof accepted");
+            };
+            assert_eq!(code, CloseCode::Protocol, "{field}");
+            assert_eq!(outcome, "protocol_error");
+            assert!(reason.contains(field), "{field}: {reason}");
+            assert!(reason.len() <= 123, "fits a close frame: {reason}");
+        }
+        // At the limits: welcomed.
+        let mut server = new_server();
+        server.hello();
+        let at_limits = GuestInfo {
+            instance_id: "i".repeat(128),
+            daemon_version: "v".repeat(64),
+            services: vec!["s".repeat(64); 16],
+        };
+        assert!(matches!(
+            server.receive(Frame::Proof {
+                nonce: NONCE.to_vec(),
+                info: at_limits,
+            }),
+            ServerOutcome::Accepted { .. }
         ));
     }
 

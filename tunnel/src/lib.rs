@@ -41,8 +41,8 @@ pub use observer::{NoopObserver, TunnelObserver};
 pub use push_key::PushKey;
 pub use rpc::{Method, TransportError};
 pub use server::{
-    AcceptParams, ReauthFn, TunnelLimits, configure_upgrade, offers_push_key, offers_subprotocol,
-    serve_guest_tunnel,
+    AcceptParams, ProvenFn, ReauthFn, TunnelLimits, configure_upgrade, offers_push_key,
+    offers_subprotocol, serve_guest_tunnel,
 };
 
 #[cfg(test)]

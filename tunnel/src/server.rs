@@ -8,7 +8,8 @@
 //!     let (challenge_jwe, nonce) = app.seal_challenge(&claims.tee_pubkey)?;
 //!     let accept = AcceptParams { guest_id: claims.guest_id, labels: claims.labels,
 //!         challenge_jwe, expected_nonce: nonce, push_key: None, reauth_before: claims.exp - 60,
-//!         reauth: app.reauth_fn(claims.tee_pubkey), limits: app.tunnel_limits.clone() /* Arc */ };
+//!         reauth: app.reauth_fn(claims.tee_pubkey), on_proven: Some(app.record_fn(claims)),
+//!         limits: app.tunnel_limits.clone() /* Arc */ };
 //!     let (hub, observer, drain) = (app.hub.clone(), app.tunnel_metrics.clone(), app.drain.clone());
 //!     configure_upgrade(ws, &accept.limits)
 //!         .on_upgrade(move |socket| serve_guest_tunnel(socket, accept, hub, observer, drain))
@@ -50,6 +51,15 @@ use crate::{
 /// Checks a guest's fresh token sent in `Frame::Reauth` (same TEE key and guest as the
 /// tunnel's) and returns the new `reauth_before` (Unix seconds), or why it is refused.
 pub type ReauthFn = Arc<dyn Fn(String) -> BoxFuture<'static, Result<u64, String>> + Send + Sync>;
+
+/// Called once the guest proved possession of the token's TEE key, with the new tunnel's
+/// epoch, just before the tunnel is registered in the [`Hub`]: the place to record what the
+/// token says about the guest, since nothing about it may change before the proof.
+///
+/// It runs in the handshake phase and is dropped with it, so it costs an idle tunnel nothing
+/// (unlike recording on `TunnelEvent::Connected`, which would need the token kept with the
+/// handle or in a side table for the tunnel's lifetime).
+pub type ProvenFn = Box<dyn FnOnce(u64) + Send>;
 
 /// Limits and timers of a tunnel (defaults: docs/protocol.md, "Limits and timers").
 #[derive(Clone, Debug)]
@@ -174,6 +184,8 @@ pub struct AcceptParams {
     pub reauth_before: u64,
     /// Checks fresh tokens sent with `Frame::Reauth`.
     pub reauth: ReauthFn,
+    /// Called after a good proof, before registration (see [`ProvenFn`]).
+    pub on_proven: Option<ProvenFn>,
     /// Limits and timers.
     /// Shared by the tunnels of one server: a copy per tunnel would cost ~160 bytes each.
     pub limits: Arc<TunnelLimits>,
@@ -301,6 +313,7 @@ async fn serve(
         push_key,
         reauth_before,
         reauth,
+        on_proven,
         limits,
     } = accept;
     let subprotocol_ok = socket.protocol().is_some_and(|p| is_tether(p.as_bytes()));
@@ -361,6 +374,9 @@ async fn serve(
         .with_max_frame(limits.max_frame)
         .with_push_key(push_key),
     );
+    if let Some(on_proven) = on_proven {
+        on_proven(handle.epoch);
+    }
     if let Some(loser) = hub.register(handle.clone()) {
         tracing::info!(epoch = loser.epoch, "tunnel superseded");
         loser.close(CloseCode::Superseded, "superseded by a newer tunnel");

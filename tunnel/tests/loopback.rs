@@ -400,6 +400,27 @@ async fn wrong_proof_is_rejected_with_4401_and_bad_token_with_401() {
             ["bad_proof", "bad_proof"]
         );
         assert!(kbs.hub.is_empty());
+        assert!(
+            kbs.proven.lock().expect("lock").is_empty(),
+            "the proof hook ran without a proof"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_proof_hook_runs_once_after_the_proof_and_before_registration() {
+    within(async {
+        let kbs = TestKbs::start(KbsOptions::default()).await;
+        let (session, serving) = kbs.guest("g1", TestService::default()).await;
+        let handle = kbs.registered("g1").await;
+        assert_eq!(
+            *kbs.proven.lock().expect("lock"),
+            [("g1".to_owned(), handle.epoch, false)],
+            "once, with the tunnel's epoch, before the hub had it"
+        );
+        session.close();
+        let _ = serving.await;
     })
     .await;
 }

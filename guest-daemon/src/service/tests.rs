@@ -10,7 +10,7 @@ use tarpc::server::Channel;
 use super::*;
 use crate::hook::HOOK_TIMED_OUT;
 use crate::store::tests::ReadOnly;
-use crate::tee_key::seal::seal;
+use crate::tee_key::seal::seal_bound;
 
 struct Guest {
     dir: tempfile::TempDir,
@@ -26,16 +26,40 @@ fn guest(hook: Option<PostApplyHook>) -> Guest {
     Guest { dir, key, svc }
 }
 
-fn sealed_to(key: &TeeKeyPair, plain: &[u8]) -> Vec<u8> {
-    serde_json::to_vec(&seal(&key.export_pubkey(), plain)).unwrap()
+/// Sealed as the KBS seals a push: `binding` in the protected header member `header`.
+fn sealed_to(
+    key: &TeeKeyPair,
+    plain: &[u8],
+    header: &str,
+    binding: &impl serde::Serialize,
+) -> Vec<u8> {
+    let bound =
+        serde_json::Map::from_iter([(header.to_owned(), serde_json::to_value(binding).unwrap())]);
+    serde_json::to_vec(&seal_bound(&key.export_pubkey(), plain, &bound)).unwrap()
 }
 
 fn resource(key: &TeeKeyPair, uri: &str, version: u64, plain: &[u8]) -> SealedResource {
+    resource_claiming(key, uri, version, plain, hex::encode(Sha256::digest(plain)))
+}
+
+/// A resource whose announced (and bound) digest is `sha256`, whatever `plain` is.
+fn resource_claiming(
+    key: &TeeKeyPair,
+    uri: &str,
+    version: u64,
+    plain: &[u8],
+    sha256: String,
+) -> SealedResource {
+    let binding = ResourceBinding {
+        sha256: sha256.clone(),
+        uri: uri.into(),
+        version,
+    };
     SealedResource {
         uri: uri.into(),
         version,
-        jwe: sealed_to(key, plain),
-        sha256: hex::encode(Sha256::digest(plain)),
+        jwe: sealed_to(key, plain, RESOURCE_BINDING_HEADER, &binding),
+        sha256,
     }
 }
 
@@ -46,18 +70,21 @@ fn bundle(key: &TeeKeyPair, version: u64, files: &[(&str, u32, &[u8])]) -> Crede
         .collect();
     let mut cbor = Vec::new();
     ciborium::into_writer(&map, &mut cbor).unwrap();
+    let listed: Vec<CredentialFile> = files
+        .iter()
+        .map(|(n, m, _)| CredentialFile {
+            name: n.to_string(),
+            mode: *m,
+        })
+        .collect();
+    let not_after = unix_now() + 3600;
+    let binding = BundleBinding::new("demo", version, &listed, not_after);
     CredentialBundle {
         id: "demo".into(),
         version,
-        files: files
-            .iter()
-            .map(|(n, m, _)| CredentialFile {
-                name: n.to_string(),
-                mode: *m,
-            })
-            .collect(),
-        jwe: sealed_to(key, &cbor),
-        not_after: unix_now() + 3600,
+        files: listed,
+        jwe: sealed_to(key, &cbor, BUNDLE_BINDING_HEADER, &binding),
+        not_after,
     }
 }
 
@@ -144,8 +171,14 @@ async fn same_version_other_contents_is_refused() {
 #[tokio::test]
 async fn digest_mismatch_is_refused_and_nothing_is_stored() {
     let g = guest(None);
-    let mut res = resource(&g.key, "r/t/x", 1, b"one");
-    res.sha256 = hex::encode(Sha256::digest(b"something else"));
+    // A KBS that binds a digest the plaintext does not have.
+    let mut res = resource_claiming(
+        &g.key,
+        "r/t/x",
+        1,
+        b"one",
+        hex::encode(Sha256::digest(b"something else")),
+    );
     let err = g.svc.apply(res.clone()).await.unwrap_err();
     assert_eq!(
         err,
@@ -410,7 +443,12 @@ async fn credentials_must_match_their_listing() {
         Err(GuestError::Invalid(_))
     ));
     let mut b = bundle(&g.key, 1, &tls_files(b"k"));
-    b.jwe = sealed_to(&g.key, b"plain text, not CBOR");
+    b.jwe = sealed_to(
+        &g.key,
+        b"plain text, not CBOR",
+        BUNDLE_BINDING_HEADER,
+        &BundleBinding::new(&b.id, b.version, &b.files, b.not_after),
+    );
     assert!(matches!(
         g.svc.install(b).await,
         Err(GuestError::Invalid(_))
@@ -715,4 +753,60 @@ async fn the_hook_sees_the_committed_version_and_its_status_is_reported() {
         std::fs::read(g.dir.path().join("state/resources/r/t/x")).unwrap(),
         b"v2"
     );
+}
+
+/// A field name and how to change that field.
+type Swap<T> = (&'static str, Box<dyn Fn(&mut T)>);
+
+/// Issue 17, defect 9: what travels beside the JWE (a resource's uri, version and digest; a
+/// bundle's id, version, file modes and expiry) must be what the JWE binds, so a replayed
+/// ciphertext cannot pass as a newer version nor land under another path.
+#[tokio::test]
+async fn push_metadata_that_the_jwe_does_not_bind_is_invalid() {
+    let g = guest(None);
+    let swaps: Vec<Swap<SealedResource>> = vec![
+        ("version", Box::new(|r| r.version = 2)),
+        ("uri", Box::new(|r| r.uri = "r/t/other".into())),
+        (
+            "sha256",
+            Box::new(|r| r.sha256 = hex::encode(Sha256::digest(b"another plaintext"))),
+        ),
+    ];
+    for (field, swap) in swaps {
+        let mut res = resource(&g.key, "r/t/x", 1, b"one");
+        swap(&mut res);
+        let err = g.svc.apply(res).await.unwrap_err();
+        assert!(
+            matches!(&err, GuestError::Invalid(m) if m.contains(field)),
+            "{field}: {err}"
+        );
+    }
+    assert!(g.svc.store().held().is_empty(), "nothing applied");
+
+    let files = [("k", 0o600, &b"key"[..]), ("c", 0o644, &b"crt"[..])];
+    let bundle_swaps: Vec<Swap<CredentialBundle>> = vec![
+        ("id", Box::new(|b| b.id = "other".into())),
+        ("version", Box::new(|b| b.version = 7)),
+        ("files", Box::new(|b| b.files[0].mode = 0o400)),
+        ("not_after", Box::new(|b| b.not_after += 3600)),
+    ];
+    for (field, swap) in bundle_swaps {
+        let mut b = bundle(&g.key, 1, &files);
+        swap(&mut b);
+        let err = g.svc.install(b).await.unwrap_err();
+        assert!(
+            matches!(&err, GuestError::Invalid(m) if m.contains(field)),
+            "{field}: {err}"
+        );
+    }
+    assert!(
+        g.svc.store().bundle_versions().is_empty(),
+        "nothing installed"
+    );
+    // Unchanged, both go through.
+    g.svc
+        .apply(resource(&g.key, "r/t/x", 1, b"one"))
+        .await
+        .unwrap();
+    g.svc.install(bundle(&g.key, 1, &files)).await.unwrap();
 }

@@ -23,7 +23,7 @@ use super::*;
 use crate::service::GuestDaemonService;
 use crate::store::{BundleFile, StateStore};
 use crate::tee_key::TeeKeyPair;
-use crate::tee_key::seal::seal;
+use crate::tee_key::seal::seal_bound;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -128,17 +128,23 @@ fn sealed_bundle(
         .collect();
     let mut cbor = Vec::new();
     ciborium::into_writer(&map, &mut cbor).unwrap();
+    let listed: Vec<CredentialFile> = files
+        .iter()
+        .map(|(n, m, _)| CredentialFile {
+            name: n.clone(),
+            mode: *m,
+        })
+        .collect();
+    let binding = rpc_defs::BundleBinding::new(BUNDLE_ID, version, &listed, 4_000_000_000);
+    let bound = serde_json::Map::from_iter([(
+        rpc_defs::BUNDLE_BINDING_HEADER.to_owned(),
+        serde_json::to_value(binding).unwrap(),
+    )]);
     CredentialBundle {
         id: BUNDLE_ID.into(),
         version,
-        files: files
-            .iter()
-            .map(|(n, m, _)| CredentialFile {
-                name: n.clone(),
-                mode: *m,
-            })
-            .collect(),
-        jwe: serde_json::to_vec(&seal(&key.export_pubkey(), &cbor)).unwrap(),
+        files: listed,
+        jwe: serde_json::to_vec(&seal_bound(&key.export_pubkey(), &cbor, &bound)).unwrap(),
         not_after: 4_000_000_000,
     }
 }

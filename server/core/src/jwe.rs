@@ -111,6 +111,28 @@ pub fn validate_tee_pubkey(tee_pubkey: &TeePubKey) -> Result<(), JweError> {
 
 /// Seal `plaintext` to `tee_pubkey` as a JWE in upstream KBS `Response` form.
 pub fn seal(tee_pubkey: &TeePubKey, plaintext: &[u8]) -> Result<Response, JweError> {
+    seal_bound(tee_pubkey, plaintext, &Map::new())
+}
+
+/// The protected header member `name` holding `binding` (metadata that travels beside the
+/// JWE and that the receiver checks against it: the header is the AAD, so it is
+/// authenticated with the ciphertext).
+pub fn binding_header(
+    name: &str,
+    binding: &impl serde::Serialize,
+) -> Result<Map<String, Value>, JweError> {
+    let value =
+        serde_json::to_value(binding).map_err(|_| JweError::Seal("binding serialisation"))?;
+    Ok(Map::from_iter([(name.to_owned(), value)]))
+}
+
+/// [`seal`] with `bound` added to the protected header (members the header already has,
+/// such as `epk`, are never replaced).
+pub fn seal_bound(
+    tee_pubkey: &TeePubKey,
+    plaintext: &[u8],
+    bound: &Map<String, Value>,
+) -> Result<Response, JweError> {
     let key = parse_key(tee_pubkey)?;
     let mut rng = rand::thread_rng();
 
@@ -132,7 +154,7 @@ pub fn seal(tee_pubkey: &TeePubKey, plaintext: &[u8]) -> Result<Response, JweErr
                 .try_into()
                 .map_err(|_| JweError::Seal("ephemeral public key encoding"))?;
             agree_ephemeral(ephemeral, &UnparsedPublicKey::new(&ECDH_P256, peer), |z| {
-                seal_ecdh_es(z, epk, &cek, iv, plaintext)
+                seal_ecdh_es(z, epk, &cek, iv, plaintext, bound)
             })
             .map_err(|_| JweError::InvalidKey("EC point is not on the P-256 curve".into()))?
         }
@@ -153,7 +175,7 @@ pub fn seal(tee_pubkey: &TeePubKey, plaintext: &[u8]) -> Result<Response, JweErr
                 enc: ENC_A256GCM.to_owned(),
                 other_fields: Map::new(),
             };
-            encrypt_content_with_iv(header, wrapped, cek.as_ref(), iv, plaintext)
+            encrypt_content_with_iv(bind(header, bound), wrapped, cek.as_ref(), iv, plaintext)
         }
     }
 }
@@ -167,10 +189,11 @@ fn seal_ecdh_es(
     cek: &[u8; CEK_LEN],
     iv: [u8; IV_LEN],
     plaintext: &[u8],
+    bound: &Map<String, Value>,
 ) -> Result<Response, JweError> {
     let kek = ecdh_es_kek(z)?;
     let wrapped = aes_key_wrap(&kek, cek)?;
-    let header = ec_header(&epk[1..33], &epk[33..]);
+    let header = bind(ec_header(&epk[1..33], &epk[33..]), bound);
     encrypt_content_with_iv(header, wrapped, cek, iv, plaintext)
 }
 
@@ -186,12 +209,33 @@ fn aes_key_wrap(kek: &[u8; 32], cek: &[u8; CEK_LEN]) -> Result<Vec<u8>, JweError
 /// Seal `plaintext` with `key` used directly as the A256GCM content key (`alg: dir`): for a
 /// tunnel's push key, which only the guest holding the TEE key could have received.
 pub fn seal_dir(key: &[u8; CEK_LEN], plaintext: &[u8]) -> Result<Response, JweError> {
+    seal_dir_bound(key, plaintext, &Map::new())
+}
+
+/// [`seal_dir`] with `bound` added to the protected header.
+pub fn seal_dir_bound(
+    key: &[u8; CEK_LEN],
+    plaintext: &[u8],
+    bound: &Map<String, Value>,
+) -> Result<Response, JweError> {
     let header = ProtectedHeader {
         alg: ALG_DIR.to_owned(),
         enc: ENC_A256GCM.to_owned(),
         other_fields: Map::new(),
     };
-    encrypt_content(header, Vec::new(), key, plaintext)
+    encrypt_content(bind(header, bound), Vec::new(), key, plaintext)
+}
+
+fn bind(mut header: ProtectedHeader, bound: &Map<String, Value>) -> ProtectedHeader {
+    for (k, v) in bound {
+        if k != "alg" && k != "enc" {
+            header
+                .other_fields
+                .entry(k.clone())
+                .or_insert_with(|| v.clone());
+        }
+    }
+    header
 }
 
 fn encrypt_content(
@@ -524,7 +568,7 @@ mod tests {
         epk[33..].copy_from_slice(&URL_SAFE_NO_PAD.decode(ALICE_Y).unwrap());
         let cek: [u8; 32] = std::array::from_fn(|i| i as u8);
         let iv: [u8; 12] = std::array::from_fn(|i| i as u8);
-        let sealed = seal_ecdh_es(&RFC7518_C_Z, &epk, &cek, iv, b"Tether golden JWE").unwrap();
+        let sealed = seal_ecdh_es(&RFC7518_C_Z, &epk, &cek, iv, b"Tether golden JWE", &Map::new()).unwrap();
         assert_eq!(serde_json::to_string(&sealed).unwrap(), GOLDEN_JWE);
         // And Bob opens it.
         let bob = p256::SecretKey::from_slice(&URL_SAFE_NO_PAD.decode(BOB_D).unwrap()).unwrap();

@@ -21,6 +21,7 @@ pub mod init_data;
 pub mod jwe;
 pub mod key_algorithm;
 pub mod metrics;
+pub mod notices;
 pub mod policy;
 pub mod policy_gate;
 pub mod probe;

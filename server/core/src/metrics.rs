@@ -42,6 +42,9 @@ pub struct Metrics {
     pub tunnel_handshakes: Family<Labels, Counter>,
     /// Tunnel disconnects by close code.
     pub tunnel_disconnects: Family<Labels, Counter>,
+    /// Proven tunnels whose TEE key differs from the one last proven for the same guest id,
+    /// by whether that previous tunnel was still up (`previous`: `connected`, `offline`).
+    pub tunnel_key_changes: Family<Labels, Counter>,
     /// RPC calls by method and outcome.
     pub rpc_calls: Family<Labels, Counter>,
     /// RPC latency by method.
@@ -113,6 +116,13 @@ impl Metrics {
             "Tunnel disconnects by close code",
             tunnel_disconnects.clone(),
         );
+        let tunnel_key_changes = Family::<Labels, Counter>::default();
+        registry.register(
+            "tunnel_tee_key_changes",
+            "Tunnels proving a TEE key other than the one last proven for their guest id, by \
+             whether the previous tunnel was still connected",
+            tunnel_key_changes.clone(),
+        );
         let rpc_calls = Family::<Labels, Counter>::default();
         registry.register(
             "rpc_calls",
@@ -139,6 +149,7 @@ impl Metrics {
             tunnels_connected,
             tunnel_handshakes,
             tunnel_disconnects,
+            tunnel_key_changes,
             rpc_calls,
             rpc_duration,
         }

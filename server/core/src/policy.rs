@@ -27,7 +27,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 /// Default resource policy: like upstream, resources are released only to
-/// clients whose token carries no `sample` TEE claims.
+/// clients whose token carries no `sample` TEE claims; the same clients may hold
+/// a tunnel (`data.plugin == "tunnel"`: a tunnel releases nothing by itself, every
+/// push over it is asked as `resource` again).
 pub const DEFAULT_POLICY: &str = r#"package policy
 
 import rego.v1
@@ -35,10 +37,11 @@ import rego.v1
 default allow := false
 
 # The sample TEE is for development and tests: nothing in its evidence is
-# signed, so the default policy never releases resources to it. Write a policy
-# that allows it explicitly on a development instance.
+# signed, so the default policy never releases resources to it nor lets it
+# hold a tunnel. Write a policy that allows it explicitly on a development
+# instance.
 allow if {
-	data.plugin == "resource"
+	data.plugin in {"resource", "tunnel"}
 	not input["submods"]["cpu0"]["ear.veraison.annotated-evidence"]["sample"]
 }
 "#;
@@ -288,6 +291,14 @@ mod tests {
         assert!(
             policy
                 .evaluate(&claims("tdx", json!({"tcb_svn": "03"})), &data)
+                .unwrap()
+        );
+        // Tunnels go to the same guests as resources.
+        let tunnel = json!({"plugin": "tunnel", "resource-path": [], "query": {}});
+        assert!(policy.evaluate(&claims("tdx", json!({})), &tunnel).unwrap());
+        assert!(
+            !policy
+                .evaluate(&claims("sample", json!({})), &tunnel)
                 .unwrap()
         );
         // Other plugins are not released by default.

@@ -1,8 +1,11 @@
 //! `GET /kbs/v0/tunnel`: a guest dials in with its attestation token as Bearer. The token is
-//! verified before the upgrade; the tunnel crate then proves possession of the token's TEE
-//! key (a challenge sealed to it), registers the guest in the hub and serves it until it
+//! verified and the resource policy asked (`data.plugin == "tunnel"`) before the upgrade; the
+//! tunnel crate then proves possession of the token's TEE key (a challenge sealed to it).
+//! Only then is the token recorded in the guest directory (a token that merely names a guest
+//! changes nothing about it), and the guest registered in the hub and served until it
 //! leaves, is superseded, or the KBS drains (`docs/protocol.md`, "The tunnel").
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,18 +18,20 @@ use rpc_defs::SUBPROTOCOL;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tunnel::{
-    AcceptParams, Hub, PushKey, ReauthFn, TunnelLimits, configure_upgrade, offers_push_key,
-    offers_subprotocol, serve_guest_tunnel,
+    AcceptParams, Hub, ProvenFn, PushKey, ReauthFn, TunnelLimits, configure_upgrade,
+    offers_push_key, offers_subprotocol, serve_guest_tunnel,
 };
 use zeroize::Zeroizing;
 
 use kbs_core::attest::{RcarService, VerifyToken};
-use kbs_core::guest_directory::GuestDirectory;
+use kbs_core::events::EventSink;
+use kbs_core::guest_directory::{GuestDirectory, Recorded, tee_key_digest};
 use kbs_core::metrics::Metrics;
+use kbs_core::policy_gate::{Decision, PolicyGate, PolicyQuestion};
 use kbs_core::token::VerifiedToken;
 use kbs_core::tunnel_metrics::TunnelMetrics;
 use kbs_web::admin_auth::bearer;
-use kbs_web::error::ApiError;
+use kbs_web::error::{ApiError, require};
 
 use crate::config::TunnelConfig;
 
@@ -39,8 +44,13 @@ pub struct TunnelEndpoint {
     rcar: Arc<RcarService>,
     directory: Arc<GuestDirectory>,
     hub: Hub,
+    policy: PolicyGate,
+    events: EventSink,
     shutdown: CancellationToken,
 }
+
+/// `data.plugin` when the policy is asked whether a guest may hold a tunnel.
+pub const TUNNEL_PLUGIN: &str = "tunnel";
 
 impl std::fmt::Debug for TunnelEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -58,6 +68,10 @@ pub struct TunnelServices {
     pub directory: Arc<GuestDirectory>,
     /// Live tunnels.
     pub hub: Hub,
+    /// The resource policy: asked whether a guest may hold a tunnel.
+    pub policy: PolicyGate,
+    /// The event log: TEE key changes of a guest id go there.
+    pub events: EventSink,
     /// Cancelled when the KBS begins to shut down (tunnels drain).
     pub shutdown: CancellationToken,
     /// Tunnel and RPC metrics.
@@ -74,6 +88,8 @@ impl TunnelEndpoint {
             rcar: services.rcar,
             directory: services.directory,
             hub: services.hub,
+            policy: services.policy,
+            events: services.events,
             shutdown: services.shutdown,
         }
     }
@@ -93,8 +109,9 @@ pub fn limits(config: &TunnelConfig) -> TunnelLimits {
     }
 }
 
-/// `GET /kbs/v0/tunnel`: 401 without a valid attestation token, 400 without the `tether.v1`
-/// subprotocol, 503 while draining; otherwise the WebSocket upgrade.
+/// `GET /kbs/v0/tunnel`: 401 without a valid attestation token, 403 when the policy refuses
+/// the guest a tunnel, 400 without the `tether.v1` subprotocol, 503 while draining; otherwise
+/// the WebSocket upgrade.
 pub async fn upgrade(
     State(endpoint): State<Arc<TunnelEndpoint>>,
     headers: HeaderMap,
@@ -107,13 +124,9 @@ pub async fn upgrade(
             "the KBS is shutting down; reconnect to another replica or retry later",
         ));
     }
-    let token = verify_bearer(&endpoint.rcar, &headers).inspect_err(|_| {
-        endpoint
-            .metrics
-            .tunnel_handshakes
-            .get_or_create(&vec![("outcome", "unauthorized".to_string())])
-            .inc();
-    })?;
+    let token = verify_bearer(&endpoint.rcar, &headers)
+        .inspect_err(|_| count_handshake(&endpoint, "unauthorized"))?;
+    admit(&endpoint, &token)?;
     let ws =
         ws.map_err(|rej| ApiError::new(rej.status(), "WebSocketUpgradeRequired", rej.body_text()))?;
     if !offers_subprotocol(&ws) {
@@ -123,7 +136,6 @@ pub async fn upgrade(
         ));
     }
     let accept = accept_params(&endpoint, &token, offers_push_key(&ws))?;
-    endpoint.directory.record(&token);
     let hub = endpoint.hub.clone();
     let observer: Arc<dyn tunnel::TunnelObserver> = endpoint.observer.clone();
     let drain = endpoint.shutdown.clone();
@@ -134,6 +146,34 @@ pub async fn upgrade(
     Ok(upgrade
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "tunnel upgrade failed"))
         .on_upgrade(move |socket| serve_guest_tunnel(socket, *accept, hub, observer, drain)))
+}
+
+fn count_handshake(endpoint: &TunnelEndpoint, outcome: &str) {
+    Metrics::inc(&endpoint.metrics.tunnel_handshakes, &[("outcome", outcome)]);
+}
+
+/// Asks the resource policy whether the token's guest may hold a tunnel (`data.plugin ==
+/// "tunnel"`, no resource path, no query): 403 `PolicyDeny` before any upgrade if not.
+fn admit(endpoint: &TunnelEndpoint, token: &VerifiedToken) -> Result<(), ApiError> {
+    let question = PolicyQuestion {
+        plugin: TUNNEL_PLUGIN,
+        path: None,
+        query: &BTreeMap::new(),
+    };
+    let guest_id = &token.identity.guest_id;
+    match endpoint.policy.decide(&token.claims, question) {
+        Ok(Decision::Allow) => Ok(()),
+        Ok(denied) => {
+            count_handshake(endpoint, "policy_deny");
+            tracing::info!(%guest_id, tee = %token.tee, "tunnel refused: the resource policy denies `tunnel` to this guest");
+            require(denied)
+        }
+        Err(e) => {
+            count_handshake(endpoint, "policy_error");
+            tracing::warn!(%guest_id, error = %e, "tunnel refused: the resource policy failed");
+            Err(e.into())
+        }
+    }
 }
 
 /// The Bearer attestation token, this KBS's or a trusted attestation service's (passport
@@ -177,7 +217,56 @@ fn accept_params(
         push_key,
         reauth_before: token.exp,
         reauth: record_on_reauth(binding, endpoint.clone()),
+        on_proven: Some(record_on_proof(token.clone(), endpoint.clone())),
         limits: endpoint.limits.clone(),
+    })
+}
+
+/// Runs once the guest proved possession of the token's TEE key, before its tunnel is
+/// registered: records the token in the guest directory, and reports a guest id now proven
+/// with another TEE key than before (an event and `kbs_tunnel_tee_key_changes_total`), so
+/// two keys fighting over one guest id do not flap silently.
+fn record_on_proof(token: VerifiedToken, endpoint: Arc<TunnelEndpoint>) -> ProvenFn {
+    Box::new(move |epoch| {
+        let guest_id = token.identity.guest_id.as_str();
+        // Still registered here: the previous tunnel of this guest, if it is up.
+        let previous_up = endpoint.hub.get(guest_id).is_some();
+        match endpoint.directory.record_proven(&token, epoch) {
+            Recorded::KeyChanged {
+                previous, current, ..
+            } => {
+                let (label, outcome, when) = if previous_up {
+                    ("connected", "conflict", "while its tunnel was up")
+                } else {
+                    ("offline", "changed", "after its tunnel had ended")
+                };
+                Metrics::inc(&endpoint.metrics.tunnel_key_changes, &[("previous", label)]);
+                tracing::warn!(
+                    guest_id,
+                    previous_key = %previous,
+                    key = %current,
+                    previous_tunnel = label,
+                    "guest id proven with another TEE key"
+                );
+                endpoint.events.record(
+                    "connect",
+                    "tunnel.tee_key_changed",
+                    Some(guest_id),
+                    None,
+                    guest_id,
+                    outcome,
+                    format!("TEE key {current} replaced {previous} {when}"),
+                );
+            }
+            Recorded::Stale => {
+                tracing::info!(
+                    guest_id,
+                    epoch,
+                    "a newer tunnel of this guest was proven first"
+                );
+            }
+            Recorded::First | Recorded::SameKey => {}
+        }
     })
 }
 
@@ -187,7 +276,9 @@ fn accept_params(
 fn record_on_reauth(binding: TunnelBinding, endpoint: Arc<TunnelEndpoint>) -> ReauthFn {
     Arc::new(move |fresh: String| {
         let result = binding.check(endpoint.rcar.tokens(), &fresh).map(|token| {
-            endpoint.directory.record(&token);
+            if !endpoint.directory.refresh(&token) {
+                tracing::info!(guest_id = %token.identity.guest_id, "re-attested tunnel no longer holds its guest's directory entry");
+            }
             token.exp
         });
         Box::pin(std::future::ready(result))
@@ -207,7 +298,7 @@ impl TunnelBinding {
     pub fn of(token: &VerifiedToken) -> Result<Self, serde_json::Error> {
         Ok(Self {
             guest_id: token.identity.guest_id.clone(),
-            tee_pubkey_digest: key_digest(&token.tee_pubkey)?,
+            tee_pubkey_digest: tee_key_digest(&token.tee_pubkey)?,
         })
     }
 
@@ -215,7 +306,7 @@ impl TunnelBinding {
     /// the verified token (its expiry is the new `reauth_before`) or why it is refused.
     pub fn check(&self, tokens: &impl VerifyToken, fresh: &str) -> Result<VerifiedToken, String> {
         let token = tokens.verify(fresh).map_err(|e| e.to_string())?;
-        let key = key_digest(&token.tee_pubkey).map_err(|e| format!("tee-pubkey: {e}"))?;
+        let key = tee_key_digest(&token.tee_pubkey).map_err(|e| format!("tee-pubkey: {e}"))?;
         if key != self.tee_pubkey_digest {
             return Err("the token is bound to another TEE key".into());
         }
@@ -227,11 +318,6 @@ impl TunnelBinding {
         }
         Ok(token)
     }
-}
-
-fn key_digest(key: &kbs_types::TeePubKey) -> Result<[u8; 32], serde_json::Error> {
-    use sha2::Digest as _;
-    Ok(sha2::Sha256::digest(serde_json_canonicalizer::to_vec(key)?).into())
 }
 
 /// Once `shutdown` is cancelled, waits up to `grace` for every tunnel to leave `hub` (each
@@ -273,6 +359,7 @@ mod tests {
 
     use super::*;
     use kbs_core::identity::GuestIdentity;
+    use kbs_core::policy::{DEFAULT_POLICY, PolicyEngine};
     use kbs_core::token::build_claims;
 
     fn ec_key(x: &str) -> TeePubKey {
@@ -341,12 +428,18 @@ mod tests {
                 )),
                 directory: Arc::default(),
                 hub: Hub::new(),
+                policy: PolicyGate::new(
+                    Arc::new(PolicyEngine::new(DEFAULT_POLICY).unwrap()),
+                    Default::default(),
+                ),
+                events: EventSink::new(16, Default::default()),
                 shutdown: CancellationToken::new(),
                 metrics: Arc::default(),
             },
         ));
         let key = ec_key("WKn-ZIGevcwGIyyrzFoZNBdaq9_TsqzGl96oc0CWuis");
         let (_, first) = token(&signer, &key, "g1");
+        endpoint.directory.record_proven(&first, 1);
         let reauth = record_on_reauth(TunnelBinding::of(&first).unwrap(), endpoint.clone());
         let (fresh, verified) = token(&signer, &key, "g1");
         assert_eq!(reauth(fresh).await, Ok(verified.exp));

@@ -106,7 +106,12 @@ struct AppState {
     limits: Arc<TunnelLimits>,
     reauth_before: Arc<dyn Fn() -> u64 + Send + Sync>,
     reauth: ReauthFn,
+    proven: Proven,
 }
+
+/// What each tunnel's proof hook saw: the guest id, the epoch, and whether the hub already
+/// held that epoch when it ran (it must not: the hook runs before registration).
+pub type Proven = Arc<std::sync::Mutex<Vec<(String, u64, bool)>>>;
 
 /// A KBS on loopback serving only the tunnel route.
 pub struct TestKbs {
@@ -115,6 +120,7 @@ pub struct TestKbs {
     pub observer: Arc<Recorder>,
     pub drain: CancellationToken,
     pub reauth_calls: Arc<AtomicUsize>,
+    pub proven: Proven,
 }
 
 /// Knobs for [`TestKbs::start`].
@@ -162,7 +168,9 @@ impl TestKbs {
             limits: Arc::new(options.limits),
             reauth_before: options.reauth_before,
             reauth,
+            proven: Proven::default(),
         };
+        let proven = state.proven.clone();
         let app = Router::new()
             .route("/kbs/v0/tunnel", any(tunnel_route))
             .with_state(state);
@@ -177,6 +185,7 @@ impl TestKbs {
             observer,
             drain,
             reauth_calls,
+            proven,
         }
     }
 
@@ -271,6 +280,7 @@ async fn tunnel_route(
         push_key: None,
         reauth_before: (state.reauth_before)(),
         reauth: state.reauth.clone(),
+        on_proven: Some(record_proven(&state, guest_id)),
         limits: state.limits.clone(),
     };
     let (hub, observer, drain) = (
@@ -280,6 +290,17 @@ async fn tunnel_route(
     );
     configure_upgrade(ws, &state.limits)
         .on_upgrade(move |socket| serve_guest_tunnel(socket, accept, hub, observer, drain))
+}
+
+fn record_proven(state: &AppState, guest_id: &str) -> tunnel::ProvenFn {
+    let (proven, hub, guest_id) = (state.proven.clone(), state.hub.clone(), guest_id.to_owned());
+    Box::new(move |epoch| {
+        let registered = hub.get(&guest_id).is_some_and(|h| h.epoch == epoch);
+        proven
+            .lock()
+            .expect("lock")
+            .push((guest_id, epoch, registered));
+    })
 }
 
 /// The guest's side of the fake crypto.

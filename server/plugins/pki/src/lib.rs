@@ -3,8 +3,13 @@
 //! self-signature, checks that its subject CN and SANs name only the caller's attested
 //! identity (guest id, `[tether] name`, `[tether] ip`), evaluates the resource policy with
 //! `data.plugin = "pki"` and `data.query = {"cn": .., "key_type": "ed25519"|"p256"}`, and
-//! returns a certificate from the plugin's CA:
+//! returns a certificate from the plugin's CA, sealed to the token's TEE key like every other
+//! secret: the body is a JWE (as the resource GET returns) whose plaintext is
 //! `{"certificate": PEM, "ca": PEM, "not_after": unix_s}`.
+//!
+//! The seal is what stops a token thief: whoever holds only the token can have a key of their
+//! own certified, but the certificate exists nowhere else than inside that JWE, which only the
+//! TEE key opens (docs/protocol.md, "pki").
 //!
 //! Request body: JSON `{"csr": "<PEM or base64 DER>"}`, or the PEM / base64 DER text itself.
 //!
@@ -366,13 +371,14 @@ fn csr_text(body: &[u8]) -> Result<String, CsrError> {
     Ok(text.to_string())
 }
 
-/// `POST /kbs/v0/pki/sign` (attested): certify a guest-generated key.
+/// `POST /kbs/v0/pki/sign` (attested): certify a guest-generated key; the answer is sealed to
+/// the token's TEE key.
 async fn sign(
     State(ctx): State<PluginContext>,
     Extension(inner): Extension<Arc<Inner>>,
     Attested(token): Attested,
     req: Request,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<kbs_types::Response>, ApiError> {
     let started = Instant::now();
     let guest_id = token.identity.guest_id.clone();
     let limit = inner.config.max_csr_bytes;
@@ -436,7 +442,6 @@ async fn sign(
             count(&inner, "error", key_type);
             ApiError::internal("pki: signing", e)
         })?;
-    count(&inner, "issued", key_type);
     let names: Vec<String> = checked
         .sans
         .iter()
@@ -445,6 +450,18 @@ async fn sign(
             RequestedSan::Ip(ip) => format!("IP:{ip}"),
         })
         .collect();
+    let answer = zeroize::Zeroizing::new(
+        serde_json::to_vec(&json!({
+            "certificate": issued.certificate,
+            "ca": ca.cert,
+            "not_after": issued.not_after,
+        }))
+        .map_err(|e| ApiError::internal("pki: the answer", e))?,
+    );
+    let sealed = kbs_core::jwe::seal(&token.tee_pubkey, &answer).inspect_err(|_| {
+        count(&inner, "error", key_type);
+    })?;
+    count(&inner, "issued", key_type);
     tracing::info!(
         %guest_id,
         serial = %issued.serial,
@@ -453,13 +470,9 @@ async fn sign(
         key_type,
         not_after = issued.not_after,
         micros = started.elapsed().as_micros() as u64,
-        "pki: certificate issued"
+        "pki: certificate issued, sealed to the token's TEE key"
     );
-    Ok(Json(json!({
-        "certificate": issued.certificate,
-        "ca": ca.cert,
-        "not_after": issued.not_after,
-    })))
+    Ok(Json(sealed))
 }
 
 /// `GET /kbs/v0/pki/ca` (attested): the CA certificate, to trust peers' certificates.

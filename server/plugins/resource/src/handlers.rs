@@ -106,5 +106,7 @@ pub(crate) async fn delete(
             String::new(),
         )
         .await;
+    // Whoever delivers versions of this path (rollouts) stops: they subscribe to the notice.
+    api.ctx.notify_resource_deleted(&path, &admin);
     Ok(Json(json!({"path": path.to_string(), "deleted": true})))
 }

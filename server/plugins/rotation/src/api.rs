@@ -63,7 +63,8 @@ pub struct StartRollout {
     /// Deadline of one push, seconds, 1..=600, default 30.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_deadline_s: Option<u64>,
-    /// Overall deadline, seconds from now (undelivered targets then fail); none by default.
+    /// Overall deadline, seconds from now (undelivered targets then fail), 1..=30 days;
+    /// `[plugins.rotation] default_deadline` (7 days) when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_s: Option<u64>,
 }
@@ -150,6 +151,8 @@ pub struct RotationApi {
     pub(crate) ctx: PluginContext,
     pub(crate) deps: Deps,
     pub(crate) shared: Arc<Shared>,
+    /// Deadline of a rollout started without `deadline_s` (`[plugins.rotation]`).
+    pub(crate) default_deadline: Duration,
 }
 
 impl FromRef<RotationApi> for Arc<AdminGate> {
@@ -212,10 +215,11 @@ pub async fn start(
         1,
         600,
     )?;
-    let deadline_at = match req.deadline_s {
-        Some(d) => Some(now_ms() + 1000 * range("deadline_s", Some(d), d, 1, MAX_DEADLINE_S)?),
-        None => None,
+    let deadline_s = match req.deadline_s {
+        Some(d) => range("deadline_s", Some(d), d, 1, MAX_DEADLINE_S)?,
+        None => api.default_deadline.as_secs(),
     };
+    let deadline_at = Some(now_ms() + 1000 * deadline_s);
     let versions = deps.resources.list_versions(&path).await?;
     let live: Vec<_> = versions.iter().filter(|v| !v.deleted).collect();
     let chosen = match req.version {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rpc_defs::{GuestError, SealedResource};
+use rpc_defs::{GuestError, RESOURCE_BINDING_HEADER, ResourceBinding, SealedResource};
 use tunnel::{CallError, TunnelHandle};
 use zeroize::Zeroizing;
 
@@ -108,6 +108,28 @@ async fn attempt(
         Ok(p) => p,
         Err(e) => return fail(target, format!("invalid resource path: {e}")),
     };
+    // Checked at each push, not only when the rollout loaded its plaintext: a version erased
+    // meanwhile (a missed delete notice) is never delivered.
+    match deps.resources.list_versions(&path).await {
+        Ok(versions)
+            if versions
+                .iter()
+                .any(|v| v.version == rollout.version && !v.deleted) => {}
+        Ok(_) => {
+            return fail(
+                target,
+                format!("version {} of {path} was erased", rollout.version),
+            );
+        }
+        Err(e) => {
+            target.attempts += 1;
+            return retry(
+                target,
+                rollout.max_attempts,
+                format!("checking the version: {e}"),
+            );
+        }
+    }
     // The same decision as if the guest fetched the resource itself.
     let question = PolicyQuestion {
         plugin: "resource",
@@ -132,10 +154,21 @@ async fn attempt(
     }
     // A tunnel with a push key (`tether.v2`) gets `dir` under it: no ECDH on either side;
     // otherwise the JWE is sealed to the TEE key as the resource GET does.
-    let sealed = match handle.push_key() {
-        Some(key) => kbs_core::jwe::seal_dir(key.bytes(), plaintext),
-        None => kbs_core::jwe::seal(&guest.tee_pubkey, plaintext),
+    // The uri, version and digest travel beside the JWE; binding them in its protected header
+    // lets the guest refuse an old ciphertext replayed as a newer version or under another
+    // path.
+    let binding = ResourceBinding {
+        sha256: rollout.sha256.to_ascii_lowercase(),
+        uri: rollout.path.clone(),
+        version: rollout.version,
     };
+    let sealed =
+        kbs_core::jwe::binding_header(RESOURCE_BINDING_HEADER, &binding).and_then(|bound| {
+            match handle.push_key() {
+                Some(key) => kbs_core::jwe::seal_dir_bound(key.bytes(), plaintext, &bound),
+                None => kbs_core::jwe::seal_bound(&guest.tee_pubkey, plaintext, &bound),
+            }
+        });
     let jwe = match sealed
         .map_err(|e| e.to_string())
         .and_then(|sealed| serde_json::to_vec(&sealed).map_err(|e| e.to_string()))

@@ -5,6 +5,7 @@
 //! backoff, and resumes after a restart. See [`api`] for the HTTP surface.
 
 pub mod api;
+mod config;
 pub mod deliver;
 pub mod engine;
 mod metrics;
@@ -23,6 +24,7 @@ use tokio::sync::{Mutex, Semaphore, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 pub use api::{RolloutDetail, RolloutList, RolloutView, StartRollout};
+pub use config::RotationConfig;
 pub use engine::{Control, RolloutEvent};
 pub use metrics::RotationMetrics;
 
@@ -84,13 +86,24 @@ pub struct RotationPlugin {
     shared: Arc<Shared>,
     grants: Grants,
     metrics: RotationMetrics,
+    config: RotationConfig,
 }
 
 impl RotationPlugin {
     /// A plugin whose reconciler runs while it is enabled; registers its metrics.
     pub fn build(setup: &mut PluginSetup<'_>, grants: Grants) -> Result<Self, PluginSetupError> {
+        let config: RotationConfig = setup.config()?;
+        config
+            .validate()
+            .map_err(|(key, reason)| setup.invalid(key, reason))?;
         let metrics = RotationMetrics::register(setup.metrics());
-        Ok(Self::new(grants, metrics))
+        Ok(Self::new(grants, metrics).with_config(config))
+    }
+
+    /// With `config` (validated) instead of the defaults.
+    pub fn with_config(mut self, config: RotationConfig) -> Self {
+        self.config = config;
+        self
     }
 
     /// A plugin over `grants`, counting into `metrics`.
@@ -106,6 +119,7 @@ impl RotationPlugin {
             }),
             grants,
             metrics,
+            config: RotationConfig::default(),
         }
     }
 
@@ -141,6 +155,7 @@ impl Plugin for RotationPlugin {
             deps: self.deps(&ctx),
             ctx,
             shared: self.shared.clone(),
+            default_deadline: self.config.default_deadline,
         };
         axum::Router::new()
             .route("/rollouts", post(api::start).get(api::list))
@@ -155,6 +170,11 @@ impl Plugin for RotationPlugin {
     async fn start(&self, ctx: PluginContext, stop: CancellationToken) {
         // One reconciler at a time: a re-enable waits for the previous one to let go.
         let mut commands = self.shared.receiver.lock().await;
+        let notices = tokio::spawn(follow_resource_notices(
+            ctx.clone(),
+            self.shared.commands.clone(),
+            stop.clone(),
+        ));
         engine::run(
             self.deps(&ctx),
             self.shared.events.clone(),
@@ -162,6 +182,7 @@ impl Plugin for RotationPlugin {
             stop,
         )
         .await;
+        notices.abort();
     }
 
     async fn on_event(&self, _ctx: &PluginContext, event: &tunnel::TunnelEvent) {
@@ -176,6 +197,61 @@ impl Plugin for RotationPlugin {
 
     async fn resync(&self, _ctx: &PluginContext) {
         let _ = self.shared.commands.try_send(Command::Resync);
+    }
+}
+
+/// A deleted resource cancels its rollouts: the reconciler is told, and each rollout it
+/// cancels is audited under the name of the admin who deleted the resource. A lagging
+/// subscriber misses notices; the delivery-time check (`deliver`) still refuses to push an
+/// erased version.
+async fn follow_resource_notices(
+    ctx: PluginContext,
+    commands: mpsc::Sender<Command>,
+    stop: CancellationToken,
+) {
+    use kbs_core::notices::ResourceNotice;
+    use tokio::sync::broadcast::error::RecvError;
+
+    let mut notices = ctx.resource_notices();
+    loop {
+        let notice = tokio::select! {
+            () = stop.cancelled() => return,
+            n = notices.recv() => n,
+        };
+        let (path, by) = match notice {
+            Ok(ResourceNotice::Deleted { path, by }) => (path, by),
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!(
+                    missed = n,
+                    "rotation: resource notices missed; deliveries still check each version"
+                );
+                continue;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        let (reply, cancelled) = tokio::sync::oneshot::channel();
+        let detail = format!("resource {path} deleted by {}", by.name);
+        let cmd = Command::ResourceDeleted {
+            path: path.clone(),
+            detail: detail.clone(),
+            reply,
+        };
+        if commands.send(cmd).await.is_err() {
+            return;
+        }
+        let Ok(cancelled) = cancelled.await else {
+            continue;
+        };
+        for id in cancelled {
+            ctx.audit_for(
+                &by,
+                "rotation.cancel",
+                &format!("rollout {id}"),
+                "ok",
+                detail.clone(),
+            )
+            .await;
+        }
     }
 }
 

@@ -59,10 +59,9 @@ pub(super) async fn pull(
     check_query(&token.identity, &query)?;
     ctx.require_policy(&token.claims, None, &query)?;
     let rec = inner
-        .ensure(&ctx, &SandboxIdentity::from(&token.identity))
+        .ensure(&ctx, &SandboxIdentity::from(&token.identity), false)
         .await?;
-    let plain = rec.server_plaintext().map_err(super::SplitApiError::from)?;
-    let sealed = kbs_core::jwe::seal(&token.tee_pubkey, &plain)?;
+    let sealed = super::seal_server_files(&rec, &token.tee_pubkey)?;
     tracing::info!(guest_id = %token.identity.guest_id, version = rec.version, "splitapi bundle pulled");
     Ok(Json(json!({
         "id": pki::BUNDLE_ID,

@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use axum::Router;
 use axum::routing::get;
 use dashmap::DashMap;
-use rpc_defs::{CredentialBundle, CredentialFile, Installed};
+use rpc_defs::{BUNDLE_BINDING_HEADER, BundleBinding, CredentialBundle, CredentialFile, Installed};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tunnel::{TunnelEvent, TunnelHandle};
@@ -52,12 +52,24 @@ pub enum SplitApiError {
     /// Sealing to the TEE key failed.
     #[error("sealing the bundle: {0}")]
     Seal(String),
+    /// A pull whose attested name or address differs from the sandbox's record.
+    #[error(
+        "the splitapi credentials of guest {0:?} name another attested identity than this token's; \
+         a pull does not change them (a guest whose name or address changed gets its new server \
+         certificate over its tunnel, after the proof of possession)"
+    )]
+    IdentityConflict(String),
 }
 
 impl From<SplitApiError> for ApiError {
     fn from(e: SplitApiError) -> Self {
         match e {
             SplitApiError::Store(s) => s.into(),
+            e @ SplitApiError::IdentityConflict(_) => ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "IdentityConflict",
+                e.to_string(),
+            ),
             other => ApiError::internal("splitapi", other),
         }
     }
@@ -129,10 +141,18 @@ impl Inner {
     }
 
     /// The current record for this attested identity, issuing or renewing it when needed.
+    ///
+    /// Who may change what: the first caller creates the record; a renewal re-issues all of
+    /// it under the same CA; a changed name or address re-issues only the server certificate,
+    /// and only when `proven` (the identity comes from the guest directory, written after the
+    /// tunnel's proof of possession). A pull carries a token only, which someone else may hold
+    /// or have attested with other init-data: its differing identity is `IdentityConflict`,
+    /// and the record stays as it is.
     pub(crate) async fn ensure(
         &self,
         ctx: &PluginContext,
         identity: &SandboxIdentity,
+        proven: bool,
     ) -> Result<CredentialRecord, SplitApiError> {
         let lock = self
             .locks
@@ -142,11 +162,25 @@ impl Inner {
         let _guard = lock.lock().await;
         let prev = self.load(ctx, &identity.guest_id).await?;
         let now = now_s();
-        if let Some(p) = &prev
-            && !CredentialRecord::needs_issue(Some(p), identity, &self.config, now)
-        {
-            return Ok(p.clone());
+        if let Some(p) = &prev {
+            if p.identity != *identity && !proven {
+                tracing::warn!(
+                    guest_id = %identity.guest_id,
+                    recorded = ?p.identity,
+                    pulled = ?identity,
+                    "splitapi: a pull names another identity than the record; refused"
+                );
+                return Err(SplitApiError::IdentityConflict(identity.guest_id.clone()));
+            }
+            if !CredentialRecord::needs_issue(Some(p), identity, &self.config, now) {
+                return Ok(p.clone());
+            }
         }
+        let reason = match &prev {
+            None => "new",
+            Some(p) if p.needs_renewal(&self.config, now) => "renewal",
+            Some(_) => "identity-changed",
+        };
         let started = Instant::now();
         let config = self.config.clone();
         let id = identity.clone();
@@ -165,6 +199,7 @@ impl Inner {
             guest_id = %identity.guest_id,
             version = rec.version,
             not_after = rec.not_after,
+            reason,
             new_ca = prev.as_ref().is_none_or(|p| p.ca_cert != rec.ca_cert),
             algorithm = ?rec.algorithm,
             micros = started.elapsed().as_micros() as u64,
@@ -201,7 +236,7 @@ impl Inner {
         let identity = SandboxIdentity::from(&att.identity);
         let started = Instant::now();
         let result = async {
-            let rec = self.ensure(ctx, &identity).await?;
+            let rec = self.ensure(ctx, &identity, true).await?;
             let bundle = server_bundle(&rec, &att.tee_pubkey)?;
             Ok::<_, SplitApiError>(bundle)
         }
@@ -296,9 +331,7 @@ pub fn server_bundle(
     rec: &CredentialRecord,
     tee_pubkey: &kbs_types::TeePubKey,
 ) -> Result<CredentialBundle, SplitApiError> {
-    let plain = rec.server_plaintext()?;
-    let sealed =
-        kbs_core::jwe::seal(tee_pubkey, &plain).map_err(|e| SplitApiError::Seal(e.to_string()))?;
+    let sealed = seal_server_files(rec, tee_pubkey)?;
     let jwe = serde_json::to_vec(&sealed).map_err(|e| SplitApiError::Seal(e.to_string()))?;
     Ok(CredentialBundle {
         id: pki::BUNDLE_ID.to_string(),
@@ -307,6 +340,20 @@ pub fn server_bundle(
         jwe,
         not_after: rec.not_after,
     })
+}
+
+/// The JWE of `rec`'s server files, sealed to `tee_pubkey`, binding the bundle's id,
+/// version, file modes and expiry in its protected header (the guest checks them against
+/// the fields that travel beside it).
+pub fn seal_server_files(
+    rec: &CredentialRecord,
+    tee_pubkey: &kbs_types::TeePubKey,
+) -> Result<kbs_types::Response, SplitApiError> {
+    let plain = rec.server_plaintext()?;
+    let binding = BundleBinding::new(pki::BUNDLE_ID, rec.version, &server_files(), rec.not_after);
+    kbs_core::jwe::binding_header(BUNDLE_BINDING_HEADER, &binding)
+        .and_then(|bound| kbs_core::jwe::seal_bound(tee_pubkey, &plain, &bound))
+        .map_err(|e| SplitApiError::Seal(e.to_string()))
 }
 
 /// The server bundle's files and modes.

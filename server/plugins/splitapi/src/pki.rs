@@ -176,12 +176,16 @@ impl CredentialRecord {
     ) -> bool {
         match rec {
             None => true,
-            Some(r) => {
-                r.identity != *identity
-                    || r.algorithm != cfg.key_algorithm
-                    || now.saturating_add(cfg.renew_before.as_secs()) >= r.not_after
-            }
+            Some(r) => r.identity != *identity || r.needs_renewal(cfg, now),
         }
+    }
+
+    /// Whether the whole record (CA when needed, server and owner certificates) is renewed:
+    /// due by its expiry, or the configured algorithm changed. A changed identity alone is
+    /// not a renewal: it re-issues the server certificate only.
+    pub fn needs_renewal(&self, cfg: &SplitApiConfig, now: u64) -> bool {
+        self.algorithm != cfg.key_algorithm
+            || now.saturating_add(cfg.renew_before.as_secs()) >= self.not_after
     }
 
     /// The server bundle's JWE plaintext: a CBOR map file name -> bytes.
@@ -261,9 +265,12 @@ fn dn(cfg: &SplitApiConfig, cn: &str) -> DistinguishedName {
     dn
 }
 
-/// Issue credentials for `identity`: a new version of server and client certificates, under
-/// the previous record's CA when it is still usable (same algorithm, outlives the new
-/// certificates), under a new CA otherwise.
+/// Issue credentials for `identity`, a new version. When `prev` is for the same guest and not
+/// due for renewal (`needs_renewal`), only the server certificate is re-issued (its SANs
+/// follow the identity), with the same expiry: the CA and the owner's client certificate and
+/// key stay as they are, so the owner's credentials never change but on renewal. Otherwise
+/// server and client certificates are both new, under the previous record's CA when it is
+/// still usable (same algorithm, outlives the new certificates), under a new CA otherwise.
 pub fn issue(
     prev: Option<&CredentialRecord>,
     identity: &SandboxIdentity,
@@ -271,6 +278,12 @@ pub fn issue(
     now: u64,
 ) -> Result<CredentialRecord, PkiError> {
     let not_before = now.saturating_sub(BACKDATE_SECS);
+    if let Some(p) = prev
+        && p.identity.guest_id == identity.guest_id
+        && !p.needs_renewal(cfg, now)
+    {
+        return reissue_server(p, identity, cfg, now);
+    }
     let wanted_not_after = now.saturating_add(cfg.validity.as_secs());
     let reuse = prev.filter(|p| {
         p.algorithm == cfg.key_algorithm
@@ -302,30 +315,14 @@ pub fn issue(
     let issuer = Issuer::from_ca_cert_pem(&ca_cert, ca_key)?;
     let not_after = wanted_not_after.min(ca_not_after);
 
-    let leaf = |cn: String, sans: Vec<SanType>, eku: ExtendedKeyUsagePurpose| {
-        let key = generate_key(cfg.key_algorithm)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = dn(cfg, &cn);
-        params.subject_alt_names = sans;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![eku];
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(serial());
-        params.not_before = time_of(not_before)?;
-        params.not_after = time_of(not_after)?;
-        let cert = params.signed_by(&key, &issuer)?;
-        Ok::<_, PkiError>((cert.pem(), key_pem(&key)))
-    };
-    let (server_cert, server_key) = leaf(
-        identity.guest_id.clone(),
-        identity.sans(),
-        ExtendedKeyUsagePurpose::ServerAuth,
-    )?;
+    let (server_cert, server_key) = server_leaf(identity, cfg, &issuer, not_before, not_after)?;
     let (client_cert, client_key) = leaf(
+        cfg,
+        &issuer,
         format!("splitapi owner of {}", identity.guest_id),
         Vec::new(),
         ExtendedKeyUsagePurpose::ClientAuth,
+        (not_before, not_after),
     )?;
     Ok(CredentialRecord {
         identity: identity.clone(),
@@ -341,6 +338,72 @@ pub fn issue(
         not_before,
         not_after,
         issued_at: now,
+    })
+}
+
+/// A leaf certificate and its new key, signed by `issuer`, valid over `window` (Unix s).
+fn leaf(
+    cfg: &SplitApiConfig,
+    issuer: &Issuer<'_, KeyPair>,
+    cn: String,
+    sans: Vec<SanType>,
+    eku: ExtendedKeyUsagePurpose,
+    (not_before, not_after): (u64, u64),
+) -> Result<(String, KeyPem), PkiError> {
+    let key = generate_key(cfg.key_algorithm)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(cfg, &cn);
+    params.subject_alt_names = sans;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![eku];
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(serial());
+    params.not_before = time_of(not_before)?;
+    params.not_after = time_of(not_after)?;
+    let cert = params.signed_by(&key, issuer)?;
+    Ok((cert.pem(), key_pem(&key)))
+}
+
+/// The server certificate naming `identity`.
+fn server_leaf(
+    identity: &SandboxIdentity,
+    cfg: &SplitApiConfig,
+    issuer: &Issuer<'_, KeyPair>,
+    not_before: u64,
+    not_after: u64,
+) -> Result<(String, KeyPem), PkiError> {
+    leaf(
+        cfg,
+        issuer,
+        identity.guest_id.clone(),
+        identity.sans(),
+        ExtendedKeyUsagePurpose::ServerAuth,
+        (not_before, not_after),
+    )
+}
+
+/// A new server certificate for `identity` under `prev`'s CA, ending when `prev` ends;
+/// everything else of `prev` (CA, owner certificate and key) carried over.
+fn reissue_server(
+    prev: &CredentialRecord,
+    identity: &SandboxIdentity,
+    cfg: &SplitApiConfig,
+    now: u64,
+) -> Result<CredentialRecord, PkiError> {
+    let not_before = now.saturating_sub(BACKDATE_SECS);
+    let ca_key = KeyPair::from_pem(prev.ca_key.as_str())?;
+    let issuer = Issuer::from_ca_cert_pem(&prev.ca_cert, ca_key)?;
+    let (server_cert, server_key) =
+        server_leaf(identity, cfg, &issuer, not_before, prev.not_after)?;
+    Ok(CredentialRecord {
+        identity: identity.clone(),
+        version: prev.version.saturating_add(1),
+        server_cert,
+        server_key,
+        not_before,
+        issued_at: now,
+        ..prev.clone()
     })
 }
 
@@ -463,6 +526,19 @@ mod tests {
         let mut moved = ident();
         moved.ip = Some("10.9.9.9".parse().unwrap());
         assert!(CredentialRecord::needs_issue(Some(&rec), &moved, &cfg, now));
+        // A move re-issues the server certificate only: the owner's credentials and the CA
+        // stay, the expiry too.
+        let re = issue(Some(&rec), &moved, &cfg, now + 60).unwrap();
+        assert_eq!(re.version, 2);
+        assert_eq!(re.identity, moved);
+        assert_ne!(re.server_cert, rec.server_cert);
+        assert_eq!(re.ca_cert, rec.ca_cert);
+        assert_eq!(re.client_cert, rec.client_cert);
+        assert_eq!(re.client_key.as_str(), rec.client_key.as_str());
+        assert_eq!(re.not_after, rec.not_after);
+        let re_der = der(&re.server_cert);
+        let (_, re_server) = X509Certificate::from_der(&re_der).unwrap();
+        re_server.verify_signature(Some(ca.public_key())).unwrap();
 
         // The plaintext is a CBOR map of the three server files.
         let plain = rec.server_plaintext().unwrap();

@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::extract::FromRef;
 use kbs_core::attest::RcarService;
-use kbs_core::audit::Audit;
+use kbs_core::audit::{Actor, Audit, AuditRecord};
 use kbs_core::claims::Claims;
 use kbs_core::guest_directory::{GuestAttestation, GuestDirectory};
+use kbs_core::notices::{NoticeActor, ResourceNotice, ResourceNotices};
 use kbs_core::policy::PolicyError;
 use kbs_core::policy_gate::{Decision, PolicyGate, PolicyQuestion};
 use kbs_core::resource_path::ResourcePath;
@@ -36,6 +37,8 @@ pub struct PluginServices {
     pub policy: PolicyGate,
     /// The audit trail.
     pub audit: Audit,
+    /// Notices about resources (a delete), from one plugin to whoever subscribes.
+    pub resource_notices: ResourceNotices,
     /// Admin authentication (for the [`crate::extract::AdminCaller`] extractor).
     pub admin: Arc<AdminGate>,
     /// Attestation sessions and tokens (for the [`crate::extract::Attested`] extractor).
@@ -147,6 +150,51 @@ impl PluginContext {
     ) {
         admin
             .audit(&self.services.audit, action, target, outcome, detail)
+            .await;
+    }
+
+    /// Announce that `admin` erased every version of `path` (the resource plugin does).
+    pub fn notify_resource_deleted(&self, path: &ResourcePath, admin: &AdminIdentity) -> usize {
+        self.services
+            .resource_notices
+            .publish(ResourceNotice::Deleted {
+                path: path.to_string(),
+                by: NoticeActor {
+                    name: admin.actor(),
+                    role: admin.role.clone(),
+                },
+            })
+    }
+
+    /// Resource notices published from now on.
+    pub fn resource_notices(&self) -> tokio::sync::broadcast::Receiver<ResourceNotice> {
+        self.services.resource_notices.subscribe()
+    }
+
+    /// Write an audit record for what this plugin did because of an admin's action (`by`,
+    /// from a notice), under that admin's name.
+    pub async fn audit_for(
+        &self,
+        by: &NoticeActor,
+        action: &str,
+        target: &str,
+        outcome: &str,
+        detail: String,
+    ) {
+        self.services
+            .audit
+            .record(
+                Actor {
+                    name: &by.name,
+                    role: &by.role,
+                },
+                AuditRecord {
+                    action,
+                    target,
+                    outcome,
+                    detail,
+                },
+            )
             .await;
     }
 

@@ -127,6 +127,7 @@ pub(crate) async fn test_services() -> (
             Default::default(),
         ),
         audit: Audit::new(store.clone(), events, Default::default()),
+        resource_notices: Default::default(),
         admin: Arc::new(AdminGate::new(
             AdminAuth::new(&AdminConfig::default(), None).unwrap(),
             Default::default(),

@@ -77,6 +77,15 @@ pub enum Command {
         /// The rollout after the change.
         reply: oneshot::Sender<Result<RolloutRecord, ControlError>>,
     },
+    /// Every version of `path` was erased: cancel its rollouts.
+    ResourceDeleted {
+        /// `repo/type/tag`.
+        path: String,
+        /// Recorded in each cancelled rollout's detail.
+        detail: String,
+        /// The rollouts cancelled.
+        reply: oneshot::Sender<Vec<i64>>,
+    },
     /// A guest's tunnel came up.
     Connected(Arc<TunnelHandle>),
     /// Events may have been missed: compare with the hub now.

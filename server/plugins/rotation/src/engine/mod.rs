@@ -273,6 +273,15 @@ impl Engine {
                 self.update_gauges();
                 let _ = reply.send(result);
             }
+            Command::ResourceDeleted {
+                path,
+                detail,
+                reply,
+            } => {
+                let cancelled = self.cancel_path(&path, &detail).await;
+                self.update_gauges();
+                let _ = reply.send(cancelled);
+            }
             Command::Connected(handle) => self.on_connected(&handle).await,
             Command::Resync => self.reconcile().await,
         }
@@ -336,6 +345,60 @@ impl Engine {
         self.transitioned(target);
         self.emit(event);
         Ok(rec)
+    }
+
+    /// Cancel every rollout in force of `path` (its resource was deleted): nothing more is
+    /// pushed, the plaintext is dropped, targets still pending fail with `detail`.
+    async fn cancel_path(&mut self, path: &str, detail: &str) -> Vec<i64> {
+        let ids: Vec<i64> = self
+            .live
+            .values()
+            .filter(|l| l.rec.path == path)
+            .map(|l| l.rec.id)
+            .collect();
+        let mut cancelled = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Err(e) = self
+                .deps
+                .rollouts
+                .set_rollout_state(id, RolloutState::Cancelled, detail)
+                .await
+            {
+                tracing::error!(rollout = id, error = %e, "storing the cancellation failed");
+                continue;
+            }
+            let Some(mut live) = self.live.remove(&id) else {
+                continue;
+            };
+            live.plaintext = None;
+            let now = now_ms();
+            let mut failed = Vec::new();
+            for t in live.targets.values_mut() {
+                if t.state == TargetState::Pending {
+                    t.state = TargetState::Failed;
+                    t.reason = detail.to_string();
+                    t.updated_at = now;
+                    failed.push(t.clone());
+                }
+            }
+            for t in failed {
+                live.count(Some(TargetState::Pending), TargetState::Failed);
+                self.writer.write_behind(t).await;
+            }
+            live.rec.state = RolloutState::Cancelled;
+            live.rec.detail = detail.to_string();
+            live.rec.updated_at = now;
+            live.rec.finished_at = Some(now);
+            tracing::info!(
+                rollout = id,
+                path,
+                "rollout cancelled: its resource was deleted"
+            );
+            self.transitioned(RolloutState::Cancelled);
+            self.emit(live.event(None));
+            cancelled.push(id);
+        }
+        cancelled
     }
 
     /// Completed when nothing is outstanding, running again when something is.

@@ -254,7 +254,7 @@ impl Rig {
             .signer
             .issue_verified(claims, Duration::from_secs(300))
             .unwrap();
-        self.deps.directory.record(&token);
+        self.deps.directory.record_proven(&token, 0);
         let info = TunnelInfo {
             guest_id: guest_id.into(),
             labels,
@@ -705,6 +705,170 @@ async fn a_passed_deadline_expires_the_rollout_and_fails_what_is_pending() {
             t["offline"].reason.contains("deadline"),
             "{}",
             t["offline"].reason
+        );
+        rig.stop().await;
+    })
+    .await;
+}
+
+/// Issue 17, defect 8: a deleted resource's rollouts are cancelled (the command answers
+/// which), their pending targets fail with the reason, and a guest that comes back later gets
+/// nothing; a rollout of another path is untouched.
+#[tokio::test]
+async fn a_deleted_resource_cancels_its_rollouts_and_nothing_more_is_pushed() {
+    local(async {
+        let mut rig = Rig::new(ALLOW_ALL).await;
+        let other: ResourcePath = "default/key/other".parse().unwrap();
+        rig.store
+            .put_resource(&other, b"other", "ops")
+            .await
+            .unwrap();
+        let on = RecordingGuest::new(Behaviour::Ack);
+        rig.connect("on", &[("app", "db")], &on, None).await;
+        rig.start();
+        let id = rig.create("app=db", &["on", "away"], 8).await;
+        rig.until_targets(id, "on acked", |t| {
+            state_of(t, "on") == Some(TargetState::Acked)
+        })
+        .await;
+        let other_id = {
+            let new = NewRollout {
+                path: other.to_string(),
+                version: 1,
+                sha256: rig
+                    .store
+                    .get_resource(&other, Some(1))
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .sha256,
+                selector: "app=db".into(),
+                max_concurrent: 8,
+                max_attempts: 2,
+                guest_deadline_ms: 5_000,
+                deadline_at: None,
+                created_by: "ops@test".into(),
+            };
+            let created = rig
+                .store
+                .create_rollout(&new, &["away".to_string()])
+                .await
+                .unwrap();
+            rig.send(Command::Created {
+                id: created.rollout.id,
+                superseded: vec![],
+            })
+            .await;
+            created.rollout.id
+        };
+
+        let path: ResourcePath = PATH.parse().unwrap();
+        assert!(rig.store.delete_resource(&path, "ops").await.unwrap());
+        let (reply, answer) = oneshot::channel();
+        rig.send(Command::ResourceDeleted {
+            path: PATH.into(),
+            detail: format!("resource {PATH} deleted by ops@test"),
+            reply,
+        })
+        .await;
+        assert_eq!(answer.await.unwrap(), vec![id], "only that path's rollout");
+        assert_eq!(rig.state(id).await, RolloutState::Cancelled);
+        let rec = rig.store.get_rollout(id).await.unwrap().unwrap();
+        assert!(rec.detail.contains("deleted"), "{}", rec.detail);
+        let t = rig
+            .until_targets(id, "away failed", |t| {
+                state_of(t, "away") == Some(TargetState::Failed)
+            })
+            .await;
+        assert!(t["away"].reason.contains("deleted"), "{:?}", t["away"]);
+        assert_ne!(rig.state(other_id).await, RolloutState::Cancelled);
+
+        let away = RecordingGuest::new(Behaviour::Ack);
+        rig.connect("away", &[("app", "db")], &away, None).await;
+        rig.until_targets(other_id, "the other path's version reaches away", |t| {
+            state_of(t, "away") == Some(TargetState::Acked)
+        })
+        .await;
+        let pushed: Vec<String> = away.pushes().iter().map(|p| p.uri.clone()).collect();
+        assert_eq!(
+            pushed,
+            vec![other.to_string()],
+            "nothing of the erased path"
+        );
+        rig.stop().await;
+    })
+    .await;
+}
+
+/// Issue 17, defect 8: even without the notice (it lagged, or the reconciler was not
+/// running), an erased version is never pushed: each delivery checks it, with the plaintext
+/// already loaded.
+#[tokio::test]
+async fn an_erased_version_is_never_delivered_even_when_the_notice_is_missed() {
+    local(async {
+        let mut rig = Rig::new(ALLOW_ALL).await;
+        let first = RecordingGuest::new(Behaviour::Ack);
+        rig.connect("first", &[("app", "db")], &first, None).await;
+        rig.start();
+        let id = rig.create("app=db", &["first", "late"], 8).await;
+        rig.until_targets(id, "first acked", |t| {
+            state_of(t, "first") == Some(TargetState::Acked)
+        })
+        .await;
+        let path: ResourcePath = PATH.parse().unwrap();
+        assert!(rig.store.delete_resource(&path, "ops").await.unwrap());
+        let late = RecordingGuest::new(Behaviour::Ack);
+        rig.connect("late", &[("app", "db")], &late, None).await;
+        let t = rig
+            .until_targets(id, "late failed", |t| {
+                state_of(t, "late") == Some(TargetState::Failed)
+            })
+            .await;
+        assert!(t["late"].reason.contains("erased"), "{:?}", t["late"]);
+        assert!(late.pushes().is_empty(), "an erased version was pushed");
+        rig.stop().await;
+    })
+    .await;
+}
+
+/// Issue 17, defect 8: a rollout whose deadline passes expires; pending targets fail.
+#[tokio::test]
+async fn a_rollout_past_its_deadline_expires_and_its_pending_targets_fail() {
+    local(async {
+        let mut rig = Rig::new(ALLOW_ALL).await;
+        rig.start();
+        let new = NewRollout {
+            path: PATH.into(),
+            version: 1,
+            sha256: rig.sha256.clone(),
+            selector: "app=db".into(),
+            max_concurrent: 8,
+            max_attempts: 2,
+            guest_deadline_ms: 5_000,
+            deadline_at: Some(kbs_core::storage::now_ms() + 300),
+            created_by: "ops@test".into(),
+        };
+        let created = rig
+            .store
+            .create_rollout(&new, &["offline".to_string()])
+            .await
+            .unwrap();
+        let id = created.rollout.id;
+        rig.send(Command::Created {
+            id,
+            superseded: vec![],
+        })
+        .await;
+        rig.until_state(id, RolloutState::Expired).await;
+        let t = rig
+            .until_targets(id, "offline failed", |t| {
+                state_of(t, "offline") == Some(TargetState::Failed)
+            })
+            .await;
+        assert!(
+            t["offline"].reason.contains("deadline"),
+            "{:?}",
+            t["offline"]
         );
         rig.stop().await;
     })
