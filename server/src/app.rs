@@ -168,9 +168,10 @@ impl Kbs {
     pub async fn build_with(config: Config, extra: Vec<PluginSpec>) -> Result<Self, StartError> {
         config.validate()?;
         let data_dir = config.storage.data_dir.clone();
-        std::fs::create_dir_all(&data_dir).map_err(|e| {
+        kbs_core::fsutil::create_private_dir(&data_dir).map_err(|e| {
             StartError::Other(format!("storage.data_dir {}: {e}", data_dir.display()))
         })?;
+        warn_if_shared(&data_dir);
         let kek = Arc::new(KeyEncryptionKey::load_or_generate(
             &config.storage.kek_path(),
         )?);
@@ -352,6 +353,21 @@ impl Kbs {
     }
 }
 
+/// The data directory holds the database and the keys: a mode that lets group or others in
+/// is worth an operator's eye (the KBS creates it 0700, and leaves an existing one alone).
+fn warn_if_shared(data_dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(data_dir)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            path = %data_dir.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "storage.data_dir is open to group or others: chmod 700 it"
+        );
+    }
+}
+
 /// What the RCAR cookie key is derived for (from the KEK, which every replica shares).
 const RCAR_COOKIE_KEY: &str = "rcar-session-cookie";
 
@@ -521,6 +537,73 @@ mod tests {
         }
         shutdown.cancel();
         serving.await.unwrap().unwrap();
+    }
+
+    /// issue 17 defect 14: the data directory was 0755 and the database 0644, and the admin
+    /// key PKCS#8 v2, which OpenSSL 3.0 refuses. Every secret is the owner's only now, and
+    /// `openssl pkey` reads the admin key.
+    #[tokio::test]
+    async fn the_data_directory_and_its_secrets_are_the_owners_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let mut config = config(&data);
+        config.http.tls = Some(crate::config::TlsConfig {
+            self_signed: true,
+            ..Default::default()
+        });
+        let kbs = Kbs::build(config).await.unwrap();
+        let path = "default/key/x".parse().unwrap();
+        kbs.state
+            .store
+            .put_resource(&path, b"secret", "test")
+            .await
+            .unwrap();
+        let mode = |name: &str| {
+            let meta = std::fs::symlink_metadata(data.join(name))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            meta.permissions().mode() & 0o777
+        };
+        let mut modes = Vec::new();
+        for name in ["", "tls"] {
+            modes.push((name, mode(name), 0o700));
+        }
+        for name in [
+            "tether.db",
+            "tether.db-wal",
+            "tether.db-shm",
+            "kek.key",
+            "token.key",
+            "admin.key",
+            "tls/key.pem",
+        ] {
+            modes.push((name, mode(name), 0o600));
+        }
+        modes.push(("admin.pub", mode("admin.pub"), 0o644));
+        modes.push(("tls/cert.pem", mode("tls/cert.pem"), 0o644));
+        let wrong: Vec<String> = modes
+            .iter()
+            .filter(|(_, got, want)| got != want)
+            .map(|(name, got, want)| format!("{name}: {got:o}, expected {want:o}"))
+            .collect();
+        assert!(wrong.is_empty(), "{wrong:?}");
+
+        match std::process::Command::new("openssl")
+            .args(["pkey", "-noout", "-in"])
+            .arg(data.join("admin.key"))
+            .output()
+        {
+            Ok(out) => assert!(
+                out.status.success(),
+                "openssl pkey refuses the admin key: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                eprintln!("SKIPPED: openssl is not installed, the admin key was not read with it");
+            }
+            Err(e) => panic!("running openssl: {e}"),
+        }
+        drop(kbs);
     }
 
     #[tokio::test]

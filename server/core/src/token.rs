@@ -256,9 +256,17 @@ impl TokenSigner {
                 let pem = secret
                     .to_pkcs8_pem(LineEnding::LF)
                     .map_err(|e| TokenError::Sign(format!("encode new key: {e}")))?;
-                crate::fsutil::write_private_atomic(path, pem.as_bytes()).map_err(io_err)?;
-                tracing::info!(path = %path.display(), "generated token signing key");
-                Self::from_secret(&secret)
+                match crate::fsutil::create_private(path, pem.as_bytes()) {
+                    Ok(()) => {
+                        tracing::info!(path = %path.display(), "generated token signing key");
+                        Self::from_secret(&secret)
+                    }
+                    // Another process created it first: use theirs.
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        Self::load_or_generate(path)
+                    }
+                    Err(e) => Err(io_err(e)),
+                }
             }
             Err(err) => Err(io_err(err)),
         }

@@ -32,7 +32,11 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Open (creating if needed) the database at `url` and run the migrations.
     pub async fn open(url: &str, kek: Arc<KeyEncryptionKey>) -> Result<Self, StoreError> {
-        let opts = SqliteConnectOptions::from_str(url)?
+        let parsed = SqliteConnectOptions::from_str(url)?;
+        if !(url.contains(":memory:") || url.contains("mode=memory")) {
+            private_database_files(parsed.get_filename())?;
+        }
+        let opts = parsed
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
@@ -424,6 +428,43 @@ impl Store for SqliteStore {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+}
+
+/// The database file and SQLite's companions (`-wal`, `-shm`, `-journal`) are the owner's
+/// only: the database file is created 0600 before SQLite opens it (SQLite gives its
+/// companions the database file's mode), and wider modes left by older versions are
+/// tightened.
+fn private_database_files(db: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(crate::fsutil::PRIVATE_FILE_MODE)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(db);
+    match created {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        // A missing directory is SQLite's error to report, with its path.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        let path = std::path::PathBuf::from(name);
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+            std::fs::set_permissions(
+                &path,
+                std::fs::Permissions::from_mode(crate::fsutil::PRIVATE_FILE_MODE),
+            )?;
+            tracing::warn!(path = %path.display(), "database file was readable by others: now 0600");
+        }
+    }
+    Ok(())
 }
 
 fn open_kv(
