@@ -287,6 +287,11 @@ impl PluginsConfig {
     }
 }
 
+/// Largest `attestation.max_init_data_bytes`: the token carries the whole init-data as JSON,
+/// base64url-encoded (4/3), and is at most `MAX_TOKEN_BYTES` (128 KiB); beyond 96 KiB of
+/// init-data no token could fit.
+const MAX_INIT_DATA_BYTES: usize = 96 * 1024;
+
 /// Prefix of environment variables that override config keys:
 /// `KBS_HTTP__LISTEN=0.0.0.0:8080` sets `http.listen`. Only names with a `__` (section and
 /// key) are config keys: `KBS_URL`, `KBS_CA_FILE` and the other variables `kbsctl` and the
@@ -368,6 +373,16 @@ impl Config {
         }
         if a.token_ttl < Duration::from_secs(10) {
             return Err(invalid("attestation.token_ttl", "must be at least 10s"));
+        }
+        if a.max_init_data_bytes > MAX_INIT_DATA_BYTES {
+            return Err(invalid(
+                "attestation.max_init_data_bytes",
+                format!(
+                    "must be at most {MAX_INIT_DATA_BYTES}: the token carries the whole init-data \
+                     and is at most {} bytes",
+                    kbs_core::token::MAX_TOKEN_BYTES
+                ),
+            ));
         }
         for (i, v) in a.verifiers.iter().enumerate() {
             if !kbs_core::verifiers::KNOWN.contains(&v.as_str()) {
@@ -555,6 +570,9 @@ mod tests {
             Some("2d")
         );
         assert_eq!(c.plugins.sections["pki"]["validity"].as_str(), Some("3d"));
+        let c = load("[attestation]\nmax_init_data_bytes = 200000\n", &[]).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("attestation.max_init_data_bytes"), "{err}");
         let c = load("[attestation]\nverifiers = [\"sgx-magic\"]\n", &[]).unwrap();
         assert!(
             c.validate()

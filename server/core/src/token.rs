@@ -50,8 +50,12 @@ pub const TEE_PUBKEY_POINTER_LEGACY: &str =
 
 /// Clock skew tolerated when checking `exp`, in seconds.
 const EXP_LEEWAY_SECS: u64 = 5;
-/// Upper bound on a token presented by a peer; ours are far smaller.
-const MAX_TOKEN_BYTES: usize = 256 * 1024;
+/// Largest token this KBS issues or accepts, bytes. A token travels back as a cookie or an
+/// `Authorization` header, so it must fit in what the KBS's listener reads as request
+/// headers (`server/src/serve.rs` sizes them from this); a token that would be larger (the
+/// whole init-data goes into it) is refused at issue (413 `TokenTooLarge`) rather than
+/// handed to a client that could never send it back.
+pub const MAX_TOKEN_BYTES: usize = 128 * 1024;
 
 /// Errors issuing, loading or verifying tokens.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +86,16 @@ pub enum TokenError {
     /// The token verified but its claims lack what Tether needs.
     #[error("attestation token claims: {0}")]
     Claims(String),
+    /// The token to issue would be larger than a client can send back.
+    #[error(
+        "the attestation token would be {size} bytes, more than the {limit} a client can send back (the whole init-data goes into the token: send less)"
+    )]
+    TooLarge {
+        /// Size of the signed token.
+        size: usize,
+        /// [`MAX_TOKEN_BYTES`].
+        limit: usize,
+    },
 }
 
 impl TokenError {
@@ -90,6 +104,7 @@ impl TokenError {
         match self {
             TokenError::KeyIo { .. } | TokenError::KeyInvalid { .. } | TokenError::Sign(_) => 500,
             TokenError::Invalid(_) | TokenError::Expired | TokenError::Claims(_) => 401,
+            TokenError::TooLarge { .. } => 413,
         }
     }
 
@@ -102,6 +117,7 @@ impl TokenError {
             TokenError::Invalid(_) => "InvalidToken",
             TokenError::Expired => "TokenExpired",
             TokenError::Claims(_) => "InvalidTokenClaims",
+            TokenError::TooLarge { .. } => "TokenTooLarge",
         }
     }
 }
@@ -346,6 +362,12 @@ impl TokenSigner {
             .es256
             .sign(json.as_bytes())
             .map_err(|_| TokenError::Sign("ES256 signature failed".into()))?;
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::TooLarge {
+                size: token.len(),
+                limit: MAX_TOKEN_BYTES,
+            });
+        }
         Ok((token, claims, json))
     }
 
