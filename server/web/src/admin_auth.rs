@@ -70,7 +70,8 @@ impl RoleRule {
     /// Parse `"GET,POST ^/kbs/v0/resource/.+$"`, `"* /kbs/.+"` or
     /// `"POST /kbs/v0/rotation/rollouts resources=web/.+"`.
     pub fn parse(rule: &str) -> Result<Self, String> {
-        let shape = || format!("rule `{rule}` must be `<METHODS> <path regex> [resources=<regex>]`");
+        let shape =
+            || format!("rule `{rule}` must be `<METHODS> <path regex> [resources=<regex>]`");
         let mut words = rule.split_whitespace();
         let (Some(methods), Some(path)) = (words.next(), words.next()) else {
             return Err(shape());
@@ -243,7 +244,11 @@ fn resource_in_url(path: &str) -> Option<String> {
         .collect::<Option<_>>()
         .unwrap_or_default();
     let valid = segments.len() == 3 && segments.iter().all(|s| !s.is_empty() && !s.contains('/'));
-    Some(if valid { segments.join("/") } else { String::new() })
+    Some(if valid {
+        segments.join("/")
+    } else {
+        String::new()
+    })
 }
 
 /// `%XX`-decoded UTF-8, or `None` for a bad escape or bytes that are not UTF-8.
@@ -625,7 +630,10 @@ mod tests {
         assert!(RoleRule::parse("* ([").is_err());
         assert!(RoleRule::parse("POST /a resources=web/.+").is_ok());
         assert!(RoleRule::parse("POST /a resources=([").is_err());
-        assert!(RoleRule::parse("POST /a web/.+").is_err(), "third word is resources=");
+        assert!(
+            RoleRule::parse("POST /a web/.+").is_err(),
+            "third word is resources="
+        );
         assert!(RoleRule::parse("POST /a resources=x extra").is_err());
     }
 
@@ -648,7 +656,11 @@ mod tests {
         let prefix = token(&kp, "prefix");
         let may = |h: &HeaderMap, m: Method, p: &str| auth.authorize(h, &m, p).is_ok();
         assert!(
-            !may(&prefix, Method::GET, "/kbs/v0/splitapi/owner/web-10/credentials"),
+            !may(
+                &prefix,
+                Method::GET,
+                "/kbs/v0/splitapi/owner/web-10/credentials"
+            ),
             "`web-1` grants `web-10`"
         );
         assert!(may(&prefix, Method::GET, "/kbs/v0/splitapi/owner/web-1"));
@@ -663,7 +675,11 @@ mod tests {
         }
         let anchored = token(&kp, "anchored");
         assert!(may(&anchored, Method::GET, "/kbs/v0/admin/guests/web-1/x"));
-        assert!(!may(&anchored, Method::GET, "/kbs/v0/admin/guests/web-10/x"));
+        assert!(!may(
+            &anchored,
+            Method::GET,
+            "/kbs/v0/admin/guests/web-10/x"
+        ));
     }
 
     /// A rule can be limited to resources: the gate checks resource URLs itself, and hands
@@ -680,7 +696,10 @@ mod tests {
             ),
             (
                 "mixed",
-                &["POST /kbs/v0/rotation/rollouts resources=web/.+", "* /kbs/.+"],
+                &[
+                    "POST /kbs/v0/rotation/rollouts resources=web/.+",
+                    "* /kbs/.+",
+                ],
             ),
         ]);
         let ops = token(&kp, "web-ops");
@@ -713,14 +732,23 @@ mod tests {
 
     #[test]
     fn resource_urls_are_recognised() {
-        assert_eq!(resource_in_url("/kbs/v0/resource/a/b/c").as_deref(), Some("a/b/c"));
+        assert_eq!(
+            resource_in_url("/kbs/v0/resource/a/b/c").as_deref(),
+            Some("a/b/c")
+        );
         assert_eq!(
             resource_in_url("/kbs/v0/admin/resources/a/b/c/versions").as_deref(),
             Some("a/b/c")
         );
         assert_eq!(resource_in_url("/kbs/v0/resource/a/b").as_deref(), Some(""));
-        assert_eq!(resource_in_url("/kbs/v0/resource/a/b/c/d").as_deref(), Some(""));
-        assert_eq!(resource_in_url("/kbs/v0/resource/a/b%2fc/d").as_deref(), Some(""));
+        assert_eq!(
+            resource_in_url("/kbs/v0/resource/a/b/c/d").as_deref(),
+            Some("")
+        );
+        assert_eq!(
+            resource_in_url("/kbs/v0/resource/a/b%2fc/d").as_deref(),
+            Some("")
+        );
         assert_eq!(resource_in_url("/kbs/v0/rotation/rollouts"), None);
     }
 }
