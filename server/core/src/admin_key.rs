@@ -202,7 +202,11 @@ mod tests {
     fn private_keys_are_written_as_pkcs8_v1() {
         let kp = AdminKeyPair::generate();
         let pem = kp.private_pem();
-        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----\n"), "{}", &pem[..30]);
+        assert!(
+            pem.starts_with("-----BEGIN PRIVATE KEY-----\n"),
+            "{}",
+            &pem[..30]
+        );
         let der = der_of(&pem);
         assert_eq!(der.len(), 48, "no public key inside");
         assert_eq!(der[..16], V1_PREFIX);

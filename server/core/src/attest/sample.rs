@@ -59,9 +59,10 @@ fn verify_sample(evidence: &Value, expected: &[u8]) -> Result<Value, VerifyError
     let fields = evidence
         .as_object()
         .ok_or_else(|| VerifyError::Malformed("sample evidence is not a JSON object".into()))?;
-    let svn = fields.get("svn").and_then(Value::as_str).ok_or_else(|| {
-        VerifyError::Malformed("sample evidence has no string \"svn\"".into())
-    })?;
+    let svn = fields
+        .get("svn")
+        .and_then(Value::as_str)
+        .ok_or_else(|| VerifyError::Malformed("sample evidence has no string \"svn\"".into()))?;
     if svn.len() > MAX_SVN_BYTES {
         return Err(VerifyError::Malformed(format!(
             "sample evidence \"svn\" is {} bytes, at most {MAX_SVN_BYTES} are allowed",
@@ -90,7 +91,10 @@ fn verify_sample(evidence: &Value, expected: &[u8]) -> Result<Value, VerifyError
 fn claims(svn: &str, report_data: &[u8]) -> Value {
     let mut claims = Map::with_capacity(5);
     claims.insert("svn".into(), Value::String(svn.to_owned()));
-    claims.insert("report_data".into(), Value::String(hex::encode(report_data)));
+    claims.insert(
+        "report_data".into(),
+        Value::String(hex::encode(report_data)),
+    );
     claims.insert("launch_digest".into(), Value::String("abcde".into()));
     claims.insert(
         "platform_version".into(),

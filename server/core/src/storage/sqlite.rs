@@ -601,7 +601,11 @@ mod tests {
         }
 
         for path in ["r/t/small", "r/t/large"] {
-            assert!(s.delete_resource(&path.parse().unwrap(), "t").await.unwrap());
+            assert!(
+                s.delete_resource(&path.parse().unwrap(), "t")
+                    .await
+                    .unwrap()
+            );
         }
         assert!(s.kv_delete("pki", "ca-key").await.unwrap());
         for (i, secret) in secrets.iter().enumerate() {
