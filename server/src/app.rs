@@ -143,6 +143,8 @@ pub struct KbsHandles {
     pub events: EventSink,
     /// Cancel to shut the KBS down (it drains, then `serve` returns).
     pub shutdown: CancellationToken,
+    /// The listener's connection counters (open, evicted, timed out).
+    pub connections: listener::ConnectionStats,
 }
 
 /// A built KBS, ready to serve.
@@ -191,6 +193,8 @@ impl Kbs {
 
         let mut registry = Registry::with_prefix("kbs");
         let metrics = Arc::new(Metrics::register(&mut registry));
+        let connections = listener::ConnectionStats::default();
+        crate::serve::register_metrics(&mut registry, connections.clone());
         let events = EventSink::new(EVENT_QUEUE, metrics.observability.events_dropped.clone());
         let fleet = Arc::new(Fleet::load(store.as_ref()).await?);
         let hub = tunnel::Hub::new();
@@ -303,6 +307,7 @@ impl Kbs {
                 rcar,
                 events,
                 shutdown,
+                connections,
             },
             dev_admin_key,
             dev_admin_key_created,
@@ -340,9 +345,16 @@ impl Kbs {
             s.shutdown.clone(),
         );
         s.plugins.start_all().await;
-        let grace = self.config.http.shutdown_grace;
-        let serving =
-            crate::serve::serve(listener, self.router(), self.tls, s.shutdown.clone(), grace);
+        let http = &self.config.http;
+        let grace = http.shutdown_grace;
+        let serving = crate::serve::serve(
+            listener,
+            self.router(),
+            self.tls,
+            s.shutdown.clone(),
+            http,
+            s.connections.clone(),
+        );
         // Tunnels watch the same token: each sends GoAway, closes with 4503 and leaves the hub,
         // within the same grace period as HTTP requests (upgraded connections are not tracked there).
         let (result, ()) = tokio::join!(serving, http::tunnel::drain(&s.hub, &s.shutdown, grace));
