@@ -127,15 +127,19 @@ async fn main() -> anyhow::Result<()> {
             tasks.push(tokio::spawn(async move {
                 let mut lat = Vec::new();
                 while Instant::now() < deadline {
-                    let mut client =
-                        match KbsClientBuilder::new(url.clone(), Box::new(SampleAttester)).build() {
-                            Ok(client) => client,
-                            Err(e) => {
-                                tally.fail(&anyhow::Error::from(e));
-                                tokio::time::sleep(Duration::from_millis(10)).await;
-                                continue;
-                            }
-                        };
+                    let mut client = match KbsClientBuilder::new(
+                        url.clone(),
+                        Box::new(SampleAttester),
+                    )
+                    .build()
+                    {
+                        Ok(client) => client,
+                        Err(e) => {
+                            tally.fail(&anyhow::Error::from(e));
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    };
                     // One client (its cookie jar, its connection) until it fails.
                     while Instant::now() < deadline {
                         let t = Instant::now();

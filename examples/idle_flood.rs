@@ -41,7 +41,14 @@ fn open_fds(pid: u32) -> u64 {
 async fn tunnel_guest(url: &str, index: usize) -> anyhow::Result<TunnelGuest> {
     let guest = AttestedGuest::attest(url, index, &[("app", "flood")]).await?;
     let config = tunnel::GuestTunnelConfig::new(tests::tunnel_url(url));
-    Ok(TunnelGuest::dial(&config, &guest.token, guest.info(), &guest.key, StubGuest::new()).await?)
+    Ok(TunnelGuest::dial(
+        &config,
+        &guest.token,
+        guest.info(),
+        &guest.key,
+        StubGuest::new(),
+    )
+    .await?)
 }
 
 fn main() -> anyhow::Result<()> {
