@@ -1,12 +1,15 @@
 //! listener: how every Tether HTTP endpoint meets its peers.
 //!
 //! A [`Server`] takes an already bound `TcpListener` and, until its shutdown token is
-//! cancelled, accepts TCP connections (backing off briefly when accept fails, e.g. on
-//! EMFILE), asks its [`Admit`] what to do with each one, runs the TLS handshake under
-//! [`Limits::handshake_timeout`] when the [`Admission`] says so, and serves an axum `Router`
-//! over HTTP/1.1 (header-read timeout, keep-alive) or HTTP/2, with upgrades (WebSocket) when
-//! asked. At shutdown it stops accepting, asks every connection to finish gracefully, and
-//! waits for them at most the drain grace.
+//! cancelled, accepts TCP connections within its [`Limits`] (a cap on sockets, and a
+//! smaller one on sockets not upgraded; at either the oldest idle connection not upgraded
+//! makes room for a new one), asks its [`Admit`] what to do with each one, runs the TLS handshake under
+//! [`Limits::handshake_timeout`] when the [`Admission`] says so, reads the first bytes
+//! under [`Limits::first_byte_timeout`], and serves an axum `Router` over HTTP/1.1
+//! (header-read timeout, keep-alive) or HTTP/2 (keep-alive pings), with request bodies
+//! bounded in time, idle connections closed, and upgrades (WebSocket) when asked. At
+//! shutdown it stops accepting, asks every connection to finish gracefully, and waits for
+//! them at most the drain grace.
 //!
 //! The KBS serves one router with one TLS configuration ([`FixedApp`]). The guest's splitapi
 //! endpoint decides per connection: the credentials of the moment secure the handshake, the
@@ -19,11 +22,15 @@
 
 mod admission;
 mod connection;
+mod io;
 mod limits;
+mod pool;
 mod server;
+mod service;
 
 pub use admission::{Admission, Admit, FixedApp, Peer};
 pub use limits::Limits;
+pub use pool::ConnectionStats;
 pub use server::Server;
 
 #[cfg(test)]

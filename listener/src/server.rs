@@ -11,7 +11,9 @@ use tracing::{Instrument, Level};
 
 use crate::admission::Admit;
 use crate::connection::{self, ConnectionSettings};
+use crate::io::Counted;
 use crate::limits::Limits;
+use crate::pool::{ConnectionStats, Pool};
 
 /// Pause after a failed accept (EMFILE and friends), so a full file table is not a busy loop.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -27,6 +29,7 @@ pub struct Server<A> {
     upgrades: bool,
     drain_grace: Duration,
     handshake_failures: Level,
+    stats: ConnectionStats,
 }
 
 impl<A: Admit> Server<A> {
@@ -40,7 +43,22 @@ impl<A: Admit> Server<A> {
             upgrades: false,
             drain_grace: DEFAULT_DRAIN_GRACE,
             handshake_failures: Level::DEBUG,
+            stats: ConnectionStats::default(),
         }
+    }
+
+    /// Live counters of this server's connections (open, evicted, timed out), for metrics
+    /// and tests; valid before and after [`serve`](Self::serve).
+    pub fn stats(&self) -> ConnectionStats {
+        self.stats.clone()
+    }
+
+    /// Count into `stats` (made beforehand, e.g. to register it as metrics) rather than
+    /// into counters of the server's own.
+    #[must_use]
+    pub fn count_into(mut self, stats: ConnectionStats) -> Self {
+        self.stats = stats;
+        self
     }
 
     /// The name logs give this server (`listener` field).
@@ -91,12 +109,16 @@ impl<A: Admit> Server<A> {
             upgrades,
             drain_grace,
             handshake_failures,
+            stats,
         } = self;
+        let limits = limits.normalized();
+        let pool = Pool::new(&limits, stats.clone());
         let settings = Arc::new(ConnectionSettings::new(
             name,
             &limits,
             upgrades,
             handshake_failures,
+            stats,
         ));
         let tracker = TaskTracker::new();
         loop {
@@ -118,13 +140,25 @@ impl<A: Admit> Server<A> {
                 tracing::debug!(listener = name, %peer, "connection refused at accept");
                 continue;
             };
+            // At a cap the oldest idle connection makes room; when every one has a request
+            // in flight the loop waits here, holding this one socket beyond the cap, while
+            // later clients wait in the kernel's backlog.
+            let Some(permit) = shutdown.run_until_cancelled(pool.room()).await else {
+                break;
+            };
+            let Some(member) = shutdown.run_until_cancelled(pool.join()).await else {
+                break;
+            };
             let _ = tcp.set_nodelay(true);
+            let tcp = Counted::new(tcp, permit);
             let settings = Arc::clone(&settings);
             let shutdown = shutdown.clone();
             let span = tracing::debug_span!("connection", listener = name, %peer);
             tracker.spawn(
-                async move { connection::serve(tcp, peer, admission, &settings, &shutdown).await }
-                    .instrument(span),
+                async move {
+                    connection::serve(tcp, peer, admission, &settings, &shutdown, member).await;
+                }
+                .instrument(span),
             );
         }
         // Refuse new clients at once rather than leave them in the backlog during the drain.

@@ -433,3 +433,316 @@ async fn upgrades_are_served_when_asked_for() {
     let took = server.stop().await;
     assert!(took < Duration::from_secs(2), "{took:?}");
 }
+
+/// Limits with short deadlines, for the tests of what a peer may not hold.
+fn quick_limits() -> Limits {
+    Limits {
+        first_byte_timeout: Duration::from_millis(300),
+        header_read_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_millis(300),
+        body_timeout: Duration::from_millis(300),
+        ..Limits::default()
+    }
+}
+
+/// Time until the server closes `stream`, which sends nothing more; panics past [`WAIT`].
+async fn time_to_close<S: AsyncRead + Unpin>(stream: &mut S) -> Duration {
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at((started + WAIT).into(), stream.read(&mut buf)).await {
+            Err(_) => panic!("still open after {WAIT:?}"),
+            Ok(Ok(0) | Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// issue 17 defect 2: hyper-util's protocol detection had no deadline, so a connection that
+/// sent nothing, or one byte of what could be the HTTP/2 preface, stayed open for ever.
+#[tokio::test]
+async fn silent_and_one_byte_clients_are_closed_after_the_first_byte_timeout() {
+    let server = Server::new(FixedApp::new(app(), None)).limits(quick_limits());
+    let stats = server.stats();
+    let server = Running::start(server).await;
+    for sent in [&b""[..], b"P", b"PRI * HTTP/2.0\r\n", b"G"] {
+        let mut stream = server.connect().await;
+        stream.write_all(sent).await.unwrap();
+        let took = time_to_close(&mut stream).await;
+        assert!(took >= Duration::from_millis(250), "{sent:?}: {took:?}");
+        assert!(took < Duration::from_secs(3), "{sent:?}: {took:?}");
+    }
+    assert!(stats.timed_out() >= 3, "{}", stats.timed_out());
+    // A client that speaks at once is served.
+    let mut stream = server.connect().await;
+    assert_eq!(
+        get_on(&mut stream, "/hello", true).await,
+        (200, "hi".into())
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_first_byte_timeout_applies_after_tls_too() {
+    let pki = Pki::new();
+    let server =
+        Server::new(FixedApp::new(app(), Some(pki.server_config(false)))).limits(quick_limits());
+    let server = Running::start(server).await;
+    let mut stream = pki.connect(server.addr, false).await.unwrap();
+    let took = time_to_close(&mut stream).await;
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    let limits = Limits {
+        // hyper's own header timer also closes an idle HTTP/1 connection; keep it out of
+        // the way to see the idle timer.
+        header_read_timeout: Duration::from_secs(30),
+        ..quick_limits()
+    };
+    let server = Running::start(Server::new(FixedApp::new(app(), None)).limits(limits)).await;
+    let mut stream = server.connect().await;
+    assert_eq!(
+        get_on(&mut stream, "/hello", false).await,
+        (200, "hi".into())
+    );
+    let took = time_to_close(&mut stream).await;
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    server.stop().await;
+}
+
+/// An HTTP/2 client that sends its preface and settings, then nothing: closed when idle
+/// (hyper's pings alone would keep a live but silent peer).
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
+    let limits = Limits {
+        http2_keep_alive: Duration::from_secs(60),
+        ..quick_limits()
+    };
+    let server = Running::start(Server::new(FixedApp::new(app(), None)).limits(limits)).await;
+    let mut stream = server.connect().await;
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let took = time_to_close(&mut stream).await;
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    server.stop().await;
+}
+
+/// Reads the whole body; 408 when the listener's body deadline passed.
+async fn read_body(request: Request) -> StatusCode {
+    match axum::body::to_bytes(request.into_body(), 1 << 20).await {
+        Ok(_) => StatusCode::OK,
+        Err(e) => {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(err) = source {
+                if err
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+                {
+                    return StatusCode::REQUEST_TIMEOUT;
+                }
+                source = err.source();
+            }
+            StatusCode::BAD_REQUEST
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_body_that_stalls_fails_with_a_timeout() {
+    let router = Router::new().route("/upload", axum::routing::post(read_body));
+    let server =
+        Running::start(Server::new(FixedApp::new(router, None)).limits(quick_limits())).await;
+    let mut stream = server.connect().await;
+    stream
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    assert_eq!(read_response(&mut stream).await.0, 408);
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // A body that arrives in time is read.
+    let mut stream = server.connect().await;
+    stream
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nConnection: close\r\n\r\nabcd")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut stream).await.0, 200);
+    server.stop().await;
+}
+
+/// At the cap on connections not upgraded, a newcomer closes the oldest idle connection;
+/// one with a request in flight keeps its place.
+#[tokio::test]
+async fn at_the_cap_the_oldest_idle_connection_makes_room() {
+    let (started, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let router = slow_app(started.clone(), release.clone()).merge(app());
+    let limits = Limits {
+        first_byte_timeout: Duration::from_secs(30),
+        max_http_connections: 3,
+        ..Limits::default()
+    };
+    let server = Server::new(FixedApp::new(router, None)).limits(limits);
+    let stats = server.stats();
+    let server = Running::start(server).await;
+
+    // The oldest connection is busy: a request in flight.
+    let mut busy = server.connect().await;
+    let request = tokio::spawn(async move { get_on(&mut busy, "/slow", false).await });
+    started.notified().await;
+    let mut idle_a = server.connect().await;
+    let mut idle_b = server.connect().await;
+    eventually(|| stats.http() == 3).await;
+
+    let mut newcomer = server.connect().await;
+    assert_eq!(
+        get_on(&mut newcomer, "/hello", true).await,
+        (200, "hi".into())
+    );
+    assert!(
+        closed_by_server(&mut idle_a).await,
+        "the oldest idle one made room"
+    );
+    assert_eq!(stats.evicted(), 1);
+    // The busy one finishes its request.
+    release.notify_one();
+    assert_eq!(request.await.unwrap(), (200, "done".into()));
+    // The younger idle one is still served.
+    assert_eq!(
+        get_on(&mut idle_b, "/hello", true).await,
+        (200, "hi".into())
+    );
+    server.stop().await;
+}
+
+/// Upgraded connections keep their socket's place but leave the HTTP budget, and are never
+/// closed to make room. At the socket cap a newcomer closes the oldest idle connection not
+/// upgraded; while every one has a request in flight, it waits.
+#[tokio::test]
+async fn upgraded_connections_keep_their_place_outside_the_http_budget() {
+    let (started, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let router = Router::new()
+        .route("/echo", get(echo_upgrade))
+        .merge(slow_app(started.clone(), release.clone()))
+        .merge(app());
+    let limits = Limits {
+        first_byte_timeout: Duration::from_secs(30),
+        max_connections: 3,
+        max_http_connections: 1,
+        ..Limits::default()
+    };
+    let server = Server::new(FixedApp::new(router, None))
+        .with_upgrades()
+        .limits(limits);
+    let stats = server.stats();
+    let server = Running::start(server).await;
+    let mut tunnel_1 = upgrade(server.connect().await).await;
+    let mut tunnel_2 = upgrade(server.connect().await).await;
+    eventually(|| stats.open() == 2 && stats.http() == 0).await;
+
+    // The third socket is the last place: a plain connection holds it, busy.
+    let mut plain = server.connect().await;
+    let busy = tokio::spawn(async move {
+        let answer = get_on(&mut plain, "/slow", false).await;
+        (answer, plain)
+    });
+    started.notified().await;
+    // A fourth is not served while the three others are a request and two tunnels...
+    let mut waiting = server.connect().await;
+    waiting
+        .write_all(b"GET /hello HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), waiting.peek(&mut byte))
+            .await
+            .is_err(),
+        "served beyond the socket cap"
+    );
+    assert_eq!(stats.open(), 3);
+    // ...and is once the request ends: the now idle plain connection makes room.
+    release.notify_one();
+    let (answer, mut plain) = busy.await.unwrap();
+    assert_eq!(answer, (200, "done".into()));
+    assert_eq!(read_response(&mut waiting).await, (200, "hi".into()));
+    assert!(closed_by_server(&mut plain).await);
+    assert_eq!(stats.evicted(), 1);
+    // The tunnels were not touched.
+    for tunnel in [&mut tunnel_1, &mut tunnel_2] {
+        tunnel.write_all(b"ping").await.unwrap();
+        let mut echoed = [0u8; 4];
+        tunnel.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(&echoed, b"ping");
+    }
+    server.stop().await;
+}
+
+/// issue 17 defect 2: a flood of sockets that send nothing cannot keep a client from being
+/// served or a tunnel from being opened: each newcomer closes the oldest idle socket, and
+/// the places beyond `max_http_connections` stay kept for tunnels.
+#[tokio::test]
+async fn a_flood_of_silent_sockets_neither_starves_clients_nor_takes_the_tunnels_places() {
+    let router = Router::new().route("/echo", get(echo_upgrade)).merge(app());
+    let limits = Limits {
+        first_byte_timeout: Duration::from_secs(30),
+        max_connections: 12,
+        max_http_connections: 4,
+        ..Limits::default()
+    };
+    let server = Server::new(FixedApp::new(router, None))
+        .with_upgrades()
+        .limits(limits);
+    let stats = server.stats();
+    let server = Running::start(server).await;
+    let mut tunnels = vec![upgrade(server.connect().await).await];
+    let mut flood = Vec::new();
+    for _ in 0..100 {
+        flood.push(server.connect().await);
+    }
+    // Served at once, though 100 silent sockets came first.
+    let mut client = server.connect().await;
+    let answer = tokio::time::timeout(WAIT, get_on(&mut client, "/hello", true)).await;
+    assert_eq!(answer.unwrap(), (200, "hi".into()));
+    eventually(|| stats.evicted() >= 97).await;
+    // The flood holds at most the HTTP budget, and tunnels still open: up to the whole cap.
+    for _ in 0..100 {
+        flood.push(server.connect().await);
+    }
+    for _ in 0..7 {
+        tunnels.push(upgrade(server.connect().await).await);
+    }
+    assert!(stats.http() <= 4, "{}", stats.http());
+    assert_eq!(stats.open() - stats.http(), 8);
+    for tunnel in &mut tunnels {
+        tunnel.write_all(b"ping").await.unwrap();
+        let mut echoed = [0u8; 4];
+        tunnel.read_exact(&mut echoed).await.unwrap();
+    }
+    server.stop().await;
+}
+
+/// Asks for the echo upgrade on `stream`; returns it once upgraded.
+async fn upgrade(mut stream: TcpStream) -> TcpStream {
+    stream
+        .write_all(b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut stream).await.0, 101);
+    stream
+}
+
+/// Polls `done` every 10 ms until it holds; panics after [`WAIT`].
+async fn eventually(done: impl Fn() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "condition never held");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

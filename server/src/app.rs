@@ -147,6 +147,8 @@ pub struct KbsHandles {
     pub events: EventSink,
     /// Cancel to shut the KBS down (it drains, then `serve` returns).
     pub shutdown: CancellationToken,
+    /// The listener's connection counters (open, evicted, timed out).
+    pub connections: listener::ConnectionStats,
 }
 
 /// A built KBS, ready to serve.
@@ -174,9 +176,10 @@ impl Kbs {
     pub async fn build_with(config: Config, extra: Vec<PluginSpec>) -> Result<Self, StartError> {
         config.validate()?;
         let data_dir = config.storage.data_dir.clone();
-        std::fs::create_dir_all(&data_dir).map_err(|e| {
+        kbs_core::fsutil::create_private_dir(&data_dir).map_err(|e| {
             StartError::Other(format!("storage.data_dir {}: {e}", data_dir.display()))
         })?;
+        warn_if_shared(&data_dir);
         let kek = Arc::new(KeyEncryptionKey::load_or_generate(
             &config.storage.kek_path(),
         )?);
@@ -222,6 +225,8 @@ impl Kbs {
 
         let mut registry = Registry::with_prefix("kbs");
         let metrics = Arc::new(Metrics::register(&mut registry));
+        let connections = listener::ConnectionStats::default();
+        crate::serve::register_metrics(&mut registry, connections.clone());
         let events = EventSink::new(EVENT_QUEUE, metrics.observability.events_dropped.clone());
         let fleet = Arc::new(Fleet::load(store.as_ref()).await?);
         let hub = tunnel::Hub::new();
@@ -344,6 +349,7 @@ impl Kbs {
                 rcar,
                 events,
                 shutdown,
+                connections,
             },
             dev_admin_key,
             dev_admin_key_created,
@@ -386,9 +392,16 @@ impl Kbs {
             s.shutdown.clone(),
         ));
         s.plugins.start_all().await;
-        let grace = self.config.http.shutdown_grace;
-        let serving =
-            crate::serve::serve(listener, self.router(), self.tls, s.shutdown.clone(), grace);
+        let http = &self.config.http;
+        let grace = http.shutdown_grace;
+        let serving = crate::serve::serve(
+            listener,
+            self.router(),
+            self.tls,
+            s.shutdown.clone(),
+            http,
+            s.connections.clone(),
+        );
         // Tunnels watch the same token: each sends GoAway, closes with 4503 and leaves the hub,
         // within the same grace period as HTTP requests (upgraded connections are not tracked there).
         let (result, ()) = tokio::join!(serving, http::tunnel::drain(&s.hub, &s.shutdown, grace));
@@ -397,6 +410,21 @@ impl Kbs {
         observability.finish().await;
         s.plugins.stop_all().await;
         result
+    }
+}
+
+/// The data directory holds the database and the keys: a mode that lets group or others in
+/// is worth an operator's eye (the KBS creates it 0700, and leaves an existing one alone).
+fn warn_if_shared(data_dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(data_dir)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(
+            path = %data_dir.display(),
+            mode = format!("{:o}", meta.permissions().mode() & 0o777),
+            "storage.data_dir is open to group or others: chmod 700 it"
+        );
     }
 }
 
@@ -582,6 +610,73 @@ mod tests {
         }
         shutdown.cancel();
         serving.await.unwrap().unwrap();
+    }
+
+    /// issue 17 defect 14: the data directory was 0755 and the database 0644, and the admin
+    /// key PKCS#8 v2, which OpenSSL 3.0 refuses. Every secret is the owner's only now, and
+    /// `openssl pkey` reads the admin key.
+    #[tokio::test]
+    async fn the_data_directory_and_its_secrets_are_the_owners_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let mut config = config(&data);
+        config.http.tls = Some(crate::config::TlsConfig {
+            self_signed: true,
+            ..Default::default()
+        });
+        let kbs = Kbs::build(config).await.unwrap();
+        let path = "default/key/x".parse().unwrap();
+        kbs.state
+            .store
+            .put_resource(&path, b"secret", "test")
+            .await
+            .unwrap();
+        let mode = |name: &str| {
+            let meta = std::fs::symlink_metadata(data.join(name))
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            meta.permissions().mode() & 0o777
+        };
+        let mut modes = Vec::new();
+        for name in ["", "tls"] {
+            modes.push((name, mode(name), 0o700));
+        }
+        for name in [
+            "tether.db",
+            "tether.db-wal",
+            "tether.db-shm",
+            "kek.key",
+            "token.key",
+            "admin.key",
+            "tls/key.pem",
+        ] {
+            modes.push((name, mode(name), 0o600));
+        }
+        modes.push(("admin.pub", mode("admin.pub"), 0o644));
+        modes.push(("tls/cert.pem", mode("tls/cert.pem"), 0o644));
+        let wrong: Vec<String> = modes
+            .iter()
+            .filter(|(_, got, want)| got != want)
+            .map(|(name, got, want)| format!("{name}: {got:o}, expected {want:o}"))
+            .collect();
+        assert!(wrong.is_empty(), "{wrong:?}");
+
+        match std::process::Command::new("openssl")
+            .args(["pkey", "-noout", "-in"])
+            .arg(data.join("admin.key"))
+            .output()
+        {
+            Ok(out) => assert!(
+                out.status.success(),
+                "openssl pkey refuses the admin key: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                eprintln!("SKIPPED: openssl is not installed, the admin key was not read with it");
+            }
+            Err(e) => panic!("running openssl: {e}"),
+        }
+        drop(kbs);
     }
 
     #[tokio::test]

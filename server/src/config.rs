@@ -77,6 +77,29 @@ pub struct HttpConfig {
     /// Time allowed for in-flight requests to finish on shutdown.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Time a client has to finish its TLS handshake.
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
+    /// Time a connection (after TLS) has to send the first bytes of its first request.
+    #[serde(with = "humantime_serde")]
+    pub first_byte_timeout: Duration,
+    /// Time an HTTP/1 client has to send a request's headers (also the longest wait for the
+    /// next request on a kept-alive HTTP/1 connection).
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Time a request body has to arrive whole, from the request's start (408 past it).
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// A connection with no request in flight for this long is closed (HTTP/1 and HTTP/2).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Most sockets the KBS holds, guest tunnels included (lowered to the open-file limit
+    /// minus a reserve at start).
+    pub max_connections: usize,
+    /// Most sockets not upgraded to a tunnel (TLS handshakes, requests, idle keep-alive).
+    /// The rest of `max_connections` is kept for tunnels; at this cap a new connection
+    /// closes the oldest idle one.
+    pub max_http_connections: usize,
 }
 
 impl Default for HttpConfig {
@@ -86,6 +109,13 @@ impl Default for HttpConfig {
             max_body_bytes: 1024 * 1024,
             tls: None,
             shutdown_grace: Duration::from_secs(10),
+            tls_handshake_timeout: Duration::from_secs(10),
+            first_byte_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 16384,
+            max_http_connections: 1024,
         }
     }
 }
@@ -297,6 +327,11 @@ impl PluginsConfig {
     }
 }
 
+/// Largest `attestation.max_init_data_bytes`: the token carries the whole init-data as JSON,
+/// base64url-encoded (4/3), and is at most `MAX_TOKEN_BYTES` (128 KiB); beyond 96 KiB of
+/// init-data no token could fit.
+const MAX_INIT_DATA_BYTES: usize = 96 * 1024;
+
 /// Prefix of environment variables that override config keys:
 /// `KBS_HTTP__LISTEN=0.0.0.0:8080` sets `http.listen`. Only names with a `__` (section and
 /// key) are config keys: `KBS_URL`, `KBS_CA_FILE` and the other variables `kbsctl` and the
@@ -342,6 +377,30 @@ impl Config {
         if self.http.max_body_bytes < 1024 {
             return Err(invalid("http.max_body_bytes", "must be at least 1024"));
         }
+        let h = &self.http;
+        for (key, value) in [
+            ("http.tls_handshake_timeout", h.tls_handshake_timeout),
+            ("http.first_byte_timeout", h.first_byte_timeout),
+            ("http.header_timeout", h.header_timeout),
+            ("http.body_timeout", h.body_timeout),
+            ("http.idle_timeout", h.idle_timeout),
+        ] {
+            if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&value) {
+                return Err(invalid(key, "must be within 100ms..=1h"));
+            }
+        }
+        if h.max_connections < 2 {
+            return Err(invalid("http.max_connections", "must be at least 2"));
+        }
+        if h.max_http_connections == 0 || h.max_http_connections >= h.max_connections {
+            return Err(invalid(
+                "http.max_http_connections",
+                format!(
+                    "must be at least 1 and below http.max_connections ({}): the difference is kept for guest tunnels",
+                    h.max_connections
+                ),
+            ));
+        }
         if let Some(tls) = &self.http.tls {
             match (&tls.cert_file, &tls.key_file, tls.self_signed) {
                 (Some(_), Some(_), false) | (None, None, true) => {}
@@ -378,6 +437,16 @@ impl Config {
         }
         if a.token_ttl < Duration::from_secs(10) {
             return Err(invalid("attestation.token_ttl", "must be at least 10s"));
+        }
+        if a.max_init_data_bytes > MAX_INIT_DATA_BYTES {
+            return Err(invalid(
+                "attestation.max_init_data_bytes",
+                format!(
+                    "must be at most {MAX_INIT_DATA_BYTES}: the token carries the whole init-data \
+                     and is at most {} bytes",
+                    kbs_core::token::MAX_TOKEN_BYTES
+                ),
+            ));
         }
         for (i, v) in a.verifiers.iter().enumerate() {
             if !kbs_core::verifiers::KNOWN.contains(&v.as_str()) {
@@ -588,6 +657,35 @@ mod tests {
             Some("2d")
         );
         assert_eq!(c.plugins.sections["pki"]["validity"].as_str(), Some("3d"));
+        for (text, key) in [
+            ("[http]\nidle_timeout = \"0s\"\n", "http.idle_timeout"),
+            (
+                "[http]\nfirst_byte_timeout = \"2h\"\n",
+                "http.first_byte_timeout",
+            ),
+            ("[http]\nmax_connections = 1\n", "http.max_connections"),
+            (
+                "[http]\nmax_http_connections = 0\n",
+                "http.max_http_connections",
+            ),
+            (
+                "[http]\nmax_connections = 100\nmax_http_connections = 100\n",
+                "http.max_http_connections",
+            ),
+        ] {
+            let err = load(text, &[]).unwrap().validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        let c = load(
+            "[http]\nbody_timeout = \"5s\"\nmax_connections = 100\nmax_http_connections = 10\n",
+            &[],
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.http.body_timeout, Duration::from_secs(5));
+        let c = load("[attestation]\nmax_init_data_bytes = 200000\n", &[]).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("attestation.max_init_data_bytes"), "{err}");
         let c = load("[attestation]\nverifiers = [\"sgx-magic\"]\n", &[]).unwrap();
         assert!(
             c.validate()

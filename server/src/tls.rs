@@ -70,9 +70,17 @@ pub fn ensure_self_signed(
         .distinguished_name
         .push(rcgen::DnType::CommonName, "Tether KBS (development)");
     let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    kbs_core::fsutil::write_private_atomic(&key_path, key.serialize_pem().as_bytes())
+    kbs_core::fsutil::create_private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // A half pair left by an interrupted start is replaced whole: the key first (0600,
+    // exclusive temp file, rename), then the certificate (0644).
+    let key_pem = zeroize::Zeroizing::new(key.serialize_pem());
+    kbs_core::fsutil::write_private_atomic(&key_path, key_pem.as_bytes())
         .map_err(|e| format!("{}: {e}", key_path.display()))?;
-    std::fs::write(&cert_path, cert.pem()).map_err(|e| format!("{}: {e}", cert_path.display()))?;
+    kbs_core::fsutil::write_private_atomic(&cert_path, cert.pem().as_bytes())
+        .and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&cert_path, std::fs::Permissions::from_mode(0o644))
+        })
+        .map_err(|e| format!("{}: {e}", cert_path.display()))?;
     Ok((cert_path, key_path))
 }

@@ -220,6 +220,27 @@ http_and_tls!(malformed_requests_are_400, |kbs: TestKbs| async move {
     );
 });
 
+// issue 17 defect 1: a `supported-hash-algorithms` entry of 199 ASCII characters then `é`
+// once killed the connection (the echoed names were cut inside the `é`). Now a 400 with the
+// JSON error body, and the KBS keeps answering.
+http_and_tls!(
+    a_multibyte_character_at_the_echo_cut_is_a_400,
+    |kbs: TestKbs| async move {
+        let http = kbs.http();
+        let name = format!("{}é", "a".repeat(199));
+        let resp = http
+            .post(format!("{}/kbs/v0/auth", kbs.url))
+            .json(&json!({"version": "0.4.0", "tee": "sample",
+                      "extra-params": {"supported-hash-algorithms": [name, "md5"]}}))
+            .send()
+            .await
+            .expect("an answer, not a dropped connection");
+        let body = expect_error(resp, StatusCode::BAD_REQUEST, "UnsupportedHashAlgorithm").await;
+        assert!(body["detail"].as_str().unwrap().contains("aaaa"), "{body}");
+        auth(&http, &kbs.url).await;
+    }
+);
+
 http_and_tls!(session_and_nonce_misuse_is_401, |kbs: TestKbs| async move {
     let url = kbs.url.clone();
     let key = TeeKeyPair::new_ec();

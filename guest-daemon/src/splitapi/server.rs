@@ -24,6 +24,14 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const BIND_RETRY: Duration = Duration::from_secs(5);
 /// Concurrent requests one owner connection may have in flight over HTTP/2.
 const MAX_CONCURRENT_STREAMS: u32 = 32;
+/// Most connections the endpoint holds (it listens on 0.0.0.0: any network peer can
+/// connect). An owner's workloads need a handful; past the cap the oldest idle connection
+/// makes room, so a flood cannot take the descriptors the daemon's own work needs (state
+/// writes, the CDH endpoint, the tunnel).
+pub(super) const MAX_CONNECTIONS: usize = 32;
+/// Largest request head an owner sends (no tokens travel here: the client is its
+/// certificate).
+const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 /// Serve the endpoint for the `splitapi` bundles `service` installs, until `shutdown`.
 /// Binds when the first usable bundle is held (at once if one is held already).
@@ -89,14 +97,20 @@ pub async fn run(
     status.send_modify(|s| s.addr = None);
 }
 
-/// The accept loop's settings: refused handshakes are logged at info level (an owner, or
-/// someone else, presented a certificate the sandbox CA did not issue).
+/// The accept loop's settings: at most [`MAX_CONNECTIONS`], the listener's timeouts (10 s
+/// for the TLS handshake, the first bytes and headers, 30 s for a body, 60 s idle), and
+/// refused handshakes logged at info level (an owner, or someone else, presented a
+/// certificate the sandbox CA did not issue).
 fn server(
     generations: watch::Receiver<Option<Arc<Generation>>>,
     app: Router,
 ) -> Server<impl Admit> {
     let mut limits = Limits::default();
     limits.max_concurrent_streams = MAX_CONCURRENT_STREAMS;
+    // No upgrades here: every connection is an HTTP one.
+    limits.max_connections = MAX_CONNECTIONS;
+    limits.max_http_connections = MAX_CONNECTIONS;
+    limits.max_header_bytes = MAX_HEADER_BYTES;
     Server::new(admit(generations, app))
         .name("splitapi")
         .limits(limits)

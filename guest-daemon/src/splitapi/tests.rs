@@ -653,3 +653,77 @@ async fn a_renewal_under_the_same_ca_keeps_open_connections() {
     assert!(closed.is_ok(), "closed after the CA changed");
     g.stop().await;
 }
+
+/// Sockets this process holds that were accepted on `port` (server ends): ESTABLISHED
+/// entries of /proc/net/tcp with that local port whose inode is one of this process's
+/// descriptors. Connections still in the kernel's backlog hold none.
+fn held_server_sockets(port: u16) -> usize {
+    let mut ours = std::collections::HashSet::new();
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        if let Ok(target) = std::fs::read_link(entry.path())
+            && let Some(inode) = target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:["))
+                .and_then(|t| t.strip_suffix(']'))
+        {
+            ours.insert(inode.to_owned());
+        }
+    }
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields[1].rsplit(':').next().unwrap();
+            u16::from_str_radix(local_port, 16).unwrap() == port
+                && fields[3] == "01"
+                && ours.contains(fields[9])
+        })
+        .count()
+}
+
+/// issue 17 defect 11: the endpoint (0.0.0.0:8443 in a guest) accepted every connection,
+/// so a network peer could take all the daemon's descriptors, and state writes and the
+/// CDH endpoint then failed. A flood of idle connections now holds at most the cap, and
+/// the owner is served (and can write a secret) while it lasts.
+#[tokio::test]
+async fn a_flood_of_idle_connections_holds_at_most_the_cap() {
+    let mut g = guest(64);
+    let pki = Pki::new(&rcgen::PKCS_ED25519);
+    g.svc
+        .install(sealed_bundle(&g.key, 1, &pki.server_files()))
+        .await
+        .unwrap();
+    let addr = g.serving(1).await;
+    let mut flood = Vec::new();
+    for _ in 0..300 {
+        flood.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // Let the accept loop take what it will.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = held_server_sockets(addr.port());
+    assert!(
+        held <= server::MAX_CONNECTIONS,
+        "the endpoint holds {held} sockets for 300 idle peers"
+    );
+
+    let owner = pki.owner();
+    let (status, body) = request(
+        addr,
+        owner.clone(),
+        "PUT",
+        "/splitapi/v1/secrets/db-password",
+        b"hunter2",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let (status, _) = request(addr, owner, "GET", "/splitapi/v1/status", b"")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(held_server_sockets(addr.port()) <= server::MAX_CONNECTIONS);
+    drop(flood);
+    g.stop().await;
+}

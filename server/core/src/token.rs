@@ -51,8 +51,12 @@ pub const TEE_PUBKEY_POINTER_LEGACY: &str =
 
 /// Clock skew tolerated when checking `exp`, in seconds.
 pub(crate) const EXP_LEEWAY_SECS: u64 = 5;
-/// Upper bound on a token presented by a peer; ours are far smaller.
-pub(crate) const MAX_TOKEN_BYTES: usize = 256 * 1024;
+/// Largest token this KBS issues or accepts, bytes. A token travels back as a cookie or an
+/// `Authorization` header, so it must fit in what the KBS's listener reads as request
+/// headers (`server/src/serve.rs` sizes them from this); a token that would be larger (the
+/// whole init-data goes into it) is refused at issue (413 `TokenTooLarge`) rather than
+/// handed to a client that could never send it back.
+pub const MAX_TOKEN_BYTES: usize = 128 * 1024;
 
 /// Errors issuing, loading or verifying tokens.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +90,16 @@ pub enum TokenError {
     /// Not signed by this KBS nor by a trusted external attestation service.
     #[error("invalid attestation token: {0}")]
     Untrusted(String),
+    /// The token to issue would be larger than a client can send back.
+    #[error(
+        "the attestation token would be {size} bytes, more than the {limit} a client can send back (the whole init-data goes into the token: send less)"
+    )]
+    TooLarge {
+        /// Size of the signed token.
+        size: usize,
+        /// [`MAX_TOKEN_BYTES`].
+        limit: usize,
+    },
 }
 
 impl TokenError {
@@ -97,6 +111,7 @@ impl TokenError {
             | TokenError::Expired
             | TokenError::Claims(_)
             | TokenError::Untrusted(_) => 401,
+            TokenError::TooLarge { .. } => 413,
         }
     }
 
@@ -109,6 +124,7 @@ impl TokenError {
             TokenError::Invalid(_) | TokenError::Untrusted(_) => "InvalidToken",
             TokenError::Expired => "TokenExpired",
             TokenError::Claims(_) => "InvalidTokenClaims",
+            TokenError::TooLarge { .. } => "TokenTooLarge",
         }
     }
 }
@@ -320,9 +336,17 @@ impl TokenSigner {
                 let pem = secret
                     .to_pkcs8_pem(LineEnding::LF)
                     .map_err(|e| TokenError::Sign(format!("encode new key: {e}")))?;
-                crate::fsutil::write_private_atomic(path, pem.as_bytes()).map_err(io_err)?;
-                tracing::info!(path = %path.display(), "generated token signing key");
-                Self::from_secret(&secret)
+                match crate::fsutil::create_private(path, pem.as_bytes()) {
+                    Ok(()) => {
+                        tracing::info!(path = %path.display(), "generated token signing key");
+                        Self::from_secret(&secret)
+                    }
+                    // Another process created it first: use theirs.
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        Self::load_or_generate(path)
+                    }
+                    Err(e) => Err(io_err(e)),
+                }
             }
             Err(err) => Err(io_err(err)),
         }
@@ -402,6 +426,12 @@ impl TokenSigner {
             .es256
             .sign(json.as_bytes())
             .map_err(|_| TokenError::Sign("ES256 signature failed".into()))?;
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(TokenError::TooLarge {
+                size: token.len(),
+                limit: MAX_TOKEN_BYTES,
+            });
+        }
         Ok((token, claims, json))
     }
 

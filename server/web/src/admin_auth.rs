@@ -18,7 +18,8 @@ use crate::error::ApiError;
 pub struct AdminConfig {
     /// Trusted admin token signers.
     pub keys: Vec<AdminKeyConfig>,
-    /// Role name -> rules `"<METHODS> <path regex>"`, METHODS `*` or a comma list (`GET,POST`).
+    /// Role name -> rules `"<METHODS> <path regex> [resources=<regex>]"`, METHODS `*` or a
+    /// comma list (`GET,POST`); regexes match whole strings.
     pub roles: BTreeMap<String, Vec<String>>,
     /// Generate a development admin key under the data dir and trust it (no keys configured).
     pub dev_key: bool,
@@ -53,20 +54,38 @@ fn default_audience() -> String {
     "KBS".to_string()
 }
 
-/// One rule of a role: `<METHODS> <path regex>`, METHODS `*` or a comma list.
+/// One rule of a role: `<METHODS> <path regex> [resources=<regex>]`, METHODS `*` or a
+/// comma list. Both regexes match whole strings: `web-1` never matches `web-10`.
 #[derive(Clone, Debug)]
 pub struct RoleRule {
     methods: Option<Vec<Method>>,
     path: Regex,
+    resources: Option<Regex>,
 }
 
+/// What a rule's `resources=` constraint starts with.
+const RESOURCES_KEY: &str = "resources=";
+
 impl RoleRule {
-    /// Parse `"GET,POST ^/kbs/v0/resource/.+$"` or `"* ^/kbs/.+$"`.
+    /// Parse `"GET,POST ^/kbs/v0/resource/.+$"`, `"* /kbs/.+"` or
+    /// `"POST /kbs/v0/rotation/rollouts resources=web/.+"`.
     pub fn parse(rule: &str) -> Result<Self, String> {
-        let (methods, path) = rule
-            .trim()
-            .split_once(char::is_whitespace)
-            .ok_or_else(|| format!("rule `{rule}` must be `<METHODS> <path regex>`"))?;
+        let shape =
+            || format!("rule `{rule}` must be `<METHODS> <path regex> [resources=<regex>]`");
+        let mut words = rule.split_whitespace();
+        let (Some(methods), Some(path)) = (words.next(), words.next()) else {
+            return Err(shape());
+        };
+        let resources = match words.next() {
+            None => None,
+            Some(word) => {
+                let pattern = word.strip_prefix(RESOURCES_KEY).ok_or_else(shape)?;
+                Some(whole(pattern).map_err(|e| format!("bad resources regex: {e}"))?)
+            }
+        };
+        if words.next().is_some() {
+            return Err(shape());
+        }
         let methods = if methods == "*" {
             None
         } else {
@@ -80,12 +99,53 @@ impl RoleRule {
                     .collect::<Result<Vec<_>, _>>()?,
             )
         };
-        let path = Regex::new(path.trim()).map_err(|e| format!("bad path regex: {e}"))?;
-        Ok(Self { methods, path })
+        let path = whole(path).map_err(|e| format!("bad path regex: {e}"))?;
+        Ok(Self {
+            methods,
+            path,
+            resources,
+        })
     }
 
     fn allows(&self, method: &Method, path: &str) -> bool {
         self.methods.as_ref().is_none_or(|m| m.contains(method)) && self.path.is_match(path)
+    }
+}
+
+/// `pattern` anchored at both ends (`^...$` in the pattern itself stays valid).
+fn whole(pattern: &str) -> Result<Regex, regex::Error> {
+    Regex::new(&format!("^(?:{pattern})$"))
+}
+
+/// The resources a request's role rules let the caller act on: the union over the rules that
+/// allowed the request (any rule without `resources=` lifts the limit).
+#[derive(Clone, Debug, Default)]
+pub enum ResourceScope {
+    /// No rule that allowed the request limits resources.
+    #[default]
+    Any,
+    /// Only resource paths (`repo/type/tag`) one of these matches.
+    Only(Vec<Regex>),
+}
+
+impl ResourceScope {
+    fn of(rules: &[&RoleRule]) -> Self {
+        let mut only = Vec::with_capacity(rules.len());
+        for rule in rules {
+            match &rule.resources {
+                None => return Self::Any,
+                Some(re) => only.push(re.clone()),
+            }
+        }
+        Self::Only(only)
+    }
+
+    /// Whether the resource at `path` (`repo/type/tag`) is within the scope.
+    pub fn allows(&self, path: &str) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Only(res) => res.iter().any(|re| re.is_match(path)),
+        }
     }
 }
 
@@ -98,12 +158,45 @@ pub struct AdminIdentity {
     pub role: String,
     /// Name of the key that signed it.
     pub key: String,
+    /// The resources this request may act on (its role rules' `resources=` constraints).
+    resources: ResourceScope,
 }
 
 impl AdminIdentity {
+    /// An identity whose scope is not limited to any resources (tests, tools); the gate
+    /// builds the real ones, scoped by the rules that allowed each request.
+    pub fn new(subject: &str, role: &str, key: &str) -> Self {
+        Self {
+            subject: subject.to_owned(),
+            role: role.to_owned(),
+            key: key.to_owned(),
+            resources: ResourceScope::Any,
+        }
+    }
+
     /// `subject@key`, as written in the audit log.
     pub fn actor(&self) -> String {
         format!("{}@{}", self.subject, self.key)
+    }
+
+    /// The resources the rules that allowed this request let it act on.
+    pub fn resources(&self) -> &ResourceScope {
+        &self.resources
+    }
+
+    /// `403 AdminRoleDenied` unless this request's role rules let it act on the resource at
+    /// `path` (`repo/type/tag`). Endpoints that name a resource in the body (a rollout's
+    /// `path`) or act on a stored object that has one (a rollout's) call it; resource URLs
+    /// (`/kbs/v0/resource/...`, `/kbs/v0/admin/resources/...`) are checked by the gate.
+    pub fn require_resource(&self, path: &str) -> Result<(), ApiError> {
+        if self.resources.allows(path) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(
+                "AdminRoleDenied",
+                format!("role `{}` may not act on resource {path}", self.role),
+            ))
+        }
     }
 
     /// Record an action by this admin in the audit trail.
@@ -128,6 +221,52 @@ impl AdminIdentity {
         };
         audit.record(actor, record).await;
     }
+}
+
+/// The resource a request URL names, percent-decoded (`repo/type/tag`): the resource
+/// endpoints `/kbs/v0/resource/<repo>/<type>/<tag>` and
+/// `/kbs/v0/admin/resources/<repo>/<type>/<tag>/versions`. `Some("")` for a URL under those
+/// prefixes that names no valid resource, which no `resources=` constraint allows.
+fn resource_in_url(path: &str) -> Option<String> {
+    let (rest, suffix) = if let Some(rest) = path.strip_prefix("/kbs/v0/resource/") {
+        (rest, None)
+    } else {
+        let rest = path.strip_prefix("/kbs/v0/admin/resources/")?;
+        (rest, Some("/versions"))
+    };
+    let rest = match suffix {
+        Some(suffix) => rest.strip_suffix(suffix).unwrap_or(""),
+        None => rest,
+    };
+    let segments: Vec<String> = rest
+        .split('/')
+        .map(percent_decode)
+        .collect::<Option<_>>()
+        .unwrap_or_default();
+    let valid = segments.len() == 3 && segments.iter().all(|s| !s.is_empty() && !s.contains('/'));
+    Some(if valid {
+        segments.join("/")
+    } else {
+        String::new()
+    })
+}
+
+/// `%XX`-decoded UTF-8, or `None` for a bad escape or bytes that are not UTF-8.
+fn percent_decode(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = segment.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 struct TrustedKey {
@@ -223,25 +362,45 @@ impl AdminAuth {
     }
 
     /// Check an already authenticated identity's role allows `method path` (the dashboard
-    /// session, which holds the identity of the admin token it was opened with).
+    /// session, which holds the identity of the admin token it was opened with); the
+    /// identity comes back scoped to this request.
     pub fn authorize_identity(
         &self,
         identity: &AdminIdentity,
         method: &Method,
         path: &str,
-    ) -> Result<(), ApiError> {
-        let allowed = self
-            .roles
-            .get(&identity.role)
-            .is_some_and(|rules| rules.iter().any(|r| r.allows(method, path)));
-        if allowed {
-            Ok(())
-        } else {
-            Err(ApiError::forbidden(
+    ) -> Result<AdminIdentity, ApiError> {
+        let resources = self.grant(&identity.role, method, path)?;
+        Ok(AdminIdentity {
+            resources,
+            ..identity.clone()
+        })
+    }
+
+    /// What `role` may do on `method path`: the resource scope of the rules that allow it,
+    /// checked against the resource the URL names if any; 403 when no rule allows it.
+    fn grant(&self, role: &str, method: &Method, path: &str) -> Result<ResourceScope, ApiError> {
+        let denied = || {
+            ApiError::forbidden(
                 "AdminRoleDenied",
-                format!("role `{}` may not {method} {path}", identity.role),
-            ))
+                format!("role `{role}` may not {method} {path}"),
+            )
+        };
+        let matching: Vec<&RoleRule> = self
+            .roles
+            .get(role)
+            .map(|rules| rules.iter().filter(|r| r.allows(method, path)).collect())
+            .unwrap_or_default();
+        if matching.is_empty() {
+            return Err(denied());
         }
+        let scope = ResourceScope::of(&matching);
+        if let Some(resource) = resource_in_url(path)
+            && !scope.allows(&resource)
+        {
+            return Err(denied());
+        }
+        Ok(scope)
     }
 
     /// Authenticate the bearer token and check the role allows `method path`.
@@ -290,22 +449,13 @@ impl AdminAuth {
                     let role = data.claims.role.ok_or_else(|| {
                         ApiError::forbidden("AdminRoleMissing", "admin token has no `role` claim")
                     })?;
-                    let identity = AdminIdentity {
+                    let resources = self.grant(&role, method, path)?;
+                    return Ok(AdminIdentity {
                         subject: data.claims.sub.unwrap_or_else(|| "unknown".into()),
                         role,
                         key: k.name.clone(),
-                    };
-                    let allowed = self
-                        .roles
-                        .get(&identity.role)
-                        .is_some_and(|rules| rules.iter().any(|r| r.allows(method, path)));
-                    if !allowed {
-                        return Err(ApiError::forbidden(
-                            "AdminRoleDenied",
-                            format!("role `{}` may not {method} {path}", identity.role),
-                        ));
-                    }
-                    return Ok(identity);
+                        resources,
+                    });
                 }
                 Err(e) => {
                     last = match e.kind() {
@@ -478,5 +628,127 @@ mod tests {
         assert!(RoleRule::parse("^/a$").is_err());
         assert!(RoleRule::parse("G@T ^/a$").is_err());
         assert!(RoleRule::parse("* ([").is_err());
+        assert!(RoleRule::parse("POST /a resources=web/.+").is_ok());
+        assert!(RoleRule::parse("POST /a resources=([").is_err());
+        assert!(
+            RoleRule::parse("POST /a web/.+").is_err(),
+            "third word is resources="
+        );
+        assert!(RoleRule::parse("POST /a resources=x extra").is_err());
+    }
+
+    fn token(kp: &AdminKeyPair, role: &str) -> HeaderMap {
+        let t = kp
+            .sign(&AdminTokenRequest::new("t", role, Duration::from_secs(60)))
+            .unwrap();
+        headers(&t)
+    }
+
+    /// issue 17 defect 13: a rule without `^...$` matched substrings, so `web-1` granted
+    /// `web-10` (and `/x/kbs/v0/...`). Rules match the whole path; anchored rules still work.
+    #[test]
+    fn rules_match_the_whole_path() {
+        let (auth, kp) = auth_with(&[
+            ("web1", &["POST /kbs/v0/admin/guests/web-1/ping"]),
+            ("anchored", &["GET ^/kbs/v0/admin/guests/web-1/.+$"]),
+            ("prefix", &["GET ^/kbs/v0/splitapi/owner/web-1"]),
+        ]);
+        let prefix = token(&kp, "prefix");
+        let may = |h: &HeaderMap, m: Method, p: &str| auth.authorize(h, &m, p).is_ok();
+        assert!(
+            !may(
+                &prefix,
+                Method::GET,
+                "/kbs/v0/splitapi/owner/web-10/credentials"
+            ),
+            "`web-1` grants `web-10`"
+        );
+        assert!(may(&prefix, Method::GET, "/kbs/v0/splitapi/owner/web-1"));
+        let web1 = token(&kp, "web1");
+        assert!(may(&web1, Method::POST, "/kbs/v0/admin/guests/web-1/ping"));
+        for denied in [
+            "/kbs/v0/admin/guests/web-10/ping",
+            "/kbs/v0/admin/guests/web-1/ping/x",
+            "/evil/kbs/v0/admin/guests/web-1/ping",
+        ] {
+            assert!(!may(&web1, Method::POST, denied), "{denied}");
+        }
+        let anchored = token(&kp, "anchored");
+        assert!(may(&anchored, Method::GET, "/kbs/v0/admin/guests/web-1/x"));
+        assert!(!may(
+            &anchored,
+            Method::GET,
+            "/kbs/v0/admin/guests/web-10/x"
+        ));
+    }
+
+    /// A rule can be limited to resources: the gate checks resource URLs itself, and hands
+    /// the scope to endpoints that name the resource in their body (rollouts).
+    #[test]
+    fn a_resource_constraint_limits_what_a_rule_grants() {
+        let (auth, kp) = auth_with(&[
+            (
+                "web-ops",
+                &[
+                    "POST /kbs/v0/rotation/rollouts resources=web/.+",
+                    "POST,DELETE /kbs/v0/resource/.+ resources=web/key/.+",
+                ],
+            ),
+            (
+                "mixed",
+                &[
+                    "POST /kbs/v0/rotation/rollouts resources=web/.+",
+                    "* /kbs/.+",
+                ],
+            ),
+        ]);
+        let ops = token(&kp, "web-ops");
+        let id = auth
+            .authorize(&ops, &Method::POST, "/kbs/v0/rotation/rollouts")
+            .unwrap();
+        assert!(id.require_resource("web/key/tls").is_ok());
+        let e = id.require_resource("db/key/tls").unwrap_err();
+        assert_eq!((e.status.as_u16(), e.name), (403, "AdminRoleDenied"));
+        assert!(
+            id.require_resource("xweb/key/tls").is_err(),
+            "the resources regex matches the whole path too"
+        );
+        let may = |m: Method, p: &str| auth.authorize(&ops, &m, p).is_ok();
+        assert!(may(Method::POST, "/kbs/v0/resource/web/key/tls"));
+        assert!(may(Method::DELETE, "/kbs/v0/resource/web/key/tls"));
+        assert!(!may(Method::POST, "/kbs/v0/resource/db/key/tls"));
+        assert!(!may(Method::POST, "/kbs/v0/resource/web/cert/tls"));
+        // Percent-encoding names the same resource: decoded before the check.
+        assert!(may(Method::POST, "/kbs/v0/resource/%77eb/key/tls"));
+        assert!(!may(Method::POST, "/kbs/v0/resource/%64b/key/tls"));
+        assert!(!may(Method::POST, "/kbs/v0/resource/web/key/%ff"));
+        // A rule without a constraint lifts it.
+        let mixed = token(&kp, "mixed");
+        let id = auth
+            .authorize(&mixed, &Method::POST, "/kbs/v0/rotation/rollouts")
+            .unwrap();
+        assert!(id.require_resource("db/key/tls").is_ok());
+    }
+
+    #[test]
+    fn resource_urls_are_recognised() {
+        assert_eq!(
+            resource_in_url("/kbs/v0/resource/a/b/c").as_deref(),
+            Some("a/b/c")
+        );
+        assert_eq!(
+            resource_in_url("/kbs/v0/admin/resources/a/b/c/versions").as_deref(),
+            Some("a/b/c")
+        );
+        assert_eq!(resource_in_url("/kbs/v0/resource/a/b").as_deref(), Some(""));
+        assert_eq!(
+            resource_in_url("/kbs/v0/resource/a/b/c/d").as_deref(),
+            Some("")
+        );
+        assert_eq!(
+            resource_in_url("/kbs/v0/resource/a/b%2fc/d").as_deref(),
+            Some("")
+        );
+        assert_eq!(resource_in_url("/kbs/v0/rotation/rollouts"), None);
     }
 }

@@ -147,10 +147,7 @@ pub(crate) fn session_caller(
             format!("requests with the dashboard cookie must send `{CSRF_HEADER}: 1`"),
         )));
     }
-    Some(
-        auth.authorize_identity(&identity, method, path)
-            .map(|()| identity),
-    )
+    Some(auth.authorize_identity(&identity, method, path))
 }
 
 #[cfg(test)]
@@ -168,11 +165,7 @@ mod tests {
     #[test]
     fn sessions_expire_and_close() {
         let s = Sessions::new();
-        let who = AdminIdentity {
-            subject: "a".into(),
-            role: "admin".into(),
-            key: "dev".into(),
-        };
+        let who = AdminIdentity::new("a", "admin", "dev");
         let id = s.open(who.clone(), Duration::from_secs(60));
         assert_eq!(s.get(&id).unwrap().actor(), "a@dev");
         s.close(&id);

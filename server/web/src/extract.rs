@@ -33,9 +33,29 @@ impl<S: Send + Sync> FromRequest<S> for ApiBytes {
                 "PayloadTooLarge",
                 "request body exceeds the configured limit (http.max_body_bytes)",
             )),
+            Err(rej) if timed_out(&rej) => Err(ApiError::new(
+                axum::http::StatusCode::REQUEST_TIMEOUT,
+                "RequestTimeout",
+                "the request body did not arrive within http.body_timeout",
+            )),
             Err(rej) => Err(ApiError::bad_request("MalformedRequest", rej.body_text())),
         }
     }
+}
+
+/// Whether reading the body failed because its deadline passed (the listener's body
+/// timeout yields an `io::Error` of kind `TimedOut`, somewhere down the error's sources).
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        current = e.source();
+    }
+    false
 }
 
 /// A JSON body, parsed whatever the content type says (upstream clients differ), with
@@ -117,4 +137,40 @@ pub fn session_cookie(headers: &axum::http::HeaderMap) -> Option<String> {
         .filter_map(|kv| kv.trim().split_once('='))
         .find(|(k, _)| *k == SESSION_COOKIE)
         .map(|(_, v)| v.trim_matches('"').to_string())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use axum::body::Body;
+    use axum::extract::Request;
+
+    use super::*;
+
+    /// A body whose reading failed on the listener's deadline is a 408 `RequestTimeout`;
+    /// any other broken body stays a 400.
+    #[tokio::test]
+    async fn a_body_past_its_deadline_is_a_408() {
+        let failing = |kind: std::io::ErrorKind| {
+            let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
+                Ok(Bytes::from_static(b"part")),
+                Err(std::io::Error::new(
+                    kind,
+                    "request body not received within 1s",
+                )),
+            ];
+            let body = Body::from_stream(futures::stream::iter(chunks));
+            Request::builder().body(body).unwrap()
+        };
+        let Err(e) = ApiBytes::from_request(failing(std::io::ErrorKind::TimedOut), &()).await
+        else {
+            panic!("read a broken body")
+        };
+        assert_eq!((e.status.as_u16(), e.name), (408, "RequestTimeout"));
+        let Err(e) = ApiBytes::from_request(failing(std::io::ErrorKind::BrokenPipe), &()).await
+        else {
+            panic!("read a broken body")
+        };
+        assert_eq!(e.status.as_u16(), 400);
+    }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use kbs_core::metrics::{Exposition, Metrics, to_prometheus_text};
@@ -19,7 +20,7 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".to_string());
-    let method = req.method().as_str().to_string();
+    let method = method_label(req.method());
     let start = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status();
@@ -51,6 +52,27 @@ pub async fn track(State(metrics): State<Arc<Metrics>>, req: Request, next: Next
     resp
 }
 
+/// The `method` label: the standard methods by name, every other method (a peer can invent
+/// any token) as `other`, so one label value stands for all of them.
+fn method_label(method: &Method) -> String {
+    const KNOWN: [Method; 9] = [
+        Method::GET,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PATCH,
+        Method::CONNECT,
+        Method::TRACE,
+    ];
+    if KNOWN.contains(method) {
+        method.as_str().to_owned()
+    } else {
+        "other".to_owned()
+    }
+}
+
 /// `GET /metrics`.
 /// OpenMetrics for scrapers that ask for it (Prometheus does), the classic Prometheus text
 /// format 0.0.4 for everyone else (curl, older parsers).
@@ -79,5 +101,57 @@ pub async fn expose(
             )],
             to_prometheus_text(&exposition.render()),
         )
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use axum::Router;
+    use axum::body::Body;
+    use axum::routing::any;
+    use prometheus_client::registry::Registry;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// issue 17 defect 4: 50 invented methods once made 50 series; they are one (`other`).
+    #[tokio::test]
+    async fn invented_methods_share_one_label_value() {
+        let mut registry = Registry::default();
+        let metrics = Arc::new(Metrics::register(&mut registry));
+        let app = Router::new()
+            .route("/x", any(|| async { "x" }))
+            .layer(axum::middleware::from_fn_with_state(metrics.clone(), track));
+        let send = |method: &str| {
+            let request = Request::builder()
+                .method(method)
+                .uri("/x")
+                .body(Body::empty())
+                .unwrap();
+            app.clone().oneshot(request)
+        };
+        for i in 0..50 {
+            send(&format!("INVENTED{i}")).await.unwrap();
+        }
+        send("GET").await.unwrap();
+        send("PATCH").await.unwrap();
+        let count = |method: &str| {
+            let labels = vec![
+                ("route", "/x".to_string()),
+                ("method", method.to_string()),
+                ("status", "200".to_string()),
+            ];
+            metrics.http_requests.get(&labels).map(|c| c.get())
+        };
+        assert_eq!(count("other"), Some(50), "every invented method is `other`");
+        assert_eq!((count("GET"), count("PATCH")), (Some(1), Some(1)));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("http_requests_total{"))
+            .count();
+        assert_eq!(series, 3, "one series per method seen:\n{text}");
     }
 }

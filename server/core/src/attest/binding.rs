@@ -64,11 +64,31 @@ pub fn select_hash(extra_params: &Value) -> Result<HashAlgorithm, NegotiationErr
                 .iter()
                 .any(|name| name.eq_ignore_ascii_case(hash_name(*alg)))
         })
-        .ok_or_else(|| {
-            let mut names = offered.join(", ");
-            names.truncate(200);
-            NegotiationError::NoCommonAlgorithm(names)
-        })
+        .ok_or_else(|| NegotiationError::NoCommonAlgorithm(echo(&offered)))
+}
+
+/// Most bytes of the offered names echoed back in an error.
+const MAX_ECHOED: usize = 200;
+
+/// The offered names, comma-separated, cut to [`MAX_ECHOED`] bytes on a character boundary
+/// (the peer chose the characters: a byte cut could fall inside one).
+fn echo(offered: &[&str]) -> String {
+    let mut names = String::new();
+    for name in offered {
+        if !names.is_empty() {
+            names.push_str(", ");
+        }
+        names.push_str(name);
+        if names.len() >= MAX_ECHOED {
+            break;
+        }
+    }
+    let mut end = names.len().min(MAX_ECHOED);
+    while !names.is_char_boundary(end) {
+        end -= 1;
+    }
+    names.truncate(end);
+    names
 }
 
 /// Wire name of a hash algorithm (`sha384`...).
@@ -154,6 +174,27 @@ mod tests {
         assert!(pick(json!({"supported-hash-algorithms": "sha384"})).is_err());
         assert!(pick(json!({"supported-hash-algorithms": [1]})).is_err());
         assert!(pick(json!(42)).is_err());
+    }
+
+    /// The offered names are echoed in the error, cut to a bound: on a character boundary,
+    /// whatever the peer sent (199 ASCII characters then `é` once cut inside the `é`).
+    #[test]
+    fn offered_names_are_cut_on_a_character_boundary() {
+        let name = format!("{}é", "a".repeat(199));
+        let result = std::panic::catch_unwind(|| {
+            select_hash(&json!({"supported-hash-algorithms": [name, "md5"]}))
+        });
+        let Ok(Err(NegotiationError::NoCommonAlgorithm(echoed))) = result else {
+            panic!("a multi-byte character at the cut must not panic: {result:?}");
+        };
+        assert_eq!(echoed, "a".repeat(199));
+        let many: Vec<String> = (0..100).map(|i| format!("ü{i}")).collect();
+        let Err(NegotiationError::NoCommonAlgorithm(echoed)) =
+            select_hash(&json!({"supported-hash-algorithms": many}))
+        else {
+            panic!("expected NoCommonAlgorithm");
+        };
+        assert!(echoed.len() <= 200, "{}", echoed.len());
     }
 
     /// Recomputes the digest the way rcar_client.rs does: `json!` then JCS.

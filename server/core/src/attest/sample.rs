@@ -17,6 +17,8 @@ use super::verifier::{Verifier, VerifyError};
 /// Report data fields are at most this long on real TEEs (TDX, SNP); attesters
 /// may zero-pad the digest to it.
 const PADDED_REPORT_DATA_LEN: usize = 64;
+/// Longest `svn` accepted (upstream's attester writes a short number).
+const MAX_SVN_BYTES: usize = 64;
 
 const B64_STD_LENIENT: GeneralPurpose = GeneralPurpose::new(
     &alphabet::STANDARD,
@@ -57,10 +59,15 @@ fn verify_sample(evidence: &Value, expected: &[u8]) -> Result<Value, VerifyError
     let fields = evidence
         .as_object()
         .ok_or_else(|| VerifyError::Malformed("sample evidence is not a JSON object".into()))?;
-    if !fields.get("svn").is_some_and(Value::is_string) {
-        return Err(VerifyError::Malformed(
-            "sample evidence has no string \"svn\"".into(),
-        ));
+    let svn = fields
+        .get("svn")
+        .and_then(Value::as_str)
+        .ok_or_else(|| VerifyError::Malformed("sample evidence has no string \"svn\"".into()))?;
+    if svn.len() > MAX_SVN_BYTES {
+        return Err(VerifyError::Malformed(format!(
+            "sample evidence \"svn\" is {} bytes, at most {MAX_SVN_BYTES} are allowed",
+            svn.len()
+        )));
     }
     let encoded = fields
         .get("report_data")
@@ -73,15 +80,28 @@ fn verify_sample(evidence: &Value, expected: &[u8]) -> Result<Value, VerifyError
         return Err(VerifyError::ReportDataMismatch);
     }
 
-    let mut claims = Map::with_capacity(fields.len());
-    for (key, value) in fields {
-        // The event log is unverified and can be large; it stays out of tokens.
-        if key != "report_data" && key != "cc_eventlog" {
-            claims.insert(key.clone(), value.clone());
-        }
-    }
-    claims.insert("report_data".into(), Value::String(hex::encode(&actual)));
-    Ok(Value::Object(claims))
+    Ok(claims(svn, &actual))
+}
+
+/// The claims upstream's sample verifier yields (trustee `deps/verifier/src/sample/mod.rs`,
+/// `parse_tee_evidence`), and nothing else the evidence carries: whatever a client adds
+/// (up to the request body limit) never reaches a token. `report_data` is hex here (upstream
+/// echoes the base64 as sent); the other three are upstream's fixed values, so policies
+/// written for upstream's sample TEE evaluate the same.
+fn claims(svn: &str, report_data: &[u8]) -> Value {
+    let mut claims = Map::with_capacity(5);
+    claims.insert("svn".into(), Value::String(svn.to_owned()));
+    claims.insert(
+        "report_data".into(),
+        Value::String(hex::encode(report_data)),
+    );
+    claims.insert("launch_digest".into(), Value::String("abcde".into()));
+    claims.insert(
+        "platform_version".into(),
+        serde_json::json!({"major": 1, "minor": 4}),
+    );
+    claims.insert("debug".into(), Value::Bool(false));
+    Value::Object(claims)
 }
 
 /// The exact digest, or the digest zero-padded to 64 bytes.
@@ -119,10 +139,43 @@ mod tests {
 
         let mut padded = digest.to_vec();
         padded.resize(64, 0);
-        let ev =
-            json!({"svn": "1", "report_data": STANDARD.encode(&padded), "measure_register": "00"});
+        let ev = json!({"svn": "1", "report_data": STANDARD.encode(&padded)});
         let claims = block_on(SampleVerifier.verify(&ev, &digest, None)).unwrap();
-        assert_eq!(claims["measure_register"], "00");
+        assert_eq!(claims["report_data"], hex::encode(&padded));
+    }
+
+    /// issue 17 defect 3: every evidence member (up to the 1 MiB request body) went into
+    /// the claims, and so into the token. Only upstream's sample claims are kept.
+    #[test]
+    fn only_upstreams_sample_claims_are_kept() {
+        let digest = [7u8; 48];
+        let ev = json!({
+            "svn": "3",
+            "report_data": STANDARD.encode(digest),
+            "junk": "x".repeat(512 * 1024),
+            "nested": {"a": [1, 2, 3]},
+            "cc_eventlog": "AAAA",
+        });
+        let claims = block_on(SampleVerifier.verify(&ev, &digest, None)).unwrap();
+        assert_eq!(
+            claims,
+            json!({
+                "svn": "3",
+                "report_data": hex::encode(digest),
+                "launch_digest": "abcde",
+                "platform_version": {"major": 1, "minor": 4},
+                "debug": false,
+            })
+        );
+        assert!(claims.to_string().len() < 512);
+    }
+
+    #[test]
+    fn a_long_svn_is_refused() {
+        let digest = [7u8; 48];
+        let ev = json!({"svn": "1".repeat(65), "report_data": STANDARD.encode(digest)});
+        let err = block_on(SampleVerifier.verify(&ev, &digest, None)).unwrap_err();
+        assert!(matches!(err, VerifyError::Malformed(m) if m.contains("svn")));
     }
 
     #[test]

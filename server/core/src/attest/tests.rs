@@ -639,3 +639,35 @@ fn the_canonicalizer_gives_rfc8785s_outputs() {
         "{\"\\r\":\"Carriage Return\",\"1\":\"One\",\"\u{80}\":\"Control\",\"\u{f6}\":\"Latin Small Letter O With Diaeresis\",\"\u{20ac}\":\"Euro Sign\",\"\u{1f600}\":\"Emoji: Grinning Face\",\"\u{fb33}\":\"Hebrew Letter Dalet With Dagesh\"}"
     );
 }
+
+/// issue 17 defect 3: the token carries the whole init-data. At the default limit a
+/// typical document (a policy in `[data]`) gives a token a client can send back; one whose
+/// JSON form would make a larger token (quotes double in JSON) is refused with 413
+/// `TokenTooLarge` instead of becoming a cookie nobody can return.
+#[tokio::test]
+async fn init_data_at_the_limit_gives_a_token_a_client_can_send_back() {
+    let rcar = service(RcarConfig::default());
+    let limit = RcarConfig::default().max_init_data_bytes;
+    let line = "allow if { input.request.path == \"/kbs/v0/resource/default/key/1\" }\n";
+    let mut policy = String::new();
+    while policy.len() + line.len() < limit - 64 {
+        policy.push_str(line);
+    }
+    let typical = format!("[data]\n\"policy.rego\" = '''\n{policy}'''\n");
+    assert!(typical.len() <= limit && typical.len() > limit - 100);
+    let reply = rcar.auth(upstream_request()).unwrap();
+    let att = client_attestation(&reply.challenge, &ec_key(), Some(&typical));
+    let attested = rcar.attest(&reply.session_id, att).await.unwrap();
+    assert!(attested.token.len() <= crate::token::MAX_TOKEN_BYTES);
+    rcar.session_token(&attested.token).unwrap();
+
+    let quotes = format!("x = '{}'\n", "\"".repeat(limit - 16));
+    assert!(quotes.len() <= limit);
+    let reply = rcar.auth(upstream_request()).unwrap();
+    let att = client_attestation(&reply.challenge, &ec_key(), Some(&quotes));
+    let Err(err) = rcar.attest(&reply.session_id, att).await else {
+        panic!("a token too large to send back was issued");
+    };
+    assert_eq!((err.status(), err.name()), (413, "TokenTooLarge"), "{err}");
+    assert!(err.to_string().contains("init-data"), "{err}");
+}

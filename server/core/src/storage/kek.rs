@@ -45,7 +45,8 @@ impl KeyEncryptionKey {
         out
     }
 
-    /// Read a hex key from `path`, creating it (mode 0600, atomically) when missing.
+    /// Read a hex key from `path`, creating it (mode 0600, atomically, never replacing a
+    /// file another process created meanwhile) when missing.
     pub fn load_or_generate(path: &Path) -> Result<Self, StoreError> {
         match std::fs::read_to_string(path) {
             Ok(text) => {
@@ -67,8 +68,14 @@ impl KeyEncryptionKey {
                 let mut key = Zeroizing::new([0u8; 32]);
                 rand::rngs::OsRng.fill_bytes(key.as_mut());
                 let text = Zeroizing::new(hex::encode(key.as_ref()));
-                crate::fsutil::write_private_atomic(path, text.as_bytes())?;
-                Ok(Self::from_bytes(&key))
+                match crate::fsutil::create_private(path, text.as_bytes()) {
+                    Ok(()) => Ok(Self::from_bytes(&key)),
+                    // Another process created it first: use theirs, which may seal data already.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        Self::load_or_generate(path)
+                    }
+                    Err(e) => Err(e.into()),
+                }
             }
             Err(e) => Err(e.into()),
         }

@@ -32,10 +32,19 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Open (creating if needed) the database at `url` and run the migrations.
     pub async fn open(url: &str, kek: Arc<KeyEncryptionKey>) -> Result<Self, StoreError> {
-        let opts = SqliteConnectOptions::from_str(url)?
+        let parsed = SqliteConnectOptions::from_str(url)?;
+        if !(url.contains(":memory:") || url.contains("mode=memory")) {
+            private_database_files(parsed.get_filename())?;
+        }
+        let opts = parsed
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            // A put or delete that answered 200 survives a power cut: the WAL is fsynced at
+            // every commit (NORMAL syncs only at checkpoints, and may lose the last commits).
+            .synchronous(SqliteSynchronous::Full)
+            // Erased content is overwritten with zeros, in its page and in freed pages; the
+            // WAL's older frames go with the checkpoint after each erase (`expunge`).
+            .pragma("secure_delete", "ON")
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new().max_connections(8);
@@ -113,6 +122,25 @@ impl SqliteStore {
         let turn = Arc::clone(&self.batch_writes).lock_owned().await;
         let tx = self.pool.begin().await?;
         Ok((turn, tx))
+    }
+
+    /// After an erase: copy the WAL into the database and truncate it to nothing, so the
+    /// frames that still held the erased value (written before it was erased) are gone from
+    /// the files; `secure_delete` zeroed it in the pages themselves. Readers can hold the
+    /// checkpoint off (busy handler, then a warning): the frames then go at a later one.
+    async fn expunge(&self) {
+        let outcome: Result<(i64, i64, i64), _> = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&self.pool)
+            .await;
+        match outcome {
+            Ok((0, _, _)) => {}
+            Ok((_, wal_frames, copied)) => tracing::warn!(
+                wal_frames,
+                copied,
+                "WAL checkpoint after an erase was blocked by readers: erased data stays in the WAL until a later checkpoint"
+            ),
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint after an erase failed"),
+        }
     }
 
     /// The connection pool, for the per-area store impls in sibling modules.
@@ -245,7 +273,11 @@ impl ResourceStore for SqliteStore {
         .execute(&self.pool)
         .await;
         self.latest.invalidate(&path.to_string());
-        Ok(done?.rows_affected() > 0)
+        let erased = done?.rows_affected() > 0;
+        if erased {
+            self.expunge().await;
+        }
+        Ok(erased)
     }
 }
 
@@ -389,7 +421,11 @@ impl KvStore for SqliteStore {
             .bind(key)
             .execute(&self.pool)
             .await?;
-        Ok(done.rows_affected() > 0)
+        let erased = done.rows_affected() > 0;
+        if erased {
+            self.expunge().await;
+        }
+        Ok(erased)
     }
 
     async fn kv_list(
@@ -424,6 +460,43 @@ impl Store for SqliteStore {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+}
+
+/// The database file and SQLite's companions (`-wal`, `-shm`, `-journal`) are the owner's
+/// only: the database file is created 0600 before SQLite opens it (SQLite gives its
+/// companions the database file's mode), and wider modes left by older versions are
+/// tightened.
+fn private_database_files(db: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(crate::fsutil::PRIVATE_FILE_MODE)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(db);
+    match created {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        // A missing directory is SQLite's error to report, with its path.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        let path = std::path::PathBuf::from(name);
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_file() && meta.permissions().mode() & 0o077 != 0 {
+            std::fs::set_permissions(
+                &path,
+                std::fs::Permissions::from_mode(crate::fsutil::PRIVATE_FILE_MODE),
+            )?;
+            tracing::warn!(path = %path.display(), "database file was readable by others: now 0600");
+        }
+    }
+    Ok(())
 }
 
 fn open_kv(
@@ -468,6 +541,92 @@ mod tests {
         let versions = s.list_versions(&p).await.unwrap();
         assert_eq!(versions.len(), 3);
         assert!(versions[0].deleted && !versions[2].deleted);
+    }
+
+    /// Whether any 32-byte piece of `secret` (at 32-byte steps) is in the database file or
+    /// its WAL, read raw; the names of the files that hold one.
+    fn files_holding(dir: &std::path::Path, secret: &[u8]) -> Vec<String> {
+        let mut found = Vec::new();
+        for name in ["t.db", "t.db-wal"] {
+            let Ok(bytes) = std::fs::read(dir.join(name)) else {
+                continue;
+            };
+            let pieces: std::collections::HashSet<&[u8]> = secret.chunks_exact(32).collect();
+            let hit = bytes.windows(32).any(|w| pieces.contains(w));
+            if hit {
+                found.push(name.to_string());
+            }
+        }
+        found
+    }
+
+    /// The stored ciphertext of every version of `path`.
+    async fn ciphertexts(s: &SqliteStore, path: &str) -> Vec<Vec<u8>> {
+        sqlx::query_scalar("SELECT ciphertext FROM resources WHERE path = ?1")
+            .bind(path)
+            .fetch_all(&s.pool)
+            .await
+            .unwrap()
+    }
+
+    /// issue 17 defect 12: with `secure_delete` off, an erased ciphertext stayed in free space
+    /// and in the WAL. After DELETE no piece of it is anywhere in the files, for a value that
+    /// fits in its page and for one that spills into overflow pages; the same for a plugin's
+    /// sealed value.
+    #[tokio::test]
+    async fn erased_ciphertext_is_gone_from_the_database_and_its_wal() {
+        let (dir, s) = store().await;
+        let mut secrets = Vec::new();
+        for (path, size) in [("r/t/small", 300), ("r/t/large", 20_000)] {
+            let p: ResourcePath = path.parse().unwrap();
+            for _ in 0..2 {
+                let data: Vec<u8> = (0..size).map(|_| rand::random::<u8>()).collect();
+                s.put_resource(&p, &data, "t").await.unwrap();
+            }
+            s.get_resource(&p, None).await.unwrap().unwrap();
+            secrets.extend(ciphertexts(&s, path).await);
+        }
+        let kv: Vec<u8> = (0..5000).map(|_| rand::random::<u8>()).collect();
+        s.kv_put("pki", "ca-key", &kv).await.unwrap();
+        let sealed: Vec<u8> = sqlx::query_scalar("SELECT value FROM plugin_kv")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
+        secrets.push(sealed);
+        for secret in &secrets {
+            assert!(
+                !files_holding(dir.path(), secret).is_empty(),
+                "the check finds a live ciphertext"
+            );
+        }
+
+        for path in ["r/t/small", "r/t/large"] {
+            assert!(
+                s.delete_resource(&path.parse().unwrap(), "t")
+                    .await
+                    .unwrap()
+            );
+        }
+        assert!(s.kv_delete("pki", "ca-key").await.unwrap());
+        for (i, secret) in secrets.iter().enumerate() {
+            let holding = files_holding(dir.path(), secret);
+            assert!(holding.is_empty(), "secret {i} is still in {holding:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_committed_write_is_synced() {
+        let (_d, s) = store().await;
+        let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
+        assert_eq!(synchronous, 2, "FULL: the WAL is fsynced at every commit");
+        let secure_delete: i64 = sqlx::query_scalar("PRAGMA secure_delete")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
+        assert_eq!(secure_delete, 1);
     }
 
     #[tokio::test]
