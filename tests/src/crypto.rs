@@ -2,6 +2,8 @@
 //! tunnel-only KBS (the challenge is the nonce XOR [`FAKE_XOR`], the token names the guest).
 
 use guest_daemon::tee_key::TeeKeyPair;
+use rpc_defs::SealedResource;
+use sha2::{Digest, Sha256};
 
 /// The fake challenge's key: challenge = nonce XOR this byte.
 pub(crate) const FAKE_XOR: u8 = 0x5a;
@@ -34,4 +36,29 @@ pub fn fake_token(guest_id: &str) -> String {
 /// Both directions of the fake challenge.
 pub(crate) fn fake_xor(bytes: &[u8]) -> Vec<u8> {
     bytes.iter().map(|b| b ^ FAKE_XOR).collect()
+}
+
+/// A resource version sealed to `key` as the KBS seals a push: its path, version and digest
+/// bound in the JWE's protected header (the guest refuses a push without them).
+pub fn sealed_resource(
+    key: &TeeKeyPair,
+    uri: &str,
+    version: u64,
+    plaintext: &[u8],
+) -> SealedResource {
+    let sha256 = format!("{:x}", Sha256::digest(plaintext));
+    let binding = rpc_defs::ResourceBinding {
+        sha256: sha256.clone(),
+        uri: uri.to_owned(),
+        version,
+    };
+    let bound = kbs_core::jwe::binding_header(rpc_defs::RESOURCE_BINDING_HEADER, &binding)
+        .expect("binding header");
+    let jwe = kbs_core::jwe::seal_bound(&key.export_pubkey(), plaintext, &bound).expect("seal");
+    SealedResource {
+        uri: uri.to_owned(),
+        version,
+        jwe: serde_json::to_vec(&jwe).expect("JWE JSON"),
+        sha256,
+    }
 }

@@ -23,7 +23,7 @@ mod x509;
 pub use api::{api_err, api_err_detail, error_detail, error_name};
 pub use attest::{attest, init_data, rcar_client};
 pub use clock::{unix_ms, unix_secs};
-pub use crypto::{FAKE_TOKEN_PREFIX, fake_token, fake_unseal, unseal_with};
+pub use crypto::{FAKE_TOKEN_PREFIX, fake_token, fake_unseal, sealed_resource, unseal_with};
 pub use daemon::DaemonRun;
 pub use fake_kbs::{FakeKbsOptions, FakeTunnelKbs, self_signed_tls};
 pub use fault_proxy::FaultProxy;

@@ -184,8 +184,6 @@ async fn ciphertexts(data_dir: &Path, path: &str) -> Vec<Vec<u8>> {
 /// deleted secret. SQLite keeps freed cells in the page and old pages in the WAL unless
 /// `secure_delete` is on.
 #[tokio::test]
-#[ignore = "needs PRAGMA secure_delete on the KBS database (issue 17, in progress on h17a); \
-            un-ignore when that lands"]
 async fn delete_leaves_no_ciphertext_of_the_deleted_versions_on_disk() {
     let kbs = TestKbs::start().await;
     let admin = kbs.admin();

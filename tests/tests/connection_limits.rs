@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::Value;
-use tests::{StubGuest, TestKbs, TunnelGuest, WAIT, eventually};
+use tests::{StubGuest, TestKbs, TunnelGuest, WAIT, allow_sample, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -100,6 +100,7 @@ async fn a_stalled_body_is_a_408() {
 async fn idle_sockets_cannot_keep_clients_or_guests_out() {
     const FLOOD: usize = 2000;
     let kbs = TestKbs::start_with(false, |c| {
+        allow_sample(c);
         // Only the cap may help: the flood is never timed out during the test.
         c.http.first_byte_timeout = Duration::from_secs(600);
         c.http.max_connections = 300;

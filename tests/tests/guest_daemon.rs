@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use guest_daemon::run::{DaemonState, RunConfig};
 use guest_daemon::tee_key::TeeKeyPair;
-use rpc_defs::{ProbeKind, SealedResource};
+use rpc_defs::ProbeKind;
 use sha2::{Digest, Sha256};
-use tests::{DaemonRun, TestKbs};
+use tests::{DaemonRun, TestKbs, sealed_resource};
 use tokio::time::Instant;
 use tunnel::TunnelEvent;
 
@@ -27,24 +27,6 @@ fn init_data(guest_id: &str) -> String {
 
 fn spawn(kbs: &TestKbs, state_dir: &Path, init_data: Option<String>) -> DaemonRun {
     DaemonRun::spawn(kbs.daemon_config(state_dir, init_data))
-}
-
-/// A resource version sealed (as the KBS does) to `key`.
-fn sealed(key: &TeeKeyPair, uri: &str, version: u64, plaintext: &[u8]) -> SealedResource {
-    let sha256 = format!("{:x}", Sha256::digest(plaintext));
-    let binding = rpc_defs::ResourceBinding {
-        sha256: sha256.clone(),
-        uri: uri.to_owned(),
-        version,
-    };
-    let bound = kbs_core::jwe::binding_header(rpc_defs::RESOURCE_BINDING_HEADER, &binding).unwrap();
-    let jwe = kbs_core::jwe::seal_bound(&key.export_pubkey(), plaintext, &bound).unwrap();
-    SealedResource {
-        uri: uri.to_owned(),
-        version,
-        jwe: serde_json::to_vec(&jwe).unwrap(),
-        sha256,
-    }
 }
 
 fn mode(path: &Path) -> u32 {
@@ -85,7 +67,10 @@ async fn the_daemon_connects_is_probed_and_applies_a_pushed_resource() {
     assert_eq!(mode(&state_dir.join("tee_key.pem")), 0o600);
     let plaintext = b"listen = 8443\n";
     let applied = handle
-        .apply_resource(sealed(&key, "default/app/config", 1, plaintext), None)
+        .apply_resource(
+            sealed_resource(&key, "default/app/config", 1, plaintext),
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(applied.uri, "default/app/config");
@@ -110,7 +95,10 @@ async fn the_daemon_connects_is_probed_and_applies_a_pushed_resource() {
     // Sealed to another key: refused, nothing changes.
     let other = TeeKeyPair::new_ec();
     let refused = handle
-        .apply_resource(sealed(&other, "default/app/config", 2, b"evil"), None)
+        .apply_resource(
+            sealed_resource(&other, "default/app/config", 2, b"evil"),
+            None,
+        )
         .await;
     assert!(refused.is_err(), "{refused:?}");
     assert_eq!(std::fs::read(&file).unwrap(), plaintext);
@@ -273,7 +261,10 @@ async fn a_restarted_daemon_keeps_its_tee_key_identity_and_resources() {
     let key_pem = std::fs::read(dir.path().join("tee_key.pem")).unwrap();
     let key = daemon.tee_key();
     handle
-        .apply_resource(sealed(&key, "default/app/token", 3, b"secret"), None)
+        .apply_resource(
+            sealed_resource(&key, "default/app/token", 3, b"secret"),
+            None,
+        )
         .await
         .unwrap();
     daemon.stop().await;

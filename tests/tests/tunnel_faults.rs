@@ -13,12 +13,11 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use guest_daemon::hook::PostApplyHook;
 use guest_daemon::tee_key::TeeKeyPair;
-use rpc_defs::{Applied, GuestInfo, ProbeKind, ProbeReport, SealedResource};
+use rpc_defs::{Applied, GuestInfo, ProbeKind, ProbeReport};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use tests::{
-    DaemonRun, FaultProxy, StubGuest, TestKbs, WAIT, allow_sample, eventually, hub_until, metric_value,
-    unseal_with,
+    DaemonRun, FaultProxy, StubGuest, TestKbs, WAIT, allow_sample, eventually, hub_until,
+    metric_value, sealed_resource, unseal_with,
 };
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -68,13 +67,12 @@ fn stuck_calls(
         .map(|i| {
             let handle = handle.clone();
             let plaintext = format!("stuck {i}");
-            let sealed = kbs_core::jwe::seal(&key.export_pubkey(), plaintext.as_bytes()).unwrap();
-            let resource = SealedResource {
-                uri: format!("default/stuck/r{i}"),
-                version: 1,
-                jwe: serde_json::to_vec(&sealed).unwrap(),
-                sha256: format!("{:x}", Sha256::digest(plaintext.as_bytes())),
-            };
+            let resource = sealed_resource(
+                &key,
+                &format!("default/stuck/r{i}"),
+                1,
+                plaintext.as_bytes(),
+            );
             tokio::spawn(async move {
                 handle
                     .apply_resource(resource, Some(Duration::from_secs(60)))
@@ -212,7 +210,8 @@ async fn a_silent_peer_is_given_up_on_both_ends_and_the_daemon_comes_back() {
     let kbs = TestKbs::start_with(false, |c| {
         allow_sample(c);
         c.tunnel.heartbeat = Duration::from_secs(1);
-    }).await;
+    })
+    .await;
     let proxy = FaultProxy::start(kbs.addr).await;
     let dir = tempfile::tempdir().unwrap();
     let mut daemon = daemon(&kbs, &proxy.url(), &dir);
