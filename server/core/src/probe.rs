@@ -274,9 +274,14 @@ mod tests {
 
     #[test]
     fn a_probe_body_is_optional_and_strict() {
-        assert_eq!(ProbeRequest::from_body(b" \n").unwrap().kind, ProbeKind::All);
         assert_eq!(
-            ProbeRequest::from_body(br#"{"kind":"runtime"}"#).unwrap().kind,
+            ProbeRequest::from_body(b" \n").unwrap().kind,
+            ProbeKind::All
+        );
+        assert_eq!(
+            ProbeRequest::from_body(br#"{"kind":"runtime"}"#)
+                .unwrap()
+                .kind,
             ProbeKind::Runtime
         );
         let err = ProbeRequest::from_body(br#"{"kind":"Runtime"}"#).unwrap_err();

@@ -346,8 +346,8 @@ pub async fn probe(
     Path(guest_id): Path<String>,
     ApiBytes(body): ApiBytes,
 ) -> Result<Json<ProbeReport>, ApiError> {
-    let request = ProbeRequest::from_body(&body)
-        .map_err(|e| ApiError::bad_request("MalformedRequest", e))?;
+    let request =
+        ProbeRequest::from_body(&body).map_err(|e| ApiError::bad_request("MalformedRequest", e))?;
     let kind = request.kind;
     let prober = &api.prober;
     let started = std::time::Instant::now();

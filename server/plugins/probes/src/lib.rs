@@ -123,8 +123,8 @@ async fn one(
     Path(guest_id): Path<String>,
     ApiBytes(body): ApiBytes,
 ) -> Result<Json<ProbeOutcome>, ApiError> {
-    let request = ProbeRequest::from_body(&body)
-        .map_err(|e| ApiError::bad_request("MalformedRequest", e))?;
+    let request =
+        ProbeRequest::from_body(&body).map_err(|e| ApiError::bad_request("MalformedRequest", e))?;
     let prober = &api.prober;
     if prober.hub.get(&guest_id).is_none() && prober.fleet.get(&guest_id).is_none() {
         return Err(ApiError::not_found(
