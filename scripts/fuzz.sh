@@ -2,7 +2,7 @@
 # Runs every cargo-fuzz target in fuzz/ for a bounded time: scripts/fuzz.sh [seconds-per-target]
 # [target...] (default 60 s, all targets). Needs nightly and cargo-fuzz (installed when missing).
 #
-# Seeds are fuzz/seeds/<target>/ (checked in); what the fuzzer finds goes to fuzz/corpus/<target>/
+# Seeds are fuzz/seeds/<target>/ and dictionaries fuzz/dicts/<target>.dict (checked in); what the fuzzer finds goes to fuzz/corpus/<target>/
 # and crashes to fuzz/artifacts/<target>/ (neither is checked in). No sanitizer: every crate
 # forbids unsafe code, so the fuzzer hunts panics, overflows (debug assertions are on),
 # runaway memory (-rss_limit_mb) and hangs (-timeout); without ASan it runs several times
@@ -30,9 +30,11 @@ for t in "${targets[@]}"; do
     mkdir -p "corpus/$t"
     log="$(mktemp)"
     status=ok
+    dict=()
+    [ -f "dicts/$t.dict" ] && dict=(-dict="dicts/$t.dict")
     cargo +nightly fuzz run -s none -a "$t" "corpus/$t" "seeds/$t" -- \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
-        -print_final_stats=1 >"$log" 2>&1 || status=CRASH
+        -print_final_stats=1 "${dict[@]}" >"$log" 2>&1 || status=CRASH
     execs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)"
     rate="$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)"
     if [ "$status" != ok ]; then

@@ -23,8 +23,11 @@ fn verifiers() -> &'static Verifiers {
     static V: OnceLock<Verifiers> = OnceLock::new();
     V.get_or_init(|| {
         let key = AdminKeyPair::from_pem(FUZZ_ADMIN_KEY, "fuzz").expect("fuzz admin key");
-        let admin = AdminAuth::new(&AdminConfig::default(), Some(("dev", key.public_pem().as_bytes())))
-            .expect("admin auth");
+        let admin = AdminAuth::new(
+            &AdminConfig::default(),
+            Some(("dev", key.public_pem().as_bytes())),
+        )
+        .expect("admin auth");
         Verifiers {
             admin,
             signer: Arc::new(TokenSigner::ephemeral().expect("signing key")),
@@ -33,10 +36,14 @@ fn verifiers() -> &'static Verifiers {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(token) = std::str::from_utf8(data) else { return };
+    let Ok(token) = std::str::from_utf8(data) else {
+        return;
+    };
     let v = verifiers();
     let _ = v.signer.verify(token);
-    let Ok(value) = HeaderValue::from_str(&format!("Bearer {token}")) else { return };
+    let Ok(value) = HeaderValue::from_str(&format!("Bearer {token}")) else {
+        return;
+    };
     let mut headers = HeaderMap::new();
     headers.insert(http::header::AUTHORIZATION, value);
     for (method, path) in [

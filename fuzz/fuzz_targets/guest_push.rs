@@ -24,19 +24,28 @@ fn guest() -> &'static Guest {
     GUEST.get_or_init(|| {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Arc::new(StateStore::open(dir.path().join("state")).expect("state store"));
-        let key = store.load_or_create_tee_key(TeeKeyPair::new_ec).expect("tee key");
+        let key = store
+            .load_or_create_tee_key(TeeKeyPair::new_ec)
+            .expect("tee key");
         let svc = GuestDaemonService::new(store, key.clone(), None);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .expect("runtime");
-        Guest { rt, key, svc, _dir: dir }
+        Guest {
+            rt,
+            key,
+            svc,
+            _dir: dir,
+        }
     })
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, body)) = data.split_first() else { return };
+    let Some((&mode, body)) = data.split_first() else {
+        return;
+    };
     let g = guest();
     match mode % 3 {
         0 => {
@@ -50,13 +59,21 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         _ => {
-            let Ok(sealed) = kbs_core::jwe::seal(&g.key.export_pubkey(), body) else { return };
+            let Ok(sealed) = kbs_core::jwe::seal(&g.key.export_pubkey(), body) else {
+                return;
+            };
             let bundle = CredentialBundle {
                 id: "fuzz".into(),
                 version: 1 + u64::from(body.first().copied().unwrap_or(0)),
                 files: vec![
-                    CredentialFile { name: "cert.pem".into(), mode: 0o644 },
-                    CredentialFile { name: "key.pem".into(), mode: 0o600 },
+                    CredentialFile {
+                        name: "cert.pem".into(),
+                        mode: 0o644,
+                    },
+                    CredentialFile {
+                        name: "key.pem".into(),
+                        mode: 0o600,
+                    },
                 ],
                 jwe: serde_json::to_vec(&sealed).expect("JWE JSON"),
                 not_after: u64::MAX,

@@ -8,7 +8,9 @@ use kbs_core::selector::Selector;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(selector) = Selector::parse(text) {
         let labels = BTreeMap::from([
             ("app".to_string(), "web".to_string()),

@@ -45,8 +45,12 @@ fn session() -> &'static Session {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, body)) = data.split_first() else { return };
-    let Ok(mut att) = serde_json::from_slice::<kbs_types::Attestation>(body) else { return };
+    let Some((&mode, body)) = data.split_first() else {
+        return;
+    };
+    let Ok(mut att) = serde_json::from_slice::<kbs_types::Attestation>(body) else {
+        return;
+    };
     let s = session();
     if mode & 1 == 0 {
         att.runtime_data.nonce = s.nonce.clone();

@@ -35,7 +35,9 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn verify(evidence: &serde_json::Value, collateral: &Collateral, now: std::time::SystemTime) {
-    let Ok(decoded) = Decoded::new(TeeKind::Snp, evidence) else { return };
+    let Ok(decoded) = Decoded::new(TeeKind::Snp, evidence) else {
+        return;
+    };
     let _ = decoded.collateral_request();
     let _ = decoded.verify(&[0u8; 64], None, collateral, now);
 }

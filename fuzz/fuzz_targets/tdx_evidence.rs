@@ -6,14 +6,15 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
 use libfuzzer_sys::fuzz_target;
 use tee_verifiers::collateral::TdxCollateral;
 use tee_verifiers::tdx::{self, eventlog::EventLog, quote::Quote};
 use tee_verifiers::{Collateral, Decoded, TeeKind};
 
-const COLLATERAL: &[u8] = include_bytes!("../../server/tee-verifiers/testdata/tdx/tdx_quote_collateral.json");
+const COLLATERAL: &[u8] =
+    include_bytes!("../../server/tee-verifiers/testdata/tdx/tdx_quote_collateral.json");
 
 fn collateral() -> &'static (Collateral, SystemTime) {
     static C: OnceLock<(Collateral, SystemTime)> = OnceLock::new();
@@ -27,7 +28,9 @@ fn collateral() -> &'static (Collateral, SystemTime) {
 
 fuzz_target!(|data: &[u8]| {
     // First byte picks what the rest is: a raw quote, an event log, or the wire JSON.
-    let Some((&mode, rest)) = data.split_first() else { return };
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
     match mode % 3 {
         0 => {
             if let Ok(q) = Quote::parse(rest) {
@@ -56,7 +59,9 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn verify(evidence: &serde_json::Value) {
-    let Ok(decoded) = Decoded::new(TeeKind::Tdx, evidence) else { return };
+    let Ok(decoded) = Decoded::new(TeeKind::Tdx, evidence) else {
+        return;
+    };
     let _ = decoded.collateral_request();
     let (collateral, now) = collateral();
     let _ = decoded.verify(&[0u8; 64], None, collateral, *now);

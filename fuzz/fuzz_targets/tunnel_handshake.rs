@@ -22,7 +22,9 @@ fuzz_target!(|data: &[u8]| {
     // First byte: how many of the following bytes the guest's unseal returns (0..=255, so
     // 32 and 64, the valid lengths, are reached); the rest is a sequence of frames, each
     // prefixed by a 2-byte big-endian length.
-    let Some((&opened_len, mut rest)) = data.split_first() else { return };
+    let Some((&opened_len, mut rest)) = data.split_first() else {
+        return;
+    };
     let mut frames = Vec::new();
     while rest.len() >= 2 {
         let len = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
@@ -48,10 +50,17 @@ fuzz_target!(|data: &[u8]| {
         let _ = server.receive(first);
     }
 
-    let opened: Vec<u8> = rest.iter().copied().cycle().take(usize::from(opened_len)).collect();
+    let opened: Vec<u8> = rest
+        .iter()
+        .copied()
+        .cycle()
+        .take(usize::from(opened_len))
+        .collect();
     let mut guest = GuestHandshake::new(info(), move |_challenge: &[u8]| Ok(opened));
     for bytes in &frames {
-        let Ok(f) = frame::decode(bytes, MAX) else { break };
+        let Ok(f) = frame::decode(bytes, MAX) else {
+            break;
+        };
         match guest.receive(f) {
             Ok(GuestStep::Send(_)) => {}
             Ok(GuestStep::Established(_)) | Err(_) => break,

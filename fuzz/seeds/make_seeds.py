@@ -61,6 +61,8 @@ reqs = {
     "tdx": {"version": "0.4.0", "tee": "tdx", "extra-params": {}},
     "bad_version": {"version": "0.3.0", "tee": "snp", "extra-params": ""},
     "sm3_only": {"version": "0.4.0", "tee": "sample", "extra-params": {"supported-hash-algorithms": ["sm3"]}},
+    # Only unknown names, joined longer than the 200 bytes the error detail keeps.
+    "unknown_long": {"version": "0.4.0", "tee": "sample", "extra-params": {"supported-hash-algorithms": [f"blake{i:02}-x" for i in range(24)]}},
 }
 for name, r in reqs.items():
     write("rcar_request", name, json.dumps(r))
