@@ -257,7 +257,8 @@ impl TeeKeyPair {
         jwe: &[u8],
         push_key: Option<&[u8; AES256_KEY_LEN]>,
     ) -> Result<Zeroizing<Vec<u8>>, UnsealError> {
-        self.open_json_parsed(jwe, push_key).map(|(plaintext, _)| plaintext)
+        self.open_json_parsed(jwe, push_key)
+            .map(|(plaintext, _)| plaintext)
     }
 
     /// [`Self::open_json_with`], also returning the parsed JWE, whose protected header is

@@ -535,6 +535,7 @@ fn router(state: &AppState, max_body: usize) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state.clone())
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn(kbs_web::error::json_errors))
         .layer(axum::middleware::from_fn_with_state(
             metrics,
             http_metrics::track,

@@ -241,7 +241,6 @@ mod tests {
         assert_eq!(again.public_pem(), kp.public_pem());
     }
 
-
     #[test]
     fn a_missing_key_file_names_its_cause_once() {
         let dir = tempfile::tempdir().unwrap();

@@ -568,7 +568,15 @@ mod tests {
         epk[33..].copy_from_slice(&URL_SAFE_NO_PAD.decode(ALICE_Y).unwrap());
         let cek: [u8; 32] = std::array::from_fn(|i| i as u8);
         let iv: [u8; 12] = std::array::from_fn(|i| i as u8);
-        let sealed = seal_ecdh_es(&RFC7518_C_Z, &epk, &cek, iv, b"Tether golden JWE", &Map::new()).unwrap();
+        let sealed = seal_ecdh_es(
+            &RFC7518_C_Z,
+            &epk,
+            &cek,
+            iv,
+            b"Tether golden JWE",
+            &Map::new(),
+        )
+        .unwrap();
         assert_eq!(serde_json::to_string(&sealed).unwrap(), GOLDEN_JWE);
         // And Bob opens it.
         let bob = p256::SecretKey::from_slice(&URL_SAFE_NO_PAD.decode(BOB_D).unwrap()).unwrap();

@@ -440,6 +440,8 @@ impl AdminAuth {
             let mut v = Validation::new(Algorithm::EdDSA);
             v.set_audience(&[&k.audience]);
             v.set_required_spec_claims(&["exp", "aud"]);
+            // A token minted for later (`nbf`) is not valid yet (RFC 7519, 4.1.5).
+            v.validate_nbf = true;
             v.leeway = 5;
             if let Some(iss) = &k.issuer {
                 v.set_issuer(&[iss]);
@@ -465,6 +467,10 @@ impl AdminAuth {
                         ErrorKind::InvalidAudience => ApiError::unauthorized(
                             "AdminTokenInvalid",
                             format!("admin token audience does not include `{}`", k.audience),
+                        ),
+                        ErrorKind::ImmatureSignature => ApiError::unauthorized(
+                            "AdminTokenInvalid",
+                            "admin token is not valid yet (nbf is in the future)",
                         ),
                         ErrorKind::InvalidIssuer => ApiError::unauthorized(
                             "AdminTokenInvalid",
@@ -571,6 +577,30 @@ mod tests {
                 .as_u16(),
             403
         );
+    }
+
+    #[test]
+    fn a_token_not_valid_yet_is_refused() {
+        let (auth, kp) = auth_with(&[("admin", &["* ^/kbs/.+$"])]);
+        let now = jsonwebtoken::get_current_timestamp();
+        let key = jsonwebtoken::EncodingKey::from_ed_pem(kp.private_pem().as_bytes()).unwrap();
+        let sign = |nbf: u64| {
+            let claims = serde_json::json!({
+                "sub": "x", "role": "admin", "aud": ["KBS"], "exp": now + 7200, "nbf": nbf
+            });
+            jsonwebtoken::encode(&jsonwebtoken::Header::new(Algorithm::EdDSA), &claims, &key)
+                .unwrap()
+        };
+        let e = auth
+            .authorize(&headers(&sign(now + 3600)), &Method::GET, "/kbs/x")
+            .unwrap_err();
+        assert_eq!((e.status.as_u16(), e.name), (401, "AdminTokenInvalid"));
+        assert!(e.detail.contains("not valid yet"), "{}", e.detail);
+        // Within the leeway, and from the past: valid.
+        for nbf in [now + 2, now - 60] {
+            auth.authorize(&headers(&sign(nbf)), &Method::GET, "/kbs/x")
+                .unwrap();
+        }
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! One error type for the HTTP API: an honest status code and the Trustee error JSON body
 //! `{"type": "https://github.com/confidential-containers/kbs/errors/<Name>", "detail": "..."}`.
 
+use axum::extract::Request;
 use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use kbs_core::policy_gate::Decision;
 use serde::Serialize;
@@ -96,6 +99,47 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Middleware: an error answer no handler wrote (axum's own `Path`, `Query` and `Json`
+/// rejections are plain text) gets the JSON error body and its name, like every other error.
+pub async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let plain_text = resp
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/plain"));
+    if !(status.is_client_error() || status.is_server_error())
+        || !plain_text
+        || resp.extensions().get::<ErrorName>().is_some()
+    {
+        return resp;
+    }
+    if status.is_server_error() {
+        return ApiError::internal("request", "a framework rejection was answered as 5xx")
+            .into_response();
+    }
+    // The framework's rejection texts are short and name the problem, never a secret.
+    let text = axum::body::to_bytes(resp.into_body(), 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let detail = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("bad request")
+            .to_string()
+    } else {
+        text
+    };
+    let name = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        "PayloadTooLarge"
+    } else {
+        "MalformedRequest"
+    };
+    ApiError::new(status, name, detail).into_response()
+}
+
 macro_rules! from_lib_error {
     ($($ty:path),* $(,)?) => {$(
         impl From<$ty> for ApiError {
@@ -128,5 +172,62 @@ pub fn require(decision: Decision) -> Result<(), ApiError> {
     match decision {
         Decision::Allow => Ok(()),
         Decision::Deny(what) => Err(ApiError::forbidden("PolicyDeny", what)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use axum::Router;
+    use axum::body::Body;
+    use axum::extract::{Path, Query};
+    use axum::routing::get;
+    use std::collections::BTreeMap;
+    use tower::ServiceExt;
+
+    async fn answer(uri: &str) -> (StatusCode, String, Option<&'static str>, serde_json::Value) {
+        let app = Router::new()
+            .route(
+                "/n/{id}",
+                get(|Path(id): Path<i64>| async move { id.to_string() }),
+            )
+            .route(
+                "/q",
+                get(|Query(q): Query<BTreeMap<String, u32>>| async move { format!("{q:?}") }),
+            )
+            .layer(axum::middleware::from_fn(json_errors));
+        let req = Request::builder().uri(uri).body(Body::empty()).unwrap();
+        let resp = app.oneshot(req).await.unwrap();
+        let status = resp.status();
+        let ct = resp.headers()[CONTENT_TYPE].to_str().unwrap().to_string();
+        let name = resp.extensions().get::<ErrorName>().map(|n| n.0);
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+        (status, ct, name, json)
+    }
+
+    #[tokio::test]
+    async fn framework_rejections_get_the_json_error_body() {
+        for uri in ["/n/abc", "/n/%FF", "/q?a=x"] {
+            let (status, ct, name, body) = answer(uri).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}");
+            assert!(ct.starts_with("application/json"), "{uri}: {ct}");
+            assert_eq!(name, Some("MalformedRequest"), "{uri}");
+            assert_eq!(
+                body["type"],
+                format!("{ERROR_TYPE_PREFIX}MalformedRequest"),
+                "{uri}"
+            );
+            assert!(!body["detail"].as_str().unwrap().is_empty(), "{uri}");
+        }
+        let (status, ct, name, _) = answer("/n/7").await;
+        assert_eq!((status, name), (StatusCode::OK, None));
+        assert!(
+            ct.starts_with("text/plain"),
+            "a plain-text success is left alone"
+        );
     }
 }

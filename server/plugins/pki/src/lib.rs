@@ -18,7 +18,7 @@
 //! expire within one certificate validity. Issued certificates are not stored: each issue is
 //! logged (guest, serial, names, expiry; never a key) and counted in `kbs_pki_sign_total`.
 
-mod csr;
+pub mod csr;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
