@@ -2,6 +2,8 @@
 //! status (issue 18: "prints the verified claims as JSON, or the reason it refused with a
 //! non-zero exit").
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
