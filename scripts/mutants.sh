@@ -55,7 +55,7 @@ for entry in "${MODULES[@]}"; do
     CARGO_TARGET_DIR="$target" cargo mutants \
         --package "$package" "${args[@]}" \
         --test-tool nextest --jobs "$jobs" --timeout "$timeout" --build-timeout 900 \
-        --baseline skip --no-shuffle --caught --unviable \
+        --baseline skip --no-shuffle --caught --unviable --gitignore true \
         --output "$out_root/$name" \
         ${MUTANTS_CARGO_ARGS:+--cargo-arg=$MUTANTS_CARGO_ARGS} || status=$?
     case "$status" in 0 | 2 | 3) ;; *) echo "cargo mutants failed on $name ($status)"; exit "$status" ;; esac
