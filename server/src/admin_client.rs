@@ -14,6 +14,9 @@ use rpc_defs::ProbeKind;
 
 use crate::http::guests::{GuestList, GuestSummary, PingReply};
 
+const RESOURCE_POLICY: &str = "/kbs/v0/resource-policy";
+const APPRAISAL_POLICY: &str = "/kbs/v0/admin/appraisal-policy";
+
 /// Errors talking to the admin API.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -191,20 +194,24 @@ impl AdminClient {
 
     /// Install a resource policy (Rego text).
     pub async fn set_policy(&self, rego: &str) -> Result<Value, ClientError> {
-        let body = serde_json::json!({"policy": URL_SAFE_NO_PAD.encode(rego.as_bytes())});
-        self.send(
-            Method::POST,
-            "/kbs/v0/resource-policy",
-            Some(RequestBody::Json(body)),
-        )
-        .await
+        self.post_rego(RESOURCE_POLICY, rego).await
     }
 
     /// The current resource policy text and version.
     pub async fn get_policy(&self) -> Result<(String, u64), ClientError> {
-        let v = self
-            .send(Method::GET, "/kbs/v0/resource-policy", None)
-            .await?;
+        self.get_rego(RESOURCE_POLICY).await
+    }
+
+    /// POSTs Rego text as upstream's policy body (`{"policy": <base64url>}`) to `endpoint`.
+    async fn post_rego(&self, endpoint: &str, rego: &str) -> Result<Value, ClientError> {
+        let body = serde_json::json!({"policy": URL_SAFE_NO_PAD.encode(rego.as_bytes())});
+        self.send(Method::POST, endpoint, Some(RequestBody::Json(body)))
+            .await
+    }
+
+    /// GETs a policy endpoint's text and version.
+    async fn get_rego(&self, endpoint: &str) -> Result<(String, u64), ClientError> {
+        let v = self.send(Method::GET, endpoint, None).await?;
         let text = URL_SAFE_NO_PAD
             .decode(v["policy"].as_str().unwrap_or(""))
             .map_err(|e| ClientError::Local(format!("policy is not base64url: {e}")))?;
@@ -246,27 +253,12 @@ impl AdminClient {
 
     /// Installs an appraisal policy (Rego text).
     pub async fn set_appraisal_policy(&self, rego: &str) -> Result<Value, ClientError> {
-        let body = serde_json::json!({"policy": URL_SAFE_NO_PAD.encode(rego.as_bytes())});
-        self.send(
-            Method::POST,
-            "/kbs/v0/admin/appraisal-policy",
-            Some(RequestBody::Json(body)),
-        )
-        .await
+        self.post_rego(APPRAISAL_POLICY, rego).await
     }
 
     /// The appraisal policy in force and its stored version (0: built-in or initial file).
     pub async fn get_appraisal_policy(&self) -> Result<(String, u64), ClientError> {
-        let v = self
-            .send(Method::GET, "/kbs/v0/admin/appraisal-policy", None)
-            .await?;
-        let text = URL_SAFE_NO_PAD
-            .decode(v["policy"].as_str().unwrap_or(""))
-            .map_err(|e| ClientError::Local(format!("policy is not base64url: {e}")))?;
-        Ok((
-            String::from_utf8_lossy(&text).into_owned(),
-            v["version"].as_u64().unwrap_or(0),
-        ))
+        self.get_rego(APPRAISAL_POLICY).await
     }
 
     /// Guests with a live tunnel to this KBS, sorted by id.

@@ -1,6 +1,6 @@
 //! `kbsctl policy ...`: install and print the resource policy.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Subcommand;
@@ -19,27 +19,36 @@ pub enum PolicyCmd {
 pub async fn run(cmd: PolicyCmd, client: &AdminClient, output: Output) -> anyhow::Result<()> {
     match cmd {
         PolicyCmd::Set { file } => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
-            let v = client.set_policy(&text).await?;
+            let v = client.set_policy(&read_policy(&file)?).await?;
             print_value(output, &v, |v| {
                 format!("policy installed (version {})", v["version"])
             });
         }
         PolicyCmd::Get => {
             let (text, version) = client.get_policy().await?;
-            if output.is_json() {
-                println!(
-                    "{}",
-                    serde_json::json!({"version": version, "policy": text})
-                );
-            } else {
-                print!("{text}");
-                if !text.ends_with('\n') {
-                    println!();
-                }
-            }
+            print_policy(output, &text, version);
         }
     }
     Ok(())
+}
+
+/// A Rego file's text, for `policy set` and `appraisal-policy set`.
+pub fn read_policy(file: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))
+}
+
+/// A policy's text as it is (or with its version, as JSON), for `policy get` and
+/// `appraisal-policy get`.
+pub fn print_policy(output: Output, text: &str, version: u64) {
+    if output.is_json() {
+        println!(
+            "{}",
+            serde_json::json!({"version": version, "policy": text})
+        );
+    } else {
+        print!("{text}");
+        if !text.ends_with('\n') {
+            println!();
+        }
+    }
 }

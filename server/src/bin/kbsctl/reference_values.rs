@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::Subcommand;
 use server::admin_client::AdminClient;
 
@@ -91,8 +90,7 @@ pub async fn run_policy(
 ) -> anyhow::Result<()> {
     match cmd {
         AppraisalPolicyCmd::Set { file } => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading {}", file.display()))?;
+            let text = crate::policy::read_policy(&file)?;
             let v = client.set_appraisal_policy(&text).await?;
             print_value(output, &v, |v| {
                 format!("appraisal policy installed (version {})", v["version"])
@@ -100,17 +98,7 @@ pub async fn run_policy(
         }
         AppraisalPolicyCmd::Get => {
             let (text, version) = client.get_appraisal_policy().await?;
-            if output.is_json() {
-                println!(
-                    "{}",
-                    serde_json::json!({"version": version, "policy": text})
-                );
-            } else {
-                print!("{text}");
-                if !text.ends_with('\n') {
-                    println!();
-                }
-            }
+            crate::policy::print_policy(output, &text, version);
         }
     }
     Ok(())
