@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, State};
 use base64::Engine;
-use base64::engine::general_purpose::{URL_SAFE, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use kbs_core::appraisal::{Appraiser, KNOWN_REFERENCE_VALUES, normalize};
 use kbs_core::audit::Audit;
 use kbs_core::storage::{PolicyStore, ReferenceValueStore};
@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::attestation::{APPRAISAL_POLICY, reference_map};
+use crate::http::policy::SetPolicy;
 
 /// What the appraisal endpoints use.
 #[derive(Clone)]
@@ -107,32 +108,15 @@ pub async fn delete(
     Ok(Json(json!({"deleted": name})))
 }
 
-/// Upstream-shaped body: `{"policy": base64url(rego)}`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SetAppraisalPolicy {
-    policy: String,
-}
-
 /// `POST /kbs/v0/admin/appraisal-policy`: compile (a bad policy is a 400 and the old one
 /// stays), store, put in force.
 pub async fn set_policy(
     State(admin): State<AppraisalAdmin>,
     State(audit): State<Audit>,
     AdminCaller(caller): AdminCaller,
-    ApiJson(req): ApiJson<SetAppraisalPolicy>,
+    ApiJson(req): ApiJson<SetPolicy>,
 ) -> Result<Json<Value>, ApiError> {
-    let raw = URL_SAFE_NO_PAD
-        .decode(req.policy.trim())
-        .or_else(|_| URL_SAFE.decode(req.policy.trim()))
-        .map_err(|e| {
-            ApiError::bad_request(
-                "MalformedRequest",
-                format!("`policy` is not base64url: {e}"),
-            )
-        })?;
-    let text = String::from_utf8(raw)
-        .map_err(|_| ApiError::bad_request("MalformedRequest", "`policy` is not UTF-8 text"))?;
+    let text = req.text()?;
     let _guard = admin.write.lock().await;
     Appraiser::check(&text)?;
     let version = admin

@@ -38,12 +38,29 @@ impl PolicyAdmin {
     }
 }
 
-/// Upstream body of `POST /kbs/v0/resource-policy`.
+/// Upstream body of `POST /kbs/v0/resource-policy` (and of the appraisal policy's POST).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SetPolicy {
     /// base64url (no padding; padding tolerated) of the Rego text.
     policy: String,
+}
+
+impl SetPolicy {
+    /// The Rego text: 400 `MalformedRequest` if it is not base64url of UTF-8.
+    pub fn text(&self) -> Result<String, ApiError> {
+        let raw = URL_SAFE_NO_PAD
+            .decode(self.policy.trim())
+            .or_else(|_| URL_SAFE.decode(self.policy.trim()))
+            .map_err(|e| {
+                ApiError::bad_request(
+                    "MalformedRequest",
+                    format!("`policy` is not base64url: {e}"),
+                )
+            })?;
+        String::from_utf8(raw)
+            .map_err(|_| ApiError::bad_request("MalformedRequest", "`policy` is not UTF-8 text"))
+    }
 }
 
 /// Name under which the resource policy is stored.
@@ -57,17 +74,7 @@ pub async fn set_policy(
     AdminCaller(admin): AdminCaller,
     ApiJson(req): ApiJson<SetPolicy>,
 ) -> Result<Json<Value>, ApiError> {
-    let raw = URL_SAFE_NO_PAD
-        .decode(req.policy.trim())
-        .or_else(|_| URL_SAFE.decode(req.policy.trim()))
-        .map_err(|e| {
-            ApiError::bad_request(
-                "MalformedRequest",
-                format!("`policy` is not base64url: {e}"),
-            )
-        })?;
-    let text = String::from_utf8(raw)
-        .map_err(|_| ApiError::bad_request("MalformedRequest", "`policy` is not UTF-8 text"))?;
+    let text = req.text()?;
     // Compile first (a failure leaves everything as it was), then persist, then swap; the
     // lock keeps the stored order and the swap order the same under concurrent updates.
     let _guard = policy.write.lock().await;
