@@ -406,6 +406,9 @@ impl TokenSigner {
     }
 
     /// Like [`TokenSigner::issue`], also returning the unpacked token (no re-verification).
+    /// The token is remembered as verified: it was signed here a moment ago, so the client's
+    /// first request with it (RCAR's resource GET, the tunnel upgrade) needs no ES256
+    /// verification, only the digest lookup and the expiry check of a cache hit.
     pub fn issue_verified(
         &self,
         claims: Map<String, Value>,
@@ -413,6 +416,13 @@ impl TokenSigner {
     ) -> Result<(String, VerifiedToken), TokenError> {
         let (token, claims, text) = self.sign(stamp(claims, ttl))?;
         let verified = VerifiedToken::from_claims(&Value::Object(claims), text)?;
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        self.cache.insert(
+            digest,
+            Arc::new(verified.clone()),
+            verified.exp.saturating_add(EXP_LEEWAY_SECS),
+            unix_now(),
+        );
         Ok((token, verified))
     }
 
@@ -831,6 +841,29 @@ mod tests {
         tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
         assert!(signer.verify(&tampered).is_err());
         assert_eq!(signer.cache.len(), 1);
+    }
+
+    #[test]
+    fn an_issued_token_is_known_verified_without_a_signature_check() {
+        let signer = TokenSigner::ephemeral().unwrap();
+        let (token, issued) = signer
+            .issue_verified(sample_claims(), Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(signer.cache.len(), 1);
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let cached = signer.cache.get(&digest).expect("the issued token is cached");
+        assert_eq!(cached.claims, issued.claims);
+        assert_eq!(cached.exp, issued.exp);
+        // The cache answers the first verification, with the claims that were signed.
+        let verified = signer.verify(&token).unwrap();
+        assert_eq!(verified.claims, issued.claims);
+        assert_eq!(signer.cache.len(), 1);
+        // A token of another signer is still refused (the cache is keyed by the bytes).
+        let other = TokenSigner::ephemeral().unwrap();
+        let (foreign, _) = other
+            .issue_verified(sample_claims(), Duration::from_secs(60))
+            .unwrap();
+        assert!(matches!(signer.verify(&foreign), Err(TokenError::Invalid(_))));
     }
 
     #[test]

@@ -11,8 +11,9 @@
 //!   affirming, 32..95 warning, 96..127 contraindicated, and the same for negative values);
 //! - a policy must set at least one claim.
 //!
-//! Tether adds an optional `reasons` set of strings, shown in logs and refusals. A
-//! contraindicated appraisal is refused by the RCAR service (no token is issued).
+//! Tether adds an optional `reasons` set of strings, shown in logs and refusals (so read only
+//! when the verdict is not affirming). A contraindicated appraisal is refused by the RCAR
+//! service (no token is issued).
 
 mod reference;
 
@@ -97,7 +98,8 @@ pub struct Appraisal {
     pub trust_vector: BTreeMap<&'static str, i8>,
     /// The policy's id (`ear.appraisal-policy-id`).
     pub policy_id: &'static str,
-    /// The policy's `reasons`, sorted.
+    /// The policy's `reasons`, sorted; evaluated only when the status is not affirming
+    /// (they explain refusals and warnings, and an affirming verdict is not reported).
     pub reasons: Vec<String>,
 }
 
@@ -344,7 +346,10 @@ impl Appraiser {
             .map(|v| TrustTier::of(*v))
             .max()
             .unwrap_or(TrustTier::None);
-        let reasons = if loaded.has_reasons {
+        // Reasons are read only for a verdict someone is told about (a refusal, a warning
+        // in the log); an affirming one skips the `reasons` rules, about half the work of
+        // an appraisal.
+        let reasons = if loaded.has_reasons && status != TrustTier::Affirming {
             reasons(&mut engine)?
         } else {
             Vec::new()

@@ -225,10 +225,16 @@ fn snp_measurement_and_minimum_tcb() {
 #[test]
 fn the_policy_is_replaceable_and_a_bad_one_leaves_the_old_in_force() {
     let appraiser = Appraiser::default();
-    let custom = "package policy\nimport rego.v1\nhardware := 2\nexecutables := 3 if input.tdx.quote.body.mr_td\nreasons contains \"custom\"\n";
+    let custom = "package policy\nimport rego.v1\nhardware := 2\nexecutables := 3 if input.tdx.quote.body.mr_td\nconfiguration := 32 if input.tdx.td_attributes.debug\nreasons contains \"custom\"\n";
     assert_eq!(appraiser.set_policy(custom).unwrap(), 2);
     let a = appraiser.appraise(&input("tdx", tdx_claims())).unwrap();
     assert_eq!(a.status, TrustTier::Affirming);
+    // An affirming verdict is not explained: its reasons are not evaluated.
+    assert!(a.reasons.is_empty(), "{:?}", a.reasons);
+    let mut debug = tdx_claims();
+    debug["td_attributes"]["debug"] = json!(true);
+    let a = appraiser.appraise(&input("tdx", debug)).unwrap();
+    assert_eq!(a.status, TrustTier::Warning);
     assert_eq!(a.reasons, ["custom"]);
 
     for bad in [
