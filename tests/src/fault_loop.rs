@@ -81,6 +81,24 @@ pub struct Iteration {
     pub total: Duration,
 }
 
+impl Iteration {
+    /// One row of the report's table (round `i`, from 0).
+    pub fn line(&self, i: usize) -> String {
+        let ms = |d: Duration| format!("{:.0}ms", d.as_secs_f64() * 1e3);
+        format!(
+            "{:>4} {:>8} {:>8} {:>8} {:>12} {:>10} {:>10} {:>10}",
+            i + 1,
+            self.version,
+            self.acked_at_kill,
+            self.outstanding_at_kill,
+            self.killed_mid_rollout,
+            ms(self.restart),
+            ms(self.reconnect),
+            ms(self.total),
+        )
+    }
+}
+
 /// What a run found.
 #[derive(Clone, Debug, Default)]
 pub struct FaultLoopReport {
@@ -103,17 +121,7 @@ impl FaultLoopReport {
         );
         let ms = |d: Duration| format!("{:.0}ms", d.as_secs_f64() * 1e3);
         for (i, it) in self.iterations.iter().enumerate() {
-            println!(
-                "{:>4} {:>8} {:>8} {:>8} {:>12} {:>10} {:>10} {:>10}",
-                i + 1,
-                it.version,
-                it.acked_at_kill,
-                it.outstanding_at_kill,
-                it.killed_mid_rollout,
-                ms(it.restart),
-                ms(it.reconnect),
-                ms(it.total),
-            );
+            println!("{}", it.line(i));
         }
         let n = self.iterations.len().max(1) as u32;
         let sum = |f: fn(&Iteration) -> Duration| self.iterations.iter().map(f).sum::<Duration>();
@@ -209,8 +217,14 @@ pub async fn run_fault_loop(cfg: &FaultLoopConfig) -> anyhow::Result<FaultLoopRe
             .wait_connected(cfg.guests, Duration::from_secs(600))
             .await?;
         report.setup = started.elapsed();
+        println!(
+            "{} guests connected in {:.1} s",
+            cfg.guests,
+            report.setup.as_secs_f64()
+        );
         for i in 0..cfg.iterations {
             let it = iteration(cfg, &mut kbs, &admin, &fleet, i).await?;
+            println!("{}", it.line(i));
             report.iterations.push(it);
         }
         Ok::<_, anyhow::Error>(())
