@@ -321,6 +321,7 @@ impl Kbs {
                 prober,
                 resources: store.clone(),
                 audit: audit.clone(),
+                retention: config.fleet.retention(),
             },
             tunnel,
             readiness: Readiness {
@@ -333,6 +334,7 @@ impl Kbs {
                 plugins: plugins.clone(),
                 hub: hub.clone(),
                 fleet: fleet.clone(),
+                forget_after: config.fleet.forget_after,
                 audit,
                 secure_cookie: tls.is_some(),
             },
@@ -381,6 +383,7 @@ impl Kbs {
             event_store: s.store.clone(),
             fleet_store: s.store.clone(),
             metrics: s.metrics.observability.clone(),
+            retention: self.config.fleet.retention(),
         });
         let pruner = s.directory.clone().spawn_pruner(
             s.hub.clone(),

@@ -55,6 +55,8 @@ pub struct Config {
     pub policy: PolicyConfig,
     /// Reverse tunnel settings.
     pub tunnel: TunnelConfig,
+    /// The fleet view: how long guests that are gone are kept.
+    pub fleet: FleetConfig,
     /// Logging settings.
     pub log: LogConfig,
     /// Plugin defaults and per-plugin settings.
@@ -262,6 +264,40 @@ impl Default for TunnelConfig {
             write_queue: 128,
             read_buffer_bytes: 1024,
             directory_prune_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The fleet view's retention (`[fleet]`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// A guest without a tunnel that has not been seen for this long is forgotten: its fleet
+    /// record and its rotation sighting leave memory and the database (a rollout in force that
+    /// still waits for it keeps it until that rollout ends).
+    #[serde(with = "humantime_serde")]
+    pub forget_after: Duration,
+    /// How often the KBS looks for guests to forget (bounded work per look).
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        let r = kbs_core::fleet::Retention::default();
+        Self {
+            forget_after: r.forget_after,
+            sweep_interval: r.sweep_every,
+        }
+    }
+}
+
+impl FleetConfig {
+    /// As the fleet's retention.
+    pub fn retention(&self) -> kbs_core::fleet::Retention {
+        kbs_core::fleet::Retention {
+            forget_after: self.forget_after,
+            sweep_every: self.sweep_interval,
         }
     }
 }
@@ -533,6 +569,15 @@ impl Config {
                 "must be within 256 B..1 MiB",
             ));
         }
+        let f = &self.fleet;
+        if f.forget_after < Duration::from_secs(1)
+            || f.forget_after > Duration::from_secs(100 * 365 * 24 * 3600)
+        {
+            return Err(invalid("fleet.forget_after", "must be within 1s..=100y"));
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(24 * 3600)).contains(&f.sweep_interval) {
+            return Err(invalid("fleet.sweep_interval", "must be within 1s..=1d"));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
         Ok(())
@@ -683,6 +728,29 @@ mod tests {
         .unwrap();
         c.validate().unwrap();
         assert_eq!(c.http.body_timeout, Duration::from_secs(5));
+        let c = load(
+            "[fleet]\nforget_after = \"7d\"\n",
+            &[("KBS_FLEET__SWEEP_INTERVAL", "5m")],
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.fleet.retention().forget_after,
+            Duration::from_secs(7 * 24 * 3600)
+        );
+        assert_eq!(c.fleet.retention().sweep_every, Duration::from_secs(300));
+        assert_eq!(
+            Config::default().fleet.forget_after,
+            Duration::from_secs(30 * 24 * 3600),
+            "30 days by default"
+        );
+        for (text, key) in [
+            ("[fleet]\nforget_after = \"0s\"\n", "fleet.forget_after"),
+            ("[fleet]\nsweep_interval = \"2d\"\n", "fleet.sweep_interval"),
+        ] {
+            let err = load(text, &[]).unwrap().validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
         let c = load("[attestation]\nmax_init_data_bytes = 200000\n", &[]).unwrap();
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("attestation.max_init_data_bytes"), "{err}");

@@ -3,7 +3,8 @@
 //! configurable [`GuestService`](rpc_defs::GuestService) stub ([`StubGuest`]), simulated
 //! guests on real tunnels ([`TunnelGuest`]), bounded waits ([`eventually`], hub events), a
 //! tunnel-only KBS with fake crypto ([`FakeTunnelKbs`]), a fault-injecting relay
-//! ([`FaultProxy`]) and a wall clock ([`unix_secs`]).
+//! ([`FaultProxy`]), the real `kbs` binary as a child that can be killed ([`KbsChild`]), the
+//! kill -9 fault loop ([`run_fault_loop`]) and a wall clock ([`unix_secs`]).
 
 mod api;
 mod attest;
@@ -11,11 +12,14 @@ mod clock;
 mod crypto;
 mod daemon;
 mod fake_kbs;
+mod fault_loop;
 mod fault_proxy;
 mod guest;
 mod guest_stub;
 mod kbs;
+mod kbs_child;
 mod metrics;
+mod sim_fleet;
 mod skip;
 mod wait;
 mod x509;
@@ -26,6 +30,7 @@ pub use clock::{unix_ms, unix_secs};
 pub use crypto::{FAKE_TOKEN_PREFIX, fake_token, fake_unseal, sealed_resource, unseal_with};
 pub use daemon::DaemonRun;
 pub use fake_kbs::{FakeKbsOptions, FakeTunnelKbs, self_signed_tls};
+pub use fault_loop::{FAULT_PATH, FaultLoopConfig, FaultLoopReport, Iteration, run_fault_loop};
 pub use fault_proxy::FaultProxy;
 pub use guest::{TunnelGuest, guest_info};
 pub use guest_stub::{StubGuest, acknowledge, healthy, installed};
@@ -33,7 +38,9 @@ pub use kbs::{
     ALLOW_SAMPLE, PluginFactory, TestKbs, allow_sample, http_client, init_logging,
     tls_client_config, tunnel_url,
 };
+pub use kbs_child::{KbsChild, built_kbs_binary};
 pub use metrics::metric_value;
+pub use sim_fleet::{SimFleet, SimOptions};
 pub use skip::skip;
 pub use wait::{WAIT, eventually, eventually_within, hub_until, tunnel_of};
 pub use x509::{der, sans};

@@ -805,32 +805,10 @@ async fn bad_input_is_refused_clearly_and_controls_work() {
     assert_eq!(audit["records"][0]["outcome"], "refused");
 }
 
-/// The real `kbs` binary of this checkout: `cargo build` runs first (a no-op when it is
-/// fresh), so a stale binary is never the one under test.
-fn kbs_binary() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let exe = std::env::current_exe().unwrap();
-            // target/<profile>/deps/rotation-<hash> -> target/<profile>/kbs
-            let bin = exe.parent().unwrap().parent().unwrap().join("kbs");
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = std::process::Command::new(cargo)
-                .args(["build", "-q", "-p", "server", "--bin", "kbs"])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .status()
-                .unwrap();
-            assert!(status.success(), "building the kbs binary failed");
-            assert!(bin.exists(), "no kbs binary at {}", bin.display());
-            bin
-        })
-        .clone()
-}
-
 /// A `kbs` process on `listen`; returns it and its base URL (from its banner).
 async fn spawn_kbs(data_dir: &Path, listen: &str) -> (tokio::process::Child, String) {
     use tokio::io::AsyncBufReadExt;
-    let mut child = tokio::process::Command::new(kbs_binary())
+    let mut child = tokio::process::Command::new(tests::built_kbs_binary())
         .args(["--listen", listen, "--data-dir"])
         .arg(data_dir)
         .env("RUST_LOG", "warn")

@@ -182,6 +182,8 @@ pub struct ObservabilityMetrics {
     pub events_dropped: Counter,
     /// Guests the fleet view knows (connected or not).
     pub fleet_guests: Gauge,
+    /// Guests forgotten after `fleet.forget_after` without a tunnel.
+    pub fleet_forgotten: Counter,
     /// Probes by kind and outcome.
     pub probes: Family<Labels, Counter>,
     /// Probe latency by kind.
@@ -197,6 +199,7 @@ impl ObservabilityMetrics {
             events_written: Family::default(),
             events_dropped: Counter::default(),
             fleet_guests: Gauge::default(),
+            fleet_forgotten: Counter::default(),
             probes: Family::default(),
             probe_duration: Family::new_with_constructor(probe_histogram as fn() -> Histogram),
             storage_duration: Family::new_with_constructor(storage_histogram as fn() -> Histogram),
@@ -215,6 +218,11 @@ impl ObservabilityMetrics {
             "fleet_guests_known",
             "Guests the fleet view knows, connected or not",
             m.fleet_guests.clone(),
+        );
+        registry.register(
+            "fleet_guests_forgotten",
+            "Guests forgotten (fleet record and rotation sighting removed) after fleet.forget_after without a tunnel",
+            m.fleet_forgotten.clone(),
         );
         registry.register(
             "probes",

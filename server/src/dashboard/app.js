@@ -72,7 +72,7 @@ async function refreshGuests() {
   }
   tb.replaceChildren(...rows);
   document.getElementById('guest-count').textContent =
-    `${connected} connected, ${v.known} known`;
+    `${connected} connected, ${v.known} known (kept ${v.forget_after} after last seen)`;
 }
 
 function total(counts) {

@@ -41,6 +41,8 @@ pub struct Dashboard {
     pub hub: tunnel::Hub,
     /// The fleet view (counted).
     pub fleet: Arc<Fleet>,
+    /// How long guests that are gone are kept (`fleet.forget_after`, shown).
+    pub forget_after: std::time::Duration,
     /// The audit trail (logins).
     pub audit: Audit,
     /// Mark the session cookie `Secure` (the KBS serves TLS).
@@ -157,7 +159,7 @@ pub async fn index(State(state): State<Dashboard>, headers: HeaderMap) -> Respon
          <section id=\"fleet\"><h2>Guests <small id=\"guest-count\"></small></h2>\
          <table id=\"guests\"><thead><tr><th>guest</th><th>state</th><th>labels</th><th>TEE</th>\
          <th>held versions</th><th>last probe</th><th>last seen</th></tr></thead>\
-         <tbody><tr><td colspan=\"7\">{connected} connected, {known} known; loading…</td></tr></tbody></table></section>\
+         <tbody><tr><td colspan=\"7\">{connected} connected, {known} known (kept {forget_after} after last seen); loading…</td></tr></tbody></table></section>\
          <section id=\"rollouts-section\"><h2>Rollouts</h2>\
          <form id=\"rollout-form\"><input id=\"rollout-path\" placeholder=\"repo/type/tag\" required>\
          <input id=\"rollout-selector\" placeholder=\"selector, e.g. app=db (empty: all)\">\
@@ -178,6 +180,7 @@ pub async fn index(State(state): State<Dashboard>, headers: HeaderMap) -> Respon
         role = esc(&identity.role),
         connected = state.hub.len(),
         known = state.fleet.len(),
+        forget_after = esc(&humantime::format_duration(state.forget_after).to_string()),
         policy = esc(&policy),
     );
     html(StatusCode::OK, page("Tether KBS", &body))

@@ -15,7 +15,7 @@ use tunnel::{CallError, TunnelHandle};
 
 use kbs_core::audit::Audit;
 use kbs_core::fleet::{
-    ConnectionRecord, FleetQuery, GuestRecord, HeldVersion, LastProbe, MAX_PAGE,
+    ConnectionRecord, FleetQuery, GuestRecord, HeldVersion, LastProbe, MAX_PAGE, Retention,
 };
 use kbs_core::probe::{ProbeRequest, Prober};
 use kbs_core::resource_path::ResourcePath;
@@ -35,6 +35,8 @@ pub struct GuestsApi {
     pub resources: Arc<dyn ResourceStore>,
     /// The audit trail.
     pub audit: Audit,
+    /// How long guests that are gone are kept (shown with every listing).
+    pub retention: Retention,
 }
 
 /// Bytes echoed by `POST /kbs/v0/admin/guests/{guest_id}/ping`.
@@ -141,6 +143,13 @@ pub struct GuestList {
     /// Guests the KBS knows in all (connected or not).
     #[serde(default)]
     pub known: usize,
+    /// How long a guest without a tunnel is kept after it was last seen, then forgotten
+    /// (`fleet.forget_after`, humantime: `30days`).
+    #[serde(default)]
+    pub forget_after: String,
+    /// The same, in seconds.
+    #[serde(default)]
+    pub forget_after_s: u64,
 }
 
 /// Query of `GET /kbs/v0/admin/guests`.
@@ -295,6 +304,8 @@ pub async fn list(
         guests,
         next_cursor: page.next,
         known: fleet.len(),
+        forget_after: humantime::format_duration(api.retention.forget_after).to_string(),
+        forget_after_s: api.retention.forget_after.as_secs(),
     }))
 }
 

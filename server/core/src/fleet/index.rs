@@ -21,6 +21,8 @@ use crate::storage::{FleetStore, StoreError, now_ms};
 pub struct Fleet {
     guests: RwLock<BTreeMap<String, GuestRecord>>,
     dirty: Mutex<HashSet<String>>,
+    /// Where the next retention scan starts (the id after the last one looked at).
+    scan_from: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -47,6 +49,7 @@ impl Fleet {
         Self {
             guests: RwLock::new(BTreeMap::new()),
             dirty: Mutex::new(HashSet::new()),
+            scan_from: Mutex::new(None),
         }
     }
 
@@ -355,6 +358,82 @@ impl Fleet {
             })
             .map(|(id, _)| id.clone())
             .collect()
+    }
+
+    /// Up to `max` guests, among the next `scan` records from where the previous call
+    /// stopped (wrapping around), without a tunnel and not seen since `seen_before_ms`:
+    /// bounded work per call, the whole index every `len / scan` calls.
+    pub fn stale_candidates(
+        &self,
+        seen_before_ms: u64,
+        scan: usize,
+        max: usize,
+        is_live: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
+        let mut cursor = self.scan_from.lock().unwrap_or_else(|e| e.into_inner());
+        let map = self.read();
+        let mut out = Vec::new();
+        let mut looked = 0;
+        let mut wrapped = false;
+        let mut last: Option<&String> = None;
+        let mut range = match cursor.as_ref() {
+            Some(after) => map.range::<String, _>((Bound::Excluded(after), Bound::Unbounded)),
+            None => map.range::<String, _>(..),
+        };
+        while looked < scan.min(map.len()) && out.len() < max {
+            let Some((id, rec)) = range.next() else {
+                if wrapped || cursor.is_none() {
+                    break;
+                }
+                // From the start, up to where this scan began.
+                wrapped = true;
+                range = map.range::<String, _>(..);
+                continue;
+            };
+            if wrapped && cursor.as_ref().is_some_and(|c| id > c) {
+                break;
+            }
+            looked += 1;
+            last = Some(id);
+            if !rec.connected && rec.last_seen < seen_before_ms && !is_live(id) {
+                out.push(id.clone());
+            }
+        }
+        *cursor = last.cloned();
+        out
+    }
+
+    /// Removes those of `ids` that still have no tunnel and were not seen since
+    /// `seen_before_ms` (storage has forgotten them); a guest back meanwhile is kept and
+    /// written again. Returns how many went.
+    pub fn forget(
+        &self,
+        ids: &[String],
+        seen_before_ms: u64,
+        is_live: impl Fn(&str) -> bool,
+    ) -> usize {
+        let mut back = Vec::new();
+        let mut gone = 0;
+        {
+            let mut map = self.write();
+            for id in ids {
+                match map.get(id) {
+                    Some(rec)
+                        if rec.connected || rec.last_seen >= seen_before_ms || is_live(id) =>
+                    {
+                        back.push(id.clone());
+                    }
+                    Some(_) => {
+                        map.remove(id);
+                        gone += 1;
+                    }
+                    None => {}
+                }
+            }
+        }
+        let mut dirty = self.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        dirty.extend(back);
+        gone
     }
 
     /// Changed records since the last call, as `(guest_id, JSON)`.

@@ -3,9 +3,11 @@
 //! resource versions it holds. Kept in an in-memory index (a `BTreeMap` by guest id, so a
 //! page is a range scan from the cursor) fed by hub events and probes, written behind to
 //! storage ([`crate::storage::FleetStore`]) by a flusher task, and loaded back at start.
+//! Guests gone for longer than [`Retention::forget_after`] are forgotten (`retention`).
 
 mod index;
 mod record;
+mod retention;
 mod tracker;
 
 pub use index::Fleet;
@@ -13,4 +15,5 @@ pub use record::{
     ConnectionRecord, FleetPage, FleetQuery, GuestRecord, HISTORY_LEN, HeldVersion, LastProbe,
     MAX_PAGE, close_reason,
 };
+pub use retention::{FORGET_PER_SWEEP, Retention, SCAN_PER_SWEEP, spawn_forgetter, sweep};
 pub use tracker::{Observability, ObservabilityParts, spawn_flusher, spawn_tracker};

@@ -1,5 +1,6 @@
 //! The fleet's background tasks: the tracker that follows the hub, the flusher that writes
-//! changed records, and the event writer, started and stopped together.
+//! changed records, the forgetter that drops guests gone too long, and the event writer,
+//! started and stopped together.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use tunnel::{Hub, TunnelEvent};
 
 use super::index::Fleet;
 use super::record::close_reason;
+use super::retention::{Retention, spawn_forgetter};
 use crate::events::EventSink;
 use crate::guest_directory::GuestDirectory;
 use crate::metrics::ObservabilityMetrics;
@@ -121,16 +123,18 @@ pub struct ObservabilityParts {
     pub fleet_store: Arc<dyn FleetStore>,
     /// Their metrics.
     pub metrics: ObservabilityMetrics,
+    /// How long guests that are gone are kept.
+    pub retention: Retention,
 }
 
 impl Observability {
-    /// Start the event writer, the fleet tracker and the fleet flusher.
+    /// Start the event writer, the fleet tracker, the fleet flusher and the forgetter.
     pub fn spawn(parts: ObservabilityParts) -> Self {
         let stop_tracker = CancellationToken::new();
         let stop_rest = CancellationToken::new();
         let tracker = spawn_tracker(
             parts.fleet.clone(),
-            parts.hub,
+            parts.hub.clone(),
             parts.directory,
             parts.events.clone(),
             stop_tracker.clone(),
@@ -143,6 +147,14 @@ impl Observability {
         {
             rest.push(w);
         }
+        rest.push(spawn_forgetter(
+            parts.fleet.clone(),
+            parts.fleet_store.clone(),
+            parts.hub,
+            parts.retention,
+            parts.metrics.clone(),
+            stop_rest.clone(),
+        ));
         rest.push(spawn_flusher(
             parts.fleet,
             parts.fleet_store,

@@ -87,9 +87,9 @@ impl ListArgs {
 }
 
 async fn list(args: ListArgs, client: &AdminClient, output: Output) -> anyhow::Result<()> {
-    let guests = fetch_pages(client, &args.query(), args.no_follow).await?;
+    let (guests, forget_after) = fetch_pages(client, &args.query(), args.no_follow).await?;
     if output.is_json() {
-        return print_pretty(&serde_json::json!({"guests": guests}));
+        return print_pretty(&serde_json::json!({"guests": guests, "forget_after": forget_after}));
     }
     let mut t = table(&[
         "GUEST",
@@ -105,16 +105,28 @@ async fn list(args: ListArgs, client: &AdminClient, output: Output) -> anyhow::R
         t.add_row(row(g));
     }
     println!("{t}");
-    println!("{} guest(s)", guests.len());
+    println!("{}", footer(guests.len(), &forget_after));
     Ok(())
 }
 
-/// The guests of every page from `first` on, or of the first page alone with `first_only`.
+/// The line under the table: how many, and how long the KBS keeps guests that are gone.
+fn footer(count: usize, forget_after: &str) -> String {
+    if forget_after.is_empty() {
+        format!("{count} guest(s)")
+    } else {
+        format!(
+            "{count} guest(s); a guest without a tunnel is forgotten {forget_after} after it was last seen"
+        )
+    }
+}
+
+/// The guests of every page from `first` on, or of the first page alone with `first_only`,
+/// and how long the KBS keeps guests that are gone (`forget_after`).
 async fn fetch_pages(
     client: &AdminClient,
     first: &str,
     first_only: bool,
-) -> anyhow::Result<Vec<Value>> {
+) -> anyhow::Result<(Vec<Value>, String)> {
     let mut guests: Vec<Value> = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
@@ -126,7 +138,7 @@ async fn fetch_pages(
         guests.extend(v["guests"].as_array().cloned().unwrap_or_default());
         cursor = v["next_cursor"].as_str().map(str::to_string);
         if cursor.is_none() || first_only {
-            return Ok(guests);
+            return Ok((guests, cell(&v["forget_after"])));
         }
     }
 }
@@ -195,5 +207,14 @@ mod tests {
         assert_eq!(r[2], "app=db");
         assert_eq!(r[5], "default/key/tls@3");
         assert_eq!(r[6], "");
+    }
+
+    #[test]
+    fn the_footer_says_how_long_gone_guests_are_kept() {
+        assert_eq!(
+            footer(3, "30days"),
+            "3 guest(s); a guest without a tunnel is forgotten 30days after it was last seen"
+        );
+        assert_eq!(footer(1, ""), "1 guest(s)", "an older KBS does not say");
     }
 }
