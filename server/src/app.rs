@@ -162,6 +162,8 @@ pub struct Kbs {
     app: AppState,
     /// External issuers whose JWK sets are fetched from a URL, with how often.
     jwks_urls: Vec<(Arc<ExternalIssuer>, String, std::time::Duration)>,
+    /// TDX/SNP collateral, kept fresh in the background while serving.
+    collateral: Arc<tee_verifiers::CollateralStore>,
     config: Arc<Config>,
     tls: Option<Arc<rustls::ServerConfig>>,
 }
@@ -204,8 +206,9 @@ impl Kbs {
             }
             issuers.push(issuer);
         }
+        let collateral = Arc::new(collateral);
         let verifier_setup = kbs_core::verifiers::VerifierSetup {
-            collateral: Arc::new(collateral),
+            collateral: collateral.clone(),
             clock: Default::default(),
         };
         let rcar = Arc::new(
@@ -340,6 +343,7 @@ impl Kbs {
             },
         };
         Ok(Self {
+            collateral,
             state: KbsHandles {
                 hub,
                 plugins,
@@ -394,6 +398,12 @@ impl Kbs {
             self.jwks_urls.clone(),
             s.shutdown.clone(),
         ));
+        // Collateral enters the cache with the first attestation that needs it (or from the
+        // store); from then on it is refreshed ahead of its nextUpdate, not on demand.
+        let refresher = tokio::spawn(self.collateral.clone().run_refresher(
+            Arc::new(tee_verifiers::collateral::SystemClock),
+            s.shutdown.clone().cancelled_owned(),
+        ));
         s.plugins.start_all().await;
         let http = &self.config.http;
         let grace = http.shutdown_grace;
@@ -410,6 +420,7 @@ impl Kbs {
         let (result, ()) = tokio::join!(serving, http::tunnel::drain(&s.hub, &s.shutdown, grace));
         let _ = pruner.await;
         let _ = jwks.await;
+        let _ = refresher.await;
         observability.finish().await;
         s.plugins.stop_all().await;
         result

@@ -33,15 +33,19 @@ pub struct CollateralConfig {
     /// AMD KDS base URL.
     pub kds_url: String,
     /// Air-gapped sites: read collateral from `<dir>/tdx/*.json` and `<dir>/snp/*.{der,pem}`
-    /// at start and never fetch.
+    /// (at start, and again when the files change) and never fetch.
     pub offline_dir: Option<PathBuf>,
+    /// How often `offline_dir` is checked for changed files.
+    #[serde(with = "humantime_serde")]
+    pub offline_rescan: Duration,
     /// Timeout of one fetch.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// An item is refetched this long before its nextUpdate.
     #[serde(with = "humantime_serde")]
     pub refresh_before: Duration,
-    /// After a failed refresh while a valid copy is cached, wait this long before trying again.
+    /// After a failed refresh while a valid copy is cached, wait this long before trying again
+    /// (doubling with each further failure, up to 32 times this).
     #[serde(with = "humantime_serde")]
     pub retry_after: Duration,
 }
@@ -55,6 +59,7 @@ impl Default for CollateralConfig {
             root_ca_crl_url: http.root_ca_crl_url.unwrap_or_default(),
             kds_url: http.kds_url,
             offline_dir: None,
+            offline_rescan: settings.offline_rescan,
             timeout: http.timeout,
             refresh_before: settings.refresh_before,
             retry_after: settings.retry_after,
@@ -78,6 +83,7 @@ impl CollateralConfig {
             source,
             refresh_before: self.refresh_before,
             retry_after: self.retry_after,
+            offline_rescan: self.offline_rescan,
         }
     }
 
@@ -103,6 +109,9 @@ impl CollateralConfig {
         }
         if self.retry_after < Duration::from_secs(1) {
             return Err((key("retry_after"), "must be at least 1s".into()));
+        }
+        if self.offline_rescan < Duration::from_secs(1) {
+            return Err((key("offline_rescan"), "must be at least 1s".into()));
         }
         Ok(())
     }

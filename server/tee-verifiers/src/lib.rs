@@ -7,6 +7,7 @@
 //! needs; [`Verifier`] is the async shell that gets it from a [`CollateralStore`] (memory
 //! cache, persistent cache, PCCS/KDS or files) and calls [`verify`].
 
+pub mod anchors;
 pub mod binding;
 pub mod collateral;
 mod der;
@@ -20,6 +21,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
+pub use anchors::TrustAnchors;
 pub use collateral::{Collateral, CollateralRequest, CollateralStore};
 pub use error::{ErrorKind, VerifyError};
 
@@ -89,7 +91,7 @@ impl Decoded {
         }
     }
 
-    /// Verifies the evidence; see [`verify`].
+    /// Verifies the evidence up to the vendors' roots; see [`verify`].
     pub fn verify(
         &self,
         expected_report_data: &[u8],
@@ -97,11 +99,34 @@ impl Decoded {
         collateral: &Collateral,
         now: SystemTime,
     ) -> Result<Claims, VerifyError> {
+        self.verify_with(
+            &TrustAnchors::vendor(),
+            expected_report_data,
+            expected_init_data_digest,
+            collateral,
+            now,
+        )
+    }
+
+    /// Verifies the evidence up to the roots in `anchors`; see [`verify`].
+    pub fn verify_with(
+        &self,
+        anchors: &TrustAnchors,
+        expected_report_data: &[u8],
+        expected_init_data_digest: Option<&[u8]>,
+        collateral: &Collateral,
+        now: SystemTime,
+    ) -> Result<Claims, VerifyError> {
         let now = unix(now);
         let claims = match (self, collateral) {
-            (Decoded::Tdx(ev), Collateral::Tdx(c)) => {
-                tdx::verify(ev, expected_report_data, expected_init_data_digest, c, now)?
-            }
+            (Decoded::Tdx(ev), Collateral::Tdx(c)) => tdx::verify(
+                anchors.intel_root_ca(),
+                ev,
+                expected_report_data,
+                expected_init_data_digest,
+                c,
+                now,
+            )?,
             (Decoded::Tdx(_), _) => {
                 return Err(VerifyError::CollateralUnavailable(
                     "TDX verification needs DCAP collateral".into(),
@@ -113,6 +138,7 @@ impl Decoded {
                     _ => None,
                 };
                 snp::verify(
+                    anchors,
                     ev,
                     expected_report_data,
                     expected_init_data_digest,
@@ -157,12 +183,22 @@ pub fn verify(
 #[derive(Debug, Clone)]
 pub struct Verifier {
     store: Arc<CollateralStore>,
+    anchors: Arc<TrustAnchors>,
 }
 
 impl Verifier {
-    /// A verifier getting collateral from `store`.
+    /// A verifier getting collateral from `store`, trusting the vendors' roots.
     pub fn new(store: Arc<CollateralStore>) -> Self {
-        Verifier { store }
+        Verifier {
+            store,
+            anchors: TrustAnchors::vendor(),
+        }
+    }
+
+    /// The same verifier trusting `anchors` instead.
+    pub fn with_trust_anchors(mut self, anchors: Arc<TrustAnchors>) -> Self {
+        self.anchors = anchors;
+        self
     }
 
     /// The store.
@@ -182,7 +218,8 @@ impl Verifier {
         let decoded = Decoded::new(tee, evidence)?;
         let request = decoded.collateral_request()?;
         let collateral = self.store.collateral(&request, unix(now)).await?;
-        decoded.verify(
+        decoded.verify_with(
+            &self.anchors,
             expected_report_data,
             expected_init_data_digest,
             &collateral,

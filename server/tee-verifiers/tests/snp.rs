@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tee_verifiers::snp::report::Report;
 use tee_verifiers::snp::vek::{self, VekKind};
 use tee_verifiers::snp::{self, Generation};
-use tee_verifiers::{Collateral, TeeKind, VerifyError, verify};
+use tee_verifiers::{Collateral, TeeKind, TrustAnchors, VerifyError, verify};
 
 fn verify_snp(evidence: &Value, report: &[u8]) -> Result<Value, VerifyError> {
     verify(
@@ -70,7 +70,14 @@ fn vlek_report_verifies_against_the_asvk() {
     let r = Report::new(SNP_VLEK_REPORT).unwrap();
     assert_eq!(r.version(), 3);
     assert_eq!(r.signing_key(), 1);
-    let key = vek::verify_vek(SNP_VLEK, VekKind::Vlek, Generation::Milan, 1_748_736_000).unwrap();
+    let key = vek::verify_vek(
+        SNP_VLEK,
+        VekKind::Vlek,
+        Generation::Milan,
+        TrustAnchors::vendor().amd_roots(Generation::Milan).unwrap(),
+        1_748_736_000,
+    )
+    .unwrap();
     snp::verify_report_signature(&r, &key).unwrap();
     snp::check_tcb(&r, &key).unwrap();
     // The whole path then refuses it for its VMPL (1), as upstream does (VMPL 0 only).
@@ -84,8 +91,14 @@ fn vlek_report_verifies_against_the_asvk() {
         VerifyError::Rejected("SNP report VMPL is 1, expected 0".into())
     );
     // The VLEK is issued by the ASVK, not the ASK.
-    let err =
-        vek::verify_vek(SNP_VLEK, VekKind::Vcek, Generation::Milan, 1_748_736_000).unwrap_err();
+    let err = vek::verify_vek(
+        SNP_VLEK,
+        VekKind::Vcek,
+        Generation::Milan,
+        TrustAnchors::vendor().amd_roots(Generation::Milan).unwrap(),
+        1_748_736_000,
+    )
+    .unwrap_err();
     assert!(matches!(err, VerifyError::CertificateChain(_)), "{err:?}");
 }
 
@@ -122,13 +135,27 @@ fn flipped_byte_in_vcek_breaks_the_chain() {
 #[test]
 fn milan_vcek_does_not_chain_to_other_generations() {
     for g in [Generation::Genoa, Generation::Turin] {
-        let err = vek::verify_vek(SNP_VCEK, VekKind::Vcek, g, 1_748_736_000).unwrap_err();
+        let err = vek::verify_vek(
+            SNP_VCEK,
+            VekKind::Vcek,
+            g,
+            TrustAnchors::vendor().amd_roots(g).unwrap(),
+            1_748_736_000,
+        )
+        .unwrap_err();
         assert!(
             matches!(err, VerifyError::CertificateChain(_)),
             "{g:?}: {err:?}"
         );
     }
-    vek::verify_vek(SNP_VCEK, VekKind::Vcek, Generation::Milan, 1_748_736_000).unwrap();
+    vek::verify_vek(
+        SNP_VCEK,
+        VekKind::Vcek,
+        Generation::Milan,
+        TrustAnchors::vendor().amd_roots(Generation::Milan).unwrap(),
+        1_748_736_000,
+    )
+    .unwrap();
     // A v3 report whose CPUID says Genoa, with the Milan VCEK: refused for the generation.
     let mut r = SNP_VLEK_REPORT.to_vec();
     r[0x188] = 0x19;
@@ -157,7 +184,14 @@ fn reported_tcb_must_match_the_key() {
     let mut r = SNP_REPORT.to_vec();
     r[0x180] += 1;
     let report = Report::new(&r).unwrap();
-    let key = vek::verify_vek(SNP_VCEK, VekKind::Vcek, Generation::Milan, 1_748_736_000).unwrap();
+    let key = vek::verify_vek(
+        SNP_VCEK,
+        VekKind::Vcek,
+        Generation::Milan,
+        TrustAnchors::vendor().amd_roots(Generation::Milan).unwrap(),
+        1_748_736_000,
+    )
+    .unwrap();
     let err = snp::check_tcb(&report, &key).unwrap_err();
     assert!(matches!(err, VerifyError::TcbMismatch(_)), "{err:?}");
     // Through the whole path the signature fails first (the TCB is signed).
@@ -166,7 +200,14 @@ fn reported_tcb_must_match_the_key() {
     let mut r = SNP_VLEK_REPORT.to_vec();
     r[0x187] ^= 1; // microcode
     let report = Report::new(&r).unwrap();
-    let key = vek::verify_vek(SNP_VLEK, VekKind::Vlek, Generation::Milan, 1_748_736_000).unwrap();
+    let key = vek::verify_vek(
+        SNP_VLEK,
+        VekKind::Vlek,
+        Generation::Milan,
+        TrustAnchors::vendor().amd_roots(Generation::Milan).unwrap(),
+        1_748_736_000,
+    )
+    .unwrap();
     assert!(matches!(
         snp::check_tcb(&report, &key),
         Err(VerifyError::TcbMismatch(_))

@@ -21,7 +21,8 @@ pub const COLLATERAL_NAMESPACE: &str = "tether.collateral";
 pub enum CollateralSource {
     /// PCCS or Intel PCS (v4 API) and AMD KDS.
     Http(HttpFetcherConfig),
-    /// Files read once at start (`<dir>/tdx/*.json`, `<dir>/snp/*.{der,pem}`): no fetch ever.
+    /// Files (`<dir>/tdx/*.json`, `<dir>/snp/*.{der,pem}`), read at start and again when
+    /// they change (checked every `offline_rescan`): no fetch ever.
     Offline(PathBuf),
 }
 
@@ -32,8 +33,11 @@ pub struct CollateralSettings {
     pub source: CollateralSource,
     /// An item is refetched this long before its nextUpdate.
     pub refresh_before: Duration,
-    /// After a failed refresh with a still-valid copy, the next attempt waits this long.
+    /// After a failed refresh with a still-valid copy, the next attempt waits this long
+    /// (doubling with each further failure).
     pub retry_after: Duration,
+    /// How often the offline directory is checked for changed files.
+    pub offline_rescan: Duration,
 }
 
 impl Default for CollateralSettings {
@@ -43,6 +47,7 @@ impl Default for CollateralSettings {
             source: CollateralSource::Http(HttpFetcherConfig::default()),
             refresh_before: store.refresh_before,
             retry_after: store.retry_after,
+            offline_rescan: store.source_poll,
         }
     }
 }
@@ -72,6 +77,7 @@ pub fn collateral_store(
     let config = StoreConfig {
         refresh_before: settings.refresh_before,
         retry_after: settings.retry_after,
+        source_poll: settings.offline_rescan,
     };
     let store = match &settings.source {
         CollateralSource::Http(http) => {

@@ -12,9 +12,12 @@ mod pccs;
 mod store;
 
 pub use item::{CollateralItem, ItemBody};
-pub use offline::OfflineFetcher;
+pub use offline::{OfflineFetcher, OfflineItems};
 pub use pccs::{HttpFetcher, HttpFetcherConfig};
-pub use store::{CollateralFetcher, CollateralStore, FetchError, PersistentCache, StoreConfig};
+pub use store::{
+    CollateralFetcher, CollateralStore, FetchError, MAX_BACKOFF_FACTOR, PersistentCache,
+    RefreshClock, StoreConfig, SystemClock,
+};
 
 pub use crate::request::{
     Collateral, CollateralKey, CollateralRequest, PckCa, SnpTcb, TdxCollateral, VcekId,

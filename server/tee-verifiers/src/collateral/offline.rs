@@ -1,4 +1,4 @@
-//! Air-gapped collateral: items read once from a directory instead of fetched.
+//! Air-gapped collateral: items read from a directory instead of fetched.
 //!
 //! Layout of the directory:
 //! - `tdx/*.json`: DCAP collateral bundles in `QuoteCollateralV3` JSON (the shape of
@@ -7,10 +7,16 @@
 //!   latest nextUpdate wins;
 //! - `snp/*.der` or `snp/*.pem`: VCEKs, indexed by their hwID, TCB extensions and product.
 //!
-//! Refresh the directory and build a new fetcher to roll collateral forward.
+//! To roll collateral forward, replace the files: [`CollateralFetcher::source_changed`]
+//! notices a changed listing (names, sizes, modification times) and re-reads the directory,
+//! and the store's refresher then replaces every cached item by the file's (the directory is
+//! the source of truth). A directory that no longer reads cleanly (a file half-written) is
+//! logged and the previous items stay until it does.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 
@@ -22,16 +28,60 @@ use crate::VerifyError;
 use crate::request::Generation;
 use crate::snp::vek;
 
-/// Serves collateral from files loaded at construction.
-#[derive(Debug, Clone, Default)]
+/// Name, size and modification time of every collateral file: a changed stamp means the
+/// directory must be read again.
+type Stamp = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
+/// Serves collateral from the files of a directory (see the module documentation).
+#[derive(Debug, Default)]
 pub struct OfflineFetcher {
+    dir: Option<PathBuf>,
+    loaded: RwLock<(Stamp, OfflineItems)>,
+}
+
+/// Collateral items by key (one directory's worth).
+#[derive(Debug, Clone, Default)]
+pub struct OfflineItems {
     items: HashMap<CollateralKey, CollateralItem>,
 }
 
 impl OfflineFetcher {
     /// Loads `dir/tdx/*.json` and `dir/snp/*.{der,pem}`; missing subdirectories are empty.
     pub fn from_dir(dir: &Path) -> Result<Self, VerifyError> {
-        let mut f = OfflineFetcher::default();
+        let stamp = stamp(dir)?;
+        let items = OfflineItems::from_dir(dir)?;
+        Ok(OfflineFetcher {
+            dir: Some(dir.to_owned()),
+            loaded: RwLock::new((stamp, items)),
+        })
+    }
+
+    /// A fetcher serving `items` (no directory behind it).
+    pub fn from_items(items: OfflineItems) -> Self {
+        OfflineFetcher {
+            dir: None,
+            loaded: RwLock::new((Vec::new(), items)),
+        }
+    }
+}
+
+fn stamp(dir: &Path) -> Result<Stamp, VerifyError> {
+    let mut out = Vec::new();
+    for sub in ["tdx", "snp"] {
+        for path in files(&dir.join(sub))? {
+            let meta = std::fs::metadata(&path).map_err(|e| {
+                VerifyError::CollateralUnavailable(format!("{}: {e}", path.display()))
+            })?;
+            out.push((path, meta.len(), meta.modified().ok()));
+        }
+    }
+    Ok(out)
+}
+
+impl OfflineItems {
+    /// Reads `dir/tdx/*.json` and `dir/snp/*.{der,pem}`; missing subdirectories are empty.
+    pub fn from_dir(dir: &Path) -> Result<Self, VerifyError> {
+        let mut f = OfflineItems::default();
         for path in files(&dir.join("tdx"))? {
             if path.extension().is_some_and(|e| e == "json") {
                 let bytes = read(&path)?;
@@ -121,9 +171,46 @@ fn read(path: &Path) -> Result<Vec<u8>, VerifyError> {
 #[async_trait]
 impl CollateralFetcher for OfflineFetcher {
     async fn fetch(&self, key: &CollateralKey) -> Result<CollateralItem, FetchError> {
-        self.items
+        let loaded = self
+            .loaded
+            .read()
+            .map_err(|_| FetchError::Unreachable("offline collateral lock poisoned".into()))?;
+        loaded
+            .1
+            .items
             .get(key)
             .cloned()
             .ok_or_else(|| FetchError::NotFound(key.name()))
+    }
+
+    async fn source_changed(&self) -> bool {
+        let Some(dir) = &self.dir else {
+            return false;
+        };
+        let now = match stamp(dir) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "offline collateral directory unreadable");
+                return false;
+            }
+        };
+        if self.loaded.read().is_ok_and(|l| l.0 == now) {
+            return false;
+        }
+        match OfflineItems::from_dir(dir) {
+            Ok(items) => {
+                tracing::info!(dir = %dir.display(), "offline collateral changed, re-read");
+                if let Ok(mut l) = self.loaded.write() {
+                    *l = (now, items);
+                }
+                true
+            }
+            Err(e) => {
+                // Not recorded: tried again at the next poll (a file may be half-written).
+                tracing::warn!(dir = %dir.display(), error = %e,
+                    "offline collateral changed but does not read cleanly; keeping the previous files' items");
+                false
+            }
+        }
     }
 }

@@ -9,6 +9,11 @@
 //!   served and no new fetch is tried for `retry_after`, so an outage costs one failed
 //!   request per key per `retry_after`, not one per verification;
 //! - the fetch fails and no valid copy exists: [`VerifyError::CollateralUnavailable`].
+//!
+//! [`CollateralStore::run_refresher`] does the same ahead of time: it wakes when the first
+//! cached item becomes due (`next_update - refresh_before`) and refreshes it, so no
+//! attestation waits for a fetch; a failed refresh keeps the still-valid copy and is retried
+//! with exponential backoff (`retry_after`, doubling, at most [`MAX_BACKOFF_FACTOR`] times it).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -41,6 +46,12 @@ pub enum FetchError {
 pub trait CollateralFetcher: Send + Sync {
     /// Fetches one item.
     async fn fetch(&self, key: &CollateralKey) -> Result<CollateralItem, FetchError>;
+
+    /// Whether the source changed since the last call (files replaced): the refresher then
+    /// fetches every cached item again at once. Services are asked only when items are due.
+    async fn source_changed(&self) -> bool {
+        false
+    }
 }
 
 /// A persistent store for fetched items (the KBS backs it with its database), so a restart
@@ -58,8 +69,11 @@ pub trait PersistentCache: Send + Sync {
 pub struct StoreConfig {
     /// Refresh an item this long before its nextUpdate.
     pub refresh_before: Duration,
-    /// After a failed refresh with a still-valid copy, wait this long before trying again.
+    /// After a failed refresh with a still-valid copy, wait this long before trying again
+    /// (doubling after each further failure, up to [`MAX_BACKOFF_FACTOR`] times this).
     pub retry_after: Duration,
+    /// How often the refresher asks the fetcher whether its source changed (offline files).
+    pub source_poll: Duration,
 }
 
 impl Default for StoreConfig {
@@ -67,6 +81,7 @@ impl Default for StoreConfig {
         StoreConfig {
             refresh_before: Duration::from_secs(3600),
             retry_after: Duration::from_secs(60),
+            source_poll: Duration::from_secs(60),
         }
     }
 }
@@ -76,6 +91,47 @@ struct Entry {
     item: Arc<CollateralItem>,
     /// No refresh attempt before this time (after a failed one).
     retry_not_before: i64,
+    /// Failed refreshes in a row (sets the backoff).
+    failures: u32,
+}
+
+impl Entry {
+    fn new(item: Arc<CollateralItem>) -> Self {
+        Entry {
+            item,
+            retry_not_before: i64::MIN,
+            failures: 0,
+        }
+    }
+}
+
+/// The backoff between failed refreshes of one item grows up to this many `retry_after`s.
+pub const MAX_BACKOFF_FACTOR: u32 = 32;
+
+/// Wall time for [`CollateralStore::run_refresher`]: unix seconds, and a way to wait for a
+/// given one (tests drive it by hand; the KBS's fixed test clock never reaches a later time).
+#[async_trait]
+pub trait RefreshClock: Send + Sync {
+    /// Now, in unix seconds.
+    fn now(&self) -> i64;
+    /// Returns at `unix` or later (it may return early; the caller checks again).
+    async fn sleep_until(&self, unix: i64);
+}
+
+/// The system clock; sleeps are cut into hours so a clock step or a suspend is noticed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+#[async_trait]
+impl RefreshClock for SystemClock {
+    fn now(&self) -> i64 {
+        crate::unix(std::time::SystemTime::now())
+    }
+
+    async fn sleep_until(&self, unix: i64) {
+        let wait = unix.saturating_sub(self.now()).clamp(0, 3600);
+        tokio::time::sleep(Duration::from_secs(wait as u64)).await;
+    }
 }
 
 type Assembled = (Vec<Arc<CollateralItem>>, Arc<TdxCollateral>);
@@ -88,6 +144,8 @@ pub struct CollateralStore {
     items: RwLock<HashMap<CollateralKey, Entry>>,
     fetch_locks: Mutex<HashMap<CollateralKey, Arc<tokio::sync::Mutex<()>>>>,
     assembled: RwLock<HashMap<(String, PckCa), Assembled>>,
+    /// Woken when an item is added or replaced, so the refresher recomputes its schedule.
+    changed: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for CollateralStore {
@@ -112,6 +170,7 @@ impl CollateralStore {
             items: RwLock::new(HashMap::new()),
             fetch_locks: Mutex::new(HashMap::new()),
             assembled: RwLock::new(HashMap::new()),
+            changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -133,6 +192,117 @@ impl CollateralStore {
     fn put(&self, key: &CollateralKey, entry: Entry) {
         if let Ok(mut items) = self.items.write() {
             items.insert(key.clone(), entry);
+        }
+        self.changed.notify_one();
+    }
+
+    /// Fetches every cached item again and replaces those that differ (the source changed).
+    async fn reload_all(&self, now: i64) {
+        for (key, _) in self.schedule() {
+            let lock = match self.fetch_locks.lock() {
+                Ok(mut locks) => locks.entry(key.clone()).or_default().clone(),
+                Err(_) => return,
+            };
+            let _guard = lock.lock().await;
+            match self.fetcher.fetch(&key).await {
+                Ok(item) => {
+                    if self.cached(&key).is_some_and(|e| *e.item != item) {
+                        tracing::info!(key = %key.name(), next_update = item.next_update,
+                            "collateral replaced from its changed source");
+                        if let Some(p) = &self.persistent
+                            && let Ok(bytes) = serde_json::to_vec(&item)
+                        {
+                            p.store(&key.name(), bytes).await;
+                        }
+                        let mut entry = Entry::new(Arc::new(item));
+                        if !self.fresh(&entry, now) {
+                            entry.retry_not_before =
+                                now.saturating_add(secs(self.config.retry_after));
+                        }
+                        self.put(&key, entry);
+                    }
+                }
+                Err(e) => tracing::warn!(key = %key.name(), error = %e,
+                    "changed collateral source no longer has this item; keeping the cached copy"),
+            }
+        }
+    }
+
+    /// When `entry` is next due for a refresh.
+    fn due(&self, entry: &Entry) -> i64 {
+        let ahead = entry
+            .item
+            .next_update
+            .saturating_sub(secs(self.config.refresh_before));
+        ahead.max(entry.retry_not_before)
+    }
+
+    /// The cached keys, each with the time it is next due for a refresh.
+    fn schedule(&self) -> Vec<(CollateralKey, i64)> {
+        self.items
+            .read()
+            .map(|items| {
+                items
+                    .iter()
+                    .map(|(k, e)| (k.clone(), self.due(e)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Refreshes every cached item before its nextUpdate (see the module documentation)
+    /// until `shutdown` completes. Items enter the cache through attestations (or the
+    /// persistent cache); this task keeps them fresh from then on.
+    pub async fn run_refresher(
+        self: Arc<Self>,
+        clock: Arc<dyn RefreshClock>,
+        shutdown: impl std::future::Future<Output = ()> + Send,
+    ) {
+        tokio::pin!(shutdown);
+        let poll = secs(self.config.source_poll).max(1);
+        let mut next_poll = clock.now().saturating_add(poll);
+        loop {
+            // Registered before the schedule is read, so an item added meanwhile wakes us.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let now = clock.now();
+            if now >= next_poll {
+                next_poll = now.saturating_add(poll);
+                if self.fetcher.source_changed().await {
+                    self.reload_all(now).await;
+                }
+            }
+            let schedule = self.schedule();
+            for (key, due) in &schedule {
+                if *due <= now {
+                    match self.item(key, now).await {
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(key = %key.name(), error = %e,
+                            "background collateral refresh failed"),
+                    }
+                }
+            }
+            let next = schedule
+                .iter()
+                .filter(|(_, due)| *due > now)
+                .map(|(_, due)| *due)
+                .chain(std::iter::once(next_poll))
+                .min();
+            if schedule.iter().any(|(_, due)| *due <= now) {
+                // Refreshed (or failed) this round: recompute with the new dates at once.
+                continue;
+            }
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = &mut changed => {}
+                () = async {
+                    match next {
+                        Some(at) => clock.sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
         }
     }
 
@@ -166,10 +336,7 @@ impl CollateralStore {
                 .await
                 .and_then(|b| serde_json::from_slice::<CollateralItem>(&b).ok())
         {
-            let entry = Entry {
-                item: Arc::new(item),
-                retry_not_before: i64::MIN,
-            };
+            let entry = Entry::new(Arc::new(item));
             self.put(key, entry.clone());
             if self.fresh(&entry, now) {
                 return Ok(entry.item);
@@ -185,24 +352,42 @@ impl CollateralStore {
                     p.store(&name, bytes).await;
                 }
                 let item = Arc::new(item);
-                self.put(
-                    key,
-                    Entry {
-                        item: item.clone(),
-                        retry_not_before: i64::MIN,
-                    },
-                );
+                let mut entry = Entry::new(item.clone());
+                if !self.fresh(&entry, now) {
+                    // The service still serves a copy inside the refresh margin (it has not
+                    // published the next one yet): ask again after `retry_after`, not at
+                    // every verification.
+                    entry.retry_not_before = now.saturating_add(secs(self.config.retry_after));
+                }
+                self.put(key, entry);
                 Ok(item)
             }
-            Err(err) => match current {
-                Some(mut e) if now <= e.item.next_update => {
-                    tracing::warn!(key = %name, error = %err, "collateral refresh failed, serving the cached copy");
-                    e.retry_not_before = now.saturating_add(secs(self.config.retry_after));
-                    self.put(key, e.clone());
+            Err(err) => {
+                let mut e = match current {
+                    Some(e) => e,
+                    None => {
+                        return Err(VerifyError::CollateralUnavailable(format!("{name}: {err}")));
+                    }
+                };
+                let factor = 1u32
+                    .checked_shl(e.failures)
+                    .unwrap_or(u32::MAX)
+                    .min(MAX_BACKOFF_FACTOR);
+                let backoff = secs(self.config.retry_after).saturating_mul(i64::from(factor));
+                e.retry_not_before = now.saturating_add(backoff);
+                e.failures = e.failures.saturating_add(1);
+                self.put(key, e.clone());
+                if now <= e.item.next_update {
+                    tracing::warn!(key = %name, error = %err, retry_in_secs = backoff,
+                        "collateral refresh failed, serving the cached copy");
                     Ok(e.item)
+                } else {
+                    Err(VerifyError::CollateralUnavailable(format!(
+                        "{name}: {err} (the cached copy expired at {})",
+                        e.item.next_update
+                    )))
                 }
-                _ => Err(VerifyError::CollateralUnavailable(format!("{name}: {err}"))),
-            },
+            }
         }
     }
 

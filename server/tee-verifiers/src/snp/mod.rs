@@ -31,7 +31,8 @@
 //! 2. generation: from CPUID family/model (version 3+; upstream's table), else from the
 //!    key's productName extension; both present and different is refused;
 //! 3. the VCEK chains to the generation's ASK and ARK, a VLEK to its ASVK and ARK
-//!    (RSASSA-PSS SHA-384); ARK/ASK sent in `cert_chain` are ignored, the embedded roots rule;
+//!    (RSASSA-PSS SHA-384); ARK/ASK sent in `cert_chain` are ignored, the configured
+//!    [`TrustAnchors`] rule (AMD's embedded roots unless an operator set others);
 //! 4. the report signature by the key;
 //! 5. REPORTED_TCB (bootloader, tee, snp, microcode, and fmc on Turin) equals the key's
 //!    extensions, and for a VCEK the chip id equals its hwID (upstream `verify_report_tcb`);
@@ -48,6 +49,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use sev::parser::ByteParser;
 
+use crate::anchors::TrustAnchors;
 pub use crate::request::Generation;
 use crate::request::{CollateralRequest, SnpTcb, VcekId};
 use crate::{VerifyError, binding};
@@ -181,8 +183,10 @@ pub fn collateral_request(ev: &DecodedEvidence) -> Result<CollateralRequest, Ver
     }))
 }
 
-/// Verifies decoded SNP evidence with the key it carries or `fetched_vcek` (DER).
+/// Verifies decoded SNP evidence with the key it carries or `fetched_vcek` (DER), up to
+/// the roots `anchors` hold for the report's generation.
 pub fn verify(
+    anchors: &TrustAnchors,
     evidence: &DecodedEvidence,
     expected_report_data: &[u8],
     expected_init_data_digest: Option<&[u8]>,
@@ -228,7 +232,8 @@ pub fn verify(
         )));
     }
     let generation = generation(&report, Some(vek_der))?;
-    let vek = vek::verify_vek(vek_der, kind, generation, now_unix)?;
+    let roots = anchors.amd_roots(generation)?;
+    let vek = vek::verify_vek(vek_der, kind, generation, roots, now_unix)?;
     verify_report_signature(&report, &vek)?;
     check_tcb(&report, &vek)?;
     if report.vmpl() != 0 {

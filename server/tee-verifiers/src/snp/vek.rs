@@ -41,7 +41,7 @@ impl VekKind {
     }
 }
 
-/// The DER ASK, ARK and ASVK of one generation.
+/// The DER ASK, ARK and ASVK of one generation, checked to chain when built.
 #[derive(Debug)]
 pub struct Roots {
     /// AMD SEV Key (issues VCEKs).
@@ -50,13 +50,33 @@ pub struct Roots {
     pub ark: Vec<u8>,
     /// AMD SEV VLEK Key (issues VLEKs).
     pub asvk: Vec<u8>,
+    /// SHA-256 over the three, so keys verified under other roots are told apart.
+    id: [u8; 32],
+}
+
+impl Roots {
+    /// Checks that the ARK is self-signed and signed the ASK and ASVK.
+    pub fn new(ark: Vec<u8>, ask: Vec<u8>, asvk: Vec<u8>) -> Result<Self, String> {
+        for (name, cert) in [("ARK", &ark), ("ASK", &ask), ("ASVK", &asvk)] {
+            verify_signed_by(cert, &ark).map_err(|e| format!("{name}: {e}"))?;
+        }
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for c in [&ark, &ask, &asvk] {
+            ctx.update(&(c.len() as u64).to_be_bytes());
+            ctx.update(c);
+        }
+        let mut id = [0u8; 32];
+        id.copy_from_slice(ctx.finish().as_ref());
+        Ok(Roots { ask, ark, asvk, id })
+    }
 }
 
 fn pem_certs(pem: &str) -> Vec<Vec<u8>> {
     crate::tdx::embedded_certs(pem.as_bytes())
 }
 
-fn load_roots() -> Result<HashMap<Generation, Roots>, String> {
+/// AMD's public roots of each generation, embedded (trustee's PEM files), self-checked.
+pub fn load_embedded_roots() -> Result<HashMap<Generation, Roots>, String> {
     let mut map = HashMap::new();
     for (generation, pem) in [
         (
@@ -75,26 +95,10 @@ fn load_roots() -> Result<HashMap<Generation, Roots>, String> {
         let certs = pem_certs(pem);
         let [ask, ark, asvk] = <[Vec<u8>; 3]>::try_from(certs)
             .map_err(|_| format!("{generation:?} roots: expected ASK, ARK, ASVK"))?;
-        // The ARK is self-signed; ASK and ASVK are signed by it.
-        for (name, cert) in [("ARK", &ark), ("ASK", &ask), ("ASVK", &asvk)] {
-            verify_signed_by(cert, &ark).map_err(|e| format!("{generation:?} {name}: {e}"))?;
-        }
-        map.insert(generation, Roots { ask, ark, asvk });
+        let roots = Roots::new(ark, ask, asvk).map_err(|e| format!("{generation:?} {e}"))?;
+        map.insert(generation, roots);
     }
     Ok(map)
-}
-
-/// The embedded, self-checked roots of a generation.
-pub fn roots(generation: Generation) -> Result<&'static Roots, VerifyError> {
-    static ROOTS: OnceLock<Result<HashMap<Generation, Roots>, String>> = OnceLock::new();
-    match ROOTS.get_or_init(load_roots) {
-        Ok(map) => map
-            .get(&generation)
-            .ok_or_else(|| VerifyError::CertificateChain(format!("no roots for {generation:?}"))),
-        Err(e) => Err(VerifyError::CertificateChain(format!(
-            "embedded AMD roots: {e}"
-        ))),
-    }
 }
 
 fn parse(der_bytes: &[u8]) -> Result<X509Certificate<'_>, String> {
@@ -172,30 +176,32 @@ struct Verified {
     not_after: i64,
 }
 
-type VerifiedCache = Mutex<HashMap<(VekKind, Generation, [u8; 32]), Arc<Verified>>>;
+type VerifiedCache = Mutex<HashMap<(VekKind, Generation, [u8; 32], [u8; 32]), Arc<Verified>>>;
 
 /// Most keys remembered as verified (a KBS sees one VCEK per chip and TCB).
 const VERIFIED_MAX: usize = 4096;
 
 /// Keys whose chain verified, by SHA-256 of their DER with kind and generation: a VCEK comes
 /// back with every report of its chip, and the RSA-4096 chain check is a pure function of
-/// those bytes. Validity dates are still checked at every call.
+/// those bytes (and of the roots, whose id is part of the key). Validity dates are still
+/// checked at every call.
 fn verified_cache() -> &'static VerifiedCache {
     static CACHE: OnceLock<VerifiedCache> = OnceLock::new();
     CACHE.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
-/// Verifies `vek_der` (a `kind` key) chains to `generation`'s ARK through the ASK (VCEK) or
-/// ASVK (VLEK), is valid at `now_unix`, and reads its TCB extensions.
+/// Verifies `vek_der` (a `kind` key) chains to `roots` (those of `generation`) through the
+/// ASK (VCEK) or ASVK (VLEK), is valid at `now_unix`, and reads its TCB extensions.
 pub fn verify_vek(
     vek_der: &[u8],
     kind: VekKind,
     generation: Generation,
+    roots: &Roots,
     now_unix: i64,
 ) -> Result<Vek, VerifyError> {
     let mut digest = [0u8; 32];
     digest.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, vek_der).as_ref());
-    let key = (kind, generation, digest);
+    let key = (kind, generation, roots.id, digest);
     let cached = verified_cache()
         .lock()
         .ok()
@@ -203,7 +209,7 @@ pub fn verify_vek(
     let verified = match cached {
         Some(v) => v,
         None => {
-            let v = Arc::new(verify_chain(vek_der, kind, generation)?);
+            let v = Arc::new(verify_chain(vek_der, kind, generation, roots)?);
             if let Ok(mut c) = verified_cache().lock() {
                 if c.len() >= VERIFIED_MAX {
                     c.clear();
@@ -226,8 +232,8 @@ fn verify_chain(
     vek_der: &[u8],
     kind: VekKind,
     generation: Generation,
+    roots: &Roots,
 ) -> Result<Verified, VerifyError> {
-    let roots = roots(generation)?;
     let issuer = match kind {
         VekKind::Vcek => &roots.ask,
         VekKind::Vlek => &roots.asvk,
@@ -336,15 +342,16 @@ mod tests {
 
     #[test]
     fn embedded_roots_chain_to_their_ark() {
+        let all = load_embedded_roots().unwrap();
         for g in [Generation::Milan, Generation::Genoa, Generation::Turin] {
-            let r = roots(g).unwrap();
+            let r = &all[&g];
             let ark = parse(&r.ark).unwrap();
             let cn = ark.subject().iter_common_name().next().unwrap();
             assert_eq!(cn.as_str().unwrap(), format!("ARK-{g:?}"));
         }
         // Cross-generation signatures do not verify.
-        let milan = roots(Generation::Milan).unwrap();
-        let genoa = roots(Generation::Genoa).unwrap();
+        let milan = &all[&Generation::Milan];
+        let genoa = &all[&Generation::Genoa];
         assert!(verify_signed_by(&milan.ask, &genoa.ark).is_err());
     }
 

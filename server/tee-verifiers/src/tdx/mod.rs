@@ -197,9 +197,10 @@ pub fn collateral_request(ev: &DecodedEvidence) -> Result<CollateralRequest, Ver
     })
 }
 
-/// Verifies decoded TDX evidence; returns upstream's claims plus `tcb_status` and
-/// `advisory_ids`.
+/// Verifies decoded TDX evidence up to `root_ca` (DER; `None` is Intel's SGX root CA);
+/// returns upstream's claims plus `tcb_status` and `advisory_ids`.
 pub fn verify(
+    root_ca: Option<&[u8]>,
     evidence: &DecodedEvidence,
     expected_report_data: &[u8],
     expected_init_data_digest: Option<&[u8]>,
@@ -215,12 +216,23 @@ pub fn verify(
     }
     let now_secs = u64::try_from(now_unix)
         .map_err(|_| VerifyError::CollateralExpired("time before 1970".into()))?;
-    let report = QuoteVerifier::new_prod()
-        .with_config::<RingConfig>()
+    let verifier = match root_ca {
+        Some(der) => QuoteVerifier::new_with_config(der.to_vec()),
+        None => QuoteVerifier::new_prod().with_config::<RingConfig>(),
+    };
+    let report = verifier
         .allow_debug(true)
         .allow_service_td(true)
         .verify(&evidence.quote, &collateral.collateral, now_secs)
-        .map_err(|e| classify(&format!("{e:#}")))?;
+        .map_err(|e| match classify(&format!("{e:#}")) {
+            VerifyError::CertificateRevoked(d) => VerifyError::CertificateRevoked(
+                match revoked_detail(&evidence.quote, &collateral.collateral) {
+                    Some(which) => format!("{which} ({d})"),
+                    None => d,
+                },
+            ),
+            other => other,
+        })?;
 
     binding::check_report_data(quote.body.report_data(), expected_report_data)?;
     binding::check_init_data(quote.body.mr_config_id(), expected_init_data_digest)?;
@@ -265,6 +277,57 @@ pub fn verify(
         claims.insert("fmspc".into(), Value::String(hex::encode(pck.fmspc)));
     }
     Ok(claims)
+}
+
+/// Which certificate a CRL of the collateral lists: the quote's PCK certificate or PCK CA,
+/// or the TCB info / QE identity signer. `dcap-qvl` refuses a revoked certificate but says
+/// only `CertRevoked`; an operator needs to know which one (and since when).
+fn revoked_detail(quote: &[u8], c: &dcap_qvl::QuoteCollateralV3) -> Option<String> {
+    let names = ["PCK certificate", "PCK CA certificate"];
+    let mut certs: Vec<(&str, Vec<u8>)> = embedded_certs(quote)
+        .into_iter()
+        .zip(names)
+        .map(|(der, name)| (name, der))
+        .collect();
+    for (name, pem) in [
+        ("TCB info signing certificate", &c.tcb_info_issuer_chain),
+        (
+            "QE identity signing certificate",
+            &c.qe_identity_issuer_chain,
+        ),
+    ] {
+        if let Some(der) = embedded_certs(pem.as_bytes()).into_iter().next() {
+            certs.push((name, der));
+        }
+    }
+    for (name, der) in &certs {
+        let Ok((_, cert)) = X509Certificate::from_der(der) else {
+            continue;
+        };
+        for (crl_name, crl_der) in [("PCK CRL", &c.pck_crl), ("root CA CRL", &c.root_ca_crl)] {
+            let Ok((_, crl)) = x509_parser::parse_x509_crl(crl_der) else {
+                continue;
+            };
+            if crl.issuer() != cert.issuer() {
+                continue;
+            }
+            if let Some(r) = crl
+                .iter_revoked_certificates()
+                .find(|r| r.raw_serial() == cert.raw_serial())
+            {
+                let reason = r
+                    .reason_code()
+                    .map(|(_, code)| format!(", reason {code}"))
+                    .unwrap_or_default();
+                return Some(format!(
+                    "the {name} (serial {}) is listed on the {crl_name} as revoked since {}{reason}",
+                    hex::encode(cert.raw_serial()),
+                    r.revocation_date
+                ));
+            }
+        }
+    }
+    None
 }
 
 fn rfc3339(unix: i64) -> String {
