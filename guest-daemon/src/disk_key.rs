@@ -42,11 +42,16 @@ pub fn provisioner_path(initdata: &str) -> Result<String, DiskKeyError> {
             DiskKeyError::InitData("no [data] \"trustee.kbs.resource\" string".into())
         })?;
     let rest = uri.strip_prefix(SCHEME).ok_or_else(|| {
-        DiskKeyError::InitData(format!("trustee.kbs.resource {uri:?} is not {SCHEME}<repo>/<uuid>/<tag>"))
+        DiskKeyError::InitData(format!(
+            "trustee.kbs.resource {uri:?} is not {SCHEME}<repo>/<uuid>/<tag>"
+        ))
     })?;
     let parts: Vec<&str> = rest.split('/').collect();
-    let segment_ok =
-        |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    let segment_ok = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    };
     if parts.len() != 3 || !parts.iter().all(|p| segment_ok(p)) {
         return Err(DiskKeyError::InitData(format!(
             "trustee.kbs.resource {uri:?} is not {SCHEME}<repo>/<uuid>/<tag>"
@@ -64,9 +69,11 @@ pub struct Confdata {
 }
 
 /// Parse confdata TOML.
-pub fn parse_confdata(text: Zeroizing<String>) -> Result<Confdata, DiskKeyError> {
-    let table: toml::Table = toml::from_str(&text)
-        .map_err(|e| DiskKeyError::Answer(format!("confdata is not valid TOML: {}", e.message())))?;
+pub fn parse_confdata(text: String) -> Result<Confdata, DiskKeyError> {
+    let text = Zeroizing::new(text);
+    let table: toml::Table = toml::from_str(&text).map_err(|e| {
+        DiskKeyError::Answer(format!("confdata is not valid TOML: {}", e.message()))
+    })?;
     let key = table
         .get("data")
         .and_then(|d| d.get(ROOT_KEY))
@@ -74,7 +81,10 @@ pub fn parse_confdata(text: Zeroizing<String>) -> Result<Confdata, DiskKeyError>
         .ok_or_else(|| DiskKeyError::Answer(format!("confdata has no [data] {ROOT_KEY:?}")))?;
     let root_key = Zeroizing::new(key.to_owned());
     drop(table);
-    Ok(Confdata { toml: text, root_key })
+    Ok(Confdata {
+        toml: text,
+        root_key,
+    })
 }
 
 /// Attest (when needed) and fetch the confdata at `path` (from [`provisioner_path`]).
@@ -86,7 +96,7 @@ pub async fn fetch(client: &mut KbsClient, path: &str) -> Result<Confdata, DiskK
         .map_err(|e| DiskKeyError::Answer(e.to_string()))?;
     let text = String::from_utf8(plain.to_vec())
         .map_err(|_| DiskKeyError::Answer("confdata is not UTF-8".into()))?;
-    parse_confdata(Zeroizing::new(text))
+    parse_confdata(text)
 }
 
 #[cfg(test)]
@@ -115,11 +125,11 @@ mod tests {
 
     #[test]
     fn confdata_yields_the_root_key() {
-        let c = parse_confdata(Zeroizing::new(
+        let c = parse_confdata(
             "version = \"0.1.0\"\n\n[data]\n\"io.cryptsetup.key.text.root\" = \"abc123\"\n".into(),
-        ))
+        )
         .unwrap();
         assert_eq!(c.root_key.as_str(), "abc123");
-        assert!(parse_confdata(Zeroizing::new("[data]\n".into())).is_err());
+        assert!(parse_confdata("[data]\n".into()).is_err());
     }
 }

@@ -350,7 +350,9 @@ async fn pki_sign(args: PkiSignArgs) -> anyhow::Result<()> {
 
 async fn disk_key(args: DiskKeyArgs) -> anyhow::Result<()> {
     let Some(init_path) = &args.kbs.init_data else {
-        bail!("--init-data is required: the initdata.toml the host injected (the provisioner's oemstring, decoded)");
+        bail!(
+            "--init-data is required: the initdata.toml the host injected (the provisioner's oemstring, decoded)"
+        );
     };
     let path = guest_daemon::disk_key::provisioner_path(&read_init_data(init_path)?)?;
     let mut client = client(&args.kbs)?;
