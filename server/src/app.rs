@@ -29,6 +29,7 @@ use kbs_web::admin_gate::AdminGate;
 use kbs_web::error::ApiError;
 use kbs_web::http_metrics;
 use kbs_web::plugin::{PluginRegistry, PluginServices, PluginSpec, RegistryError};
+use plugin_nebula::NebulaPlugin;
 use plugin_pki::PkiPlugin;
 use plugin_probes::ProbesPlugin;
 use plugin_provisioner::ProvisionerPlugin;
@@ -72,6 +73,7 @@ fn builtin_plugins(g: &Grantable) -> Vec<PluginSpec> {
         }),
         PluginSpec::new(plugin_pki::NAME, PkiPlugin::build),
         PluginSpec::new(plugin_provisioner::NAME, ProvisionerPlugin::build),
+        PluginSpec::new(plugin_nebula::NAME, NebulaPlugin::build),
     ]
 }
 

@@ -81,8 +81,14 @@ pub(crate) async fn provision(
         Ok(vm) => vm,
         Err(e) => {
             inner.count("provision", "invalid");
-            ctx.audit(&admin, "provisioner.provision", "", "refused", e.to_string())
-                .await;
+            ctx.audit(
+                &admin,
+                "provisioner.provision",
+                "",
+                "refused",
+                e.to_string(),
+            )
+            .await;
             return Err(refused(&e));
         }
     };
@@ -314,16 +320,26 @@ mod tests {
     fn uuids_must_be_as_issued() {
         let u = Uuid::new_v4().to_string();
         parse_uuid(&u).unwrap();
-        for bad in [u.to_uppercase(), u.replace('-', ""), "x".into(), String::new()] {
-            assert_eq!(parse_uuid(&bad).unwrap_err().status, StatusCode::BAD_REQUEST);
+        for bad in [
+            u.to_uppercase(),
+            u.replace('-', ""),
+            "x".into(),
+            String::new(),
+        ] {
+            assert_eq!(
+                parse_uuid(&bad).unwrap_err().status,
+                StatusCode::BAD_REQUEST
+            );
         }
     }
 
     #[test]
     fn init_data_digest_from_either_submod() {
-        let c = json!({"submods": {"cpu0": {"ear.veraison.annotated-evidence": {"init_data": "ab"}}}});
+        let c =
+            json!({"submods": {"cpu0": {"ear.veraison.annotated-evidence": {"init_data": "ab"}}}});
         assert_eq!(attested_init_data(&c), Some("ab"));
-        let c = json!({"submods": {"cpu": {"ear.veraison.annotated-evidence": {"init_data": "cd"}}}});
+        let c =
+            json!({"submods": {"cpu": {"ear.veraison.annotated-evidence": {"init_data": "cd"}}}});
         assert_eq!(attested_init_data(&c), Some("cd"));
         assert_eq!(attested_init_data(&json!({})), None);
     }

@@ -29,7 +29,9 @@ pub enum RequestError {
     #[error("a provision request body is at most {MAX_REQUEST_BYTES} bytes, this one is {0}")]
     TooLarge(usize),
     /// Not UTF-8 JSON of the expected shape.
-    #[error("invalid provision request (expected {{\"vm_name\": \"..\", \"namespace\": \"..\"}}): {0}")]
+    #[error(
+        "invalid provision request (expected {{\"vm_name\": \"..\", \"namespace\": \"..\"}}): {0}"
+    )]
     Malformed(String),
     /// A field is out of range.
     #[error("invalid provision request: `{field}` {reason}")]
@@ -219,13 +221,7 @@ pub struct ProvisionAnswer {
 
 impl ProvisionRecord {
     /// A new record for `vm`: its UUID, a fresh key, the init-data pointing at `kbs_url`.
-    pub fn new(
-        vm: &VmIdentity,
-        kbs_url: &str,
-        key_length: usize,
-        now: u64,
-        by: &str,
-    ) -> Self {
+    pub fn new(vm: &VmIdentity, kbs_url: &str, key_length: usize, now: u64, by: &str) -> Self {
         let uuid = vm.uuid();
         let resource_path = resource_path(&uuid);
         let initdata = initdata_toml(kbs_url, &resource_path);
@@ -355,7 +351,10 @@ mod tests {
         let confdata = confdata_toml(&a);
         assert_eq!(
             *confdata,
-            format!("version = \"0.1.0\"\n\n[data]\n\"io.cryptsetup.key.text.root\" = \"{}\"\n", *a)
+            format!(
+                "version = \"0.1.0\"\n\n[data]\n\"io.cryptsetup.key.text.root\" = \"{}\"\n",
+                *a
+            )
         );
     }
 }

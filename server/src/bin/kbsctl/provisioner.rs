@@ -84,7 +84,9 @@ pub async fn run(cmd: ProvisionerCmd, client: &AdminClient, output: Output) -> a
         }
         ProvisionerCmd::Delete { uuid } => {
             let v = client.deprovision(&uuid).await?;
-            print_value(output, &v, |_| format!("deleted: the disk key of {uuid} is erased"));
+            print_value(output, &v, |_| {
+                format!("deleted: the disk key of {uuid} is erased")
+            });
             Ok(())
         }
     }
