@@ -156,6 +156,11 @@ struct RunArgs {
     /// the TEE key (an ECDH per push on each side).
     #[arg(long)]
     no_push_key: bool,
+    /// Announce the `nebula` service: the KBS's `nebula-ca` plugin pushes this guest its
+    /// Nebula credential (credentials/nebula/{ca.crt,node.crt,node.key}, from the `[nebula]`
+    /// table of its init-data) and renews it before it expires.
+    #[arg(long)]
+    nebula: bool,
 }
 
 #[derive(Debug, Args)]
@@ -260,6 +265,9 @@ async fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
     config.splitapi = (!args.no_splitapi).then(|| SplitApiConfig::new(args.splitapi_listen));
     config.cdh_listen = (!args.no_cdh).then_some(args.cdh_listen);
     config.push_key = !args.no_push_key;
+    if args.nebula {
+        config.extra_services.push("nebula".to_owned());
+    }
     if let Some(path) = &args.kbs.init_data {
         config.init_data = Some(read_init_data(path)?);
     }
