@@ -172,7 +172,7 @@ impl Allowed {
 
     /// What `req` asks beyond this, if anything.
     pub fn refusal(&self, req: &NodeRequest) -> Option<String> {
-        if !self.names.iter().any(|n| *n == req.name) {
+        if !self.names.contains(&req.name) {
             return Some(format!(
                 "name {:?} is not this guest's attested Nebula name ({})",
                 req.name,
