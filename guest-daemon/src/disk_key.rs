@@ -49,6 +49,8 @@ pub fn provisioner_path(initdata: &str) -> Result<String, DiskKeyError> {
     let parts: Vec<&str> = rest.split('/').collect();
     let segment_ok = |s: &str| {
         !s.is_empty()
+            && s != "."
+            && s != ".."
             && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
     };
