@@ -2,6 +2,7 @@
 //! `GuestService` implementation and its state store, and the `run` supervisor loop.
 
 pub mod cdh;
+pub mod disk_key;
 pub mod evidence;
 pub mod hook;
 pub mod pki;

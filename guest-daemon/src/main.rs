@@ -46,6 +46,11 @@ enum Command {
     /// plugin certify it (POST /kbs/v0/pki/sign) for this guest's attested identity; writes
     /// key.pem (0600), cert.pem and ca.pem into --out.
     PkiSign(PkiSignArgs),
+    /// A provisioned VM's disk key (the KBS's `provisioner` plugin): attest with the
+    /// init-data the host injected, fetch GET /kbs/v0/provisioner/default/<uuid>/root (the
+    /// path named in that init-data), open it with the TEE key and write the LUKS passphrase
+    /// (or, with --confdata, the whole confdata TOML) to stdout.
+    DiskKey(DiskKeyArgs),
 }
 
 /// How to reach and attest to the KBS.
@@ -151,6 +156,11 @@ struct RunArgs {
     /// the TEE key (an ECDH per push on each side).
     #[arg(long)]
     no_push_key: bool,
+    /// Announce the `nebula` service: the KBS's `nebula-ca` plugin pushes this guest its
+    /// Nebula credential (credentials/nebula/{ca.crt,node.crt,node.key}, from the `[nebula]`
+    /// table of its init-data) and renews it before it expires.
+    #[arg(long)]
+    nebula: bool,
 }
 
 #[derive(Debug, Args)]
@@ -175,6 +185,15 @@ struct PkiSignArgs {
     /// Output directory (created 0700); default `<state-dir>/pki`.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct DiskKeyArgs {
+    #[command(flatten)]
+    kbs: KbsArgs,
+    /// Print the whole confdata TOML instead of the passphrase alone.
+    #[arg(long)]
+    confdata: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -246,6 +265,9 @@ async fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
     config.splitapi = (!args.no_splitapi).then(|| SplitApiConfig::new(args.splitapi_listen));
     config.cdh_listen = (!args.no_cdh).then_some(args.cdh_listen);
     config.push_key = !args.no_push_key;
+    if args.nebula {
+        config.extra_services.push("nebula".to_owned());
+    }
     if let Some(path) = &args.kbs.init_data {
         config.init_data = Some(read_init_data(path)?);
     }
@@ -334,6 +356,26 @@ async fn pki_sign(args: PkiSignArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn disk_key(args: DiskKeyArgs) -> anyhow::Result<()> {
+    let Some(init_path) = &args.kbs.init_data else {
+        bail!(
+            "--init-data is required: the initdata.toml the host injected (the provisioner's oemstring, decoded)"
+        );
+    };
+    let path = guest_daemon::disk_key::provisioner_path(&read_init_data(init_path)?)?;
+    let mut client = client(&args.kbs)?;
+    let confdata = guest_daemon::disk_key::fetch(&mut client, &path).await?;
+    let mut out = std::io::stdout().lock();
+    // No newline after the passphrase: `cryptsetup --key-file=-` reads every byte.
+    if args.confdata {
+        out.write_all(confdata.toml.as_bytes())?;
+    } else {
+        out.write_all(confdata.root_key.as_bytes())?;
+    }
+    out.flush().context("write to stdout")?;
+    Ok(())
+}
+
 /// Cancel `shutdown` on the first SIGINT or SIGTERM.
 fn cancel_on_signal(shutdown: CancellationToken) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
@@ -357,6 +399,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Run(args) => run_daemon(args).await,
         Command::SplitapiPull(args) => splitapi_pull(args).await,
         Command::PkiSign(args) => pki_sign(args).await,
+        Command::DiskKey(args) => disk_key(args).await,
     }
 }
 

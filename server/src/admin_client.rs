@@ -569,6 +569,35 @@ impl AdminClient {
             .await?;
         parse("splitapi owner bundle", v)
     }
+
+    /// `POST /kbs/v0/provisioner/provision`: provision (or find) a VM's disk key;
+    /// `{uuid, resource_path, oemstring, mrconfigid, hostdata}`.
+    pub async fn provision(&self, vm_name: &str, namespace: &str) -> Result<Value, ClientError> {
+        self.send(
+            Method::POST,
+            "/kbs/v0/provisioner/provision",
+            Some(RequestBody::Json(
+                serde_json::json!({ "vm_name": vm_name, "namespace": namespace }),
+            )),
+        )
+        .await
+    }
+
+    /// `GET /kbs/v0/provisioner/provision`: the provisioned VMs (no keys).
+    pub async fn list_provisioned(&self) -> Result<Value, ClientError> {
+        self.send(Method::GET, "/kbs/v0/provisioner/provision", None)
+            .await
+    }
+
+    /// `DELETE /kbs/v0/provisioner/provision/<uuid>`: erase a VM's disk key.
+    pub async fn deprovision(&self, uuid: &str) -> Result<Value, ClientError> {
+        self.send(
+            Method::DELETE,
+            &format!("/kbs/v0/provisioner/provision/{}", path_segment(uuid)),
+            None,
+        )
+        .await
+    }
 }
 
 #[cfg(test)]

@@ -29,8 +29,10 @@ use kbs_web::admin_gate::AdminGate;
 use kbs_web::error::ApiError;
 use kbs_web::http_metrics;
 use kbs_web::plugin::{PluginRegistry, PluginServices, PluginSpec, RegistryError};
+use plugin_nebula::NebulaPlugin;
 use plugin_pki::PkiPlugin;
 use plugin_probes::ProbesPlugin;
+use plugin_provisioner::ProvisionerPlugin;
 use plugin_resource::ResourcePlugin;
 use plugin_rotation::{Grants, RotationPlugin};
 use plugin_splitapi::SplitApiPlugin;
@@ -70,6 +72,8 @@ fn builtin_plugins(g: &Grantable) -> Vec<PluginSpec> {
             RotationPlugin::build(s, rotation)
         }),
         PluginSpec::new(plugin_pki::NAME, PkiPlugin::build),
+        PluginSpec::new(plugin_provisioner::NAME, ProvisionerPlugin::build),
+        PluginSpec::new(plugin_nebula::NAME, NebulaPlugin::build),
     ]
 }
 

@@ -45,6 +45,9 @@ pub struct RunConfig {
     pub splitapi: Option<SplitApiConfig>,
     /// Listen address of the CDH-compatible resource endpoint; `None` turns it off.
     pub cdh_listen: Option<SocketAddr>,
+    /// More services to announce, e.g. `nebula`: the KBS's `nebula-ca` plugin then pushes
+    /// this guest its overlay credential (bundle `nebula`) and renews it (empty).
+    pub extra_services: Vec<String>,
     /// Offer the `tether.v2` tunnel (a push key in the challenge, so rotation pushes open
     /// without an asymmetric operation); false offers only `tether.v1` (true).
     pub push_key: bool,
@@ -88,6 +91,7 @@ impl RunConfig {
             reconnect: default_reconnect_policy(),
             splitapi: None,
             cdh_listen: None,
+            extra_services: Vec::new(),
             push_key: true,
             state,
             splitapi_status: watch::channel(SplitApiStatus::default()).0,

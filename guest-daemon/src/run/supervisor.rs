@@ -53,6 +53,7 @@ impl Supervisor {
             reconnect,
             splitapi,
             cdh_listen,
+            extra_services,
             push_key,
             state,
             splitapi_status,
@@ -77,7 +78,7 @@ impl Supervisor {
         }
         let client = builder.build()?;
         let tunnel = tunnel_config(client.kbs_url(), push_key, ca.as_ref())?;
-        let info = guest_info(splitapi.is_some());
+        let info = guest_info(splitapi.is_some(), &extra_services);
         tracing::info!(
             kbs_url = client.kbs_url(),
             tunnel_url = %tunnel.url,
@@ -233,10 +234,15 @@ async fn open_state(
 
 /// What the daemon announces in the tunnel handshake; `splitapi` is among its services
 /// when that endpoint is on.
-fn guest_info(splitapi: bool) -> GuestInfo {
+fn guest_info(splitapi: bool, extra: &[String]) -> GuestInfo {
     let mut services: Vec<String> = SERVICES.iter().map(|s| (*s).to_owned()).collect();
     if splitapi {
         services.push(crate::splitapi::SERVICE.to_owned());
+    }
+    for s in extra {
+        if !services.contains(s) {
+            services.push(s.clone());
+        }
     }
     GuestInfo {
         instance_id: instance_id(),

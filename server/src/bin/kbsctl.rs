@@ -19,6 +19,8 @@ mod plugin;
 mod policy;
 #[path = "kbsctl/probe.rs"]
 mod probe;
+#[path = "kbsctl/provisioner.rs"]
+mod provisioner;
 #[path = "kbsctl/query.rs"]
 mod query;
 #[path = "kbsctl/reference_values.rs"]
@@ -101,6 +103,9 @@ enum Command {
     /// splitapi: the workload owner's client credentials for a sandbox.
     #[command(subcommand)]
     Splitapi(splitapi::SplitapiCmd),
+    /// Per-VM disk keys (provisioner plugin): provision, list, delete.
+    #[command(subcommand)]
+    Provisioner(provisioner::ProvisionerCmd),
     /// Read the audit log (newest first).
     Audit(audit::AuditArgs),
     /// Reference values the appraisal policy checks evidence against: set, list, delete.
@@ -146,6 +151,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events(args) => events::run(args, &client(key()?)?, output).await,
         Command::Plugin(cmd) => plugin::run(cmd, &client(key()?)?, output).await,
         Command::Splitapi(cmd) => splitapi::run(cmd, &client(key()?)?, output).await,
+        Command::Provisioner(cmd) => provisioner::run(cmd, &client(key()?)?, output).await,
         Command::Audit(args) => audit::run(args, &client(key()?)?, output).await,
         Command::ReferenceValues(cmd) => reference_values::run(cmd, &client(key()?)?, output).await,
         Command::AppraisalPolicy(cmd) => {

@@ -64,7 +64,8 @@ impl PluginSpec {
         let mut setup = PluginSetup {
             name,
             section,
-            metrics: metrics.sub_registry_with_prefix(name),
+            // A metric name has no '-': `nebula-ca`'s families are `kbs_nebula_ca_*`.
+            metrics: metrics.sub_registry_with_prefix(name.replace('-', "_")),
         };
         let plugin = (self.build)(&mut setup)?;
         if plugin.name() != name {
