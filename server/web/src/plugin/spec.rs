@@ -64,7 +64,8 @@ impl PluginSpec {
         let mut setup = PluginSetup {
             name,
             section,
-            metrics: metrics.sub_registry_with_prefix(name),
+            // `external/echo` -> `kbs_external_echo_...` (a metric name has no `/`).
+            metrics: metrics.sub_registry_with_prefix(name.replace('/', "_")),
         };
         let plugin = (self.build)(&mut setup)?;
         if plugin.name() != name {
