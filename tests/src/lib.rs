@@ -3,7 +3,8 @@
 //! configurable [`GuestService`](rpc_defs::GuestService) stub ([`StubGuest`]), simulated
 //! guests on real tunnels ([`TunnelGuest`]), bounded waits ([`eventually`], hub events), a
 //! tunnel-only KBS with fake crypto ([`FakeTunnelKbs`]), a fault-injecting relay
-//! ([`FaultProxy`]) and a wall clock ([`unix_secs`]).
+//! ([`FaultProxy`]), a wall clock ([`unix_secs`]), and real processes: the `kbs` binary and
+//! the upstream-style external plugin ([`spawn_kbs`], [`spawn_upstream_plugin`]).
 
 mod api;
 mod attest;
@@ -16,6 +17,7 @@ mod guest;
 mod guest_stub;
 mod kbs;
 mod metrics;
+mod process;
 mod skip;
 mod wait;
 mod x509;
@@ -34,6 +36,7 @@ pub use kbs::{
     tls_client_config, tunnel_url,
 };
 pub use metrics::metric_value;
+pub use process::{Spawned, kbs_binary, spawn_kbs, spawn_upstream_plugin, upstream_plugin_binary};
 pub use skip::skip;
 pub use wait::{WAIT, eventually, eventually_within, hub_until, tunnel_of};
 pub use x509::{der, sans};

@@ -331,3 +331,53 @@ fn classify(name: &'static str, timeout: Duration, status: &tonic::Status) -> Ca
         _ => CallError::Unavailable(name, format!("broken answer ({:?})", status.code())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::config::check_target;
+
+    #[tokio::test]
+    async fn a_full_plugin_is_busy_after_the_deadline_and_a_swap_changes_the_target() {
+        let target = check_target("http://127.0.0.1:9", None, None, Some(50)).unwrap();
+        let backend = Backend::new("p", target, 1, &mut Registry::default()).unwrap();
+        let held = backend.permit().await.unwrap();
+        let started = Instant::now();
+        let err = backend.permit().await.unwrap_err();
+        assert!(matches!(err, CallError::Busy("p", 1)), "{err}");
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        drop(held);
+        backend.permit().await.unwrap();
+
+        let next = check_target("http://127.0.0.1:10", None, None, Some(70)).unwrap();
+        backend.swap(next.clone()).unwrap();
+        assert_eq!(backend.connection().target, next);
+    }
+
+    #[test]
+    fn statuses_map_to_what_the_caller_gets() {
+        let t = Duration::from_millis(5);
+        let c = |s: tonic::Status| classify("p", t, &s);
+        assert!(matches!(
+            c(tonic::Status::not_found("x")),
+            CallError::NotFound(..)
+        ));
+        assert!(matches!(
+            c(tonic::Status::permission_denied("x")),
+            CallError::Refused(..)
+        ));
+        assert!(matches!(
+            c(tonic::Status::unavailable("x")),
+            CallError::Unavailable(..)
+        ));
+        assert!(matches!(
+            c(tonic::Status::internal("x")),
+            CallError::Unavailable(..)
+        ));
+        let CallError::Unavailable(_, why) = c(tonic::Status::deadline_exceeded("x")) else {
+            panic!()
+        };
+        assert_eq!(why, "no answer within 5 ms");
+    }
+}
