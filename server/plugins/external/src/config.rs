@@ -1,5 +1,5 @@
 //! One `[[plugins.external]]` table: upstream's backend fields (`name`, `endpoint`,
-//! `tls_mode`, `ca_cert_path`, `timeout_ms`) plus Tether's `max_concurrent` and `guests`,
+//! `tls_mode`, `ca_cert_path`, `timeout_ms`) plus Tether's `max_concurrent`,
 //! validated once at start (errors name the key), and the same checks for a run-time
 //! change of endpoint.
 
@@ -9,7 +9,6 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::Invalid;
-use crate::guests::GuestsGrant;
 
 /// Deadline of one call to the plugin when `timeout_ms` is not set.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -49,9 +48,6 @@ pub struct ExternalConfig {
     /// Requests forwarded at once; more wait for a slot up to the deadline, then 503.
     #[serde(default)]
     pub max_concurrent: Option<usize>,
-    /// What the plugin may call through the KBS's Guests service (Tether only).
-    #[serde(default)]
-    pub guests: Option<GuestsGrant>,
 }
 
 /// Where and how to reach a plugin, checked.
@@ -184,9 +180,6 @@ impl ExternalConfig {
         let max = self.max_concurrent.unwrap_or(DEFAULT_MAX_CONCURRENT);
         if !(1..=4096).contains(&max) {
             return Err(("max_concurrent", "must be 1..=4096".into()));
-        }
-        if let Some(grant) = &self.guests {
-            grant.validate()?;
         }
         Ok((target, max))
     }

@@ -4,12 +4,10 @@
 //! plugin's `ValidateAuth` asks, the answer JWE-sealed when its `NeedsEncryption` asks. Each
 //! is a plugin of the registry named `external/<name>` (enable, disable, change endpoint at
 //! run time); a plugin that crashes, hangs or answers garbage costs its own routes only
-//! (503). Beyond upstream, the KBS serves plugins the `tether.plugin.v1.Guests` service
-//! (see [`guests`]). Wire details: `docs/protocol.md` ("External plugins").
+//! (503). Wire details: `docs/protocol.md` section 9.2.
 
 mod backend;
 mod config;
-pub mod guests;
 mod handler;
 mod plugin;
 pub mod proto;
@@ -73,7 +71,7 @@ pub fn specs(section: Option<toml::Value>) -> Result<Vec<PluginSpec>, PluginSetu
         // Names live as long as the process: one per configured plugin, made once at start.
         let name: &'static str = Box::leak(format!("{FAMILY}/{}", config.name).into_boxed_str());
         specs.push(PluginSpec::new(name, move |setup| {
-            ExternalPlugin::build(setup, &config, target, max)
+            ExternalPlugin::build(setup, target, max)
         }));
     }
     Ok(specs)

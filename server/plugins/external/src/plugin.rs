@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
-use crate::config::{ExternalConfig, Target, TlsMode, check_target};
+use crate::config::{Target, TlsMode, check_target};
 use crate::handler::{ExternalApi, forward};
 
 /// The stored run-time endpoint (in the plugin's own namespace).
@@ -48,7 +48,6 @@ pub struct ExternalPlugin {
     name: &'static str,
     configured: Target,
     backend: Arc<Backend>,
-    serves_guests: bool,
 }
 
 impl std::fmt::Debug for ExternalPlugin {
@@ -60,11 +59,10 @@ impl std::fmt::Debug for ExternalPlugin {
 }
 
 impl ExternalPlugin {
-    /// The plugin for `config` (already validated into `target` and `max_concurrent`);
-    /// `setup` is named `external/<config.name>`.
+    /// The plugin for a `[[plugins.external]]` table already validated into `target` and
+    /// `max_concurrent`; `setup` is named `external/<name>`.
     pub fn build(
         setup: &mut PluginSetup<'_>,
-        config: &ExternalConfig,
         target: Target,
         max_concurrent: usize,
     ) -> Result<Self, PluginSetupError> {
@@ -83,7 +81,6 @@ impl ExternalPlugin {
             name,
             configured: target,
             backend: Arc::new(backend),
-            serves_guests: config.guests.is_some(),
         })
     }
 
@@ -104,11 +101,7 @@ impl Plugin for ExternalPlugin {
     }
 
     fn kinds(&self) -> Vec<PluginKind> {
-        let mut kinds = vec![PluginKind::ClientRequest, PluginKind::Admin];
-        if self.serves_guests {
-            kinds.push(PluginKind::ServerRequest);
-        }
-        kinds
+        vec![PluginKind::ClientRequest, PluginKind::Admin]
     }
 
     fn routes(&self, ctx: PluginContext) -> Router {
