@@ -348,7 +348,7 @@ mod tests {
         assert!(matches!(err, CallError::Busy("p", 1)), "{err}");
         assert!(started.elapsed() >= Duration::from_millis(50));
         drop(held);
-        backend.permit().await.unwrap();
+        let _again = backend.permit().await.unwrap();
 
         let next = check_target("http://127.0.0.1:10", None, None, Some(70)).unwrap();
         backend.swap(next.clone()).unwrap();
