@@ -534,6 +534,14 @@ impl OwnerBundle {
     }
 }
 
+/// A plugin name in a URL: `external/echo` keeps its `/`, each segment is escaped.
+fn plugin_path(name: &str) -> String {
+    name.split('/')
+        .map(path_segment)
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 impl AdminClient {
     /// `GET /kbs/v0/plugin`: `{"plugins": [{name, kind, kinds, enabled, version}]}`.
     pub async fn list_plugins(&self) -> Result<Value, ClientError> {
@@ -549,8 +557,23 @@ impl AdminClient {
         let verb = if enabled { "enable" } else { "disable" };
         self.send(
             Method::POST,
-            &format!("/kbs/v0/plugin/{verb}/{}", path_segment(name)),
+            &format!("/kbs/v0/plugin/{verb}/{}", plugin_path(name)),
             None,
+        )
+        .await
+    }
+
+    /// Change a plugin's run-time settings (a JSON object; an external plugin's `endpoint`,
+    /// `tls_mode`, `ca_cert_path`, `timeout_ms`): `{"name", "settings"}` as now in force.
+    pub async fn configure_plugin(
+        &self,
+        name: &str,
+        settings: Value,
+    ) -> Result<Value, ClientError> {
+        self.send(
+            Method::POST,
+            &format!("/kbs/v0/plugin/configure/{}", plugin_path(name)),
+            Some(RequestBody::Json(settings)),
         )
         .await
     }

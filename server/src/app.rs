@@ -260,6 +260,10 @@ impl Kbs {
             prober: prober.clone(),
         };
         let mut specs = builtin_plugins(&grantable);
+        // `[[plugins.external]]`: one plugin `external/<name>` per table.
+        let mut sections = config.plugins.sections.clone();
+        let external = sections.remove(plugin_external::FAMILY);
+        specs.extend(plugin_external::specs(external).map_err(RegistryError::Config)?);
         specs.extend(extra);
         let services = PluginServices {
             kv: store.clone(),
@@ -275,7 +279,7 @@ impl Kbs {
         let plugins = Arc::new(
             PluginRegistry::build(
                 specs,
-                config.plugins.sections.clone(),
+                sections,
                 &config.plugins.disabled,
                 &mut registry,
                 services,

@@ -4,7 +4,9 @@
 //! guests on real tunnels ([`TunnelGuest`]), bounded waits ([`eventually`], hub events), a
 //! tunnel-only KBS with fake crypto ([`FakeTunnelKbs`]), a fault-injecting relay
 //! ([`FaultProxy`]), the real `kbs` binary as a child that can be killed ([`KbsChild`]), the
-//! kill -9 fault loop ([`run_fault_loop`]) and a wall clock ([`unix_secs`]).
+//! kill -9 fault loop ([`run_fault_loop`]), a wall clock ([`unix_secs`]), and real processes:
+//! the `kbs` binary and the upstream-style external plugin ([`spawn_kbs`],
+//! [`spawn_upstream_plugin`]).
 
 mod api;
 mod attest;
@@ -20,6 +22,7 @@ mod kbs;
 mod kbs_child;
 mod metrics;
 mod sim_fleet;
+mod process;
 mod skip;
 mod wait;
 mod x509;
@@ -41,6 +44,7 @@ pub use kbs::{
 pub use kbs_child::{KbsChild, built_kbs_binary};
 pub use metrics::metric_value;
 pub use sim_fleet::{SimFleet, SimOptions};
+pub use process::{Spawned, kbs_binary, spawn_kbs, spawn_upstream_plugin, upstream_plugin_binary};
 pub use skip::skip;
 pub use wait::{WAIT, eventually, eventually_within, hub_until, tunnel_of};
 pub use x509::{der, sans};

@@ -74,26 +74,55 @@ impl PolicyGate {
         claims: &Claims,
         question: PolicyQuestion<'_>,
     ) -> Result<Decision, PolicyError> {
+        let segments: Vec<String> = question
+            .path
+            .map(|p| p.segments().iter().map(|s| s.to_string()).collect())
+            .unwrap_or_default();
+        let what = match question.path {
+            Some(path) => format!("{} {path}", question.plugin),
+            None => question.plugin.to_string(),
+        };
+        self.evaluate(claims, question.plugin, &segments, question.query, what)
+    }
+
+    /// Evaluates `data.policy.allow` for a request to `plugin` whose path is any list of
+    /// `segments` (an external plugin's: upstream's policy input for them is the plugin
+    /// `external` and the path after it, the backend's name first).
+    pub fn decide_segments(
+        &self,
+        claims: &Claims,
+        plugin: &str,
+        segments: &[String],
+        query: &BTreeMap<String, String>,
+    ) -> Result<Decision, PolicyError> {
+        let what = format!("{plugin} /{}", segments.join("/"));
+        self.evaluate(claims, plugin, segments, query, what)
+    }
+
+    fn evaluate(
+        &self,
+        claims: &Claims,
+        plugin: &str,
+        segments: &[String],
+        query: &BTreeMap<String, String>,
+        what: String,
+    ) -> Result<Decision, PolicyError> {
         let data = json!({
-            "plugin": question.plugin,
-            "resource-path": question.path.map(|p| p.segments().to_vec()).unwrap_or_default(),
-            "query": question.query,
+            "plugin": plugin,
+            "resource-path": segments,
+            "query": query,
         });
         let allowed = self.engine.evaluate_json(claims.json(), &data)?;
         let outcome = if allowed { "allow" } else { "deny" };
         self.decisions
             .get_or_create(&vec![
-                ("plugin", question.plugin.to_string()),
+                ("plugin", plugin.to_string()),
                 ("decision", outcome.to_string()),
             ])
             .inc();
         Ok(if allowed {
             Decision::Allow
         } else {
-            let what = match question.path {
-                Some(path) => format!("{} {path}", question.plugin),
-                None => question.plugin.to_string(),
-            };
             Decision::Deny(format!("the resource policy denies {what} to this guest"))
         })
     }
@@ -143,5 +172,25 @@ mod tests {
                 .get()
         };
         assert_eq!((count("allow"), count("deny")), (1, 1));
+    }
+
+    #[test]
+    fn any_path_can_be_asked_about() {
+        let gate = PolicyGate::new(
+            Arc::new(PolicyEngine::new(ALLOW_DB).unwrap()),
+            Family::default(),
+        );
+        let claims = Claims::from_value(&json!({}));
+        let query = BTreeMap::new();
+        let ask = |segments: &[&str]| {
+            let segments: Vec<String> = segments.iter().map(|s| s.to_string()).collect();
+            gate.decide_segments(&claims, "external", &segments, &query)
+                .unwrap()
+        };
+        assert_eq!(ask(&["db", "a", "b", "c"]), Decision::Allow);
+        assert_eq!(
+            ask(&["web", "x"]),
+            Decision::Deny("the resource policy denies external /web/x to this guest".into())
+        );
     }
 }

@@ -129,6 +129,33 @@ impl PluginContext {
         )
     }
 
+    /// The resource policy's decision for a request to this plugin whose path (after
+    /// `/kbs/v0/<name>/`) is `segments`. A plugin named `<family>/<member>` asks as
+    /// `<family>` with `<member>` as the first segment: `external/echo` serving
+    /// `/kbs/v0/external/echo/a/b` asks `data.plugin == "external"` and
+    /// `data["resource-path"] == ["echo", "a", "b"]`, as upstream's external plugin does.
+    pub fn decide_path(
+        &self,
+        claims: &Claims,
+        segments: &[String],
+        query: &BTreeMap<String, String>,
+    ) -> Result<Decision, PolicyError> {
+        match self.name.split_once('/') {
+            Some((family, member)) => {
+                let mut path = Vec::with_capacity(segments.len() + 1);
+                path.push(member.to_string());
+                path.extend_from_slice(segments);
+                self.services
+                    .policy
+                    .decide_segments(claims, family, &path, query)
+            }
+            None => self
+                .services
+                .policy
+                .decide_segments(claims, self.name, segments, query),
+        }
+    }
+
     /// [`decide`](Self::decide) as an HTTP outcome: 403 `PolicyDeny` when refused.
     pub fn require_policy(
         &self,
@@ -137,6 +164,16 @@ impl PluginContext {
         query: &BTreeMap<String, String>,
     ) -> Result<(), ApiError> {
         require(self.decide(claims, path, query)?)
+    }
+
+    /// [`decide_path`](Self::decide_path) as an HTTP outcome: 403 `PolicyDeny` when refused.
+    pub fn require_policy_path(
+        &self,
+        claims: &Claims,
+        segments: &[String],
+        query: &BTreeMap<String, String>,
+    ) -> Result<(), ApiError> {
+        require(self.decide_path(claims, segments, query)?)
     }
 
     /// Write an audit record for an admin action (`action` is `<plugin>.<verb>`).

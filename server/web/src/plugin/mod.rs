@@ -51,7 +51,8 @@ pub const RESERVED_NAMES: &[&str] = &[
 /// enabling and disabling only gates them.
 #[async_trait]
 pub trait Plugin: Send + Sync + 'static {
-    /// URL segment and storage namespace: `/kbs/v0/<name>/...`. `[a-z0-9-]+`.
+    /// URL segment and storage namespace: `/kbs/v0/<name>/...`. `[a-z0-9-]+`, or
+    /// `<family>/<member>` of two such segments (external plugins: `external/<name>`).
     fn name(&self) -> &'static str;
 
     /// The primary kind (listed by `GET /kbs/v0/plugin`).
@@ -86,6 +87,27 @@ pub trait Plugin: Send + Sync + 'static {
     /// and only to server-request plugins. Keep it short: spawn long work.
     async fn on_event(&self, ctx: &PluginContext, event: &tunnel::TunnelEvent) {
         let _ = (ctx, event);
+    }
+
+    /// Settings an admin may change at run time, as they are now (listed by
+    /// `GET /kbs/v0/plugin`); `None` when the plugin has none.
+    fn settings(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// Change run-time settings (`POST /kbs/v0/plugin/configure/<name>` with a JSON
+    /// object, admin-only and audited); returns the settings now in force. A bad value is
+    /// a 400 naming the key, and changes nothing.
+    async fn configure(
+        &self,
+        ctx: &PluginContext,
+        settings: serde_json::Value,
+    ) -> Result<serde_json::Value, crate::error::ApiError> {
+        let _ = (ctx, settings);
+        Err(crate::error::ApiError::bad_request(
+            "PluginNotConfigurable",
+            format!("plugin `{}` has no run-time settings", self.name()),
+        ))
     }
 
     /// Events may have been missed (on enable, at start, after the event stream lagged):

@@ -68,6 +68,9 @@ pub struct PluginInfo {
     pub enabled: bool,
     /// Plugin version.
     pub version: String,
+    /// Run-time settings (see [`Plugin::settings`]), when it has any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub settings: Option<serde_json::Value>,
 }
 
 struct Running {
@@ -97,12 +100,18 @@ impl std::fmt::Debug for PluginRegistry {
     }
 }
 
+/// `[a-z0-9-]+`, or two such segments `<family>/<member>` (an external plugin is
+/// `external/<name>`, mounted at `/kbs/v0/external/<name>`), at most 64 bytes.
 fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    let segment = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    name.len() <= 64 && {
+        let mut parts = name.split('/');
+        parts.clone().count() <= 2 && parts.all(segment)
+    }
 }
 
 fn check_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<(), RegistryError> {
@@ -111,14 +120,26 @@ fn check_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<(), Regis
         if !valid_name(name) {
             return Err(RegistryError::BadName(
                 name.into(),
-                "must be [a-z0-9-]{1,64}",
+                "must be [a-z0-9-]{1,64}, or <family>/<member> of such segments",
             ));
         }
-        if RESERVED_NAMES.contains(&name) {
+        let first = name.split('/').next().unwrap_or(name);
+        if RESERVED_NAMES.contains(&first) {
             return Err(RegistryError::BadName(name.into(), "is a core endpoint"));
         }
         if !seen.insert(name) {
             return Err(RegistryError::BadName(name.into(), "is used twice"));
+        }
+    }
+    // `a` and `a/b` would both claim `/kbs/v0/a/b/...`.
+    for name in &seen {
+        if let Some((family, _)) = name.split_once('/')
+            && seen.contains(family)
+        {
+            return Err(RegistryError::BadName(
+                (*name).into(),
+                "is inside another plugin's routes",
+            ));
         }
     }
     Ok(())
@@ -231,6 +252,7 @@ impl PluginRegistry {
                 kinds: e.plugin.kinds(),
                 enabled: e.enabled.load(Ordering::Acquire),
                 version: e.plugin.version().to_string(),
+                settings: e.plugin.settings(),
             })
             .collect()
     }
@@ -305,6 +327,19 @@ impl PluginRegistry {
         }
         tracing::info!(plugin = name, enabled, actor, "plugin state changed");
         Ok(true)
+    }
+
+    /// Change `name`'s run-time settings (see [`Plugin::configure`]); returns them as they
+    /// are now. The caller audits.
+    pub async fn configure(
+        &self,
+        name: &str,
+        settings: serde_json::Value,
+    ) -> Result<serde_json::Value, ApiError> {
+        let e = self.entry(name)?;
+        let now = e.plugin.configure(&e.ctx, settings).await?;
+        tracing::info!(plugin = name, settings = %now, "plugin settings changed");
+        Ok(now)
     }
 
     /// Stop every plugin's tasks (shutdown).
@@ -648,7 +683,16 @@ mod tests {
                 PluginKind::Admin
             }
         }
-        for names in [vec!["auth"], vec!["Bad"], vec!["a", "a"], vec![""]] {
+        for names in [
+            vec!["auth"],
+            vec!["Bad"],
+            vec!["a", "a"],
+            vec![""],
+            vec!["a/b/c"],
+            vec!["a/"],
+            vec!["auth/x"],
+            vec!["a", "a/b"],
+        ] {
             let (services, store) = test_services().await;
             let plugins: Vec<Arc<dyn Plugin>> = names
                 .into_iter()

@@ -1,5 +1,7 @@
 //! Admin endpoints of the framework: `GET /kbs/v0/plugin`, `POST /kbs/v0/plugin/enable/<name>`,
-//! `POST /kbs/v0/plugin/disable/<name>`. Admin-only and audited; effective at once.
+//! `POST /kbs/v0/plugin/disable/<name>`, `POST /kbs/v0/plugin/configure/<name>` (run-time
+//! settings, a JSON object). Admin-only and audited; effective at once. `<name>` may be
+//! `<family>/<member>` (`external/echo`).
 
 use std::sync::Arc;
 
@@ -13,7 +15,7 @@ use super::{PluginInfo, PluginRegistry};
 use crate::admin_auth::AdminIdentity;
 use crate::admin_gate::AdminGate;
 use crate::error::ApiError;
-use crate::extract::AdminCaller;
+use crate::extract::{AdminCaller, ApiJson};
 
 /// The three routes, for any state that hands out the registry, the admin gate and audit.
 pub fn routes<S>() -> Router<S>
@@ -25,8 +27,9 @@ where
 {
     Router::new()
         .route("/kbs/v0/plugin", get(list))
-        .route("/kbs/v0/plugin/enable/{name}", post(enable))
-        .route("/kbs/v0/plugin/disable/{name}", post(disable))
+        .route("/kbs/v0/plugin/enable/{*name}", post(enable))
+        .route("/kbs/v0/plugin/disable/{*name}", post(disable))
+        .route("/kbs/v0/plugin/configure/{*name}", post(configure))
 }
 
 /// `GET /kbs/v0/plugin`: `{"plugins": [{name, kind, kinds, enabled, version}]}`.
@@ -56,6 +59,31 @@ async fn disable(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     set(&plugins, &audit, admin, name, false).await
+}
+
+/// `POST /kbs/v0/plugin/configure/<name>`: `{"name", "settings"}` (as now in force).
+async fn configure(
+    State(plugins): State<Arc<PluginRegistry>>,
+    State(audit): State<Audit>,
+    AdminCaller(admin): AdminCaller,
+    Path(name): Path<String>,
+    ApiJson(settings): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    const ACTION: &str = "plugin.configure";
+    match plugins.configure(&name, settings).await {
+        Ok(now) => {
+            admin
+                .audit(&audit, ACTION, &name, "ok", now.to_string())
+                .await;
+            Ok(Json(json!({"name": name, "settings": now})))
+        }
+        Err(err) => {
+            admin
+                .audit(&audit, ACTION, &name, "error", err.detail.clone())
+                .await;
+            Err(err)
+        }
+    }
 }
 
 async fn set(

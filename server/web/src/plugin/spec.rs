@@ -64,8 +64,9 @@ impl PluginSpec {
         let mut setup = PluginSetup {
             name,
             section,
-            // A metric name has no '-': `nebula-ca`'s families are `kbs_nebula_ca_*`.
-            metrics: metrics.sub_registry_with_prefix(name.replace('-', "_")),
+            // A metric name has neither '-' nor '/': `nebula-ca`'s families are
+            // `kbs_nebula_ca_*`, `external/echo`'s `kbs_external_echo_*`.
+            metrics: metrics.sub_registry_with_prefix(name.replace(['-', '/'], "_")),
         };
         let plugin = (self.build)(&mut setup)?;
         if plugin.name() != name {

@@ -1,0 +1,15 @@
+//! Compiles upstream's `kbs.plugin.v1` with protox (pure Rust: the build needs no `protoc`)
+//! and generates the tonic client and server.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["proto/kbs/plugin/v1/plugin.proto"];
+    for p in protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let fds = protox::compile(protos, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,127 @@
+//! Real processes for the tests: the `kbs` binary of this checkout on a config file, and
+//! the upstream-style external plugin (`src/bin/upstream_plugin.rs`), each started on a
+//! free port and killed on drop (`kill -9` when a test asks).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, Command};
+
+use crate::WAIT;
+
+/// A binary of this checkout, `cargo build -p <package> --bin <name>` first (a no-op
+/// when it is fresh), so a stale binary is never the one under test.
+fn binary(package: &str, name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    // target/<profile>/deps/<test>-<hash> or target/<profile>/examples/<x> -> target/<profile>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let bin = dir.join(name);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut command = std::process::Command::new(cargo);
+    // The variables cargo sets for a test run (CARGO_MANIFEST_DIR, CARGO_PKG_*, ...) are
+    // seen by some build scripts (ring's): passing them on would rebuild half the tree in
+    // the test and again in the next shell build. Keep only the user's own.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        let own = matches!(
+            key.as_str(),
+            "CARGO_HOME" | "CARGO_INCREMENTAL" | "CARGO_TARGET_DIR" | "CARGO_BUILD_JOBS"
+        );
+        if (key.starts_with("CARGO_") && !own) || key == "LD_LIBRARY_PATH" {
+            command.env_remove(&key);
+        }
+    }
+    let status = command
+        .args(["build", "-q", "-p", package, "--bin", name])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "building {name} failed");
+    assert!(bin.exists(), "no {name} binary at {}", bin.display());
+    bin
+}
+
+/// The real `kbs` binary of this checkout.
+pub fn kbs_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| binary("server", "kbs")).clone()
+}
+
+/// The upstream-style external plugin (`tests/src/bin/upstream_plugin.rs`).
+pub fn upstream_plugin_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| binary("tests", "upstream_plugin"))
+        .clone()
+}
+
+/// A child process and the address or URL it announced.
+pub struct Spawned {
+    /// The process (killed on drop).
+    pub child: Child,
+    /// What it printed after its banner prefix (first word).
+    pub announced: String,
+}
+
+impl Spawned {
+    /// `kill -9`, then reap.
+    pub async fn kill_9(&mut self) {
+        self.child.start_kill().expect("SIGKILL");
+        let _ = self.child.wait().await;
+    }
+}
+
+async fn spawn_announcing(mut cmd: Command, prefix: &str) -> Spawned {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("process starts");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let announced = tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.expect("stdout readable") {
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string();
+            }
+        }
+        panic!("process exited before printing `{prefix}`");
+    })
+    .await
+    .expect("process announces itself in time");
+    // Keep draining stdout so the process never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Spawned { child, announced }
+}
+
+/// A `kbs` process on 127.0.0.1:0 with `data_dir` and, when given, the config file
+/// `config`; `announced` is its base URL.
+pub async fn spawn_kbs(data_dir: &Path, config: Option<&Path>) -> Spawned {
+    let mut cmd = Command::new(kbs_binary());
+    cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env("RUST_LOG", "warn");
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    spawn_announcing(cmd, "Tether KBS listening on ").await
+}
+
+/// The upstream-style external plugin on `listen` (`127.0.0.1:0`: a free port), over TLS
+/// with `tls` (cert, key) when given; `announced` is its address.
+pub async fn spawn_upstream_plugin(listen: &str, tls: Option<(&Path, &Path)>) -> Spawned {
+    let mut cmd = Command::new(upstream_plugin_binary());
+    cmd.args(["--listen", listen]);
+    if let Some((cert, key)) = tls {
+        cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+    }
+    spawn_announcing(cmd, "listening on ").await
+}
