@@ -130,33 +130,3 @@ async fn wait_ready(url: &str, child: &mut Child) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
-
-/// The `kbs` binary of this checkout's build profile, next to the running test executable
-/// (`target/<profile>/kbs`; `cargo nextest run --workspace` builds it with the tests). Built
-/// here only when it is missing: a nested `cargo build` from inside a test run sees another
-/// environment and rebuilds crates with build scripts, which takes minutes.
-pub fn built_kbs_binary() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let exe = std::env::current_exe().expect("the test executable");
-            // target/<profile>/deps/<test>-<hash> -> target/<profile>/kbs
-            let bin = exe
-                .parent()
-                .and_then(Path::parent)
-                .expect("a target directory")
-                .join("kbs");
-            if !bin.exists() {
-                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-                let status = std::process::Command::new(cargo)
-                    .args(["build", "-q", "-p", "server", "--bin", "kbs"])
-                    .current_dir(env!("CARGO_MANIFEST_DIR"))
-                    .status()
-                    .expect("running cargo build");
-                assert!(status.success(), "building the kbs binary failed");
-            }
-            assert!(bin.exists(), "no kbs binary at {}", bin.display());
-            bin
-        })
-        .clone()
-}

@@ -21,8 +21,8 @@ mod guest_stub;
 mod kbs;
 mod kbs_child;
 mod metrics;
-mod sim_fleet;
 mod process;
+mod sim_fleet;
 mod skip;
 mod wait;
 mod x509;
@@ -41,10 +41,12 @@ pub use kbs::{
     ALLOW_SAMPLE, PluginFactory, TestKbs, allow_sample, http_client, init_logging,
     tls_client_config, tunnel_url,
 };
-pub use kbs_child::{KbsChild, built_kbs_binary};
+pub use kbs_child::KbsChild;
 pub use metrics::metric_value;
+pub use process::{
+    Spawned, built_binary, kbs_binary, spawn_kbs, spawn_upstream_plugin, upstream_plugin_binary,
+};
 pub use sim_fleet::{SimFleet, SimOptions};
-pub use process::{Spawned, kbs_binary, spawn_kbs, spawn_upstream_plugin, upstream_plugin_binary};
 pub use skip::skip;
 pub use wait::{WAIT, eventually, eventually_within, hub_until, tunnel_of};
 pub use x509::{der, sans};

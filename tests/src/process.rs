@@ -10,9 +10,11 @@ use tokio::process::{Child, Command};
 
 use crate::WAIT;
 
-/// A binary of this checkout, `cargo build -p <package> --bin <name>` first (a no-op
-/// when it is fresh), so a stale binary is never the one under test.
-fn binary(package: &str, name: &str) -> PathBuf {
+/// A binary of this checkout, next to the running test executable (`target/<profile>/<name>`;
+/// `cargo nextest run` builds a package's binaries with its tests). Built here only when it
+/// is missing: a nested `cargo build` sees another feature set and environment than the
+/// test run's and can rebuild much of the tree, which takes minutes.
+pub fn built_binary(package: &str, name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     // target/<profile>/deps/<test>-<hash> or target/<profile>/examples/<x> -> target/<profile>
     let dir = exe
@@ -20,6 +22,9 @@ fn binary(package: &str, name: &str) -> PathBuf {
         .and_then(Path::parent)
         .expect("target directory");
     let bin = dir.join(name);
+    if bin.exists() {
+        return bin;
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut command = std::process::Command::new(cargo);
     // The variables cargo sets for a test run (CARGO_MANIFEST_DIR, CARGO_PKG_*, ...) are
@@ -48,14 +53,14 @@ fn binary(package: &str, name: &str) -> PathBuf {
 /// The real `kbs` binary of this checkout.
 pub fn kbs_binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT.get_or_init(|| binary("server", "kbs")).clone()
+    BUILT.get_or_init(|| built_binary("server", "kbs")).clone()
 }
 
 /// The upstream-style external plugin (`tests/src/bin/upstream_plugin.rs`).
 pub fn upstream_plugin_binary() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
-        .get_or_init(|| binary("tests", "upstream_plugin"))
+        .get_or_init(|| built_binary("tests", "upstream_plugin"))
         .clone()
 }
 

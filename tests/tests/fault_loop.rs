@@ -5,12 +5,12 @@
 //! once, every rollout finishes with all its targets acked, and the acked counts match what
 //! the guests themselves applied.
 
-use tests::{FaultLoopConfig, built_kbs_binary, run_fault_loop};
+use tests::{FaultLoopConfig, kbs_binary, run_fault_loop};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_rollout_three_times_loses_no_ack_and_repeats_no_apply() {
     tests::init_logging();
-    let mut config = FaultLoopConfig::new(built_kbs_binary(), 20, 3);
+    let mut config = FaultLoopConfig::new(kbs_binary(), 20, 3);
     // Few guests: slow the pushes so that each kill lands mid-rollout.
     config.max_concurrent = 2;
     config.apply_time = std::time::Duration::from_millis(20);

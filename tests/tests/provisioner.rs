@@ -18,19 +18,14 @@ use tests::{ALLOW_SAMPLE, TestKbs, error_detail};
 const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 const KBS_URL_IN_INITDATA: &str = "https://kbs.example:8080";
 
-/// The real binary `name` of this checkout, built beforehand
-/// (`cargo build -p server -p guest-daemon --bins`, as CI does before the tests): building it
-/// from inside a test run rebuilds the world when the environment differs.
+/// The real binary `name` of this checkout.
 fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/provisioner-<hash> -> target/<profile>/<name>
-    let bin = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(
-        bin.exists(),
-        "no {name} binary at {}: run `cargo build -p server -p guest-daemon --bins` first",
-        bin.display()
-    );
-    bin
+    let package = if name == "guest-daemon" {
+        "guest-daemon"
+    } else {
+        "server"
+    };
+    tests::built_binary(package, name)
 }
 
 /// A `kbs` process with `config` (TOML), on a free port; returns it and its base URL.

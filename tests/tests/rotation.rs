@@ -808,7 +808,7 @@ async fn bad_input_is_refused_clearly_and_controls_work() {
 /// A `kbs` process on `listen`; returns it and its base URL (from its banner).
 async fn spawn_kbs(data_dir: &Path, listen: &str) -> (tokio::process::Child, String) {
     use tokio::io::AsyncBufReadExt;
-    let mut child = tokio::process::Command::new(tests::built_kbs_binary())
+    let mut child = tokio::process::Command::new(tests::kbs_binary())
         .args(["--listen", listen, "--data-dir"])
         .arg(data_dir)
         .env("RUST_LOG", "warn")

@@ -851,7 +851,10 @@ mod tests {
             .unwrap();
         assert_eq!(signer.cache.len(), 1);
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        let cached = signer.cache.get(&digest).expect("the issued token is cached");
+        let cached = signer
+            .cache
+            .get(&digest)
+            .expect("the issued token is cached");
         assert_eq!(cached.claims, issued.claims);
         assert_eq!(cached.exp, issued.exp);
         // The cache answers the first verification, with the claims that were signed.
@@ -863,7 +866,10 @@ mod tests {
         let (foreign, _) = other
             .issue_verified(sample_claims(), Duration::from_secs(60))
             .unwrap();
-        assert!(matches!(signer.verify(&foreign), Err(TokenError::Invalid(_))));
+        assert!(matches!(
+            signer.verify(&foreign),
+            Err(TokenError::Invalid(_))
+        ));
     }
 
     #[test]
