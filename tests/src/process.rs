@@ -11,9 +11,11 @@ use tokio::process::{Child, Command};
 use crate::WAIT;
 
 /// A binary of this checkout, next to the running test executable (`target/<profile>/<name>`;
-/// `cargo nextest run` builds a package's binaries with its tests). Built here only when it
-/// is missing: a nested `cargo build` sees another feature set and environment than the
-/// test run's and can rebuild much of the tree, which takes minutes.
+/// `cargo nextest run --workspace`, the README's test command, builds every package's
+/// binaries with the tests). Built here only when it is missing: a nested `cargo build` sees
+/// another feature set and environment than the test run's and can rebuild much of the
+/// tree, which takes minutes. A partial run (`-p tests`) after a change to the server needs
+/// `cargo build --workspace --bins` first, or it tests the binary built before the change.
 pub fn built_binary(package: &str, name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     // target/<profile>/deps/<test>-<hash> or target/<profile>/examples/<x> -> target/<profile>
@@ -110,8 +112,13 @@ async fn spawn_announcing(mut cmd: Command, prefix: &str) -> Spawned {
 /// A `kbs` process on 127.0.0.1:0 with `data_dir` and, when given, the config file
 /// `config`; `announced` is its base URL.
 pub async fn spawn_kbs(data_dir: &Path, config: Option<&Path>) -> Spawned {
+    spawn_kbs_on("127.0.0.1:0", data_dir, config).await
+}
+
+/// [`spawn_kbs`] on `listen` (a restart on the same address, for example).
+pub async fn spawn_kbs_on(listen: &str, data_dir: &Path, config: Option<&Path>) -> Spawned {
     let mut cmd = Command::new(kbs_binary());
-    cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
+    cmd.args(["--listen", listen, "--data-dir"])
         .arg(data_dir)
         .env("RUST_LOG", "warn");
     if let Some(c) = config {

@@ -30,33 +30,10 @@ fn binary(name: &str) -> PathBuf {
 
 /// A `kbs` process with `config` (TOML), on a free port; returns it and its base URL.
 async fn spawn_kbs(root: &Path, config: &str) -> (tokio::process::Child, String) {
-    use tokio::io::AsyncBufReadExt;
     let file = root.join("kbs.toml");
     std::fs::write(&file, config).unwrap();
-    let mut child = tokio::process::Command::new(binary("kbs"))
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(root.join("data"))
-        .arg("--config")
-        .arg(&file)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let url = tokio::time::timeout(WAIT, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(rest) = line.strip_prefix("Tether KBS listening on ") {
-                return rest.split_whitespace().next().unwrap().to_string();
-            }
-        }
-        panic!("kbs exited before listening");
-    })
-    .await
-    .expect("kbs starts in time");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, url)
+    let kbs = tests::spawn_kbs(&root.join("data"), Some(&file)).await;
+    (kbs.child, kbs.announced)
 }
 
 async fn run(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {

@@ -807,30 +807,8 @@ async fn bad_input_is_refused_clearly_and_controls_work() {
 
 /// A `kbs` process on `listen`; returns it and its base URL (from its banner).
 async fn spawn_kbs(data_dir: &Path, listen: &str) -> (tokio::process::Child, String) {
-    use tokio::io::AsyncBufReadExt;
-    let mut child = tokio::process::Command::new(tests::kbs_binary())
-        .args(["--listen", listen, "--data-dir"])
-        .arg(data_dir)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let url = tokio::time::timeout(WAIT, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(rest) = line.strip_prefix("Tether KBS listening on ") {
-                return rest.split_whitespace().next().unwrap().to_string();
-            }
-        }
-        panic!("kbs exited before listening");
-    })
-    .await
-    .expect("kbs starts in time");
-    // Keep draining stdout so the process never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, url)
+    let kbs = tests::spawn_kbs_on(listen, data_dir, None).await;
+    (kbs.child, kbs.announced)
 }
 
 #[tokio::test]
