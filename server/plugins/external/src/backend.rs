@@ -52,6 +52,46 @@ pub struct Forwarded {
     pub method: String,
 }
 
+impl Forwarded {
+    /// The request as one of upstream's three messages (`ValidateAuth`, `Handle` and
+    /// `NeedsEncryption` each carry the same four fields).
+    fn message<M: ForwardedMessage>(&self) -> M {
+        M::from_parts(
+            self.body.to_vec(),
+            self.query.clone(),
+            self.path.clone(),
+            self.method.clone(),
+        )
+    }
+}
+
+/// One of upstream's request messages, built from the forwarded request's parts.
+trait ForwardedMessage {
+    fn from_parts(
+        body: Vec<u8>,
+        query: HashMap<String, String>,
+        path: Vec<String>,
+        method: String,
+    ) -> Self;
+}
+
+macro_rules! forwarded_message {
+    ($($ty:ty),*) => {$(
+        impl ForwardedMessage for $ty {
+            fn from_parts(
+                body: Vec<u8>,
+                query: HashMap<String, String>,
+                path: Vec<String>,
+                method: String,
+            ) -> Self {
+                Self { body, query, path, method }
+            }
+        }
+    )*};
+}
+
+forwarded_message!(ValidateAuthRequest, PluginRequest, NeedsEncryptionRequest);
+
 /// What a plugin answered to `Handle`, accepted (`status_code` 0 or 2xx).
 #[derive(Debug)]
 pub struct Answer {
@@ -206,12 +246,7 @@ impl Backend {
 
     /// `ValidateAuth`: whether the request needs an admin.
     pub async fn validate_auth(&self, conn: &Connection, f: &Forwarded) -> Result<bool, CallError> {
-        let req = ValidateAuthRequest {
-            body: f.body.to_vec(),
-            query: f.query.clone(),
-            path: f.path.clone(),
-            method: f.method.clone(),
-        };
+        let req: ValidateAuthRequest = f.message();
         let mut client = conn.client.clone();
         let reply = self
             .call(
@@ -225,12 +260,7 @@ impl Backend {
 
     /// `Handle`: the plugin's answer, with its `status_code` applied as upstream does.
     pub async fn handle(&self, conn: &Connection, f: &Forwarded) -> Result<Answer, CallError> {
-        let req = PluginRequest {
-            body: f.body.to_vec(),
-            query: f.query.clone(),
-            path: f.path.clone(),
-            method: f.method.clone(),
-        };
+        let req: PluginRequest = f.message();
         let mut client = conn.client.clone();
         let reply: PluginResponse = self
             .call(
@@ -255,12 +285,7 @@ impl Backend {
         conn: &Connection,
         f: &Forwarded,
     ) -> Result<bool, CallError> {
-        let req = NeedsEncryptionRequest {
-            body: f.body.to_vec(),
-            query: f.query.clone(),
-            path: f.path.clone(),
-            method: f.method.clone(),
-        };
+        let req: NeedsEncryptionRequest = f.message();
         let mut client = conn.client.clone();
         let reply = self
             .call(
