@@ -263,7 +263,12 @@ impl Kbs {
         // `[[plugins.external]]`: one plugin `external/<name>` per table.
         let mut sections = config.plugins.sections.clone();
         let external = sections.remove(plugin_external::FAMILY);
-        specs.extend(plugin_external::specs(external).map_err(RegistryError::Config)?);
+        let guests_api = plugin_external::guests::GuestsGrants {
+            resources: store.clone(),
+            policy: policy.clone(),
+            prober: prober.clone(),
+        };
+        specs.extend(plugin_external::specs(external, guests_api).map_err(RegistryError::Config)?);
         specs.extend(extra);
         let services = PluginServices {
             kv: store.clone(),

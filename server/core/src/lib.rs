@@ -16,6 +16,7 @@ pub mod events;
 pub mod fleet;
 pub mod fsutil;
 pub mod guest_directory;
+pub mod guest_push;
 pub mod identity;
 pub mod init_data;
 pub mod jwe;

@@ -1,8 +1,11 @@
-//! Compiles upstream's `kbs.plugin.v1` with protox (pure Rust: the build needs no `protoc`)
-//! and generates the tonic client and server.
+//! Compiles upstream's `kbs.plugin.v1` and Tether's `tether.plugin.v1` with protox (pure
+//! Rust: the build needs no `protoc`) and generates the tonic clients and servers.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/kbs/plugin/v1/plugin.proto"];
+    let protos = [
+        "proto/kbs/plugin/v1/plugin.proto",
+        "proto/tether/plugin/v1/guests.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -1,7 +1,7 @@
 //! One `[[plugins.external]]` table: upstream's backend fields (`name`, `endpoint`,
-//! `tls_mode`, `ca_cert_path`, `timeout_ms`) plus Tether's `max_concurrent`,
-//! validated once at start (errors name the key), and the same checks for a run-time
-//! change of endpoint.
+//! `tls_mode`, `ca_cert_path`, `timeout_ms`) plus Tether's `max_concurrent` and the Guests
+//! API grant (`token_file`, `[plugins.external.guests]`), validated once at start (errors
+//! name the key), and the same checks for a run-time change of endpoint.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::Invalid;
+use crate::guests::{Grants, GrantsConfig};
 
 /// Deadline of one call to the plugin when `timeout_ms` is not set.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -48,6 +49,13 @@ pub struct ExternalConfig {
     /// Requests forwarded at once; more wait for a slot up to the deadline, then 503.
     #[serde(default)]
     pub max_concurrent: Option<usize>,
+    /// The plugin's bearer token for the Guests API (read, or generated there when the file
+    /// does not exist); required with `guests`.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// What the plugin may do through the Guests API; absent: nothing.
+    #[serde(default)]
+    pub guests: Option<GrantsConfig>,
 }
 
 /// Where and how to reach a plugin, checked.
@@ -182,6 +190,27 @@ impl ExternalConfig {
             return Err(("max_concurrent", "must be 1..=4096".into()));
         }
         Ok((target, max))
+    }
+
+    /// The Guests API grant and the token file, checked; `None` without a grant.
+    pub fn grants(&self) -> Result<Option<(Grants, PathBuf)>, Invalid> {
+        match (&self.guests, &self.token_file) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err((
+                "token_file",
+                "is only used with a [plugins.external.guests] grant".into(),
+            )),
+            (Some(_), None) => Err((
+                "token_file",
+                "a [plugins.external.guests] grant needs the file of the plugin's token".into(),
+            )),
+            (Some(g), Some(path)) => {
+                if !path.is_absolute() {
+                    return Err(("token_file", "must be an absolute path".into()));
+                }
+                Ok(Some((g.validate()?, path.clone())))
+            }
+        }
     }
 }
 

@@ -5,14 +5,20 @@
 //! is a plugin of the registry named `external/<name>` (enable, disable, change endpoint at
 //! run time); a plugin that crashes, hangs or answers garbage costs its own routes only
 //! (503). Wire details: `docs/protocol.md` section 9.4.
+//!
+//! Beyond upstream, [`guests`]: a plugin granted it calls back into the KBS over gRPC to
+//! list guests and call them through their tunnels (`docs/protocol.md` section 9.5).
 
 mod backend;
 mod config;
+pub mod guests;
 mod handler;
 mod plugin;
 pub mod proto;
 
 use kbs_web::plugin::{PluginSetupError, PluginSpec};
+
+use crate::guests::{Callers, GuestsApiPlugin, GuestsGrants};
 
 pub use backend::{Backend, CallError};
 pub use config::{DEFAULT_MAX_CONCURRENT, DEFAULT_TIMEOUT, ExternalConfig, TlsMode};
@@ -61,19 +67,39 @@ pub fn parse(section: Option<toml::Value>) -> Result<Vec<ExternalConfig>, Plugin
     Ok(configs)
 }
 
-/// One plugin spec per `[[plugins.external]]` table, named `external/<name>`.
-pub fn specs(section: Option<toml::Value>) -> Result<Vec<PluginSpec>, PluginSetupError> {
+/// One plugin spec per `[[plugins.external]]` table, named `external/<name>`, then the
+/// Guests API's (`guests-api`, serving the plugins granted it with what `grants` holds).
+pub fn specs(
+    section: Option<toml::Value>,
+    grants: GuestsGrants,
+) -> Result<Vec<PluginSpec>, PluginSetupError> {
     let mut specs = Vec::new();
+    let callers = Callers::default();
     for (i, config) in parse(section)?.into_iter().enumerate() {
-        let (target, max) = config
-            .validate()
-            .map_err(|(key, reason)| invalid(format!("plugins.{FAMILY}[{i}].{key}"), reason))?;
+        let key = |(key, reason): Invalid| invalid(format!("plugins.{FAMILY}[{i}].{key}"), reason);
+        let (target, max) = config.validate().map_err(key)?;
+        let guests = config.grants().map_err(key)?;
         // Names live as long as the process: one per configured plugin, made once at start.
         let name: &'static str = Box::leak(format!("{FAMILY}/{}", config.name).into_boxed_str());
+        let callers = callers.clone();
         specs.push(PluginSpec::new(name, move |setup| {
-            ExternalPlugin::build(setup, target, max)
+            let caller = match guests {
+                None => None,
+                Some((grants, token_file)) => {
+                    let max = grants.max_concurrent();
+                    Some(
+                        callers
+                            .add(name, grants, max, token_file)
+                            .map_err(|e| setup.invalid("token_file", e))?,
+                    )
+                }
+            };
+            ExternalPlugin::build(setup, target, max, caller)
         }));
     }
+    specs.push(PluginSpec::new(guests::NAME, move |setup| {
+        GuestsApiPlugin::build(setup, callers, grants)
+    }));
     Ok(specs)
 }
 

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
 use crate::config::{Target, TlsMode, check_target};
+use crate::guests::Caller;
 use crate::handler::{ExternalApi, forward};
 
 /// The stored run-time endpoint (in the plugin's own namespace).
@@ -30,6 +31,9 @@ struct Change {
     tls_mode: Option<TlsMode>,
     ca_cert_path: Option<PathBuf>,
     timeout_ms: Option<u64>,
+    /// Replace the plugin's Guests API token with a fresh one in its `token_file`.
+    #[serde(default)]
+    rotate_token: bool,
 }
 
 /// A run-time target as stored: applied at start unless the config's endpoint changed
@@ -48,6 +52,7 @@ pub struct ExternalPlugin {
     name: &'static str,
     configured: Target,
     backend: Arc<Backend>,
+    caller: Option<Arc<Caller>>,
 }
 
 impl std::fmt::Debug for ExternalPlugin {
@@ -65,6 +70,7 @@ impl ExternalPlugin {
         setup: &mut PluginSetup<'_>,
         target: Target,
         max_concurrent: usize,
+        caller: Option<Arc<Caller>>,
     ) -> Result<Self, PluginSetupError> {
         let name = setup.name();
         let member: &'static str = name.split_once('/').map_or(name, |(_, m)| m);
@@ -81,6 +87,7 @@ impl ExternalPlugin {
             name,
             configured: target,
             backend: Arc::new(backend),
+            caller,
         })
     }
 
@@ -105,6 +112,10 @@ impl Plugin for ExternalPlugin {
     }
 
     fn routes(&self, ctx: PluginContext) -> Router {
+        // The Guests API checks, audits and gates this plugin's calls through its context.
+        if let Some(caller) = &self.caller {
+            caller.set_ctx(ctx.clone());
+        }
         let api = ExternalApi {
             ctx,
             backend: self.backend.clone(),
@@ -123,6 +134,11 @@ impl Plugin for ExternalPlugin {
     fn settings(&self) -> Option<Value> {
         let mut v = self.backend.connection().target.describe();
         v["max_concurrent"] = json!(self.backend.max_concurrent());
+        if let Some(caller) = &self.caller {
+            let mut guests = caller.grants.describe();
+            guests["token_file"] = json!(caller.token_file());
+            v["guests"] = guests;
+        }
         Some(v)
     }
 
@@ -130,6 +146,25 @@ impl Plugin for ExternalPlugin {
         let change: Change = serde_json::from_value(settings).map_err(|e| {
             ApiError::bad_request("InvalidPluginSettings", format!("{}: {e}", self.name))
         })?;
+        if change.rotate_token {
+            let Some(caller) = &self.caller else {
+                return Err(ApiError::bad_request(
+                    "InvalidPluginSettings",
+                    format!("{} has no Guests API grant, hence no token", self.name),
+                ));
+            };
+            caller
+                .rotate_token()
+                .map_err(|e| ApiError::internal("token", e))?;
+            tracing::info!(plugin = self.name, file = %caller.token_file().display(), "Guests API token rotated");
+            if change.endpoint.is_none()
+                && change.tls_mode.is_none()
+                && change.ca_cert_path.is_none()
+                && change.timeout_ms.is_none()
+            {
+                return Ok(self.settings().unwrap_or_default());
+            }
+        }
         let now = self.backend.connection().target.clone();
         let endpoint = change.endpoint.unwrap_or(now.endpoint.clone());
         // A new scheme drops a CA that no longer applies unless one is given.

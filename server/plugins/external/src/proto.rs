@@ -6,3 +6,10 @@
 pub mod kbs_plugin_v1 {
     tonic::include_proto!("kbs.plugin.v1");
 }
+
+/// Tether's Guests API for external plugins (`proto/tether/plugin/v1/guests.proto`): the KBS
+/// serves it, plugins are its clients.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod tether_plugin_v1 {
+    tonic::include_proto!("tether.plugin.v1");
+}

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rpc_defs::{GuestError, RESOURCE_BINDING_HEADER, ResourceBinding, SealedResource};
+use rpc_defs::GuestError;
 use tunnel::{CallError, TunnelHandle};
 use zeroize::Zeroizing;
 
@@ -152,35 +152,16 @@ async fn attempt(
             );
         }
     }
-    // A tunnel with a push key (`tether.v2`) gets `dir` under it: no ECDH on either side;
-    // otherwise the JWE is sealed to the TEE key as the resource GET does.
-    // The uri, version and digest travel beside the JWE; binding them in its protected header
-    // lets the guest refuse an old ciphertext replayed as a newer version or under another
-    // path.
-    let binding = ResourceBinding {
-        sha256: rollout.sha256.to_ascii_lowercase(),
-        uri: rollout.path.clone(),
-        version: rollout.version,
-    };
-    let sealed =
-        kbs_core::jwe::binding_header(RESOURCE_BINDING_HEADER, &binding).and_then(|bound| {
-            match handle.push_key() {
-                Some(key) => kbs_core::jwe::seal_dir_bound(key.bytes(), plaintext, &bound),
-                None => kbs_core::jwe::seal_bound(&guest.tee_pubkey, plaintext, &bound),
-            }
-        });
-    let jwe = match sealed
-        .map_err(|e| e.to_string())
-        .and_then(|sealed| serde_json::to_vec(&sealed).map_err(|e| e.to_string()))
-    {
-        Ok(jwe) => jwe,
+    let sealed = match kbs_core::guest_push::sealed_resource(
+        handle.push_key(),
+        &guest.tee_pubkey,
+        &rollout.path,
+        rollout.version,
+        &rollout.sha256,
+        plaintext,
+    ) {
+        Ok(sealed) => sealed,
         Err(e) => return fail(target, format!("cannot seal to the guest's TEE key: {e}")),
-    };
-    let sealed = SealedResource {
-        uri: rollout.path.clone(),
-        version: rollout.version,
-        jwe,
-        sha256: rollout.sha256.clone(),
     };
     target.attempts += 1;
     let deadline = Duration::from_millis(rollout.guest_deadline_ms);
