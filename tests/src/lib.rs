@@ -44,8 +44,8 @@ pub use kbs::{
 pub use kbs_child::KbsChild;
 pub use metrics::metric_value;
 pub use process::{
-    Spawned, built_binary, kbs_binary, spawn_kbs, spawn_kbs_on, spawn_upstream_plugin,
-    upstream_plugin_binary,
+    Spawned, built_binary, credpush_binary, kbs_binary, spawn_credpush, spawn_kbs, spawn_kbs_on,
+    spawn_upstream_plugin, upstream_plugin_binary,
 };
 pub use sim_fleet::{SimFleet, SimOptions};
 pub use skip::skip;

@@ -66,6 +66,23 @@ pub fn upstream_plugin_binary() -> PathBuf {
         .clone()
 }
 
+/// The `credpush` example plugin (`examples/credpush.rs`), which pushes a credential to
+/// guests through the KBS's Guests API.
+pub fn credpush_binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| built_binary("examples", "credpush"))
+        .clone()
+}
+
+/// The `credpush` example plugin with `args` (`--listen 127.0.0.1:0` is added); `announced`
+/// is the address of its `kbs.plugin.v1` server.
+pub async fn spawn_credpush(args: &[&str]) -> Spawned {
+    let mut cmd = Command::new(credpush_binary());
+    cmd.args(args).args(["--listen", "127.0.0.1:0"]);
+    spawn_announcing(cmd, "listening on ").await
+}
+
 /// A child process and the address or URL it announced.
 pub struct Spawned {
     /// The process (killed on drop).

@@ -11,6 +11,7 @@
 //! API for every plugin; disabling `external/<name>` closes it for that plugin.
 
 mod callers;
+pub mod client;
 mod grants;
 mod listen;
 mod service;
