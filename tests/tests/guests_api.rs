@@ -1,8 +1,8 @@
 #![allow(clippy::unwrap_used)]
 //! The Guests API (`tether.plugin.v1.Guests`) through the real `kbs` binary, real guest
 //! daemons holding tunnels, and the `credpush` example plugin in its own process: a
-//! credential posted to the plugin through the KBS reaches every guest with the label and
-//! no other; then, with a raw client: a bad or missing token, calls and guests outside the
+//! credential posted to the plugin through the KBS, or written to the file it watches,
+//! reaches every guest with the label and no other; then, with a raw client: a bad or missing token, calls and guests outside the
 //! grant, the policy refusing a bundle, a stored resource pushed, a plugin flooding the API
 //! (bounded, the KBS unharmed), an oversized message, a disabled plugin, a rotated token.
 
@@ -59,6 +59,8 @@ async fn setup() -> Setup {
         "app=db",
         "--bundle",
         "db-creds",
+        "--watch",
+        dir.path().join("watched").to_str().unwrap(),
     ])
     .await;
     let policy = dir.path().join("policy.rego");
@@ -209,9 +211,22 @@ async fn the_example_plugin_pushes_a_credential_to_every_guest_with_the_label() 
         .unwrap();
     assert_eq!(status["version"], version);
 
+    // The other source: a file the plugin watches.
+    std::fs::write(s.dir.path().join("watched"), b"s3cret-v3").unwrap();
+    tests::eventually("the watched credential on both db guests", || async {
+        s.guests[..2]
+            .iter()
+            .all(|g| credential(&g.state_dir, "db-creds").as_deref() == Some(&b"s3cret-v3"[..]))
+    })
+    .await;
+
     // Each install is audited with the plugin as actor; the secret is nowhere in the log.
+    // (A guest writes the file before the KBS has its answer: wait for the last records.)
+    tests::eventually("six install records", || async {
+        audit(&s, "external.guests.install_credentials").await.len() == 6
+    })
+    .await;
     let records = audit(&s, "external.guests.install_credentials").await;
-    assert_eq!(records.len(), 4, "{records:?}");
     for r in &records {
         assert_eq!(r["actor"], "external/credpush", "{r}");
         assert_eq!(r["role"], "external-plugin", "{r}");

@@ -56,6 +56,10 @@ impl Caller {
         &self.token_file
     }
 
+    fn same_token(&self, other: &Token) -> bool {
+        self.token.read().is_ok_and(|t| other.matches(t.expose()))
+    }
+
     fn matches(&self, presented: &[u8]) -> bool {
         self.token.read().is_ok_and(|t| t.matches(presented))
     }
@@ -77,6 +81,16 @@ impl Callers {
         token_file: PathBuf,
     ) -> Result<Arc<Caller>, String> {
         let token = Token::load_or_generate(&token_file)?;
+        {
+            let list = self.list.read().map_err(|_| "callers lock poisoned")?;
+            if let Some(other) = list.iter().find(|c| c.name != name && c.same_token(&token)) {
+                return Err(format!(
+                    "{} holds the same token as {}: each plugin needs its own",
+                    token_file.display(),
+                    other.name
+                ));
+            }
+        }
         let caller = Arc::new(Caller {
             name,
             grants,
@@ -112,5 +126,47 @@ impl Callers {
     /// Whether none does.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::guests::GrantsConfig;
+
+    fn grants() -> Grants {
+        toml::from_str::<GrantsConfig>("calls = [\"ping\"]\nselector = \"\"\n")
+            .unwrap()
+            .validate()
+            .unwrap()
+    }
+
+    #[test]
+    fn each_token_names_its_plugin_and_two_plugins_cannot_share_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let callers = Callers::default();
+        let a = callers
+            .add("external/a", grants(), 2, dir.path().join("a.token"))
+            .unwrap();
+        callers
+            .add("external/b", grants(), 2, dir.path().join("b.token"))
+            .unwrap();
+        let token_a = std::fs::read(dir.path().join("a.token")).unwrap();
+        let token_b = std::fs::read(dir.path().join("b.token")).unwrap();
+        assert_eq!(callers.authenticate(&token_a).unwrap().name, "external/a");
+        assert_eq!(callers.authenticate(&token_b).unwrap().name, "external/b");
+        assert!(callers.authenticate(b"").is_none());
+        assert!(
+            callers
+                .authenticate(&token_a[..token_a.len() - 1])
+                .is_none()
+        );
+        a.rotate_token().unwrap();
+        assert!(callers.authenticate(&token_a).is_none(), "rotated away");
+        let e = callers
+            .add("external/c", grants(), 2, dir.path().join("b.token"))
+            .unwrap_err();
+        assert!(e.contains("external/b"), "{e}");
     }
 }

@@ -34,6 +34,11 @@ impl Token {
         self.0.len() == presented.len() && bool::from(self.0.as_slice().ct_eq(presented))
     }
 
+    /// The token's bytes (to compare two tokens; never to print).
+    pub(super) fn expose(&self) -> &[u8] {
+        &self.0
+    }
+
     /// Read the token in `path` (surrounding whitespace trimmed), or generate one and create
     /// the file when there is none. Errors say what is wrong, never the token.
     pub fn load_or_generate(path: &Path) -> Result<Self, String> {
