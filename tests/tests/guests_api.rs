@@ -4,7 +4,8 @@
 //! credential posted to the plugin through the KBS, or written to the file it watches,
 //! reaches every guest with the label and no other; then, with a raw client: a bad or missing token, calls and guests outside the
 //! grant, the policy refusing a bundle, a stored resource pushed, a plugin flooding the API
-//! (bounded, the KBS unharmed), an oversized message, a disabled plugin, a rotated token.
+//! (bounded, the KBS unharmed), an oversized message, a disabled plugin, a rotated token, a
+//! guest that never answers (the caller's deadline, nothing more).
 
 use std::path::Path;
 use std::time::Duration;
@@ -496,6 +497,52 @@ async fn grants_tokens_policy_and_bounds_are_enforced() {
     let narrow = client::connect(&s.socket, &rotated).unwrap();
     narrow.clone().ping(ping("web-1")).await.unwrap();
 
+    // A guest that never answers costs the caller the deadline it asked for, nothing more.
+    let key = guest_daemon::tee_key::TeeKeyPair::new_ec();
+    let token = tests::attest(
+        &s.kbs.announced,
+        None,
+        &key,
+        Some(&init_data("db-hung", &[("app", "db")])),
+    )
+    .await
+    .unwrap();
+    let hung = tests::StubGuest::new().on_install(|_| std::future::pending());
+    let _guest = tests::TunnelGuest::dial(
+        &tunnel::GuestTunnelConfig::new(tests::tunnel_url(&s.kbs.announced)),
+        &token,
+        tests::guest_info("hung", "test", &[]),
+        &key,
+        hung,
+    )
+    .await
+    .unwrap();
+    tests::eventually("db-hung listed", || async {
+        let listed = full.clone().list_guests(ListGuestsRequest::default()).await;
+        listed.is_ok_and(|r| {
+            r.into_inner()
+                .guests
+                .iter()
+                .any(|g| g.guest_id == "db-hung")
+        })
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let mut request = install("db-hung", "db-creds", b"x".to_vec());
+    request.deadline_ms = 300;
+    let e = full.clone().install_credentials(request).await.unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    // Meanwhile and after, the others are served.
+    full.clone()
+        .list_guests(ListGuestsRequest::default())
+        .await
+        .unwrap();
+
     // The listing shows the grants, never a token.
     let plugins = s.admin.list_plugins().await.unwrap();
     let text = plugins.to_string();
@@ -514,5 +561,4 @@ async fn grants_tokens_policy_and_bounds_are_enforced() {
         .find(|p| p["name"] == "guests-api")
         .unwrap();
     assert_eq!(api["settings"]["listen"], s.socket.as_str(), "{api}");
-    tokio::time::sleep(Duration::from_millis(10)).await;
 }
