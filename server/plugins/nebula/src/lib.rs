@@ -29,12 +29,10 @@ use axum::extract::{Extension, Query, State};
 use axum::routing::get;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use dashmap::DashMap;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use rpc_defs::{BUNDLE_BINDING_HEADER, BundleBinding, CredentialBundle, CredentialFile};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tunnel::{TunnelEvent, TunnelHandle};
 use zeroize::Zeroizing;
@@ -43,7 +41,9 @@ use kbs_core::metrics::Labels;
 use kbs_core::policy_gate::Decision;
 use kbs_web::error::ApiError;
 use kbs_web::extract::Attested;
-use kbs_web::plugin::{Plugin, PluginContext, PluginKind, PluginSetup, PluginSetupError};
+use kbs_web::plugin::{
+    CredentialPusher, Plugin, PluginContext, PluginKind, PluginSetup, PluginSetupError,
+};
 
 use self::authz::{Allowed, NodeRequest};
 use self::cert::{Ca, Details, NodeCredential};
@@ -185,9 +185,8 @@ impl CaRecord {
 struct Inner {
     config: NebulaConfig,
     ca: tokio::sync::Mutex<Option<Arc<Ca>>>,
-    /// What each live tunnel (guest id) last acknowledged: (epoch, not_after).
-    delivered: DashMap<String, (u64, i64)>,
-    pushes: Semaphore,
+    /// Pushes into `nebula` tunnels; what each acknowledged is the credential's not_after.
+    pusher: Arc<CredentialPusher<i64>>,
     /// Bundle versions only grow (milliseconds, bumped past the last one).
     last_version: AtomicU64,
     /// `kbs_nebula_ca_credentials_total{via,outcome}`.
@@ -292,11 +291,11 @@ impl Inner {
     }
 
     /// Issue and push a credential into `handle`'s guest, from its attested `[nebula]`
-    /// table, when the policy allows it.
-    async fn push(&self, ctx: &PluginContext, handle: &TunnelHandle) {
+    /// table, when the policy allows it; the pushed credential's not_after once installed.
+    async fn push(&self, ctx: &PluginContext, handle: &TunnelHandle) -> Option<i64> {
         let guest_id = handle.guest_id.as_str();
         let Some(att) = ctx.attested_guest(guest_id) else {
-            return;
+            return None;
         };
         let claims = att.claims.to_value();
         let Some(req) = Allowed::from_claims(&claims, &att.identity).push_request() else {
@@ -305,25 +304,25 @@ impl Inner {
                 "nebula-ca: this guest's init-data names no [nebula] ip; nothing to push"
             );
             self.count("push", "no_identity");
-            return;
+            return None;
         };
         match ctx.decide(&att.claims, None, &authz::policy_query(&req, true)) {
             Ok(Decision::Allow) => {}
             Ok(Decision::Deny(why)) => {
                 tracing::info!(guest_id, detail = %why, "nebula-ca: policy refuses this guest; not pushing");
                 self.count("push", "policy_deny");
-                return;
+                return None;
             }
             Err(e) => {
                 tracing::warn!(guest_id, error = %e, "nebula-ca: policy evaluation failed; not pushing");
-                return;
+                return None;
             }
         }
         let ca = match self.ca(ctx).await {
             Ok(ca) => ca,
             Err(e) => {
                 tracing::error!(guest_id, error = %e, "nebula-ca: no CA");
-                return;
+                return None;
             }
         };
         let cred = self.issue(&ca, &req);
@@ -349,7 +348,7 @@ impl Inner {
             let mut out = Zeroizing::new(Vec::with_capacity(2048));
             if let Err(e) = ciborium::into_writer(&map, &mut *out) {
                 tracing::error!(guest_id, error = %e, "nebula-ca: encoding the bundle");
-                return;
+                return None;
             }
             out
         };
@@ -362,7 +361,7 @@ impl Inner {
             Ok(j) => j,
             Err(e) => {
                 tracing::error!(guest_id, error = %e, "nebula-ca: sealing the bundle");
-                return;
+                return None;
             }
         };
         let bundle = CredentialBundle {
@@ -374,8 +373,6 @@ impl Inner {
         };
         match handle.install_credentials(bundle, None).await {
             Ok(_) => {
-                self.delivered
-                    .insert(guest_id.to_string(), (handle.epoch, cred.not_after));
                 self.count("push", "issued");
                 tracing::info!(
                     guest_id,
@@ -386,33 +383,28 @@ impl Inner {
                     fingerprint = %cred.fingerprint,
                     "nebula-ca: credential pushed"
                 );
+                Some(cred.not_after)
             }
             Err(e) => {
                 self.count("push", "failed");
                 tracing::warn!(guest_id, error = %e, "nebula-ca: push failed; retried at the next renewal check");
+                None
             }
         }
     }
 
+    /// Push into `handle`'s guest in a task, unless one is running for this tunnel (bounded
+    /// concurrency; skipped once the plugin is disabled or the KBS shuts down).
     fn spawn_push(self: &Arc<Self>, ctx: &PluginContext, handle: Arc<TunnelHandle>) {
-        if !handle.services.iter().any(|s| s == SERVICE) {
-            return;
-        }
         let this = self.clone();
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let shutdown = ctx.shutdown().clone();
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => {}
-                _ = async {
-                    let Ok(_permit) = this.pushes.acquire().await else { return };
-                    if ctx.is_enabled() {
-                        this.push(&ctx, &handle).await;
-                    }
-                } => {}
-            }
-        });
+        let task_ctx = ctx.clone();
+        self.pusher
+            .spawn(handle, ctx.shutdown(), move |handle| async move {
+                if !task_ctx.is_enabled() {
+                    return None;
+                }
+                this.push(&task_ctx, &handle).await
+            });
     }
 
     /// Push to every live `nebula` guest whose current tunnel holds no credential yet or
@@ -420,20 +412,15 @@ impl Inner {
     fn renew_pass(self: &Arc<Self>, ctx: &PluginContext) {
         let due_at = now_s() + self.config.renew_before.as_secs() as i64;
         for handle in ctx.hub().list() {
-            if !handle.services.iter().any(|s| s == SERVICE) {
-                continue;
-            }
             let current = self
-                .delivered
-                .get(&handle.guest_id)
-                .map(|d| *d)
-                .is_some_and(|(epoch, not_after)| epoch == handle.epoch && not_after > due_at);
+                .pusher
+                .delivered(&handle)
+                .is_some_and(|not_after| not_after > due_at);
             if !current {
                 self.spawn_push(ctx, handle);
             }
         }
-        self.delivered
-            .retain(|id, (epoch, _)| ctx.hub().get(id).is_some_and(|h| h.epoch == *epoch));
+        self.pusher.retain_live(ctx.hub());
     }
 }
 
@@ -464,8 +451,7 @@ impl NebulaPlugin {
             inner: Arc::new(Inner {
                 config,
                 ca: tokio::sync::Mutex::new(None),
-                delivered: DashMap::new(),
-                pushes: Semaphore::new(MAX_CONCURRENT_PUSHES),
+                pusher: CredentialPusher::new(SERVICE, MAX_CONCURRENT_PUSHES),
                 last_version: AtomicU64::new(0),
                 issued,
             }),
@@ -516,11 +502,7 @@ impl Plugin for NebulaPlugin {
             TunnelEvent::Connected(handle) => self.inner.spawn_push(ctx, handle.clone()),
             TunnelEvent::Disconnected {
                 guest_id, epoch, ..
-            } => {
-                self.inner
-                    .delivered
-                    .remove_if(guest_id, |_, (e, _)| e == epoch);
-            }
+            } => self.inner.pusher.forget(guest_id, *epoch),
         }
     }
 

@@ -20,14 +20,15 @@ use axum::Router;
 use axum::routing::get;
 use dashmap::DashMap;
 use rpc_defs::{BUNDLE_BINDING_HEADER, BundleBinding, CredentialBundle, CredentialFile, Installed};
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tunnel::{TunnelEvent, TunnelHandle};
 
 use kbs_core::policy_gate::Decision;
 use kbs_core::storage::StoreError;
 use kbs_web::error::ApiError;
-use kbs_web::plugin::{Plugin, PluginContext, PluginKind, PluginSetup, PluginSetupError};
+use kbs_web::plugin::{
+    CredentialPusher, Plugin, PluginContext, PluginKind, PluginSetup, PluginSetupError,
+};
 
 pub use self::config::SplitApiConfig;
 use self::pki::{CredentialRecord, SandboxIdentity};
@@ -91,9 +92,8 @@ pub(crate) struct Inner {
     config: SplitApiConfig,
     /// One issuer at a time per guest (push, pull and renewal may race).
     locks: DashMap<String, Arc<tokio::sync::Mutex<()>>>,
-    /// What each live tunnel (guest id -> epoch, version) last acknowledged.
-    delivered: DashMap<String, (u64, u64)>,
-    pushes: Semaphore,
+    /// Pushes into splitapi tunnels; what each acknowledged is the bundle version.
+    pusher: Arc<CredentialPusher<u64>>,
 }
 
 /// The splitapi plugin.
@@ -117,8 +117,7 @@ impl SplitApiPlugin {
             inner: Arc::new(Inner {
                 config,
                 locks: DashMap::new(),
-                delivered: DashMap::new(),
-                pushes: Semaphore::new(MAX_CONCURRENT_PUSHES),
+                pusher: CredentialPusher::new(NAME, MAX_CONCURRENT_PUSHES),
             }),
         }
     }
@@ -211,7 +210,7 @@ impl Inner {
     /// Push the server bundle into `handle`'s guest when it offers the splitapi service and
     /// the policy allows it.
     async fn push(&self, ctx: &PluginContext, handle: &TunnelHandle) -> Option<Installed> {
-        if !handle.services.iter().any(|s| s == NAME) || handle.is_closed() {
+        if !self.pusher.offers(handle) || handle.is_closed() {
             return None;
         }
         let guest_id = handle.guest_id.as_str();
@@ -251,8 +250,6 @@ impl Inner {
         let version = bundle.version;
         match handle.install_credentials(bundle, None).await {
             Ok(installed) => {
-                self.delivered
-                    .insert(guest_id.to_string(), (handle.epoch, installed.version));
                 tracing::info!(
                     guest_id,
                     version,
@@ -269,27 +266,20 @@ impl Inner {
         }
     }
 
-    /// Spawn a push (bounded concurrency; skipped once the plugin is disabled or the KBS
-    /// shuts down).
+    /// Spawn a push unless one is running for this tunnel (bounded concurrency; skipped once
+    /// the plugin is disabled or the KBS shuts down).
     fn spawn_push(self: &Arc<Self>, ctx: &PluginContext, handle: Arc<TunnelHandle>) {
-        if !handle.services.iter().any(|s| s == NAME) {
-            return;
-        }
         let this = self.clone();
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            let shutdown = ctx.shutdown().clone();
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => {}
-                _ = async {
-                    let Ok(_permit) = this.pushes.acquire().await else { return };
-                    if ctx.is_enabled() {
-                        this.push(&ctx, &handle).await;
-                    }
-                } => {}
-            }
-        });
+        let task_ctx = ctx.clone();
+        self.pusher
+            .spawn(handle, ctx.shutdown(), move |handle| async move {
+                if !task_ctx.is_enabled() {
+                    return None;
+                }
+                this.push(&task_ctx, &handle)
+                    .await
+                    .map(|installed| installed.version)
+            });
     }
 
     /// Push to every live splitapi guest whose credentials are due for renewal or whose
@@ -297,7 +287,7 @@ impl Inner {
     async fn renew_pass(self: &Arc<Self>, ctx: &PluginContext) {
         let now = now_s();
         for handle in ctx.hub().list() {
-            if !handle.services.iter().any(|s| s == NAME) {
+            if !self.pusher.offers(&handle) {
                 continue;
             }
             let rec = match self.load(ctx, &handle.guest_id).await {
@@ -311,17 +301,15 @@ impl Inner {
                 now.saturating_add(self.config.renew_before.as_secs()) >= r.not_after
             });
             let acked = self
-                .delivered
-                .get(&handle.guest_id)
-                .map(|d| *d)
+                .pusher
+                .delivered(&handle)
                 .zip(rec.as_ref())
-                .is_some_and(|((epoch, version), r)| epoch == handle.epoch && version == r.version);
+                .is_some_and(|(version, r)| version == r.version);
             if due || !acked {
                 self.spawn_push(ctx, handle);
             }
         }
-        self.delivered
-            .retain(|id, (epoch, _)| ctx.hub().get(id).is_some_and(|h| h.epoch == *epoch));
+        self.pusher.retain_live(ctx.hub());
         self.locks.retain(|_, l| Arc::strong_count(l) > 1);
     }
 }
@@ -410,11 +398,7 @@ impl Plugin for SplitApiPlugin {
             TunnelEvent::Connected(handle) => self.inner.spawn_push(ctx, handle.clone()),
             TunnelEvent::Disconnected {
                 guest_id, epoch, ..
-            } => {
-                self.inner
-                    .delivered
-                    .remove_if(guest_id, |_, (e, _)| e == epoch);
-            }
+            } => self.inner.pusher.forget(guest_id, *epoch),
         }
     }
 

@@ -13,6 +13,7 @@
 //! its background task is stopped; the decision is stored and restored at start.
 
 mod context;
+mod pusher;
 mod registry;
 pub mod routes;
 mod spec;
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 pub use context::{PluginContext, PluginKv, PluginServices};
+pub use pusher::CredentialPusher;
 pub use registry::{PluginInfo, PluginRegistry, RegistryError};
 pub use spec::{PluginSetup, PluginSetupError, PluginSpec};
 
