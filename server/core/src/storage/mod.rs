@@ -1,15 +1,20 @@
 //! Storage: one [`Store`] trait for everything the KBS keeps, with SQLite as the embedded
-//! default. Callers only see the trait, so a PostgreSQL implementation can follow unchanged.
+//! default and PostgreSQL for several replicas sharing one database. Callers only see the
+//! trait; [`open`] picks the engine from the database URL's scheme.
 
 mod events;
 mod fleet;
 mod kek;
 pub mod latest_cache;
 mod plugins;
+mod postgres;
 mod reference_values;
 mod rotation;
 mod sqlite;
+#[cfg(any(test, feature = "store-suite"))]
+pub mod suite;
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -25,6 +30,7 @@ pub use rotation::{
     CreatedRollout, NewRollout, RolloutQuery, RolloutRecord, RolloutState, RolloutStore,
     TargetRecord, TargetState,
 };
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 use crate::resource_path::ResourcePath;
@@ -50,6 +56,9 @@ pub enum StoreError {
     /// A stored row does not decode.
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// The database URL names no engine Tether has.
+    #[error("{0}")]
+    UnsupportedUrl(String),
 }
 
 /// One stored version of a resource, decrypted.
@@ -220,6 +229,70 @@ pub trait Store:
 {
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// The engine's name (`sqlite`, `postgres`), for `/readyz` and logs.
+    fn engine(&self) -> &'static str;
+}
+
+/// A storage engine, chosen by the database URL's scheme.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// `sqlite:` (a file in the data directory by default).
+    Sqlite,
+    /// `postgres://` or `postgresql://`.
+    Postgres,
+}
+
+impl Engine {
+    /// The engine `url` names, or why none.
+    pub fn of(url: &str) -> Result<Self, StoreError> {
+        let scheme = url.split_once(':').map_or("", |(s, _)| s);
+        match scheme.to_ascii_lowercase().as_str() {
+            "sqlite" => Ok(Self::Sqlite),
+            "postgres" | "postgresql" => Ok(Self::Postgres),
+            _ => Err(StoreError::UnsupportedUrl(format!(
+                "database URL {} names no supported engine: use sqlite:<path>, postgres://... or postgresql://...",
+                redact_url(url)
+            ))),
+        }
+    }
+}
+
+/// Opens the store `url` names (running its migrations); the KEK seals secrets at rest.
+pub async fn open(url: &str, kek: Arc<KeyEncryptionKey>) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match Engine::of(url)? {
+        Engine::Sqlite => Arc::new(SqliteStore::open(url, kek).await?),
+        Engine::Postgres => Arc::new(PostgresStore::open(url, kek).await?),
+    })
+}
+
+/// `url` fit for a log line or an error message: a password in it (userinfo, or a
+/// `password=` query parameter) is replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let rest = scheme_end + 3;
+        let authority_end = out[rest..]
+            .find(['/', '?', '#'])
+            .map_or(out.len(), |i| rest + i);
+        if let Some(at) = out[rest..authority_end].rfind('@') {
+            let userinfo = &out[rest..rest + at];
+            if let Some(colon) = userinfo.find(':') {
+                out.replace_range(rest + colon + 1..rest + at, "***");
+            }
+        }
+    }
+    if let Some(q) = out.find('?') {
+        let (head, query) = out.split_at(q + 1);
+        let query: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => kv.to_string(),
+            })
+            .collect();
+        out = format!("{head}{}", query.join("&"));
+    }
+    out
 }
 
 /// Unix time in milliseconds.
@@ -228,4 +301,65 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// What a resource version's seal is bound to (the same under every engine, so a database
+/// moved between engines still opens).
+fn resource_context(path: &ResourcePath) -> Vec<u8> {
+    format!("tether/resource/{path}").into_bytes()
+}
+
+/// What a plugin value's seal is bound to.
+fn kv_context(namespace: &str, key: &str) -> Vec<u8> {
+    format!("tether/kv/{namespace}/{key}").into_bytes()
+}
+
+/// Opens a stored plugin value (12-byte nonce, then the ciphertext).
+fn open_kv(
+    kek: &KeyEncryptionKey,
+    namespace: &str,
+    key: &str,
+    sealed: &[u8],
+) -> Result<Vec<u8>, StoreError> {
+    if sealed.len() < 12 {
+        return Err(StoreError::Crypto("truncated plugin value".into()));
+    }
+    let (nonce, ct) = sealed.split_at(12);
+    Ok(kek.open(&kv_context(namespace, key), nonce, ct)?.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scheme_picks_the_engine() {
+        assert_eq!(Engine::of("sqlite:///var/t.db").unwrap(), Engine::Sqlite);
+        assert_eq!(Engine::of("sqlite::memory:").unwrap(), Engine::Sqlite);
+        assert_eq!(Engine::of("postgres://h/db").unwrap(), Engine::Postgres);
+        assert_eq!(Engine::of("PostgreSQL://h/db").unwrap(), Engine::Postgres);
+        let e = Engine::of("mysql://u:hunter2@h/db").unwrap_err().to_string();
+        assert!(e.contains("mysql://u:***@h/db"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        assert!(Engine::of("/var/t.db").is_err());
+    }
+
+    #[test]
+    fn passwords_never_leave_a_url() {
+        for (url, shown) in [
+            (
+                "postgres://tether:s3cr%40t@db:5432/tether",
+                "postgres://tether:***@db:5432/tether",
+            ),
+            ("postgres://tether@db/tether", "postgres://tether@db/tether"),
+            (
+                "postgresql://db/tether?user=t&password=s3cr3t&sslmode=require",
+                "postgresql://db/tether?user=t&password=***&sslmode=require",
+            ),
+            ("postgres://u:p@ss@db/x", "postgres://u:***@db/x"),
+            ("sqlite:///data/tether.db", "sqlite:///data/tether.db"),
+        ] {
+            assert_eq!(redact_url(url), shown);
+        }
+    }
 }
