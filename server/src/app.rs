@@ -20,9 +20,7 @@ use kbs_core::metrics::{Exposition, Metrics};
 use kbs_core::policy::{DEFAULT_POLICY, PolicyEngine};
 use kbs_core::policy_gate::PolicyGate;
 use kbs_core::probe::Prober;
-use kbs_core::storage::{
-    AuditStore, KeyEncryptionKey, ResourceStore, SqliteStore, Store, StoreError,
-};
+use kbs_core::storage::{AuditStore, KeyEncryptionKey, ResourceStore, Store, StoreError};
 use kbs_core::token::TokenSigner;
 use kbs_web::admin_auth::AdminAuth;
 use kbs_web::admin_gate::AdminGate;
@@ -189,8 +187,13 @@ impl Kbs {
         let kek = Arc::new(KeyEncryptionKey::load_or_generate(
             &config.storage.kek_path(),
         )?);
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&config.storage.database_url(), kek.clone()).await?);
+        let database_url = config.storage.database_url();
+        let store: Arc<dyn Store> = kbs_core::storage::open(&database_url, kek.clone()).await?;
+        tracing::info!(
+            engine = store.engine(),
+            database = %kbs_core::storage::redact_url(&database_url),
+            "storage open"
+        );
 
         let a = &config.attestation;
         let config_error = |(key, reason): (String, String)| ConfigError::Invalid { key, reason };

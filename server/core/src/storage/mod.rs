@@ -11,7 +11,9 @@ mod postgres;
 mod reference_values;
 mod rotation;
 mod sqlite;
-#[cfg(any(test, feature = "store-suite"))]
+// Compiled always (a feature would build every crate above kbs-core twice: once for the
+// binaries, once for the test kit); hidden from the docs, called only by tests.
+#[doc(hidden)]
 pub mod suite;
 
 use std::sync::Arc;
@@ -25,12 +27,12 @@ pub use events::{EventQuery, EventRecord, EventStore, NewEvent};
 pub use fleet::FleetStore;
 pub use kek::KeyEncryptionKey;
 pub use plugins::{PluginStateRow, PluginStateStore};
+pub use postgres::PostgresStore;
 pub use reference_values::{ReferenceValue, ReferenceValueStore};
 pub use rotation::{
     CreatedRollout, NewRollout, RolloutQuery, RolloutRecord, RolloutState, RolloutStore,
     TargetRecord, TargetState,
 };
-pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 use crate::resource_path::ResourcePath;
@@ -59,6 +61,23 @@ pub enum StoreError {
     /// The database URL names no engine Tether has.
     #[error("{0}")]
     UnsupportedUrl(String),
+}
+
+impl StoreError {
+    /// Whether the database could not be reached (connection refused or cut, no connection
+    /// within the pool's timeout): the operation may succeed later, unchanged.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Self::Database(
+                sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::WorkerCrashed
+            )
+        )
+    }
 }
 
 /// One stored version of a resource, decrypted.
@@ -338,7 +357,9 @@ mod tests {
         assert_eq!(Engine::of("sqlite::memory:").unwrap(), Engine::Sqlite);
         assert_eq!(Engine::of("postgres://h/db").unwrap(), Engine::Postgres);
         assert_eq!(Engine::of("PostgreSQL://h/db").unwrap(), Engine::Postgres);
-        let e = Engine::of("mysql://u:hunter2@h/db").unwrap_err().to_string();
+        let e = Engine::of("mysql://u:hunter2@h/db")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("mysql://u:***@h/db"), "{e}");
         assert!(!e.contains("hunter2"), "{e}");
         assert!(Engine::of("/var/t.db").is_err());

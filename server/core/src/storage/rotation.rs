@@ -121,9 +121,9 @@ pub struct NewRollout {
     pub created_by: String,
 }
 
-#[cfg(any(test, feature = "store-suite"))]
 impl NewRollout {
     /// A rollout of `path` at `version` to `app=db`, for tests.
+    #[doc(hidden)]
     pub fn for_test(path: &str, version: u64) -> Self {
         Self {
             path: path.into(),
@@ -373,8 +373,10 @@ pub(super) const TARGET_UPSERT: &str = " ON CONFLICT (rollout_id, guest_id) DO U
      acked_at = excluded.acked_at \
      WHERE rollout_targets.state <> 'acked' OR excluded.state = 'acked'";
 
-pub(super) fn push_targets<DB: Database>(tx_builder: &mut QueryBuilder<DB>, targets: &[TargetRecord])
-where
+pub(super) fn push_targets<DB: Database>(
+    tx_builder: &mut QueryBuilder<DB>,
+    targets: &[TargetRecord],
+) where
     for<'a> i64: sqlx::Encode<'a, DB> + Type<DB>,
     for<'a> String: sqlx::Encode<'a, DB> + Type<DB>,
     for<'a> &'a str: sqlx::Encode<'a, DB> + Type<DB>,

@@ -156,7 +156,6 @@ impl SqliteStore {
     }
 }
 
-
 #[async_trait]
 impl ResourceStore for SqliteStore {
     async fn put_resource(

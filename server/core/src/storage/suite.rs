@@ -1,6 +1,7 @@
 //! The storage test suite, one case per function, run on every engine: kbs-core's own tests
 //! run it on SQLite (below), the test kit on a throwaway PostgreSQL cluster
-//! (`tests/tests/store_engines.rs`), through [`store_suite!`](crate::store_suite).
+//! (`tests/tests/store_engines.rs`), through [`store_suite!`](crate::store_suite). Compiled
+//! into the library (no feature, see `storage/mod.rs`) but used only by tests.
 //!
 //! Every case gets two stores `a` and `b` opened separately on one fresh database (two
 //! connection pools, as two KBS replicas have); most use only `a`, the concurrency cases use
@@ -18,7 +19,11 @@ use crate::resource_path::ResourcePath;
 
 /// Two stores on one fresh database; `None` when the engine cannot run here (the opener
 /// reports the skip).
-pub type Opened = Option<(Box<dyn std::any::Any + Send>, Arc<dyn Store>, Arc<dyn Store>)>;
+pub type Opened = Option<(
+    Box<dyn std::any::Any + Send>,
+    Arc<dyn Store>,
+    Arc<dyn Store>,
+)>;
 
 /// Declares one `#[tokio::test]` per suite case, each opening its stores with `$open`
 /// (an `async fn(&'static str) -> Opened`, given the case name).
@@ -109,7 +114,9 @@ pub async fn concurrent_puts_on_two_stores_get_distinct_versions(
     for i in 0..20 {
         let s = if i % 2 == 0 { a.clone() } else { b.clone() };
         policies.push(tokio::spawn(async move {
-            s.set_policy("resource", &format!("p{i}"), "t").await.unwrap()
+            s.set_policy("resource", &format!("p{i}"), "t")
+                .await
+                .unwrap()
         }));
     }
     let mut got = Vec::new();
@@ -127,7 +134,10 @@ pub async fn a_put_on_one_store_is_read_on_the_other(a: Arc<dyn Store>, b: Arc<d
     let got = b.get_resource(&p, None).await.unwrap().unwrap();
     assert_eq!((got.version, got.data.as_slice()), (1, &b"from a"[..]));
     b.kv_put("pki", "ca", b"sealed by b").await.unwrap();
-    assert_eq!(a.kv_get("pki", "ca").await.unwrap().unwrap(), b"sealed by b");
+    assert_eq!(
+        a.kv_get("pki", "ca").await.unwrap().unwrap(),
+        b"sealed by b"
+    );
     b.set_policy("resource", "package policy", "t")
         .await
         .unwrap();
@@ -144,7 +154,12 @@ pub async fn policy_versions_audit_and_kv(s: Arc<dyn Store>, _: Arc<dyn Store>) 
     assert_eq!(s.set_policy("appraisal", "c", "x").await.unwrap(), 1);
     let current = s.get_policy("resource").await.unwrap().unwrap();
     assert_eq!((current.version, current.body.as_str()), (2, "b"));
-    for action in ["resource.put", "policy.set", "resource.delete", "resource_x"] {
+    for action in [
+        "resource.put",
+        "policy.set",
+        "resource.delete",
+        "resource_x",
+    ] {
         s.audit(AuditEntry {
             actor: "alice".into(),
             role: "admin".into(),
@@ -228,7 +243,9 @@ pub async fn plugin_state_round_trips_and_updates(s: Arc<dyn Store>, _: Arc<dyn 
     s.set_plugin_enabled("splitapi", false, "a@dev")
         .await
         .unwrap();
-    s.set_plugin_enabled("splitapi", true, "b@dev").await.unwrap();
+    s.set_plugin_enabled("splitapi", true, "b@dev")
+        .await
+        .unwrap();
     s.set_plugin_enabled("resource", false, "b@dev")
         .await
         .unwrap();
@@ -641,16 +658,18 @@ pub async fn acks_written_from_two_stores_are_never_lost(a: Arc<dyn Store>, b: A
     a.write_targets(&[row("g0000", TargetState::Pending)])
         .await
         .unwrap();
-    let t = b
-        .list_targets(id, None, None, 1)
-        .await
-        .unwrap()
-        .remove(0);
-    assert_eq!((t.guest_id.as_str(), t.state), ("g0000", TargetState::Acked));
+    let t = b.list_targets(id, None, None, 1).await.unwrap().remove(0);
+    assert_eq!(
+        (t.guest_id.as_str(), t.state),
+        ("g0000", TargetState::Acked)
+    );
     // A batch naming one target twice: the last row wins.
-    b.write_targets(&[row("g0599", TargetState::Acked), row("g0599", TargetState::Acked)])
-        .await
-        .unwrap();
+    b.write_targets(&[
+        row("g0599", TargetState::Acked),
+        row("g0599", TargetState::Acked),
+    ])
+    .await
+    .unwrap();
 }
 
 #[cfg(test)]

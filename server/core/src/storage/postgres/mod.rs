@@ -391,9 +391,6 @@ mod tests {
     #[test]
     fn batches_fold_duplicates_keeping_the_last_and_sort_by_key() {
         let rows = [("b", 1), ("a", 2), ("b", 3), ("c", 4), ("a", 5)];
-        assert_eq!(
-            fold_by_key(&rows, |r| r.0),
-            [("a", 5), ("b", 3), ("c", 4)]
-        );
+        assert_eq!(fold_by_key(&rows, |r| r.0), [("a", 5), ("b", 3), ("c", 4)]);
     }
 }
