@@ -416,6 +416,16 @@ impl Kbs {
             s.shutdown.clone().cancelled_owned(),
         ));
         s.plugins.start_all().await;
+        // Replicas sharing a database: what another one changes is put in force here.
+        let follower = crate::follow::spawn(
+            &s.store.changes(),
+            crate::follow::Followers {
+                policy: self.app.policy.clone(),
+                appraisal: self.app.appraisal.clone(),
+                plugins: s.plugins.clone(),
+            },
+            s.shutdown.clone(),
+        );
         let http = &self.config.http;
         let grace = http.shutdown_grace;
         let serving = crate::serve::serve(
@@ -432,6 +442,7 @@ impl Kbs {
         let _ = pruner.await;
         let _ = jwks.await;
         let _ = refresher.await;
+        let _ = follower.await;
         observability.finish().await;
         s.plugins.stop_all().await;
         result

@@ -2,6 +2,7 @@
 //! default and PostgreSQL for several replicas sharing one database. Callers only see the
 //! trait; [`open`] picks the engine from the database URL's scheme.
 
+mod changes;
 mod events;
 mod fleet;
 mod kek;
@@ -23,6 +24,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 use zeroize::Zeroizing;
 
+pub use changes::{CHANNEL, Change, ChangeFeed};
 pub use events::{EventQuery, EventRecord, EventStore, NewEvent};
 pub use fleet::FleetStore;
 pub use kek::KeyEncryptionKey;
@@ -250,6 +252,9 @@ pub trait Store:
     async fn ping(&self) -> Result<(), StoreError>;
     /// The engine's name (`sqlite`, `postgres`), for `/readyz` and logs.
     fn engine(&self) -> &'static str;
+    /// Changes other processes made to the stored state this process keeps in memory
+    /// (see [`Change`]); nothing for an engine only this process writes.
+    fn changes(&self) -> ChangeFeed;
 }
 
 /// A storage engine, chosen by the database URL's scheme.

@@ -11,9 +11,9 @@ use sqlx::{Row, SqlitePool};
 
 use super::latest_cache::{LatestCache, SealedLatest};
 use super::{
-    AuditEntry, AuditQuery, AuditRecord, AuditStore, KeyEncryptionKey, KvStore, PolicyStore,
-    ResourceStore, ResourceVersion, Store, StoreError, StoredPolicy, VersionInfo, kv_context,
-    now_ms, open_kv, resource_context,
+    AuditEntry, AuditQuery, AuditRecord, AuditStore, ChangeFeed, KeyEncryptionKey, KvStore,
+    PolicyStore, ResourceStore, ResourceVersion, Store, StoreError, StoredPolicy, VersionInfo,
+    kv_context, now_ms, open_kv, resource_context,
 };
 use crate::resource_path::ResourcePath;
 
@@ -28,6 +28,8 @@ pub struct SqliteStore {
     /// transactions, so they queue here in order instead of colliding on SQLite's write
     /// lock, where the loser sleeps in the busy handler's steps (up to 100 ms each).
     batch_writes: Arc<tokio::sync::Mutex<()>>,
+    /// Never announces anything (see [`Store::changes`]).
+    changes: ChangeFeed,
 }
 
 impl SqliteStore {
@@ -80,6 +82,7 @@ impl SqliteStore {
             kek,
             latest: Arc::default(),
             batch_writes: Arc::default(),
+            changes: ChangeFeed::default(),
         })
     }
 
@@ -456,6 +459,12 @@ impl Store for SqliteStore {
 
     fn engine(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn changes(&self) -> ChangeFeed {
+        // This process is the only writer (the data directory's lock keeps a second KBS
+        // out), so nothing changes behind its back.
+        self.changes.clone()
     }
 }
 

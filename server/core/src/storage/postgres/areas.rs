@@ -4,10 +4,11 @@
 use async_trait::async_trait;
 use sqlx::{QueryBuilder, Row};
 
-use super::{PostgresStore, fold_by_key};
+use super::{PostgresStore, fold_by_key, notify};
 use crate::storage::{
-    EventQuery, EventRecord, EventStore, FleetStore, NewEvent, PluginStateRow, PluginStateStore,
-    ReferenceValue, ReferenceValueStore, RolloutState, StoreError, TargetState, now_ms,
+    Change, EventQuery, EventRecord, EventStore, FleetStore, NewEvent, PluginStateRow,
+    PluginStateStore, ReferenceValue, ReferenceValueStore, RolloutState, StoreError, TargetState,
+    now_ms,
 };
 
 /// Rows per multi-row statement (PostgreSQL allows 65,535 bound parameters).
@@ -50,7 +51,7 @@ impl PluginStateStore for PostgresStore {
         .bind(actor)
         .execute(self.pool())
         .await?;
-        Ok(())
+        notify(self.pool(), &Change::PluginState(name.to_owned())).await
     }
 }
 
@@ -98,6 +99,7 @@ impl ReferenceValueStore for PostgresStore {
         .bind(actor)
         .execute(self.pool())
         .await?;
+        notify(self.pool(), &Change::ReferenceValues).await?;
         Ok(ReferenceValue {
             name: name.to_owned(),
             values: values.to_vec(),
@@ -111,6 +113,9 @@ impl ReferenceValueStore for PostgresStore {
             .bind(name)
             .execute(self.pool())
             .await?;
+        if done.rows_affected() > 0 {
+            notify(self.pool(), &Change::ReferenceValues).await?;
+        }
         Ok(done.rows_affected() > 0)
     }
 }

@@ -13,6 +13,7 @@
 //! - there is no latest-version cache: another replica's put would not invalidate it.
 
 mod areas;
+mod listen;
 mod rotation;
 
 use std::str::FromStr;
@@ -25,9 +26,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::{
-    AuditEntry, AuditQuery, AuditRecord, AuditStore, KeyEncryptionKey, KvStore, PolicyStore,
-    ResourceStore, ResourceVersion, Store, StoreError, StoredPolicy, VersionInfo, kv_context,
-    now_ms, open_kv, resource_context,
+    AuditEntry, AuditQuery, AuditRecord, AuditStore, CHANNEL, Change, ChangeFeed, KeyEncryptionKey,
+    KvStore, PolicyStore, ResourceStore, ResourceVersion, Store, StoreError, StoredPolicy,
+    VersionInfo, kv_context, now_ms, open_kv, resource_context,
 };
 use crate::resource_path::ResourcePath;
 
@@ -52,6 +53,9 @@ const LOCK_ROLLOUT_PATH: i32 = 0x7465_0003;
 pub struct PostgresStore {
     pool: PgPool,
     kek: Arc<KeyEncryptionKey>,
+    /// What other replicas (and this one) change, from `LISTEN` (see `listen.rs`).
+    changes: ChangeFeed,
+    _listener: Arc<listen::ListenerGuard>,
 }
 
 impl PostgresStore {
@@ -70,7 +74,14 @@ impl PostgresStore {
             .connect_with(opts)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(Self { pool, kek })
+        let changes = ChangeFeed::default();
+        let listener = listen::spawn(pool.clone(), changes.clone());
+        Ok(Self {
+            pool,
+            kek,
+            changes,
+            _listener: Arc::new(listener),
+        })
     }
 
     /// The connection pool, for the per-area impls.
@@ -104,6 +115,22 @@ fn fold_by_key<T: Clone, K: Ord>(rows: &[T], key: impl Fn(&T) -> K) -> Vec<T> {
     keyed.into_values().cloned().collect()
 }
 
+/// Announces `change` to every replica (this one too) on [`CHANNEL`]: when `exec`'s
+/// transaction commits, or at once outside one. A failed announcement fails the write's
+/// caller, who retries; the write itself stands, and a replica that misses a change reloads
+/// everything when its listener reconnects (`Change::Lost`).
+async fn notify<'e, E>(exec: E, change: &Change) -> Result<(), StoreError>
+where
+    E: sqlx::PgExecutor<'e>,
+{
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANNEL)
+        .bind(change.encode())
+        .execute(exec)
+        .await?;
+    Ok(())
+}
+
 #[async_trait]
 impl ResourceStore for PostgresStore {
     async fn put_resource(
@@ -131,6 +158,7 @@ impl ResourceStore for PostgresStore {
         .bind(actor)
         .fetch_one(&mut *tx)
         .await?;
+        notify(&mut *tx, &Change::Resource(key.clone())).await?;
         tx.commit().await?;
         Ok(row.try_get::<i64, _>(0)? as u64)
     }
@@ -196,6 +224,9 @@ impl ResourceStore for PostgresStore {
         .bind(path.to_string())
         .execute(&self.pool)
         .await?;
+        if done.rows_affected() > 0 {
+            notify(&self.pool, &Change::Resource(path.to_string())).await?;
+        }
         Ok(done.rows_affected() > 0)
     }
 }
@@ -234,6 +265,7 @@ impl PolicyStore for PostgresStore {
         .bind(actor)
         .fetch_one(&mut *tx)
         .await?;
+        notify(&mut *tx, &Change::Policy(name.to_owned())).await?;
         tx.commit().await?;
         Ok(row.try_get::<i64, _>(0)? as u64)
     }
@@ -381,6 +413,10 @@ impl Store for PostgresStore {
 
     fn engine(&self) -> &'static str {
         "postgres"
+    }
+
+    fn changes(&self) -> ChangeFeed {
+        self.changes.clone()
     }
 }
 

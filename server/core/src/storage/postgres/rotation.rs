@@ -6,12 +6,12 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use sqlx::{AssertSqlSafe, Postgres, QueryBuilder, Row};
 
-use super::{LOCK_ROLLOUT_PATH, PostgresStore, fold_by_key};
+use super::{LOCK_ROLLOUT_PATH, PostgresStore, fold_by_key, notify};
 use crate::storage::rotation::{
     ROLLOUT_COLUMNS, TARGET_COLUMNS, TARGET_UPSERT, i, push_targets, rollout_row, target_row, u,
 };
 use crate::storage::{
-    CreatedRollout, NewRollout, RolloutQuery, RolloutRecord, RolloutState, RolloutStore,
+    Change, CreatedRollout, NewRollout, RolloutQuery, RolloutRecord, RolloutState, RolloutStore,
     StoreError, TargetRecord, TargetState, now_ms,
 };
 
@@ -74,6 +74,9 @@ impl RolloutStore for PostgresStore {
             push_targets(&mut b, chunk);
             b.build().execute(&mut *tx).await?;
         }
+        // The superseded ones change state too; a replica that follows the new rollout
+        // learns of them from it (`superseded` in its `Created` handling).
+        notify(&mut *tx, &Change::Rollout(rollout.id)).await?;
         tx.commit().await?;
         Ok(CreatedRollout {
             rollout,
@@ -133,7 +136,7 @@ impl RolloutStore for PostgresStore {
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(format!("no rollout {id}")));
         }
-        Ok(())
+        notify(self.pool(), &Change::Rollout(id)).await
     }
 
     async fn target_counts(&self, id: i64) -> Result<BTreeMap<TargetState, u64>, StoreError> {
