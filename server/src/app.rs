@@ -20,9 +20,7 @@ use kbs_core::metrics::{Exposition, Metrics};
 use kbs_core::policy::{DEFAULT_POLICY, PolicyEngine};
 use kbs_core::policy_gate::PolicyGate;
 use kbs_core::probe::Prober;
-use kbs_core::storage::{
-    AuditStore, KeyEncryptionKey, ResourceStore, SqliteStore, Store, StoreError,
-};
+use kbs_core::storage::{AuditStore, KeyEncryptionKey, ResourceStore, Store, StoreError};
 use kbs_core::token::TokenSigner;
 use kbs_web::admin_auth::AdminAuth;
 use kbs_web::admin_gate::AdminGate;
@@ -189,8 +187,13 @@ impl Kbs {
         let kek = Arc::new(KeyEncryptionKey::load_or_generate(
             &config.storage.kek_path(),
         )?);
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&config.storage.database_url(), kek.clone()).await?);
+        let database_url = config.storage.database_url();
+        let store: Arc<dyn Store> = kbs_core::storage::open(&database_url, kek.clone()).await?;
+        tracing::info!(
+            engine = store.engine(),
+            database = %kbs_core::storage::redact_url(&database_url),
+            "storage open"
+        );
 
         let a = &config.attestation;
         let config_error = |(key, reason): (String, String)| ConfigError::Invalid { key, reason };
@@ -418,6 +421,16 @@ impl Kbs {
             s.shutdown.clone().cancelled_owned(),
         ));
         s.plugins.start_all().await;
+        // Replicas sharing a database: what another one changes is put in force here.
+        let follower = crate::follow::spawn(
+            &s.store.changes(),
+            crate::follow::Followers {
+                policy: self.app.policy.clone(),
+                appraisal: self.app.appraisal.clone(),
+                plugins: s.plugins.clone(),
+            },
+            s.shutdown.clone(),
+        );
         let http = &self.config.http;
         let grace = http.shutdown_grace;
         let serving = crate::serve::serve(
@@ -434,6 +447,7 @@ impl Kbs {
         let _ = pruner.await;
         let _ = jwks.await;
         let _ = refresher.await;
+        let _ = follower.await;
         observability.finish().await;
         s.plugins.stop_all().await;
         result

@@ -142,7 +142,9 @@ pub struct TlsConfig {
 pub struct StorageConfig {
     /// Directory for the database and generated keys.
     pub data_dir: PathBuf,
-    /// Database URL; default `sqlite://<data_dir>/tether.db`.
+    /// Database URL; its scheme picks the engine: `sqlite://<path>` (default
+    /// `sqlite://<data_dir>/tether.db`) or `postgres://` / `postgresql://` (several replicas
+    /// share one database). A password in it is never logged.
     pub database_url: Option<String>,
     /// File holding the 32-byte key-encryption key (hex); generated when missing.
     pub kek_file: Option<PathBuf>,
@@ -410,6 +412,10 @@ impl Config {
 
     /// Check values that serde cannot: ranges, file presence, regexes.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.storage.database_url {
+            kbs_core::storage::Engine::of(url)
+                .map_err(|e| invalid("storage.database_url", e.to_string()))?;
+        }
         if self.http.max_body_bytes < 1024 {
             return Err(invalid("http.max_body_bytes", "must be at least 1024"));
         }
@@ -657,6 +663,18 @@ mod tests {
         .unwrap();
         assert_eq!(c.http.max_body_bytes, 9000);
         assert_eq!(c.attestation.token_ttl, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn the_database_url_comes_from_the_environment_and_names_an_engine() {
+        let url = "postgres://tether:s3cret@db.example:5432/tether?sslmode=require";
+        let c = load("", &[("KBS_STORAGE__DATABASE_URL", url)]).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.storage.database_url(), url);
+        let c = load("[storage]\ndatabase_url = \"mysql://u:s3cret@db/t\"\n", &[]).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("storage.database_url"), "{err}");
+        assert!(!err.contains("s3cret"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod attestation;
 pub mod config;
 pub mod dashboard;
 pub mod evidence;
+pub mod follow;
 pub mod http;
 pub mod serve;
 pub mod tls;

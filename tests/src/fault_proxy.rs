@@ -29,6 +29,29 @@ impl FaultProxy {
     /// Relays every connection made to [`FaultProxy::addr`] to `upstream`.
     pub async fn start(upstream: SocketAddr) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::serve(listener, upstream)
+    }
+
+    /// [`FaultProxy::start`] on `addr`: a proxy dropped earlier comes back where its
+    /// clients knew it (what a restarted server looks like); waits while the old one lets go
+    /// of the port.
+    pub async fn start_at(addr: SocketAddr, upstream: SocketAddr) -> Self {
+        let mut tries = 0;
+        let listener = loop {
+            match TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(e) if tries < 100 => {
+                    tries += 1;
+                    tracing::debug!(error = %e, "proxy port still taken");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("bind {addr}: {e}"),
+            }
+        };
+        Self::serve(listener, upstream)
+    }
+
+    fn serve(listener: TcpListener, upstream: SocketAddr) -> Self {
         let addr = listener.local_addr().expect("addr");
         let relays: Arc<Mutex<Vec<Relay>>> = Arc::default();
         let accept = {

@@ -6,7 +6,7 @@
 //! ([`FaultProxy`]), the real `kbs` binary as a child that can be killed ([`KbsChild`]), the
 //! kill -9 fault loop ([`run_fault_loop`]), a wall clock ([`unix_secs`]), and real processes:
 //! the `kbs` binary and the upstream-style external plugin ([`spawn_kbs`],
-//! [`spawn_upstream_plugin`]).
+//! [`spawn_upstream_plugin`]), a throwaway PostgreSQL cluster ([`pg_database`]).
 
 mod api;
 mod attest;
@@ -21,6 +21,7 @@ mod guest_stub;
 mod kbs;
 mod kbs_child;
 mod metrics;
+mod postgres;
 mod process;
 mod sim_fleet;
 mod skip;
@@ -43,6 +44,7 @@ pub use kbs::{
 };
 pub use kbs_child::KbsChild;
 pub use metrics::metric_value;
+pub use postgres::{PgCluster, PgDatabase, pg_database};
 pub use process::{
     Spawned, built_binary, credpush_binary, kbs_binary, spawn_credpush, spawn_kbs, spawn_kbs_on,
     spawn_upstream_plugin, upstream_plugin_binary,

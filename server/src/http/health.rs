@@ -24,26 +24,36 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Readiness: storage answers and we are not draining.
+/// Readiness: storage answers and we are not draining. The body names the store's engine
+/// (`"store": "postgres"`), so an operator sees at once which dependency is down; it never
+/// carries the database URL.
 pub async fn readyz(State(state): State<Readiness>) -> (StatusCode, Json<Value>) {
+    let store = state.store.engine();
     if state.shutdown.is_cancelled() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "draining"})),
+            Json(json!({"status": "draining", "store": store})),
         );
     }
     match tokio::time::timeout(std::time::Duration::from_secs(2), state.store.ping()).await {
-        Ok(Ok(())) => (StatusCode::OK, Json(json!({"status": "ready"}))),
+        Ok(Ok(())) => (
+            StatusCode::OK,
+            Json(json!({"status": "ready", "store": store})),
+        ),
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "readiness: storage failed");
+            tracing::warn!(store, error = %e, "readiness: storage failed");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"status": "storage unavailable"})),
+                // The error goes to the log only: /readyz answers anyone.
+                Json(json!({"status": "storage unavailable", "store": store})),
             )
         }
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "storage timeout"})),
-        ),
+        Err(_) => {
+            tracing::warn!(store, "readiness: storage did not answer within 2s");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "storage timeout", "store": store})),
+            )
+        }
     }
 }

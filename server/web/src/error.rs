@@ -162,6 +162,16 @@ impl From<kbs_core::storage::StoreError> for ApiError {
     fn from(e: kbs_core::storage::StoreError) -> Self {
         match e {
             kbs_core::storage::StoreError::NotFound(what) => ApiError::not_found("NotFound", what),
+            // The database is down or out of reach (a PostgreSQL server restarting, a network
+            // cut): nothing is wrong with the request, so 503 and the client retries.
+            other if other.is_unavailable() => {
+                tracing::warn!(error = %other, "storage unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "StorageUnavailable",
+                    "storage is unavailable; retry later",
+                )
+            }
             other => ApiError::internal("storage", other),
         }
     }

@@ -1,25 +1,35 @@
 //! Storage: one [`Store`] trait for everything the KBS keeps, with SQLite as the embedded
-//! default. Callers only see the trait, so a PostgreSQL implementation can follow unchanged.
+//! default and PostgreSQL for several replicas sharing one database. Callers only see the
+//! trait; [`open`] picks the engine from the database URL's scheme.
 
+mod changes;
 mod events;
 mod fleet;
 mod kek;
 pub mod latest_cache;
 mod plugins;
+mod postgres;
 mod reference_values;
 mod rotation;
 mod sqlite;
+// Compiled always (a feature would build every crate above kbs-core twice: once for the
+// binaries, once for the test kit); hidden from the docs, called only by tests.
+#[doc(hidden)]
+pub mod suite;
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use serde::Serialize;
 use zeroize::Zeroizing;
 
+pub use changes::{CHANNEL, Change, ChangeFeed};
 pub use events::{EventQuery, EventRecord, EventStore, NewEvent};
 pub use fleet::FleetStore;
 pub use kek::KeyEncryptionKey;
 pub use plugins::{PluginStateRow, PluginStateStore};
+pub use postgres::PostgresStore;
 pub use reference_values::{ReferenceValue, ReferenceValueStore};
 pub use rotation::{
     CreatedRollout, NewRollout, RolloutQuery, RolloutRecord, RolloutState, RolloutStore,
@@ -50,6 +60,26 @@ pub enum StoreError {
     /// A stored row does not decode.
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// The database URL names no engine Tether has.
+    #[error("{0}")]
+    UnsupportedUrl(String),
+}
+
+impl StoreError {
+    /// Whether the database could not be reached (connection refused or cut, no connection
+    /// within the pool's timeout): the operation may succeed later, unchanged.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Self::Database(
+                sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Io(_)
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::WorkerCrashed
+            )
+        )
+    }
 }
 
 /// One stored version of a resource, decrypted.
@@ -220,6 +250,73 @@ pub trait Store:
 {
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// The engine's name (`sqlite`, `postgres`), for `/readyz` and logs.
+    fn engine(&self) -> &'static str;
+    /// Changes other processes made to the stored state this process keeps in memory
+    /// (see [`Change`]); nothing for an engine only this process writes.
+    fn changes(&self) -> ChangeFeed;
+}
+
+/// A storage engine, chosen by the database URL's scheme.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Engine {
+    /// `sqlite:` (a file in the data directory by default).
+    Sqlite,
+    /// `postgres://` or `postgresql://`.
+    Postgres,
+}
+
+impl Engine {
+    /// The engine `url` names, or why none.
+    pub fn of(url: &str) -> Result<Self, StoreError> {
+        let scheme = url.split_once(':').map_or("", |(s, _)| s);
+        match scheme.to_ascii_lowercase().as_str() {
+            "sqlite" => Ok(Self::Sqlite),
+            "postgres" | "postgresql" => Ok(Self::Postgres),
+            _ => Err(StoreError::UnsupportedUrl(format!(
+                "database URL {} names no supported engine: use sqlite:<path>, postgres://... or postgresql://...",
+                redact_url(url)
+            ))),
+        }
+    }
+}
+
+/// Opens the store `url` names (running its migrations); the KEK seals secrets at rest.
+pub async fn open(url: &str, kek: Arc<KeyEncryptionKey>) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(match Engine::of(url)? {
+        Engine::Sqlite => Arc::new(SqliteStore::open(url, kek).await?),
+        Engine::Postgres => Arc::new(PostgresStore::open(url, kek).await?),
+    })
+}
+
+/// `url` fit for a log line or an error message: a password in it (userinfo, or a
+/// `password=` query parameter) is replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(scheme_end) = out.find("://") {
+        let rest = scheme_end + 3;
+        let authority_end = out[rest..]
+            .find(['/', '?', '#'])
+            .map_or(out.len(), |i| rest + i);
+        if let Some(at) = out[rest..authority_end].rfind('@') {
+            let userinfo = &out[rest..rest + at];
+            if let Some(colon) = userinfo.find(':') {
+                out.replace_range(rest + colon + 1..rest + at, "***");
+            }
+        }
+    }
+    if let Some(q) = out.find('?') {
+        let (head, query) = out.split_at(q + 1);
+        let query: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => kv.to_string(),
+            })
+            .collect();
+        out = format!("{head}{}", query.join("&"));
+    }
+    out
 }
 
 /// Unix time in milliseconds.
@@ -228,4 +325,67 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// What a resource version's seal is bound to (the same under every engine, so a database
+/// moved between engines still opens).
+fn resource_context(path: &ResourcePath) -> Vec<u8> {
+    format!("tether/resource/{path}").into_bytes()
+}
+
+/// What a plugin value's seal is bound to.
+fn kv_context(namespace: &str, key: &str) -> Vec<u8> {
+    format!("tether/kv/{namespace}/{key}").into_bytes()
+}
+
+/// Opens a stored plugin value (12-byte nonce, then the ciphertext).
+fn open_kv(
+    kek: &KeyEncryptionKey,
+    namespace: &str,
+    key: &str,
+    sealed: &[u8],
+) -> Result<Vec<u8>, StoreError> {
+    if sealed.len() < 12 {
+        return Err(StoreError::Crypto("truncated plugin value".into()));
+    }
+    let (nonce, ct) = sealed.split_at(12);
+    Ok(kek.open(&kv_context(namespace, key), nonce, ct)?.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scheme_picks_the_engine() {
+        assert_eq!(Engine::of("sqlite:///var/t.db").unwrap(), Engine::Sqlite);
+        assert_eq!(Engine::of("sqlite::memory:").unwrap(), Engine::Sqlite);
+        assert_eq!(Engine::of("postgres://h/db").unwrap(), Engine::Postgres);
+        assert_eq!(Engine::of("PostgreSQL://h/db").unwrap(), Engine::Postgres);
+        let e = Engine::of("mysql://u:hunter2@h/db")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mysql://u:***@h/db"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        assert!(Engine::of("/var/t.db").is_err());
+    }
+
+    #[test]
+    fn passwords_never_leave_a_url() {
+        for (url, shown) in [
+            (
+                "postgres://tether:s3cr%40t@db:5432/tether",
+                "postgres://tether:***@db:5432/tether",
+            ),
+            ("postgres://tether@db/tether", "postgres://tether@db/tether"),
+            (
+                "postgresql://db/tether?user=t&password=s3cr3t&sslmode=require",
+                "postgresql://db/tether?user=t&password=***&sslmode=require",
+            ),
+            ("postgres://u:p@ss@db/x", "postgres://u:***@db/x"),
+            ("sqlite:///data/tether.db", "sqlite:///data/tether.db"),
+        ] {
+            assert_eq!(redact_url(url), shown);
+        }
+    }
 }

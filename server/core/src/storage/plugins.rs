@@ -74,39 +74,3 @@ impl PluginStateStore for SqliteStore {
         Ok(())
     }
 }
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use std::sync::Arc;
-
-    use super::*;
-    use crate::storage::KeyEncryptionKey;
-
-    #[tokio::test]
-    async fn state_round_trips_and_updates() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("t.db").display());
-        let kek = Arc::new(KeyEncryptionKey::from_bytes(&[7; 32]));
-        let store = SqliteStore::open(&url, kek).await.unwrap();
-        assert!(store.plugin_states().await.unwrap().is_empty());
-        store
-            .set_plugin_enabled("splitapi", false, "a@dev")
-            .await
-            .unwrap();
-        store
-            .set_plugin_enabled("splitapi", true, "b@dev")
-            .await
-            .unwrap();
-        store
-            .set_plugin_enabled("resource", false, "b@dev")
-            .await
-            .unwrap();
-        let rows = store.plugin_states().await.unwrap();
-        assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0].name, "resource");
-        assert!(!rows[0].enabled);
-        assert!(rows[1].enabled);
-        assert_eq!(rows[1].updated_by, "b@dev");
-    }
-}

@@ -8,8 +8,7 @@ use std::str::FromStr;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use sqlx::sqlite::SqliteRow;
-use sqlx::{AssertSqlSafe, QueryBuilder, Row, Sqlite};
+use sqlx::{AssertSqlSafe, ColumnIndex, Database, Decode, QueryBuilder, Row, Sqlite, Type};
 
 use super::{SqliteStore, StoreError, now_ms};
 
@@ -122,10 +121,10 @@ pub struct NewRollout {
     pub created_by: String,
 }
 
-#[cfg(test)]
 impl NewRollout {
     /// A rollout of `path` at `version` to `app=db`, for tests.
-    pub(crate) fn for_test(path: &str, version: u64) -> Self {
+    #[doc(hidden)]
+    pub fn for_test(path: &str, version: u64) -> Self {
         Self {
             path: path.into(),
             version,
@@ -293,20 +292,28 @@ pub trait RolloutStore: Send + Sync + 'static {
     ) -> Result<Vec<(String, BTreeMap<String, String>)>, StoreError>;
 }
 
-const ROLLOUT_COLUMNS: &str = "id, path, version, sha256, selector, max_concurrent, max_attempts, \
+pub(super) const ROLLOUT_COLUMNS: &str = "id, path, version, sha256, selector, max_concurrent, max_attempts, \
      guest_deadline_ms, deadline_at, state, detail, superseded_by, created_at, created_by, updated_at, finished_at";
-const TARGET_COLUMNS: &str = "rollout_id, guest_id, state, attempts, reason, digest, held_version, \
+pub(super) const TARGET_COLUMNS: &str = "rollout_id, guest_id, state, attempts, reason, digest, held_version, \
      hook_status, already_held, next_attempt_at, updated_at, acked_at";
 
-fn i(v: u64) -> i64 {
+pub(super) fn i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-fn u(v: i64) -> u64 {
+pub(super) fn u(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-fn rollout_row(r: &SqliteRow) -> Result<RolloutRecord, StoreError> {
+/// A `rollouts` row (columns [`ROLLOUT_COLUMNS`]) of either engine: both schemas store
+/// integers as 64-bit and text as text, so one decoder serves both.
+pub(super) fn rollout_row<R>(r: &R) -> Result<RolloutRecord, StoreError>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    for<'a> i64: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> String: Decode<'a, R::Database> + Type<R::Database>,
+{
     Ok(RolloutRecord {
         id: r.try_get(0)?,
         path: r.try_get(1)?,
@@ -327,7 +334,14 @@ fn rollout_row(r: &SqliteRow) -> Result<RolloutRecord, StoreError> {
     })
 }
 
-fn target_row(r: &SqliteRow) -> Result<TargetRecord, StoreError> {
+/// A `rollout_targets` row (columns [`TARGET_COLUMNS`]) of either engine.
+pub(super) fn target_row<R>(r: &R) -> Result<TargetRecord, StoreError>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    for<'a> i64: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> String: Decode<'a, R::Database> + Type<R::Database>,
+{
     Ok(TargetRecord {
         rollout_id: r.try_get(0)?,
         guest_id: r.try_get(1)?,
@@ -348,15 +362,27 @@ fn target_row(r: &SqliteRow) -> Result<TargetRecord, StoreError> {
 
 /// Rows per multi-row INSERT (12 columns each, well under SQLite's variable limit).
 const TARGET_CHUNK: usize = 256;
-/// Conflict clause of a target write: every column but the key takes the new value.
-const TARGET_UPSERT: &str = " ON CONFLICT (rollout_id, guest_id) DO UPDATE SET \
+/// Conflict clause of a target write: every column but the key takes the new value, except
+/// that an acked target stays acked: with several writers (replicas on one PostgreSQL, a
+/// delivery that raced a retry) a late pending or failed write never erases an ack.
+pub(super) const TARGET_UPSERT: &str = " ON CONFLICT (rollout_id, guest_id) DO UPDATE SET \
      state = excluded.state, attempts = excluded.attempts, reason = excluded.reason, \
      digest = excluded.digest, held_version = excluded.held_version, \
      hook_status = excluded.hook_status, already_held = excluded.already_held, \
      next_attempt_at = excluded.next_attempt_at, updated_at = excluded.updated_at, \
-     acked_at = excluded.acked_at";
+     acked_at = excluded.acked_at \
+     WHERE rollout_targets.state <> 'acked' OR excluded.state = 'acked'";
 
-fn push_targets(tx_builder: &mut QueryBuilder<Sqlite>, targets: &[TargetRecord]) {
+pub(super) fn push_targets<DB: Database>(
+    tx_builder: &mut QueryBuilder<DB>,
+    targets: &[TargetRecord],
+) where
+    for<'a> i64: sqlx::Encode<'a, DB> + Type<DB>,
+    for<'a> String: sqlx::Encode<'a, DB> + Type<DB>,
+    for<'a> &'a str: sqlx::Encode<'a, DB> + Type<DB>,
+    for<'a> Option<i64>: sqlx::Encode<'a, DB> + Type<DB>,
+    for<'a> Option<String>: sqlx::Encode<'a, DB> + Type<DB>,
+{
     tx_builder.push_values(targets, |mut b, t| {
         b.push_bind(t.rollout_id)
             .push_bind(t.guest_id.clone())
@@ -590,125 +616,5 @@ impl RolloutStore for SqliteStore {
                 ))
             })
             .collect()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use super::*;
-
-    async fn store() -> (tempfile::TempDir, SqliteStore) {
-        SqliteStore::open_temp().await
-    }
-
-    fn new(path: &str, version: u64) -> NewRollout {
-        NewRollout::for_test(path, version)
-    }
-
-    #[tokio::test]
-    async fn rollouts_supersede_and_targets_round_trip() {
-        let (_d, s) = store().await;
-        let first = s
-            .create_rollout(&new("default/key/a", 1), &["g1".into(), "g2".into()])
-            .await
-            .unwrap();
-        assert!(first.superseded.is_empty());
-        assert_eq!(first.rollout.state, RolloutState::Running);
-        let other = s
-            .create_rollout(&new("default/key/b", 1), &["g1".into()])
-            .await
-            .unwrap();
-        let second = s
-            .create_rollout(&new("default/key/a", 2), &["g1".into()])
-            .await
-            .unwrap();
-        assert_eq!(second.superseded, [first.rollout.id]);
-        let old = s.get_rollout(first.rollout.id).await.unwrap().unwrap();
-        assert_eq!(old.state, RolloutState::Superseded);
-        assert_eq!(old.superseded_by, Some(second.rollout.id));
-        assert!(old.finished_at.is_some());
-        let b = s.get_rollout(other.rollout.id).await.unwrap().unwrap();
-        assert_eq!(b.state, RolloutState::Running, "other paths are untouched");
-
-        let mut t = TargetRecord::pending(first.rollout.id, "g2");
-        t.state = TargetState::Acked;
-        t.digest = Some("ff".into());
-        t.hook_status = Some(0);
-        t.held_version = Some(1);
-        t.attempts = 1;
-        t.acked_at = Some(5);
-        s.write_targets(std::slice::from_ref(&t)).await.unwrap();
-        let counts = s.target_counts(first.rollout.id).await.unwrap();
-        assert_eq!(counts[&TargetState::Pending], 1);
-        assert_eq!(counts[&TargetState::Acked], 1);
-        assert_eq!(counts[&TargetState::Failed], 0);
-        let acked = s
-            .list_targets(first.rollout.id, Some(TargetState::Acked), None, 10)
-            .await
-            .unwrap();
-        assert_eq!(acked, [t]);
-        let page = s
-            .list_targets(first.rollout.id, None, Some("g1"), 10)
-            .await
-            .unwrap();
-        assert_eq!(page.len(), 1);
-        assert_eq!(page[0].guest_id, "g2");
-
-        let in_force = s
-            .list_rollouts(&RolloutQuery {
-                in_force: true,
-                limit: 10,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let ids: Vec<i64> = in_force.iter().map(|r| r.id).collect();
-        assert_eq!(ids, [second.rollout.id, other.rollout.id]);
-        s.set_rollout_state(other.rollout.id, RolloutState::Cancelled, "by ops")
-            .await
-            .unwrap();
-        let b = s.get_rollout(other.rollout.id).await.unwrap().unwrap();
-        assert_eq!(
-            (b.state, b.detail.as_str()),
-            (RolloutState::Cancelled, "by ops")
-        );
-        assert!(
-            s.set_rollout_state(999, RolloutState::Paused, "")
-                .await
-                .is_err()
-        );
-    }
-
-    #[tokio::test]
-    async fn many_targets_and_known_guests() {
-        let (_d, s) = store().await;
-        let ids: Vec<String> = (0..1000).map(|n| format!("g{n:04}")).collect();
-        let r = s
-            .create_rollout(&new("default/key/a", 1), &ids)
-            .await
-            .unwrap();
-        let counts = s.target_counts(r.rollout.id).await.unwrap();
-        assert_eq!(counts[&TargetState::Pending], 1000);
-        let guests: Vec<(String, tunnel::Labels)> = ids
-            .iter()
-            .map(|g| {
-                (
-                    g.clone(),
-                    BTreeMap::from([("app".into(), "db".into())]).into(),
-                )
-            })
-            .collect();
-        s.note_rotation_guests(&guests).await.unwrap();
-        let known = s.rotation_guests(0).await.unwrap();
-        assert_eq!(known.len(), 1000);
-        assert_eq!(known[0].1["app"], "db");
-        assert!(
-            s.rotation_guests(now_ms() + 60_000)
-                .await
-                .unwrap()
-                .is_empty()
-        );
     }
 }

@@ -11,8 +11,9 @@ use sqlx::{Row, SqlitePool};
 
 use super::latest_cache::{LatestCache, SealedLatest};
 use super::{
-    AuditEntry, AuditQuery, AuditRecord, AuditStore, KeyEncryptionKey, KvStore, PolicyStore,
-    ResourceStore, ResourceVersion, Store, StoreError, StoredPolicy, VersionInfo, now_ms,
+    AuditEntry, AuditQuery, AuditRecord, AuditStore, ChangeFeed, KeyEncryptionKey, KvStore,
+    PolicyStore, ResourceStore, ResourceVersion, Store, StoreError, StoredPolicy, VersionInfo,
+    kv_context, now_ms, open_kv, resource_context,
 };
 use crate::resource_path::ResourcePath;
 
@@ -27,6 +28,8 @@ pub struct SqliteStore {
     /// transactions, so they queue here in order instead of colliding on SQLite's write
     /// lock, where the loser sleeps in the busy handler's steps (up to 100 ms each).
     batch_writes: Arc<tokio::sync::Mutex<()>>,
+    /// Never announces anything (see [`Store::changes`]).
+    changes: ChangeFeed,
 }
 
 impl SqliteStore {
@@ -73,12 +76,13 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(opts)
             .await?;
-        sqlx::migrate!("./migrations").run(&pool).await?;
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
         Ok(Self {
             pool,
             kek,
             latest: Arc::default(),
             batch_writes: Arc::default(),
+            changes: ChangeFeed::default(),
         })
     }
 
@@ -153,14 +157,6 @@ impl SqliteStore {
     pub(crate) fn kek(&self) -> &KeyEncryptionKey {
         &self.kek
     }
-}
-
-fn resource_context(path: &ResourcePath) -> Vec<u8> {
-    format!("tether/resource/{path}").into_bytes()
-}
-
-fn kv_context(namespace: &str, key: &str) -> Vec<u8> {
-    format!("tether/kv/{namespace}/{key}").into_bytes()
 }
 
 #[async_trait]
@@ -460,6 +456,16 @@ impl Store for SqliteStore {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+
+    fn engine(&self) -> &'static str {
+        "sqlite"
+    }
+
+    fn changes(&self) -> ChangeFeed {
+        // This process is the only writer (the data directory's lock keeps a second KBS
+        // out), so nothing changes behind its back.
+        self.changes.clone()
+    }
 }
 
 /// The database file and SQLite's companions (`-wal`, `-shm`, `-journal`) are the owner's
@@ -499,19 +505,7 @@ fn private_database_files(db: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn open_kv(
-    kek: &KeyEncryptionKey,
-    namespace: &str,
-    key: &str,
-    sealed: &[u8],
-) -> Result<Vec<u8>, StoreError> {
-    if sealed.len() < 12 {
-        return Err(StoreError::Crypto("truncated plugin value".into()));
-    }
-    let (nonce, ct) = sealed.split_at(12);
-    Ok(kek.open(&kv_context(namespace, key), nonce, ct)?.to_vec())
-}
-
+/// Checks of what SQLite keeps on disk; the behaviour every engine shares is `storage::suite`.
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -521,26 +515,6 @@ mod tests {
         let url = format!("sqlite://{}", dir.path().join("t.db").display());
         let kek = Arc::new(KeyEncryptionKey::from_bytes(&[1u8; 32]));
         (dir, SqliteStore::open(&url, kek).await.unwrap())
-    }
-
-    #[tokio::test]
-    async fn resource_versions_are_monotonic_and_survive_delete() {
-        let (_d, s) = store().await;
-        let p: ResourcePath = "default/key/one".parse().unwrap();
-        assert!(s.get_resource(&p, None).await.unwrap().is_none());
-        assert_eq!(s.put_resource(&p, b"v1", "t").await.unwrap(), 1);
-        assert_eq!(s.put_resource(&p, b"v2", "t").await.unwrap(), 2);
-        let latest = s.get_resource(&p, None).await.unwrap().unwrap();
-        assert_eq!((latest.version, latest.data.as_slice()), (2, &b"v2"[..]));
-        let v1 = s.get_resource(&p, Some(1)).await.unwrap().unwrap();
-        assert_eq!(v1.data.as_slice(), b"v1");
-        assert!(s.delete_resource(&p, "t").await.unwrap());
-        assert!(!s.delete_resource(&p, "t").await.unwrap());
-        assert!(s.get_resource(&p, None).await.unwrap().is_none());
-        assert_eq!(s.put_resource(&p, b"v3", "t").await.unwrap(), 3);
-        let versions = s.list_versions(&p).await.unwrap();
-        assert_eq!(versions.len(), 3);
-        assert!(versions[0].deleted && !versions[2].deleted);
     }
 
     /// Whether any 32-byte piece of `secret` (at 32-byte steps) is in the database file or
@@ -627,82 +601,5 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(secure_delete, 1);
-    }
-
-    #[tokio::test]
-    async fn concurrent_puts_get_distinct_versions() {
-        let (_d, s) = store().await;
-        let p: ResourcePath = "r/t/x".parse().unwrap();
-        let mut tasks = Vec::new();
-        for i in 0..20 {
-            let s = s.clone();
-            let p = p.clone();
-            tasks.push(tokio::spawn(async move {
-                s.put_resource(&p, format!("{i}").as_bytes(), "t")
-                    .await
-                    .unwrap()
-            }));
-        }
-        let mut got = Vec::new();
-        for t in tasks {
-            got.push(t.await.unwrap());
-        }
-        got.sort();
-        assert_eq!(got, (1..=20).collect::<Vec<_>>());
-    }
-
-    #[tokio::test]
-    async fn policy_audit_and_kv() {
-        let (_d, s) = store().await;
-        assert!(s.get_policy("resource").await.unwrap().is_none());
-        assert_eq!(s.set_policy("resource", "a", "x").await.unwrap(), 1);
-        assert_eq!(s.set_policy("resource", "b", "x").await.unwrap(), 2);
-        assert_eq!(s.get_policy("resource").await.unwrap().unwrap().body, "b");
-        for action in ["resource.put", "policy.set", "resource.delete"] {
-            s.audit(AuditEntry {
-                actor: "alice".into(),
-                role: "admin".into(),
-                action: action.into(),
-                target: "t".into(),
-                outcome: "ok".into(),
-                detail: String::new(),
-            })
-            .await
-            .unwrap();
-        }
-        let all = s
-            .list_audit(&AuditQuery {
-                limit: 10,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(all.len(), 3);
-        assert_eq!(all[0].action, "resource.delete");
-        let res = s
-            .list_audit(&AuditQuery {
-                action: Some("resource.*".into()),
-                limit: 10,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(res.len(), 2);
-        let page = s
-            .list_audit(&AuditQuery {
-                before: Some(all[0].id),
-                limit: 1,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        assert_eq!(page[0].action, "policy.set");
-        s.kv_put("splitapi", "g1", b"one").await.unwrap();
-        s.kv_put("splitapi", "g2", b"two").await.unwrap();
-        s.kv_put("other", "g1", b"x").await.unwrap();
-        assert_eq!(s.kv_get("splitapi", "g1").await.unwrap().unwrap(), b"one");
-        assert_eq!(s.kv_list("splitapi", "g", 10).await.unwrap().len(), 2);
-        assert!(s.kv_delete("splitapi", "g1").await.unwrap());
-        assert!(s.kv_get("splitapi", "g1").await.unwrap().is_none());
     }
 }

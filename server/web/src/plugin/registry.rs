@@ -309,24 +309,49 @@ impl PluginRegistry {
     ) -> Result<bool, RegistryError> {
         let e = self.entry(name)?;
         let mut running = e.running.lock().await;
-        let was = e.enabled.load(Ordering::Acquire);
         self.states.set_plugin_enabled(name, enabled, actor).await?;
-        if was == enabled {
-            return Ok(false);
+        let changed = self.put_in_force(e, &mut running, enabled).await;
+        if changed {
+            tracing::info!(plugin = name, enabled, actor, "plugin state changed");
         }
+        Ok(changed)
+    }
+
+    /// Puts the stored states in force (another replica sharing the database changed
+    /// them): plugins are started or stopped as stored, nothing is written.
+    pub async fn follow_stored(&self) -> Result<(), RegistryError> {
+        for row in self.states.plugin_states().await? {
+            let Ok(e) = self.entry(&row.name) else {
+                continue;
+            };
+            let mut running = e.running.lock().await;
+            if self.put_in_force(e, &mut running, row.enabled).await {
+                tracing::info!(
+                    plugin = %row.name,
+                    enabled = row.enabled,
+                    by = %row.updated_by,
+                    "plugin state changed by another replica"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Enables or disables `e` here (its `running` slot locked by the caller); whether
+    /// anything changed.
+    async fn put_in_force(&self, e: &Entry, running: &mut Option<Running>, enabled: bool) -> bool {
+        if e.enabled.load(Ordering::Acquire) == enabled {
+            return false;
+        }
+        e.enabled.store(enabled, Ordering::Release);
         if enabled {
-            e.enabled.store(true, Ordering::Release);
             if running.is_none() {
                 *running = Some(spawn(e, &self.services));
             }
-        } else {
-            e.enabled.store(false, Ordering::Release);
-            if let Some(r) = running.take() {
-                stop(name, r).await;
-            }
+        } else if let Some(r) = running.take() {
+            stop(e.plugin.name(), r).await;
         }
-        tracing::info!(plugin = name, enabled, actor, "plugin state changed");
-        Ok(true)
+        true
     }
 
     /// Change `name`'s run-time settings (see [`Plugin::configure`]); returns them as they
