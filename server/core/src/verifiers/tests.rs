@@ -195,6 +195,7 @@ async fn cold_start_fetches_each_item_once_and_the_store_serves_a_restart_during
     let store = Arc::new(collateral_store(&http_settings(&url), Some(db.clone())).unwrap());
     let setup = VerifierSetup {
         collateral: store,
+        anchors: tee_verifiers::TrustAnchors::vendor(),
         clock: Clock::Fixed(inside()),
     };
     let built = build(&["tdx".into(), "snp".into()], &setup);
@@ -223,6 +224,7 @@ async fn cold_start_fetches_each_item_once_and_the_store_serves_a_restart_during
     let restarted = Arc::new(collateral_store(&http_settings(&url), Some(db)).unwrap());
     let setup = VerifierSetup {
         collateral: restarted,
+        anchors: tee_verifiers::TrustAnchors::vendor(),
         clock: Clock::Fixed(inside()),
     };
     let built = build(&["tdx".into(), "snp".into()], &setup);
