@@ -183,10 +183,8 @@ pub fn trust_anchors(
             }
         };
         let bytes = read_anchor(file).map_err(fail)?;
-        let (ark, ask, asvk) =
-            anchors::amd_roots_from_pem(&bytes).map_err(|e| fail(e.to_string()))?;
         anchors = anchors
-            .with_amd_roots(generation, ark, ask, asvk)
+            .with_amd_roots_pem(generation, &bytes)
             .map_err(|e| fail(e.to_string()))?;
     }
     Ok(Arc::new(anchors))

@@ -76,6 +76,18 @@ impl TrustAnchors {
         Ok(self)
     }
 
+    /// These anchors with the ARK, ASK and ASVK in `pem` (the shape of AMD's
+    /// `ask_ark_asvk.pem`, any order: the self-signed one is the ARK, the one whose common
+    /// name says VLEK the ASVK) as the roots of `generation`.
+    pub fn with_amd_roots_pem(
+        self,
+        generation: Generation,
+        pem: &[u8],
+    ) -> Result<Self, VerifyError> {
+        let (ark, ask, asvk) = amd_roots_from_pem(pem)?;
+        self.with_amd_roots(generation, ark, ask, asvk)
+    }
+
     /// The configured Intel root CA (DER); `None` means Intel's own.
     pub fn intel_root_ca(&self) -> Option<&[u8]> {
         self.intel_root_ca.as_deref().map(Vec::as_slice)
@@ -103,10 +115,13 @@ pub fn certificates(bytes: &[u8]) -> Vec<Vec<u8>> {
     }
 }
 
+/// DER ARK, ASK and ASVK.
+type AmdRootCerts = (Vec<u8>, Vec<u8>, Vec<u8>);
+
 /// An AMD root set as AMD's KDS and upstream Trustee ship it (`ask_ark_asvk.pem`: PEM or
 /// concatenated certificates): the self-signed one is the ARK, the one whose common name
 /// names VLEK is the ASVK, the other the ASK.
-pub fn amd_roots_from_pem(bytes: &[u8]) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>), VerifyError> {
+fn amd_roots_from_pem(bytes: &[u8]) -> Result<AmdRootCerts, VerifyError> {
     let certs = certificates(bytes);
     if certs.len() != 3 {
         return Err(VerifyError::CertificateChain(format!(
