@@ -212,11 +212,13 @@ impl CollateralStore {
             match self.fetcher.fetch(&key).await {
                 Ok(item) => {
                     let item = self.settle(item, now);
-                    if self.cached(&key).is_some_and(|e| {
+                    // A still-absent CRL differs only in its recheck time: not a change.
+                    let changed = |e: &Entry| {
                         e.item.body != item.body
-                            || e.item.next_update != item.next_update
-                                && item.body != ItemBody::SnpCrlAbsent
-                    }) {
+                            || (e.item.next_update != item.next_update
+                                && item.body != ItemBody::SnpCrlAbsent)
+                    };
+                    if self.cached(&key).is_some_and(|e| changed(&e)) {
                         tracing::info!(key = %key.name(), next_update = item.next_update,
                             "collateral replaced from its changed source");
                         if let Some(p) = &self.persistent
