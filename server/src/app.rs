@@ -216,6 +216,7 @@ impl Kbs {
         let collateral = Arc::new(collateral);
         let verifier_setup = kbs_core::verifiers::VerifierSetup {
             collateral: collateral.clone(),
+            anchors: attestation::trust_anchors(&a.tdx, &a.snp).map_err(config_error)?,
             clock: Default::default(),
         };
         let rcar = Arc::new(

@@ -3,6 +3,7 @@
 //! (`[attestation.appraisal]`, the store) and the external attestation services whose tokens
 //! are trusted (`[[attestation.external]]`), with their JWK sets refreshed from URLs.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,9 @@ use kbs_core::attest::external::{ExternalIssuer, IssuerKeys, keys_from_jwks, rea
 use kbs_core::storage::{KvStore, PolicyStore, ReferenceValueStore, StoreError};
 use kbs_core::verifiers::{CollateralSettings, CollateralSource};
 use serde::Deserialize;
+use tee_verifiers::anchors::{self, TrustAnchors};
 use tee_verifiers::collateral::HttpFetcherConfig;
+use tee_verifiers::request::Generation;
 use tokio_util::sync::CancellationToken;
 
 /// Name under which the appraisal policy is stored (`policies` table).
@@ -115,6 +118,88 @@ impl CollateralConfig {
         }
         Ok(())
     }
+}
+
+/// `[attestation.tdx]`: the TDX verifier's trust anchor.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TdxConfig {
+    /// Root CA certificate (PEM or DER) that PCK chains, the TCB info and QE identity
+    /// signers and both CRLs must chain to, instead of Intel's SGX root CA (a lab PKI).
+    pub root_ca_file: Option<PathBuf>,
+}
+
+/// `[attestation.snp]`: the SNP verifier's trust anchors.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnpConfig {
+    /// Per processor generation (`milan`, `genoa`, `turin`): a PEM file holding the ARK and
+    /// the ASK and ASVK it signed (the shape of AMD's `ask_ark_asvk.pem`), replacing AMD's
+    /// roots of that generation. Generations not named keep AMD's.
+    pub roots: BTreeMap<String, PathBuf>,
+}
+
+/// Largest certificate file read as a trust anchor.
+const MAX_ANCHOR_BYTES: usize = 256 * 1024;
+
+/// The roots TDX and SNP evidence must chain to: the vendors' unless `[attestation.tdx]` or
+/// `[attestation.snp]` name others. A file that is not a CA certificate (or, for AMD, not an
+/// ARK with the ASK and ASVK it signed) is refused, naming the key.
+pub fn trust_anchors(
+    tdx: &TdxConfig,
+    snp: &SnpConfig,
+) -> Result<Arc<TrustAnchors>, (String, String)> {
+    if tdx.root_ca_file.is_none() && snp.roots.is_empty() {
+        return Ok(TrustAnchors::vendor());
+    }
+    let mut anchors = (*TrustAnchors::vendor()).clone();
+    if let Some(file) = &tdx.root_ca_file {
+        let key = "attestation.tdx.root_ca_file".to_owned();
+        let fail = |reason: String| (key.clone(), format!("{}: {reason}", file.display()));
+        let bytes = read_anchor(file).map_err(fail)?;
+        let mut certs = anchors::certificates(&bytes);
+        if certs.len() != 1 {
+            return Err(fail(format!(
+                "expected one certificate, found {}",
+                certs.len()
+            )));
+        }
+        anchors = anchors
+            .with_intel_root_ca(certs.remove(0))
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    for (name, file) in &snp.roots {
+        let key = format!("attestation.snp.roots.{name}");
+        let fail = |reason: String| (key.clone(), format!("{}: {reason}", file.display()));
+        let generation = match name.as_str() {
+            "milan" => Generation::Milan,
+            "genoa" => Generation::Genoa,
+            "turin" => Generation::Turin,
+            _ => {
+                return Err((
+                    key.clone(),
+                    "unknown processor generation (milan, genoa or turin)".into(),
+                ));
+            }
+        };
+        let bytes = read_anchor(file).map_err(fail)?;
+        anchors = anchors
+            .with_amd_roots_pem(generation, &bytes)
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    Ok(Arc::new(anchors))
+}
+
+fn read_anchor(file: &std::path::Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(file)
+        .and_then(|f| f.take(MAX_ANCHOR_BYTES as u64 + 1).read_to_end(&mut bytes))
+        .map_err(|e| e.to_string())?;
+    if bytes.len() > MAX_ANCHOR_BYTES {
+        return Err(format!("larger than {MAX_ANCHOR_BYTES} bytes"));
+    }
+    Ok(bytes)
 }
 
 /// `[attestation.appraisal]`.

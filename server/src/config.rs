@@ -63,7 +63,9 @@ pub struct Config {
     pub plugins: PluginsConfig,
 }
 
-pub use crate::attestation::{AppraisalConfig, CollateralConfig, ExternalConfig};
+pub use crate::attestation::{
+    AppraisalConfig, CollateralConfig, ExternalConfig, SnpConfig, TdxConfig,
+};
 pub use kbs_web::admin_auth::{AdminConfig, AdminKeyConfig};
 
 /// HTTP listener settings.
@@ -197,6 +199,10 @@ pub struct AttestationConfig {
     pub collateral: CollateralConfig,
     /// The appraisal policy.
     pub appraisal: AppraisalConfig,
+    /// The TDX verifier's root CA (Intel's unless set).
+    pub tdx: TdxConfig,
+    /// The SNP verifier's roots per processor generation (AMD's unless set).
+    pub snp: SnpConfig,
     /// External attestation services whose tokens are trusted (passport mode).
     pub external: Vec<ExternalConfig>,
 }
@@ -211,6 +217,8 @@ impl Default for AttestationConfig {
             signing_key_file: None,
             collateral: CollateralConfig::default(),
             appraisal: AppraisalConfig::default(),
+            tdx: TdxConfig::default(),
+            snp: SnpConfig::default(),
             external: Vec::new(),
         }
     }

@@ -46,21 +46,20 @@ impl TrustAnchors {
             .clone()
     }
 
-    /// These anchors with `der` (a self-signed certificate) as the root of Intel's PKI.
+    /// These anchors with `der` (a self-signed CA certificate) as the root of Intel's PKI.
     pub fn with_intel_root_ca(mut self, der: Vec<u8>) -> Result<Self, VerifyError> {
-        let (rest, cert) = X509Certificate::from_der(&der)
-            .map_err(|e| VerifyError::CertificateChain(format!("Intel root CA: {e}")))?;
-        if !rest.is_empty() || cert.subject() != cert.issuer() {
+        let cert = ca_certificate(&der, "Intel root CA")?;
+        if cert.subject() != cert.issuer() {
             return Err(VerifyError::CertificateChain(
-                "Intel root CA must be one self-signed certificate".into(),
+                "Intel root CA must be self-signed (its issuer is not its subject)".into(),
             ));
         }
         self.intel_root_ca = Some(Arc::new(der));
         Ok(self)
     }
 
-    /// These anchors with `ark` (self-signed) and the `ask` and `asvk` it signed (DER, all
-    /// RSASSA-PSS SHA-384 as AMD's) as the roots of `generation`.
+    /// These anchors with `ark` (self-signed) and the `ask` and `asvk` it signed (DER CA
+    /// certificates, all RSASSA-PSS SHA-384 as AMD's) as the roots of `generation`.
     pub fn with_amd_roots(
         mut self,
         generation: Generation,
@@ -68,10 +67,25 @@ impl TrustAnchors {
         ask: Vec<u8>,
         asvk: Vec<u8>,
     ) -> Result<Self, VerifyError> {
+        for (name, der) in [("ARK", &ark), ("ASK", &ask), ("ASVK", &asvk)] {
+            ca_certificate(der, &format!("{generation:?} {name}"))?;
+        }
         let roots = Roots::new(ark, ask, asvk)
             .map_err(|e| VerifyError::CertificateChain(format!("{generation:?} roots: {e}")))?;
         self.amd.insert(generation, Arc::new(roots));
         Ok(self)
+    }
+
+    /// These anchors with the ARK, ASK and ASVK in `pem` (the shape of AMD's
+    /// `ask_ark_asvk.pem`, any order: the self-signed one is the ARK, the one whose common
+    /// name says VLEK the ASVK) as the roots of `generation`.
+    pub fn with_amd_roots_pem(
+        self,
+        generation: Generation,
+        pem: &[u8],
+    ) -> Result<Self, VerifyError> {
+        let (ark, ask, asvk) = amd_roots_from_pem(pem)?;
+        self.with_amd_roots(generation, ark, ask, asvk)
     }
 
     /// The configured Intel root CA (DER); `None` means Intel's own.
@@ -89,4 +103,81 @@ impl TrustAnchors {
             None => format!("no roots for {generation:?}"),
         }))
     }
+}
+
+/// Certificates in `bytes`: every `CERTIFICATE` block of a PEM text, or `bytes` itself as
+/// one DER certificate.
+pub fn certificates(bytes: &[u8]) -> Vec<Vec<u8>> {
+    if bytes.trim_ascii_start().starts_with(b"-----BEGIN") {
+        crate::tdx::embedded_certs(bytes)
+    } else {
+        vec![bytes.to_vec()]
+    }
+}
+
+/// DER ARK, ASK and ASVK.
+type AmdRootCerts = (Vec<u8>, Vec<u8>, Vec<u8>);
+
+/// An AMD root set as AMD's KDS and upstream Trustee ship it (`ask_ark_asvk.pem`: PEM or
+/// concatenated certificates): the self-signed one is the ARK, the one whose common name
+/// names VLEK is the ASVK, the other the ASK.
+fn amd_roots_from_pem(bytes: &[u8]) -> Result<AmdRootCerts, VerifyError> {
+    let certs = certificates(bytes);
+    if certs.len() != 3 {
+        return Err(VerifyError::CertificateChain(format!(
+            "expected 3 certificates (ARK, ASK, ASVK), found {}",
+            certs.len()
+        )));
+    }
+    let (mut ark, mut ask, mut asvk) = (None, None, None);
+    for der in certs {
+        let (self_signed, vlek) = {
+            let cert = ca_certificate(&der, "AMD root")?;
+            let cn = cert
+                .subject()
+                .iter_common_name()
+                .next()
+                .and_then(|c| c.as_str().ok())
+                .unwrap_or_default()
+                .to_ascii_uppercase();
+            (cert.subject() == cert.issuer(), cn.contains("VLEK"))
+        };
+        let slot = match (self_signed, vlek) {
+            (true, _) => &mut ark,
+            (false, true) => &mut asvk,
+            (false, false) => &mut ask,
+        };
+        if slot.replace(der).is_some() {
+            return Err(VerifyError::CertificateChain(
+                "expected one ARK (self-signed), one ASK and one ASVK (common name with VLEK)"
+                    .into(),
+            ));
+        }
+    }
+    match (ark, ask, asvk) {
+        (Some(ark), Some(ask), Some(asvk)) => Ok((ark, ask, asvk)),
+        _ => Err(VerifyError::CertificateChain(
+            "expected one ARK (self-signed), one ASK and one ASVK (common name with VLEK)".into(),
+        )),
+    }
+}
+
+/// `der` parsed, refused unless it is exactly one certificate of a CA (basicConstraints
+/// cA=TRUE): a leaf configured as a root would make every key it ever signed a root.
+fn ca_certificate<'a>(der: &'a [u8], what: &str) -> Result<X509Certificate<'a>, VerifyError> {
+    let (rest, cert) = X509Certificate::from_der(der).map_err(|e| {
+        VerifyError::CertificateChain(format!("{what}: not an X.509 certificate ({e})"))
+    })?;
+    if !rest.is_empty() {
+        return Err(VerifyError::CertificateChain(format!(
+            "{what}: trailing bytes after the certificate"
+        )));
+    }
+    let is_ca = matches!(cert.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
+    if !is_ca {
+        return Err(VerifyError::CertificateChain(format!(
+            "{what}: not a CA certificate (no basicConstraints cA=TRUE)"
+        )));
+    }
+    Ok(cert)
 }

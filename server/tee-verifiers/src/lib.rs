@@ -133,16 +133,17 @@ impl Decoded {
                 ));
             }
             (Decoded::Snp(ev), c) => {
-                let fetched = match c {
-                    Collateral::SnpVcek(der) => Some(der.as_slice()),
-                    _ => None,
+                let (fetched, crl) = match c {
+                    Collateral::Snp(s) => (s.vcek.as_deref(), s.crl.as_deref()),
+                    _ => (None, None),
                 };
                 snp::verify(
                     anchors,
                     ev,
                     expected_report_data,
                     expected_init_data_digest,
-                    fetched,
+                    fetched.map(Vec::as_slice),
+                    crl.map(Vec::as_slice),
                     now,
                 )?
             }

@@ -81,6 +81,8 @@ pub enum CollateralKey {
     TdxQeIdentity,
     /// An SNP VCEK for a chip at a reported TCB.
     Vcek(VcekId),
+    /// AMD's CRL of a processor generation (signed by its ARK).
+    SnpCrl(Generation),
 }
 
 impl CollateralKey {
@@ -97,6 +99,7 @@ impl CollateralKey {
                 hex::encode(&id.hw_id),
                 id.tcb.url_query().replace(['&', '='], "_")
             ),
+            CollateralKey::SnpCrl(g) => format!("snp-crl-{}", g.product_name()),
         }
     }
 }
@@ -153,8 +156,11 @@ pub enum CollateralRequest {
         /// The CA that issued the PCK certificate.
         ca: PckCa,
     },
-    /// The VCEK for this chip and TCB (the evidence carries no VCEK/VLEK).
+    /// The VCEK for this chip and TCB (the evidence carries no VCEK/VLEK), and AMD's CRL of
+    /// its generation (known from the report, else from the VCEK once fetched).
     SnpVcek(VcekId),
+    /// AMD's CRL of this generation (the evidence carries its VCEK/VLEK).
+    SnpCrl(Generation),
     /// Nothing beyond the evidence and the built-in roots.
     None,
 }
@@ -169,7 +175,10 @@ impl CollateralRequest {
                 CollateralKey::TdxTcbInfo(fmspc.clone()),
                 CollateralKey::TdxQeIdentity,
             ],
-            CollateralRequest::SnpVcek(id) => vec![CollateralKey::Vcek(id.clone())],
+            CollateralRequest::SnpVcek(id) => std::iter::once(CollateralKey::Vcek(id.clone()))
+                .chain(id.generation.map(CollateralKey::SnpCrl))
+                .collect(),
+            CollateralRequest::SnpCrl(g) => vec![CollateralKey::SnpCrl(*g)],
             CollateralRequest::None => Vec::new(),
         }
     }
@@ -244,13 +253,23 @@ pub(crate) fn crl_dates(der: &[u8], name: &str) -> Result<(i64, i64), VerifyErro
     Ok((crl.last_update().timestamp(), next.timestamp()))
 }
 
+/// What an SNP verification gets besides the evidence.
+#[derive(Debug, Clone, Default)]
+pub struct SnpCollateral {
+    /// A VCEK (DER) fetched for a report whose evidence carries none.
+    pub vcek: Option<Arc<Vec<u8>>>,
+    /// AMD's CRL (DER) of the report's generation; `None` when none is published (KDS
+    /// answers 404, or an offline directory holds none): no revocation check then.
+    pub crl: Option<Arc<Vec<u8>>>,
+}
+
 /// Collateral for one verification.
 #[derive(Debug, Clone)]
 pub enum Collateral {
     /// DCAP collateral for a TDX quote.
     Tdx(Arc<TdxCollateral>),
-    /// A VCEK (DER) fetched for an SNP report whose evidence carries none.
-    SnpVcek(Arc<Vec<u8>>),
+    /// SNP: the VCEK fetched for a report whose evidence carries none, and AMD's CRL.
+    Snp(SnpCollateral),
     /// Nothing (SNP evidence that carries its VCEK/VLEK).
     None,
 }

@@ -289,7 +289,10 @@ fn without_cert_chain_the_fetched_vcek_is_used() {
         matches!(err, VerifyError::CollateralUnavailable(_)),
         "{err:?}"
     );
-    let fetched = Collateral::SnpVcek(Arc::new(SNP_VCEK.to_vec()));
+    let fetched = Collateral::Snp(tee_verifiers::collateral::SnpCollateral {
+        vcek: Some(Arc::new(SNP_VCEK.to_vec())),
+        crl: None,
+    });
     verify(TeeKind::Snp, &ev, &rd, None, &fetched, snp_now()).unwrap();
 }
 

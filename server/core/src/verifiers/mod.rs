@@ -6,7 +6,7 @@ mod tee;
 
 use std::sync::Arc;
 
-use tee_verifiers::CollateralStore;
+use tee_verifiers::{CollateralStore, TrustAnchors};
 
 use crate::attest::{SampleVerifier, Verifier};
 
@@ -24,6 +24,9 @@ pub const KNOWN: &[&str] = &["sample", "tdx", "snp"];
 pub struct VerifierSetup {
     /// Where TDX and SNP verification get their collateral.
     pub collateral: Arc<CollateralStore>,
+    /// The roots evidence must chain to ([`TrustAnchors::vendor`] in production unless the
+    /// operator configured others).
+    pub anchors: Arc<TrustAnchors>,
     /// The clock collateral validity is checked against (fixed in tests).
     pub clock: Clock,
 }
@@ -35,8 +38,14 @@ pub fn build(names: &[String], setup: &VerifierSetup) -> Vec<Arc<dyn Verifier>> 
         .iter()
         .filter_map(|n| match n.as_str() {
             "sample" => Some(Arc::new(SampleVerifier) as Arc<dyn Verifier>),
-            "tdx" => Some(Arc::new(TeeVerifier::tdx(setup.collateral.clone(), setup.clock)) as _),
-            "snp" => Some(Arc::new(TeeVerifier::snp(setup.collateral.clone(), setup.clock)) as _),
+            "tdx" => Some(Arc::new(
+                TeeVerifier::tdx(setup.collateral.clone(), setup.clock)
+                    .with_trust_anchors(setup.anchors.clone()),
+            ) as _),
+            "snp" => Some(Arc::new(
+                TeeVerifier::snp(setup.collateral.clone(), setup.clock)
+                    .with_trust_anchors(setup.anchors.clone()),
+            ) as _),
             _ => None,
         })
         .collect()

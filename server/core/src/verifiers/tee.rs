@@ -62,6 +62,12 @@ impl TeeVerifier {
             clock,
         }
     }
+
+    /// The same verifier trusting `anchors` instead of the vendors' roots.
+    pub fn with_trust_anchors(mut self, anchors: Arc<tee_verifiers::TrustAnchors>) -> Self {
+        self.verifier = self.verifier.with_trust_anchors(anchors);
+        self
+    }
 }
 
 #[async_trait]

@@ -19,6 +19,9 @@ pub struct RotationMetrics {
     pub pushes: Family<Labels, Counter>,
     /// Time from dispatching a push to its ack being stored, seconds.
     pub delivery: Histogram,
+    /// Guests whose sighting the reconciler remembers having stored (bounded by the live
+    /// tunnels: a guest that disconnected is forgotten at the next reconcile pass).
+    pub noted_guests: Gauge,
 }
 
 impl Default for RotationMetrics {
@@ -36,6 +39,7 @@ impl RotationMetrics {
             rollout_transitions: Family::default(),
             pushes: Family::default(),
             delivery: latency_histogram(),
+            noted_guests: Gauge::default(),
         };
         registry.register(
             "rollouts",
@@ -56,6 +60,11 @@ impl RotationMetrics {
             "delivery_seconds",
             "Rotation delivery latency: push dispatched to ack stored",
             m.delivery.clone(),
+        );
+        registry.register(
+            "noted_guests",
+            "Connected guests whose sighting the rotation reconciler has stored",
+            m.noted_guests.clone(),
         );
         m
     }

@@ -50,6 +50,15 @@ pub enum ItemBody {
         #[serde(with = "hex_bytes")]
         der: Vec<u8>,
     },
+    /// AMD's CRL of one generation (DER).
+    SnpCrl {
+        /// DER CRL.
+        #[serde(with = "hex_bytes")]
+        crl: Vec<u8>,
+    },
+    /// The source publishes no AMD CRL for that generation (KDS 404, no file): remembered
+    /// like an item so the source is asked again only when it is due.
+    SnpCrlAbsent,
 }
 
 /// A fetched item and its validity.
@@ -80,6 +89,8 @@ impl CollateralItem {
                     .map_err(|e| VerifyError::CollateralInvalid(format!("nextUpdate: {e}")))?
                     .unix_timestamp()
             }
+            ItemBody::SnpCrl { crl } => crl_dates(crl, "AMD CRL")?.1,
+            ItemBody::SnpCrlAbsent => i64::MAX,
             ItemBody::Vcek { der } => {
                 let (_, cert) = X509Certificate::from_der(der)
                     .map_err(|e| VerifyError::CollateralInvalid(format!("VCEK: {e}")))?;

@@ -20,5 +20,6 @@ pub use store::{
 };
 
 pub use crate::request::{
-    Collateral, CollateralKey, CollateralRequest, PckCa, SnpTcb, TdxCollateral, VcekId,
+    Collateral, CollateralKey, CollateralRequest, PckCa, SnpCollateral, SnpTcb, TdxCollateral,
+    VcekId,
 };

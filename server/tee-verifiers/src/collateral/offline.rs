@@ -5,7 +5,10 @@
 //!   `dcap-qvl`'s `get_collateral` output and of `tdx_quote_collateral.json`), one per
 //!   FMSPC; when several bundles hold the same item (QE identity, CRLs), the one with the
 //!   latest nextUpdate wins;
-//! - `snp/*.der` or `snp/*.pem`: VCEKs, indexed by their hwID, TCB extensions and product.
+//! - `snp/*.der` or `snp/*.pem`: VCEKs, indexed by their hwID, TCB extensions and product;
+//! - `snp/*.crl` (DER or PEM): AMD's CRL of a generation (KDS `/vcek/v1/{product}/crl`),
+//!   indexed by its issuer (`ARK-Milan`, ...); without one, SNP keys of that generation are
+//!   not checked for revocation.
 //!
 //! To roll collateral forward, replace the files: [`CollateralFetcher::source_changed`]
 //! notices a changed listing (names, sizes, modification times) and re-reads the directory,
@@ -91,9 +94,40 @@ impl OfflineItems {
         for path in files(&dir.join("snp"))? {
             if path.extension().is_some_and(|e| e == "der" || e == "pem") {
                 f.add_vcek(&read(&path)?)?;
+            } else if path.extension().is_some_and(|e| e == "crl") {
+                f.add_snp_crl(&read(&path)?).map_err(|e| {
+                    VerifyError::CollateralInvalid(format!("{}: {e}", path.display()))
+                })?;
             }
         }
         Ok(f)
+    }
+
+    /// Adds AMD's CRL of a generation (DER or PEM), keyed by its issuer (`ARK-Milan`, ...).
+    /// Its signature is checked at verification, against the ARK in force.
+    pub fn add_snp_crl(&mut self, bytes: &[u8]) -> Result<(), VerifyError> {
+        let der = super::pccs::crl_bytes(bytes)
+            .map_err(|e| VerifyError::CollateralInvalid(e.to_string()))?;
+        let (_, crl) = x509_parser::parse_x509_crl(&der)
+            .map_err(|e| VerifyError::CollateralInvalid(format!("AMD CRL: {e}")))?;
+        let issuer = crl
+            .issuer()
+            .iter_common_name()
+            .next()
+            .and_then(|c| c.as_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let generation = issuer
+            .strip_prefix("ARK-")
+            .and_then(Generation::from_product_name)
+            .ok_or_else(|| {
+                VerifyError::CollateralInvalid(format!(
+                    "AMD CRL issuer {issuer:?} names no generation (ARK-Milan, ARK-Genoa, ARK-Turin)"
+                ))
+            })?;
+        let item = CollateralItem::new(ItemBody::SnpCrl { crl: der })?;
+        self.insert(CollateralKey::SnpCrl(generation), item);
+        Ok(())
     }
 
     /// Adds the items of a DCAP collateral bundle.
@@ -175,12 +209,14 @@ impl CollateralFetcher for OfflineFetcher {
             .loaded
             .read()
             .map_err(|_| FetchError::Unreachable("offline collateral lock poisoned".into()))?;
-        loaded
-            .1
-            .items
-            .get(key)
-            .cloned()
-            .ok_or_else(|| FetchError::NotFound(key.name()))
+        match (loaded.1.items.get(key), key) {
+            (Some(item), _) => Ok(item.clone()),
+            // No CRL file for that generation: verified without a revocation check; a file
+            // added later is read at the next rescan.
+            (None, CollateralKey::SnpCrl(_)) => CollateralItem::new(ItemBody::SnpCrlAbsent)
+                .map_err(|e| FetchError::Invalid(e.to_string())),
+            (None, _) => Err(FetchError::NotFound(key.name())),
+        }
     }
 
     async fn source_changed(&self) -> bool {

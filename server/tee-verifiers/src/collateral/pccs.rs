@@ -15,7 +15,9 @@
 //!
 //! AMD KDS: `GET /vcek/v1/{Milan|Genoa|Turin}/{hwid}?[fmcSPL=..&]blSPL=..&teeSPL=..&snpSPL=..
 //! &ucodeSPL=..` answers the VCEK in DER (hwid: the 64-byte chip id in hex, its first 8 bytes
-//! on Turin). The ASK/ARK/ASVK are not fetched: the public AMD roots are embedded.
+//! on Turin). `GET /vcek/v1/{Milan|Genoa|Turin}/crl` answers AMD's CRL of the generation
+//! (DER), signed by its ARK. The ASK/ARK/ASVK are not fetched: the public AMD roots are
+//! embedded.
 
 use std::time::Duration;
 
@@ -138,7 +140,7 @@ fn header(a: &Answer, names: &[&str]) -> Result<String, FetchError> {
 }
 
 /// A CRL answered as DER, PEM or hex text.
-fn crl_bytes(body: &[u8]) -> Result<Vec<u8>, FetchError> {
+pub(super) fn crl_bytes(body: &[u8]) -> Result<Vec<u8>, FetchError> {
     let text = std::str::from_utf8(body).ok().map(str::trim);
     match text {
         Some(t) if t.starts_with("-----BEGIN") => {
@@ -231,6 +233,23 @@ impl CollateralFetcher for HttpFetcher {
                 }
                 ItemBody::Vcek {
                     der: der.ok_or(last)?,
+                }
+            }
+            CollateralKey::SnpCrl(g) => {
+                let url = format!(
+                    "{}/vcek/v1/{}/crl",
+                    self.config.kds_url.trim_end_matches('/'),
+                    g.product_name()
+                );
+                match self.get(&url).await {
+                    Ok(a) => ItemBody::SnpCrl {
+                        crl: crl_bytes(&a.body)?,
+                    },
+                    Err(FetchError::NotFound(_)) => {
+                        tracing::warn!(%url, "KDS publishes no AMD CRL here: SNP keys of this generation are not checked for revocation until it does");
+                        ItemBody::SnpCrlAbsent
+                    }
+                    Err(e) => return Err(e),
                 }
             }
         };

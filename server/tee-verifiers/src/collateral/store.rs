@@ -23,7 +23,8 @@ use async_trait::async_trait;
 use dcap_qvl::QuoteCollateralV3;
 
 use super::{
-    Collateral, CollateralItem, CollateralKey, CollateralRequest, ItemBody, PckCa, TdxCollateral,
+    Collateral, CollateralItem, CollateralKey, CollateralRequest, ItemBody, PckCa, SnpCollateral,
+    TdxCollateral,
 };
 use crate::VerifyError;
 
@@ -104,6 +105,10 @@ impl Entry {
         }
     }
 }
+
+/// How long (seconds) a source that publishes no AMD CRL is believed before it is asked
+/// again.
+pub const ABSENT_CRL_RECHECK: i64 = 3600;
 
 /// The backoff between failed refreshes of one item grows up to this many `retry_after`s.
 pub const MAX_BACKOFF_FACTOR: u32 = 32;
@@ -206,7 +211,14 @@ impl CollateralStore {
             let _guard = lock.lock().await;
             match self.fetcher.fetch(&key).await {
                 Ok(item) => {
-                    if self.cached(&key).is_some_and(|e| *e.item != item) {
+                    let item = self.settle(item, now);
+                    // A still-absent CRL differs only in its recheck time: not a change.
+                    let changed = |e: &Entry| {
+                        e.item.body != item.body
+                            || (e.item.next_update != item.next_update
+                                && item.body != ItemBody::SnpCrlAbsent)
+                    };
+                    if self.cached(&key).is_some_and(|e| changed(&e)) {
                         tracing::info!(key = %key.name(), next_update = item.next_update,
                             "collateral replaced from its changed source");
                         if let Some(p) = &self.persistent
@@ -226,6 +238,17 @@ impl CollateralStore {
                     "changed collateral source no longer has this item; keeping the cached copy"),
             }
         }
+    }
+
+    /// A fetched item as cached: "no CRL published" is believed for [`ABSENT_CRL_RECHECK`]
+    /// past the refresh margin, then the source is asked again.
+    fn settle(&self, mut item: CollateralItem, now: i64) -> CollateralItem {
+        if item.body == ItemBody::SnpCrlAbsent {
+            item.next_update = now
+                .saturating_add(ABSENT_CRL_RECHECK)
+                .saturating_add(secs(self.config.refresh_before));
+        }
+        item
     }
 
     /// When `entry` is next due for a refresh.
@@ -345,6 +368,7 @@ impl CollateralStore {
         }
         match self.fetcher.fetch(key).await {
             Ok(item) => {
+                let item = self.settle(item, now);
                 tracing::debug!(key = %name, next_update = item.next_update, "collateral fetched");
                 if let Some(p) = &self.persistent
                     && let Ok(bytes) = serde_json::to_vec(&item)
@@ -391,6 +415,23 @@ impl CollateralStore {
         }
     }
 
+    /// AMD's CRL of `generation`, `None` when the source publishes none.
+    async fn snp_crl(
+        &self,
+        generation: crate::request::Generation,
+        now: i64,
+    ) -> Result<Option<Arc<Vec<u8>>>, VerifyError> {
+        match &self
+            .item(&CollateralKey::SnpCrl(generation), now)
+            .await?
+            .body
+        {
+            ItemBody::SnpCrl { crl } => Ok(Some(Arc::new(crl.clone()))),
+            ItemBody::SnpCrlAbsent => Ok(None),
+            _ => Err(VerifyError::CollateralInvalid("not an AMD CRL".into())),
+        }
+    }
+
     /// The collateral `request` asks for, at `now` (unix seconds).
     pub async fn collateral(
         &self,
@@ -399,13 +440,30 @@ impl CollateralStore {
     ) -> Result<Collateral, VerifyError> {
         match request {
             CollateralRequest::None => Ok(Collateral::None),
-            CollateralRequest::SnpVcek(_) => {
-                let key = request.keys().remove(0);
-                match &self.item(&key, now).await?.body {
-                    ItemBody::Vcek { der } => Ok(Collateral::SnpVcek(Arc::new(der.clone()))),
-                    _ => Err(VerifyError::CollateralInvalid("not a VCEK".into())),
-                }
+            CollateralRequest::SnpVcek(id) => {
+                let key = CollateralKey::Vcek(id.clone());
+                let der = match &self.item(&key, now).await?.body {
+                    ItemBody::Vcek { der } => der.clone(),
+                    _ => return Err(VerifyError::CollateralInvalid("not a VCEK".into())),
+                };
+                // Version 2 reports do not say their generation: the VCEK's productName does.
+                let generation = match id.generation {
+                    Some(g) => Some(g),
+                    None => crate::snp::vek::product_generation(&der)?,
+                };
+                let crl = match generation {
+                    Some(g) => self.snp_crl(g, now).await?,
+                    None => None,
+                };
+                Ok(Collateral::Snp(SnpCollateral {
+                    vcek: Some(Arc::new(der)),
+                    crl,
+                }))
             }
+            CollateralRequest::SnpCrl(g) => Ok(Collateral::Snp(SnpCollateral {
+                vcek: None,
+                crl: self.snp_crl(*g, now).await?,
+            })),
             CollateralRequest::Tdx { fmspc, ca } => {
                 let mut items = Vec::with_capacity(4);
                 for key in request.keys() {

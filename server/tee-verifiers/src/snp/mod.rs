@@ -33,12 +33,15 @@
 //! 3. the VCEK chains to the generation's ASK and ARK, a VLEK to its ASVK and ARK
 //!    (RSASSA-PSS SHA-384); ARK/ASK sent in `cert_chain` are ignored, the configured
 //!    [`TrustAnchors`] rule (AMD's embedded roots unless an operator set others);
+//!    The key and its ASK/ASVK must not be on AMD's CRL of the generation when one is
+//!    given (signed by the ARK, see [`crl`]);
 //! 4. the report signature by the key;
 //! 5. REPORTED_TCB (bootloader, tee, snp, microcode, and fmc on Turin) equals the key's
 //!    extensions, and for a VCEK the chip id equals its hwID (upstream `verify_report_tcb`);
 //! 6. VMPL 0 (upstream);
 //! 7. REPORT_DATA and HOST_DATA binding (see [`crate::binding`]).
 
+pub mod crl;
 pub mod report;
 pub mod vek;
 
@@ -157,10 +160,14 @@ fn chip_id_is_turin_like(chip_id: &[u8]) -> bool {
 
 /// The collateral this evidence needs: the VCEK from KDS when `cert_chain` carries no key.
 pub fn collateral_request(ev: &DecodedEvidence) -> Result<CollateralRequest, VerifyError> {
-    if ev.vek.is_some() {
-        return Ok(CollateralRequest::None);
-    }
     let report = Report::new(&ev.report)?;
+    if let Some((_, der)) = &ev.vek {
+        // Only AMD's CRL is needed; a generation that cannot be told is refused by `verify`.
+        return Ok(match generation(&report, Some(der)) {
+            Ok(g) => CollateralRequest::SnpCrl(g),
+            Err(_) => CollateralRequest::None,
+        });
+    }
     // Version 2 reports carry no CPUID: the generation is learnt from the fetched VCEK.
     let generation = match report.cpuid() {
         Some(_) => Some(generation(&report, None)?),
@@ -191,6 +198,7 @@ pub fn verify(
     expected_report_data: &[u8],
     expected_init_data_digest: Option<&[u8]>,
     fetched_vcek: Option<&[u8]>,
+    crl: Option<&[u8]>,
     now_unix: i64,
 ) -> Result<Map<String, Value>, VerifyError> {
     let report = Report::new(&evidence.report)?;
@@ -234,6 +242,9 @@ pub fn verify(
     let generation = generation(&report, Some(vek_der))?;
     let roots = anchors.amd_roots(generation)?;
     let vek = vek::verify_vek(vek_der, kind, generation, roots, now_unix)?;
+    if let Some(crl) = crl {
+        crl::check(crl, roots, generation, kind, vek_der, now_unix)?;
+    }
     verify_report_signature(&report, &vek)?;
     check_tcb(&report, &vek)?;
     if report.vmpl() != 0 {

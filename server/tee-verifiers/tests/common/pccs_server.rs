@@ -1,5 +1,5 @@
 //! A local HTTP server shaped like a PCCS (v4 API) and AMD KDS, serving the test collateral
-//! and counting every request, for the fetcher tests and the benchmark.
+//! (VCEKs and AMD CRLs) and counting every request, for the fetcher tests and the benchmark.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::HashMap;
@@ -19,6 +19,8 @@ pub struct Pccs {
     collateral: QuoteCollateralV3,
     /// (product, hwid hex, query) -> VCEK DER.
     vceks: Vec<(String, String, String, Vec<u8>)>,
+    /// product -> AMD CRL (DER); a product without one answers 404, as KDS without a CRL.
+    crls: Mutex<HashMap<String, Vec<u8>>>,
     hits: Mutex<HashMap<String, usize>>,
     down: AtomicBool,
 }
@@ -31,6 +33,10 @@ impl Pccs {
     /// All counted paths.
     pub fn all_hits(&self) -> HashMap<String, usize> {
         self.hits.lock().unwrap().clone()
+    }
+    /// Serves `der` as AMD's CRL of `product` (`Milan`, ...).
+    pub fn set_crl(&self, product: &str, der: Vec<u8>) {
+        self.crls.lock().unwrap().insert(product.into(), der);
     }
     /// Makes every request fail with 503 (`true`) or succeed again.
     pub fn set_down(&self, down: bool) {
@@ -119,6 +125,15 @@ async fn vcek(
     uri: axum::http::Uri,
 ) -> Response {
     let query = uri.query().unwrap_or_default().to_owned();
+    if hwid == "crl" {
+        if !s.count(format!("crl/{product}")) {
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+        return match s.crls.lock().unwrap().get(&product) {
+            Some(der) => der.clone().into_response(),
+            None => StatusCode::NOT_FOUND.into_response(),
+        };
+    }
     if !s.count(format!("vcek/{product}")) {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
@@ -140,6 +155,7 @@ pub async fn start(
     let state = Arc::new(Pccs {
         collateral,
         vceks,
+        crls: Mutex::new(HashMap::new()),
         hits: Mutex::new(HashMap::new()),
         down: AtomicBool::new(false),
     });

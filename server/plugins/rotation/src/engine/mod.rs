@@ -53,6 +53,8 @@ struct Engine {
     live: BTreeMap<i64, Live>,
     done_tx: mpsc::UnboundedSender<Done>,
     retries: BinaryHeap<Reverse<(u64, i64, String)>>,
+    /// Connected guests whose sighting is stored or queued in `to_note` (so a reconcile pass
+    /// does not write it again); pruned to the live tunnels at each full pass.
     noted: HashSet<String>,
     to_note: Vec<(String, tunnel::Labels)>,
 }
@@ -444,7 +446,15 @@ impl Engine {
         if self.noted.insert(handle.guest_id.clone()) {
             self.to_note
                 .push((handle.guest_id.clone(), handle.labels.clone()));
+            self.count_noted();
         }
+    }
+
+    fn count_noted(&self) {
+        self.deps
+            .metrics
+            .noted_guests
+            .set(i64::try_from(self.noted.len()).unwrap_or(i64::MAX));
     }
 
     /// A connected guest and one rollout: queue it if it is a pending target, add it if it
@@ -483,6 +493,14 @@ impl Engine {
             for &id in &ids {
                 self.consider(id, h, now).await;
             }
+        }
+        if only.is_none() {
+            // Guest ids are per sandbox: remembering every id ever seen is a leak under churn.
+            // A guest that comes back is noted again by its `Connected`; its targets live in
+            // the rollouts, not here.
+            let connected: HashSet<&str> = handles.iter().map(|h| h.guest_id.as_str()).collect();
+            self.noted.retain(|g| connected.contains(g.as_str()));
+            self.count_noted();
         }
     }
 
@@ -569,6 +587,7 @@ impl Engine {
             for (g, _) in &batch {
                 self.noted.remove(g);
             }
+            self.count_noted();
         }
     }
 

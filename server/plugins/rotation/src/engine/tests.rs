@@ -874,3 +874,47 @@ async fn a_rollout_past_its_deadline_expires_and_its_pending_targets_fail() {
     })
     .await;
 }
+
+/// Issue 17: guest ids are per sandbox, so under churn every id is new. What the reconciler
+/// remembers about guests must follow the live tunnels, not every id ever seen; a guest that
+/// comes back after being forgotten still gets its pending push.
+#[tokio::test]
+async fn guest_churn_leaves_no_trace_in_the_reconciler_and_a_returning_target_is_served() {
+    local(async {
+        let mut rig = Rig::new(ALLOW_ALL).await;
+        rig.start();
+        let id = rig.create("app=none", &["returner"], 8).await;
+        let guest = RecordingGuest::new(Behaviour::Ack);
+        for i in 0..200 {
+            let g = format!("sandbox-{i}");
+            rig.connect(&g, &[("app", "churn")], &guest, None).await;
+            rig.disconnect(&g).await;
+        }
+        let returner = RecordingGuest::new(Behaviour::Ack);
+        rig.connect("returner", &[], &returner, None).await;
+        rig.disconnect("returner").await;
+        let gauge = rig.deps.metrics.noted_guests.clone();
+        let noted = || gauge.get();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        rig.send(Command::Resync).await;
+        while noted() != 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the reconciler still remembers {} guests after all 201 disconnected",
+                noted()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        rig.connect("returner", &[], &returner, None).await;
+        rig.until_targets(id, "the returning target acked", |t| {
+            state_of(t, "returner") == Some(TargetState::Acked)
+        })
+        .await;
+        assert_eq!(returner.pushes().len(), 1, "pushed exactly once");
+        rig.send(Command::Resync).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(noted(), 1, "only the live tunnel is remembered");
+        rig.stop().await;
+    })
+    .await;
+}

@@ -1,0 +1,105 @@
+//! AMD's certificate revocation list for SEV-SNP: one per processor generation, published by
+//! KDS at `/vcek/v1/{Milan|Genoa|Turin}/crl` and signed by that generation's ARK with
+//! RSASSA-PSS SHA-384. It lists revoked ASKs, ASVKs and endorsement keys; a report whose
+//! VCEK/VLEK or intermediate is on it is refused with [`VerifyError::CertificateRevoked`].
+
+use ring::signature::{RSA_PSS_2048_8192_SHA384, UnparsedPublicKey};
+use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::revocation_list::CertificateRevocationList;
+
+use super::Generation;
+use super::vek::{Roots, VekKind};
+use crate::VerifyError;
+
+const RSASSA_PSS: &str = "1.2.840.113549.1.1.10";
+
+/// Checks that `crl_der` is the CRL of `generation` signed by its ARK and valid at
+/// `now_unix`, then that neither the `kind` key `vek_der` nor the ASK (VCEK) or ASVK (VLEK)
+/// that issued it is listed.
+pub fn check(
+    crl_der: &[u8],
+    roots: &Roots,
+    generation: Generation,
+    kind: VekKind,
+    vek_der: &[u8],
+    now_unix: i64,
+) -> Result<(), VerifyError> {
+    let name = format!("AMD {generation:?} CRL");
+    let crl = verified(crl_der, &roots.ark, &name)?;
+    let this = crl.last_update().timestamp();
+    let next = crl
+        .next_update()
+        .ok_or_else(|| VerifyError::CollateralInvalid(format!("{name} has no nextUpdate")))?
+        .timestamp();
+    if now_unix < this || now_unix > next {
+        return Err(VerifyError::CollateralExpired(format!(
+            "{name} is valid from {this} to {next}, not at {now_unix}"
+        )));
+    }
+    let (issuer_name, issuer) = match kind {
+        VekKind::Vcek => ("ASK", &roots.ask),
+        VekKind::Vlek => ("ASVK", &roots.asvk),
+    };
+    for (what, der) in [(kind.as_str(), vek_der), (issuer_name, issuer.as_slice())] {
+        let cert = match X509Certificate::from_der(der) {
+            Ok((_, c)) => c,
+            Err(e) => return Err(VerifyError::CertificateChain(format!("{what}: {e}"))),
+        };
+        if let Some(r) = crl
+            .iter_revoked_certificates()
+            .find(|r| r.raw_serial() == cert.raw_serial())
+        {
+            let reason = r
+                .reason_code()
+                .map(|(_, code)| format!(", reason {code}"))
+                .unwrap_or_default();
+            return Err(VerifyError::CertificateRevoked(format!(
+                "the {what} (serial {}) is listed on the {name} as revoked since {}{reason}",
+                hex::encode(cert.raw_serial()),
+                r.revocation_date
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `crl_der` parsed, its RSASSA-PSS SHA-384 signature verified with the ARK's key and its
+/// issuer checked to be the ARK.
+fn verified<'a>(
+    crl_der: &'a [u8],
+    ark_der: &[u8],
+    name: &str,
+) -> Result<CertificateRevocationList<'a>, VerifyError> {
+    let crl = match CertificateRevocationList::from_der(crl_der) {
+        Ok(([], crl)) => crl,
+        Ok(_) => {
+            return Err(VerifyError::CollateralInvalid(format!(
+                "{name}: trailing bytes after the CRL"
+            )));
+        }
+        Err(e) => return Err(VerifyError::CollateralInvalid(format!("{name}: {e}"))),
+    };
+    let (_, ark) = X509Certificate::from_der(ark_der)
+        .map_err(|e| VerifyError::CertificateChain(format!("ARK: {e}")))?;
+    if crl.issuer() != ark.subject() {
+        return Err(VerifyError::CollateralInvalid(format!(
+            "{name} is issued by {}, not by the ARK ({})",
+            crl.issuer(),
+            ark.subject()
+        )));
+    }
+    if crl.signature_algorithm.algorithm.to_id_string() != RSASSA_PSS {
+        return Err(VerifyError::CollateralInvalid(format!(
+            "{name} is not signed with RSASSA-PSS"
+        )));
+    }
+    UnparsedPublicKey::new(
+        &RSA_PSS_2048_8192_SHA384,
+        &ark.public_key().subject_public_key.data,
+    )
+    .verify(crl.tbs_cert_list.as_ref(), &crl.signature_value.data)
+    .map_err(|_| {
+        VerifyError::CollateralInvalid(format!("{name}: signature does not verify with the ARK"))
+    })?;
+    Ok(crl)
+}
