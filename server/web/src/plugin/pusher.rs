@@ -177,7 +177,7 @@ mod tests {
             }
         }
 
-        fn push(&self, marker: u64) -> impl FnOnce(Arc<TunnelHandle>) -> Push {
+        fn push(&self, marker: u64) -> impl FnOnce(Arc<TunnelHandle>) -> Push + use<> {
             let gate = self.clone();
             move |_handle| {
                 Box::pin(async move {
