@@ -595,14 +595,22 @@ async fn deleting_the_resource_cancels_its_rollouts_and_nothing_erased_is_delive
     .await;
     let rollout = admin.rollout(id, "").await.unwrap().view.rollout;
     assert!(rollout.detail.contains("deleted"), "{}", rollout.detail);
-    let audit = admin
-        .send(
-            reqwest::Method::GET,
-            "/kbs/v0/admin/audit?action=rotation.cancel",
-            None,
-        )
-        .await
-        .unwrap();
+    // The cancel is audited just after the engine stored it: wait for the record.
+    let cancels = || async {
+        admin
+            .send(
+                reqwest::Method::GET,
+                "/kbs/v0/admin/audit?action=rotation.cancel",
+                None,
+            )
+            .await
+            .unwrap()
+    };
+    eventually_within(WAIT, "the cancel audited", || async {
+        cancels().await["records"][0].is_object()
+    })
+    .await;
+    let audit = cancels().await;
     let record = &audit["records"][0];
     assert_eq!(record["target"], format!("rollout {id}"), "{audit}");
     assert!(record["detail"].as_str().unwrap().contains(path), "{audit}");
