@@ -9,8 +9,8 @@ use std::time::Duration;
 use guest_daemon::run::RunConfig;
 use guest_daemon::tee_key::TeeKeyPair;
 use tests::{
-    DaemonRun, Haproxy, Replicas, admin_client, haproxy_binary, init_data, rcar_across,
-    rcar_client, skip,
+    DaemonRun, Haproxy, Replicas, admin_client, haproxy_binary, http_client, init_data,
+    rcar_across, rcar_client, skip, spawn_kbs_with,
 };
 
 const SECRET_PATH: &str = "default/key/replicated";
@@ -214,4 +214,31 @@ async fn a_guest_tunnel_through_haproxy_stays_up_and_answers() {
     let rtt = replicas.admin(holder).ping_guest("guest-ws").await.unwrap();
     assert!(rtt < 5_000, "{rtt}");
     daemon.stop().await;
+}
+
+/// Replicas with a generated self-signed TLS pair, started together on an empty data
+/// directory: one pair is written (under the start-up lock), and every replica serves the
+/// certificate that is in the file, so one CA file works for all of them.
+#[tokio::test]
+async fn replicas_started_together_with_tls_self_signed_serve_one_certificate() {
+    for round in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().join("data");
+        let config = dir.path().join("kbs.toml");
+        std::fs::write(&config, "[http.tls]\nself_signed = true\n").unwrap();
+        let procs = futures::future::join_all(
+            (0..3).map(|_| spawn_kbs_with("127.0.0.1:0", &data_dir, Some(&config), &[])),
+        )
+        .await;
+        let http = http_client(Some(&data_dir.join("tls/cert.pem")));
+        for p in &procs {
+            assert!(p.announced.starts_with("https://"), "{}", p.announced);
+            let r = http
+                .get(format!("{}/healthz", p.announced))
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("round {round}, {}: {e}", p.announced));
+            assert!(r.status().is_success());
+        }
+    }
 }
