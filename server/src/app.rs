@@ -491,7 +491,7 @@ fn build_rcar(
 }
 
 /// Name of the lock file in the data directory that replicas take in turn at start.
-pub const STARTUP_LOCK: &str = "startup.lock";
+const STARTUP_LOCK: &str = "startup.lock";
 /// Longest wait for another replica's start (database creation and migrations).
 const STARTUP_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
 
@@ -698,6 +698,7 @@ mod tests {
             "token.key",
             "admin.key",
             "tls/key.pem",
+            STARTUP_LOCK,
         ] {
             modes.push((name, mode(name), 0o600));
         }

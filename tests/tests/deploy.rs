@@ -5,6 +5,8 @@
 //! which is the one file both compose.yaml and the replica tests (tests/tests/replicas.rs)
 //! run.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;

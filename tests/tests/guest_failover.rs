@@ -3,6 +3,8 @@
 //! own keys and databases, so the daemon must attest again at the second), the first
 //! killed with SIGKILL under a connected guest, or never reachable at all.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};

@@ -4,6 +4,8 @@
 //! no sticky sessions; then the same through a real HAProxy running deploy/haproxy.cfg, a
 //! guest daemon's tunnel through it, and the key files every replica ended up with.
 
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use guest_daemon::run::RunConfig;
