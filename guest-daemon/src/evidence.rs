@@ -55,6 +55,21 @@ pub trait EvidenceProvider: Send + Sync {
     ) -> Result<serde_json::Value, EvidenceError>;
 }
 
+/// One evidence source shared by several clients (one per KBS URL of the daemon's run loop).
+#[async_trait]
+impl EvidenceProvider for std::sync::Arc<dyn EvidenceProvider> {
+    fn tee(&self) -> Tee {
+        (**self).tee()
+    }
+
+    async fn primary_evidence(
+        &self,
+        report_data: Vec<u8>,
+    ) -> Result<serde_json::Value, EvidenceError> {
+        (**self).primary_evidence(report_data).await
+    }
+}
+
 /// Which evidence source to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EvidenceSource {

@@ -56,9 +56,18 @@ enum Command {
 /// How to reach and attest to the KBS.
 #[derive(Debug, Args)]
 struct KbsArgs {
-    /// KBS base URL, e.g. https://kbs.example:8080
-    #[arg(long, env = "TETHER_KBS_URL")]
-    kbs_url: String,
+    /// KBS base URL, e.g. https://kbs.example:8080. `run` accepts it repeated (or
+    /// comma-separated in TETHER_KBS_URL) and fails over between them in this order: it
+    /// attests and opens its tunnel against the first that works, and moves to the next
+    /// when that fails or the tunnel is lost. The one-shot commands use the first.
+    #[arg(
+        long = "kbs-url",
+        env = "TETHER_KBS_URL",
+        value_delimiter = ',',
+        required = true,
+        num_args = 1
+    )]
+    kbs_urls: Vec<String>,
     /// Init-data TOML file sent with the attestation.
     #[arg(long, value_name = "FILE")]
     init_data: Option<PathBuf>,
@@ -79,6 +88,13 @@ enum TeeArg {
     Auto,
     /// The sample attester (development and tests; never trusted by a production policy).
     Sample,
+}
+
+impl KbsArgs {
+    /// The first KBS URL (clap requires one).
+    fn kbs_url(&self) -> &str {
+        self.kbs_urls.first().map_or("", String::as_str)
+    }
 }
 
 fn evidence(args: &KbsArgs) -> anyhow::Result<Box<dyn EvidenceProvider>> {
@@ -222,7 +238,7 @@ fn read_init_data(path: &Path) -> anyhow::Result<String> {
 }
 
 fn client(args: &KbsArgs) -> anyhow::Result<KbsClient> {
-    let mut builder = KbsClientBuilder::new(&args.kbs_url, evidence(args)?)
+    let mut builder = KbsClientBuilder::new(args.kbs_url(), evidence(args)?)
         .key(TeeKeyPair::generate(args.key_alg.into())?);
     if let Some(path) = &args.init_data {
         builder = builder.init_data(read_init_data(path)?);
@@ -257,7 +273,9 @@ async fn get_resource(args: GetResourceArgs) -> anyhow::Result<()> {
 
 async fn run_daemon(args: RunArgs) -> anyhow::Result<()> {
     let evidence = evidence(&args.kbs)?;
-    let mut config = RunConfig::new(args.kbs.kbs_url, args.state_dir);
+    let mut urls = args.kbs.kbs_urls.clone().into_iter();
+    let mut config = RunConfig::new(urls.next().unwrap_or_default(), args.state_dir);
+    config.failover_urls = urls.collect();
     config.key_alg = args.kbs.key_alg.into();
     config.evidence = evidence;
     config.ca_file = args.kbs.ca_file;
@@ -288,7 +306,7 @@ async fn splitapi_pull(args: SplitapiPullArgs) -> anyhow::Result<()> {
     })
     .await
     .context("open the state directory")??;
-    let mut builder = KbsClientBuilder::new(&kbs.kbs_url, evidence(&kbs)?).key(key.clone());
+    let mut builder = KbsClientBuilder::new(kbs.kbs_url(), evidence(&kbs)?).key(key.clone());
     if let Some(path) = &kbs.init_data {
         builder = builder.init_data(read_init_data(path)?);
     }
@@ -327,7 +345,7 @@ async fn pki_sign(args: PkiSignArgs) -> anyhow::Result<()> {
     })
     .await
     .context("open the state directory")??;
-    let mut builder = KbsClientBuilder::new(&kbs.kbs_url, evidence(&kbs)?).key(key);
+    let mut builder = KbsClientBuilder::new(kbs.kbs_url(), evidence(&kbs)?).key(key);
     if let Some(path) = &kbs.init_data {
         builder = builder.init_data(read_init_data(path)?);
     }

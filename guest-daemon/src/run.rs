@@ -123,4 +123,41 @@ mod tests {
             .unwrap();
         assert_eq!(*states.borrow(), DaemonState::Stopped);
     }
+
+    /// Failing over between KBSes that are all down is still one backoff sequence: each
+    /// failed attempt, on whichever KBS, counts, so a ring of dead URLs is never a hot loop.
+    #[tokio::test]
+    async fn failing_over_between_dead_kbses_keeps_backing_off() {
+        let dead = || {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            format!("http://127.0.0.1:{port}")
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = RunConfig::new(dead(), dir.path());
+        config.failover_urls = vec![dead(), dead()];
+        config.reconnect.initial = Duration::from_millis(10);
+        config.reconnect.max = Duration::from_millis(40);
+        let mut states = config.subscribe();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(config, shutdown.clone()));
+        let mut seen = Vec::new();
+        while seen.len() < 7 {
+            states.changed().await.unwrap();
+            if let DaemonState::BackingOff { attempt, .. } = *states.borrow_and_update() {
+                seen.push(attempt);
+            }
+        }
+        // 1, 2, 3, ...: moving to the next KBS never resets the backoff.
+        assert_eq!(seen, (1..=7).collect::<Vec<_>>());
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
 }

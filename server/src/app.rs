@@ -3,7 +3,7 @@
 //! and serves it. Nothing else in the crate imports this module; handlers name only the part
 //! of the state they use, which [`AppState`] hands out through `FromRef`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::Router;
@@ -188,7 +188,13 @@ impl Kbs {
             &config.storage.kek_path(),
         )?);
         let database_url = config.storage.database_url();
-        let store: Arc<dyn Store> = kbs_core::storage::open(&database_url, kek.clone()).await?;
+        let store: Arc<dyn Store> = {
+            // Replicas sharing this data directory may start at the same moment: one at a
+            // time creates the keys and (SQLite) creates and migrates the database, or the
+            // others fail on tables it is creating (docs/operations.md, "Several replicas").
+            let _turn = startup_lock(&data_dir).await?;
+            kbs_core::storage::open(&database_url, kek.clone()).await?
+        };
         tracing::info!(
             engine = store.engine(),
             database = %kbs_core::storage::redact_url(&database_url),
@@ -230,7 +236,12 @@ impl Kbs {
         let tunnel_limits = http::tunnel::limits(&config.tunnel);
         tunnel_limits.validate().map_err(other("tunnel"))?;
         let tls = match &config.http.tls {
-            Some(t) => Some(crate::tls::server_config(t, &data_dir).map_err(other("http.tls"))?),
+            Some(t) => {
+                // A generated self-signed pair is two files: one replica at a time may
+                // write them, so that all end up serving the same pair.
+                let _turn = startup_lock(&data_dir).await?;
+                Some(crate::tls::server_config(t, &data_dir).map_err(other("http.tls"))?)
+            }
             None => None,
         };
 
@@ -500,6 +511,22 @@ fn build_rcar(
     ))
 }
 
+/// Name of the lock file in the data directory that replicas take in turn at start.
+const STARTUP_LOCK: &str = "startup.lock";
+/// Longest wait for another replica's start (database creation and migrations).
+const STARTUP_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The data directory's start-up lock (see [`STARTUP_LOCK`]).
+async fn startup_lock(data_dir: &Path) -> Result<kbs_core::fsutil::FileLock, StartError> {
+    let path = data_dir.join(STARTUP_LOCK);
+    tokio::task::spawn_blocking(move || {
+        kbs_core::fsutil::lock_exclusive(&path, STARTUP_LOCK_WAIT)
+            .map_err(|e| StartError::Other(format!("start-up lock {}: {e}", path.display())))
+    })
+    .await
+    .map_err(|e| StartError::Other(format!("start-up lock: {e}")))?
+}
+
 /// The stored resource policy, else the initial policy file, else the built-in default.
 async fn load_policy(config: &Config, store: &dyn Store) -> Result<PolicyEngine, StartError> {
     let text = match store.get_policy(RESOURCE_POLICY).await? {
@@ -692,6 +719,7 @@ mod tests {
             "token.key",
             "admin.key",
             "tls/key.pem",
+            STARTUP_LOCK,
         ] {
             modes.push((name, mode(name), 0o600));
         }

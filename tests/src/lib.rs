@@ -6,7 +6,9 @@
 //! ([`FaultProxy`]), the real `kbs` binary as a child that can be killed ([`KbsChild`]), the
 //! kill -9 fault loop ([`run_fault_loop`]), a wall clock ([`unix_secs`]), and real processes:
 //! the `kbs` binary and the upstream-style external plugin ([`spawn_kbs`],
-//! [`spawn_upstream_plugin`]), a throwaway PostgreSQL cluster ([`pg_database`]).
+//! [`spawn_upstream_plugin`]), a throwaway PostgreSQL cluster ([`pg_database`]), several
+//! `kbs` replicas sharing keys and database ([`Replicas`], [`rcar_across`]) and HAProxy in
+//! front of them ([`Haproxy`]).
 
 mod api;
 mod attest;
@@ -18,11 +20,13 @@ mod fault_loop;
 mod fault_proxy;
 mod guest;
 mod guest_stub;
+mod haproxy;
 mod kbs;
 mod kbs_child;
 mod metrics;
 mod postgres;
 mod process;
+mod replicas;
 mod sim_fleet;
 mod skip;
 mod wait;
@@ -38,6 +42,7 @@ pub use fault_loop::{FAULT_PATH, FaultLoopConfig, FaultLoopReport, Iteration, ru
 pub use fault_proxy::FaultProxy;
 pub use guest::{TunnelGuest, guest_info};
 pub use guest_stub::{StubGuest, acknowledge, healthy, installed};
+pub use haproxy::{HAPROXY_BACKENDS, Haproxy, haproxy_binary, haproxy_cfg};
 pub use kbs::{
     ALLOW_SAMPLE, PluginFactory, TestKbs, allow_sample, http_client, init_logging,
     tls_client_config, tunnel_url,
@@ -47,8 +52,10 @@ pub use metrics::metric_value;
 pub use postgres::{PgCluster, PgDatabase, pg_database};
 pub use process::{
     Spawned, built_binary, credpush_binary, kbs_binary, spawn_credpush, spawn_kbs, spawn_kbs_on,
+    spawn_kbs_with,
     spawn_upstream_plugin, upstream_plugin_binary,
 };
+pub use replicas::{Replicas, admin_client, rcar_across};
 pub use sim_fleet::{SimFleet, SimOptions};
 pub use skip::skip;
 pub use wait::{WAIT, eventually, eventually_within, hub_until, tunnel_of};

@@ -134,10 +134,21 @@ pub async fn spawn_kbs(data_dir: &Path, config: Option<&Path>) -> Spawned {
 
 /// [`spawn_kbs`] on `listen` (a restart on the same address, for example).
 pub async fn spawn_kbs_on(listen: &str, data_dir: &Path, config: Option<&Path>) -> Spawned {
+    spawn_kbs_with(listen, data_dir, config, &[]).await
+}
+
+/// [`spawn_kbs_on`] with more environment variables (`KBS_STORAGE__DATABASE_URL`, ...).
+pub async fn spawn_kbs_with(
+    listen: &str,
+    data_dir: &Path,
+    config: Option<&Path>,
+    env: &[(&str, &str)],
+) -> Spawned {
     let mut cmd = Command::new(kbs_binary());
     cmd.args(["--listen", listen, "--data-dir"])
         .arg(data_dir)
-        .env("RUST_LOG", "warn");
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied());
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }

@@ -24,8 +24,12 @@ pub const SERVICES: &[&str] = &["resources", "credentials"];
 
 /// Settings of the run loop. Build with [`RunConfig::new`] and adjust the public fields.
 pub struct RunConfig {
-    /// KBS base URL (`http://` or `https://`, without `/kbs/v0`).
+    /// KBS base URL (`http://` or `https://`, without `/kbs/v0`): the first one tried.
     pub kbs_url: String,
+    /// More KBS base URLs, tried in this order after `kbs_url` when attesting or connecting
+    /// there fails or the tunnel is lost (after the last, `kbs_url` again), each after the
+    /// usual backoff delay: failover for sites without a load balancer (empty).
+    pub failover_urls: Vec<String>,
     /// Init-data TOML sent with each attestation (`[tether] guest_id`, labels).
     pub init_data: Option<String>,
     /// State directory: TEE key, resources, credentials, secrets.
@@ -60,6 +64,7 @@ impl std::fmt::Debug for RunConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RunConfig")
             .field("kbs_url", &self.kbs_url)
+            .field("failover_urls", &self.failover_urls)
             .field("init_data", &self.init_data.is_some())
             .field("state_dir", &self.state_dir)
             .field("ca_file", &self.ca_file)
@@ -82,6 +87,7 @@ impl RunConfig {
         let (state, _) = watch::channel(DaemonState::Starting);
         Self {
             kbs_url: kbs_url.into(),
+            failover_urls: Vec::new(),
             init_data: None,
             state_dir: state_dir.into(),
             ca_file: None,

@@ -19,6 +19,7 @@ use super::endpoints::LocalEndpoints;
 use super::error::RunError;
 use super::state::{DaemonState, set_state};
 use super::tunnel_config::tunnel_config;
+use crate::evidence::EvidenceProvider;
 use crate::rcar::KbsClientBuilder;
 use crate::service::GuestDaemonService;
 use crate::splitapi::GuestIdentity;
@@ -28,7 +29,8 @@ use crate::tls::CaBundle;
 
 pub(super) struct Supervisor {
     attester: Attester,
-    tunnel: GuestTunnelConfig,
+    /// The tunnel settings of each KBS, in the attester's order.
+    tunnels: Vec<GuestTunnelConfig>,
     service: GuestDaemonService,
     key: TeeKeyPair,
     info: GuestInfo,
@@ -44,6 +46,7 @@ impl Supervisor {
     pub async fn start(config: RunConfig, shutdown: CancellationToken) -> Result<Self, RunError> {
         let RunConfig {
             kbs_url,
+            failover_urls,
             init_data,
             state_dir,
             ca_file,
@@ -69,19 +72,27 @@ impl Supervisor {
             );
         }
         let tee = evidence.tee();
-        let mut builder = KbsClientBuilder::new(kbs_url, evidence).key(key.clone());
-        if let Some(toml) = init_data {
-            builder = builder.init_data(toml);
+        let evidence: Arc<dyn EvidenceProvider> = Arc::from(evidence);
+        let mut clients = Vec::new();
+        let mut tunnels = Vec::new();
+        for url in std::iter::once(kbs_url).chain(failover_urls) {
+            let mut builder =
+                KbsClientBuilder::new(url, Box::new(Arc::clone(&evidence))).key(key.clone());
+            if let Some(toml) = &init_data {
+                builder = builder.init_data(toml.clone());
+            }
+            if let Some(path) = &ca_file {
+                builder = builder.ca_file(path);
+            }
+            let client = builder.build()?;
+            tunnels.push(tunnel_config(client.kbs_url(), push_key, ca.as_ref())?);
+            clients.push(client);
         }
-        if let Some(path) = ca_file {
-            builder = builder.ca_file(path);
-        }
-        let client = builder.build()?;
-        let tunnel = tunnel_config(client.kbs_url(), push_key, ca.as_ref())?;
         let info = guest_info(splitapi.is_some(), &extra_services);
         tracing::info!(
-            kbs_url = client.kbs_url(),
-            tunnel_url = %tunnel.url,
+            kbs_url = clients[0].kbs_url(),
+            failover_urls = clients.len() - 1,
+            tunnel_url = %tunnels[0].url,
             state_dir = %store.root().display(),
             %tee,
             key = ?key.algorithm(),
@@ -103,8 +114,8 @@ impl Supervisor {
             endpoints.start_splitapi(config, &service, identity_rx, splitapi_status);
         }
         Ok(Self {
-            attester: Attester::new(client, identity),
-            tunnel,
+            attester: Attester::new(clients, identity),
+            tunnels,
             service,
             key,
             info,
@@ -135,7 +146,8 @@ impl Supervisor {
                         self.attester.hold(token);
                     }
                     Some(Err(e)) => {
-                        tracing::warn!(error = %e, "attestation failed");
+                        tracing::warn!(error = %e, kbs_url = self.attester.kbs_url(), "attestation failed");
+                        self.fail_over();
                         let delay = self.backoff.next_delay(&mut rand::thread_rng());
                         if !self.back_off(delay).await {
                             break;
@@ -147,8 +159,9 @@ impl Supervisor {
             let Some(token) = self.attester.token() else {
                 continue;
             };
+            let tunnel = &self.tunnels[self.attester.current()];
             self.set(DaemonState::Connecting {
-                url: self.tunnel.url.clone(),
+                url: tunnel.url.clone(),
             });
             let key = self.key.clone();
             let unseal = move |jwe: &[u8]| {
@@ -156,7 +169,7 @@ impl Supervisor {
                     .map(|nonce| nonce.to_vec())
                     .map_err(|e| e.to_string())
             };
-            let connect = tunnel::connect(&self.tunnel, &token.jwt, self.info.clone(), unseal);
+            let connect = tunnel::connect(tunnel, &token.jwt, self.info.clone(), unseal);
             let closed = match shutdown.run_until_cancelled(connect).await {
                 None => break,
                 Some(Err(e)) => {
@@ -165,6 +178,7 @@ impl Supervisor {
                     if reattest {
                         self.attester.forget();
                     }
+                    self.fail_over();
                     let delay = self.backoff.next_delay(&mut rand::thread_rng());
                     if !self.back_off(delay).await {
                         break;
@@ -187,6 +201,10 @@ impl Supervisor {
             if closed.needs_reattest() {
                 self.attester.forget();
             }
+            // The tunnel is gone (the KBS died, drained, or dropped us): the next attempt
+            // goes to the next KBS, if there is one. Backoff as always: a ring of dead KBSes
+            // is never a hot loop.
+            self.fail_over();
             let delay = self.backoff.after_close(&closed, &mut rand::thread_rng());
             if !self.back_off(delay).await {
                 break;
@@ -194,6 +212,14 @@ impl Supervisor {
         }
         // The endpoints follow the same shutdown token; let them drain.
         self.endpoints.stopped().await;
+    }
+
+    /// Move to the next KBS, if more than one was given.
+    fn fail_over(&mut self) {
+        let from = self.attester.kbs_url().to_owned();
+        if self.attester.fail_over() {
+            tracing::info!(from = %from, to = self.attester.kbs_url(), "moving to the next KBS");
+        }
     }
 
     /// Waits `delay`; false when shutdown came first.

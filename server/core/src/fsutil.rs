@@ -1,5 +1,6 @@
-//! Small file-system helpers: private directories, and private files written atomically
-//! under unpredictable temporary names (never through a link someone planted).
+//! Small file-system helpers: private directories, private files written atomically
+//! under unpredictable temporary names (never through a link someone planted), and an
+//! exclusive lock file for what processes sharing a data directory must do one at a time.
 
 use std::fs::{self, DirBuilder, OpenOptions};
 use std::io::{self, Write};
@@ -37,6 +38,50 @@ pub fn create_private(path: &Path, data: &[u8]) -> io::Result<()> {
     let (dir, tmp) = write_temp(path, data)?;
     let result = fs::hard_link(&tmp, path).and_then(|()| fs::remove_file(&tmp));
     finish(&dir, &tmp, result)
+}
+
+/// An exclusive advisory lock (`flock`) on a file, released when dropped (or when the
+/// process dies, however it dies: the kernel drops it with the descriptor).
+#[derive(Debug)]
+pub struct FileLock {
+    _file: fs::File,
+}
+
+/// How often [`lock_exclusive`] tries again while another process holds the lock.
+const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Take the exclusive lock on `path` (created 0600 if missing, never through a link),
+/// waiting at most `wait` for another process to release it (`ErrorKind::TimedOut` then).
+/// Blocking: call it off the async runtime's worker threads.
+pub fn lock_exclusive(path: &Path, wait: std::time::Duration) -> io::Result<FileLock> {
+    use rustix::fs::{FlockOperation, flock};
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(PRIVATE_FILE_MODE)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)?;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(FileLock { _file: file }),
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK || e == rustix::io::Errno::INTR => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "{} stayed locked by another process for {wait:?}",
+                            path.display()
+                        ),
+                    ));
+                }
+                std::thread::sleep(LOCK_POLL);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// The temp file holding `data`, beside `path`: its directory and its name.
@@ -121,6 +166,24 @@ mod tests {
         assert_eq!(mode(&path), PRIVATE_FILE_MODE);
         // Only the planted link and our two files: no temp file left behind.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 3);
+    }
+
+    #[test]
+    fn an_exclusive_lock_is_held_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("startup.lock");
+        let held = lock_exclusive(&path, std::time::Duration::ZERO).unwrap();
+        assert_eq!(mode(&path), PRIVATE_FILE_MODE);
+        // flock locks belong to the open file description: a second open is another holder,
+        // as another process would be.
+        let err = lock_exclusive(&path, std::time::Duration::from_millis(60)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        let waiter = std::thread::spawn(move || {
+            lock_exclusive(&path, std::time::Duration::from_secs(10)).map(|_| ())
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        drop(held);
+        waiter.join().unwrap().unwrap();
     }
 
     #[test]
