@@ -77,14 +77,19 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let bin = haproxy_binary()
         .ok_or_else(|| anyhow::anyhow!("haproxy is not installed (apt-get install haproxy)"))?;
-    let replicas = Replicas::start(3, None).await;
+    let db = tests::pg_database("replica_handshake_bench")
+        .await
+        .ok_or_else(|| {
+            anyhow::anyhow!("PostgreSQL cannot run here (apt-get install postgresql)")
+        })?;
+    let replicas = Replicas::start(3, &db.url).await;
     let lb = Haproxy::start(&bin, &replicas.addrs()).await?;
     replicas
         .admin(0)
         .put_resource(PATH, b"bench".to_vec())
         .await?;
     println!(
-        "RCAR + GET, {} s per level; 3 replicas (shared data dir, SQLite) behind HAProxy vs replica 1 directly",
+        "RCAR + GET, {} s per level; 3 replicas (shared data dir, PostgreSQL) behind HAProxy vs replica 1 directly",
         args.seconds
     );
     println!(

@@ -166,6 +166,8 @@ pub struct Kbs {
     jwks_urls: Vec<(Arc<ExternalIssuer>, String, std::time::Duration)>,
     /// TDX/SNP collateral, kept fresh in the background while serving.
     collateral: Arc<tee_verifiers::CollateralStore>,
+    /// Held while this KBS lives: its SQLite database is nobody else's.
+    _sqlite_owner: Option<kbs_core::fsutil::FileLock>,
     config: Arc<Config>,
     tls: Option<Arc<rustls::ServerConfig>>,
 }
@@ -194,6 +196,13 @@ impl Kbs {
             // others fail on tables it is creating (docs/operations.md, "Several replicas").
             let _turn = startup_lock(&data_dir).await?;
             kbs_core::storage::open(&database_url, kek.clone()).await?
+        };
+        // An SQLite database is this process's own: what it keeps in memory (the latest
+        // resource versions, the policies) is right only while nobody else writes. Several
+        // replicas share PostgreSQL instead (docs/operations.md, "Several replicas").
+        let sqlite_owner = match kbs_core::storage::sqlite_file(&database_url) {
+            Some(file) => Some(sqlite_owner_lock(&file).await?),
+            None => None,
         };
         tracing::info!(
             engine = store.engine(),
@@ -372,6 +381,7 @@ impl Kbs {
         };
         Ok(Self {
             collateral,
+            _sqlite_owner: sqlite_owner,
             state: KbsHandles {
                 hub,
                 plugins,
@@ -525,6 +535,27 @@ async fn startup_lock(data_dir: &Path) -> Result<kbs_core::fsutil::FileLock, Sta
     })
     .await
     .map_err(|e| StartError::Other(format!("start-up lock: {e}")))?
+}
+
+/// How long a KBS waits for the SQLite database's owner lock: long enough for an
+/// in-process restart to let go of it, short enough to tell an operator at once.
+const SQLITE_OWNER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The owner lock of the SQLite database `file` (`<file>.owner.lock` beside it).
+async fn sqlite_owner_lock(file: &Path) -> Result<kbs_core::fsutil::FileLock, StartError> {
+    let mut name = file.as_os_str().to_owned();
+    name.push(".owner.lock");
+    let path = PathBuf::from(name);
+    tokio::task::spawn_blocking(move || {
+        kbs_core::fsutil::lock_exclusive(&path, SQLITE_OWNER_WAIT).map_err(|e| {
+            StartError::Other(format!(
+                "storage.database_url: the SQLite database is in use by another kbs ({e}); \
+                 several replicas need PostgreSQL (database_url = \"postgres://...\")"
+            ))
+        })
+    })
+    .await
+    .map_err(|e| StartError::Other(format!("SQLite owner lock: {e}")))?
 }
 
 /// The stored resource policy, else the initial policy file, else the built-in default.

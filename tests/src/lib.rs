@@ -52,8 +52,7 @@ pub use metrics::metric_value;
 pub use postgres::{PgCluster, PgDatabase, pg_database};
 pub use process::{
     Spawned, built_binary, credpush_binary, kbs_binary, spawn_credpush, spawn_kbs, spawn_kbs_on,
-    spawn_kbs_with,
-    spawn_upstream_plugin, upstream_plugin_binary,
+    spawn_kbs_with, spawn_upstream_plugin, upstream_plugin_binary,
 };
 pub use replicas::{Replicas, admin_client, rcar_across};
 pub use sim_fleet::{SimFleet, SimOptions};

@@ -33,9 +33,9 @@ pub struct Replicas {
 
 impl Replicas {
     /// `n` replicas started at the same moment on an empty data directory (so they race to
-    /// generate the key files and create the database), sharing `database_url` (`None`:
-    /// the SQLite file `tether.db` in the shared data directory).
-    pub async fn start(n: usize, database_url: Option<&str>) -> Self {
+    /// generate the key files), sharing the PostgreSQL database `database_url` (an SQLite
+    /// database is one process's own: a second `kbs` on it refuses to start).
+    pub async fn start(n: usize, database_url: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let data_dir = dir.path().join("data");
         let policy = dir.path().join("allow-sample.rego");
@@ -49,10 +49,7 @@ impl Replicas {
             ),
         )
         .expect("write the config");
-        let database_url = database_url.map_or_else(
-            || format!("sqlite://{}", data_dir.join("tether.db").display()),
-            str::to_owned,
-        );
+        let database_url = database_url.to_owned();
         let env = [("KBS_STORAGE__DATABASE_URL", database_url.as_str())];
         let procs = futures::future::join_all(
             (0..n).map(|_| spawn_kbs_with("127.0.0.1:0", &data_dir, Some(&config), &env)),

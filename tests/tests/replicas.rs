@@ -17,15 +17,12 @@ use tests::{
 
 const SECRET_PATH: &str = "default/key/replicated";
 
-/// The database every test here shares between its replicas; one parameter, so the same
-/// tests run on PostgreSQL by setting it (the SQLite file in the shared data directory when
-/// unset).
-fn database_url() -> Option<String> {
-    std::env::var("TETHER_TEST_DATABASE_URL").ok()
-}
-
-async fn three() -> Replicas {
-    Replicas::start(3, database_url().as_deref()).await
+/// Three replicas sharing a data directory and a fresh PostgreSQL database of the kit's
+/// throwaway cluster (an SQLite database is one process's own); `None` after reporting the
+/// skip where PostgreSQL cannot run.
+async fn three(test: &str) -> Option<Replicas> {
+    let db = tests::pg_database(test).await?;
+    Some(Replicas::start(3, &db.url).await)
 }
 
 /// The key files of a data directory, as bytes.
@@ -41,7 +38,9 @@ fn key_files(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
 
 #[tokio::test]
 async fn auth_attest_and_get_on_three_different_replicas() {
-    let replicas = three().await;
+    let Some(replicas) = three("auth_attest_and_get_on_three_different_replicas").await else {
+        return;
+    };
     let admin = replicas.admin(0);
     admin
         .put_resource(SECRET_PATH, b"one secret, three replicas".to_vec())
@@ -76,7 +75,11 @@ async fn auth_attest_and_get_on_three_different_replicas() {
 #[tokio::test]
 async fn replicas_started_together_on_an_empty_data_dir_share_one_set_of_keys() {
     for round in 0..3 {
-        let replicas = three().await;
+        let Some(replicas) =
+            three("replicas_started_together_on_an_empty_data_dir_share_one_set_of_keys").await
+        else {
+            return;
+        };
         let keys = key_files(&replicas.data_dir);
         // Each replica really uses those files: an admin token signed with admin.key is
         // accepted by all, and so is an RCAR token one of them signed.
@@ -105,14 +108,17 @@ async fn replicas_started_together_on_an_empty_data_dir_share_one_set_of_keys() 
     }
 }
 
-/// Defect found here: a replica kept the latest version of each resource in a cache that
-/// only its own writes invalidate, so after a rotation published on another replica it
-/// went on serving the old version. Ignored until the store's latest-version cache learns
-/// about other writers (server/core/src/storage, the PostgreSQL branch's area).
+/// Defect found here on replicas sharing one SQLite file: a replica kept the latest version
+/// of each resource in a cache that only its own writes invalidate, so after a rotation
+/// published on another replica it went on serving the old version. Replicas now share
+/// PostgreSQL (no such cache; an SQLite database is one process's own).
 #[tokio::test]
-#[ignore = "known defect: the store's latest-version cache assumes one writer (issue 19)"]
 async fn a_new_version_published_on_one_replica_is_served_by_the_others() {
-    let replicas = three().await;
+    let Some(replicas) =
+        three("a_new_version_published_on_one_replica_is_served_by_the_others").await
+    else {
+        return;
+    };
     replicas
         .admin(0)
         .put_resource(SECRET_PATH, b"v1".to_vec())
@@ -166,7 +172,11 @@ async fn rcar_through_haproxy_round_robin_lands_each_step_on_another_replica() {
     let Some(bin) = haproxy_or_skip("rcar_through_haproxy") else {
         return;
     };
-    let replicas = three().await;
+    let Some(replicas) =
+        three("rcar_through_haproxy_round_robin_lands_each_step_on_another_replica").await
+    else {
+        return;
+    };
     let lb = Haproxy::start(&bin, &replicas.addrs()).await.unwrap();
     let admin = admin_client(&replicas.data_dir, &lb.url);
     admin
@@ -203,7 +213,9 @@ async fn a_guest_tunnel_through_haproxy_stays_up_and_answers() {
     let Some(bin) = haproxy_or_skip("a_guest_tunnel_through_haproxy") else {
         return;
     };
-    let replicas = three().await;
+    let Some(replicas) = three("a_guest_tunnel_through_haproxy_stays_up_and_answers").await else {
+        return;
+    };
     let lb = Haproxy::start(&bin, &replicas.addrs()).await.unwrap();
     let state = tempfile::tempdir().unwrap();
     let mut config = RunConfig::new(&lb.url, state.path());
@@ -224,10 +236,24 @@ async fn a_guest_tunnel_through_haproxy_stays_up_and_answers() {
 #[tokio::test]
 async fn replicas_started_together_with_tls_self_signed_serve_one_certificate() {
     for round in 0..3 {
+        let Some(db) = tests::pg_database(
+            "replicas_started_together_with_tls_self_signed_serve_one_certificate",
+        )
+        .await
+        else {
+            return;
+        };
         let dir = tempfile::tempdir().unwrap();
         let data_dir = dir.path().join("data");
         let config = dir.path().join("kbs.toml");
-        std::fs::write(&config, "[http.tls]\nself_signed = true\n").unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                "[storage]\ndatabase_url = \"{}\"\n\n[http.tls]\nself_signed = true\n",
+                db.url
+            ),
+        )
+        .unwrap();
         let procs = futures::future::join_all(
             (0..3).map(|_| spawn_kbs_with("127.0.0.1:0", &data_dir, Some(&config), &[])),
         )
@@ -243,4 +269,38 @@ async fn replicas_started_together_with_tls_self_signed_serve_one_certificate() 
             assert!(r.status().is_success());
         }
     }
+}
+
+/// An SQLite database is one process's own (what a KBS keeps in memory from it is right only
+/// while nobody else writes): a second `kbs` on the same data directory and SQLite file
+/// refuses to start, saying why and what to use instead, and the first keeps serving.
+#[tokio::test]
+async fn a_second_kbs_on_the_same_sqlite_database_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let first = tests::spawn_kbs(&data_dir, None).await;
+    let second = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(tests::kbs_binary())
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data_dir)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the second kbs gives up within its owner-lock wait")
+    .unwrap();
+    assert!(!second.status.success(), "the second kbs must not serve");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains("in use by another kbs") && err.contains("PostgreSQL"),
+        "{err}"
+    );
+    let health = http_client(None)
+        .get(format!("{}/healthz", first.announced))
+        .send()
+        .await
+        .unwrap();
+    assert!(health.status().is_success());
 }

@@ -289,6 +289,19 @@ pub async fn open(url: &str, kek: Arc<KeyEncryptionKey>) -> Result<Arc<dyn Store
     })
 }
 
+/// The database file an `sqlite:` URL names (`None` for another engine or a database in
+/// memory): one process's own, which the composition root locks for as long as it serves.
+pub fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    if Engine::of(url).ok()? != Engine::Sqlite
+        || url.contains(":memory:")
+        || url.contains("mode=memory")
+    {
+        return None;
+    }
+    let opts = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(url).ok()?;
+    Some(opts.get_filename().to_path_buf())
+}
+
 /// `url` fit for a log line or an error message: a password in it (userinfo, or a
 /// `password=` query parameter) is replaced by `***`.
 pub fn redact_url(url: &str) -> String {
@@ -355,6 +368,21 @@ fn open_kv(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_sqlite_file_is_an_sqlite_file() {
+        assert_eq!(
+            sqlite_file("sqlite:///var/lib/tether/tether.db"),
+            Some(std::path::PathBuf::from("/var/lib/tether/tether.db"))
+        );
+        assert_eq!(
+            sqlite_file("sqlite://data/t.db?mode=rwc"),
+            Some(std::path::PathBuf::from("data/t.db"))
+        );
+        assert_eq!(sqlite_file("sqlite::memory:"), None);
+        assert_eq!(sqlite_file("postgres://u@h/db"), None);
+        assert_eq!(sqlite_file("mysql://h/db"), None);
+    }
 
     #[test]
     fn the_scheme_picks_the_engine() {

@@ -294,9 +294,7 @@ impl Inner {
     /// table, when the policy allows it; the pushed credential's not_after once installed.
     async fn push(&self, ctx: &PluginContext, handle: &TunnelHandle) -> Option<i64> {
         let guest_id = handle.guest_id.as_str();
-        let Some(att) = ctx.attested_guest(guest_id) else {
-            return None;
-        };
+        let att = ctx.attested_guest(guest_id)?;
         let claims = att.claims.to_value();
         let Some(req) = Allowed::from_claims(&claims, &att.identity).push_request() else {
             tracing::info!(

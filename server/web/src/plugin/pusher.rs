@@ -241,7 +241,7 @@ mod tests {
         // The old tunnel's marker is not taken for the new tunnel's.
         assert_eq!(
             pusher.delivered(&old).is_some(),
-            !pusher.delivered(&new).is_some()
+            pusher.delivered(&new).is_none()
         );
     }
 
