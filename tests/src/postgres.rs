@@ -347,3 +347,34 @@ impl RunAs {
         }
     }
 }
+
+/// A data directory and a `kbs.toml` naming a fresh database of this process's cluster, for
+/// real `kbs` processes on PostgreSQL (several may share both: replicas).
+pub struct PgKbsSetup {
+    /// The database.
+    pub db: PgDatabase,
+    /// The data directory (not created: the first `kbs` creates it).
+    pub data_dir: PathBuf,
+    /// `kbs.toml`: `[storage] database_url`, then the caller's `extra` lines.
+    pub config: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// [`PgKbsSetup`] for `test`, its config ending with `extra`; `None` after reporting the
+/// skip when PostgreSQL cannot run here.
+pub async fn pg_kbs_setup(test: &str, extra: &str) -> Option<PgKbsSetup> {
+    let db = pg_database(test).await?;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("kbs.toml");
+    std::fs::write(
+        &config,
+        format!("[storage]\ndatabase_url = \"{}\"\n\n{extra}", db.url),
+    )
+    .expect("write kbs.toml");
+    Some(PgKbsSetup {
+        db,
+        data_dir: dir.path().join("data"),
+        config,
+        _dir: dir,
+    })
+}

@@ -34,25 +34,19 @@ async fn fetch(url: &str) -> Result<Vec<u8>, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_and_a_plugin_state_changed_on_one_replica_are_in_force_on_the_other() {
-    let Some(db) = tests::pg_database(
+    let Some(setup) = tests::pg_kbs_setup(
         "a_policy_and_a_plugin_state_changed_on_one_replica_are_in_force_on_the_other",
+        "",
     )
     .await
     else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let config = dir.path().join("kbs.toml");
-    std::fs::write(
-        &config,
-        format!("[storage]\ndatabase_url = \"{}\"\n", db.url),
-    )
-    .unwrap();
-    let a = tests::spawn_kbs(&data_dir, Some(&config)).await;
-    let b = tests::spawn_kbs(&data_dir, Some(&config)).await;
+    let (data_dir, config) = (&setup.data_dir, &setup.config);
+    let a = tests::spawn_kbs(data_dir, Some(config)).await;
+    let b = tests::spawn_kbs(data_dir, Some(config)).await;
     let (url_a, url_b) = (a.announced.clone(), b.announced.clone());
-    let admin_a = admin(&url_a, &data_dir);
+    let admin_a = admin(&url_a, data_dir);
     admin_a
         .put_resource(PATH, b"s3cret".to_vec())
         .await
@@ -91,7 +85,7 @@ async fn a_policy_and_a_plugin_state_changed_on_one_replica_are_in_force_on_the_
     .await;
 
     // And the other way round: B's admin API changes A.
-    let admin_b = admin(&url_b, &data_dir);
+    let admin_b = admin(&url_b, data_dir);
     admin_b.set_policy(DENY_ALL).await.unwrap();
     eventually_within(WITHIN, "A to refuse under B's policy", || async {
         fetch(&url_a).await.is_err()

@@ -25,21 +25,15 @@ fn admin(url: &str, data_dir: &Path) -> AdminClient {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kbs_on_postgres_attests_serves_rolls_out_and_keeps_it_all_across_a_restart() {
-    let Some(db) = tests::pg_database(
+    let Some(setup) = tests::pg_kbs_setup(
         "a_kbs_on_postgres_attests_serves_rolls_out_and_keeps_it_all_across_a_restart",
+        "",
     )
     .await
     else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let config = dir.path().join("kbs.toml");
-    std::fs::write(
-        &config,
-        format!("[storage]\ndatabase_url = \"{}\"\n", db.url),
-    )
-    .unwrap();
+    let (data_dir, config) = (setup.data_dir.clone(), setup.config.clone());
     let mut kbs = tests::spawn_kbs(&data_dir, Some(&config)).await;
     let url = kbs.announced.clone();
     let admin = admin(&url, &data_dir);
@@ -90,7 +84,7 @@ async fn a_kbs_on_postgres_attests_serves_rolls_out_and_keeps_it_all_across_a_re
     assert_eq!(acked[0].held_version, Some(2));
 
     // The fleet record (written behind, in batches) reaches the database.
-    let mut pg = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let mut pg = sqlx::PgConnection::connect(&setup.db.url).await.unwrap();
     let fleet_row = "SELECT COUNT(*) FROM fleet_guests WHERE guest_id = 'pg-guest-1'";
     for _ in 0..300 {
         let n: i64 = sqlx::query_scalar(fleet_row)

@@ -236,26 +236,17 @@ async fn a_guest_tunnel_through_haproxy_stays_up_and_answers() {
 #[tokio::test]
 async fn replicas_started_together_with_tls_self_signed_serve_one_certificate() {
     for round in 0..3 {
-        let Some(db) = tests::pg_database(
+        let Some(setup) = tests::pg_kbs_setup(
             "replicas_started_together_with_tls_self_signed_serve_one_certificate",
+            "[http.tls]\nself_signed = true\n",
         )
         .await
         else {
             return;
         };
-        let dir = tempfile::tempdir().unwrap();
-        let data_dir = dir.path().join("data");
-        let config = dir.path().join("kbs.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[storage]\ndatabase_url = \"{}\"\n\n[http.tls]\nself_signed = true\n",
-                db.url
-            ),
-        )
-        .unwrap();
+        let (data_dir, config) = (&setup.data_dir, &setup.config);
         let procs = futures::future::join_all(
-            (0..3).map(|_| spawn_kbs_with("127.0.0.1:0", &data_dir, Some(&config), &[])),
+            (0..3).map(|_| spawn_kbs_with("127.0.0.1:0", data_dir, Some(config), &[])),
         )
         .await;
         let http = http_client(Some(&data_dir.join("tls/cert.pem")));
