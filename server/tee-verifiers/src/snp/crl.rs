@@ -3,6 +3,9 @@
 //! RSASSA-PSS SHA-384. It lists revoked ASKs, ASVKs and endorsement keys; a report whose
 //! VCEK/VLEK or intermediate is on it is refused with [`VerifyError::CertificateRevoked`].
 
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
+
 use ring::signature::{RSA_PSS_2048_8192_SHA384, UnparsedPublicKey};
 use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
@@ -25,7 +28,7 @@ pub fn check(
     now_unix: i64,
 ) -> Result<(), VerifyError> {
     let name = format!("AMD {generation:?} CRL");
-    let crl = verified(crl_der, &roots.ark, &name)?;
+    let crl = verified(crl_der, roots, &name)?;
     let this = crl.last_update().timestamp();
     let next = crl
         .next_update()
@@ -63,13 +66,27 @@ pub fn check(
     Ok(())
 }
 
-/// `crl_der` parsed, its RSASSA-PSS SHA-384 signature verified with the ARK's key and its
-/// issuer checked to be the ARK.
+/// CRLs whose signature verified, by (roots id, SHA-256 of the CRL's DER): the same CRL comes
+/// with every SNP report until its next refresh, and its RSA-4096 signature check is a pure
+/// function of those bytes and the roots. Issuer and algorithm are still checked each time.
+type SignedCache = Mutex<HashSet<([u8; 32], [u8; 32])>>;
+
+/// Most CRLs remembered (one per generation and refresh).
+const SIGNED_MAX: usize = 64;
+
+fn signed_cache() -> &'static SignedCache {
+    static CACHE: OnceLock<SignedCache> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashSet::new()))
+}
+
+/// `crl_der` parsed, its RSASSA-PSS SHA-384 signature verified with the ARK's key (or found
+/// verified before, see [`signed_cache`]) and its issuer checked to be the ARK.
 fn verified<'a>(
     crl_der: &'a [u8],
-    ark_der: &[u8],
+    roots: &Roots,
     name: &str,
 ) -> Result<CertificateRevocationList<'a>, VerifyError> {
+    let ark_der = roots.ark.as_slice();
     let crl = match CertificateRevocationList::from_der(crl_der) {
         Ok(([], crl)) => crl,
         Ok(_) => {
@@ -93,6 +110,12 @@ fn verified<'a>(
             "{name} is not signed with RSASSA-PSS"
         )));
     }
+    let mut digest = [0u8; 32];
+    digest.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, crl_der).as_ref());
+    let key = (roots.id(), digest);
+    if signed_cache().lock().is_ok_and(|c| c.contains(&key)) {
+        return Ok(crl);
+    }
     UnparsedPublicKey::new(
         &RSA_PSS_2048_8192_SHA384,
         &ark.public_key().subject_public_key.data,
@@ -101,5 +124,11 @@ fn verified<'a>(
     .map_err(|_| {
         VerifyError::CollateralInvalid(format!("{name}: signature does not verify with the ARK"))
     })?;
+    if let Ok(mut c) = signed_cache().lock() {
+        if c.len() >= SIGNED_MAX {
+            c.clear();
+        }
+        c.insert(key);
+    }
     Ok(crl)
 }

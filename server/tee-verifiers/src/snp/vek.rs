@@ -55,6 +55,11 @@ pub struct Roots {
 }
 
 impl Roots {
+    /// SHA-256 over the three certificates: what tells these roots from others.
+    pub(crate) fn id(&self) -> [u8; 32] {
+        self.id
+    }
+
     /// Checks that the ARK is self-signed and signed the ASK and ASVK.
     pub fn new(ark: Vec<u8>, ask: Vec<u8>, asvk: Vec<u8>) -> Result<Self, String> {
         for (name, cert) in [("ARK", &ark), ("ASK", &ask), ("ASVK", &asvk)] {
