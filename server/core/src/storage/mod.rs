@@ -22,6 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use serde::Serialize;
+use sqlx::{ColumnIndex, Decode, Row, Type};
 use zeroize::Zeroizing;
 
 pub use changes::{CHANNEL, Change, ChangeFeed};
@@ -330,6 +331,26 @@ pub fn redact_url(url: &str) -> String {
         out = format!("{head}{}", query.join("&"));
     }
     out
+}
+
+/// An `audit` row (`id, at, actor, role, action, target, outcome, detail`) of either engine.
+fn audit_row<R>(r: &R) -> Result<AuditRecord, StoreError>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    for<'a> i64: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> String: Decode<'a, R::Database> + Type<R::Database>,
+{
+    Ok(AuditRecord {
+        id: r.try_get(0)?,
+        at: r.try_get::<i64, _>(1)? as u64,
+        actor: r.try_get(2)?,
+        role: r.try_get(3)?,
+        action: r.try_get(4)?,
+        target: r.try_get(5)?,
+        outcome: r.try_get(6)?,
+        detail: r.try_get(7)?,
+    })
 }
 
 /// Unix time in milliseconds.

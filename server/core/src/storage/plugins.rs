@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 use serde::Serialize;
-use sqlx::Row;
+use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use super::{SqliteStore, StoreError, now_ms};
 
@@ -42,16 +42,7 @@ impl PluginStateStore for SqliteStore {
         )
         .fetch_all(self.pool())
         .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(PluginStateRow {
-                    name: r.try_get(0)?,
-                    enabled: r.try_get::<i64, _>(1)? != 0,
-                    updated_at: r.try_get::<i64, _>(2)? as u64,
-                    updated_by: r.try_get(3)?,
-                })
-            })
-            .collect()
+        rows.into_iter().map(|r| plugin_state_row(&r)).collect()
     }
 
     async fn set_plugin_enabled(
@@ -73,4 +64,20 @@ impl PluginStateStore for SqliteStore {
         .await?;
         Ok(())
     }
+}
+
+/// A `plugin_state` row (`name, enabled, updated_at, updated_by`) of either engine.
+pub(super) fn plugin_state_row<R>(r: &R) -> Result<PluginStateRow, StoreError>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    for<'a> i64: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> String: Decode<'a, R::Database> + Type<R::Database>,
+{
+    Ok(PluginStateRow {
+        name: r.try_get(0)?,
+        enabled: r.try_get::<i64, _>(1)? != 0,
+        updated_at: r.try_get::<i64, _>(2)? as u64,
+        updated_by: r.try_get(3)?,
+    })
 }

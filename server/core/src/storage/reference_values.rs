@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 use serde::Serialize;
-use sqlx::Row;
+use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use super::{SqliteStore, StoreError, now_ms};
 
@@ -44,20 +44,7 @@ impl ReferenceValueStore for SqliteStore {
         )
         .fetch_all(self.pool())
         .await?;
-        rows.into_iter()
-            .map(|r| {
-                let name: String = r.try_get(0)?;
-                let text: String = r.try_get(1)?;
-                let values: Vec<String> = serde_json::from_str(&text)
-                    .map_err(|e| StoreError::Corrupt(format!("reference value {name}: {e}")))?;
-                Ok(ReferenceValue {
-                    name,
-                    values,
-                    updated_at: r.try_get::<i64, _>(2)? as u64,
-                    updated_by: r.try_get(3)?,
-                })
-            })
-            .collect()
+        rows.into_iter().map(|r| reference_value_row(&r)).collect()
     }
 
     async fn set_reference_value(
@@ -95,4 +82,24 @@ impl ReferenceValueStore for SqliteStore {
             .await?;
         Ok(done.rows_affected() > 0)
     }
+}
+
+/// A `reference_values` row (`name, vals, updated_at, updated_by`) of either engine.
+pub(super) fn reference_value_row<R>(r: &R) -> Result<ReferenceValue, StoreError>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    for<'a> i64: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> String: Decode<'a, R::Database> + Type<R::Database>,
+{
+    let name: String = r.try_get(0)?;
+    let text: String = r.try_get(1)?;
+    let values: Vec<String> = serde_json::from_str(&text)
+        .map_err(|e| StoreError::Corrupt(format!("reference value {name}: {e}")))?;
+    Ok(ReferenceValue {
+        name,
+        values,
+        updated_at: r.try_get::<i64, _>(2)? as u64,
+        updated_by: r.try_get(3)?,
+    })
 }

@@ -13,7 +13,7 @@ use super::latest_cache::{LatestCache, SealedLatest};
 use super::{
     AuditEntry, AuditQuery, AuditRecord, AuditStore, ChangeFeed, KeyEncryptionKey, KvStore,
     PolicyStore, ResourceStore, ResourceVersion, Store, StoreError, StoredPolicy, VersionInfo,
-    kv_context, now_ms, open_kv, resource_context,
+    audit_row, kv_context, now_ms, open_kv, resource_context,
 };
 use crate::resource_path::ResourcePath;
 
@@ -362,20 +362,7 @@ impl AuditStore for SqliteStore {
         .bind(q.limit.clamp(1, 1000) as i64)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(AuditRecord {
-                    id: r.try_get(0)?,
-                    at: r.try_get::<i64, _>(1)? as u64,
-                    actor: r.try_get(2)?,
-                    role: r.try_get(3)?,
-                    action: r.try_get(4)?,
-                    target: r.try_get(5)?,
-                    outcome: r.try_get(6)?,
-                    detail: r.try_get(7)?,
-                })
-            })
-            .collect()
+        rows.iter().map(audit_row).collect()
     }
 }
 

@@ -5,6 +5,8 @@ use async_trait::async_trait;
 use sqlx::{QueryBuilder, Row};
 
 use super::{PostgresStore, fold_by_key, notify};
+use crate::storage::plugins::plugin_state_row;
+use crate::storage::reference_values::reference_value_row;
 use crate::storage::{
     Change, EventQuery, EventRecord, EventStore, FleetStore, NewEvent, PluginStateRow,
     PluginStateStore, ReferenceValue, ReferenceValueStore, RolloutState, StoreError, TargetState,
@@ -22,16 +24,7 @@ impl PluginStateStore for PostgresStore {
         )
         .fetch_all(self.pool())
         .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(PluginStateRow {
-                    name: r.try_get(0)?,
-                    enabled: r.try_get::<i64, _>(1)? != 0,
-                    updated_at: r.try_get::<i64, _>(2)? as u64,
-                    updated_by: r.try_get(3)?,
-                })
-            })
-            .collect()
+        rows.into_iter().map(|r| plugin_state_row(&r)).collect()
     }
 
     async fn set_plugin_enabled(
@@ -63,20 +56,7 @@ impl ReferenceValueStore for PostgresStore {
         )
         .fetch_all(self.pool())
         .await?;
-        rows.into_iter()
-            .map(|r| {
-                let name: String = r.try_get(0)?;
-                let text: String = r.try_get(1)?;
-                let values: Vec<String> = serde_json::from_str(&text)
-                    .map_err(|e| StoreError::Corrupt(format!("reference value {name}: {e}")))?;
-                Ok(ReferenceValue {
-                    name,
-                    values,
-                    updated_at: r.try_get::<i64, _>(2)? as u64,
-                    updated_by: r.try_get(3)?,
-                })
-            })
-            .collect()
+        rows.into_iter().map(|r| reference_value_row(&r)).collect()
     }
 
     async fn set_reference_value(

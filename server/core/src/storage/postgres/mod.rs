@@ -28,7 +28,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use super::{
     AuditEntry, AuditQuery, AuditRecord, AuditStore, CHANNEL, Change, ChangeFeed, KeyEncryptionKey,
     KvStore, PolicyStore, ResourceStore, ResourceVersion, Store, StoreError, StoredPolicy,
-    VersionInfo, kv_context, now_ms, open_kv, resource_context,
+    VersionInfo, audit_row, kv_context, now_ms, open_kv, resource_context,
 };
 use crate::resource_path::ResourcePath;
 
@@ -320,20 +320,7 @@ impl AuditStore for PostgresStore {
         .bind(q.limit.clamp(1, 1000) as i64)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(AuditRecord {
-                    id: r.try_get(0)?,
-                    at: r.try_get::<i64, _>(1)? as u64,
-                    actor: r.try_get(2)?,
-                    role: r.try_get(3)?,
-                    action: r.try_get(4)?,
-                    target: r.try_get(5)?,
-                    outcome: r.try_get(6)?,
-                    detail: r.try_get(7)?,
-                })
-            })
-            .collect()
+        rows.iter().map(audit_row).collect()
     }
 }
 
