@@ -8,6 +8,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use libfuzzer_sys::fuzz_target;
 use tee_verifiers::snp::report::Report;
+use tee_verifiers::collateral::SnpCollateral;
 use tee_verifiers::{Collateral, Decoded, TeeKind};
 
 const VCEK: &[u8] = include_bytes!("../../server/tee-verifiers/testdata/snp/test-vcek.der");
@@ -28,7 +29,11 @@ fuzz_target!(|data: &[u8]| {
         });
         verify(&evidence, &Collateral::None, now);
         let bare = serde_json::json!({"attestation_report": report});
-        verify(&bare, &Collateral::SnpVcek(Arc::new(cert.to_vec())), now);
+        let fetched = SnpCollateral {
+            vcek: Some(Arc::new(cert.to_vec())),
+            crl: None,
+        };
+        verify(&bare, &Collateral::Snp(fetched), now);
     } else if let Ok(evidence) = serde_json::from_slice::<serde_json::Value>(data) {
         verify(&evidence, &Collateral::None, now);
     }
