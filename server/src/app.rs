@@ -280,6 +280,7 @@ impl Kbs {
                 resources: store.clone(),
                 fleet: fleet.clone(),
                 policy: policy.clone(),
+                changes: store.changes(),
             },
             prober: prober.clone(),
         };

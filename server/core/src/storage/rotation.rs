@@ -278,8 +278,18 @@ pub trait RolloutStore: Send + Sync + 'static {
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<TargetRecord>, StoreError>;
-    /// Insert or replace targets, in one transaction.
+    /// The targets of `guests` in one rollout (those it has), in no particular order.
+    async fn targets_of(&self, id: i64, guests: &[String])
+    -> Result<Vec<TargetRecord>, StoreError>;
+    /// Insert or replace targets, in one transaction. An acked row is only ever replaced by
+    /// an acked row. A shared store announces each rollout whose targets changed.
     async fn write_targets(&self, targets: &[TargetRecord]) -> Result<(), StoreError>;
+    /// Whether other processes write this store's rollouts too (several replicas on one
+    /// database): the reconciler then takes target counts and rollout states from the store,
+    /// not from what it delivered itself. See `docs/architecture.md`, "Several replicas".
+    fn shared(&self) -> bool {
+        false
+    }
     /// Record guests rotation has seen connected: `(guest_id, labels)`, stamped now.
     async fn note_rotation_guests(
         &self,
@@ -296,6 +306,9 @@ pub(super) const ROLLOUT_COLUMNS: &str = "id, path, version, sha256, selector, m
      guest_deadline_ms, deadline_at, state, detail, superseded_by, created_at, created_by, updated_at, finished_at";
 pub(super) const TARGET_COLUMNS: &str = "rollout_id, guest_id, state, attempts, reason, digest, held_version, \
      hook_status, already_held, next_attempt_at, updated_at, acked_at";
+
+/// Guest ids per `targets_of` query (SQLite binds at most 32,766 parameters).
+pub(super) const TARGETS_OF_CHUNK: usize = 1000;
 
 pub(super) fn i(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
@@ -552,6 +565,29 @@ impl RolloutStore for SqliteStore {
             .push_bind(i64::from(limit.max(1)));
         let rows = b.build().fetch_all(self.pool()).await?;
         rows.iter().map(target_row).collect()
+    }
+
+    async fn targets_of(
+        &self,
+        id: i64,
+        guests: &[String],
+    ) -> Result<Vec<TargetRecord>, StoreError> {
+        let mut out = Vec::with_capacity(guests.len());
+        for chunk in guests.chunks(TARGETS_OF_CHUNK) {
+            let mut b = QueryBuilder::<Sqlite>::new(format!(
+                "SELECT {TARGET_COLUMNS} FROM rollout_targets WHERE rollout_id = "
+            ));
+            b.push_bind(id).push(" AND guest_id IN (");
+            let mut list = b.separated(", ");
+            for g in chunk {
+                list.push_bind(g.clone());
+            }
+            b.push(")");
+            for row in b.build().fetch_all(self.pool()).await? {
+                out.push(target_row(&row)?);
+            }
+        }
+        Ok(out)
     }
 
     async fn write_targets(&self, targets: &[TargetRecord]) -> Result<(), StoreError> {

@@ -18,7 +18,7 @@ use axum::routing::{get, post};
 use kbs_core::fleet::Fleet;
 use kbs_core::guest_directory::GuestDirectory;
 use kbs_core::policy_gate::PolicyGate;
-use kbs_core::storage::{ResourceStore, RolloutStore};
+use kbs_core::storage::{ChangeFeed, ResourceStore, RolloutStore};
 use kbs_web::plugin::{Plugin, PluginContext, PluginKind, PluginSetup, PluginSetupError};
 use tokio::sync::{Mutex, Semaphore, broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -58,6 +58,8 @@ pub struct Grants {
     /// The resource policy: a push is allowed exactly when the guest could fetch the
     /// resource itself (asked as the `resource` plugin).
     pub policy: PolicyGate,
+    /// Rollouts other replicas created or changed (a shared database announces them).
+    pub changes: ChangeFeed,
 }
 
 /// Everything the reconciler and a delivery work with: the grants, the hub and the guest
@@ -79,6 +81,11 @@ pub struct Deps {
     pub directory: Arc<GuestDirectory>,
     /// The plugin's metrics.
     pub metrics: RotationMetrics,
+    /// Rollouts other replicas created or changed.
+    pub changes: ChangeFeed,
+    /// Whether other replicas share the rollouts (`RolloutStore::shared`): counts and
+    /// completion then come from the store, see `engine`.
+    pub shared: bool,
 }
 
 /// The `rotation` plugin.
@@ -132,6 +139,8 @@ impl RotationPlugin {
             hub: ctx.hub().clone(),
             directory: ctx.guest_directory().clone(),
             metrics: self.metrics.clone(),
+            changes: self.grants.changes.clone(),
+            shared: self.grants.rollouts.shared(),
         }
     }
 }

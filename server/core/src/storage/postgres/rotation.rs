@@ -1,7 +1,7 @@
 //! The PostgreSQL side of [`RolloutStore`] (its SQLite twin and the row types are in
 //! `storage/rotation.rs`; both decode rows with the same functions).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use async_trait::async_trait;
 use sqlx::{AssertSqlSafe, Postgres, QueryBuilder, Row};
@@ -178,11 +178,28 @@ impl RolloutStore for PostgresStore {
         rows.iter().map(target_row).collect()
     }
 
+    async fn targets_of(
+        &self,
+        id: i64,
+        guests: &[String],
+    ) -> Result<Vec<TargetRecord>, StoreError> {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {TARGET_COLUMNS} FROM rollout_targets \
+             WHERE rollout_id = $1 AND guest_id = ANY($2)"
+        )))
+        .bind(id)
+        .bind(guests)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter().map(target_row).collect()
+    }
+
     async fn write_targets(&self, targets: &[TargetRecord]) -> Result<(), StoreError> {
         if targets.is_empty() {
             return Ok(());
         }
         let targets = fold_by_key(targets, |t| (t.rollout_id, t.guest_id.clone()));
+        let rollouts: BTreeSet<i64> = targets.iter().map(|t| t.rollout_id).collect();
         let mut tx = self.pool().begin().await?;
         for chunk in targets.chunks(TARGET_CHUNK) {
             let mut b = QueryBuilder::<Postgres>::new(format!(
@@ -192,8 +209,16 @@ impl RolloutStore for PostgresStore {
             b.push(TARGET_UPSERT);
             b.build().execute(&mut *tx).await?;
         }
+        // One notification per rollout and batch: the other replicas refresh its counts.
+        for id in rollouts {
+            notify(&mut *tx, &Change::Rollout(id)).await?;
+        }
         tx.commit().await?;
         Ok(())
+    }
+
+    fn shared(&self) -> bool {
+        true
     }
 
     async fn note_rotation_guests(

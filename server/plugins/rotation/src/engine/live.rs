@@ -19,6 +19,11 @@ pub(super) struct Live {
     pub(super) ready: VecDeque<String>,
     pub(super) queued: HashSet<String>,
     pub(super) in_flight: usize,
+    /// Guests this process is pushing to now (a `delivering` row of another replica, or
+    /// one left by a replica that died, is not in it and may be pushed again).
+    pub(super) flying: HashSet<String>,
+    /// With a shared store: the counts of every replica's targets, as last read from it.
+    pub(super) fleet: Option<BTreeMap<TargetState, u64>>,
     pub(super) plaintext: Option<Arc<Zeroizing<Vec<u8>>>>,
 }
 
@@ -32,12 +37,27 @@ impl Live {
             ready: VecDeque::new(),
             queued: HashSet::new(),
             in_flight: 0,
+            flying: HashSet::new(),
+            fleet: None,
             plaintext: None,
         }
     }
 
+    /// Targets not yet acked, failed or denied: fleet-wide where known, else this process's.
     pub(super) fn outstanding(&self) -> u64 {
-        self.counts[&TargetState::Pending] + self.counts[&TargetState::Delivering]
+        let counts = self.fleet.as_ref().unwrap_or(&self.counts);
+        counts.get(&TargetState::Pending).copied().unwrap_or(0)
+            + counts.get(&TargetState::Delivering).copied().unwrap_or(0)
+    }
+
+    /// Whether `guest_id`'s target may be pushed now: pending (or left `delivering` by a
+    /// push that is not this process's) and due.
+    pub(super) fn due(&self, guest_id: &str, now: u64) -> bool {
+        self.targets.get(guest_id).is_some_and(|t| {
+            let open = t.state == TargetState::Pending
+                || (t.state == TargetState::Delivering && !self.flying.contains(guest_id));
+            open && t.next_attempt_at <= now
+        })
     }
 
     pub(super) fn count(&mut self, from: Option<TargetState>, to: TargetState) {
@@ -51,11 +71,7 @@ impl Live {
 
     /// Queues a pending, due target for dispatch (once).
     pub(super) fn queue(&mut self, guest_id: &str, now: u64) {
-        let due = self
-            .targets
-            .get(guest_id)
-            .is_some_and(|t| t.state == TargetState::Pending && t.next_attempt_at <= now);
-        if due && self.queued.insert(guest_id.to_string()) {
+        if self.due(guest_id, now) && self.queued.insert(guest_id.to_string()) {
             self.ready.push_back(guest_id.to_string());
         }
     }
@@ -64,7 +80,7 @@ impl Live {
         Arc::new(RolloutEvent {
             rollout_id: self.rec.id,
             state: self.rec.state,
-            counts: self.counts.clone(),
+            counts: self.fleet.as_ref().unwrap_or(&self.counts).clone(),
             target,
         })
     }

@@ -4,23 +4,34 @@
 //! guests connecting (offline targets and newcomers matching a selector), retries coming
 //! due, admin controls and deadlines. Storage is written before anything is reported, and a
 //! push is idempotent by path + version on the guest, so replaying one after a crash is safe.
+//!
+//! Several replicas on one database (`Deps::shared`): every replica follows every rollout in
+//! force (a rollout created, paused or ended elsewhere reaches it through the store's change
+//! feed) and pushes to the guests whose tunnels it holds; before a push it reads the
+//! target's stored row, so a guest that moved here from another replica is neither pushed a
+//! version it already acked there nor counted twice. Counts, and whether a rollout is
+//! completed, come from the store (every replica's acks), read at most every
+//! [`RECOUNT_DELAY`] while targets change. See `docs/architecture.md`, "Several replicas".
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use tunnel::TunnelHandle;
 
 use kbs_core::selector::Selector;
 use kbs_core::storage::{
-    RolloutQuery, RolloutRecord, RolloutState, StoreError, TargetRecord, TargetState, now_ms,
+    Change, RolloutQuery, RolloutRecord, RolloutState, StoreError, TargetRecord, TargetState,
+    now_ms,
 };
 
 mod commands;
 mod live;
+mod shared;
 #[cfg(test)]
 mod tests;
 
@@ -38,6 +49,9 @@ pub const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 pub const KNOWN_GUEST_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Guest sightings written per batch.
 const NOTE_BATCH: usize = 512;
+/// With a shared store: how long changes gather before counts and rollout states are read
+/// back from it (one read per rollout however many targets changed meanwhile).
+pub const RECOUNT_DELAY: Duration = Duration::from_millis(50);
 
 struct Done {
     rollout_id: i64,
@@ -57,6 +71,13 @@ struct Engine {
     /// does not write it again); pruned to the live tunnels at each full pass.
     noted: HashSet<String>,
     to_note: Vec<(String, tunnel::Labels)>,
+    /// Shared store: rollouts another replica may have changed (read back at `recount_at`).
+    remote: HashSet<i64>,
+    /// Shared store: rollouts whose targets changed (counted again at `recount_at`).
+    dirty: HashSet<i64>,
+    /// Shared store: notifications may have been missed; every rollout is read back.
+    reload_all: bool,
+    recount_at: Option<tokio::time::Instant>,
 }
 
 /// Runs the reconciler until `stop` is cancelled or `commands` closes. Deliveries in flight
@@ -79,7 +100,14 @@ pub async fn run(
         retries: BinaryHeap::new(),
         noted: HashSet::new(),
         to_note: Vec::new(),
+        remote: HashSet::new(),
+        dirty: HashSet::new(),
+        reload_all: false,
+        recount_at: None,
     };
+    // Subscribed before the load, so a rollout created meanwhile is not missed.
+    let mut changes = engine.deps.changes.subscribe();
+    let mut feed_open = engine.deps.shared;
     if let Err(e) = engine.load().await {
         tracing::error!(error = %e, "loading rollouts failed; rotation reconciler not started");
         return;
@@ -99,9 +127,21 @@ pub async fn run(
                 None => std::future::pending().await,
             }
         };
+        let recount_at = engine.recount_at;
+        let recount_due = async {
+            match recount_at {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             biased;
             _ = stop.cancelled() => break,
+            change = changes.recv(), if feed_open => match change {
+                Ok(change) => engine.on_change(&change),
+                Err(RecvError::Lagged(_)) => engine.on_change(&Change::Lost),
+                Err(RecvError::Closed) => feed_open = false,
+            },
             Some(done) = done_rx.recv() => {
                 engine.on_done(done).await;
                 while let Ok(more) = done_rx.try_recv() {
@@ -114,6 +154,7 @@ pub async fn run(
             },
             _ = tick.tick() => engine.reconcile().await,
             () = retry_due => engine.release_due_retries(),
+            () = recount_due => engine.follow_store().await,
         }
         engine.dispatch().await;
         // Batches form under a connect storm; an idle reconciler writes sightings at once.
@@ -192,7 +233,9 @@ impl Engine {
             let Some(last) = page.last() else { break };
             after = Some(last.guest_id.clone());
             for mut t in page {
-                if t.state == TargetState::Delivering {
+                // A `delivering` row of a shared store may be another replica's push in
+                // flight: left as it is (and pushed again only if its guest comes here).
+                if t.state == TargetState::Delivering && !self.deps.shared {
                     t.state = TargetState::Pending;
                     t.updated_at = now;
                     requeued.push(t.clone());
@@ -403,8 +446,14 @@ impl Engine {
         cancelled
     }
 
-    /// Completed when nothing is outstanding, running again when something is.
+    /// Completed when nothing is outstanding, running again when something is. With a
+    /// shared store the decision waits for the next count of every replica's targets.
     async fn refresh_state(&mut self, id: i64) {
+        if self.deps.shared {
+            self.dirty.insert(id);
+            self.schedule_recount();
+            return;
+        }
         let Some(live) = self.live.get_mut(&id) else {
             return;
         };
@@ -518,6 +567,11 @@ impl Engine {
         }
         self.adopt_newcomers(None).await;
         self.flush_notes().await;
+        if self.deps.shared {
+            // Other replicas' acks announce themselves; a missed announcement is caught here.
+            self.dirty.extend(self.live.keys().copied());
+            self.schedule_recount();
+        }
         let pruned = self.deps.directory.prune(&self.deps.hub, now / 1000);
         if pruned > 0 {
             tracing::debug!(pruned, "guest directory pruned");
@@ -602,6 +656,7 @@ impl Engine {
             return;
         };
         live.in_flight = live.in_flight.saturating_sub(1);
+        live.flying.remove(&d.row.guest_id);
         let guest = d.row.guest_id.clone();
         let previous = live
             .targets
@@ -703,6 +758,9 @@ impl Engine {
     }
 
     async fn dispatch_one(&mut self, id: i64) {
+        if self.deps.shared {
+            self.read_back_ready(id).await;
+        }
         let now = now_ms();
         let Some(live) = self.live.get_mut(&id) else {
             return;
@@ -720,7 +778,9 @@ impl Engine {
             let Some(t) = live.targets.get_mut(&guest) else {
                 continue;
             };
-            if t.state != TargetState::Pending || t.next_attempt_at > now {
+            let open = t.state == TargetState::Pending
+                || (t.state == TargetState::Delivering && !live.flying.contains(&guest));
+            if !open || t.next_attempt_at > now {
                 continue;
             }
             let Some(handle) = self.deps.hub.get(&guest) else {
@@ -730,11 +790,13 @@ impl Engine {
                 tracing::debug!(guest_id = %guest, "connected guest missing from the directory");
                 continue;
             };
+            let from = t.state;
             t.state = TargetState::Delivering;
             t.updated_at = now;
             let row = t.clone();
-            live.count(Some(TargetState::Pending), TargetState::Delivering);
+            live.count(Some(from), TargetState::Delivering);
             live.in_flight += 1;
+            live.flying.insert(guest.clone());
             let _ = self.events.send(live.event(Some(row.clone())));
 
             let deps = self.deps.clone();

@@ -16,6 +16,7 @@ use kbs_core::policy::PolicyEngine;
 use kbs_core::policy_gate::PolicyGate;
 use kbs_core::resource_path::ResourcePath;
 use kbs_core::storage::{
+    Change, ChangeFeed,
     KeyEncryptionKey, NewRollout, ResourceStore, RolloutState, RolloutStore, SqliteStore,
     TargetRecord, TargetState,
 };
@@ -182,6 +183,8 @@ impl Rig {
             hub: tunnel::Hub::new(),
             directory: Arc::new(GuestDirectory::new()),
             metrics: RotationMetrics::default(),
+            changes: ChangeFeed::default(),
+            shared: false,
         };
         Self {
             deps,
@@ -914,6 +917,175 @@ async fn guest_churn_leaves_no_trace_in_the_reconciler_and_a_returning_target_is
         rig.send(Command::Resync).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(noted(), 1, "only the live tunnel is remembered");
+        rig.stop().await;
+    })
+    .await;
+}
+
+// Several replicas on one database (`Deps::shared`). The rig's store stands for the shared
+// database; "another replica" is a write straight into it, announced on the change feed as
+// PostgreSQL's NOTIFY would.
+
+impl Rig {
+    /// A rig whose reconciler runs as one replica among several.
+    async fn shared(policy: &str) -> Self {
+        let mut rig = Self::new(policy).await;
+        rig.deps.shared = true;
+        rig
+    }
+
+    /// Another replica creates a rollout and announces it.
+    async fn create_elsewhere(&self, targets: &[&str]) -> i64 {
+        let new = NewRollout {
+            sha256: self.sha256.clone(),
+            ..NewRollout::for_test(PATH, 1)
+        };
+        let targets: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
+        let id = self.store.create_rollout(&new, &targets).await.unwrap().rollout.id;
+        self.deps.changes.publish(Change::Rollout(id));
+        id
+    }
+
+    /// Another replica stores `guest`'s ack (announced when `announce`).
+    async fn ack_elsewhere(&self, id: i64, guest: &str, announce: bool) {
+        let mut row = TargetRecord::pending(id, guest);
+        row.state = TargetState::Acked;
+        row.attempts = 1;
+        row.held_version = Some(1);
+        row.hook_status = Some(0);
+        self.store.write_targets(&[row]).await.unwrap();
+        if announce {
+            self.deps.changes.publish(Change::Rollout(id));
+        }
+    }
+
+    /// Waits for an event of rollout `id` satisfying `cond` on `events`.
+    async fn until_event(
+        events: &mut broadcast::Receiver<Arc<RolloutEvent>>,
+        id: i64,
+        what: &str,
+        cond: impl Fn(&RolloutEvent) -> bool,
+    ) -> Arc<RolloutEvent> {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let e = events.recv().await.unwrap();
+                if e.rollout_id == id && cond(&e) {
+                    return e;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("never seen: {what}"))
+    }
+}
+
+#[tokio::test]
+async fn shared_a_rollout_another_replica_starts_is_delivered_to_the_guests_held_here() {
+    local(async {
+        let mut rig = Rig::shared(ALLOW_ALL).await;
+        let here = RecordingGuest::new(Behaviour::Ack);
+        rig.connect("here", &[("app", "db")], &here, None).await;
+        rig.start();
+        let id = rig.create_elsewhere(&["here", "there"]).await;
+        rig.until_targets(id, "the guest held here acked", |t| {
+            state_of(t, "here") == Some(TargetState::Acked)
+        })
+        .await;
+        assert_eq!(here.pushes().len(), 1);
+        // "there" is another replica's to deliver: outstanding, so the rollout runs on.
+        assert_eq!(rig.state(id).await, RolloutState::Running);
+        rig.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shared_completion_and_counts_include_the_acks_of_other_replicas() {
+    local(async {
+        let mut rig = Rig::shared(ALLOW_ALL).await;
+        let mut events = rig.events.subscribe();
+        let here = RecordingGuest::new(Behaviour::Ack);
+        rig.connect("here", &[("app", "db")], &here, None).await;
+        rig.start();
+        let id = rig.create_elsewhere(&["here", "there"]).await;
+        Rig::until_event(&mut events, id, "one ack counted", |e| {
+            e.counts.get(&TargetState::Acked) == Some(&1)
+        })
+        .await;
+        assert_eq!(rig.state(id).await, RolloutState::Running);
+        rig.ack_elsewhere(id, "there", true).await;
+        let e = Rig::until_event(&mut events, id, "both acks counted", |e| {
+            e.counts.get(&TargetState::Acked) == Some(&2)
+        })
+        .await;
+        assert_eq!(e.counts.get(&TargetState::Pending), Some(&0), "{e:?}");
+        rig.until_state(id, RolloutState::Completed).await;
+        rig.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shared_a_guest_acked_on_another_replica_is_not_pushed_again_when_it_moves_here() {
+    local(async {
+        let mut rig = Rig::shared(ALLOW_ALL).await;
+        let mut events = rig.events.subscribe();
+        rig.start();
+        let id = rig.create_elsewhere(&["mover", "new"]).await;
+        Rig::until_event(&mut events, id, "the rollout followed", |_| true).await;
+        // Acked by the replica it was on; that replica's announcement is not awaited.
+        rig.ack_elsewhere(id, "mover", false).await;
+        let (mover, new) = (
+            RecordingGuest::new(Behaviour::Ack),
+            RecordingGuest::new(Behaviour::Ack),
+        );
+        rig.connect("mover", &[("app", "db")], &mover, None).await;
+        rig.connect("new", &[("app", "db")], &new, None).await;
+        let t = rig
+            .until_targets(id, "the other guest acked", |t| {
+                state_of(t, "new") == Some(TargetState::Acked)
+            })
+            .await;
+        assert!(mover.pushes().is_empty(), "pushed again after moving");
+        assert_eq!((t["mover"].attempts, t["mover"].already_held), (1, false));
+        rig.until_state(id, RolloutState::Completed).await;
+        rig.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shared_a_pause_and_resume_on_another_replica_hold_and_release_pushes_here() {
+    local(async {
+        let mut rig = Rig::shared(ALLOW_ALL).await;
+        let mut events = rig.events.subscribe();
+        rig.start();
+        let id = rig.create_elsewhere(&["late"]).await;
+        Rig::until_event(&mut events, id, "the rollout followed", |_| true).await;
+        rig.store
+            .set_rollout_state(id, RolloutState::Paused, "pause by ops")
+            .await
+            .unwrap();
+        rig.deps.changes.publish(Change::Rollout(id));
+        Rig::until_event(&mut events, id, "the pause followed", |e| {
+            e.state == RolloutState::Paused
+        })
+        .await;
+        let late = RecordingGuest::new(Behaviour::Ack);
+        rig.connect("late", &[("app", "db")], &late, None).await;
+        // A reconcile pass later, still nothing pushed.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(late.pushes().is_empty(), "pushed while paused elsewhere");
+        rig.store
+            .set_rollout_state(id, RolloutState::Running, "resume by ops")
+            .await
+            .unwrap();
+        rig.deps.changes.publish(Change::Rollout(id));
+        rig.until_targets(id, "the late guest acked", |t| {
+            state_of(t, "late") == Some(TargetState::Acked)
+        })
+        .await;
+        rig.until_state(id, RolloutState::Completed).await;
         rig.stop().await;
     })
     .await;
