@@ -449,7 +449,10 @@ impl Config {
         }
         let st = &self.storage;
         if !(1..=1000).contains(&st.max_connections) {
-            return Err(invalid("storage.max_connections", "must be within 1..=1000"));
+            return Err(invalid(
+                "storage.max_connections",
+                "must be within 1..=1000",
+            ));
         }
         if !(100..=600_000).contains(&st.acquire_timeout_ms) {
             return Err(invalid(
@@ -752,8 +755,14 @@ mod tests {
         assert_eq!(d.storage.pool(), kbs_core::storage::PoolSettings::default());
         for (env, key) in [
             ("KBS_STORAGE__MAX_CONNECTIONS", "storage.max_connections"),
-            ("KBS_STORAGE__ACQUIRE_TIMEOUT_MS", "storage.acquire_timeout_ms"),
-            ("KBS_STORAGE__STATEMENT_TIMEOUT_MS", "storage.statement_timeout_ms"),
+            (
+                "KBS_STORAGE__ACQUIRE_TIMEOUT_MS",
+                "storage.acquire_timeout_ms",
+            ),
+            (
+                "KBS_STORAGE__STATEMENT_TIMEOUT_MS",
+                "storage.statement_timeout_ms",
+            ),
         ] {
             let c = load("", &[(env, "0")]).unwrap();
             let err = c.validate().unwrap_err().to_string();

@@ -292,7 +292,8 @@ impl PgCluster {
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
-        let restarted = std::mem::take(&mut *self.restarted.lock().unwrap_or_else(|p| p.into_inner()));
+        let restarted =
+            std::mem::take(&mut *self.restarted.lock().unwrap_or_else(|p| p.into_inner()));
         for mut keeper in restarted {
             drop(keeper.stdin.take());
             let _ = keeper.wait();

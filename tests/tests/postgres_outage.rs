@@ -107,7 +107,9 @@ async fn replicas_that_lose_the_database_keep_serving_refuse_writes_and_catch_up
     // A guest on a tunnel to B.
     let key = TeeKeyPair::new_ec();
     let init = tests::init_data("outage-guest", &[("app", "db")]);
-    let token = tests::attest(&url_b, None, &key, Some(&init)).await.unwrap();
+    let token = tests::attest(&url_b, None, &key, Some(&init))
+        .await
+        .unwrap();
     let _guest = TunnelGuest::dial(
         &GuestTunnelConfig::new(tests::tunnel_url(&url_b)),
         &token,
@@ -148,17 +150,26 @@ async fn replicas_that_lose_the_database_keep_serving_refuse_writes_and_catch_up
     );
     // A version B never read is not made up: 503, which the client may retry.
     let unread = fetch(&url_b, UNREAD).await.unwrap_err();
-    assert!(unread.contains("StorageUnavailable") || unread.contains("503"), "{unread}");
+    assert!(
+        unread.contains("StorageUnavailable") || unread.contains("503"),
+        "{unread}"
+    );
 
     // Writes are refused with 503 StorageUnavailable, never a 500.
     assert_storage_unavailable(
         "a resource put",
-        admin_b.put_resource(CACHED, b"v3".to_vec()).await.unwrap_err(),
+        admin_b
+            .put_resource(CACHED, b"v3".to_vec())
+            .await
+            .unwrap_err(),
     );
     assert_storage_unavailable("a policy", admin_b.set_policy(DENY_ALL).await.unwrap_err());
     assert_storage_unavailable(
         "a plugin state",
-        admin_b.set_plugin_enabled("probes", false).await.unwrap_err(),
+        admin_b
+            .set_plugin_enabled("probes", false)
+            .await
+            .unwrap_err(),
     );
     assert_storage_unavailable(
         "a rollout",
@@ -188,7 +199,10 @@ async fn replicas_that_lose_the_database_keep_serving_refuse_writes_and_catch_up
         2,
         "the refused put left nothing: {versions}"
     );
-    assert_eq!(admin_b.put_resource(CACHED, b"v3".to_vec()).await.unwrap()["version"], 3);
+    assert_eq!(
+        admin_b.put_resource(CACHED, b"v3".to_vec()).await.unwrap()["version"],
+        3
+    );
     eventually_within(WITHIN, "A to serve B's version 3", || async {
         fetch(&url_a, CACHED).await.is_ok_and(|v| v == b"v3")
     })
@@ -196,7 +210,9 @@ async fn replicas_that_lose_the_database_keep_serving_refuse_writes_and_catch_up
     // A policy set through A after the outage is in force on B: B's feed listens again.
     admin_a.set_policy(DENY_ALL).await.unwrap();
     eventually_within(WITHIN, "B to refuse under A's new policy", || async {
-        fetch(&url_b, CACHED).await.is_err_and(|e| !e.contains("StorageUnavailable"))
+        fetch(&url_b, CACHED)
+            .await
+            .is_err_and(|e| !e.contains("StorageUnavailable"))
     })
     .await;
     drop((a, b));
@@ -242,12 +258,17 @@ async fn a_kbs_started_without_its_database_waits_for_it_answering_healthz() {
         std::fs::read_to_string(&log).is_ok_and(|l| l.contains("waiting for the database"))
     })
     .await;
-    assert!(kbs.try_wait().unwrap().is_none(), "it waits, it does not exit");
+    assert!(
+        kbs.try_wait().unwrap().is_none(),
+        "it waits, it does not exit"
+    );
 
     blocking(&cluster, PgCluster::start_again).await;
-    eventually_within(Duration::from_secs(60), "ready once the database is up", || async {
-        readyz(&url).await.is_some_and(|(s, _)| s == 200)
-    })
+    eventually_within(
+        Duration::from_secs(60),
+        "ready once the database is up",
+        || async { readyz(&url).await.is_some_and(|(s, _)| s == 200) },
+    )
     .await;
     let admin = admin(&url, &data_dir);
     admin.set_policy(tests::ALLOW_SAMPLE).await.unwrap();
@@ -300,7 +321,8 @@ fn kbs_command(data_dir: &Path, config: &Path, port: u16, log: &Path) -> Command
 async fn a_real_deadlock_is_a_conflict_and_a_constraint_is_not() {
     use kbs_core::storage::StoreError;
     use sqlx::Connection;
-    let Some(db) = tests::pg_database("a_real_deadlock_is_a_conflict_and_a_constraint_is_not").await
+    let Some(db) =
+        tests::pg_database("a_real_deadlock_is_a_conflict_and_a_constraint_is_not").await
     else {
         return;
     };

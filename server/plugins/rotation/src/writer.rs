@@ -192,7 +192,11 @@ async fn write(store: &Arc<dyn RolloutStore>, rows: &[TargetRecord]) -> Result<(
         let e = match store.write_targets(rows).await {
             Ok(()) => {
                 if let Some(since) = outage_since {
-                    tracing::info!(rows = rows.len(), waited_ms = since.elapsed().as_millis() as u64, "rollout targets kept during the storage outage are written");
+                    tracing::info!(
+                        rows = rows.len(),
+                        waited_ms = since.elapsed().as_millis() as u64,
+                        "rollout targets kept during the storage outage are written"
+                    );
                 }
                 return Ok(());
             }
@@ -413,7 +417,10 @@ mod tests {
             assert!(Instant::now() < deadline, "the writer stopped trying");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(!acking.is_finished(), "the ack's caller was answered while nothing was stored");
+        assert!(
+            !acking.is_finished(),
+            "the ack's caller was answered while nothing was stored"
+        );
         assert_eq!(state_of(&store, id, "g1").await, TargetState::Pending);
 
         flaky.down.store(false, Ordering::Relaxed);
@@ -424,6 +431,13 @@ mod tests {
             .unwrap();
         assert_eq!(state_of(&store, id, "g1").await, TargetState::Acked);
         // The row nobody waited for was kept too.
-        stored_within(&store, id, "g2", TargetState::Delivering, Duration::from_secs(10)).await;
+        stored_within(
+            &store,
+            id,
+            "g2",
+            TargetState::Delivering,
+            Duration::from_secs(10),
+        )
+        .await;
     }
 }

@@ -188,24 +188,24 @@ impl FleetStore for PostgresStore {
         let records = fold_by_key(records, |r| r.0.clone());
         let records = &records;
         super::outage::retry_conflicts("upsert_fleet", StoreError::is_conflict, || async move {
-                let mut tx = self.pool().begin().await?;
-                for chunk in records.chunks(CHUNK) {
-                    let mut q = QueryBuilder::<sqlx::Postgres>::new(
-                        "INSERT INTO fleet_guests (guest_id, record, updated_at) ",
-                    );
-                    q.push_values(chunk, |mut row, (id, record)| {
-                        row.push_bind(id.clone())
-                            .push_bind(record.clone())
-                            .push_bind(now);
-                    });
-                    q.push(
-                        " ON CONFLICT (guest_id) DO UPDATE SET record = excluded.record, \
+            let mut tx = self.pool().begin().await?;
+            for chunk in records.chunks(CHUNK) {
+                let mut q = QueryBuilder::<sqlx::Postgres>::new(
+                    "INSERT INTO fleet_guests (guest_id, record, updated_at) ",
+                );
+                q.push_values(chunk, |mut row, (id, record)| {
+                    row.push_bind(id.clone())
+                        .push_bind(record.clone())
+                        .push_bind(now);
+                });
+                q.push(
+                    " ON CONFLICT (guest_id) DO UPDATE SET record = excluded.record, \
                          updated_at = excluded.updated_at",
-                    );
-                    q.build().execute(&mut *tx).await?;
-                }
-                tx.commit().await?;
-                Ok(())
+                );
+                q.build().execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(())
         })
         .await
     }

@@ -152,7 +152,11 @@ impl PostgresStore {
         let data = self
             .kek
             .open(&resource_context(path), &copy.nonce, &copy.ciphertext)?;
-        tracing::debug!(path = key, version = copy.version, "storage out of reach: serving the latest version this replica last read");
+        tracing::debug!(
+            path = key,
+            version = copy.version,
+            "storage out of reach: serving the latest version this replica last read"
+        );
         Ok(Some(ResourceVersion {
             version: copy.version,
             data,

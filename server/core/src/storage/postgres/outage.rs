@@ -145,7 +145,11 @@ mod tests {
             },
         )
         .await;
-        assert_eq!(r.unwrap(), 2, "the third run succeeded and its result came back");
+        assert_eq!(
+            r.unwrap(),
+            2,
+            "the third run succeeded and its result came back"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -170,7 +174,10 @@ mod tests {
         r.note::<()>(&Err(StoreError::Database(sqlx::Error::PoolTimedOut)));
         assert!(r.is_down());
         r.note::<()>(&Err(StoreError::NotFound("x".into())));
-        assert!(r.is_down(), "an answer that is an error still is not reachability");
+        assert!(
+            r.is_down(),
+            "an answer that is an error still is not reachability"
+        );
         r.note(&Ok(()));
         assert!(!r.is_down());
         r.fallback.fill(

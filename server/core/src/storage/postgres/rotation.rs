@@ -185,17 +185,17 @@ impl RolloutStore for PostgresStore {
         let targets = fold_by_key(targets, |t| (t.rollout_id, t.guest_id.clone()));
         let targets = &targets;
         super::outage::retry_conflicts("write_targets", StoreError::is_conflict, || async move {
-                let mut tx = self.pool().begin().await?;
-                for chunk in targets.chunks(TARGET_CHUNK) {
-                    let mut b = QueryBuilder::<Postgres>::new(format!(
-                        "INSERT INTO rollout_targets ({TARGET_COLUMNS}) "
-                    ));
-                    push_targets(&mut b, chunk);
-                    b.push(TARGET_UPSERT);
-                    b.build().execute(&mut *tx).await?;
-                }
-                tx.commit().await?;
-                Ok(())
+            let mut tx = self.pool().begin().await?;
+            for chunk in targets.chunks(TARGET_CHUNK) {
+                let mut b = QueryBuilder::<Postgres>::new(format!(
+                    "INSERT INTO rollout_targets ({TARGET_COLUMNS}) "
+                ));
+                push_targets(&mut b, chunk);
+                b.push(TARGET_UPSERT);
+                b.build().execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(())
         })
         .await
     }
@@ -210,7 +210,10 @@ impl RolloutStore for PostgresStore {
         let now = i(now_ms());
         let guests = fold_by_key(guests, |g| g.0.clone());
         let guests = &guests;
-        super::outage::retry_conflicts("note_rotation_guests", StoreError::is_conflict, || async move {
+        super::outage::retry_conflicts(
+            "note_rotation_guests",
+            StoreError::is_conflict,
+            || async move {
                 let mut tx = self.pool().begin().await?;
                 for chunk in guests.chunks(TARGET_CHUNK) {
                     let mut b = QueryBuilder::<Postgres>::new(
@@ -218,7 +221,9 @@ impl RolloutStore for PostgresStore {
                     );
                     b.push_values(chunk, |mut b, (id, labels)| {
                         b.push_bind(id.clone())
-                            .push_bind(serde_json::to_string(labels).unwrap_or_else(|_| "{}".into()))
+                            .push_bind(
+                                serde_json::to_string(labels).unwrap_or_else(|_| "{}".into()),
+                            )
                             .push_bind(now);
                     });
                     b.push(
@@ -229,7 +234,8 @@ impl RolloutStore for PostgresStore {
                 }
                 tx.commit().await?;
                 Ok(())
-        })
+            },
+        )
         .await
     }
 
