@@ -200,7 +200,7 @@ impl FleetStore for PostgresStore {
                 });
                 q.push(
                     " ON CONFLICT (guest_id) DO UPDATE SET record = excluded.record, \
-                         updated_at = excluded.updated_at",
+                     updated_at = excluded.updated_at",
                 );
                 q.build().execute(&mut *tx).await?;
             }
@@ -243,33 +243,33 @@ impl FleetStore for PostgresStore {
         ids.dedup();
         let (ids, in_force, waiting) = (&ids, &in_force, &waiting);
         super::outage::retry_conflicts("forget_fleet", StoreError::is_conflict, || async move {
-                let mut forgotten = Vec::new();
-                let mut tx = self.pool().begin().await?;
-                for chunk in ids.chunks(CHUNK) {
-                    // A target still pending in a rollout in force keeps its guest (as in SQLite).
-                    let rows = sqlx::query(
-                        "WITH gone AS (
-                             DELETE FROM fleet_guests WHERE updated_at < $1 AND guest_id = ANY($2)
-                               AND NOT EXISTS (SELECT 1 FROM rollout_targets t JOIN rollouts r
-                                   ON r.id = t.rollout_id WHERE t.guest_id = fleet_guests.guest_id
-                                   AND r.state = ANY($3) AND t.state = ANY($4))
-                             RETURNING guest_id),
-                         sighting AS (
-                             DELETE FROM rotation_guests WHERE guest_id IN (SELECT guest_id FROM gone))
-                         SELECT guest_id FROM gone",
-                    )
-                    .bind(before)
-                    .bind(chunk)
-                    .bind(&in_force)
-                    .bind(&waiting)
-                    .fetch_all(&mut *tx)
-                    .await?;
-                    for r in rows {
-                        forgotten.push(r.try_get(0)?);
-                    }
+            let mut forgotten = Vec::new();
+            let mut tx = self.pool().begin().await?;
+            for chunk in ids.chunks(CHUNK) {
+                // A target still pending in a rollout in force keeps its guest (as in SQLite).
+                let rows = sqlx::query(
+                    "WITH gone AS (
+                         DELETE FROM fleet_guests WHERE updated_at < $1 AND guest_id = ANY($2)
+                           AND NOT EXISTS (SELECT 1 FROM rollout_targets t JOIN rollouts r
+                               ON r.id = t.rollout_id WHERE t.guest_id = fleet_guests.guest_id
+                               AND r.state = ANY($3) AND t.state = ANY($4))
+                         RETURNING guest_id),
+                     sighting AS (
+                         DELETE FROM rotation_guests WHERE guest_id IN (SELECT guest_id FROM gone))
+                     SELECT guest_id FROM gone",
+                )
+                .bind(before)
+                .bind(chunk)
+                .bind(&in_force)
+                .bind(&waiting)
+                .fetch_all(&mut *tx)
+                .await?;
+                for r in rows {
+                    forgotten.push(r.try_get(0)?);
                 }
-                tx.commit().await?;
-                Ok(forgotten)
+            }
+            tx.commit().await?;
+            Ok(forgotten)
         })
         .await
     }
