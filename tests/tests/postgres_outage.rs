@@ -349,7 +349,9 @@ async fn a_real_deadlock_is_a_conflict_and_a_constraint_is_not() {
     };
     assert!(lost.is_conflict(), "{lost}");
     assert!(!lost.is_unavailable(), "{lost}");
-    drop((tx1, tx2));
+    // Ended now, not at the connections' next use: tx2 still holds both rows.
+    let _ = tx1.rollback().await;
+    let _ = tx2.rollback().await;
     let dup = sqlx::query("INSERT INTO t VALUES (1, 0)")
         .execute(&mut setup)
         .await
