@@ -190,13 +190,7 @@ impl Kbs {
             &config.storage.kek_path(),
         )?);
         let database_url = config.storage.database_url();
-        let store: Arc<dyn Store> = {
-            // Replicas sharing this data directory may start at the same moment: one at a
-            // time creates the keys and (SQLite) creates and migrates the database, or the
-            // others fail on tables it is creating (docs/operations.md, "Several replicas").
-            let _turn = startup_lock(&data_dir).await?;
-            kbs_core::storage::open(&database_url, kek.clone()).await?
-        };
+        let store = open_store(&config, &database_url, &kek).await?;
         // An SQLite database is this process's own: what it keeps in memory (the latest
         // resource versions, the policies) is right only while nobody else writes. Several
         // replicas share PostgreSQL instead (docs/operations.md, "Several replicas").
@@ -263,7 +257,8 @@ impl Kbs {
         let hub = tunnel::Hub::new();
         let directory = Arc::new(GuestDirectory::new());
         let shutdown = CancellationToken::new();
-        let audit = Audit::new(store.clone(), events.clone(), metrics.admin_actions.clone());
+        let audit = Audit::new(store.clone(), events.clone(), metrics.admin_actions.clone())
+            .counting_lost(metrics.observability.audit_lost.clone());
         let policy = PolicyGate::new(policy_engine, metrics.policy_decisions.clone());
         let admin = Arc::new(AdminGate::new(admin_auth, metrics.admin_actions.clone()));
         let prober = Prober {
@@ -405,6 +400,41 @@ impl Kbs {
         })
     }
 
+    /// Answers on `listener` while [`build`](Self::build) waits for a PostgreSQL database
+    /// it cannot reach yet (`http::health::starting_router`: `/healthz` 200, `/readyz` 503),
+    /// with the configured TLS, until `stop` is cancelled.
+    pub async fn serve_while_starting(
+        config: &Config,
+        listener: TcpListener,
+        stop: CancellationToken,
+    ) -> Result<(), StartError> {
+        let data_dir = &config.storage.data_dir;
+        let tls = match &config.http.tls {
+            Some(t) => {
+                kbs_core::fsutil::create_private_dir(data_dir).map_err(|e| {
+                    StartError::Other(format!("storage.data_dir {}: {e}", data_dir.display()))
+                })?;
+                let _turn = startup_lock(data_dir).await?;
+                Some(crate::tls::server_config(t, data_dir).map_err(other("http.tls"))?)
+            }
+            None => None,
+        };
+        let engine = match kbs_core::storage::Engine::of(&config.storage.database_url())? {
+            kbs_core::storage::Engine::Postgres => "postgres",
+            kbs_core::storage::Engine::Sqlite => "sqlite",
+        };
+        crate::serve::serve(
+            listener,
+            http::health::starting_router(engine),
+            tls,
+            stop,
+            &config.http,
+            Default::default(),
+        )
+        .await
+        .map_err(|e| StartError::Other(format!("serving while starting: {e}")))
+    }
+
     /// The full router.
     pub fn router(&self) -> Router {
         router(&self.app, self.config.http.max_body_bytes)
@@ -536,6 +566,51 @@ async fn startup_lock(data_dir: &Path) -> Result<kbs_core::fsutil::FileLock, Sta
     })
     .await
     .map_err(|e| StartError::Other(format!("start-up lock: {e}")))?
+}
+
+/// Opens the store. A PostgreSQL database out of reach is waited for, with backoff, up to
+/// `[storage] connect_wait_secs` (a database and its replicas started together, or the
+/// database restarting); then the error names the key. SQLite is opened once.
+async fn open_store(
+    config: &Config,
+    url: &str,
+    kek: &Arc<KeyEncryptionKey>,
+) -> Result<Arc<dyn Store>, StartError> {
+    let postgres = kbs_core::storage::Engine::of(url)? == kbs_core::storage::Engine::Postgres;
+    let wait = std::time::Duration::from_secs(config.storage.connect_wait_secs);
+    let pool = config.storage.pool();
+    let started = std::time::Instant::now();
+    let mut backoff = std::time::Duration::from_millis(250);
+    loop {
+        let opened = {
+            // Replicas sharing this data directory may start at the same moment: one at a
+            // time creates the keys and (SQLite) creates and migrates the database, or the
+            // others fail on tables it is creating (docs/operations.md, "Several replicas").
+            let _turn = startup_lock(&config.storage.data_dir).await?;
+            kbs_core::storage::open_with(url, kek.clone(), &pool).await
+        };
+        let e = match opened {
+            Ok(store) => return Ok(store),
+            Err(e) if postgres && e.is_unavailable() => e,
+            Err(e) => return Err(e.into()),
+        };
+        if started.elapsed() + backoff >= wait {
+            return Err(StartError::Other(format!(
+                "storage: the database at {} could not be reached within storage.connect_wait_secs = {} ({e})",
+                kbs_core::storage::redact_url(url),
+                config.storage.connect_wait_secs
+            )));
+        }
+        tracing::warn!(
+            database = %kbs_core::storage::redact_url(url),
+            error = %e,
+            waited_secs = started.elapsed().as_secs(),
+            gives_up_after_secs = config.storage.connect_wait_secs,
+            "storage: waiting for the database"
+        );
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+    }
 }
 
 /// How long a KBS waits for the SQLite database's owner lock: long enough for an

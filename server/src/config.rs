@@ -150,14 +150,28 @@ pub struct StorageConfig {
     pub database_url: Option<String>,
     /// File holding the 32-byte key-encryption key (hex); generated when missing.
     pub kek_file: Option<PathBuf>,
+    /// PostgreSQL: how long `kbs` waits at start for a database it cannot reach (with
+    /// backoff; `/healthz` answers, `/readyz` is 503) before it exits; 0 tries once.
+    pub connect_wait_secs: u64,
+    /// PostgreSQL: connections this replica holds at most.
+    pub max_connections: u32,
+    /// PostgreSQL: how long a request waits for a connection before a 503.
+    pub acquire_timeout_ms: u64,
+    /// PostgreSQL: server-side bound on one statement.
+    pub statement_timeout_ms: u64,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
+        let pool = kbs_core::storage::PoolSettings::default();
         Self {
             data_dir: PathBuf::from("./data"),
             database_url: None,
             kek_file: None,
+            connect_wait_secs: 60,
+            max_connections: pool.max_connections,
+            acquire_timeout_ms: pool.acquire_timeout.as_millis() as u64,
+            statement_timeout_ms: pool.statement_timeout.as_millis() as u64,
         }
     }
 }
@@ -168,6 +182,15 @@ impl StorageConfig {
         self.database_url
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("tether.db").display()))
+    }
+
+    /// The PostgreSQL pool's settings.
+    pub fn pool(&self) -> kbs_core::storage::PoolSettings {
+        kbs_core::storage::PoolSettings {
+            max_connections: self.max_connections,
+            acquire_timeout: Duration::from_millis(self.acquire_timeout_ms),
+            statement_timeout: Duration::from_millis(self.statement_timeout_ms),
+        }
     }
 
     /// Path of the key-encryption key file.
@@ -423,6 +446,31 @@ impl Config {
         if let Some(url) = &self.storage.database_url {
             kbs_core::storage::Engine::of(url)
                 .map_err(|e| invalid("storage.database_url", e.to_string()))?;
+        }
+        let st = &self.storage;
+        if !(1..=1000).contains(&st.max_connections) {
+            return Err(invalid(
+                "storage.max_connections",
+                "must be within 1..=1000",
+            ));
+        }
+        if !(100..=600_000).contains(&st.acquire_timeout_ms) {
+            return Err(invalid(
+                "storage.acquire_timeout_ms",
+                "must be within 100..=600000 (100 ms to 10 minutes)",
+            ));
+        }
+        if !(100..=86_400_000).contains(&st.statement_timeout_ms) {
+            return Err(invalid(
+                "storage.statement_timeout_ms",
+                "must be within 100..=86400000 (100 ms to a day)",
+            ));
+        }
+        if st.connect_wait_secs > 86_400 {
+            return Err(invalid(
+                "storage.connect_wait_secs",
+                "must be at most 86400 (a day)",
+            ));
         }
         if self.http.max_body_bytes < 1024 {
             return Err(invalid("http.max_body_bytes", "must be at least 1024"));
@@ -683,6 +731,46 @@ mod tests {
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("storage.database_url"), "{err}");
         assert!(!err.contains("s3cret"), "{err}");
+    }
+
+    #[test]
+    fn pool_settings_come_from_the_environment_and_are_checked() {
+        let c = load(
+            "[storage]\nmax_connections = 4\n",
+            &[
+                ("KBS_STORAGE__ACQUIRE_TIMEOUT_MS", "750"),
+                ("KBS_STORAGE__STATEMENT_TIMEOUT_MS", "5000"),
+                ("KBS_STORAGE__CONNECT_WAIT_SECS", "0"),
+            ],
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let pool = c.storage.pool();
+        assert_eq!(pool.max_connections, 4);
+        assert_eq!(pool.acquire_timeout, Duration::from_millis(750));
+        assert_eq!(pool.statement_timeout, Duration::from_secs(5));
+        assert_eq!(c.storage.connect_wait_secs, 0);
+        let d = Config::load(None, Vec::new()).unwrap();
+        assert_eq!(d.storage.connect_wait_secs, 60, "the documented default");
+        assert_eq!(d.storage.pool(), kbs_core::storage::PoolSettings::default());
+        for (env, key) in [
+            ("KBS_STORAGE__MAX_CONNECTIONS", "storage.max_connections"),
+            (
+                "KBS_STORAGE__ACQUIRE_TIMEOUT_MS",
+                "storage.acquire_timeout_ms",
+            ),
+            (
+                "KBS_STORAGE__STATEMENT_TIMEOUT_MS",
+                "storage.statement_timeout_ms",
+            ),
+        ] {
+            let c = load("", &[(env, "0")]).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{err}");
+        }
+        let c = load("", &[("KBS_STORAGE__CONNECT_WAIT_SECS", "100000")]).unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("storage.connect_wait_secs"), "{err}");
     }
 
     #[test]

@@ -49,7 +49,7 @@ pub use kbs::{
 };
 pub use kbs_child::KbsChild;
 pub use metrics::metric_value;
-pub use postgres::{PgCluster, PgDatabase, PgKbsSetup, pg_database, pg_kbs_setup};
+pub use postgres::{PgCluster, PgDatabase, PgKbsSetup, pg_database, pg_kbs_setup, pg_own_cluster};
 pub use process::{
     Spawned, built_binary, credpush_binary, kbs_binary, spawn_credpush, spawn_kbs, spawn_kbs_on,
     spawn_kbs_with, spawn_upstream_plugin, upstream_plugin_binary,

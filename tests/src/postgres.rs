@@ -2,7 +2,10 @@
 //! (a copy of one `initdb` run, cached in the temporary directory),
 //! `postgres` on a free loopback port (its unix socket in that directory too), one fresh
 //! database per test. One cluster per test process, started at the first use
-//! ([`pg_database`]); it stops and its directory is removed when the process ends.
+//! ([`pg_database`]); it stops and its directory is removed when the process ends. A test
+//! that stops the database under a running KBS takes a cluster of its own
+//! ([`pg_own_cluster`]) and [`PgCluster::stop`]s and [`PgCluster::start_again`]s it: same
+//! port, same data directory, so the KBS finds it where it was.
 //!
 //! PostgreSQL refuses to run as root: as root (this machine, CI) `initdb` and `postgres` run
 //! as the `postgres` system user through `setpriv`, on a directory that user owns; otherwise
@@ -32,6 +35,13 @@ pub struct PgCluster {
     /// The supervising shell: it stops `postgres` and removes `dir` once its stdin closes,
     /// which the end of this process does even when no destructor runs (a static).
     keeper: Mutex<Option<Child>>,
+    /// Shells supervising `postgres` started again after a [`stop`](Self::stop) (they
+    /// stop it the same way, and leave `dir` to the first keeper).
+    restarted: Mutex<Vec<Child>>,
+    /// PostgreSQL's binaries.
+    bin: PathBuf,
+    /// The `postgres` command line (program, then arguments), to start it again.
+    postgres: Vec<std::ffi::OsString>,
 }
 
 /// A fresh database in the shared cluster.
@@ -72,6 +82,32 @@ pub async fn pg_database(test: &str) -> Option<PgDatabase> {
         name,
         port: cluster.port,
     })
+}
+
+/// A cluster of `test`'s own (one it may stop and start) and a fresh database in it, or
+/// `None` after reporting the skip when PostgreSQL cannot run here.
+pub async fn pg_own_cluster(test: &str) -> Option<(PgCluster, PgDatabase)> {
+    let cluster = match tokio::task::spawn_blocking(PgCluster::start)
+        .await
+        .expect("starting the cluster")
+    {
+        Ok(c) => c,
+        Err(why) => {
+            crate::skip(test, &format!("{why:#}"));
+            return None;
+        }
+    };
+    let name = "tether".to_string();
+    cluster
+        .create_database(&name)
+        .await
+        .expect("CREATE DATABASE");
+    let db = PgDatabase {
+        url: cluster.url(&name),
+        name,
+        port: cluster.port,
+    };
+    Some((cluster, db))
 }
 
 impl PgCluster {
@@ -155,9 +191,58 @@ impl PgCluster {
             port,
             dir,
             keeper: Mutex::new(Some(keeper)),
+            restarted: Mutex::new(Vec::new()),
+            postgres: std::iter::once(postgres.get_program().to_os_string())
+                .chain(postgres.get_args().map(|a| a.to_os_string()))
+                .collect(),
+            bin,
         };
-        cluster.wait_ready(&bin)?;
+        cluster.wait_ready(&cluster.bin)?;
         Ok(cluster)
+    }
+
+    /// Stops the server (a fast shutdown: sessions are ended, new connections refused) and
+    /// returns once it is gone; the data directory stays.
+    pub fn stop(&self) -> anyhow::Result<()> {
+        let pid_file = self.dir.join("data").join("postmaster.pid");
+        let pid = std::fs::read_to_string(&pid_file)
+            .with_context(|| format!("reading {}", pid_file.display()))?;
+        let pid = pid.lines().next().unwrap_or_default().trim().to_string();
+        let killed = Command::new("kill").args(["-INT", &pid]).status()?;
+        if !killed.success() {
+            bail!("kill -INT {pid} failed ({killed})");
+        }
+        let started = Instant::now();
+        while pid_file.exists() {
+            if started.elapsed() > READY_WITHIN {
+                bail!("postgres did not stop within {READY_WITHIN:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Starts the server again after [`stop`](Self::stop): same port, same data.
+    pub fn start_again(&self) -> anyhow::Result<()> {
+        let mut keeper = Command::new("sh");
+        keeper
+            .arg("-c")
+            .arg("\"$@\" & pid=$!; read -r _; kill -QUIT \"$pid\" 2>/dev/null; wait \"$pid\"")
+            .arg("sh")
+            .args(&self.postgres)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(self.dir.join("postgres.log"))?,
+            );
+        let keeper = keeper.spawn().context("starting postgres again")?;
+        self.restarted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(keeper);
+        self.wait_ready(&self.bin)
     }
 
     /// `postgres://tether@127.0.0.1:<port>/<database>`.
@@ -207,6 +292,12 @@ impl PgCluster {
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
+        let restarted =
+            std::mem::take(&mut *self.restarted.lock().unwrap_or_else(|p| p.into_inner()));
+        for mut keeper in restarted {
+            drop(keeper.stdin.take());
+            let _ = keeper.wait();
+        }
         let keeper = self.keeper.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(mut keeper) = keeper {
             drop(keeper.stdin.take());

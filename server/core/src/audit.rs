@@ -1,6 +1,9 @@
 //! [`Audit`]: every admin action is counted, logged, appended to the event log and written
-//! to the durable audit log. A failed audit write is logged loudly (the action itself has
-//! already happened and is not undone).
+//! to the durable audit log. A failed audit write is logged loudly and counted in
+//! `kbs_audit_writes_lost_total` (the action itself has already happened and is not undone);
+//! while the database is out of reach the entry is dropped at once rather than holding the
+//! request for the pool's timeout (the log line remains; the event log's copy is queued like
+//! every event, and dropped and counted if storage stays away).
 
 use std::sync::Arc;
 
@@ -39,6 +42,7 @@ pub struct Audit {
     store: Arc<dyn AuditStore>,
     events: EventSink,
     actions: Family<Labels, Counter>,
+    lost: Counter,
 }
 
 impl std::fmt::Debug for Audit {
@@ -59,7 +63,14 @@ impl Audit {
             store,
             events,
             actions,
+            lost: Counter::default(),
         }
+    }
+
+    /// Counts audit entries that could not be written into `lost`.
+    pub fn counting_lost(mut self, lost: Counter) -> Self {
+        self.lost = lost;
+        self
     }
 
     /// Record one action.
@@ -95,7 +106,12 @@ impl Audit {
             detail,
         };
         if let Err(e) = self.store.audit(entry).await {
-            tracing::error!(error = %e, action, target, "AUDIT WRITE FAILED");
+            self.lost.inc();
+            if e.is_unavailable() {
+                tracing::warn!(error = %e, action, target, actor = %actor.name, outcome, "audit entry lost: storage out of reach (counted in kbs_audit_writes_lost_total)");
+            } else {
+                tracing::error!(error = %e, action, target, "AUDIT WRITE FAILED");
+            }
         }
     }
 }

@@ -180,6 +180,8 @@ pub struct ObservabilityMetrics {
     pub events_written: Family<Labels, Counter>,
     /// Events dropped because the writer fell behind (or storage failed).
     pub events_dropped: Counter,
+    /// Audit entries that could not be written (storage failed or out of reach).
+    pub audit_lost: Counter,
     /// Guests the fleet view knows (connected or not).
     pub fleet_guests: Gauge,
     /// Guests forgotten after `fleet.forget_after` without a tunnel.
@@ -198,6 +200,7 @@ impl ObservabilityMetrics {
         let m = Self {
             events_written: Family::default(),
             events_dropped: Counter::default(),
+            audit_lost: Counter::default(),
             fleet_guests: Gauge::default(),
             fleet_forgotten: Counter::default(),
             probes: Family::default(),
@@ -213,6 +216,11 @@ impl ObservabilityMetrics {
             "events_dropped",
             "Events dropped because the event writer fell behind or storage failed",
             m.events_dropped.clone(),
+        );
+        registry.register(
+            "audit_writes_lost",
+            "Audit entries that could not be written to the audit log (storage failed or out of reach); each is in the log and the event log",
+            m.audit_lost.clone(),
         );
         registry.register(
             "fleet_guests_known",

@@ -77,10 +77,32 @@ async fn main() -> anyhow::Result<()> {
 
     let listen = config.http.listen;
     let data_dir = config.storage.data_dir.clone();
-    let kbs = Kbs::build(config).await?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
+    // Bound before the build: while a PostgreSQL database is out of reach at start, the
+    // build waits for it and this address answers `/healthz` (alive) and `/readyz` (503).
+    let listener = std::net::TcpListener::bind(listen)
         .with_context(|| format!("cannot listen on {listen}"))?;
+    listener.set_nonblocking(true)?;
+    let waiting = tokio_util::sync::CancellationToken::new();
+    let postgres = kbs_core::storage::Engine::of(&config.storage.database_url())
+        .is_ok_and(|e| e == kbs_core::storage::Engine::Postgres);
+    let starting = if postgres {
+        let early = tokio::net::TcpListener::from_std(listener.try_clone()?)?;
+        let (config, waiting) = (config.clone(), waiting.clone());
+        Some(tokio::spawn(async move {
+            if let Err(e) = Kbs::serve_while_starting(&config, early, waiting).await {
+                tracing::warn!(error = %e, "nothing answers while the KBS starts");
+            }
+        }))
+    } else {
+        None
+    };
+    let kbs = Kbs::build(config).await;
+    waiting.cancel();
+    if let Some(starting) = starting {
+        let _ = starting.await;
+    }
+    let kbs = kbs?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
     let addr = listener.local_addr()?;
     let scheme = if kbs.is_tls() { "https" } else { "http" };
     tracing::info!(%addr, tls = kbs.is_tls(), data_dir = %data_dir.display(), "Tether KBS listening");

@@ -57,3 +57,29 @@ pub async fn readyz(State(state): State<Readiness>) -> (StatusCode, Json<Value>)
         }
     }
 }
+
+/// What answers while `kbs` waits at start for a database it cannot reach yet
+/// (`[storage] connect_wait_secs`): the process is alive (`/healthz` 200), not ready
+/// (`/readyz` 503 `waiting for storage`), and every other request is refused with 503
+/// `StorageUnavailable`, which a client retries.
+pub fn starting_router(store: &'static str) -> axum::Router {
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/healthz", get(healthz))
+        .route(
+            "/readyz",
+            get(move || async move {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(json!({"status": "waiting for storage", "store": store})),
+                )
+            }),
+        )
+        .fallback(|| async {
+            kbs_web::error::ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "StorageUnavailable",
+                "the KBS is starting and waits for its database; retry later",
+            )
+        })
+}

@@ -96,6 +96,14 @@ impl LatestCache {
         }
     }
 
+    /// Drops every entry (and fails every fill begun before).
+    pub fn clear(&self) {
+        let mut inner = self.lock();
+        inner.generation += 1;
+        inner.entries.clear();
+        inner.bytes = 0;
+    }
+
     /// Number of cached paths.
     pub fn len(&self) -> usize {
         self.lock().entries.len()

@@ -30,7 +30,7 @@ pub use events::{EventQuery, EventRecord, EventStore, NewEvent};
 pub use fleet::FleetStore;
 pub use kek::KeyEncryptionKey;
 pub use plugins::{PluginStateRow, PluginStateStore};
-pub use postgres::PostgresStore;
+pub use postgres::{PoolSettings, PostgresStore};
 pub use reference_values::{ReferenceValue, ReferenceValueStore};
 pub use rotation::{
     CreatedRollout, NewRollout, RolloutQuery, RolloutRecord, RolloutState, RolloutStore,
@@ -284,9 +284,18 @@ impl Engine {
 
 /// Opens the store `url` names (running its migrations); the KEK seals secrets at rest.
 pub async fn open(url: &str, kek: Arc<KeyEncryptionKey>) -> Result<Arc<dyn Store>, StoreError> {
+    open_with(url, kek, &PoolSettings::default()).await
+}
+
+/// [`open`] with the PostgreSQL pool's `settings` (SQLite has no pool to set).
+pub async fn open_with(
+    url: &str,
+    kek: Arc<KeyEncryptionKey>,
+    settings: &PoolSettings,
+) -> Result<Arc<dyn Store>, StoreError> {
     Ok(match Engine::of(url)? {
         Engine::Sqlite => Arc::new(SqliteStore::open(url, kek).await?),
-        Engine::Postgres => Arc::new(PostgresStore::open(url, kek).await?),
+        Engine::Postgres => Arc::new(PostgresStore::open_with(url, kek, settings).await?),
     })
 }
 

@@ -4,6 +4,13 @@
 //! for (intermediate states) wait up to [`BEHIND_DELAY`] and are dropped when a newer row of
 //! the same target comes first; what a restart reads back is the same either way (a
 //! `delivering` row is resumed as `pending`).
+//!
+//! While the database is out of reach, nothing is dropped: the batch in hand is kept and
+//! written again with backoff until the database answers, its waiters still waiting (an ack
+//! is answered only once stored). Meanwhile nothing more is taken from the queue, so memory
+//! stays bounded ([`QUEUE`] rows queued, one batch in hand) and, once the queue is full,
+//! whoever queues a row waits too. Any other failure is retried once, then answered as an
+//! error.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -172,24 +179,54 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
+/// First wait before writing a batch again while the database is out of reach; doubled up
+/// to [`OUTAGE_MAX_BACKOFF`].
+const OUTAGE_FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const OUTAGE_MAX_BACKOFF: Duration = Duration::from_secs(2);
+
 async fn write(store: &Arc<dyn RolloutStore>, rows: &[TargetRecord]) -> Result<(), String> {
-    let mut result = store.write_targets(rows).await;
-    if let Err(e) = &result {
-        tracing::warn!(error = %e, rows = rows.len(), "writing rollout targets failed; retrying once");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        result = store.write_targets(rows).await;
-    }
-    result.map_err(|e| {
+    let mut backoff = OUTAGE_FIRST_BACKOFF;
+    let mut outage_since: Option<Instant> = None;
+    let mut retried = false;
+    loop {
+        let e = match store.write_targets(rows).await {
+            Ok(()) => {
+                if let Some(since) = outage_since {
+                    tracing::info!(
+                        rows = rows.len(),
+                        waited_ms = since.elapsed().as_millis() as u64,
+                        "rollout targets kept during the storage outage are written"
+                    );
+                }
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        if e.is_unavailable() {
+            if outage_since.is_none() {
+                outage_since = Some(Instant::now());
+                tracing::warn!(error = %e, rows = rows.len(), "storage out of reach: keeping rollout target rows until it is back (acks wait)");
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(OUTAGE_MAX_BACKOFF);
+            continue;
+        }
+        if !retried {
+            tracing::warn!(error = %e, rows = rows.len(), "writing rollout targets failed; retrying once");
+            retried = true;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
         tracing::error!(error = %e, rows = rows.len(), "ROLLOUT TARGET WRITE FAILED");
-        e.to_string()
-    })
+        return Err(e.to_string());
+    }
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use kbs_core::storage::{KeyEncryptionKey, NewRollout, SqliteStore, TargetState};
+    use kbs_core::storage::{KeyEncryptionKey, NewRollout, SqliteStore, StoreError, TargetState};
 
     async fn setup() -> (Arc<SqliteStore>, i64) {
         let kek = Arc::new(KeyEncryptionKey::from_bytes(&[1u8; 32]));
@@ -279,6 +316,127 @@ mod tests {
             "g1",
             TargetState::Failed,
             Duration::from_secs(5),
+        )
+        .await;
+    }
+
+    /// The SQLite store behind a switch that makes `write_targets` fail as a database out
+    /// of reach does (the error PostgreSQL's pool answers then), the rest passing through.
+    struct Unreachable {
+        store: Arc<SqliteStore>,
+        down: std::sync::atomic::AtomicBool,
+        attempts: std::sync::atomic::AtomicU32,
+    }
+
+    #[async_trait::async_trait]
+    impl RolloutStore for Unreachable {
+        async fn create_rollout(
+            &self,
+            new: &NewRollout,
+            targets: &[String],
+        ) -> Result<kbs_core::storage::CreatedRollout, StoreError> {
+            self.store.create_rollout(new, targets).await
+        }
+        async fn get_rollout(
+            &self,
+            id: i64,
+        ) -> Result<Option<kbs_core::storage::RolloutRecord>, StoreError> {
+            self.store.get_rollout(id).await
+        }
+        async fn list_rollouts(
+            &self,
+            q: &kbs_core::storage::RolloutQuery,
+        ) -> Result<Vec<kbs_core::storage::RolloutRecord>, StoreError> {
+            self.store.list_rollouts(q).await
+        }
+        async fn set_rollout_state(
+            &self,
+            id: i64,
+            state: kbs_core::storage::RolloutState,
+            detail: &str,
+        ) -> Result<(), StoreError> {
+            self.store.set_rollout_state(id, state, detail).await
+        }
+        async fn target_counts(
+            &self,
+            id: i64,
+        ) -> Result<std::collections::BTreeMap<TargetState, u64>, StoreError> {
+            self.store.target_counts(id).await
+        }
+        async fn list_targets(
+            &self,
+            id: i64,
+            state: Option<TargetState>,
+            after: Option<&str>,
+            limit: u32,
+        ) -> Result<Vec<TargetRecord>, StoreError> {
+            self.store.list_targets(id, state, after, limit).await
+        }
+        async fn write_targets(&self, targets: &[TargetRecord]) -> Result<(), StoreError> {
+            self.attempts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if self.down.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(StoreError::Database(sqlx::Error::PoolTimedOut));
+            }
+            self.store.write_targets(targets).await
+        }
+        async fn note_rotation_guests(
+            &self,
+            guests: &[(String, tunnel::Labels)],
+        ) -> Result<(), StoreError> {
+            self.store.note_rotation_guests(guests).await
+        }
+        async fn rotation_guests(
+            &self,
+            since_ms: u64,
+        ) -> Result<Vec<(String, std::collections::BTreeMap<String, String>)>, StoreError> {
+            self.store.rotation_guests(since_ms).await
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ack_written_while_the_database_is_away_waits_and_is_stored_when_it_is_back() {
+        use std::sync::atomic::Ordering;
+        let (store, id) = setup().await;
+        let flaky = Arc::new(Unreachable {
+            store: store.clone(),
+            down: true.into(),
+            attempts: 0.into(),
+        });
+        let writer = TargetWriter::spawn(flaky.clone());
+        let acking = {
+            let writer = writer.clone();
+            tokio::spawn(async move { writer.write(row(id, "g1", TargetState::Acked)).await })
+        };
+        writer
+            .write_behind(row(id, "g2", TargetState::Delivering))
+            .await;
+        // Several attempts fail; the waiter is not answered (neither Ok nor an error).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while flaky.attempts.load(Ordering::Relaxed) < 4 {
+            assert!(Instant::now() < deadline, "the writer stopped trying");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            !acking.is_finished(),
+            "the ack's caller was answered while nothing was stored"
+        );
+        assert_eq!(state_of(&store, id, "g1").await, TargetState::Pending);
+
+        flaky.down.store(false, Ordering::Relaxed);
+        tokio::time::timeout(Duration::from_secs(10), acking)
+            .await
+            .expect("answered once the database is back")
+            .unwrap()
+            .unwrap();
+        assert_eq!(state_of(&store, id, "g1").await, TargetState::Acked);
+        // The row nobody waited for was kept too.
+        stored_within(
+            &store,
+            id,
+            "g2",
+            TargetState::Delivering,
+            Duration::from_secs(10),
         )
         .await;
     }

@@ -186,24 +186,28 @@ impl FleetStore for PostgresStore {
         }
         let now = i64::try_from(now_ms()).unwrap_or(i64::MAX);
         let records = fold_by_key(records, |r| r.0.clone());
-        let mut tx = self.pool().begin().await?;
-        for chunk in records.chunks(CHUNK) {
-            let mut q = QueryBuilder::<sqlx::Postgres>::new(
-                "INSERT INTO fleet_guests (guest_id, record, updated_at) ",
-            );
-            q.push_values(chunk, |mut row, (id, record)| {
-                row.push_bind(id.clone())
-                    .push_bind(record.clone())
-                    .push_bind(now);
-            });
-            q.push(
-                " ON CONFLICT (guest_id) DO UPDATE SET record = excluded.record, \
-                 updated_at = excluded.updated_at",
-            );
-            q.build().execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        let records = &records;
+        super::outage::retry_conflicts("upsert_fleet", StoreError::is_conflict, || async move {
+            let mut tx = self.pool().begin().await?;
+            for chunk in records.chunks(CHUNK) {
+                let mut q = QueryBuilder::<sqlx::Postgres>::new(
+                    "INSERT INTO fleet_guests (guest_id, record, updated_at) ",
+                );
+                q.push_values(chunk, |mut row, (id, record)| {
+                    row.push_bind(id.clone())
+                        .push_bind(record.clone())
+                        .push_bind(now);
+                });
+                q.push(
+                    " ON CONFLICT (guest_id) DO UPDATE SET record = excluded.record, \
+                     updated_at = excluded.updated_at",
+                );
+                q.build().execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn load_fleet(&self) -> Result<Vec<(String, String)>, StoreError> {
@@ -237,32 +241,36 @@ impl FleetStore for PostgresStore {
         let mut ids = guest_ids.to_vec();
         ids.sort();
         ids.dedup();
-        let mut forgotten = Vec::new();
-        let mut tx = self.pool().begin().await?;
-        for chunk in ids.chunks(CHUNK) {
-            // A target still pending in a rollout in force keeps its guest (as in SQLite).
-            let rows = sqlx::query(
-                "WITH gone AS (
-                     DELETE FROM fleet_guests WHERE updated_at < $1 AND guest_id = ANY($2)
-                       AND NOT EXISTS (SELECT 1 FROM rollout_targets t JOIN rollouts r
-                           ON r.id = t.rollout_id WHERE t.guest_id = fleet_guests.guest_id
-                           AND r.state = ANY($3) AND t.state = ANY($4))
-                     RETURNING guest_id),
-                 sighting AS (
-                     DELETE FROM rotation_guests WHERE guest_id IN (SELECT guest_id FROM gone))
-                 SELECT guest_id FROM gone",
-            )
-            .bind(before)
-            .bind(chunk)
-            .bind(&in_force)
-            .bind(&waiting)
-            .fetch_all(&mut *tx)
-            .await?;
-            for r in rows {
-                forgotten.push(r.try_get(0)?);
+        let (ids, in_force, waiting) = (&ids, &in_force, &waiting);
+        super::outage::retry_conflicts("forget_fleet", StoreError::is_conflict, || async move {
+            let mut forgotten = Vec::new();
+            let mut tx = self.pool().begin().await?;
+            for chunk in ids.chunks(CHUNK) {
+                // A target still pending in a rollout in force keeps its guest (as in SQLite).
+                let rows = sqlx::query(
+                    "WITH gone AS (
+                         DELETE FROM fleet_guests WHERE updated_at < $1 AND guest_id = ANY($2)
+                           AND NOT EXISTS (SELECT 1 FROM rollout_targets t JOIN rollouts r
+                               ON r.id = t.rollout_id WHERE t.guest_id = fleet_guests.guest_id
+                               AND r.state = ANY($3) AND t.state = ANY($4))
+                         RETURNING guest_id),
+                     sighting AS (
+                         DELETE FROM rotation_guests WHERE guest_id IN (SELECT guest_id FROM gone))
+                     SELECT guest_id FROM gone",
+                )
+                .bind(before)
+                .bind(chunk)
+                .bind(&in_force)
+                .bind(&waiting)
+                .fetch_all(&mut *tx)
+                .await?;
+                for r in rows {
+                    forgotten.push(r.try_get(0)?);
+                }
             }
-        }
-        tx.commit().await?;
-        Ok(forgotten)
+            tx.commit().await?;
+            Ok(forgotten)
+        })
+        .await
     }
 }

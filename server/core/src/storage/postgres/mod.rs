@@ -10,10 +10,13 @@
 //! - batch writes sort their rows by key (one lock order everywhere: no deadlocks between
 //!   replicas) and fold duplicates (PostgreSQL refuses an upsert that touches a row twice);
 //! - an acked rollout target is never overwritten by a non-acked write (`TARGET_UPSERT`);
-//! - there is no latest-version cache: another replica's put would not invalidate it.
+//! - the latest versions this replica read are kept only as a fallback for the attested GET
+//!   while the database is out of reach (`outage.rs`), not as a cache in front of it;
+//! - transactions that can lose a conflict with another replica's run again (`outage.rs`).
 
 mod areas;
 mod listen;
+mod outage;
 mod rotation;
 
 use std::str::FromStr;
@@ -25,6 +28,7 @@ use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
+use super::latest_cache::SealedLatest;
 use super::{
     AuditEntry, AuditQuery, AuditRecord, AuditStore, CHANNEL, Change, ChangeFeed, KeyEncryptionKey,
     KvStore, PolicyStore, ResourceStore, ResourceVersion, Store, StoreError, StoredPolicy,
@@ -32,15 +36,30 @@ use super::{
 };
 use crate::resource_path::ResourcePath;
 
-/// Connections per replica (each KBS replica holds its own pool).
-const MAX_CONNECTIONS: u32 = 16;
-/// How long a caller waits for a connection before the store answers an error (and
-/// `/readyz` turns 503).
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Server-side bound on one statement, so a stuck query frees its connection.
-const STATEMENT_TIMEOUT: &str = "30s";
 /// Server-side bound on waiting for a row or advisory lock another replica holds.
 const LOCK_TIMEOUT: &str = "10s";
+
+/// The connection pool of one replica (`[storage]` in the KBS configuration).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// Connections this replica holds at most.
+    pub max_connections: u32,
+    /// How long a caller waits for a connection before the store answers an error (a 503
+    /// `StorageUnavailable`, and `/readyz` turns 503).
+    pub acquire_timeout: Duration,
+    /// Server-side bound on one statement, so a stuck query frees its connection.
+    pub statement_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
+        }
+    }
+}
 
 /// Advisory lock classes (first key of `pg_advisory_xact_lock(int, int)`); the second key
 /// is `hashtext` of the name. A hash collision only serialises two unrelated writers.
@@ -55,6 +74,8 @@ pub struct PostgresStore {
     kek: Arc<KeyEncryptionKey>,
     /// What other replicas (and this one) change, from `LISTEN` (see `listen.rs`).
     changes: ChangeFeed,
+    /// Whether the database answered last time, and the GET's fallback copies.
+    reach: outage::SharedReachability,
     _listener: Arc<listen::ListenerGuard>,
 }
 
@@ -62,24 +83,36 @@ impl PostgresStore {
     /// Connect to `url` (`postgres://` or `postgresql://`) and run the migrations (several
     /// replicas starting at once are fine: sqlx migrates under an advisory lock).
     pub async fn open(url: &str, kek: Arc<KeyEncryptionKey>) -> Result<Self, StoreError> {
+        Self::open_with(url, kek, &PoolSettings::default()).await
+    }
+
+    /// [`open`](Self::open) with the pool `settings`.
+    pub async fn open_with(
+        url: &str,
+        kek: Arc<KeyEncryptionKey>,
+        settings: &PoolSettings,
+    ) -> Result<Self, StoreError> {
+        let statement_timeout = settings.statement_timeout.as_millis().to_string();
         let opts = PgConnectOptions::from_str(url)?
             .application_name("tether-kbs")
             .options([
-                ("statement_timeout", STATEMENT_TIMEOUT),
+                ("statement_timeout", statement_timeout.as_str()),
                 ("lock_timeout", LOCK_TIMEOUT),
             ]);
         let pool = PgPoolOptions::new()
-            .max_connections(MAX_CONNECTIONS)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .max_connections(settings.max_connections)
+            .acquire_timeout(settings.acquire_timeout)
             .connect_with(opts)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         let changes = ChangeFeed::default();
-        let listener = listen::spawn(pool.clone(), changes.clone());
+        let reach = outage::SharedReachability::default();
+        let listener = listen::spawn(pool.clone(), changes.clone(), reach.clone());
         Ok(Self {
             pool,
             kek,
             changes,
+            reach,
             _listener: Arc::new(listener),
         })
     }
@@ -102,6 +135,33 @@ impl PostgresStore {
             .execute(&mut *tx)
             .await?;
         Ok(tx)
+    }
+}
+
+impl PostgresStore {
+    /// The latest version of `path` as this replica last read it, opened; logged, since it
+    /// may be older than what the database holds now.
+    fn fallback(
+        &self,
+        path: &ResourcePath,
+        key: &str,
+    ) -> Result<Option<ResourceVersion>, StoreError> {
+        let Some(copy) = self.reach.fallback.get(key) else {
+            return Ok(None);
+        };
+        let data = self
+            .kek
+            .open(&resource_context(path), &copy.nonce, &copy.ciphertext)?;
+        tracing::debug!(
+            path = key,
+            version = copy.version,
+            "storage out of reach: serving the latest version this replica last read"
+        );
+        Ok(Some(ResourceVersion {
+            version: copy.version,
+            data,
+            sha256: copy.sha256.clone(),
+        }))
     }
 }
 
@@ -159,7 +219,11 @@ impl ResourceStore for PostgresStore {
         .fetch_one(&mut *tx)
         .await?;
         notify(&mut *tx, &Change::Resource(key.clone())).await?;
-        tx.commit().await?;
+        let committed = tx.commit().await;
+        // Even a commit whose answer was lost may have stored the version: no copy of an
+        // older one may be served after it.
+        self.reach.fallback.invalidate(&key);
+        committed?;
         Ok(row.try_get::<i64, _>(0)? as u64)
     }
 
@@ -169,7 +233,16 @@ impl ResourceStore for PostgresStore {
         version: Option<u64>,
     ) -> Result<Option<ResourceVersion>, StoreError> {
         let key = path.to_string();
-        let row = sqlx::query(
+        let latest = version.is_none();
+        // Known to be out of reach: the copy at once, rather than after the pool's timeout.
+        if latest
+            && self.reach.is_down()
+            && let Some(copy) = self.fallback(path, &key)?
+        {
+            return Ok(Some(copy));
+        }
+        let ticket = self.reach.fallback.ticket();
+        let read = sqlx::query(
             "SELECT version, nonce, ciphertext, sha256 FROM resources
              WHERE path = $1 AND deleted = 0 AND ($2::BIGINT IS NULL OR version = $2)
              ORDER BY version DESC LIMIT 1",
@@ -177,18 +250,43 @@ impl ResourceStore for PostgresStore {
         .bind(&key)
         .bind(version.map(|v| v as i64))
         .fetch_optional(&self.pool)
-        .await?;
+        .await
+        .map_err(StoreError::from);
+        self.reach.note(&read);
+        let row = match read {
+            Ok(row) => row,
+            Err(e) if latest && e.is_unavailable() => {
+                return match self.fallback(path, &key)? {
+                    Some(copy) => Ok(Some(copy)),
+                    None => Err(e),
+                };
+            }
+            Err(e) => return Err(e),
+        };
         let Some(row) = row else { return Ok(None) };
         let nonce: Vec<u8> = row.try_get(1)?;
         let ciphertext: Vec<u8> = row.try_get(2)?;
         let data = self
             .kek
             .open(&resource_context(path), &nonce, &ciphertext)?;
-        Ok(Some(ResourceVersion {
+        let found = ResourceVersion {
             version: row.try_get::<i64, _>(0)? as u64,
             data,
             sha256: row.try_get(3)?,
-        }))
+        };
+        if latest {
+            self.reach.fallback.fill(
+                ticket,
+                &key,
+                SealedLatest {
+                    version: found.version,
+                    nonce,
+                    ciphertext,
+                    sha256: found.sha256.clone(),
+                },
+            );
+        }
+        Ok(Some(found))
     }
 
     async fn list_versions(&self, path: &ResourcePath) -> Result<Vec<VersionInfo>, StoreError> {
@@ -223,7 +321,10 @@ impl ResourceStore for PostgresStore {
         )
         .bind(path.to_string())
         .execute(&self.pool)
-        .await?;
+        .await;
+        // Whatever the answer, no copy of a version that may be deleted is served again.
+        self.reach.fallback.invalidate(&path.to_string());
+        let done = done?;
         if done.rows_affected() > 0 {
             notify(&self.pool, &Change::Resource(path.to_string())).await?;
         }
@@ -274,6 +375,11 @@ impl PolicyStore for PostgresStore {
 #[async_trait]
 impl AuditStore for PostgresStore {
     async fn audit(&self, e: AuditEntry) -> Result<(), StoreError> {
+        // An audit write is never why a request waits out the pool's timeout (the caller
+        // counts the entry as lost: `kbs_audit_write_failures_total`).
+        if self.reach.is_down() {
+            return Err(StoreError::Database(sqlx::Error::PoolTimedOut));
+        }
         sqlx::query(
             "INSERT INTO audit_log (at, actor, role, action, target, outcome, detail)
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -394,8 +500,13 @@ impl KvStore for PostgresStore {
 #[async_trait]
 impl Store for PostgresStore {
     async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        let r = sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(StoreError::from);
+        self.reach.note(&r);
+        r
     }
 
     fn engine(&self) -> &'static str {

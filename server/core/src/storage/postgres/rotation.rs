@@ -200,21 +200,25 @@ impl RolloutStore for PostgresStore {
         }
         let targets = fold_by_key(targets, |t| (t.rollout_id, t.guest_id.clone()));
         let rollouts: BTreeSet<i64> = targets.iter().map(|t| t.rollout_id).collect();
-        let mut tx = self.pool().begin().await?;
-        for chunk in targets.chunks(TARGET_CHUNK) {
-            let mut b = QueryBuilder::<Postgres>::new(format!(
-                "INSERT INTO rollout_targets ({TARGET_COLUMNS}) "
-            ));
-            push_targets(&mut b, chunk);
-            b.push(TARGET_UPSERT);
-            b.build().execute(&mut *tx).await?;
-        }
-        // One notification per rollout and batch: the other replicas refresh its counts.
-        for id in rollouts {
-            notify(&mut *tx, &Change::Rollout(id)).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        let (targets, rollouts) = (&targets, &rollouts);
+        super::outage::retry_conflicts("write_targets", StoreError::is_conflict, || async move {
+            let mut tx = self.pool().begin().await?;
+            for chunk in targets.chunks(TARGET_CHUNK) {
+                let mut b = QueryBuilder::<Postgres>::new(format!(
+                    "INSERT INTO rollout_targets ({TARGET_COLUMNS}) "
+                ));
+                push_targets(&mut b, chunk);
+                b.push(TARGET_UPSERT);
+                b.build().execute(&mut *tx).await?;
+            }
+            // One notification per rollout and batch: the other replicas refresh its counts.
+            for id in rollouts {
+                notify(&mut *tx, &Change::Rollout(*id)).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     fn shared(&self) -> bool {
@@ -230,24 +234,34 @@ impl RolloutStore for PostgresStore {
         }
         let now = i(now_ms());
         let guests = fold_by_key(guests, |g| g.0.clone());
-        let mut tx = self.pool().begin().await?;
-        for chunk in guests.chunks(TARGET_CHUNK) {
-            let mut b = QueryBuilder::<Postgres>::new(
-                "INSERT INTO rotation_guests (guest_id, labels, last_seen) ",
-            );
-            b.push_values(chunk, |mut b, (id, labels)| {
-                b.push_bind(id.clone())
-                    .push_bind(serde_json::to_string(labels).unwrap_or_else(|_| "{}".into()))
-                    .push_bind(now);
-            });
-            b.push(
-                " ON CONFLICT (guest_id) DO UPDATE SET labels = excluded.labels, \
-                 last_seen = excluded.last_seen",
-            );
-            b.build().execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        let guests = &guests;
+        super::outage::retry_conflicts(
+            "note_rotation_guests",
+            StoreError::is_conflict,
+            || async move {
+                let mut tx = self.pool().begin().await?;
+                for chunk in guests.chunks(TARGET_CHUNK) {
+                    let mut b = QueryBuilder::<Postgres>::new(
+                        "INSERT INTO rotation_guests (guest_id, labels, last_seen) ",
+                    );
+                    b.push_values(chunk, |mut b, (id, labels)| {
+                        b.push_bind(id.clone())
+                            .push_bind(
+                                serde_json::to_string(labels).unwrap_or_else(|_| "{}".into()),
+                            )
+                            .push_bind(now);
+                    });
+                    b.push(
+                        " ON CONFLICT (guest_id) DO UPDATE SET labels = excluded.labels, \
+                         last_seen = excluded.last_seen",
+                    );
+                    b.build().execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            },
+        )
+        .await
     }
 
     async fn rotation_guests(
