@@ -13,6 +13,7 @@
 //! - there is no latest-version cache: another replica's put would not invalidate it.
 
 mod areas;
+mod cluster;
 mod listen;
 mod rotation;
 
