@@ -469,10 +469,8 @@ impl Kbs {
             s.shutdown.clone(),
         );
         // Replicas sharing a database: record the tunnels held here, heartbeat.
-        let advertise = crate::cluster::default_advertise_url(
-            listener.local_addr()?,
-            self.tls.is_some(),
-        );
+        let advertise =
+            crate::cluster::default_advertise_url(listener.local_addr()?, self.tls.is_some());
         let cluster = self.app.cluster.spawn(advertise, s.shutdown.clone());
         let http = &self.config.http;
         let grace = http.shutdown_grace;

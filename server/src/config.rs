@@ -630,7 +630,10 @@ impl Config {
         if !(Duration::from_secs(1)..=Duration::from_secs(600))
             .contains(&self.cluster.forward_timeout)
         {
-            return Err(invalid("cluster.forward_timeout", "must be within 1s..=10m"));
+            return Err(invalid(
+                "cluster.forward_timeout",
+                "must be within 1s..=10m",
+            ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
@@ -695,9 +698,18 @@ mod tests {
         assert_eq!(c.cluster.forward_timeout, Duration::from_secs(5));
         assert_eq!(Config::default().cluster.advertise_url, None);
         for (text, key) in [
-            ("[cluster]\nadvertise_url = \"10.0.0.5:8081\"\n", "cluster.advertise_url"),
-            ("[cluster]\nadvertise_url = \"ftp://x\"\n", "cluster.advertise_url"),
-            ("[cluster]\nforward_timeout = \"0s\"\n", "cluster.forward_timeout"),
+            (
+                "[cluster]\nadvertise_url = \"10.0.0.5:8081\"\n",
+                "cluster.advertise_url",
+            ),
+            (
+                "[cluster]\nadvertise_url = \"ftp://x\"\n",
+                "cluster.advertise_url",
+            ),
+            (
+                "[cluster]\nforward_timeout = \"0s\"\n",
+                "cluster.forward_timeout",
+            ),
         ] {
             let err = load(text, &[]).unwrap().validate().unwrap_err().to_string();
             assert!(err.contains(key), "{text}: {err}");

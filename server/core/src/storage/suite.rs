@@ -701,8 +701,12 @@ pub async fn tunnel_records_grow_an_epoch_and_go_only_with_their_own(
     b: Arc<dyn Store>,
 ) {
     let before = now_ms();
-    a.replica_heartbeat("ra", "http://127.0.0.1:1", 0).await.unwrap();
-    b.replica_heartbeat("rb", "http://127.0.0.1:2", 0).await.unwrap();
+    a.replica_heartbeat("ra", "http://127.0.0.1:1", 0)
+        .await
+        .unwrap();
+    b.replica_heartbeat("rb", "http://127.0.0.1:2", 0)
+        .await
+        .unwrap();
     assert_eq!(a.tunnel_owner("g").await.unwrap(), None);
     let e1 = a.tunnel_claim("g", "ra").await.unwrap();
     let e2 = b.tunnel_claim("g", "rb").await.unwrap();
