@@ -67,7 +67,7 @@ pub async fn route(State(cluster): State<Arc<Cluster>>, req: Request, next: Next
         Ok(Some(o)) if o.replica_id != cluster.replica_id() => o,
         Ok(_) => return next.run(req).await,
         Err(e) => {
-            tracing::warn!(guest_id, error = %e, "cluster registry unreadable; answering from this replica");
+            tracing::warn!(guest_id = %guest_id, error = %e, "cluster registry unreadable; answering from this replica");
             return next.run(req).await;
         }
     };
@@ -166,7 +166,7 @@ async fn forward_to(
         .send()
         .await;
     let unreachable = |e: String| {
-        tracing::warn!(guest_id, owner = %owner.replica_id, url, error = %e, "forwarding to the owner replica failed");
+        tracing::warn!(guest_id, owner = %owner.replica_id, url = %url, error = %e, "forwarding to the owner replica failed");
         ApiError::new(
             StatusCode::BAD_GATEWAY,
             "GuestOwnerUnreachable",
@@ -182,7 +182,7 @@ async fn forward_to(
         Err(e) if e.is_timeout() => {
             return unreachable(format!("no answer within {:?}", started.elapsed()));
         }
-        Err(e) => return unreachable(e.to_string()),
+        Err(e) => return unreachable(chain(&e)),
     };
     let status = answer.status();
     let content_type = answer.headers().get(header::CONTENT_TYPE).cloned();
@@ -199,7 +199,7 @@ async fn forward_to(
                     "its answer is larger than {MAX_FORWARDED_RESPONSE} bytes"
                 ));
             }
-            Err(e) => return unreachable(e.to_string()),
+            Err(e) => return unreachable(chain(&e)),
         }
     }
     tracing::info!(guest_id, owner = %owner.replica_id, status = status.as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "admin call forwarded to the owner replica");
@@ -287,6 +287,18 @@ async fn arrived(
         answer.headers_mut().insert(SERVED_BY_HEADER, v);
     }
     answer
+}
+
+/// `e` and its causes (reqwest's own message leaves out "connection refused").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        out.push_str(": ");
+        out.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    out
 }
 
 fn refused(e: HopError) -> ApiError {

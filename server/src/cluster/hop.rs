@@ -110,7 +110,7 @@ impl Hop {
             self.nonce.as_bytes(),
             method.as_bytes(),
             path_and_query.as_bytes(),
-            body_hash.as_slice(),
+            &body_hash[..],
         ] {
             m.extend_from_slice(&(field.len() as u64).to_be_bytes());
             m.extend_from_slice(field);
