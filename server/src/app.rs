@@ -39,6 +39,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::attestation;
+use crate::cluster::hop::HopKey;
+use crate::cluster::{Cluster, ClusterParts};
 use crate::config::{Config, ConfigError};
 use crate::dashboard::{self, Dashboard};
 use crate::http;
@@ -124,6 +126,7 @@ struct AppState {
     tunnel: Arc<TunnelEndpoint>,
     readiness: Readiness,
     dashboard: Dashboard,
+    cluster: Arc<Cluster>,
 }
 
 /// Handles on the running parts of a KBS, for the binary, embedding and tests.
@@ -313,6 +316,17 @@ impl Kbs {
             .await?,
         );
         let exposition = Arc::new(Exposition::new(registry));
+        let cluster = Cluster::new(ClusterParts {
+            store: store.clone(),
+            hub: hub.clone(),
+            shared: store.engine() == "postgres",
+            advertise_url: config.cluster.advertise_url.clone(),
+            forward_timeout: config.cluster.forward_timeout,
+            max_body: config.http.max_body_bytes,
+            hop_key: HopKey::new(&kek.derive(crate::cluster::HOP_KEY_PURPOSE)),
+            trust: own_certificate(&config)?,
+        })
+        .map_err(|e| StartError::Other(e.to_string()))?;
 
         let tunnel = Arc::new(TunnelEndpoint::new(
             tunnel_limits,
@@ -374,6 +388,7 @@ impl Kbs {
                 audit,
                 secure_cookie: tls.is_some(),
             },
+            cluster,
         };
         Ok(Self {
             collateral,
@@ -484,6 +499,10 @@ impl Kbs {
             },
             s.shutdown.clone(),
         );
+        // Replicas sharing a database: record the tunnels held here, heartbeat.
+        let advertise =
+            crate::cluster::default_advertise_url(listener.local_addr()?, self.tls.is_some());
+        let cluster = self.app.cluster.spawn(advertise, s.shutdown.clone());
         let http = &self.config.http;
         let grace = http.shutdown_grace;
         let serving = crate::serve::serve(
@@ -501,6 +520,7 @@ impl Kbs {
         let _ = jwks.await;
         let _ = refresher.await;
         let _ = follower.await;
+        let _ = cluster.await;
         observability.finish().await;
         s.plugins.stop_all().await;
         result
@@ -520,6 +540,22 @@ fn warn_if_shared(data_dir: &std::path::Path) {
             "storage.data_dir is open to group or others: chmod 700 it"
         );
     }
+}
+
+/// The certificate this replica serves (with TLS): the others serve the same one when they
+/// share the data directory or the files, so the internal hop trusts it.
+fn own_certificate(config: &Config) -> Result<Vec<reqwest::Certificate>, StartError> {
+    let Some(tls) = &config.http.tls else {
+        return Ok(Vec::new());
+    };
+    let path = match &tls.cert_file {
+        Some(p) if !tls.self_signed => p.clone(),
+        _ => config.storage.data_dir.join("tls").join("cert.pem"),
+    };
+    let pem = std::fs::read(&path)
+        .map_err(|e| StartError::Other(format!("http.tls: {}: {e}", path.display())))?;
+    reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| StartError::Other(format!("http.tls: {}: {e}", path.display())))
 }
 
 /// What the RCAR cookie key is derived for (from the KEK, which every replica shares).
@@ -669,6 +705,7 @@ fn build_admin(config: &Config) -> Result<(AdminAuth, Option<PathBuf>, bool), St
 /// Assemble the router for a state.
 fn router(state: &AppState, max_body: usize) -> Router {
     let metrics = state.metrics.clone();
+    let cluster = state.cluster.clone();
     Router::new()
         .route("/kbs/v0/auth", post(http::rcar::auth))
         .route("/kbs/v0/attest", post(http::rcar::attest))
@@ -710,6 +747,10 @@ fn router(state: &AppState, max_body: usize) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state.clone())
+        .layer(axum::middleware::from_fn_with_state(
+            cluster,
+            crate::cluster::forward::route,
+        ))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn(kbs_web::error::json_errors))
         .layer(axum::middleware::from_fn_with_state(

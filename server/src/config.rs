@@ -57,6 +57,8 @@ pub struct Config {
     pub tunnel: TunnelConfig,
     /// The fleet view: how long guests that are gone are kept.
     pub fleet: FleetConfig,
+    /// Several replicas: where the others reach this one (`[cluster]`).
+    pub cluster: ClusterConfig,
     /// Logging settings.
     pub log: LogConfig,
     /// Plugin defaults and per-plugin settings.
@@ -297,6 +299,29 @@ impl Default for TunnelConfig {
             write_queue: 128,
             read_buffer_bytes: 1024,
             directory_prune_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Several replicas on PostgreSQL (`[cluster]`): an admin call for one guest that lands on
+/// a replica not holding its tunnel is forwarded to the one that does (docs/operations.md,
+/// "Several replicas").
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// The URL the other replicas reach this one at (`http://10.0.0.5:8080`); default: the
+    /// listen address (`127.0.0.1` for an unspecified one), with `https` when TLS is on.
+    pub advertise_url: Option<String>,
+    /// Deadline on one forwarded call, the owner's answer included.
+    #[serde(with = "humantime_serde")]
+    pub forward_timeout: Duration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            advertise_url: None,
+            forward_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -640,6 +665,24 @@ impl Config {
         if !(Duration::from_secs(1)..=Duration::from_secs(24 * 3600)).contains(&f.sweep_interval) {
             return Err(invalid("fleet.sweep_interval", "must be within 1s..=1d"));
         }
+        if let Some(url) = &self.cluster.advertise_url {
+            let ok = reqwest::Url::parse(url)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+            if !ok {
+                return Err(invalid(
+                    "cluster.advertise_url",
+                    "must be an http:// or https:// URL with a host",
+                ));
+            }
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(600))
+            .contains(&self.cluster.forward_timeout)
+        {
+            return Err(invalid(
+                "cluster.forward_timeout",
+                "must be within 1s..=10m",
+            ));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
         Ok(())
@@ -686,6 +729,40 @@ mod tests {
             Some(&path),
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
         )
+    }
+
+    #[test]
+    fn cluster_settings_load_from_the_file_and_the_environment_and_are_checked() {
+        let c = load(
+            "[cluster]\nforward_timeout = \"5s\"\n",
+            &[("KBS_CLUSTER__ADVERTISE_URL", "http://10.0.0.5:8081")],
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.cluster.advertise_url.as_deref(),
+            Some("http://10.0.0.5:8081")
+        );
+        assert_eq!(c.cluster.forward_timeout, Duration::from_secs(5));
+        assert_eq!(Config::default().cluster.advertise_url, None);
+        for (text, key) in [
+            (
+                "[cluster]\nadvertise_url = \"10.0.0.5:8081\"\n",
+                "cluster.advertise_url",
+            ),
+            (
+                "[cluster]\nadvertise_url = \"ftp://x\"\n",
+                "cluster.advertise_url",
+            ),
+            (
+                "[cluster]\nforward_timeout = \"0s\"\n",
+                "cluster.forward_timeout",
+            ),
+        ] {
+            let err = load(text, &[]).unwrap().validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        assert!(load("[cluster]\nadvertise = \"x\"\n", &[]).is_err());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod admin_client;
 pub mod app;
 pub mod attestation;
+pub mod cluster;
 pub mod config;
 pub mod dashboard;
 pub mod evidence;

@@ -160,7 +160,14 @@ pub struct AdminIdentity {
     pub key: String,
     /// The resources this request may act on (its role rules' `resources=` constraints).
     resources: ResourceScope,
+    /// The replica that forwarded this request here, if another one did.
+    via: Option<String>,
 }
+
+/// Request extension set by the replica forwarding layer on a request another replica
+/// forwarded (its hop checked): the forwarding replica's id, named in the audit trail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForwardedBy(pub String);
 
 impl AdminIdentity {
     /// An identity whose scope is not limited to any resources (tests, tools); the gate
@@ -171,12 +178,23 @@ impl AdminIdentity {
             role: role.to_owned(),
             key: key.to_owned(),
             resources: ResourceScope::Any,
+            via: None,
         }
     }
 
-    /// `subject@key`, as written in the audit log.
+    /// This identity on a request that replica `replica_id` forwarded here.
+    pub fn forwarded_by(mut self, replica_id: &str) -> Self {
+        self.via = Some(replica_id.to_owned());
+        self
+    }
+
+    /// `subject@key` (and ` via replica <id>` on a forwarded request), as written in the
+    /// audit log.
     pub fn actor(&self) -> String {
-        format!("{}@{}", self.subject, self.key)
+        match &self.via {
+            Some(replica) => format!("{}@{} via replica {replica}", self.subject, self.key),
+            None => format!("{}@{}", self.subject, self.key),
+        }
     }
 
     /// The resources the rules that allowed this request let it act on.
@@ -457,6 +475,7 @@ impl AdminAuth {
                         role,
                         key: k.name.clone(),
                         resources,
+                        via: None,
                     });
                 }
                 Err(e) => {

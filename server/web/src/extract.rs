@@ -12,7 +12,7 @@ use kbs_core::attest::RcarService;
 use kbs_core::token::VerifiedToken;
 use serde::de::DeserializeOwned;
 
-use crate::admin_auth::{AdminIdentity, bearer};
+use crate::admin_auth::{AdminIdentity, ForwardedBy, bearer};
 use crate::admin_gate::AdminGate;
 use crate::error::ApiError;
 
@@ -87,8 +87,11 @@ where
         let gate = Arc::<AdminGate>::from_ref(state);
         // Plugin routers are nested: authorise the path the client sent, not the stripped one.
         let path = original_path(parts);
-        gate.authorize(&parts.headers, &parts.method, &path)
-            .map(Self)
+        let identity = gate.authorize(&parts.headers, &parts.method, &path)?;
+        Ok(Self(match parts.extensions.get::<ForwardedBy>() {
+            Some(ForwardedBy(replica)) => identity.forwarded_by(replica),
+            None => identity,
+        }))
     }
 }
 

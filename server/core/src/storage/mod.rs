@@ -3,6 +3,7 @@
 //! trait; [`open`] picks the engine from the database URL's scheme.
 
 mod changes;
+mod cluster;
 mod events;
 mod fleet;
 mod kek;
@@ -26,6 +27,7 @@ use sqlx::{ColumnIndex, Decode, Row, Type};
 use zeroize::Zeroizing;
 
 pub use changes::{CHANNEL, Change, ChangeFeed};
+pub use cluster::{ClusterStore, TunnelOwner};
 pub use events::{EventQuery, EventRecord, EventStore, NewEvent};
 pub use fleet::FleetStore;
 pub use kek::KeyEncryptionKey;
@@ -245,6 +247,7 @@ pub trait Store:
     + ReferenceValueStore
     + EventStore
     + FleetStore
+    + ClusterStore
     + Send
     + Sync
     + 'static

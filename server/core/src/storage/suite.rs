@@ -43,7 +43,8 @@ macro_rules! store_suite {
             rollouts_supersede_and_targets_round_trip,
             many_targets_and_known_guests,
             rollouts_of_one_path_started_at_once_leave_one_in_force,
-            acks_written_from_two_stores_are_never_lost
+            acks_written_from_two_stores_are_never_lost,
+            tunnel_records_grow_an_epoch_and_go_only_with_their_own
         );
     };
     (@cases $open:path; $($case:ident),* $(,)?) => {
@@ -706,4 +707,48 @@ mod sqlite {
     }
 
     crate::store_suite!(open);
+}
+
+/// The replica registry: each claim of a guest's tunnel, on either store, gets a larger
+/// epoch; a release at an old epoch or by another replica leaves the newer record; a retired
+/// replica's records go with it, and the record names its replica's URL and heartbeat.
+pub async fn tunnel_records_grow_an_epoch_and_go_only_with_their_own(
+    a: Arc<dyn Store>,
+    b: Arc<dyn Store>,
+) {
+    let before = now_ms();
+    a.replica_heartbeat("ra", "http://127.0.0.1:1", 0)
+        .await
+        .unwrap();
+    b.replica_heartbeat("rb", "http://127.0.0.1:2", 0)
+        .await
+        .unwrap();
+    assert_eq!(a.tunnel_owner("g").await.unwrap(), None);
+    let e1 = a.tunnel_claim("g", "ra").await.unwrap();
+    let e2 = b.tunnel_claim("g", "rb").await.unwrap();
+    assert!(e2 > e1, "{e1} then {e2}");
+    let owner = a.tunnel_owner("g").await.unwrap().unwrap();
+    assert_eq!((owner.replica_id.as_str(), owner.epoch), ("rb", e2));
+    assert_eq!(owner.advertise_url.as_deref(), Some("http://127.0.0.1:2"));
+    assert!(owner.heartbeat_at_ms >= before, "{owner:?}");
+    // The old tunnel's end on replica ra does not remove rb's record.
+    assert!(!a.tunnel_release("g", "ra", e1).await.unwrap());
+    assert!(!a.tunnel_release("g", "rb", e1).await.unwrap());
+    assert_eq!(a.tunnel_owner("g").await.unwrap().unwrap().epoch, e2);
+    assert!(b.tunnel_release("g", "rb", e2).await.unwrap());
+    assert_eq!(a.tunnel_owner("g").await.unwrap(), None);
+    // Epochs of a guest never repeat, released or not, and a wrong one removes nothing.
+    let e3 = a.tunnel_claim("g", "ra").await.unwrap();
+    assert!(e3 > e2, "{e2} then {e3}");
+    assert!(!a.tunnel_release("g", "ra", e3 + 1).await.unwrap());
+    b.tunnel_claim("h", "rb").await.unwrap();
+    b.replica_retire("rb").await.unwrap();
+    assert_eq!(a.tunnel_owner("h").await.unwrap(), None);
+    assert_eq!(a.tunnel_owner("g").await.unwrap().unwrap().epoch, e3);
+    // A replica silent since before the cut is forgotten with its records (a cut in the
+    // future forgets the one writing the heartbeat too: no need to wait an hour).
+    a.replica_heartbeat("ra", "http://127.0.0.1:1", now_ms() + 1000)
+        .await
+        .unwrap();
+    assert_eq!(a.tunnel_owner("g").await.unwrap(), None);
 }

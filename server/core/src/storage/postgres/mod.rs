@@ -15,6 +15,7 @@
 //! - transactions that can lose a conflict with another replica's run again (`outage.rs`).
 
 mod areas;
+mod cluster;
 mod listen;
 mod outage;
 mod rotation;
