@@ -372,6 +372,13 @@ mod tests {
         ) -> Result<Vec<TargetRecord>, StoreError> {
             self.store.list_targets(id, state, after, limit).await
         }
+        async fn targets_of(
+            &self,
+            id: i64,
+            guests: &[String],
+        ) -> Result<Vec<TargetRecord>, StoreError> {
+            self.store.targets_of(id, guests).await
+        }
         async fn write_targets(&self, targets: &[TargetRecord]) -> Result<(), StoreError> {
             self.attempts
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
