@@ -210,7 +210,10 @@ async fn kill_9_of_a_replica_mid_rollout_moves_its_guests_and_stores_each_ack_on
     fleet.wait_connected(30, WAIT).await.unwrap();
     let spread = held(&replicas).await;
     assert_eq!(spread.iter().sum::<usize>(), 30, "{spread:?}");
-    assert!(spread[1] > 0, "round robin left replica 1 empty: {spread:?}");
+    assert!(
+        spread[1] > 0,
+        "round robin left replica 1 empty: {spread:?}"
+    );
 
     let id = replicas
         .admin(0)

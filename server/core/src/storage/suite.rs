@@ -689,26 +689,6 @@ pub async fn acks_written_from_two_stores_are_never_lost(a: Arc<dyn Store>, b: A
     .unwrap();
 }
 
-#[cfg(test)]
-mod sqlite {
-    use std::sync::Arc;
-
-    use super::Opened;
-    use crate::storage::{KeyEncryptionKey, SqliteStore};
-
-    /// Two `SqliteStore`s on one file in a fresh directory (two pools, as two processes).
-    async fn open(_case: &'static str) -> Opened {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("t.db").display());
-        let kek = Arc::new(KeyEncryptionKey::from_bytes(&[1u8; 32]));
-        let a = SqliteStore::open(&url, kek.clone()).await.unwrap();
-        let b = SqliteStore::open(&url, kek).await.unwrap();
-        Some((Box::new(dir), Arc::new(a), Arc::new(b)))
-    }
-
-    crate::store_suite!(open);
-}
-
 /// The replica registry: each claim of a guest's tunnel, on either store, gets a larger
 /// epoch; a release at an old epoch or by another replica leaves the newer record; a retired
 /// replica's records go with it, and the record names its replica's URL and heartbeat.
@@ -751,4 +731,24 @@ pub async fn tunnel_records_grow_an_epoch_and_go_only_with_their_own(
         .await
         .unwrap();
     assert_eq!(a.tunnel_owner("g").await.unwrap(), None);
+}
+
+#[cfg(test)]
+mod sqlite {
+    use std::sync::Arc;
+
+    use super::Opened;
+    use crate::storage::{KeyEncryptionKey, SqliteStore};
+
+    /// Two `SqliteStore`s on one file in a fresh directory (two pools, as two processes).
+    async fn open(_case: &'static str) -> Opened {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let kek = Arc::new(KeyEncryptionKey::from_bytes(&[1u8; 32]));
+        let a = SqliteStore::open(&url, kek.clone()).await.unwrap();
+        let b = SqliteStore::open(&url, kek).await.unwrap();
+        Some((Box::new(dir), Arc::new(a), Arc::new(b)))
+    }
+
+    crate::store_suite!(open);
 }

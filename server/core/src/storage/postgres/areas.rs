@@ -260,8 +260,8 @@ impl FleetStore for PostgresStore {
                 )
                 .bind(before)
                 .bind(chunk)
-                .bind(&in_force)
-                .bind(&waiting)
+                .bind(in_force)
+                .bind(waiting)
                 .fetch_all(&mut *tx)
                 .await?;
                 for r in rows {

@@ -122,7 +122,10 @@ impl Engine {
             self.remote.insert(id);
             return;
         }
-        tracing::info!(rollout = id, "following a rollout started by another replica");
+        tracing::info!(
+            rollout = id,
+            "following a rollout started by another replica"
+        );
         self.queue_connected(id);
         self.adopt_newcomers(Some(id)).await;
         if let Some(l) = self.live.get(&id) {

@@ -16,9 +16,8 @@ use kbs_core::policy::PolicyEngine;
 use kbs_core::policy_gate::PolicyGate;
 use kbs_core::resource_path::ResourcePath;
 use kbs_core::storage::{
-    Change, ChangeFeed,
-    KeyEncryptionKey, NewRollout, ResourceStore, RolloutState, RolloutStore, SqliteStore,
-    TargetRecord, TargetState,
+    Change, ChangeFeed, KeyEncryptionKey, NewRollout, ResourceStore, RolloutState, RolloutStore,
+    SqliteStore, TargetRecord, TargetState,
 };
 use kbs_core::token::{TokenSigner, build_claims};
 use rpc_defs::{
@@ -941,7 +940,13 @@ impl Rig {
             ..NewRollout::for_test(PATH, 1)
         };
         let targets: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
-        let id = self.store.create_rollout(&new, &targets).await.unwrap().rollout.id;
+        let id = self
+            .store
+            .create_rollout(&new, &targets)
+            .await
+            .unwrap()
+            .rollout
+            .id;
         self.deps.changes.publish(Change::Rollout(id));
         id
     }
