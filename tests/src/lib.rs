@@ -27,6 +27,7 @@ mod metrics;
 mod postgres;
 mod process;
 mod replicas;
+mod rollouts;
 mod sim_fleet;
 mod skip;
 mod wait;
@@ -55,6 +56,7 @@ pub use process::{
     spawn_kbs_with, spawn_upstream_plugin, upstream_plugin_binary,
 };
 pub use replicas::{Replicas, admin_client, rcar_across};
+pub use rollouts::{target_count, watch_rollout_until};
 pub use sim_fleet::{SimFleet, SimOptions};
 pub use skip::skip;
 pub use wait::{WAIT, eventually, eventually_within, hub_until, tunnel_of};

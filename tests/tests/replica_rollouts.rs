@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use kbs_core::storage::{RolloutState, TargetRecord, TargetState};
 use plugin_rotation::{Control, RolloutView, StartRollout};
-use server::admin_client::{AdminClient, RolloutUpdate};
+use server::admin_client::AdminClient;
 use tests::{Haproxy, Replicas, SimFleet, SimOptions, haproxy_binary, skip};
 
 const PATH: &str = "default/key/fleet-wide";
@@ -24,7 +24,7 @@ async fn three(test: &str) -> Option<Replicas> {
 }
 
 fn count(v: &RolloutView, s: TargetState) -> u64 {
-    v.counts.get(&s).copied().unwrap_or(0)
+    tests::target_count(v, s)
 }
 
 fn start(max_concurrent: u32) -> StartRollout {
@@ -36,37 +36,13 @@ fn start(max_concurrent: u32) -> StartRollout {
     }
 }
 
-/// Follows the rollout's event stream on `admin`'s replica until `done` holds for the
-/// counts it streams; then the stored view.
 async fn watch_until(
     admin: &AdminClient,
     id: i64,
     what: &str,
     done: impl Fn(&RolloutView) -> bool,
 ) -> RolloutView {
-    let mut watch = admin.watch_rollout(id).await.unwrap();
-    let mut view: Option<RolloutView> = None;
-    let result = tokio::time::timeout(WAIT, async {
-        loop {
-            match watch.next().await.unwrap() {
-                Some(RolloutUpdate::Snapshot(v)) => view = Some(v),
-                Some(RolloutUpdate::Change(e)) => {
-                    if let Some(v) = view.as_mut() {
-                        v.counts = e.counts.clone();
-                        v.rollout.state = e.state;
-                        v.total = e.counts.values().sum();
-                    }
-                }
-                None => break,
-            }
-            if view.as_ref().is_some_and(&done) {
-                break;
-            }
-        }
-    })
-    .await;
-    assert!(result.is_ok(), "timed out waiting for {what}: {view:?}");
-    admin.rollout(id, "").await.unwrap().view
+    tests::watch_rollout_until(admin, id, WAIT, what, done).await
 }
 
 /// Every target row of rollout `id`, by guest.

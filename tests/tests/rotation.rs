@@ -12,7 +12,7 @@ use guest_daemon::tee_key::{TeeKeyPair, UnsealError};
 use kbs_core::storage::{RolloutState, TargetRecord, TargetState};
 use plugin_rotation::{Control, RolloutView, StartRollout};
 use reqwest::StatusCode;
-use server::admin_client::{AdminClient, RolloutUpdate};
+use server::admin_client::AdminClient;
 use tests::{
     ALLOW_SAMPLE, DaemonRun, StubGuest, TestKbs, api_err_detail, eventually_within, hub_until,
     unseal_with,
@@ -119,40 +119,17 @@ fn start(path: &str, selector: &str) -> StartRollout {
     }
 }
 
-/// Follows the rollout's event stream until `done(view)` holds for the latest counts.
 async fn watch_until(
     admin: &AdminClient,
     id: i64,
     what: &str,
     done: impl Fn(&RolloutView) -> bool,
 ) -> RolloutView {
-    let mut watch = admin.watch_rollout(id).await.unwrap();
-    let mut view: Option<RolloutView> = None;
-    let result = tokio::time::timeout(WAIT, async {
-        loop {
-            match watch.next().await.unwrap() {
-                Some(RolloutUpdate::Snapshot(v)) => view = Some(v),
-                Some(RolloutUpdate::Change(e)) => {
-                    if let Some(v) = view.as_mut() {
-                        v.counts = e.counts.clone();
-                        v.rollout.state = e.state;
-                        v.total = e.counts.values().sum();
-                    }
-                }
-                None => break,
-            }
-            if view.as_ref().is_some_and(&done) {
-                break;
-            }
-        }
-    })
-    .await;
-    assert!(result.is_ok(), "timed out waiting for {what}: {view:?}");
-    admin.rollout(id, "").await.unwrap().view
+    tests::watch_rollout_until(admin, id, WAIT, what, done).await
 }
 
 fn count(v: &RolloutView, s: TargetState) -> u64 {
-    v.counts.get(&s).copied().unwrap_or(0)
+    tests::target_count(v, s)
 }
 
 #[tokio::test]
