@@ -120,6 +120,17 @@ async fn replicas_that_lose_the_database_keep_serving_refuse_writes_and_catch_up
     .await
     .unwrap();
     admin_b.ping_guest("outage-guest").await.unwrap();
+    // A rollout in force (selecting nobody), to be paused while the database is away.
+    let rollout = admin_b
+        .start_rollout(&StartRollout {
+            path: CACHED.into(),
+            selector: "app=nobody".into(),
+            ..StartRollout::default()
+        })
+        .await
+        .unwrap()
+        .rollout
+        .id;
 
     // The database goes away.
     let cluster = Arc::new(cluster);
@@ -179,6 +190,13 @@ async fn replicas_that_lose_the_database_keep_serving_refuse_writes_and_catch_up
                 selector: "app=db".into(),
                 ..StartRollout::default()
             })
+            .await
+            .unwrap_err(),
+    );
+    assert_storage_unavailable(
+        "a rollout pause",
+        admin_b
+            .control_rollout(rollout, plugin_rotation::Control::Pause)
             .await
             .unwrap_err(),
     );

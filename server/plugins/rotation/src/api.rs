@@ -428,6 +428,12 @@ async fn control(
                     ApiError::new(StatusCode::CONFLICT, "RolloutFinished", e.to_string())
                 }
                 ControlError::Store(s) => ApiError::internal("rotation storage", s),
+                // Nothing wrong with the request: the database is out of reach, retry.
+                ControlError::Unavailable(_) => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "StorageUnavailable",
+                    "storage is unavailable; retry later",
+                ),
             })
         }
     }

@@ -55,6 +55,19 @@ pub enum ControlError {
     /// Storage failed.
     #[error("storage: {0}")]
     Store(String),
+    /// The database is out of reach (the control may succeed later, unchanged).
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl From<kbs_core::storage::StoreError> for ControlError {
+    fn from(e: kbs_core::storage::StoreError) -> Self {
+        if e.is_unavailable() {
+            Self::Unavailable(e.to_string())
+        } else {
+            Self::Store(e.to_string())
+        }
+    }
 }
 
 /// What the reconciler is told.

@@ -342,7 +342,7 @@ impl Engine {
             return match self.deps.rollouts.get_rollout(id).await {
                 Ok(Some(rec)) => Err(ControlError::Finished(id, rec.state)),
                 Ok(None) => Err(ControlError::NotFound(id)),
-                Err(e) => Err(ControlError::Store(e.to_string())),
+                Err(e) => Err(e.into()),
             };
         };
         let target = match action {
@@ -364,8 +364,7 @@ impl Engine {
         self.deps
             .rollouts
             .set_rollout_state(id, target, &detail)
-            .await
-            .map_err(|e| ControlError::Store(e.to_string()))?;
+            .await?;
         live.rec.state = target;
         live.rec.detail = detail;
         live.rec.updated_at = now_ms();
