@@ -18,9 +18,8 @@ pub(super) struct Live {
     pub(super) counts: BTreeMap<TargetState, u64>,
     pub(super) ready: VecDeque<String>,
     pub(super) queued: HashSet<String>,
-    pub(super) in_flight: usize,
-    /// Guests this process is pushing to now (a `delivering` row of another replica, or
-    /// one left by a replica that died, is not in it and may be pushed again).
+    /// Guests this process is pushing to now, one push each (a `delivering` row of another
+    /// replica, or one left by a replica that died, is not in it and may be pushed again).
     pub(super) flying: HashSet<String>,
     /// With a shared store: the counts of every replica's targets, as last read from it.
     pub(super) fleet: Option<BTreeMap<TargetState, u64>>,
@@ -36,11 +35,15 @@ impl Live {
             counts: TargetState::ALL.iter().map(|s| (*s, 0)).collect(),
             ready: VecDeque::new(),
             queued: HashSet::new(),
-            in_flight: 0,
             flying: HashSet::new(),
             fleet: None,
             plaintext: None,
         }
+    }
+
+    /// Pushes this process has in flight.
+    pub(super) fn in_flight(&self) -> usize {
+        self.flying.len()
     }
 
     /// Targets not yet acked, failed or denied: fleet-wide where known, else this process's.

@@ -654,7 +654,6 @@ impl Engine {
             // Superseded, cancelled or expired meanwhile: the row is stored, nothing to drive.
             return;
         };
-        live.in_flight = live.in_flight.saturating_sub(1);
         live.flying.remove(&d.row.guest_id);
         let guest = d.row.guest_id.clone();
         let previous = live
@@ -686,7 +685,7 @@ impl Engine {
                 l.rec.state == RolloutState::Running
                     && !l.ready.is_empty()
                     && l.plaintext.is_none()
-                    && l.in_flight < l.rec.max_concurrent as usize
+                    && l.in_flight() < l.rec.max_concurrent as usize
             });
             if wants_plaintext && !self.load_plaintext(id).await {
                 continue;
@@ -768,7 +767,7 @@ impl Engine {
             return;
         };
         while live.rec.state == RolloutState::Running
-            && live.in_flight < live.rec.max_concurrent as usize
+            && live.in_flight() < live.rec.max_concurrent as usize
         {
             let Some(guest) = live.ready.pop_front() else {
                 break;
@@ -794,7 +793,6 @@ impl Engine {
             t.updated_at = now;
             let row = t.clone();
             live.count(Some(from), TargetState::Delivering);
-            live.in_flight += 1;
             live.flying.insert(guest.clone());
             let _ = self.events.send(live.event(Some(row.clone())));
 

@@ -2,7 +2,7 @@
 //! rollouts other replicas create or change, counting every replica's targets, and reading a
 //! target's stored row back before a push (its guest may have been served elsewhere).
 
-use kbs_core::storage::{Change, RolloutQuery, RolloutRecord, now_ms};
+use kbs_core::storage::{Change, RolloutQuery, RolloutRecord, RolloutState, now_ms};
 
 use super::{Engine, RECOUNT_DELAY};
 
@@ -94,7 +94,7 @@ impl Engine {
         if live.rec.state == rec.state {
             return;
         }
-        let resumed = rec.state == super::RolloutState::Running;
+        let resumed = rec.state == RolloutState::Running;
         tracing::info!(rollout = id, state = %rec.state, "rollout changed by another replica");
         live.rec = rec;
         if resumed {
@@ -178,14 +178,12 @@ impl Engine {
         };
         let changed = live.fleet.as_ref() != Some(&counts);
         live.fleet = Some(counts);
-        let busy = live.in_flight > 0 || !live.ready.is_empty();
+        let busy = live.in_flight() > 0 || !live.ready.is_empty();
         let next = match live.rec.state {
-            super::RolloutState::Running if live.outstanding() == 0 && !busy => {
-                Some(super::RolloutState::Completed)
+            RolloutState::Running if live.outstanding() == 0 && !busy => {
+                Some(RolloutState::Completed)
             }
-            super::RolloutState::Completed if live.outstanding() > 0 => {
-                Some(super::RolloutState::Running)
-            }
+            RolloutState::Completed if live.outstanding() > 0 => Some(RolloutState::Running),
             _ => None,
         };
         if let Some(next) = next {
@@ -197,7 +195,7 @@ impl Engine {
             let Some(live) = self.live.get_mut(&id) else {
                 return;
             };
-            if next == super::RolloutState::Completed {
+            if next == RolloutState::Completed {
                 live.plaintext = None;
             }
             live.rec.state = next;
@@ -222,10 +220,10 @@ impl Engine {
         let Some(live) = self.live.get(&id) else {
             return;
         };
-        if live.rec.state != super::RolloutState::Running || live.plaintext.is_none() {
+        if live.rec.state != RolloutState::Running || live.plaintext.is_none() {
             return;
         }
-        let free = (live.rec.max_concurrent as usize).saturating_sub(live.in_flight);
+        let free = (live.rec.max_concurrent as usize).saturating_sub(live.in_flight());
         let wanted: Vec<String> = live
             .ready
             .iter()
