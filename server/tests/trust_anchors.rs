@@ -193,7 +193,8 @@ async fn without_amd_s_crl_snp_is_refused_unless_crl_is_if_published() {
     let verify = |toml: &str| {
         let anchors = anchors(&config(dir.path(), toml));
         let v = verifiers(anchors, &collateral, now).remove(1);
-        async move { v.verify(&snp_evidence(), &report_data, None).await }
+        let rd = report_data.clone();
+        async move { v.verify(&snp_evidence(), &rd, None).await }
     };
     // The default, and said explicitly: no CRL for Milan in the files, refused naming it.
     for toml in ["", "[attestation.snp]\ncrl = \"required\"\n"] {
