@@ -26,6 +26,7 @@ MODULES=(
     "rotation-deliver|kbs-plugin-rotation|server/plugins/rotation/src/deliver.rs"
     "guest-store|guest-daemon|guest-daemon/src/store.rs,guest-daemon/src/store/*.rs"
     "guest-service|guest-daemon|guest-daemon/src/service.rs"
+    "snp-crl|tee-verifiers|server/tee-verifiers/src/snp/crl.rs"
 )
 
 jobs="${MUTANTS_JOBS:-1}"

@@ -16,6 +16,7 @@ use serde::Deserialize;
 use tee_verifiers::anchors::{self, TrustAnchors};
 use tee_verifiers::collateral::HttpFetcherConfig;
 use tee_verifiers::request::Generation;
+use tee_verifiers::snp::crl::CrlPolicy;
 use tokio_util::sync::CancellationToken;
 
 /// Name under which the appraisal policy is stored (`policies` table).
@@ -129,7 +130,7 @@ pub struct TdxConfig {
     pub root_ca_file: Option<PathBuf>,
 }
 
-/// `[attestation.snp]`: the SNP verifier's trust anchors.
+/// `[attestation.snp]`: the SNP verifier's trust anchors and revocation rule.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SnpConfig {
@@ -137,22 +138,27 @@ pub struct SnpConfig {
     /// the ASK and ASVK it signed (the shape of AMD's `ask_ark_asvk.pem`), replacing AMD's
     /// roots of that generation. Generations not named keep AMD's.
     pub roots: BTreeMap<String, PathBuf>,
+    /// `required` (the default): a report whose generation has no AMD CRL at hand (KDS
+    /// answers 404, no `snp/*.crl` offline) is refused; `if-published`: it is verified
+    /// without a revocation check.
+    pub crl: CrlPolicy,
 }
 
 /// Largest certificate file read as a trust anchor.
 const MAX_ANCHOR_BYTES: usize = 256 * 1024;
 
 /// The roots TDX and SNP evidence must chain to: the vendors' unless `[attestation.tdx]` or
-/// `[attestation.snp]` name others. A file that is not a CA certificate (or, for AMD, not an
+/// `[attestation.snp]` name others; with `[attestation.snp] crl` as the SNP revocation rule. A file that is not a CA certificate (or, for AMD, not an
 /// ARK with the ASK and ASVK it signed) is refused, naming the key.
 pub fn trust_anchors(
     tdx: &TdxConfig,
     snp: &SnpConfig,
 ) -> Result<Arc<TrustAnchors>, (String, String)> {
-    if tdx.root_ca_file.is_none() && snp.roots.is_empty() {
-        return Ok(TrustAnchors::vendor());
+    let vendor = TrustAnchors::vendor();
+    if tdx.root_ca_file.is_none() && snp.roots.is_empty() && snp.crl == vendor.snp_crl_policy() {
+        return Ok(vendor);
     }
-    let mut anchors = (*TrustAnchors::vendor()).clone();
+    let mut anchors = (*vendor).clone().with_snp_crl_policy(snp.crl);
     if let Some(file) = &tdx.root_ca_file {
         let key = "attestation.tdx.root_ca_file".to_owned();
         let fail = |reason: String| (key.clone(), format!("{}: {reason}", file.display()));

@@ -1,6 +1,9 @@
 //! Offline evidence verification for operators (`kbsctl evidence verify`): a raw TDX quote
 //! with its DCAP collateral, or a raw SNP report with its VCEK/VLEK, checked at a given time
-//! exactly as the KBS checks it, with the claims under the names the token carries.
+//! exactly as the KBS checks it, with the claims under the names the token carries. For SNP,
+//! AMD's CRL of the report's generation (a file from KDS `/vcek/v1/{product}/crl`) is checked
+//! as the KBS checks it, and its absence is treated per the CRL policy (`required` unless
+//! the operator says `if-published`, as `[attestation.snp] crl`).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -8,8 +11,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
-use tee_verifiers::collateral::TdxCollateral;
-use tee_verifiers::{Collateral, TeeKind};
+use tee_verifiers::collateral::{SnpCollateral, TdxCollateral};
+use tee_verifiers::request::Generation;
+use tee_verifiers::snp::crl::CrlPolicy;
+use tee_verifiers::{Collateral, Decoded, TeeKind, TrustAnchors};
 
 /// What to verify.
 pub struct OfflineEvidence<'a> {
@@ -25,6 +30,42 @@ pub struct OfflineEvidence<'a> {
     pub report_data: Option<Vec<u8>>,
     /// Expected init-data digest (MRCONFIGID / HOST_DATA); not checked when absent.
     pub init_data_digest: Option<Vec<u8>>,
+    /// SNP: AMD's CRL of the report's generation (DER or PEM).
+    pub crl: Option<&'a [u8]>,
+    /// SNP: what to do without `crl` (`Required`: refuse, as the KBS by default).
+    pub crl_policy: CrlPolicy,
+    /// Roots instead of the vendor's: TDX, one root CA certificate (PEM or DER); SNP, the
+    /// ARK, ASK and ASVK (PEM, the shape of AMD's `ask_ark_asvk.pem`), for any generation.
+    pub roots: Option<&'a [u8]>,
+}
+
+/// The vendor's roots, or `e.roots`, with `e.crl_policy`.
+fn anchors(e: &OfflineEvidence<'_>) -> Result<TrustAnchors, String> {
+    let mut anchors = (*TrustAnchors::vendor())
+        .clone()
+        .with_snp_crl_policy(e.crl_policy);
+    let Some(roots) = e.roots else {
+        return Ok(anchors);
+    };
+    let bad = |err: tee_verifiers::VerifyError| format!("--roots: {err}");
+    match e.tee {
+        TeeKind::Tdx => {
+            let mut certs = tee_verifiers::anchors::certificates(roots);
+            if certs.len() != 1 {
+                return Err(format!(
+                    "--roots: expected one root CA certificate for TDX, found {}",
+                    certs.len()
+                ));
+            }
+            anchors = anchors.with_intel_root_ca(certs.remove(0)).map_err(bad)?;
+        }
+        TeeKind::Snp => {
+            for g in [Generation::Milan, Generation::Genoa, Generation::Turin] {
+                anchors = anchors.with_amd_roots_pem(g, roots).map_err(bad)?;
+            }
+        }
+    }
+    Ok(anchors)
 }
 
 /// The verified claims, or why the evidence is refused (`Name: reason`).
@@ -37,6 +78,11 @@ pub fn verify_offline(e: &OfflineEvidence<'_>) -> Result<Value, String> {
             let json = e.collateral.ok_or(
                 "TDX needs --collateral: the DCAP collateral JSON (PCK CRL, TCB info, QE identity, root CA CRL)",
             )?;
+            if e.crl.is_some() {
+                return Err(
+                    "--crl is for SNP: TDX's CRLs are part of its DCAP collateral".to_owned(),
+                );
+            }
             let c = TdxCollateral::from_json(json).map_err(refused)?;
             (
                 json!({"cc_eventlog": null, "quote": STANDARD.encode(e.evidence)}),
@@ -65,21 +111,32 @@ pub fn verify_offline(e: &OfflineEvidence<'_>) -> Result<Value, String> {
                     "cert_chain": [{"cert_type": kind, "data": cert}],
                 }),
                 rd,
-                Collateral::None,
+                match e.crl {
+                    Some(bytes) => Collateral::Snp(SnpCollateral {
+                        vcek: None,
+                        crl: Some(Arc::new(
+                            tee_verifiers::collateral::crl_der(bytes).map_err(refused)?,
+                        )),
+                    }),
+                    None => Collateral::None,
+                },
             )
         }
     };
     let report_data = e.report_data.clone().unwrap_or(own_report_data);
-    tee_verifiers::verify(
-        e.tee,
-        &evidence,
-        &report_data,
-        e.init_data_digest.as_deref(),
-        &collateral,
-        e.at,
-    )
-    .map(tee_verifiers::Claims::into_value)
-    .map_err(refused)
+    let anchors = anchors(e)?;
+    Decoded::new(e.tee, &evidence)
+        .and_then(|d| {
+            d.verify_with(
+                &anchors,
+                &report_data,
+                e.init_data_digest.as_deref(),
+                &collateral,
+                e.at,
+            )
+        })
+        .map(tee_verifiers::Claims::into_value)
+        .map_err(refused)
 }
 
 /// `--at`: RFC 3339 (`2025-06-01T00:00:00Z`) or Unix seconds.
@@ -121,6 +178,9 @@ mod tests {
             at,
             report_data: None,
             init_data_digest: None,
+            crl: None,
+            crl_policy: CrlPolicy::Required,
+            roots: None,
         })
     }
 
@@ -144,6 +204,9 @@ mod tests {
             at: tdx_at(),
             report_data: None,
             init_data_digest: None,
+            crl: None,
+            crl_policy: CrlPolicy::Required,
+            roots: None,
         });
         assert!(no_collateral.unwrap_err().contains("--collateral"));
     }
@@ -151,6 +214,23 @@ mod tests {
     #[test]
     fn snp_reports_with_vcek_or_vlek() {
         let at = parse_time("1748736000").unwrap();
+        // The real reports come without AMD's CRL: `if-published`, but for the first check.
+        let required = verify_offline(&OfflineEvidence {
+            tee: TeeKind::Snp,
+            evidence: SNP_REPORT,
+            collateral: Some(SNP_VCEK),
+            at,
+            report_data: None,
+            init_data_digest: None,
+            crl: None,
+            crl_policy: CrlPolicy::Required,
+            roots: None,
+        })
+        .unwrap_err();
+        assert!(
+            required.starts_with("CollateralUnavailable") && required.contains("no AMD Milan CRL"),
+            "{required}"
+        );
         let snp = |report, key| {
             verify_offline(&OfflineEvidence {
                 tee: TeeKind::Snp,
@@ -159,6 +239,9 @@ mod tests {
                 at,
                 report_data: None,
                 init_data_digest: None,
+                crl: None,
+                crl_policy: CrlPolicy::IfPublished,
+                roots: None,
             })
         };
         assert!(snp(SNP_REPORT, SNP_VCEK).unwrap()["measurement"].is_string());
@@ -180,6 +263,9 @@ mod tests {
             at,
             report_data: Some(vec![0; 64]),
             init_data_digest: None,
+            crl: None,
+            crl_policy: CrlPolicy::IfPublished,
+            roots: None,
         });
         assert!(wrong.unwrap_err().starts_with("ReportDataMismatch"));
     }

@@ -1,7 +1,8 @@
 //! Custom trust anchors from the configuration (`[attestation.tdx] root_ca_file`,
 //! `[attestation.snp.roots]`): evidence chained to a test root verifies only when that root
 //! is configured, and the `kbs` binary refuses to start on a file that is not a CA
-//! certificate, naming the key.
+//! certificate, naming the key. `[attestation.snp] crl`: without AMD's CRL a report is
+//! refused unless it is `if-published`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -156,8 +157,10 @@ async fn configured_amd_roots_replace_amd_s_for_their_generation_only() {
     let with_roots = |generation: &str, file: &str| {
         anchors(&config(
             dir.path(),
+            // No AMD CRL in these files (the real report's chain has no test CRL).
             &format!(
-                "[attestation.snp.roots]\n{generation} = \"{}\"\n",
+                "[attestation.snp]\ncrl = \"if-published\"\n\
+                 [attestation.snp.roots]\n{generation} = \"{}\"\n",
                 roots_pem(file).display()
             ),
         ))
@@ -178,6 +181,43 @@ async fn configured_amd_roots_replace_amd_s_for_their_generation_only() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("CertificateChainInvalid"), "{err}");
+}
+
+#[tokio::test]
+async fn without_amd_s_crl_snp_is_refused_unless_crl_is_if_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let collateral = dir.path().join("collateral");
+    std::fs::create_dir_all(&collateral).unwrap();
+    let now = UNIX_EPOCH + Duration::from_secs(1_748_736_000);
+    let report_data = SNP_REPORT[0x50..0x90].to_vec();
+    let verify = |toml: &str| {
+        let anchors = anchors(&config(dir.path(), toml));
+        let v = verifiers(anchors, &collateral, now).remove(1);
+        let rd = report_data.clone();
+        async move { v.verify(&snp_evidence(), &rd, None).await }
+    };
+    // The default, and said explicitly: no CRL for Milan in the files, refused naming it.
+    for toml in ["", "[attestation.snp]\ncrl = \"required\"\n"] {
+        let err = verify(toml).await.unwrap_err().to_string();
+        assert!(
+            err.contains("CollateralUnavailable") && err.contains("no AMD Milan CRL"),
+            "{toml:?}: {err}"
+        );
+    }
+    let claims = verify("[attestation.snp]\ncrl = \"if-published\"\n")
+        .await
+        .unwrap();
+    assert_eq!(claims["generation"], "milan");
+    // Anything else is a configuration error naming the value.
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[attestation.snp]\ncrl = \"never\"\n").unwrap();
+    let err = Config::load(Some(&file), std::iter::empty())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("never") && err.contains("if-published"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -7,6 +7,9 @@
 //! operator configures other roots (a lab with its own PKI, a test). Replacing a root
 //! replaces trust in everything it signs: such a root is checked to parse (and AMD's to
 //! chain) when it is set, never later relaxed.
+//!
+//! They also carry the revocation rule for SNP ([`CrlPolicy`]): with no AMD CRL at hand a
+//! report is refused unless the operator chose `if-published`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -15,6 +18,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::VerifyError;
 use crate::request::Generation;
+use crate::snp::crl::CrlPolicy;
 use crate::snp::vek::{self, Roots};
 
 /// The roots TDX and SNP evidence is verified against.
@@ -25,6 +29,8 @@ pub struct TrustAnchors {
     amd: HashMap<Generation, Arc<Roots>>,
     /// Why the embedded AMD roots could not be loaded (never expected; reported per use).
     amd_error: Option<String>,
+    /// Whether an SNP report may be verified without AMD's CRL of its generation.
+    snp_crl: CrlPolicy,
 }
 
 impl TrustAnchors {
@@ -41,6 +47,7 @@ impl TrustAnchors {
                     intel_root_ca: None,
                     amd: amd.into_iter().map(|(g, r)| (g, Arc::new(r))).collect(),
                     amd_error,
+                    snp_crl: CrlPolicy::Required,
                 })
             })
             .clone()
@@ -86,6 +93,18 @@ impl TrustAnchors {
     ) -> Result<Self, VerifyError> {
         let (ark, ask, asvk) = amd_roots_from_pem(pem)?;
         self.with_amd_roots(generation, ark, ask, asvk)
+    }
+
+    /// These anchors with `policy` for SNP reports whose generation has no AMD CRL at hand
+    /// ([`CrlPolicy::Required`] unless set).
+    pub fn with_snp_crl_policy(mut self, policy: CrlPolicy) -> Self {
+        self.snp_crl = policy;
+        self
+    }
+
+    /// What SNP verification does without AMD's CRL.
+    pub fn snp_crl_policy(&self) -> CrlPolicy {
+        self.snp_crl
     }
 
     /// The configured Intel root CA (DER); `None` means Intel's own.

@@ -66,7 +66,9 @@ fn now() -> SystemTime {
 #[tokio::test]
 async fn ten_thousand_verifications_fetch_each_item_once() {
     let (url, pccs) = server().await;
-    let verifier = Verifier::new(Arc::new(store(&url, StoreConfig::default())));
+    // This KDS publishes no AMD CRL (see snp_revocation.rs for the CRL).
+    let verifier = Verifier::new(Arc::new(store(&url, StoreConfig::default())))
+        .with_trust_anchors(vendor_if_published());
     let tdx_ev = tdx_evidence(TDX_QUOTE);
     let tdx_rd = tdx_report_data(TDX_QUOTE);
     let snp_ev = snp_evidence_without_vcek();
@@ -211,7 +213,8 @@ async fn no_cache_and_no_service_is_collateral_unavailable() {
 #[tokio::test]
 async fn unknown_chip_is_collateral_unavailable() {
     let (url, _pccs) = server().await;
-    let verifier = Verifier::new(Arc::new(store(&url, StoreConfig::default())));
+    let verifier = Verifier::new(Arc::new(store(&url, StoreConfig::default())))
+        .with_trust_anchors(vendor_if_published());
     let mut r = SNP_REPORT.to_vec();
     r[0x1A0] ^= 1; // another chip id: KDS answers 404 under Milan and Genoa
     let mut ev = snp_evidence(&r, "VCEK", SNP_VCEK);
@@ -281,7 +284,8 @@ async fn offline_collateral_from_files() {
     let verifier = Verifier::new(Arc::new(CollateralStore::new(
         Arc::new(fetcher),
         StoreConfig::default(),
-    )));
+    )))
+    .with_trust_anchors(vendor_if_published());
     let c = verifier
         .verify(
             TeeKind::Tdx,
@@ -459,7 +463,7 @@ async fn offline_directory_changes_are_picked_up_without_a_restart() {
         Arc::new(OfflineFetcher::from_dir(dir.path()).unwrap()),
         config,
     ));
-    let verifier = Verifier::new(store.clone());
+    let verifier = Verifier::new(store.clone()).with_trust_anchors(vendor_if_published());
     let t = inside(&TdxCollateral::from_json(TDX_COLLATERAL).unwrap());
     let t_unix = t.duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
     let snp_ev = snp_evidence_without_vcek();

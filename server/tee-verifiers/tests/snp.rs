@@ -13,7 +13,26 @@ use serde_json::{Value, json};
 use tee_verifiers::snp::report::Report;
 use tee_verifiers::snp::vek::{self, VekKind};
 use tee_verifiers::snp::{self, Generation};
-use tee_verifiers::{Collateral, TeeKind, TrustAnchors, VerifyError, verify};
+use tee_verifiers::{Claims, Collateral, Decoded, TeeKind, TrustAnchors, VerifyError};
+
+/// `tee_verifiers::verify` under AMD's roots with the `if-published` CRL policy: these real
+/// reports come without AMD's CRL (see `vendor_if_published`).
+fn verify(
+    tee: TeeKind,
+    evidence: &Value,
+    report_data: &[u8],
+    init_data_digest: Option<&[u8]>,
+    collateral: &Collateral,
+    now: std::time::SystemTime,
+) -> Result<Claims, VerifyError> {
+    Decoded::new(tee, evidence)?.verify_with(
+        &vendor_if_published(),
+        report_data,
+        init_data_digest,
+        collateral,
+        now,
+    )
+}
 
 fn verify_snp(evidence: &Value, report: &[u8]) -> Result<Value, VerifyError> {
     verify(
@@ -308,4 +327,29 @@ fn malformed_snp_evidence() {
         let err = verify(TeeKind::Snp, &ev, &[], None, &Collateral::None, snp_now()).unwrap_err();
         assert!(matches!(err, VerifyError::Malformed(_)), "{ev}: {err:?}");
     }
+}
+
+#[test]
+fn amd_s_roots_by_default_refuse_a_report_without_amd_s_crl() {
+    let ev = snp_evidence(SNP_REPORT, "VCEK", SNP_VCEK);
+    let rd = snp_report_data(SNP_REPORT);
+    let err = tee_verifiers::verify(TeeKind::Snp, &ev, &rd, None, &Collateral::None, snp_now())
+        .unwrap_err();
+    assert_eq!(err.name(), "CollateralUnavailable", "{err:?}");
+    assert!(
+        err.to_string().contains("no AMD Milan CRL"),
+        "the refusal names the missing CRL: {err}"
+    );
+    // The VLEK path names the ASVK.
+    let ev = snp_evidence(SNP_VLEK_REPORT, "VLEK", SNP_VLEK);
+    let err = tee_verifiers::verify(
+        TeeKind::Snp,
+        &ev,
+        &snp_report_data(SNP_VLEK_REPORT),
+        None,
+        &Collateral::None,
+        snp_now(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("the VLEK and its ASVK"), "{err}");
 }

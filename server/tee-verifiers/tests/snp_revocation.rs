@@ -2,7 +2,8 @@
 //! AMD keys cannot sign a test CRL), verified with that PKI's ARK as Milan's root. The same
 //! report and key with and without a CRL entry shows that the revocation, and nothing else,
 //! is what refuses; the CRL reaches the verifier from KDS (a real local HTTP server) and from
-//! offline files, and is fetched once, not per verification.
+//! offline files, and is fetched once, not per verification. Without a CRL the `required`
+//! policy (the default) refuses and `if-published` verifies unchecked.
 #![allow(clippy::unwrap_used)]
 
 #[path = "common/amd_pki.rs"]
@@ -21,6 +22,7 @@ use tee_verifiers::collateral::{
     CollateralStore, HttpFetcher, HttpFetcherConfig, OfflineFetcher, SnpCollateral, StoreConfig,
     TdxCollateral,
 };
+use tee_verifiers::snp::crl::CrlPolicy;
 use tee_verifiers::{Collateral, Decoded, TeeKind, TrustAnchors, Verifier, VerifyError};
 
 struct Snp {
@@ -76,15 +78,61 @@ fn revoked(err: VerifyError) -> String {
     detail
 }
 
+fn if_published(anchors: &TrustAnchors) -> TrustAnchors {
+    anchors.clone().with_snp_crl_policy(CrlPolicy::IfPublished)
+}
+
+/// The refusal of a report for want of a CRL, under the `required` policy.
+fn crl_missing(err: VerifyError) -> String {
+    assert_eq!(err.name(), "CollateralUnavailable", "{err:?}");
+    let detail = err.to_string();
+    assert!(
+        detail.contains("no AMD Milan CRL (KDS /vcek/v1/Milan/crl) to check the VCEK and its ASK")
+            && detail.contains("revocation checking is required"),
+        "{detail}"
+    );
+    detail
+}
+
 #[test]
-fn the_test_report_verifies_without_a_crl_and_with_one_that_lists_neither_key() {
+fn the_test_report_verifies_with_a_crl_that_lists_neither_key() {
     let t = setup();
-    let claims = t.verify(&t.anchors, None).unwrap();
+    let claims = t.verify(&t.anchors, Some("crl-none")).unwrap();
     assert_eq!(claims["reported_tcb_microcode"], "115");
-    t.verify(&t.anchors, Some("crl-none")).unwrap();
+    t.verify(&if_published(&t.anchors), Some("crl-none"))
+        .unwrap();
     // The production anchors never trust the test ARK.
     let err = t.verify(&TrustAnchors::vendor(), None).unwrap_err();
     assert_eq!(err.name(), "CertificateChainInvalid", "{err:?}");
+}
+
+#[test]
+fn without_a_crl_the_default_policy_refuses_naming_the_missing_crl() {
+    let t = setup();
+    assert_eq!(TrustAnchors::vendor().snp_crl_policy(), CrlPolicy::Required);
+    assert_eq!(t.anchors.snp_crl_policy(), CrlPolicy::Required);
+    crl_missing(t.verify(&t.anchors, None).unwrap_err());
+    // `if-published`: the same report verifies, unchecked for revocation.
+    let claims = t.verify(&if_published(&t.anchors), None).unwrap();
+    assert_eq!(claims["reported_tcb_microcode"], "115");
+    // A CRL at hand is checked under either policy.
+    revoked(
+        t.verify(&if_published(&t.anchors), Some("crl-vcek"))
+            .unwrap_err(),
+    );
+}
+
+#[test]
+fn the_crl_policy_is_read_from_configuration_names() {
+    for (text, policy) in [
+        ("\"required\"", CrlPolicy::Required),
+        ("\"if-published\"", CrlPolicy::IfPublished),
+    ] {
+        assert_eq!(serde_json::from_str::<CrlPolicy>(text).unwrap(), policy);
+        assert_eq!(format!("\"{}\"", policy.as_str()), text);
+    }
+    assert!(serde_json::from_str::<CrlPolicy>("\"never\"").is_err());
+    assert_eq!(CrlPolicy::default(), CrlPolicy::Required);
 }
 
 #[test]
@@ -188,6 +236,45 @@ async fn amd_s_crl_from_kds_is_fetched_once_and_checked() {
 }
 
 #[tokio::test]
+async fn a_kds_that_publishes_no_crl_refuses_unless_the_policy_is_if_published() {
+    let t = setup();
+    let tdx = TdxCollateral::from_json(TDX_COLLATERAL).unwrap().collateral;
+    let (addr, kds) = pccs_server::start(tdx, Vec::new()).await;
+    let url = format!("http://{addr}");
+    let verifier = |anchors: TrustAnchors| {
+        let fetcher = HttpFetcher::new(HttpFetcherConfig {
+            pccs_url: url.clone(),
+            root_ca_crl_url: None,
+            kds_url: url.clone(),
+            timeout: Duration::from_secs(5),
+        })
+        .unwrap();
+        Verifier::new(Arc::new(CollateralStore::new(
+            Arc::new(fetcher),
+            StoreConfig::default(),
+        )))
+        .with_trust_anchors(Arc::new(anchors))
+    };
+    let rd = snp_report_data(&t.report);
+    // KDS answers 404 for the CRL: `required` (the default) refuses, every time, and the
+    // 404 is remembered (one fetch), not asked per attestation.
+    let v = verifier(t.anchors.clone());
+    for _ in 0..20 {
+        let err = v
+            .verify(TeeKind::Snp, &t.evidence(), &rd, None, inside())
+            .await
+            .unwrap_err();
+        crl_missing(err);
+    }
+    assert_eq!(kds.hits("crl/Milan"), 1);
+    // `if-published`: verified, unchecked.
+    verifier(if_published(&t.anchors))
+        .verify(TeeKind::Snp, &t.evidence(), &rd, None, inside())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
 async fn amd_s_crl_from_offline_files_is_checked() {
     let t = setup();
     let dir = tempfile::tempdir().unwrap();
@@ -206,9 +293,15 @@ async fn amd_s_crl_from_offline_files_is_checked() {
     bare["cert_chain"] = Value::Null;
     let rd = snp_report_data(&t.report);
 
-    // No CRL file: verified (and logged as unchecked).
+    // No CRL file: refused under `required` (the default), verified under `if-published`.
     for ev in [t.evidence(), bare.clone()] {
+        let err = verifier()
+            .verify(TeeKind::Snp, &ev, &rd, None, inside())
+            .await
+            .unwrap_err();
+        crl_missing(err);
         verifier()
+            .with_trust_anchors(Arc::new(if_published(&t.anchors)))
             .verify(TeeKind::Snp, &ev, &rd, None, inside())
             .await
             .unwrap();

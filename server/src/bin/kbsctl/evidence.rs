@@ -1,5 +1,7 @@
 //! `kbsctl evidence verify`: check a TDX quote or SNP report offline, as the KBS would, and
-//! print the verified claims (the names the token carries) or why it is refused.
+//! print the verified claims (the names the token carries) or why it is refused. SNP reports
+//! are checked against AMD's CRL given with `--crl`, and without one refused unless
+//! `--crl-policy if-published`, as the KBS does by default.
 
 use std::path::PathBuf;
 use std::time::SystemTime;
@@ -8,11 +10,21 @@ use anyhow::{Context, bail};
 use clap::{Subcommand, ValueEnum};
 use server::evidence::{OfflineEvidence, parse_time, verify_offline};
 use tee_verifiers::TeeKind;
+use tee_verifiers::snp::crl::CrlPolicy;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Tee {
     Tdx,
     Snp,
+}
+
+/// `--crl-policy`, the values of `[attestation.snp] crl`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum CrlPolicyArg {
+    /// Without `--crl` the report is refused (the KBS's default).
+    Required,
+    /// Without `--crl` the key is not checked for revocation.
+    IfPublished,
 }
 
 #[derive(Subcommand, Debug)]
@@ -36,6 +48,19 @@ pub enum EvidenceCmd {
         /// Expected init-data digest (hex), checked against MRCONFIGID / HOST_DATA.
         #[arg(long)]
         init_data_digest: Option<String>,
+        /// SNP: AMD's CRL of the report's generation (DER or PEM, from KDS
+        /// `/vcek/v1/{Milan|Genoa|Turin}/crl`); the key and its ASK/ASVK must not be on it.
+        #[arg(long)]
+        crl: Option<PathBuf>,
+        /// SNP without `--crl`: refuse (`required`, as the KBS by default) or verify without
+        /// a revocation check (`if-published`).
+        #[arg(long, value_enum, default_value = "required")]
+        crl_policy: CrlPolicyArg,
+        /// Roots instead of the vendor's: TDX, a root CA certificate (PEM or DER); SNP, an
+        /// ARK, ASK and ASVK PEM (the shape of AMD's `ask_ark_asvk.pem`), as
+        /// `[attestation.tdx] root_ca_file` and `[attestation.snp.roots]` in the KBS.
+        #[arg(long)]
+        roots: Option<PathBuf>,
     },
 }
 
@@ -47,11 +72,16 @@ pub fn run(cmd: EvidenceCmd) -> anyhow::Result<()> {
         at,
         report_data,
         init_data_digest,
+        crl,
+        crl_policy,
+        roots,
     } = cmd;
     let evidence = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-    let collateral = collateral
-        .map(|f| std::fs::read(&f).with_context(|| format!("reading {}", f.display())))
-        .transpose()?;
+    let read = |file: Option<PathBuf>| {
+        file.map(|f| std::fs::read(&f).with_context(|| format!("reading {}", f.display())))
+            .transpose()
+    };
+    let (collateral, crl, roots) = (read(collateral)?, read(crl)?, read(roots)?);
     let at = match at {
         Some(text) => parse_time(&text).map_err(anyhow::Error::msg)?,
         None => SystemTime::now(),
@@ -70,6 +100,12 @@ pub fn run(cmd: EvidenceCmd) -> anyhow::Result<()> {
         at,
         report_data: hex_arg("report-data", report_data)?,
         init_data_digest: hex_arg("init-data-digest", init_data_digest)?,
+        crl: crl.as_deref(),
+        crl_policy: match crl_policy {
+            CrlPolicyArg::Required => CrlPolicy::Required,
+            CrlPolicyArg::IfPublished => CrlPolicy::IfPublished,
+        },
+        roots: roots.as_deref(),
     };
     match verify_offline(&request) {
         Ok(claims) => {

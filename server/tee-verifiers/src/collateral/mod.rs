@@ -14,6 +14,11 @@ mod store;
 pub use item::{CollateralItem, ItemBody};
 pub use offline::{OfflineFetcher, OfflineItems};
 pub use pccs::{HttpFetcher, HttpFetcherConfig};
+
+/// A CRL file (DER, PEM or hex text, as KDS and PCCS serve them) as DER.
+pub fn crl_der(bytes: &[u8]) -> Result<Vec<u8>, crate::VerifyError> {
+    pccs::crl_bytes(bytes).map_err(|e| crate::VerifyError::CollateralInvalid(format!("CRL: {e}")))
+}
 pub use store::{
     CollateralFetcher, CollateralStore, FetchError, MAX_BACKOFF_FACTOR, PersistentCache,
     RefreshClock, StoreConfig, SystemClock,

@@ -7,8 +7,9 @@
 //!   latest nextUpdate wins;
 //! - `snp/*.der` or `snp/*.pem`: VCEKs, indexed by their hwID, TCB extensions and product;
 //! - `snp/*.crl` (DER or PEM): AMD's CRL of a generation (KDS `/vcek/v1/{product}/crl`),
-//!   indexed by its issuer (`ARK-Milan`, ...); without one, SNP keys of that generation are
-//!   not checked for revocation.
+//!   indexed by its issuer (`ARK-Milan`, ...); without one, SNP reports of that generation
+//!   are refused (`required`, the default CRL policy) or their keys not checked for
+//!   revocation (`if-published`).
 //!
 //! To roll collateral forward, replace the files: [`CollateralFetcher::source_changed`]
 //! notices a changed listing (names, sizes, modification times) and re-reads the directory,
@@ -211,8 +212,9 @@ impl CollateralFetcher for OfflineFetcher {
             .map_err(|_| FetchError::Unreachable("offline collateral lock poisoned".into()))?;
         match (loaded.1.items.get(key), key) {
             (Some(item), _) => Ok(item.clone()),
-            // No CRL file for that generation: verified without a revocation check; a file
-            // added later is read at the next rescan.
+            // No CRL file for that generation: the verifier's CRL policy decides (refused, or
+            // verified without a revocation check); a file added later is read at the next
+            // rescan.
             (None, CollateralKey::SnpCrl(_)) => CollateralItem::new(ItemBody::SnpCrlAbsent)
                 .map_err(|e| FetchError::Invalid(e.to_string())),
             (None, _) => Err(FetchError::NotFound(key.name())),

@@ -246,7 +246,7 @@ impl CollateralFetcher for HttpFetcher {
                         crl: crl_bytes(&a.body)?,
                     },
                     Err(FetchError::NotFound(_)) => {
-                        tracing::warn!(%url, "KDS publishes no AMD CRL here: SNP keys of this generation are not checked for revocation until it does");
+                        tracing::warn!(%url, "KDS publishes no AMD CRL here: until it does, SNP reports of this generation are refused (crl = \"required\") or their keys not checked for revocation (crl = \"if-published\")");
                         ItemBody::SnpCrlAbsent
                     }
                     Err(e) => return Err(e),

@@ -2,11 +2,17 @@
 //! KDS at `/vcek/v1/{Milan|Genoa|Turin}/crl` and signed by that generation's ARK with
 //! RSASSA-PSS SHA-384. It lists revoked ASKs, ASVKs and endorsement keys; a report whose
 //! VCEK/VLEK or intermediate is on it is refused with [`VerifyError::CertificateRevoked`].
+//!
+//! Whether a report may be verified with no CRL at hand (KDS answers 404, an offline
+//! directory holds none) is the operator's [`CrlPolicy`]: [`CrlPolicy::Required`] by default,
+//! since AMD's KDS publishes a CRL for every generation this crate verifies, so a missing one
+//! is an outage or a misconfiguration, not a reason to skip the check.
 
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
 
 use ring::signature::{RSA_PSS_2048_8192_SHA384, UnparsedPublicKey};
+use serde::Deserialize;
 use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
 
@@ -15,6 +21,51 @@ use super::vek::{Roots, VekKind};
 use crate::VerifyError;
 
 const RSASSA_PSS: &str = "1.2.840.113549.1.1.10";
+
+/// What SNP verification does when no AMD CRL of the report's generation is at hand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CrlPolicy {
+    /// No CRL, no attestation: refused with [`VerifyError::CollateralUnavailable`] naming the
+    /// missing CRL (fail-closed; the default).
+    #[default]
+    Required,
+    /// Checked when the source publishes a CRL; without one the key is not checked for
+    /// revocation (fail-open, logged when the source answers that it has none).
+    IfPublished,
+}
+
+impl CrlPolicy {
+    /// The name in configuration (`required`, `if-published`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CrlPolicy::Required => "required",
+            CrlPolicy::IfPublished => "if-published",
+        }
+    }
+}
+
+/// What `policy` makes of a report of `generation` signed by a `kind` key when no CRL is at
+/// hand: the refusal naming the missing CRL, or nothing to check.
+pub fn missing(
+    policy: CrlPolicy,
+    generation: Generation,
+    kind: VekKind,
+) -> Result<(), VerifyError> {
+    match policy {
+        CrlPolicy::IfPublished => Ok(()),
+        CrlPolicy::Required => Err(VerifyError::CollateralUnavailable(format!(
+            "no AMD {generation:?} CRL (KDS /vcek/v1/{}/crl) to check the {} and its {} against, \
+             and revocation checking is required",
+            generation.product_name(),
+            kind.as_str(),
+            match kind {
+                VekKind::Vcek => "ASK",
+                VekKind::Vlek => "ASVK",
+            }
+        ))),
+    }
+}
 
 /// Checks that `crl_der` is the CRL of `generation` signed by its ARK and valid at
 /// `now_unix`, then that neither the `kind` key `vek_der` nor the ASK (VCEK) or ASVK (VLEK)

@@ -33,8 +33,9 @@
 //! 3. the VCEK chains to the generation's ASK and ARK, a VLEK to its ASVK and ARK
 //!    (RSASSA-PSS SHA-384); ARK/ASK sent in `cert_chain` are ignored, the configured
 //!    [`TrustAnchors`] rule (AMD's embedded roots unless an operator set others);
-//!    The key and its ASK/ASVK must not be on AMD's CRL of the generation when one is
-//!    given (signed by the ARK, see [`crl`]);
+//!    The key and its ASK/ASVK must not be on AMD's CRL of the generation (signed by the
+//!    ARK, see [`crl`]); with no CRL at hand the anchors' [`crl::CrlPolicy`] refuses
+//!    (`required`, the default) or skips the check (`if-published`);
 //! 4. the report signature by the key;
 //! 5. REPORTED_TCB (bootloader, tee, snp, microcode, and fmc on Turin) equals the key's
 //!    extensions, and for a VCEK the chip id equals its hwID (upstream `verify_report_tcb`);
@@ -242,8 +243,9 @@ pub fn verify(
     let generation = generation(&report, Some(vek_der))?;
     let roots = anchors.amd_roots(generation)?;
     let vek = vek::verify_vek(vek_der, kind, generation, roots, now_unix)?;
-    if let Some(crl) = crl {
-        crl::check(crl, roots, generation, kind, vek_der, now_unix)?;
+    match crl {
+        Some(crl) => crl::check(crl, roots, generation, kind, vek_der, now_unix)?,
+        None => crl::missing(anchors.snp_crl_policy(), generation, kind)?,
     }
     verify_report_signature(&report, &vek)?;
     check_tcb(&report, &vek)?;

@@ -60,6 +60,14 @@ impl AmdPki {
         self.cert("vcek")
     }
 
+    /// The ARK, ASK and ASVK as one PEM text (the shape of AMD's `ask_ark_asvk.pem`).
+    pub fn roots_pem(&self) -> Vec<u8> {
+        ["ask", "ark", "asvk"]
+            .iter()
+            .flat_map(|n| std::fs::read(self.file(&format!("{n}.pem"))).unwrap())
+            .collect()
+    }
+
     /// The vendor anchors with this PKI as Milan's roots.
     pub fn anchors(&self) -> TrustAnchors {
         (*TrustAnchors::vendor())

@@ -76,3 +76,15 @@ pub fn snp_now() -> SystemTime {
 pub fn snp_report_data(report: &[u8]) -> Vec<u8> {
     report[0x50..0x90].to_vec()
 }
+
+/// AMD's roots with the `if-published` CRL policy: the shared real SNP reports come without
+/// AMD's CRL (a real one is valid for its own weeks, not at [`snp_now`], and no test key
+/// can sign one under AMD's ARK), so tests of everything but revocation verify them this
+/// way; revocation itself is tested under a test PKI (`snp_revocation.rs`).
+pub fn vendor_if_published() -> Arc<tee_verifiers::TrustAnchors> {
+    Arc::new(
+        (*tee_verifiers::TrustAnchors::vendor())
+            .clone()
+            .with_snp_crl_policy(tee_verifiers::snp::crl::CrlPolicy::IfPublished),
+    )
+}
