@@ -1,15 +1,17 @@
 //! SNP evidence as the verifier reads it: the raw report (1184 bytes) with a VCEK, and the wire
 //! JSON (`{"attestation_report": ..., "cert_chain": [...]}`), decoded and verified at a time
-//! inside the test VCEK's validity.
+//! inside the test VCEK's validity. The anchors skip the CRL check when no CRL is given
+//! (`if-published`), so the fuzzer reaches the signature and TCB checks behind it.
 #![no_main]
 
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use libfuzzer_sys::fuzz_target;
-use tee_verifiers::snp::report::Report;
 use tee_verifiers::collateral::SnpCollateral;
-use tee_verifiers::{Collateral, Decoded, TeeKind};
+use tee_verifiers::snp::crl::CrlPolicy;
+use tee_verifiers::snp::report::Report;
+use tee_verifiers::{Collateral, Decoded, TeeKind, TrustAnchors};
 
 const VCEK: &[u8] = include_bytes!("../../server/tee-verifiers/testdata/snp/test-vcek.der");
 const REPORT_LEN: usize = 1184;
@@ -44,5 +46,7 @@ fn verify(evidence: &serde_json::Value, collateral: &Collateral, now: std::time:
         return;
     };
     let _ = decoded.collateral_request();
-    let _ = decoded.verify(&[0u8; 64], None, collateral, now);
+    let anchors =
+        TrustAnchors::clone(&TrustAnchors::vendor()).with_snp_crl_policy(CrlPolicy::IfPublished);
+    let _ = decoded.verify_with(&anchors, &[0u8; 64], None, collateral, now);
 }

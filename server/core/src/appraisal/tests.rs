@@ -52,16 +52,20 @@ fn snp_claims() -> Value {
     });
     // 2025-06-01, inside the VCEK's validity.
     let now = UNIX_EPOCH + Duration::from_secs(1_748_736_000);
-    tee_verifiers::verify(
-        TeeKind::Snp,
-        &evidence,
-        &SNP_REPORT[0x50..0x90],
-        None,
-        &Collateral::None,
-        now,
-    )
-    .unwrap()
-    .into_value()
+    // The shared vectors carry no AMD CRL; revocation is not what these tests are about.
+    let anchors = tee_verifiers::TrustAnchors::clone(&tee_verifiers::TrustAnchors::vendor())
+        .with_snp_crl_policy(tee_verifiers::snp::crl::CrlPolicy::IfPublished);
+    tee_verifiers::Decoded::new(TeeKind::Snp, &evidence)
+        .unwrap()
+        .verify_with(
+            &anchors,
+            &SNP_REPORT[0x50..0x90],
+            None,
+            &Collateral::None,
+            now,
+        )
+        .unwrap()
+        .into_value()
 }
 
 fn input(tee: &str, claims: Value) -> Map<String, Value> {

@@ -4,7 +4,7 @@
 //! SNP test report re-signed by its VCEK. Every other byte of the report is the real one's.
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use ring::rand::SystemRandom;
@@ -29,7 +29,10 @@ impl AmdPki {
     /// Generates the PKI; its VCEK carries `report`'s chip id and reported TCB.
     pub fn new(report: &[u8]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/common/amd_pki.sh");
+        // Written out rather than found by path: this file is also compiled into the server
+        // crate's tests, whose manifest directory is another.
+        let script = dir.path().join("amd_pki.sh");
+        std::fs::write(&script, include_str!("amd_pki.sh")).unwrap();
         // REPORTED_TCB at 0x180 (Milan: bootloader, tee, reserved x4, snp, microcode).
         let tcb = &report[0x180..0x188];
         let out = Command::new("sh")
