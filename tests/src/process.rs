@@ -1,10 +1,12 @@
 //! Real processes for the tests: the `kbs` binary of this checkout on a config file, and
 //! the upstream-style external plugin (`src/bin/upstream_plugin.rs`), each started on a
-//! free port and killed on drop (`kill -9` when a test asks).
+//! free port and killed on drop (`kill -9` or SIGTERM when a test asks).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::Duration;
 
+use anyhow::Context;
 use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 
@@ -96,6 +98,24 @@ impl Spawned {
     pub async fn kill_9(&mut self) {
         self.child.start_kill().expect("SIGKILL");
         let _ = self.child.wait().await;
+    }
+
+    /// SIGTERM (the graceful stop an orchestrator sends), then reap: the exit status, or an
+    /// error when the process is still running after `within`.
+    pub async fn terminate(
+        &mut self,
+        within: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self
+            .child
+            .id()
+            .context("the process has already been reaped")?;
+        let pid = rustix::process::Pid::from_raw(i32::try_from(pid)?).context("pid 0")?;
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)?;
+        tokio::time::timeout(within, self.child.wait())
+            .await
+            .with_context(|| format!("still running {within:?} after SIGTERM"))?
+            .context("reaping the process")
     }
 }
 

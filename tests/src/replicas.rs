@@ -100,6 +100,17 @@ impl Replicas {
             p.kill_9().await;
         }
     }
+
+    /// Stops replica `i` gracefully (SIGTERM: it drains its tunnels with GoAway) and waits
+    /// for it to exit, for at most `within`; its exit status.
+    pub async fn terminate(
+        &mut self,
+        i: usize,
+        within: std::time::Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let mut p = self.procs[i].take().context("replica already stopped")?;
+        p.terminate(within).await
+    }
 }
 
 /// An admin client of the KBS at `url` with the development admin key of `data_dir`.

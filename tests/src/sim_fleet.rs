@@ -63,6 +63,8 @@ struct Shared {
     connected: AtomicUsize,
     opened: AtomicUsize,
     errors: AtomicUsize,
+    /// Tunnels ended by the KBS's GoAway (a drain), rather than lost or closed otherwise.
+    went_away: AtomicUsize,
 }
 
 impl Shared {
@@ -87,6 +89,7 @@ impl SimFleet {
             connected: AtomicUsize::new(0),
             opened: AtomicUsize::new(0),
             errors: AtomicUsize::new(0),
+            went_away: AtomicUsize::new(0),
         });
         let stop = CancellationToken::new();
         let first = Arc::new(Semaphore::new(options.connect_concurrency.max(1)));
@@ -138,6 +141,12 @@ impl SimFleet {
     /// Failed attestations and tunnel attempts so far (each retried).
     pub fn errors(&self) -> usize {
         self.shared.errors.load(Ordering::Relaxed)
+    }
+
+    /// Tunnels the KBS ended with GoAway so far (a drain or a restart), as opposed to lost
+    /// (a crash, a network fault) or closed for another reason.
+    pub fn went_away(&self) -> usize {
+        self.shared.went_away.load(Ordering::Relaxed)
     }
 
     /// Versions guest `index` applied, with how many times each.
@@ -270,6 +279,9 @@ async fn guest(g: Guest) {
                 };
                 if closed.needs_reattest() {
                     token = None;
+                }
+                if closed.reconnect_after.is_some() {
+                    g.shared.went_away.fetch_add(1, Ordering::Relaxed);
                 }
                 backoff.after_close(&closed, &mut rand::thread_rng())
             }
