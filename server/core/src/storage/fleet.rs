@@ -27,6 +27,8 @@ pub trait FleetStore: Send + Sync + 'static {
 
 /// Ids forgotten per statement (SQLite allows 32,766 bound parameters; stay far below).
 const FORGET_CHUNK: usize = 500;
+/// Guest records per upsert statement.
+const UPSERT_CHUNK: usize = 200;
 
 #[async_trait]
 impl FleetStore for SqliteStore {
@@ -37,7 +39,7 @@ impl FleetStore for SqliteStore {
         let now = i64::try_from(now_ms()).unwrap_or(i64::MAX);
         let (_turn, mut tx) = self.begin_batch().await?;
         // Multi-row statements: far fewer round trips through the driver than one per row.
-        for chunk in records.chunks(200) {
+        for chunk in records.chunks(UPSERT_CHUNK) {
             let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT INTO fleet_guests (guest_id, record, updated_at) ",
             );
@@ -48,7 +50,10 @@ impl FleetStore for SqliteStore {
                 " ON CONFLICT (guest_id) DO UPDATE SET record = excluded.record, \
                  updated_at = excluded.updated_at",
             );
-            q.build().execute(&mut *tx).await?;
+            q.build()
+                .persistent(super::keep_prepared(chunk.len(), UPSERT_CHUNK))
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -100,7 +105,11 @@ impl FleetStore for SqliteStore {
                 ids.push_bind(id);
             }
             q.push(") RETURNING guest_id");
-            let rows = q.build().fetch_all(&mut *tx).await?;
+            let rows = q
+                .build()
+                .persistent(super::keep_prepared(chunk.len(), FORGET_CHUNK))
+                .fetch_all(&mut *tx)
+                .await?;
             let gone: Vec<String> = rows
                 .iter()
                 .map(|r| r.try_get(0))
@@ -114,7 +123,8 @@ impl FleetStore for SqliteStore {
                     ids.push_bind(id);
                 }
                 q.push(")");
-                q.build().execute(&mut *tx).await?;
+                // As many ids as were forgotten: a shape that rarely comes back.
+                q.build().persistent(false).execute(&mut *tx).await?;
             }
             forgotten.extend(gone);
         }

@@ -366,6 +366,16 @@ where
 }
 
 /// Unix time in milliseconds.
+/// Whether a statement built for `len` rows (or list items) of a batch cut into `chunk`-sized
+/// pieces is worth keeping prepared on its connection. A full chunk has one shape and comes
+/// back all the time; every shorter remainder is a statement of its own, and a multi-row
+/// statement compiles to a large program (a 256-row insert, a few hundred KiB in SQLite).
+/// Keeping one per remainder size grew the KBS by about 500 bytes per rollout target
+/// (`examples/soak.rs`), up to the driver's cache of 100 statements per connection.
+fn keep_prepared(len: usize, chunk: usize) -> bool {
+    len == chunk
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

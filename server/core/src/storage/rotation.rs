@@ -464,7 +464,10 @@ impl RolloutStore for SqliteStore {
                 "INSERT INTO rollout_targets ({TARGET_COLUMNS}) "
             ));
             push_targets(&mut b, chunk);
-            b.build().execute(&mut *tx).await?;
+            b.build()
+                .persistent(super::keep_prepared(chunk.len(), TARGET_CHUNK))
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(CreatedRollout {
@@ -583,7 +586,10 @@ impl RolloutStore for SqliteStore {
                 list.push_bind(g.clone());
             }
             b.push(")");
-            for row in b.build().fetch_all(self.pool()).await? {
+            let query = b
+                .build()
+                .persistent(super::keep_prepared(chunk.len(), TARGETS_OF_CHUNK));
+            for row in query.fetch_all(self.pool()).await? {
                 out.push(target_row(&row)?);
             }
         }
@@ -603,7 +609,10 @@ impl RolloutStore for SqliteStore {
             // An upsert updates the row in place; `OR REPLACE` deleted and re-inserted it
             // (twice the b-tree work, measured as a third of the writer's time).
             b.push(TARGET_UPSERT);
-            b.build().execute(&mut *tx).await?;
+            b.build()
+                .persistent(super::keep_prepared(chunk.len(), TARGET_CHUNK))
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -627,7 +636,10 @@ impl RolloutStore for SqliteStore {
                     .push_bind(serde_json::to_string(labels).unwrap_or_else(|_| "{}".into()))
                     .push_bind(now);
             });
-            b.build().execute(&mut *tx).await?;
+            b.build()
+                .persistent(super::keep_prepared(chunk.len(), TARGET_CHUNK))
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(())

@@ -497,6 +497,53 @@ fn private_database_files(db: &std::path::Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
+    /// Prepared statements kept on the one connection of `s` (an in-memory store).
+    async fn cached_statements(s: &SqliteStore) -> usize {
+        use sqlx::Connection;
+        s.pool.acquire().await.unwrap().cached_statements_size()
+    }
+
+    /// A rollout of `n` targets written, acked and read back by guest: every batch statement
+    /// the rotation engine's writes make, at batch size `n`.
+    async fn rollout_of(s: &SqliteStore, n: usize) {
+        use crate::storage::{NewRollout, RolloutStore, TargetRecord, TargetState};
+        let ids: Vec<String> = (0..n).map(|g| format!("g{g}")).collect();
+        let r = s
+            .create_rollout(&NewRollout::for_test("default/key/a", n as u64), &ids)
+            .await
+            .unwrap();
+        let acked: Vec<TargetRecord> = ids
+            .iter()
+            .map(|g| TargetRecord {
+                state: TargetState::Acked,
+                ..TargetRecord::pending(r.rollout.id, g)
+            })
+            .collect();
+        s.write_targets(&acked).await.unwrap();
+        assert_eq!(s.targets_of(r.rollout.id, &ids).await.unwrap().len(), n);
+    }
+
+    /// Batches of every size leave one prepared statement per shape, not one per size: each
+    /// remainder's multi-row statement is large, and keeping one per size grew the KBS by
+    /// about 500 bytes per rollout target in the soak benchmark.
+    #[tokio::test]
+    async fn batches_of_any_size_do_not_pile_up_prepared_statements() {
+        let kek = Arc::new(KeyEncryptionKey::from_bytes(&[1u8; 32]));
+        let s = SqliteStore::open_in_memory(kek).await.unwrap();
+        for n in 1..10 {
+            rollout_of(&s, n).await;
+        }
+        let settled = cached_statements(&s).await;
+        for n in 10..60 {
+            rollout_of(&s, n).await;
+        }
+        assert_eq!(
+            cached_statements(&s).await,
+            settled,
+            "prepared statements kept after 50 more batch sizes"
+        );
+    }
+
     async fn store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("t.db").display());

@@ -121,7 +121,10 @@ impl EventStore for PostgresStore {
                     .push_bind(e.outcome.clone())
                     .push_bind(e.detail.clone());
             });
-            q.build().execute(&mut *tx).await?;
+            q.build()
+                .persistent(crate::storage::keep_prepared(chunk.len(), CHUNK))
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -202,7 +205,10 @@ impl FleetStore for PostgresStore {
                     " ON CONFLICT (guest_id) DO UPDATE SET record = excluded.record, \
                      updated_at = excluded.updated_at",
                 );
-                q.build().execute(&mut *tx).await?;
+                q.build()
+                    .persistent(crate::storage::keep_prepared(chunk.len(), CHUNK))
+                    .execute(&mut *tx)
+                    .await?;
             }
             tx.commit().await?;
             Ok(())

@@ -72,7 +72,10 @@ impl RolloutStore for PostgresStore {
                 "INSERT INTO rollout_targets ({TARGET_COLUMNS}) "
             ));
             push_targets(&mut b, chunk);
-            b.build().execute(&mut *tx).await?;
+            b.build()
+                .persistent(crate::storage::keep_prepared(chunk.len(), TARGET_CHUNK))
+                .execute(&mut *tx)
+                .await?;
         }
         // The superseded ones change state too; a replica that follows the new rollout
         // learns of them from it (`superseded` in its `Created` handling).
@@ -209,7 +212,10 @@ impl RolloutStore for PostgresStore {
                 ));
                 push_targets(&mut b, chunk);
                 b.push(TARGET_UPSERT);
-                b.build().execute(&mut *tx).await?;
+                b.build()
+                    .persistent(crate::storage::keep_prepared(chunk.len(), TARGET_CHUNK))
+                    .execute(&mut *tx)
+                    .await?;
             }
             // One notification per rollout and batch: the other replicas refresh its counts.
             for id in rollouts {
@@ -255,7 +261,10 @@ impl RolloutStore for PostgresStore {
                         " ON CONFLICT (guest_id) DO UPDATE SET labels = excluded.labels, \
                          last_seen = excluded.last_seen",
                     );
-                    b.build().execute(&mut *tx).await?;
+                    b.build()
+                        .persistent(crate::storage::keep_prepared(chunk.len(), TARGET_CHUNK))
+                        .execute(&mut *tx)
+                        .await?;
                 }
                 tx.commit().await?;
                 Ok(())
