@@ -36,6 +36,12 @@ impl Replicas {
     /// generate the key files), sharing the PostgreSQL database `database_url` (an SQLite
     /// database is one process's own: a second `kbs` on it refuses to start).
     pub async fn start(n: usize, database_url: &str) -> Self {
+        Self::start_with(n, database_url, "").await
+    }
+
+    /// [`start`](Self::start) with more configuration: `extra_toml` is appended to their
+    /// config file (`[http]\nmax_connections = 19700\n`, say; not `[policy]`).
+    pub async fn start_with(n: usize, database_url: &str, extra_toml: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let data_dir = dir.path().join("data");
         let policy = dir.path().join("allow-sample.rego");
@@ -44,7 +50,7 @@ impl Replicas {
         std::fs::write(
             &config,
             format!(
-                "[policy]\ninitial_policy_file = {:?}\n",
+                "[policy]\ninitial_policy_file = {:?}\n{extra_toml}",
                 policy.display().to_string()
             ),
         )
@@ -92,6 +98,11 @@ impl Replicas {
     /// An admin client of replica `i`, with the shared development admin key.
     pub fn admin(&self, i: usize) -> AdminClient {
         admin_client(&self.data_dir, self.url(i))
+    }
+
+    /// Process id of replica `i` (`None` once killed).
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.procs[i].as_ref().and_then(|p| p.child.id())
     }
 
     /// `kill -9` replica `i`.

@@ -3,6 +3,13 @@
 //! re-attesting when told to, as `guest-daemon run` does. Each guest opens every push with
 //! its own key and applies a version as the daemon does: a newer one once (counted in its
 //! ledger), the one it holds as `already_held`, an older one refused as a downgrade.
+//!
+//! Given several KBS URLs ([`SimFleet::spawn_across`]), a guest fails over between them as
+//! `guest-daemon run` with a repeated `--kbs-url` does: after a failed attestation or
+//! connection, or a lost tunnel, it moves to the next URL of its list and attests there
+//! (the token is dropped), after the usual backoff. Guest `i` starts on URL `i % n` and the
+//! rest of its list is rotated by guest, so the guests of one URL spread evenly over the
+//! others when it fails.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,6 +40,9 @@ pub struct SimOptions {
     /// Reconnect delays: the daemon's (0.5 s doubling to 30 s, full jitter), stable after
     /// 5 s rather than 60 so that faults a few seconds apart do not pile up delays.
     pub reconnect: ReconnectPolicy,
+    /// Source address of the tunnels (`127.0.0.12`, say), so that many guests on one host
+    /// do not run out of ephemeral ports towards one KBS; `None`: the system's choice.
+    pub local_addr: Option<std::net::IpAddr>,
 }
 
 impl SimOptions {
@@ -47,6 +57,7 @@ impl SimOptions {
                 stable_after: Duration::from_secs(5),
                 ..ReconnectPolicy::default()
             },
+            local_addr: None,
         }
     }
 }
@@ -84,6 +95,13 @@ pub struct SimFleet {
 impl SimFleet {
     /// Starts `n` guests against the KBS at `url` (plain HTTP).
     pub fn spawn(url: &str, n: usize, options: &SimOptions) -> Self {
+        Self::spawn_across(&[url.to_owned()], n, options)
+    }
+
+    /// Starts `n` guests against the KBSes (replicas) at `urls` (plain HTTP, at least one):
+    /// guest `i` starts on `urls[i % urls.len()]` and fails over to the others.
+    pub fn spawn_across(urls: &[String], n: usize, options: &SimOptions) -> Self {
+        assert!(!urls.is_empty(), "SimFleet needs at least one KBS URL");
         let shared = Arc::new(Shared {
             ledgers: (0..n).map(|_| Mutex::default()).collect(),
             connected: AtomicUsize::new(0),
@@ -96,7 +114,7 @@ impl SimFleet {
         let mut tasks = JoinSet::new();
         for index in 0..n {
             tasks.spawn(guest(Guest {
-                url: url.to_owned(),
+                urls: failover_order(urls, index),
                 shared: shared.clone(),
                 index,
                 id: format!("{}-{index:05}", options.id_prefix),
@@ -176,8 +194,23 @@ impl SimFleet {
     }
 }
 
+/// Guest `index`'s URLs in the order it tries them: `urls[index % n]` first, then the
+/// others, rotated by `index / n` so that the guests starting on one URL do not all move to
+/// the same next one.
+fn failover_order(urls: &[String], index: usize) -> Vec<String> {
+    let n = urls.len();
+    let first = index % n;
+    let mut others: Vec<String> = (1..n).map(|k| urls[(first + k) % n].clone()).collect();
+    if !others.is_empty() {
+        let len = others.len();
+        others.rotate_left((index / n) % len);
+    }
+    std::iter::once(urls[first].clone()).chain(others).collect()
+}
+
 struct Guest {
-    url: String,
+    /// The KBS URLs in the order this guest tries them (never empty).
+    urls: Vec<String>,
     shared: Arc<Shared>,
     index: usize,
     id: String,
@@ -235,20 +268,30 @@ async fn guest(g: Guest) {
     let key = Arc::new(TeeKeyPair::new_ec());
     let label = (g.options.label.0.as_str(), g.options.label.1.as_str());
     let init = init_data(&g.id, &[label]);
-    let config = GuestTunnelConfig::new(tunnel_url(&g.url));
+    let configs: Vec<GuestTunnelConfig> = g
+        .urls
+        .iter()
+        .map(|u| {
+            let mut config = GuestTunnelConfig::new(tunnel_url(u));
+            config.local_addr = g.options.local_addr;
+            config
+        })
+        .collect();
+    let mut current = 0;
     let mut backoff = Backoff::new(g.options.reconnect.clone());
     let mut token: Option<String> = None;
     let mut permit = g.first.clone().acquire_owned().await.ok();
     loop {
+        let (url, config) = (&g.urls[current], &configs[current]);
         let attempt = async {
             let jwt = match &token {
                 Some(t) => t.clone(),
                 None => token
-                    .insert(crate::attest(&g.url, None, &key, Some(&init)).await?)
+                    .insert(crate::attest(url, None, &key, Some(&init)).await?)
                     .clone(),
             };
             let info = guest_info(&g.id, "sim", &["resources"]);
-            Ok::<_, anyhow::Error>(tunnel::connect(&config, &jwt, info, unseal_with(&key)).await?)
+            Ok::<_, anyhow::Error>(tunnel::connect(config, &jwt, info, unseal_with(&key)).await?)
         };
         let attempt = tokio::select! {
             () = g.stop.cancelled() => return,
@@ -295,9 +338,33 @@ async fn guest(g: Guest) {
                 backoff.next_delay(&mut rand::thread_rng())
             }
         };
+        // As the daemon: the next attempt goes to the next KBS, with a fresh token.
+        if configs.len() > 1 {
+            current = (current + 1) % configs.len();
+            token = None;
+        }
         tokio::select! {
             () = g.stop.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::failover_order;
+
+    #[test]
+    fn each_url_s_guests_fail_over_evenly_to_the_others() {
+        let urls: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let orders: Vec<Vec<String>> = (0..6).map(|i| failover_order(&urls, i)).collect();
+        assert_eq!(orders[0], ["a", "b", "c"]);
+        assert_eq!(orders[1], ["b", "c", "a"]);
+        assert_eq!(orders[3], ["a", "c", "b"]);
+        assert_eq!(orders[4], ["b", "a", "c"]);
+        // The guests starting on b (1 and 4) go next to c and to a: one each.
+        let next_of_b: Vec<&str> = [1, 4].map(|i| orders[i][1].as_str()).to_vec();
+        assert_eq!(next_of_b, ["c", "a"]);
+        assert_eq!(failover_order(&urls[..1], 7), ["a"]);
     }
 }

@@ -1,7 +1,9 @@
 //! The guest daemon's failover between several KBS URLs (`--kbs-url` repeated), for sites
 //! without a load balancer (issue 19, part 6): two real, separate `kbs` processes (their
 //! own keys and databases, so the daemon must attest again at the second), the first
-//! killed with SIGKILL under a connected guest, or never reachable at all.
+//! killed with SIGKILL under a connected guest, or never reachable at all; and the test
+//! kit's simulated guests (`SimFleet::spawn_across`), which the load tools rely on to fail
+//! over the same way.
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,7 +12,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use guest_daemon::run::RunConfig;
-use tests::{ALLOW_SAMPLE, DaemonRun, Spawned, admin_client, built_binary, init_data, spawn_kbs};
+use tests::{
+    ALLOW_SAMPLE, DaemonRun, SimFleet, SimOptions, Spawned, admin_client, built_binary, init_data,
+    spawn_kbs,
+};
 
 /// How long a guest may take to be back on the second KBS after the first died.
 const FAILOVER_WITHIN: Duration = Duration::from_secs(10);
@@ -140,4 +145,38 @@ async fn an_unreachable_first_url_does_not_stop_the_daemon() {
     )
     .await;
     daemon.stop().await;
+}
+
+#[tokio::test]
+async fn simulated_guests_fail_over_like_the_daemon_when_their_kbs_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = kbs(dir.path(), "first").await;
+    let second = kbs(dir.path(), "second").await;
+    let urls = [first.announced.clone(), second.announced.clone()];
+    let mut options = SimOptions::new("sim-failover", ("app", "failover"));
+    options.reconnect.initial = Duration::from_millis(100);
+    options.reconnect.max = Duration::from_secs(1);
+    // Guests 0, 2, 4 start on the first KBS, 1, 3, 5 on the second.
+    let mut fleet = SimFleet::spawn_across(&urls, 6, &options);
+    fleet.wait_connected(6, FAILOVER_WITHIN).await.unwrap();
+    let second_data = dir.path().join("second");
+    for g in [0, 2, 4] {
+        assert!(!holds(&second_data, &second.announced, &fleet.guest_id(g)).await);
+    }
+
+    first.kill_9().await;
+    // Separate KBSes, separate keys: the first's token is refused at the second, so the
+    // guests must attest again there, as the daemon does.
+    for g in [0, 2, 4] {
+        until_held(
+            &second_data,
+            &second.announced,
+            &fleet.guest_id(g),
+            FAILOVER_WITHIN,
+        )
+        .await;
+    }
+    fleet.wait_connected(6, FAILOVER_WITHIN).await.unwrap();
+    assert_eq!(fleet.opened(), 9, "three guests moved, the others stayed");
+    fleet.stop().await;
 }
