@@ -36,9 +36,9 @@ jobs="${MUTANTS_JOBS:-1}"
 timeout="${MUTANTS_TIMEOUT:-300}"
 target="${MUTANTS_TARGET:-$PWD/target/mutants}"
 out_root="$PWD/target/mutants-out"
-# --in-place builds one mutant at a time and refuses --jobs.
-parallel=(--jobs "$jobs")
-if [ "${MUTANTS_IN_PLACE:-0}" = 1 ]; then parallel=(--in-place); fi
+# --in-place builds one mutant at a time, copies nothing, and refuses --jobs and --gitignore.
+where=(--jobs "$jobs" --gitignore true)
+if [ "${MUTANTS_IN_PLACE:-0}" = 1 ]; then where=(--in-place); fi
 mkdir -p "$out_root"
 
 wanted=("$@")
@@ -61,8 +61,8 @@ for entry in "${MODULES[@]}"; do
     status=0
     CARGO_TARGET_DIR="$target" cargo mutants \
         --package "$package" "${args[@]}" \
-        --test-tool nextest "${parallel[@]}" --timeout "$timeout" --build-timeout 900 \
-        --baseline skip --no-shuffle --caught --unviable --gitignore true \
+        --test-tool nextest "${where[@]}" --timeout "$timeout" --build-timeout 900 \
+        --baseline skip --no-shuffle --caught --unviable \
         --output "$out_root/$name" \
         ${MUTANTS_CARGO_ARGS:+--cargo-arg=$MUTANTS_CARGO_ARGS} || status=$?
     case "$status" in 0 | 2 | 3) ;; *) echo "cargo mutants failed on $name ($status)"; exit "$status" ;; esac
