@@ -11,6 +11,9 @@
 # Needs cargo-mutants (`cargo install cargo-mutants --locked`) and cargo-nextest. Builds go to
 # one reused target directory ($MUTANTS_TARGET, default target/mutants), removed at the end
 # unless MUTANTS_KEEP_TARGET=1; per-module reports stay in target/mutants-out/<name>/.
+# MUTANTS_IN_PLACE=1 mutates this checkout instead of a copy (cargo mutants --in-place): with
+# MUTANTS_TARGET=target the workspace crates the module depends on are not rebuilt for each
+# module; do not edit the module's crate meanwhile (each file is restored after its mutant).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_INCREMENTAL=0 CARGO_TERM_COLOR=never
@@ -33,6 +36,9 @@ jobs="${MUTANTS_JOBS:-1}"
 timeout="${MUTANTS_TIMEOUT:-300}"
 target="${MUTANTS_TARGET:-$PWD/target/mutants}"
 out_root="$PWD/target/mutants-out"
+# --in-place builds one mutant at a time, copies nothing, and refuses --jobs and --gitignore.
+where=(--jobs "$jobs" --gitignore true)
+if [ "${MUTANTS_IN_PLACE:-0}" = 1 ]; then where=(--in-place); fi
 mkdir -p "$out_root"
 
 wanted=("$@")
@@ -55,8 +61,8 @@ for entry in "${MODULES[@]}"; do
     status=0
     CARGO_TARGET_DIR="$target" cargo mutants \
         --package "$package" "${args[@]}" \
-        --test-tool nextest --jobs "$jobs" --timeout "$timeout" --build-timeout 900 \
-        --baseline skip --no-shuffle --caught --unviable --gitignore true \
+        --test-tool nextest "${where[@]}" --timeout "$timeout" --build-timeout 900 \
+        --baseline skip --no-shuffle --caught --unviable \
         --output "$out_root/$name" \
         ${MUTANTS_CARGO_ARGS:+--cargo-arg=$MUTANTS_CARGO_ARGS} || status=$?
     case "$status" in 0 | 2 | 3) ;; *) echo "cargo mutants failed on $name ($status)"; exit "$status" ;; esac

@@ -406,6 +406,8 @@ mod tests {
     enum TestKey {
         Ec(p256::SecretKey),
         Rsa(Box<RsaPrivateKey>),
+        /// A symmetric key used directly (`alg: dir`).
+        Dir([u8; CEK_LEN]),
     }
 
     fn rsa_key() -> &'static RsaPrivateKey {
@@ -477,6 +479,12 @@ mod tests {
             (TestKey::Rsa(private), ALG_RSA1_5) => private
                 .decrypt(Pkcs1v15Encrypt, &response.encrypted_key)
                 .map_err(|e| e.to_string())?,
+            (TestKey::Dir(key), ALG_DIR) => {
+                if !response.encrypted_key.is_empty() {
+                    return Err("dir with an encrypted key".into());
+                }
+                key.to_vec()
+            }
             _ => return Err(format!("unexpected alg {}", header.alg)),
         };
         if header.enc != ENC_A256GCM {
@@ -625,6 +633,79 @@ mod tests {
         for field in ["encrypted_key", "iv", "ciphertext", "tag"] {
             let s = sealed[field].as_str().unwrap();
             assert!(!s.contains('=') && !s.contains('+') && !s.contains('/'));
+        }
+    }
+
+    /// `alg: dir` (a tunnel's push key): the key is the content key, nothing is wrapped, and
+    /// only that key opens it.
+    #[test]
+    fn dir_seals_under_the_key_itself() {
+        let key: [u8; CEK_LEN] = std::array::from_fn(|i| (i * 7) as u8);
+        let sealed = seal_dir(&key, b"pushed").unwrap();
+        assert_eq!(sealed.protected.alg, ALG_DIR);
+        assert_eq!(sealed.protected.enc, ENC_A256GCM);
+        assert!(sealed.protected.other_fields.is_empty());
+        assert!(sealed.encrypted_key.is_empty());
+        let sealed = over_the_wire(&sealed);
+        assert_eq!(open(&TestKey::Dir(key), &sealed).unwrap(), b"pushed");
+        let mut other = key;
+        other[0] ^= 1;
+        assert!(open(&TestKey::Dir(other), &sealed).is_err());
+        assert_ne!(seal_dir(&key, b"pushed").unwrap().iv, sealed.iv);
+    }
+
+    /// Members bound into the protected header travel in it, authenticated as part of the
+    /// AAD, and never replace what the header already says (`alg`, `enc`, the EC `epk`).
+    #[test]
+    fn bound_members_join_the_protected_header_without_replacing_it() {
+        let binding = serde_json::json!({"uri": "default/key/demo", "version": 2});
+        let mut bound = binding_header("x-binding", &binding).unwrap();
+        assert_eq!(bound.len(), 1);
+        assert_eq!(bound["x-binding"], binding);
+        bound.insert("alg".into(), Value::String("none".into()));
+        bound.insert("enc".into(), Value::String("A128GCM".into()));
+        bound.insert("epk".into(), Value::String("forged".into()));
+
+        let (secret, public) = ec_pair();
+        let push_key = [9u8; CEK_LEN];
+        let cases = [
+            (
+                TestKey::Ec(secret),
+                seal_bound(&public, b"bound", &bound).unwrap(),
+                ALG_ECDH_ES_A256KW,
+            ),
+            (
+                TestKey::Rsa(Box::new(rsa_key().clone())),
+                seal_bound(&rsa_public(ALG_RSA_OAEP_256), b"bound", &bound).unwrap(),
+                ALG_RSA_OAEP_256,
+            ),
+            (
+                TestKey::Dir(push_key),
+                seal_dir_bound(&push_key, b"bound", &bound).unwrap(),
+                ALG_DIR,
+            ),
+        ];
+        for (key, sealed, alg) in cases {
+            let header = &sealed.protected;
+            assert_eq!(
+                (header.alg.as_str(), header.enc.as_str()),
+                (alg, ENC_A256GCM)
+            );
+            assert!(!header.other_fields.contains_key("alg"), "{alg}");
+            assert!(!header.other_fields.contains_key("enc"), "{alg}");
+            assert_eq!(header.other_fields["x-binding"], binding, "{alg}");
+            if alg == ALG_ECDH_ES_A256KW {
+                assert!(header.other_fields["epk"].is_object(), "the real epk stays");
+            }
+            let sealed = over_the_wire(&sealed);
+            assert_eq!(open(&key, &sealed).unwrap(), b"bound", "{alg}");
+            // Bound means authenticated: the same ciphertext under another version is refused.
+            let mut moved = sealed.clone();
+            moved.protected.other_fields.insert(
+                "x-binding".into(),
+                serde_json::json!({"uri": "default/key/demo", "version": 1}),
+            );
+            assert!(open(&key, &moved).is_err(), "{alg}");
         }
     }
 

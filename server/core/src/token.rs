@@ -313,43 +313,58 @@ impl std::fmt::Debug for TokenSigner {
 impl TokenSigner {
     /// Loads the PKCS#8 PEM key at `path`, generating and saving one (mode 0600) if absent.
     pub fn load_or_generate(path: &Path) -> Result<Self, TokenError> {
-        let io_err = |source| TokenError::KeyIo {
-            path: path.to_owned(),
-            source,
-        };
-        match fs::read_to_string(path) {
-            Ok(pem) => {
-                let pem = Zeroizing::new(pem);
-                if let Ok(meta) = fs::metadata(path)
-                    && meta.permissions().mode() & 0o077 != 0
-                {
-                    tracing::warn!(path = %path.display(), "token signing key is readable by group or others");
-                }
-                let secret =
-                    p256::SecretKey::from_pkcs8_pem(&pem).map_err(|_| TokenError::KeyInvalid {
-                        path: path.to_owned(),
-                    })?;
+        if let Some(signer) = Self::load(path)? {
+            return Ok(signer);
+        }
+        let secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
+        let pem = secret
+            .to_pkcs8_pem(LineEnding::LF)
+            .map_err(|e| TokenError::Sign(format!("encode new key: {e}")))?;
+        match crate::fsutil::create_private(path, pem.as_bytes()) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "generated token signing key");
                 Self::from_secret(&secret)
             }
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                let secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
-                let pem = secret
-                    .to_pkcs8_pem(LineEnding::LF)
-                    .map_err(|e| TokenError::Sign(format!("encode new key: {e}")))?;
-                match crate::fsutil::create_private(path, pem.as_bytes()) {
-                    Ok(()) => {
-                        tracing::info!(path = %path.display(), "generated token signing key");
-                        Self::from_secret(&secret)
-                    }
-                    // Another process created it first: use theirs.
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                        Self::load_or_generate(path)
-                    }
-                    Err(e) => Err(io_err(e)),
-                }
+            // Another process created it first: use theirs. Read once more, not in a loop: a
+            // name that is taken but holds no file (a dangling link) is an error, where
+            // trying again recursed until the stack overflowed.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                Self::load(path)?.ok_or_else(|| TokenError::KeyIo {
+                    path: path.to_owned(),
+                    source: io::Error::new(
+                        io::ErrorKind::NotFound,
+                        "the name is taken but holds no file to read (a dangling link?)",
+                    ),
+                })
             }
-            Err(err) => Err(io_err(err)),
+            Err(source) => Err(TokenError::KeyIo {
+                path: path.to_owned(),
+                source,
+            }),
         }
+    }
+
+    /// The key in the PKCS#8 PEM file at `path`; `None` when there is no file there.
+    fn load(path: &Path) -> Result<Option<Self>, TokenError> {
+        let pem = match fs::read_to_string(path) {
+            Ok(pem) => Zeroizing::new(pem),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(TokenError::KeyIo {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        if let Ok(meta) = fs::metadata(path)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(path = %path.display(), "token signing key is readable by group or others");
+        }
+        let secret = p256::SecretKey::from_pkcs8_pem(&pem).map_err(|_| TokenError::KeyInvalid {
+            path: path.to_owned(),
+        })?;
+        Self::from_secret(&secret).map(Some)
     }
 
     /// A signer with a fresh in-memory key (tests, throwaway instances).
@@ -585,6 +600,7 @@ mod tests {
         assert_eq!(jwk, signer.public_jwk());
         assert_eq!(jwk["kty"], "EC");
         assert_eq!(jwk["crv"], "P-256");
+        assert_eq!(jwk["alg"], "ES256");
     }
 
     #[test]
@@ -712,15 +728,14 @@ mod tests {
         parts[1] = &evil_body;
         assert!(signer.verify(&parts.join(".")).is_err());
 
-        for junk in [
-            "",
-            ".",
-            "a.b.c",
-            "not a token",
-            &"x".repeat(MAX_TOKEN_BYTES + 1),
-        ] {
+        for junk in ["", ".", "a.b.c", "not a token"] {
             assert!(matches!(signer.verify(junk), Err(TokenError::Invalid(_))));
         }
+        // Refused for its size before any parsing.
+        assert!(matches!(
+            signer.verify(&"x".repeat(MAX_TOKEN_BYTES + 1)),
+            Err(TokenError::Invalid("token too large"))
+        ));
     }
 
     /// The header jsonwebtoken would put on this signer's tokens.
@@ -917,6 +932,158 @@ mod tests {
         assert!(matches!(err, TokenError::KeyInvalid { .. }));
         assert!(!err.to_string().contains("c2VjcmV0"));
         assert_eq!(err.status(), 500);
+    }
+
+    #[test]
+    fn errors_map_to_their_status_and_name() {
+        let key_io = TokenError::KeyIo {
+            path: "k".into(),
+            source: io::Error::other("x"),
+        };
+        let cases = [
+            (key_io, 500, "TokenKeyIo"),
+            (
+                TokenError::KeyInvalid { path: "k".into() },
+                500,
+                "TokenKeyInvalid",
+            ),
+            (TokenError::Sign("x".into()), 500, "TokenSign"),
+            (TokenError::Invalid("x"), 401, "InvalidToken"),
+            (TokenError::Untrusted("x".into()), 401, "InvalidToken"),
+            (TokenError::Expired, 401, "TokenExpired"),
+            (TokenError::Claims("x".into()), 401, "InvalidTokenClaims"),
+            (
+                TokenError::TooLarge { size: 2, limit: 1 },
+                413,
+                "TokenTooLarge",
+            ),
+        ];
+        for (err, status, name) in cases {
+            assert_eq!((err.status(), err.name()), (status, name), "{err}");
+        }
+    }
+
+    /// A token of exactly [`MAX_TOKEN_BYTES`] is issued and verifies; one that would be
+    /// longer is refused at issue.
+    #[test]
+    fn the_token_size_limit_is_inclusive() {
+        let signer = TokenSigner::ephemeral().unwrap();
+        let with_padding = |n: usize| {
+            let mut claims = stamp(sample_claims(), Duration::from_secs(60));
+            claims.insert("pad".into(), json!("a".repeat(n)));
+            signer.sign(claims)
+        };
+        let base = with_padding(0).unwrap().0.len();
+        // base64url turns 3 bytes into 4 characters: walk the padding up to the limit.
+        let mut n = (MAX_TOKEN_BYTES - base) * 3 / 4 - 8;
+        let mut largest = String::new();
+        loop {
+            match with_padding(n) {
+                Ok((token, ..)) => largest = token,
+                Err(TokenError::TooLarge { size, limit }) => {
+                    assert!(size > MAX_TOKEN_BYTES, "{size}");
+                    assert_eq!(limit, MAX_TOKEN_BYTES);
+                    break;
+                }
+                Err(e) => panic!("{e}"),
+            }
+            n += 1;
+        }
+        // base64url never makes 4k+1 characters, but with this header's length the limit
+        // itself is a token length.
+        assert_eq!(largest.len(), MAX_TOKEN_BYTES);
+        let verified = signer.verify(&largest).unwrap();
+        assert_eq!(verified.identity.guest_id, "web-1");
+    }
+
+    /// Counts the WARN events of the thread it is the default subscriber of.
+    struct WarnCounter(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl tracing::Subscriber for WarnCounter {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            if *event.metadata().level() == tracing::Level::WARN {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    fn warnings_while(f: impl FnOnce()) -> usize {
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        tracing::subscriber::with_default(WarnCounter(count.clone()), f);
+        count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    #[test]
+    fn a_key_file_others_can_read_is_loaded_with_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token.key");
+        let first = TokenSigner::load_or_generate(&path).unwrap();
+        let load = || {
+            let mut loaded = None;
+            let warnings = warnings_while(|| {
+                loaded = Some(TokenSigner::load_or_generate(&path).unwrap().public_jwk());
+            });
+            assert_eq!(loaded.unwrap(), first.public_jwk());
+            warnings
+        };
+        assert_eq!(load(), 0, "mode 0600");
+        for mode in [0o640, 0o604, 0o660] {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(load(), 1, "mode {mode:o}");
+        }
+    }
+
+    /// A dangling link where the key should be: the name is taken (the key cannot be created
+    /// there) but there is nothing to read. It recursed until the stack overflowed.
+    #[test]
+    fn a_dangling_link_at_the_key_path_is_an_error_not_a_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token.key");
+        let target = dir.path().join("nowhere");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let err = TokenSigner::load_or_generate(&path).err().unwrap();
+        let TokenError::KeyIo { source, .. } = &err else {
+            panic!("{err}");
+        };
+        assert_eq!(source.kind(), io::ErrorKind::NotFound, "{err}");
+        assert!(err.to_string().contains("dangling link"), "{err}");
+        assert!(!target.exists(), "the link is never followed");
+    }
+
+    /// What cannot be read, or cannot be created, is reported as it happened.
+    #[test]
+    fn key_file_io_errors_are_reported_as_they_happened() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the key should be: it is not replaced by a new key.
+        let taken = dir.path().join("token.key");
+        fs::create_dir(&taken).unwrap();
+        let err = TokenSigner::load_or_generate(&taken).err().unwrap();
+        let TokenError::KeyIo { source, .. } = &err else {
+            panic!("{err}");
+        };
+        assert_eq!(source.kind(), io::ErrorKind::IsADirectory, "{err}");
+        // A name the key fits under but its temporary file (23 characters longer) does not.
+        let long = dir.path().join("k".repeat(240));
+        let err = TokenSigner::load_or_generate(&long).err().unwrap();
+        let TokenError::KeyIo { source, .. } = &err else {
+            panic!("{err}");
+        };
+        assert_eq!(
+            source.raw_os_error(),
+            Some(rustix::io::Errno::NAMETOOLONG.raw_os_error()),
+            "{err}"
+        );
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

@@ -236,6 +236,22 @@ async fn attempt(
 mod tests {
     use super::*;
 
+    /// The `outcome` label of `kbs_rotation_pushes_total`, as docs/operations.md lists it.
+    #[test]
+    fn outcomes_have_their_documented_metric_labels() {
+        let labels = [
+            (PushOutcome::Acked, "acked"),
+            (PushOutcome::AlreadyHeld, "already_held"),
+            (PushOutcome::Denied, "denied"),
+            (PushOutcome::Failed, "failed"),
+            (PushOutcome::Retry, "retry"),
+            (PushOutcome::Disconnected, "disconnected"),
+        ];
+        for (outcome, label) in labels {
+            assert_eq!(outcome.as_str(), label, "{outcome:?}");
+        }
+    }
+
     #[test]
     fn backoff_grows_and_is_capped() {
         let first = backoff(1);

@@ -54,6 +54,12 @@ enum Behaviour {
     Invalid,
     /// Waits for `release` before applying.
     Hold,
+    /// Acknowledges another resource than the one pushed.
+    OtherUri,
+    /// Acknowledges the version pushed with another digest.
+    OtherDigest,
+    /// Answers that it holds a newer version (with that version's digest).
+    Newer,
 }
 
 /// A guest that records every push it receives and answers as told.
@@ -109,6 +115,25 @@ impl GuestService for RecordingGuest {
             Behaviour::Invalid => return Err(GuestError::Invalid("not for me".into())),
             Behaviour::Hold => self.release.notified().await,
             Behaviour::Ack => {}
+            Behaviour::OtherUri => {
+                return Ok(Applied {
+                    uri: "default/key/other".into(),
+                    version: resource.version,
+                    sha256: resource.sha256,
+                    already_held: false,
+                    hook_status: Some(0),
+                });
+            }
+            Behaviour::OtherDigest | Behaviour::Newer => {
+                let newer = behaviour == Behaviour::Newer;
+                return Ok(Applied {
+                    uri: resource.uri,
+                    version: resource.version + u64::from(newer),
+                    sha256: "0".repeat(64),
+                    already_held: newer,
+                    hook_status: None,
+                });
+            }
         }
         let already_held = {
             let mut held = self.held.lock().unwrap();
@@ -241,6 +266,21 @@ impl Rig {
         guest: &RecordingGuest,
         push_key: Option<PushKey>,
     ) -> Arc<TunnelHandle> {
+        let config = InProcessConfig {
+            push_key,
+            ..InProcessConfig::default()
+        };
+        self.connect_with(guest_id, labels, guest, config).await
+    }
+
+    /// [`Rig::connect`] over a tunnel configured as `config` says.
+    async fn connect_with(
+        &mut self,
+        guest_id: &str,
+        labels: &[(&str, &str)],
+        guest: &RecordingGuest,
+        config: InProcessConfig,
+    ) -> Arc<TunnelHandle> {
         let labels: BTreeMap<String, String> = labels
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -261,10 +301,6 @@ impl Rig {
             guest_id: guest_id.into(),
             labels,
             ..Default::default()
-        };
-        let config = InProcessConfig {
-            push_key,
-            ..InProcessConfig::default()
         };
         let (handle, serving) = in_process::connect(info, config, guest.clone());
         let task = tokio::task::spawn_local(serving);
@@ -550,6 +586,150 @@ async fn the_policy_refuses_a_guest_and_nothing_is_sent_to_it() {
             t["no"].reason
         );
         assert!(denied.pushes().is_empty());
+        rig.stop().await;
+    })
+    .await;
+}
+
+/// What the guest answers is checked against what was pushed: another resource, or the
+/// version pushed with another digest, fails the target; a newer version held is an ack that
+/// says so.
+#[tokio::test]
+async fn an_answer_that_does_not_match_the_push_fails_the_target_and_a_newer_version_is_noted() {
+    local(async {
+        let mut rig = Rig::new(ALLOW_ALL).await;
+        let guests = [
+            ("ok", Behaviour::Ack),
+            ("other-uri", Behaviour::OtherUri),
+            ("other-digest", Behaviour::OtherDigest),
+            ("newer", Behaviour::Newer),
+        ];
+        let mut recording = Vec::new();
+        for (id, behaviour) in guests {
+            let guest = RecordingGuest::new(behaviour);
+            rig.connect(id, &[], &guest, None).await;
+            recording.push(guest);
+        }
+        rig.start();
+        let id = rig
+            .create("", &["ok", "other-uri", "other-digest", "newer"], 8)
+            .await;
+        let t = rig
+            .until_targets(id, "every target settled", |t| {
+                t.len() == 4
+                    && t.values()
+                        .all(|t| matches!(t.state, TargetState::Acked | TargetState::Failed))
+            })
+            .await;
+        assert_eq!(state_of(&t, "ok"), Some(TargetState::Acked));
+        assert_eq!(t["ok"].reason, "", "a plain ack has no reason");
+        assert_eq!(state_of(&t, "other-uri"), Some(TargetState::Failed));
+        assert!(
+            t["other-uri"]
+                .reason
+                .contains("another resource: default/key/other"),
+            "{}",
+            t["other-uri"].reason
+        );
+        assert_eq!(state_of(&t, "other-digest"), Some(TargetState::Failed));
+        assert!(
+            t["other-digest"].reason.contains("reports digest 000"),
+            "{}",
+            t["other-digest"].reason
+        );
+        let newer = &t["newer"];
+        assert_eq!(newer.state, TargetState::Acked);
+        assert_eq!(newer.reason, "guest holds a newer version (2)");
+        assert_eq!(
+            (newer.held_version, newer.already_held, newer.hook_status),
+            (Some(2), true, None)
+        );
+        assert_eq!(newer.digest.as_deref(), Some("0".repeat(64).as_str()));
+        for guest in &recording {
+            assert_eq!(guest.pushes().len(), 1, "none of these is retried");
+        }
+        rig.stop().await;
+    })
+    .await;
+}
+
+/// A guest whose tunnel has no call slot free is tried again shortly, the busy answer not
+/// counted as an attempt.
+#[tokio::test]
+async fn a_busy_tunnel_is_tried_again_shortly_without_counting_an_attempt() {
+    local(async {
+        let mut rig = Rig::new(ALLOW_ALL).await;
+        let guest = RecordingGuest::new(Behaviour::Hold);
+        let config = InProcessConfig {
+            max_in_flight: 1,
+            ..InProcessConfig::default()
+        };
+        let handle = rig.connect_with("busy", &[], &guest, config).await;
+        // Another call takes the tunnel's only slot and is held there.
+        let other = SealedResource {
+            uri: "default/key/other".into(),
+            version: 9,
+            jwe: Vec::new(),
+            sha256: "0".repeat(64),
+        };
+        let held =
+            tokio::task::spawn_local(async move { handle.apply_resource(other, None).await });
+        while guest.pushes().is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        guest.set(Behaviour::Ack);
+        rig.start();
+        let id = rig.create("", &["busy"], 1).await;
+        let t = rig
+            .until_targets(id, "the push found the tunnel busy", |t| {
+                t.get("busy").is_some_and(|t| t.reason.contains("busy"))
+            })
+            .await;
+        let busy = &t["busy"];
+        assert_eq!((busy.state, busy.attempts), (TargetState::Pending, 0));
+        assert!(
+            busy.next_attempt_at > busy.updated_at,
+            "tried again later, not at once: {busy:?}"
+        );
+        assert!(busy.next_attempt_at <= busy.updated_at + 100, "{busy:?}");
+        guest.release.notify_one();
+        held.await.unwrap().unwrap();
+        let t = rig
+            .until_targets(id, "busy acked once the slot was free", |t| {
+                state_of(t, "busy") == Some(TargetState::Acked)
+            })
+            .await;
+        assert_eq!(t["busy"].attempts, 1);
+        rig.stop().await;
+    })
+    .await;
+}
+
+/// A policy that fails to evaluate for a guest is retried as any failure is, each evaluation
+/// counted as an attempt, and nothing is sent.
+#[tokio::test]
+async fn a_policy_that_fails_to_evaluate_is_retried_then_given_up() {
+    local(async {
+        let policy = "package policy\nimport rego.v1\ndefault allow := true\n\
+            allow := \"maybe\" if { input.tether.labels.tier == \"odd\" }\n";
+        let mut rig = Rig::new(policy).await;
+        let odd = RecordingGuest::new(Behaviour::Ack);
+        rig.connect("odd", &[("tier", "odd")], &odd, None).await;
+        rig.start();
+        let id = rig.create("", &["odd"], 1).await;
+        let t = rig
+            .until_targets(id, "odd failed", |t| {
+                state_of(t, "odd") == Some(TargetState::Failed)
+            })
+            .await;
+        assert_eq!(t["odd"].attempts, 2, "max_attempts is 2");
+        assert!(
+            t["odd"].reason.starts_with("policy evaluation: ")
+                && t["odd"].reason.contains("gave up after 2 attempts"),
+            "{}",
+            t["odd"].reason
+        );
+        assert!(odd.pushes().is_empty());
         rig.stop().await;
     })
     .await;
