@@ -246,15 +246,19 @@ async fn snp_evidence_with_auxblob_verifies_with_the_kbs_verifier() {
     assert!(ev["cert_chain"][0]["data"].is_array());
 
     let now = UNIX_EPOCH + Duration::from_secs(1_748_736_000);
-    let claims = tee_verifiers::verify(
-        tee_verifiers::TeeKind::Snp,
-        &ev,
-        &report_data,
-        None,
-        &tee_verifiers::Collateral::None,
-        now,
-    )
-    .unwrap();
+    // The shared report comes without AMD's CRL: verified under `if-published`.
+    let anchors = tee_verifiers::TrustAnchors::clone(&tee_verifiers::TrustAnchors::vendor())
+        .with_snp_crl_policy(tee_verifiers::snp::crl::CrlPolicy::IfPublished);
+    let claims = tee_verifiers::Decoded::new(tee_verifiers::TeeKind::Snp, &ev)
+        .unwrap()
+        .verify_with(
+            &anchors,
+            &report_data,
+            None,
+            &tee_verifiers::Collateral::None,
+            now,
+        )
+        .unwrap();
     assert_eq!(claims.0["signing_key"], "VCEK");
     assert_eq!(entries(&root), 0);
 }
