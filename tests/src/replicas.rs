@@ -105,6 +105,17 @@ impl Replicas {
         self.procs[i].as_ref().and_then(|p| p.child.id())
     }
 
+    /// How many guests each replica in `live` holds connected (what its fleet view says;
+    /// 0 for one that does not answer).
+    pub async fn held(&self, live: &[usize]) -> Vec<usize> {
+        let mut out = Vec::new();
+        for &i in live {
+            let guests = self.admin(i).list_guests().await.unwrap_or_default();
+            out.push(guests.iter().filter(|g| g.connected).count());
+        }
+        out
+    }
+
     /// `kill -9` replica `i`.
     pub async fn kill_9(&mut self, i: usize) {
         if let Some(mut p) = self.procs[i].take() {

@@ -14,16 +14,6 @@ use tests::{Haproxy, Replicas, SimFleet, SimOptions, haproxy_binary, skip};
 const GUESTS: usize = 30;
 const WAIT: Duration = Duration::from_secs(60);
 
-/// How many guests each replica in `live` holds connected.
-async fn held(replicas: &Replicas, live: &[usize]) -> Vec<usize> {
-    let mut out = Vec::new();
-    for &i in live {
-        let guests = replicas.admin(i).list_guests().await.unwrap_or_default();
-        out.push(guests.iter().filter(|g| g.connected).count());
-    }
-    out
-}
-
 #[tokio::test]
 async fn a_drained_replica_s_guests_move_to_the_others_without_an_error() {
     tests::init_logging();
@@ -42,7 +32,7 @@ async fn a_drained_replica_s_guests_move_to_the_others_without_an_error() {
 
     // Round robin spreads them; the drained replica must hold some for the test to mean
     // anything.
-    let before = held(&replicas, &[0, 1, 2]).await;
+    let before = replicas.held(&[0, 1, 2]).await;
     assert_eq!(before.iter().sum::<usize>(), GUESTS, "{before:?}");
     assert!(before[0] > 0, "replica 0 holds no guest: {before:?}");
     let (opened, errors) = (fleet.opened(), fleet.errors());
@@ -57,7 +47,7 @@ async fn a_drained_replica_s_guests_move_to_the_others_without_an_error() {
     // Every guest it held opened a new tunnel on another replica.
     let started = tokio::time::Instant::now();
     loop {
-        let now = held(&replicas, &[1, 2]).await;
+        let now = replicas.held(&[1, 2]).await;
         if now.iter().sum::<usize>() == GUESTS && fleet.connected() == GUESTS {
             break;
         }

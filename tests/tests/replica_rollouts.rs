@@ -57,16 +57,6 @@ async fn rows(admin: &AdminClient, id: i64) -> BTreeMap<String, TargetRecord> {
         .collect()
 }
 
-/// Each replica's connected guests.
-async fn held(replicas: &Replicas) -> Vec<usize> {
-    let mut out = Vec::new();
-    for i in 0..replicas.len() {
-        let guests = replicas.admin(i).list_guests().await.unwrap_or_default();
-        out.push(guests.iter().filter(|g| g.connected).count());
-    }
-    out
-}
-
 #[tokio::test]
 async fn a_rollout_started_on_one_replica_is_delivered_by_each_and_counted_fleet_wide() {
     tests::init_logging();
@@ -92,7 +82,7 @@ async fn a_rollout_started_on_one_replica_is_delivered_by_each_and_counted_fleet
     for f in &fleets {
         f.wait_connected(10, WAIT).await.unwrap();
     }
-    assert_eq!(held(&replicas).await, [10, 10, 10]);
+    assert_eq!(replicas.held(&[0, 1, 2]).await, [10, 10, 10]);
 
     let id = replicas
         .admin(0)
@@ -184,7 +174,7 @@ async fn kill_9_of_a_replica_mid_rollout_moves_its_guests_and_stores_each_ack_on
     };
     let mut fleet = SimFleet::spawn(&lb.url, 30, &options);
     fleet.wait_connected(30, WAIT).await.unwrap();
-    let spread = held(&replicas).await;
+    let spread = replicas.held(&[0, 1, 2]).await;
     assert_eq!(spread.iter().sum::<usize>(), 30, "{spread:?}");
     assert!(
         spread[1] > 0,
@@ -215,7 +205,7 @@ async fn kill_9_of_a_replica_mid_rollout_moves_its_guests_and_stores_each_ack_on
     tracing::info!(after = ?killed_at.elapsed(), "rollout complete after the kill");
     assert_eq!(view.total, 30, "{view:?}");
     fleet.wait_connected(30, WAIT).await.unwrap();
-    let spread = held(&replicas).await;
+    let spread = replicas.held(&[0, 1, 2]).await;
     assert_eq!(spread[1], 0);
     assert_eq!(spread.iter().sum::<usize>(), 30, "{spread:?}");
 
