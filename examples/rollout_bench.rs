@@ -145,6 +145,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let (counts, state) = match update {
                 RolloutUpdate::Snapshot(v) => (v.counts, v.rollout.state),
                 RolloutUpdate::Change(e) => (e.counts, e.state),
+                RolloutUpdate::Error { name, detail } => {
+                    eprintln!("event stream: {name}: {detail}");
+                    continue;
+                }
             };
             acked = counts.get(&TargetState::Acked).copied().unwrap_or(0);
             total = counts.values().sum();

@@ -422,6 +422,14 @@ pub enum RolloutUpdate {
     Snapshot(plugin_rotation::RolloutView),
     /// One change.
     Change(plugin_rotation::RolloutEvent),
+    /// The server could not tell everything (`ReadBackFailed`: it fell behind and could not
+    /// read the rollout back; the stream goes on) or stops (`StreamClosed`: it shuts down).
+    Error {
+        /// CamelCase name, as in an API error's `type`.
+        name: String,
+        /// What happened.
+        detail: String,
+    },
 }
 
 /// A rollout's server-sent-events stream.
@@ -440,12 +448,11 @@ impl RolloutWatch {
                 let (mut kind, mut data) = ("message", String::new());
                 for line in text.lines() {
                     if let Some(k) = line.strip_prefix("event:") {
-                        kind = if k.trim() == "snapshot" {
-                            "snapshot"
-                        } else if k.trim() == "change" {
-                            "change"
-                        } else {
-                            "other"
+                        kind = match k.trim() {
+                            "snapshot" => "snapshot",
+                            "change" => "change",
+                            "error" => "error",
+                            _ => "other",
                         };
                     } else if let Some(d) = line.strip_prefix("data:") {
                         data.push_str(d.strip_prefix(' ').unwrap_or(d));
@@ -463,6 +470,13 @@ impl RolloutWatch {
                         return Ok(Some(RolloutUpdate::Change(
                             serde_json::from_str(&data).map_err(bad)?,
                         )));
+                    }
+                    "error" => {
+                        let body: Value = serde_json::from_str(&data).map_err(bad)?;
+                        return Ok(Some(RolloutUpdate::Error {
+                            name: body["type"].as_str().unwrap_or("").to_string(),
+                            detail: body["detail"].as_str().unwrap_or("").to_string(),
+                        }));
                     }
                     _ => continue,
                 }

@@ -27,10 +27,11 @@ pub async fn watch_rollout_until(
                 Some(RolloutUpdate::Snapshot(v)) => view = Some(v),
                 Some(RolloutUpdate::Change(e)) => {
                     if let Some(v) = view.as_mut() {
-                        v.counts = e.counts.clone();
-                        v.rollout.state = e.state;
-                        v.total = e.counts.values().sum();
+                        v.apply(&e);
                     }
+                }
+                Some(RolloutUpdate::Error { name, detail }) => {
+                    eprintln!("rollout {id} event stream: {name}: {detail}");
                 }
                 None => break,
             }

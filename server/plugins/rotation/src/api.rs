@@ -10,9 +10,8 @@ use axum::Json;
 use axum::extract::{FromRef, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
-use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::oneshot;
 
 use kbs_core::resource_path::ResourcePath;
@@ -24,6 +23,7 @@ use kbs_web::extract::{AdminCaller, ApiJson};
 use kbs_web::plugin::PluginContext;
 
 use crate::engine::{Command, Control, ControlError, RolloutEvent};
+use crate::follow::{self, Update};
 use crate::{Deps, Shared};
 use kbs_core::storage::{
     NewRollout, RolloutQuery, RolloutRecord, RolloutState, TargetRecord, TargetState, now_ms,
@@ -84,18 +84,36 @@ pub struct RolloutView {
 }
 
 impl RolloutView {
-    fn new(rollout: RolloutRecord, counts: BTreeMap<TargetState, u64>) -> Self {
-        let total = counts.values().sum();
-        let outstanding = counts.get(&TargetState::Pending).copied().unwrap_or(0)
-            + counts.get(&TargetState::Delivering).copied().unwrap_or(0);
-        let done = !rollout.state.in_force()
-            || (outstanding == 0 && rollout.state != RolloutState::Paused);
-        Self {
+    pub(crate) fn new(rollout: RolloutRecord, counts: BTreeMap<TargetState, u64>) -> Self {
+        let mut view = Self {
             rollout,
             counts,
-            total,
-            done,
+            total: 0,
+            done: false,
+        };
+        view.recount();
+        view
+    }
+
+    /// The view after `change` (a `change` event of its stream: counts are cumulative).
+    pub fn apply(&mut self, change: &RolloutEvent) {
+        if change.rollout_id == self.rollout.id {
+            self.rollout.state = change.state;
+            self.counts.clone_from(&change.counts);
+            self.recount();
         }
+    }
+
+    /// Targets in `state`.
+    pub fn count(&self, state: TargetState) -> u64 {
+        self.counts.get(&state).copied().unwrap_or(0)
+    }
+
+    fn recount(&mut self) {
+        self.total = self.counts.values().sum();
+        let outstanding = self.count(TargetState::Pending) + self.count(TargetState::Delivering);
+        self.done = !self.rollout.state.in_force()
+            || (outstanding == 0 && self.rollout.state != RolloutState::Paused);
     }
 }
 
@@ -473,7 +491,9 @@ pub const MAX_STREAMS: usize = 64;
 /// `change` events ([`RolloutEvent`]): one per change, except that changes queued while the
 /// stream was writing are folded into the newest of them (counts are cumulative; its
 /// `target` is the last target that changed); a fresh `snapshot` after the stream fell
-/// behind the channel; it ends after the rollout leaves force.
+/// behind the channel, or an `error` event (`ReadBackFailed`) when that read failed, after
+/// which the stream goes on; it ends after the rollout leaves force, or with an `error`
+/// event (`StreamClosed`) when the server shuts down (see [`follow`]).
 pub async fn events(
     State(api): State<RotationApi>,
     AdminCaller(_admin): AdminCaller,
@@ -493,88 +513,29 @@ pub async fn events(
         })?;
     // Subscribe before the snapshot, so no change in between is lost.
     let rx = api.shared.events.subscribe();
+    let first = view(&api.deps, id).await?;
     let deps = api.deps.clone();
-    let first = view(&deps, id).await?;
-    struct St {
-        rx: tokio::sync::broadcast::Receiver<Arc<RolloutEvent>>,
-        deps: Deps,
-        id: i64,
-        pending: Option<Event>,
-        finished: bool,
-        _permit: tokio::sync::OwnedSemaphorePermit,
-    }
-    let ended = !first.rollout.state.in_force();
-    let start = St {
-        rx,
-        deps,
-        id,
-        pending: Some(snapshot_event(&first)),
-        finished: ended,
-        _permit: permit,
+    let read_back = move || {
+        let deps = deps.clone();
+        async move { view(&deps, id).await }
     };
-    let stream = futures::stream::unfold(Some(start), |st| async move {
-        let mut st = st?;
-        if let Some(ev) = st.pending.take() {
-            return Some((Ok(ev), Some(st)));
-        }
-        if st.finished {
-            return None;
-        }
-        loop {
-            match st.rx.recv().await {
-                Ok(ev) if ev.rollout_id == st.id => {
-                    // Changes that queued up while this one was on its way are folded in: the
-                    // counts are cumulative, so the newest change says all the older ones do.
-                    let ev = newest_ready(&mut st.rx, st.id, ev);
-                    if ev.target.is_none() && !ev.state.in_force() {
-                        st.finished = true;
-                    }
-                    let event = Event::default()
-                        .event("change")
-                        .json_data(&*ev)
-                        .unwrap_or_else(|_| Event::default().comment("unserialisable"));
-                    return Some((Ok(event), Some(st)));
-                }
-                Ok(_) => continue,
-                Err(RecvError::Lagged(_)) => match view(&st.deps, st.id).await {
-                    Ok(v) => {
-                        st.finished = !v.rollout.state.in_force();
-                        return Some((Ok(snapshot_event(&v)), Some(st)));
-                    }
-                    Err(_) => return None,
-                },
-                Err(RecvError::Closed) => return None,
-            }
-        }
+    let stream = follow::follow(rx, id, first, read_back).map(move |update| {
+        // The permit goes with the stream.
+        let _held = &permit;
+        Ok(update_event(&update))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
-/// Queued changes folded into one `change` event at most.
-const MAX_FOLDED: usize = 4096;
-
-/// The newest change of rollout `id` among `first` and those already queued behind it (a
-/// change that ends the rollout is the last one, so it is never folded away).
-fn newest_ready(
-    rx: &mut tokio::sync::broadcast::Receiver<Arc<RolloutEvent>>,
-    id: i64,
-    first: Arc<RolloutEvent>,
-) -> Arc<RolloutEvent> {
-    let mut newest = first;
-    // Bounded, so a stream under a steady flood still sends; a lag shows at the next `recv`.
-    for _ in 0..MAX_FOLDED {
-        match rx.try_recv() {
-            Ok(ev) if ev.rollout_id == id => newest = ev,
-            Ok(_) => {}
-            Err(_) => break,
-        }
-    }
-    newest
-}
-
-fn snapshot_event(v: &RolloutView) -> Event {
-    Event::default()
-        .event("snapshot")
-        .json_data(v)
-        .unwrap_or_else(|_| Event::default().comment("unserialisable"))
+/// An update as a server-sent event: `snapshot`, `change`, or `error` (`{"type", "detail"}`
+/// like an API error's body).
+fn update_event(update: &Update) -> Event {
+    let event = match update {
+        Update::Snapshot(v) => Event::default().event("snapshot").json_data(v),
+        Update::Change(ev) => Event::default().event("change").json_data(&**ev),
+        Update::Error { name, detail } => Event::default()
+            .event("error")
+            .json_data(serde_json::json!({ "type": name, "detail": detail })),
+    };
+    event.unwrap_or_else(|_| Event::default().comment("unserialisable"))
 }

@@ -8,6 +8,7 @@ pub mod api;
 mod config;
 pub mod deliver;
 pub mod engine;
+mod follow;
 mod metrics;
 mod writer;
 

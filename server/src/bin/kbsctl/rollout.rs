@@ -7,7 +7,7 @@ use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use kbs_core::storage::{TargetRecord, TargetState};
 use plugin_rotation::{Control, RolloutView, StartRollout};
-use server::admin_client::{AdminClient, RolloutUpdate};
+use server::admin_client::{AdminClient, RolloutUpdate, RolloutWatch};
 
 use crate::output::{Output, table};
 use crate::query::urlencode;
@@ -127,10 +127,10 @@ pub async fn run(cmd: RolloutCmd, client: &AdminClient, output: Output) -> anyho
                     v.rollout.version.to_string(),
                     v.rollout.selector.clone(),
                     v.rollout.state.to_string(),
-                    n(v, TargetState::Acked).to_string(),
-                    (n(v, TargetState::Pending) + n(v, TargetState::Delivering)).to_string(),
-                    n(v, TargetState::Failed).to_string(),
-                    n(v, TargetState::Denied).to_string(),
+                    v.count(TargetState::Acked).to_string(),
+                    (v.count(TargetState::Pending) + v.count(TargetState::Delivering)).to_string(),
+                    v.count(TargetState::Failed).to_string(),
+                    v.count(TargetState::Denied).to_string(),
                     v.total.to_string(),
                     v.rollout.created_by.clone(),
                 ]);
@@ -154,28 +154,25 @@ async fn control(client: &AdminClient, id: i64, action: Control, json: bool) -> 
     Ok(())
 }
 
-fn n(v: &RolloutView, s: TargetState) -> u64 {
-    v.counts.get(&s).copied().unwrap_or(0)
-}
-
 fn summary(v: &RolloutView) -> String {
     format!(
         "{} | acked {} | delivering {} | pending {} | failed {} | denied {}",
         v.rollout.state,
-        n(v, TargetState::Acked),
-        n(v, TargetState::Delivering),
-        n(v, TargetState::Pending),
-        n(v, TargetState::Failed),
-        n(v, TargetState::Denied),
+        v.count(TargetState::Acked),
+        v.count(TargetState::Delivering),
+        v.count(TargetState::Pending),
+        v.count(TargetState::Failed),
+        v.count(TargetState::Denied),
     )
 }
 
-/// A live progress bar fed by the rollout's event stream, until nothing is outstanding.
+/// Times `follow` opens the event stream again after it ended while the rollout still ran.
+const REOPENS: u32 = 5;
+
+/// A live progress bar fed by the rollout's event stream, until nothing is outstanding. A
+/// stream that ends while the rollout is still running (the replica drains or restarts)
+/// is opened again, on whichever replica answers.
 async fn follow(client: &AdminClient, id: i64, json: bool) -> anyhow::Result<()> {
-    let mut watch = client
-        .watch_rollout(id)
-        .await
-        .with_context(|| format!("following rollout {id}"))?;
     let bar = if json {
         ProgressBar::hidden()
     } else {
@@ -186,32 +183,62 @@ async fn follow(client: &AdminClient, id: i64, json: bool) -> anyhow::Result<()>
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.enable_steady_tick(Duration::from_millis(200));
+    let mut reopens = 0;
+    loop {
+        let mut watch = client
+            .watch_rollout(id)
+            .await
+            .with_context(|| format!("following rollout {id}"))?;
+        if follow_stream(&mut watch, &bar).await? {
+            break;
+        }
+        reopens += 1;
+        if reopens > REOPENS {
+            bar.abandon();
+            anyhow::bail!(
+                "rollout {id}: its event stream ended {reopens} times before the rollout did; see `kbsctl rollout status {id}`"
+            );
+        }
+        bar.println(format!(
+            "rollout {id}: the event stream ended before the rollout; following it again"
+        ));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    bar.finish();
+    let detail = client.rollout(id, "limit=1").await?;
+    report(client, &detail.view, json).await
+}
+
+/// Feeds `bar` from one event stream; whether the rollout reached its end (nothing
+/// outstanding, or out of force) before the stream ended.
+async fn follow_stream(watch: &mut RolloutWatch, bar: &ProgressBar) -> anyhow::Result<bool> {
     let mut view: Option<RolloutView> = None;
     while let Some(update) = watch.next().await? {
         match update {
             RolloutUpdate::Snapshot(v) => view = Some(v),
             RolloutUpdate::Change(e) => {
                 if let Some(v) = view.as_mut() {
-                    v.total = e.counts.values().sum();
-                    v.counts = e.counts;
-                    v.rollout.state = e.state;
+                    v.apply(&e);
                 }
+            }
+            RolloutUpdate::Error { name, detail } => {
+                bar.println(format!("warning: {name}: {detail}"));
+                continue;
             }
         }
         let Some(v) = view.as_ref() else { continue };
-        let settled =
-            n(v, TargetState::Acked) + n(v, TargetState::Failed) + n(v, TargetState::Denied);
+        let settled = v.count(TargetState::Acked)
+            + v.count(TargetState::Failed)
+            + v.count(TargetState::Denied);
         bar.set_length(v.total);
         bar.set_position(settled);
         bar.set_message(summary(v));
-        let outstanding = n(v, TargetState::Pending) + n(v, TargetState::Delivering);
+        let outstanding = v.count(TargetState::Pending) + v.count(TargetState::Delivering);
         if !v.rollout.state.in_force() || outstanding == 0 {
-            break;
+            return Ok(true);
         }
     }
-    bar.finish();
-    let detail = client.rollout(id, "limit=1").await?;
-    report(client, &detail.view, json).await
+    Ok(false)
 }
 
 /// Counts, then a table of the guests that failed or were denied.
