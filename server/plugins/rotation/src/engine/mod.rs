@@ -809,7 +809,7 @@ impl Engine {
                 if let Err(e) = writer.write(row.clone()).await {
                     tracing::error!(rollout = rec.id, guest_id = %row.guest_id, error = %e, "target outcome not stored");
                 }
-                tracing::debug!(rollout = rec.id, guest_id = %row.guest_id, outcome = outcome.as_str(), "push done");
+                tracing::debug!(rollout = rec.id, guest_id = %row.guest_id, outcome = outcome.as_str(), attempts = row.attempts, reason = %row.reason, "push done");
                 let _ = done.send(Done {
                     rollout_id: rec.id,
                     row,
