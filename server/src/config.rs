@@ -99,9 +99,10 @@ pub struct HttpConfig {
     /// A connection with no request in flight for this long is closed (HTTP/1 and HTTP/2).
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// Most sockets the KBS holds, guest tunnels included (lowered to the open-file limit
-    /// minus a reserve at start).
-    pub max_connections: usize,
+    /// Most sockets the KBS holds, guest tunnels included. Unset: as many as the open-file
+    /// limit allows (its soft limit, raised to the hard limit at start, minus a reserve of
+    /// 256); set: that number, lowered to the same bound if it is above it.
+    pub max_connections: Option<usize>,
     /// Most sockets not upgraded to a tunnel (TLS handshakes, requests, idle keep-alive).
     /// The rest of `max_connections` is kept for tunnels; at this cap a new connection
     /// closes the oldest idle one.
@@ -120,7 +121,7 @@ impl Default for HttpConfig {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
-            max_connections: 16384,
+            max_connections: None,
             max_http_connections: 1024,
         }
     }
@@ -512,15 +513,17 @@ impl Config {
                 return Err(invalid(key, "must be within 100ms..=1h"));
             }
         }
-        if h.max_connections < 2 {
+        if h.max_connections.is_some_and(|n| n < 2) {
             return Err(invalid("http.max_connections", "must be at least 2"));
         }
-        if h.max_http_connections == 0 || h.max_http_connections >= h.max_connections {
+        if h.max_http_connections == 0
+            || h.max_connections.is_some_and(|n| h.max_http_connections >= n)
+        {
             return Err(invalid(
                 "http.max_http_connections",
                 format!(
                     "must be at least 1 and below http.max_connections ({}): the difference is kept for guest tunnels",
-                    h.max_connections
+                    h.max_connections.unwrap_or_default()
                 ),
             ));
         }

@@ -52,7 +52,9 @@ pub async fn serve(
 }
 
 /// The listener's limits for `[http]`, the caps fitted under `open_files` (the process's
-/// open-file limit, when known) minus a reserve, keeping the tunnels' share.
+/// open-file limit, when known) minus a reserve, keeping the tunnels' share. With
+/// `max_connections` unset the cap is that bound itself ([`UNKNOWN_LIMIT_CAP`] when the
+/// limit is unknown), and HTTP sockets get at most a sixteenth of it.
 pub fn limits(http: &HttpConfig, open_files: Option<usize>) -> Limits {
     let mut limits = Limits::default();
     limits.handshake_timeout = http.tls_handshake_timeout;
@@ -61,18 +63,25 @@ pub fn limits(http: &HttpConfig, open_files: Option<usize>) -> Limits {
     limits.body_timeout = http.body_timeout;
     limits.idle_timeout = http.idle_timeout;
     limits.max_header_bytes = kbs_core::token::MAX_TOKEN_BYTES + HEAD_ROOM;
-    limits.max_connections = http.max_connections;
-    limits.max_http_connections = http.max_http_connections;
-    let Some(room) = open_files.map(|n| n.saturating_sub(FD_RESERVE).max(2)) else {
+    let room = open_files.map(|n| n.saturating_sub(FD_RESERVE).max(2));
+    let Some(configured) = http.max_connections else {
+        let cap = room.unwrap_or(UNKNOWN_LIMIT_CAP);
+        limits.max_connections = cap;
+        limits.max_http_connections = http.max_http_connections.min(cap / 16).max(1);
         return limits;
     };
-    if limits.max_connections > room {
+    limits.max_connections = configured;
+    limits.max_http_connections = http.max_http_connections;
+    let Some(room) = room else {
+        return limits;
+    };
+    if configured > room {
         // Keep the configured share of HTTP connections (at least one, and one place left
         // for a tunnel).
-        let share = http.max_http_connections as f64 / http.max_connections as f64;
+        let share = http.max_http_connections as f64 / configured as f64;
         let http_cap = ((room as f64 * share) as usize).clamp(1, room - 1);
         tracing::warn!(
-            configured = http.max_connections,
+            configured,
             open_file_limit = open_files,
             max_connections = room,
             max_http_connections = http_cap,
@@ -84,9 +93,30 @@ pub fn limits(http: &HttpConfig, open_files: Option<usize>) -> Limits {
     limits
 }
 
-/// The process's soft limit on open files.
+/// `max_connections` unset and the open-file limit unknown.
+pub const UNKNOWN_LIMIT_CAP: usize = 16384;
+
+/// The process's soft limit on open files, first raised to the hard limit: each tunnel is a
+/// socket, and the soft limit many systems start services with (1,024) would cap a KBS at
+/// about 750 guests although the hard limit allows far more.
 fn open_file_limit() -> Option<usize> {
-    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.maximum.is_some_and(|hard| limit.current.is_some_and(|soft| soft < hard)) {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => tracing::info!(
+                from = limit.current,
+                to = limit.maximum,
+                "raised the open-file soft limit to the hard limit"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not raise the open-file soft limit"),
+        }
+    }
+    let limit = getrlimit(Resource::Nofile);
     limit.current.and_then(|n| usize::try_from(n).ok())
 }
 
@@ -140,15 +170,35 @@ impl Collector for ConnectionMetrics {
 mod tests {
     use super::*;
 
+    /// The default takes what the open-file limit allows: on this project's machines
+    /// (20,000) that is 19,744 sockets, not the 16,384 of a fixed default.
     #[test]
-    fn caps_fit_under_the_open_file_limit_keeping_the_tunnels_share() {
+    fn by_default_the_cap_is_what_the_open_file_limit_allows() {
         let http = HttpConfig::default();
+        let at = |n| {
+            let l = limits(&http, n);
+            (l.max_connections, l.max_http_connections)
+        };
+        assert_eq!(at(Some(20_000)), (19_744, 1024));
+        assert_eq!(at(Some(1_000_000)), (999_744, 1024));
+        assert_eq!(at(Some(1024)), (768, 48));
+        assert_eq!(at(Some(100)), (2, 1));
+        assert_eq!(at(None), (UNKNOWN_LIMIT_CAP, 1024));
+    }
+
+    #[test]
+    fn set_caps_fit_under_the_open_file_limit_keeping_the_tunnels_share() {
+        let http = HttpConfig {
+            max_connections: Some(16384),
+            ..HttpConfig::default()
+        };
         let roomy = limits(&http, Some(1_000_000));
         assert_eq!(
             (roomy.max_connections, roomy.max_http_connections),
             (16384, 1024)
         );
         assert_eq!(limits(&http, Some(20_000)).max_connections, 16384);
+        assert_eq!(limits(&http, None).max_connections, 16384);
         let tight = limits(&http, Some(1024));
         assert_eq!(
             (tight.max_connections, tight.max_http_connections),

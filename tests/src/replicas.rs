@@ -40,7 +40,7 @@ impl Replicas {
     }
 
     /// [`start`](Self::start) with more configuration: `extra_toml` is appended to their
-    /// config file (`[http]\nmax_connections = 19700\n`, say; not `[policy]`).
+    /// config file (`[attestation]\ntoken_ttl = "2h"\n`, say; not `[policy]`).
     pub async fn start_with(n: usize, database_url: &str, extra_toml: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let data_dir = dir.path().join("data");

@@ -103,7 +103,7 @@ async fn idle_sockets_cannot_keep_clients_or_guests_out() {
         allow_sample(c);
         // Only the cap may help: the flood is never timed out during the test.
         c.http.first_byte_timeout = Duration::from_secs(600);
-        c.http.max_connections = 300;
+        c.http.max_connections = Some(300);
         c.http.max_http_connections = 100;
     })
     .await;
