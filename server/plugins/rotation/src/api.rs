@@ -24,6 +24,7 @@ use kbs_web::plugin::PluginContext;
 
 use crate::engine::{Command, Control, ControlError, RolloutEvent};
 use crate::follow::{self, Update};
+pub use crate::view::RolloutView;
 use crate::{Deps, Shared};
 use kbs_core::storage::{
     NewRollout, RolloutQuery, RolloutRecord, RolloutState, TargetRecord, TargetState, now_ms,
@@ -67,54 +68,6 @@ pub struct StartRollout {
     /// `[plugins.rotation] default_deadline` (7 days) when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_s: Option<u64>,
-}
-
-/// A rollout with its target counts.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RolloutView {
-    /// The rollout.
-    #[serde(flatten)]
-    pub rollout: RolloutRecord,
-    /// Targets by state.
-    pub counts: BTreeMap<TargetState, u64>,
-    /// Targets in all.
-    pub total: u64,
-    /// Nothing outstanding, or no longer in force.
-    pub done: bool,
-}
-
-impl RolloutView {
-    pub(crate) fn new(rollout: RolloutRecord, counts: BTreeMap<TargetState, u64>) -> Self {
-        let mut view = Self {
-            rollout,
-            counts,
-            total: 0,
-            done: false,
-        };
-        view.recount();
-        view
-    }
-
-    /// The view after `change` (a `change` event of its stream: counts are cumulative).
-    pub fn apply(&mut self, change: &RolloutEvent) {
-        if change.rollout_id == self.rollout.id {
-            self.rollout.state = change.state;
-            self.counts.clone_from(&change.counts);
-            self.recount();
-        }
-    }
-
-    /// Targets in `state`.
-    pub fn count(&self, state: TargetState) -> u64 {
-        self.counts.get(&state).copied().unwrap_or(0)
-    }
-
-    fn recount(&mut self) {
-        self.total = self.counts.values().sum();
-        let outstanding = self.count(TargetState::Pending) + self.count(TargetState::Delivering);
-        self.done = !self.rollout.state.in_force()
-            || (outstanding == 0 && self.rollout.state != RolloutState::Paused);
-    }
 }
 
 /// Body of `GET /kbs/v0/rotation/rollouts/<id>`.

@@ -16,8 +16,8 @@ use futures::Stream;
 use tokio::sync::broadcast::Receiver;
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::api::RolloutView;
 use crate::engine::RolloutEvent;
+use crate::view::RolloutView;
 use kbs_web::error::ApiError;
 
 /// Queued changes folded into one `change` update at most.

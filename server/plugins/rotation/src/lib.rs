@@ -10,6 +10,7 @@ pub mod deliver;
 pub mod engine;
 mod follow;
 mod metrics;
+mod view;
 mod writer;
 
 use std::sync::Arc;
