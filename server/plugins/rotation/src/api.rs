@@ -22,13 +22,11 @@ use kbs_web::error::ApiError;
 use kbs_web::extract::{AdminCaller, ApiJson};
 use kbs_web::plugin::PluginContext;
 
-use crate::engine::{Command, Control, ControlError, RolloutEvent};
+use crate::engine::{Command, Control, ControlError};
 use crate::follow::{self, Update};
 pub use crate::view::RolloutView;
 use crate::{Deps, Shared};
-use kbs_core::storage::{
-    NewRollout, RolloutQuery, RolloutRecord, RolloutState, TargetRecord, TargetState, now_ms,
-};
+use kbs_core::storage::{NewRollout, RolloutQuery, TargetRecord, TargetState, now_ms};
 
 /// Default pushes in flight per rollout.
 pub const DEFAULT_MAX_CONCURRENT: u32 = 64;
@@ -441,7 +439,7 @@ pub async fn cancel(
 pub const MAX_STREAMS: usize = 64;
 
 /// `GET /rollouts/<id>/events`: a `snapshot` event (the rollout and its counts), then
-/// `change` events ([`RolloutEvent`]): one per change, except that changes queued while the
+/// `change` events ([`RolloutEvent`](crate::engine::RolloutEvent)): one per change, except that changes queued while the
 /// stream was writing are folded into the newest of them (counts are cumulative; its
 /// `target` is the last target that changed); a fresh `snapshot` after the stream fell
 /// behind the channel, or an `error` event (`ReadBackFailed`) when that read failed, after
