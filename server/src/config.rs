@@ -517,7 +517,8 @@ impl Config {
             return Err(invalid("http.max_connections", "must be at least 2"));
         }
         if h.max_http_connections == 0
-            || h.max_connections.is_some_and(|n| h.max_http_connections >= n)
+            || h.max_connections
+                .is_some_and(|n| h.max_http_connections >= n)
         {
             return Err(invalid(
                 "http.max_http_connections",

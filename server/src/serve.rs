@@ -102,7 +102,10 @@ pub const UNKNOWN_LIMIT_CAP: usize = 16384;
 fn open_file_limit() -> Option<usize> {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
-    if limit.maximum.is_some_and(|hard| limit.current.is_some_and(|soft| soft < hard)) {
+    if limit
+        .maximum
+        .is_some_and(|hard| limit.current.is_some_and(|soft| soft < hard))
+    {
         let raised = rustix::process::Rlimit {
             current: limit.maximum,
             maximum: limit.maximum,
