@@ -48,7 +48,7 @@ const PATH: &str = "default/key/scale";
 const LABEL: (&str, &str) = ("app", "scale");
 /// 19,000 tunnels and the HTTP connections beside them fit (the default, 16,384, does not);
 /// the guests' tokens outlive the run (a simulated guest does not refresh in band).
-const REPLICA_CONFIG: &str = "[http]\nmax_connections = 19700\n[attestation]\ntoken_ttl = \"2h\"\n";
+const REPLICA_CONFIG: &str = "[attestation]\ntoken_ttl = \"2h\"\n";
 /// The replica killed by `--kill` (0-based; replica 0 is the one the operator talks to).
 const VICTIM: usize = 1;
 /// How often a simulator reports its counters.
@@ -368,6 +368,34 @@ async fn tunnels(replicas: &Replicas, i: usize) -> anyhow::Result<u64> {
     Ok(tests::metric_value(&text, "kbs_tunnels_connected", &[]) as u64)
 }
 
+/// Replica `i`'s push outcomes (`kbs_rotation_pushes_total`) and the outcomes of its
+/// `apply_resource` calls on the tunnels (`kbs_rpc_calls_total`): where retries came from.
+async fn outcomes(replicas: &Replicas, i: usize) -> anyhow::Result<String> {
+    let text = reqwest::Client::new()
+        .get(format!("{}/metrics", replicas.url(i)))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let pick = |metric: &str, only: &str| {
+        text.lines()
+            .filter(|l| l.starts_with(metric) && l.contains(only))
+            .filter_map(|l| {
+                let (labels, value) = l.rsplit_once(' ')?;
+                let outcome = labels.split("outcome=\"").nth(1)?.split('"').next()?;
+                Some(format!("{outcome} {value}"))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Ok(format!(
+        "pushes: {}; apply_resource calls: {}",
+        pick("kbs_rotation_pushes_total{", ""),
+        pick("kbs_rpc_calls_total{", "method=\"apply_resource\"")
+    ))
+}
+
 async fn all_tunnels(replicas: &Replicas, alive: impl Fn(usize) -> bool) -> Vec<u64> {
     let mut out = Vec::new();
     for i in 0..replicas.len() {
@@ -550,6 +578,16 @@ async fn rollout(
             took.as_secs_f64()
         );
         ok &= held.iter().sum::<u64>() as usize == guests;
+    }
+
+    for i in 0..replicas.len() {
+        if args.kill && i == VICTIM {
+            continue;
+        }
+        match outcomes(replicas, i).await {
+            Ok(o) => println!("  replica {}: {o}", i + 1),
+            Err(e) => println!("  replica {}: metrics unreadable: {e}", i + 1),
+        }
     }
 
     // The stored rows, counted in the database.
