@@ -31,7 +31,7 @@ pub(crate) const READ_BACK_RETRY: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub(crate) enum Update {
     /// The whole rollout with its counts: first, and after the follower fell behind.
-    Snapshot(RolloutView),
+    Snapshot(Box<RolloutView>),
     /// The newest change (counts are cumulative).
     Change(Arc<RolloutEvent>),
     /// Something the follower should know although the stream goes on (or, for
@@ -73,7 +73,7 @@ where
         read_back,
         finished: !first.rollout.state.in_force(),
         stale: false,
-        pending: Some(Update::Snapshot(first)),
+        pending: Some(Update::Snapshot(Box::new(first))),
     };
     futures::stream::unfold(start, |mut st| async move {
         if let Some(update) = st.pending.take() {
@@ -100,7 +100,7 @@ where
                     Ok(v) => {
                         st.stale = false;
                         st.finished = !v.rollout.state.in_force();
-                        return Update::Snapshot(v);
+                        return Update::Snapshot(Box::new(v));
                     }
                     // Said once already; quiet until it succeeds or a change comes.
                     Err(_) => continue,
@@ -123,7 +123,7 @@ where
                 Ok(v) => {
                     st.stale = false;
                     st.finished = !v.rollout.state.in_force();
-                    return Update::Snapshot(v);
+                    return Update::Snapshot(Box::new(v));
                 }
                 Err(e) => {
                     st.stale = true;
