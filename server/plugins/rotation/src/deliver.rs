@@ -15,6 +15,7 @@ use kbs_core::resource_path::ResourcePath;
 use kbs_core::storage::{RolloutRecord, TargetRecord, TargetState, now_ms};
 
 use crate::Deps;
+use crate::version_check::VersionCheck;
 
 /// First retry delay; doubles per attempt up to [`RETRY_CAP`].
 pub const RETRY_BASE: Duration = Duration::from_millis(500);
@@ -60,17 +61,25 @@ pub fn backoff(attempts: u32) -> Duration {
     base.mul_f64(1.0 + jitter)
 }
 
-/// Pushes `plaintext` (the rollout's version) to the guest behind `handle`; returns the
-/// target as it now stands (not yet stored) and the outcome.
+/// The version a rollout delivers, loaded while its pushes need it.
+pub struct LoadedVersion {
+    /// Its plaintext.
+    pub plaintext: Zeroizing<Vec<u8>>,
+    /// Whether it still exists, asked before each push.
+    pub check: Arc<VersionCheck>,
+}
+
+/// Pushes the rollout's `version` to the guest behind `handle`; returns the target as it
+/// now stands (not yet stored) and the outcome.
 pub async fn push(
     deps: &Deps,
     rollout: &RolloutRecord,
     mut target: TargetRecord,
     handle: Arc<TunnelHandle>,
     guest: Arc<GuestAttestation>,
-    plaintext: Arc<Zeroizing<Vec<u8>>>,
+    version: Arc<LoadedVersion>,
 ) -> (TargetRecord, PushOutcome) {
-    let outcome = attempt(deps, rollout, &mut target, &handle, &guest, &plaintext).await;
+    let outcome = attempt(deps, rollout, &mut target, &handle, &guest, &version).await;
     target.updated_at = now_ms();
     (target, outcome)
 }
@@ -102,20 +111,18 @@ async fn attempt(
     target: &mut TargetRecord,
     handle: &TunnelHandle,
     guest: &GuestAttestation,
-    plaintext: &[u8],
+    version: &LoadedVersion,
 ) -> PushOutcome {
     let path = match rollout.path.parse::<ResourcePath>() {
         Ok(p) => p,
         Err(e) => return fail(target, format!("invalid resource path: {e}")),
     };
     // Checked at each push, not only when the rollout loaded its plaintext: a version erased
-    // meanwhile (a missed delete notice) is never delivered.
-    match deps.resources.list_versions(&path).await {
-        Ok(versions)
-            if versions
-                .iter()
-                .any(|v| v.version == rollout.version && !v.deleted) => {}
-        Ok(_) => {
+    // meanwhile (a missed delete notice) is never delivered. The pushes in flight share the
+    // reads (`version_check`).
+    match version.check.exists().await {
+        Ok(true) => {}
+        Ok(false) => {
             return fail(
                 target,
                 format!("version {} of {path} was erased", rollout.version),
@@ -158,7 +165,7 @@ async fn attempt(
         &rollout.path,
         rollout.version,
         &rollout.sha256,
-        plaintext,
+        &version.plaintext,
     ) {
         Ok(sealed) => sealed,
         Err(e) => return fail(target, format!("cannot seal to the guest's TEE key: {e}")),

@@ -1,13 +1,13 @@
 //! [`Live`]: the reconciler's in-memory view of one rollout in force: its targets, their
-//! counts by state, the queue of targets ready for a push, and the version's plaintext while
-//! pushes need it.
+//! counts by state, the queue of targets ready for a push, and the version (its plaintext
+//! and existence check) while pushes need it.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
+use crate::deliver::LoadedVersion;
 use kbs_core::selector::Selector;
 use kbs_core::storage::{RolloutRecord, TargetRecord, TargetState};
-use zeroize::Zeroizing;
 
 use super::RolloutEvent;
 
@@ -23,7 +23,7 @@ pub(super) struct Live {
     pub(super) flying: HashSet<String>,
     /// With a shared store: the counts of every replica's targets, as last read from it.
     pub(super) fleet: Option<BTreeMap<TargetState, u64>>,
-    pub(super) plaintext: Option<Arc<Zeroizing<Vec<u8>>>>,
+    pub(super) loaded: Option<Arc<LoadedVersion>>,
 }
 
 impl Live {
@@ -37,7 +37,7 @@ impl Live {
             queued: HashSet::new(),
             flying: HashSet::new(),
             fleet: None,
-            plaintext: None,
+            loaded: None,
         }
     }
 

@@ -39,7 +39,8 @@ pub use commands::{Command, Control, ControlError, RolloutEvent};
 use live::Live;
 
 use crate::Deps;
-use crate::deliver::{self, PushOutcome};
+use crate::deliver::{self, LoadedVersion, PushOutcome};
+use crate::version_check::VersionCheck;
 use crate::writer::TargetWriter;
 
 /// How often the reconciler compares rollouts with the hub's live tunnels (tunnel events can
@@ -414,7 +415,7 @@ impl Engine {
             let Some(mut live) = self.live.remove(&id) else {
                 continue;
             };
-            live.plaintext = None;
+            live.loaded = None;
             let now = now_ms();
             let mut failed = Vec::new();
             for t in live.targets.values_mut() {
@@ -463,7 +464,7 @@ impl Engine {
         };
         if next == RolloutState::Completed {
             // Keep the plaintext in memory only while it is needed.
-            live.plaintext = None;
+            live.loaded = None;
         }
         if let Err(e) = self.deps.rollouts.set_rollout_state(id, next, "").await {
             tracing::error!(rollout = id, error = %e, "storing the rollout state failed");
@@ -684,7 +685,7 @@ impl Engine {
             let wants_plaintext = self.live.get(&id).is_some_and(|l| {
                 l.rec.state == RolloutState::Running
                     && !l.ready.is_empty()
-                    && l.plaintext.is_none()
+                    && l.loaded.is_none()
                     && l.in_flight() < l.rec.max_concurrent as usize
             });
             if wants_plaintext && !self.load_plaintext(id).await {
@@ -714,7 +715,14 @@ impl Engine {
         match self.deps.resources.get_resource(&path, Some(version)).await {
             Ok(Some(r)) => {
                 if let Some(l) = self.live.get_mut(&id) {
-                    l.plaintext = Some(Arc::new(r.data));
+                    l.loaded = Some(Arc::new(LoadedVersion {
+                        plaintext: r.data,
+                        check: Arc::new(VersionCheck::new(
+                            self.deps.resources.clone(),
+                            path.clone(),
+                            version,
+                        )),
+                    }));
                 }
                 true
             }
@@ -763,7 +771,7 @@ impl Engine {
         let Some(live) = self.live.get_mut(&id) else {
             return;
         };
-        let Some(plaintext) = live.plaintext.clone() else {
+        let Some(loaded) = live.loaded.clone() else {
             return;
         };
         while live.rec.state == RolloutState::Running
@@ -800,12 +808,12 @@ impl Engine {
             let rec = live.rec.clone();
             let writer = self.writer.clone();
             let done = self.done_tx.clone();
-            let plaintext = plaintext.clone();
+            let loaded = loaded.clone();
             tokio::spawn(async move {
                 let start = Instant::now();
                 writer.write_behind(row.clone()).await;
                 let (row, outcome) =
-                    deliver::push(&deps, &rec, row, handle, attested, plaintext).await;
+                    deliver::push(&deps, &rec, row, handle, attested, loaded).await;
                 if let Err(e) = writer.write(row.clone()).await {
                     tracing::error!(rollout = rec.id, guest_id = %row.guest_id, error = %e, "target outcome not stored");
                 }

@@ -139,7 +139,7 @@ impl Engine {
             return;
         };
         tracing::info!(rollout = rec.id, state = %rec.state, "rollout ended by another replica");
-        live.plaintext = None;
+        live.loaded = None;
         live.rec = rec;
         self.emit(live.event(None));
         self.update_gauges();
@@ -196,7 +196,7 @@ impl Engine {
                 return;
             };
             if next == RolloutState::Completed {
-                live.plaintext = None;
+                live.loaded = None;
             }
             live.rec.state = next;
             live.rec.detail.clear();
@@ -220,7 +220,7 @@ impl Engine {
         let Some(live) = self.live.get(&id) else {
             return;
         };
-        if live.rec.state != RolloutState::Running || live.plaintext.is_none() {
+        if live.rec.state != RolloutState::Running || live.loaded.is_none() {
             return;
         }
         let free = (live.rec.max_concurrent as usize).saturating_sub(live.in_flight());
