@@ -120,9 +120,16 @@ impl Spawned {
 }
 
 async fn spawn_announcing(mut cmd: Command, prefix: &str) -> Spawned {
+    // With `BENCH_KBS_LOG` set (see `spawn_kbs_with`) its log (stderr) is shown, and so are
+    // the lines it prints on stdout, tagged with its pid.
+    let echo = std::env::var_os("BENCH_KBS_LOG").is_some();
     let mut child = cmd
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(if echo {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .kill_on_drop(true)
         .spawn()
         .expect("process starts");
@@ -142,7 +149,14 @@ async fn spawn_announcing(mut cmd: Command, prefix: &str) -> Spawned {
     .await
     .expect("process announces itself in time");
     // Keep draining stdout so the process never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let pid = child.id().unwrap_or(0);
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if echo {
+                eprintln!("[kbs {pid}] {line}");
+            }
+        }
+    });
     Spawned { child, announced }
 }
 
@@ -167,7 +181,12 @@ pub async fn spawn_kbs_with(
     let mut cmd = Command::new(kbs_binary());
     cmd.args(["--listen", listen, "--data-dir"])
         .arg(data_dir)
-        .env("RUST_LOG", "warn")
+        // `BENCH_KBS_LOG=info` (any `RUST_LOG` filter) in a benchmark's environment: the
+        // spawned KBS logs at that level and its lines are shown (README, benchmarks).
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_KBS_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .envs(env.iter().copied());
     if let Some(c) = config {
         cmd.arg("--config").arg(c);

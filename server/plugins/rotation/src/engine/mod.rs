@@ -51,8 +51,21 @@ pub const KNOWN_GUEST_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Guest sightings written per batch.
 const NOTE_BATCH: usize = 512;
 /// With a shared store: how long changes gather before counts and rollout states are read
-/// back from it (one read per rollout however many targets changed meanwhile).
+/// back from it (one read per rollout however many targets changed meanwhile), at least.
 pub const RECOUNT_DELAY: Duration = Duration::from_millis(50);
+/// With a shared store, the gap between two read-backs is at least this many times what the
+/// last one took, so each replica keeps the database busy counting a large rollout's targets
+/// a tenth of the time at most (docs/operations.md, section 4.2).
+pub const RECOUNT_GAP_PER_COST: u32 = 10;
+
+/// The delay before the next read-back, given what the last one took: [`RECOUNT_DELAY`] for
+/// a cheap one, [`RECOUNT_GAP_PER_COST`] times its cost for a dear one, [`RECONCILE_EVERY`]
+/// at most.
+pub fn recount_delay(last_cost: Duration) -> Duration {
+    last_cost
+        .saturating_mul(RECOUNT_GAP_PER_COST)
+        .clamp(RECOUNT_DELAY, RECONCILE_EVERY)
+}
 
 struct Done {
     rollout_id: i64,
@@ -79,6 +92,8 @@ struct Engine {
     /// Shared store: notifications may have been missed; every rollout is read back.
     reload_all: bool,
     recount_at: Option<tokio::time::Instant>,
+    /// Shared store: what the last read-back took (see [`recount_delay`]).
+    recount_cost: Duration,
 }
 
 /// Runs the reconciler until `stop` is cancelled or `commands` closes. Deliveries in flight
@@ -105,6 +120,7 @@ pub async fn run(
         dirty: HashSet::new(),
         reload_all: false,
         recount_at: None,
+        recount_cost: Duration::ZERO,
     };
     // Subscribed before the load, so a rollout created meanwhile is not missed.
     let mut changes = engine.deps.changes.subscribe();

@@ -4,7 +4,7 @@
 
 use kbs_core::storage::{Change, RolloutQuery, RolloutRecord, RolloutState, now_ms};
 
-use super::{Engine, RECOUNT_DELAY};
+use super::{Engine, recount_delay};
 
 impl Engine {
     /// A change the store announced (this replica's own writes included: following them is
@@ -25,7 +25,7 @@ impl Engine {
 
     pub(super) fn schedule_recount(&mut self) {
         if self.recount_at.is_none() {
-            self.recount_at = Some(tokio::time::Instant::now() + RECOUNT_DELAY);
+            self.recount_at = Some(tokio::time::Instant::now() + recount_delay(self.recount_cost));
         }
     }
 
@@ -33,6 +33,7 @@ impl Engine {
     /// ended elsewhere), then the counts of those whose targets changed.
     pub(super) async fn follow_store(&mut self) {
         self.recount_at = None;
+        let started = tokio::time::Instant::now();
         if std::mem::take(&mut self.reload_all) {
             match self
                 .deps
@@ -63,6 +64,7 @@ impl Engine {
         for id in dirty {
             self.recount(id).await;
         }
+        self.recount_cost = started.elapsed();
         if self.reload_all || !self.remote.is_empty() || !self.dirty.is_empty() {
             self.schedule_recount();
         }

@@ -1275,3 +1275,22 @@ async fn shared_a_pause_and_resume_on_another_replica_hold_and_release_pushes_he
     })
     .await;
 }
+
+/// Counting a large rollout's targets in a shared database is dear: the gap between two
+/// read-backs grows with what the last one took, so three replicas counting 30,000 rows
+/// each time a batch of acks lands do not keep the database busy doing only that.
+#[test]
+fn read_backs_of_a_shared_store_are_spaced_by_their_cost() {
+    use super::{RECONCILE_EVERY, RECOUNT_DELAY, recount_delay};
+    assert_eq!(recount_delay(Duration::ZERO), RECOUNT_DELAY);
+    assert_eq!(recount_delay(Duration::from_millis(4)), RECOUNT_DELAY);
+    assert_eq!(
+        recount_delay(Duration::from_millis(25)),
+        Duration::from_millis(250)
+    );
+    assert_eq!(
+        recount_delay(Duration::from_millis(150)),
+        Duration::from_millis(1500)
+    );
+    assert_eq!(recount_delay(Duration::from_secs(5)), RECONCILE_EVERY);
+}
