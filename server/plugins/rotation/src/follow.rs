@@ -1,5 +1,6 @@
 //! What a follower of one rollout is told, in order: the stream behind
-//! `GET /rollouts/<id>/events` without its HTTP (docs/protocol.md, rotation API).
+//! `GET /rollouts/<id>/events` without its HTTP (README, rotation API; docs/operations.md
+//! section 4.2).
 //!
 //! A follower that falls behind the engine's broadcast channel reads the rollout back from
 //! the store; when that read fails (the database is slow or away) it is told so with an

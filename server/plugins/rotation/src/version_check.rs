@@ -5,7 +5,7 @@
 //! thousands of pushes in flight cost a few reads instead of one each. One read each queued
 //! 10,000 reads per replica on the database pool at the start of a large rollout; those
 //! that waited past the pool's acquire timeout failed their push, which was then retried
-//! after its backoff (docs/operations.md, rotation at scale).
+//! after its backoff (docs/operations.md, section 4.2).
 
 use std::sync::{Arc, Mutex, PoisonError};
 
