@@ -858,6 +858,43 @@ mod tests {
         assert_eq!(signer.cache.len(), 1);
     }
 
+    /// A token answered from the cache is good to the end of the leeway, as one whose
+    /// signature is checked is (`the_expiry_leeway_ends_to_the_second`): at
+    /// `exp + EXP_LEEWAY_SECS` it verifies, one second later it has expired.
+    #[test]
+    fn a_cached_token_is_good_to_the_end_of_the_leeway() {
+        let signer = TokenSigner::ephemeral().unwrap();
+        let token = signer
+            .issue(sample_claims(), Duration::from_secs(60))
+            .unwrap();
+        let issued = signer.verify(&token).unwrap();
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let verify_cached_with_exp = |exp: u64, now: u64| {
+            let mut cached = issued.clone();
+            cached.exp = exp;
+            signer.cache.insert(digest, Arc::new(cached), now, now);
+            signer.verify(&token)
+        };
+        // The verdict is read against the clock of `verify`: a second that ticks between
+        // reading it here and there spoils the attempt, so try again.
+        for _ in 0..10 {
+            let now = unix_now();
+            let last = verify_cached_with_exp(now - EXP_LEEWAY_SECS, now);
+            let after = verify_cached_with_exp(now - EXP_LEEWAY_SECS - 1, now);
+            if unix_now() != now {
+                continue;
+            }
+            assert_eq!(
+                last.unwrap().exp,
+                now - EXP_LEEWAY_SECS,
+                "at the end of the leeway"
+            );
+            assert!(matches!(after, Err(TokenError::Expired)), "{after:?}");
+            return;
+        }
+        panic!("the clock ticked during each of ten attempts");
+    }
+
     #[test]
     fn an_issued_token_is_known_verified_without_a_signature_check() {
         let signer = TokenSigner::ephemeral().unwrap();
