@@ -355,28 +355,27 @@ async fn read_reports(
 
 // ---- the measurements -------------------------------------------------------------------------
 
-/// Replica `i`'s tunnels (`kbs_tunnels_connected`).
-async fn tunnels(replicas: &Replicas, i: usize) -> anyhow::Result<u64> {
-    let text = reqwest::Client::new()
+/// Replica `i`'s metrics, as Prometheus text.
+async fn metrics(replicas: &Replicas, i: usize) -> anyhow::Result<String> {
+    Ok(reqwest::Client::new()
         .get(format!("{}/metrics", replicas.url(i)))
         .timeout(Duration::from_secs(10))
         .send()
         .await?
         .text()
-        .await?;
+        .await?)
+}
+
+/// Replica `i`'s tunnels (`kbs_tunnels_connected`).
+async fn tunnels(replicas: &Replicas, i: usize) -> anyhow::Result<u64> {
+    let text = metrics(replicas, i).await?;
     Ok(tests::metric_value(&text, "kbs_tunnels_connected", &[]) as u64)
 }
 
 /// Replica `i`'s push outcomes (`kbs_rotation_pushes_total`) and the outcomes of its
 /// `apply_resource` calls on the tunnels (`kbs_rpc_calls_total`): where retries came from.
 async fn outcomes(replicas: &Replicas, i: usize) -> anyhow::Result<String> {
-    let text = reqwest::Client::new()
-        .get(format!("{}/metrics", replicas.url(i)))
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let text = metrics(replicas, i).await?;
     let pick = |metric: &str, only: &str| {
         text.lines()
             .filter(|l| l.starts_with(metric) && l.contains(only))
