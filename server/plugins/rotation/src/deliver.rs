@@ -62,16 +62,16 @@ pub fn backoff(attempts: u32) -> Duration {
 }
 
 /// The version a rollout delivers, loaded while its pushes need it.
-pub struct LoadedVersion {
+pub(crate) struct LoadedVersion {
     /// Its plaintext.
-    pub plaintext: Zeroizing<Vec<u8>>,
+    pub(crate) plaintext: Zeroizing<Vec<u8>>,
     /// Whether it still exists, asked before each push.
-    pub check: Arc<VersionCheck>,
+    pub(crate) check: VersionCheck,
 }
 
 /// Pushes the rollout's `version` to the guest behind `handle`; returns the target as it
 /// now stands (not yet stored) and the outcome.
-pub async fn push(
+pub(crate) async fn push(
     deps: &Deps,
     rollout: &RolloutRecord,
     mut target: TargetRecord,

@@ -10,7 +10,7 @@ pub mod deliver;
 pub mod engine;
 mod follow;
 mod metrics;
-pub mod version_check;
+mod version_check;
 mod view;
 mod writer;
 

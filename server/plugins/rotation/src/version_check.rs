@@ -48,7 +48,7 @@ impl VersionCheck {
 
     /// Whether the version exists and is not erased, from a read that began after this
     /// call did.
-    pub async fn exists(self: &Arc<Self>) -> Result<bool, String> {
+    pub async fn exists(&self) -> Result<bool, String> {
         let round = {
             let mut rounds = self.rounds.lock().unwrap_or_else(PoisonError::into_inner);
             while rounds.current.as_ref().is_some_and(|c| c.peek().is_some()) {
@@ -71,21 +71,20 @@ impl VersionCheck {
         round.await
     }
 
-    /// A read that starts once `after` (the read under way) has ended.
-    fn read(self: &Arc<Self>, after: Option<Round>) -> Round {
-        let me = Arc::clone(self);
+    /// A read that starts once `after` (the read under way) has ended. It holds what it
+    /// reads with, not the check itself: a round nobody awaited to its end stays in
+    /// `rounds`, and a check held by its own round would never be freed.
+    fn read(&self, after: Option<Round>) -> Round {
+        let (resources, path, version) =
+            (Arc::clone(&self.resources), self.path.clone(), self.version);
         async move {
             if let Some(previous) = after {
                 let _ = previous.await;
             }
-            me.resources
-                .list_versions(&me.path)
+            resources
+                .list_versions(&path)
                 .await
-                .map(|versions| {
-                    versions
-                        .iter()
-                        .any(|v| v.version == me.version && !v.deleted)
-                })
+                .map(|versions| versions.iter().any(|v| v.version == version && !v.deleted))
                 .map_err(|e| e.to_string())
         }
         .boxed()

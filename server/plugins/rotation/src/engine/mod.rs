@@ -733,11 +733,11 @@ impl Engine {
                 if let Some(l) = self.live.get_mut(&id) {
                     l.loaded = Some(Arc::new(LoadedVersion {
                         plaintext: r.data,
-                        check: Arc::new(VersionCheck::new(
+                        check: VersionCheck::new(
                             self.deps.resources.clone(),
                             path.clone(),
                             version,
-                        )),
+                        ),
                     }));
                 }
                 true
