@@ -56,6 +56,15 @@ struct Follower<R> {
     stale: bool,
 }
 
+impl<R> Follower<R> {
+    /// A rollout read back: what the follower knows is current again.
+    fn snapshot(&mut self, v: RolloutView) -> Update {
+        self.stale = false;
+        self.finished = !v.rollout.state.in_force();
+        Update::Snapshot(Box::new(v))
+    }
+}
+
 /// The updates for rollout `id`, starting with `first` (read after `rx` subscribed, so no
 /// change in between is lost); `read_back` reads the rollout again after a lag.
 pub(crate) fn follow<R, F>(
@@ -98,11 +107,7 @@ where
             match tokio::time::timeout(READ_BACK_RETRY, st.rx.recv()).await {
                 Ok(received) => received,
                 Err(_) => match (st.read_back)().await {
-                    Ok(v) => {
-                        st.stale = false;
-                        st.finished = !v.rollout.state.in_force();
-                        return Update::Snapshot(Box::new(v));
-                    }
+                    Ok(v) => return st.snapshot(v),
                     // Said once already; quiet until it succeeds or a change comes.
                     Err(_) => continue,
                 },
@@ -121,11 +126,7 @@ where
             }
             Ok(_) => continue,
             Err(RecvError::Lagged(missed)) => match (st.read_back)().await {
-                Ok(v) => {
-                    st.stale = false;
-                    st.finished = !v.rollout.state.in_force();
-                    return Update::Snapshot(Box::new(v));
-                }
+                Ok(v) => return st.snapshot(v),
                 Err(e) => {
                     st.stale = true;
                     tracing::warn!(

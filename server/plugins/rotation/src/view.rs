@@ -48,10 +48,14 @@ impl RolloutView {
         self.counts.get(&state).copied().unwrap_or(0)
     }
 
+    /// Targets not yet acked, failed or denied.
+    pub fn outstanding(&self) -> u64 {
+        self.count(TargetState::Pending) + self.count(TargetState::Delivering)
+    }
+
     fn recount(&mut self) {
         self.total = self.counts.values().sum();
-        let outstanding = self.count(TargetState::Pending) + self.count(TargetState::Delivering);
         self.done = !self.rollout.state.in_force()
-            || (outstanding == 0 && self.rollout.state != RolloutState::Paused);
+            || (self.outstanding() == 0 && self.rollout.state != RolloutState::Paused);
     }
 }

@@ -233,8 +233,7 @@ async fn follow_stream(watch: &mut RolloutWatch, bar: &ProgressBar) -> anyhow::R
         bar.set_length(v.total);
         bar.set_position(settled);
         bar.set_message(summary(v));
-        let outstanding = v.count(TargetState::Pending) + v.count(TargetState::Delivering);
-        if !v.rollout.state.in_force() || outstanding == 0 {
+        if !v.rollout.state.in_force() || v.outstanding() == 0 {
             return Ok(true);
         }
     }
