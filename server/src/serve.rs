@@ -34,7 +34,7 @@ pub async fn serve(
     http: &HttpConfig,
     stats: ConnectionStats,
 ) -> std::io::Result<()> {
-    let limits = limits(http, open_file_limit());
+    let limits = limits(http, raise_open_file_limit());
     tracing::info!(
         max_connections = limits.max_connections,
         max_http_connections = limits.max_http_connections,
@@ -96,10 +96,11 @@ pub fn limits(http: &HttpConfig, open_files: Option<usize>) -> Limits {
 /// `max_connections` unset and the open-file limit unknown.
 pub const UNKNOWN_LIMIT_CAP: usize = 16384;
 
-/// The process's soft limit on open files, first raised to the hard limit: each tunnel is a
-/// socket, and the soft limit many systems start services with (1,024) would cap a KBS at
-/// about 750 guests although the hard limit allows far more.
-fn open_file_limit() -> Option<usize> {
+/// Raises the process's soft limit on open files to the hard limit, and answers the soft
+/// limit then in force: each tunnel is a socket, and the soft limit many systems start
+/// services with (1,024) would cap a KBS at about 750 guests although the hard limit allows
+/// far more.
+fn raise_open_file_limit() -> Option<usize> {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
     if limit
