@@ -47,5 +47,5 @@ pub async fn watch_rollout_until(
 
 /// Targets of the view in state `s`.
 pub fn target_count(v: &RolloutView, s: TargetState) -> u64 {
-    v.counts.get(&s).copied().unwrap_or(0)
+    v.count(s)
 }
